@@ -1,0 +1,65 @@
+"""Checkpoints: Hugging Face safetensors folders and GGUF files, resolved to a uniform handle."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshlm.checkpoint.source import SafetensorsSource, TensorSource
+from meshlm.checkpoint.tokenizer import Tokenizer
+from meshlm.config import ModelConfig
+from meshlm.errors import CheckpointError
+
+
+@dataclass
+class Checkpoint:
+    """A model's config, tensors and tokenizer, ready to load."""
+
+    path: Path
+    cfg: ModelConfig
+    source: TensorSource
+    tokenizer: Tokenizer
+
+
+def resolve_folder(model: str | Path | None, progress: bool = True) -> Path:
+    """The Hugging Face folder for `model`: GGUF files (and the default) convert once into the cache."""
+    if model is None:
+        from meshlm.checkpoint.cache import converted_folder, default_gguf_path
+
+        return converted_folder(default_gguf_path(), progress=progress)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"Model path {str(path)!r} does not exist. Pass a Hugging Face folder (config.json + "
+            "*.safetensors), a .gguf file, or omit --model to use the bundled SmolLM2-135M-Instruct."
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CheckpointError(
+                f"{path} is a file but not a .gguf file. meshlm loads GGUF files or Hugging Face "
+                "safetensors folders (never pickle checkpoints); pass the folder that holds config.json."
+            )
+        from meshlm.checkpoint.cache import converted_folder
+
+        return converted_folder(path, progress=progress)
+    if not (path / "config.json").exists():
+        raise CheckpointError(
+            f"{path} has no config.json, so it is not a Hugging Face model folder. Point --model at the "
+            "folder that holds config.json and the .safetensors files, or at a .gguf file."
+        )
+    return path
+
+
+def open_checkpoint(model: str | Path | None = None, progress: bool = True) -> Checkpoint:
+    """Open a checkpoint (folder, .gguf file, or None for the bundled default) without reading weights."""
+    folder = resolve_folder(model, progress=progress)
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e}); restore the file.") from None
+    cfg = ModelConfig.from_hf(raw)
+    tokenizer = Tokenizer.from_folder(folder)
+    if not cfg.eos_token_ids and tokenizer.eos_id is not None:
+        cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": (tokenizer.eos_id,)})
+    return Checkpoint(path=folder, cfg=cfg, source=SafetensorsSource(folder), tokenizer=tokenizer)

@@ -1,0 +1,71 @@
+"""Build a model on the meta device and assign checkpoint tensors: peak memory ~ one copy."""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from meshlm.checkpoint.names import hf_names
+from meshlm.checkpoint.source import Slice, TensorSource
+from meshlm.config import ModelConfig
+from meshlm.errors import CheckpointError
+from meshlm.models.registry import model_class
+
+log = logging.getLogger(__name__)
+
+# (meshlm parameter name, full checkpoint shape) -> the slice this process owns, or None for all of it.
+PartFn = Callable[[str, tuple[int, ...]], "Slice | None"]
+
+
+def build_meta(cfg: ModelConfig) -> nn.Module:
+    """The model with every parameter on the meta device (no memory)."""
+    with torch.device("meta"):
+        return model_class(cfg)(cfg)
+
+
+def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype: torch.dtype,
+                 part_for: PartFn | None = None, progress: bool = False,
+                 device: torch.device | str = "cpu") -> nn.Module:
+    """Assign every parameter of `model` (on meta) from `source`, reading only the owned slices."""
+    available = set(source.names())
+    params = [(n, p) for n, p in model.named_parameters() if not _tied_head(cfg, n)]
+    bar = tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False)
+    for name, _ in bar:
+        sources = hf_names(name, cfg.num_experts)
+        missing = [s for s in sources if s not in available]
+        if missing:
+            raise CheckpointError(
+                f"The checkpoint lacks tensor {missing[0]!r} (needed for {name}). It is incomplete or "
+                f"was saved for another architecture than {cfg.architecture}."
+            )
+        full = source.shape(sources[0])
+        part = part_for(name, full) if part_for else None
+        tensors = [source.read(s, part) for s in sources]
+        t = tensors[0] if len(tensors) == 1 else torch.stack(tensors)
+        _assign(model, name, t.to(device=device, dtype=dtype))
+    # Buffers computed at init (rotary frequencies) were built on meta: rebuild them on the device.
+    for mod in model.modules():
+        if hasattr(mod, "inv_freq") and mod.inv_freq.is_meta:
+            from meshlm.models.layers import rope_inv_freq
+
+            mod.inv_freq = rope_inv_freq(cfg.rope, cfg.head_dim).to(device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.eval()
+    return model
+
+
+def _tied_head(cfg: ModelConfig, name: str) -> bool:
+    return cfg.tie_word_embeddings and name == "lm_head.weight"
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    if isinstance(owner, nn.Linear) and attr == "weight":
+        owner.out_features, owner.in_features = tensor.shape

@@ -1,0 +1,205 @@
+"""Frozen configuration dataclasses, one per concern, validated at construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshlm.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "MixtralForCausalLM",
+)
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters; `kind` is 'default', 'linear' or 'llama3'."""
+
+    theta: float = 10000.0
+    kind: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("default", "linear", "llama3"):
+            raise ConfigError(
+                f"RoPE scaling type {self.kind!r} is not supported; meshlm supports "
+                "'default', 'linear' and 'llama3'. Use a checkpoint with one of these."
+            )
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "RopeConfig":
+        """Read rope_theta/rope_scaling (transformers 4) or rope_parameters (transformers 5)."""
+        params = dict(d.get("rope_parameters") or {})
+        scaling = d.get("rope_scaling") or {}
+        params = {**scaling, **params}
+        theta = float(params.get("rope_theta", d.get("rope_theta", 10000.0)))
+        kind = params.get("rope_type", params.get("type", "default")) or "default"
+        return cls(
+            theta=theta,
+            kind=kind,
+            factor=float(params.get("factor", 1.0)),
+            low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+            original_max_position=int(
+                params.get("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of a decoder-only transformer, read from a HF config.json or GGUF metadata."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    max_position: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"Architecture {self.architecture!r} is not supported. meshlm runs "
+                f"{', '.join(SUPPORTED_ARCHITECTURES)}; convert the checkpoint to one of these "
+                "or pick another model."
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"Model config field {name} must be positive, got {getattr(self, name)}.")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
+                f"({self.num_kv_heads}); the checkpoint's config.json is inconsistent."
+            )
+        if self.is_moe and not (0 < self.num_experts_per_tok <= self.num_experts):
+            raise ConfigError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
+                f"({self.num_experts})."
+            )
+
+    @property
+    def is_moe(self) -> bool:
+        """True for sparse mixture-of-experts models."""
+        return self.num_experts > 0
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    def num_params(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = h * self.num_heads * self.head_dim
+        kv = 2 * h * self.num_kv_heads * self.head_dim
+        o = self.num_heads * self.head_dim * h
+        bias = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attention_bias else 0
+        mlp = 3 * h * i * max(1, self.num_experts) + (h * self.num_experts if self.is_moe else 0)
+        layer = q + kv + o + bias + mlp + 2 * h
+        emb = v * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + emb + h
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from a Hugging Face config.json dict."""
+        archs = d.get("architectures") or []
+        arch = archs[0] if archs else _arch_from_model_type(d.get("model_type", ""))
+        try:
+            hidden = int(d["hidden_size"])
+            heads = int(d["num_attention_heads"])
+            eos = d.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+            head_dim = d.get("head_dim") or hidden // heads
+            return cls(
+                architecture=arch,
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_layers=int(d["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(head_dim),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+                rope=RopeConfig.from_hf(d),
+                max_position=int(d.get("max_position_embeddings", 4096)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                attention_bias=bool(d.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                num_experts=int(d.get("num_local_experts", 0) or 0),
+                num_experts_per_tok=int(d.get("num_experts_per_tok", 0) or 0),
+                bos_token_id=d.get("bos_token_id"),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+                name=str(d.get("_name_or_path", "")),
+            )
+        except KeyError as e:
+            raise ConfigError(
+                f"config.json lacks the field {e.args[0]!r}; it is not a decoder-only transformer "
+                "config meshlm can read. Point --model at a Hugging Face Llama/Mistral/Qwen2/Mixtral folder."
+            ) from None
+
+
+def _arch_from_model_type(model_type: str) -> str:
+    return {
+        "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
+        "qwen2": "Qwen2ForCausalLM",
+        "mixtral": "MixtralForCausalLM",
+    }.get(model_type, model_type or "<missing>")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens: greedy when temperature == 0."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens <= 0:
+            raise ConfigError(f"max_tokens must be a positive integer, got {self.max_tokens!r}; pass 1 or more.")
+        if not isinstance(self.temperature, (int, float)) or math.isnan(self.temperature) or self.temperature < 0:
+            raise ConfigError(
+                f"temperature must be >= 0, got {self.temperature!r}; use 0 for greedy decoding."
+            )
+        if not (0.0 < self.top_p <= 1.0) or math.isnan(self.top_p):
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}; use 1.0 to disable nucleus sampling.")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}; use 0 to disable top-k.")
+        if any(s == "" for s in self.stop):
+            raise ConfigError("stop strings must be non-empty; remove the empty string from stop.")
+
+    @property
+    def greedy(self) -> bool:
+        """True when sampling reduces to argmax."""
+        return self.temperature == 0.0 or self.top_k == 1

@@ -1,0 +1,55 @@
+"""A preallocated per-sequence KV cache: the attention backend for offline generation."""
+
+from __future__ import annotations
+
+import torch
+
+from meshlm.models.layers import sdpa
+
+
+class StaticKVCache:
+    """k/v [L, B, T, Hkv, D] preallocated; each step writes at its positions and attends causally.
+
+    Call `prepare(positions)` before each forward. Sequences may sit at different positions:
+    key j is visible to a query at position p iff j <= p, so stale slots past a sequence's end
+    (right padding of a ragged prefill) are overwritten before any query can see them.
+    """
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        shape = (num_layers, batch, max_len, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self._rows: torch.Tensor | None = None
+        self._pos: torch.Tensor | None = None
+        self._kv_len = 0
+        self._mask: torch.Tensor | None = None
+        self._causal = False
+
+    def prepare(self, positions: torch.Tensor, kv_len: int | None = None) -> None:
+        """positions [B, S] of this step's tokens; kv_len = 1 + the largest position."""
+        b, s = positions.shape
+        kv_len = int(positions.max()) + 1 if kv_len is None else kv_len
+        self._rows = torch.arange(b, device=positions.device)[:, None].expand(b, s)
+        self._pos = positions
+        self._kv_len = kv_len
+        start = positions[:, :1]
+        contiguous = bool((positions == start + torch.arange(s, device=positions.device)).all())
+        aligned = contiguous and bool((positions[:, -1] == kv_len - 1).all())
+        if aligned and s == 1:
+            self._mask, self._causal = None, False  # every cached key is visible
+        elif aligned and s == kv_len:
+            self._mask, self._causal = None, True  # a fresh prefill of equal lengths
+        else:
+            keys = torch.arange(kv_len, device=positions.device)
+            self._mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, S, T]
+            self._causal = False
+
+    def __call__(self, layer: int, q, k, v):
+        self.k[layer][self._rows, self._pos] = k  # k: [B, S, Hkv, D]
+        self.v[layer][self._rows, self._pos] = v
+        keys = self.k[layer, :, : self._kv_len].transpose(1, 2)  # [B, Hkv, T, D]
+        vals = self.v[layer, :, : self._kv_len].transpose(1, 2)
+        out = sdpa(q.transpose(1, 2), keys, vals, self._mask, causal=self._causal)
+        return out.transpose(1, 2)  # [B, S, Hq, D]

@@ -1,0 +1,94 @@
+"""Building blocks shared by the decoders: RMSNorm, rotary embedding, attention backends."""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshlm.config import RopeConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm computed in fp32, like the reference."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] in fp32, with linear or llama3 scaling."""
+    inv = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.kind == "linear":
+        inv = inv / rope.factor
+    elif rope.kind == "llama3":
+        low_wavelen = rope.original_max_position / rope.low_freq_factor
+        high_wavelen = rope.original_max_position / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / rope.factor, inv)
+        smooth = (rope.original_max_position / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv = torch.where(is_medium, smoothed, scaled)
+    return inv
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin: [B, S, 1, head_dim] for positions [B, S]."""
+    freqs = positions.unsqueeze(-1).float() * inv_freq  # [B, S, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
+    return emb.cos().to(dtype).unsqueeze(2), emb.sin().to(dtype).unsqueeze(2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x [B, S, H, D] (the Hugging Face layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class AttentionBackend(Protocol):
+    """Stores this step's keys/values for a layer and attends over everything cached so far."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [B, S, Hq, D], k/v [B, S, Hkv, D] -> out [B, S, Hq, D]."""
+        ...
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         causal: bool = False) -> torch.Tensor:
+    """Grouped-query attention; q [B, Hq, S, D], k/v [B, Hkv, T, D] -> [B, Hq, S, D]."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+class CausalNoCache:
+    """Attention over the current tokens only (no cache): a plain causal forward."""
+
+    def __init__(self, pad_mask: torch.Tensor | None = None) -> None:
+        self.pad_mask = pad_mask  # [B, S] True where a real token sits, or None
+
+    def __call__(self, layer: int, q, k, v):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if self.pad_mask is None:
+            out = sdpa(q, k, v, None, causal=True)
+        else:
+            s = q.shape[2]
+            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+            mask = causal & self.pad_mask[:, None, None, :]
+            out = sdpa(q, k, v, mask)
+        return out.transpose(1, 2)

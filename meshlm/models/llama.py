@@ -1,0 +1,118 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2): plain single-device PyTorch."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshlm.config import ModelConfig
+from meshlm.models.layers import AttentionBackend, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads; head counts come from the weight shapes."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        d, bias = cfg.head_dim, cfg.attention_bias
+        self.layer_id = layer_id
+        self.head_dim = d
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBackend) -> torch.Tensor:
+        b, s, _ = x.shape  # x: [B, S, H]
+        q = self.q_proj(x).view(b, s, -1, self.head_dim)  # [B, S, Hq_local, D]
+        k = self.k_proj(x).view(b, s, -1, self.head_dim)  # [B, S, Hkv_local, D]
+        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attn(self.layer_id, q, k, v)  # [B, S, Hq_local, D]
+        return self.o_proj(out.reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, inter: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, mlp: nn.Module | None = None) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_id)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = mlp if mlp is not None else MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, attn):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """Decoder-only transformer. A pipeline stage may set embed_tokens / norm / lm_head to None."""
+
+    block_cls = Block
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleDict({str(i): self.make_block(cfg, i) for i in range(cfg.num_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
+
+    def make_block(self, cfg: ModelConfig, layer_id: int) -> nn.Module:
+        """One decoder layer; subclasses swap the MLP."""
+        return Block(cfg, layer_id)
+
+    def tie_weights(self) -> None:
+        """Share the embedding matrix with the LM head when the config says so."""
+        if self.cfg.tie_word_embeddings and self.embed_tokens is not None and self.lm_head is not None:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens [B, S] (or hidden [B, S, H] on a later stage), positions [B, S] -> logits or hidden.
+
+        logits_index [B, K] picks which positions reach the head (all of them when None).
+        """
+        h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens  # [B, S, H]
+        cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin, attn)
+        if self.norm is None:
+            return h
+        if logits_index is not None:
+            h = torch.gather(h, 1, logits_index.unsqueeze(-1).expand(-1, -1, h.shape[-1]))  # [B, K, H]
+        h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else h  # [B, K, V]
+
+
+# Sharding plan, as data: module name pattern -> style. The parallel package applies it; this file
+# never imports torch.distributed. "heads_*" styles split attention by whole KV groups (uneven allowed).
+PLAN: dict[str, str] = {
+    "embed_tokens": "vocab_embedding",
+    "layers.*.self_attn.q_proj": "heads_colwise",
+    "layers.*.self_attn.k_proj": "kv_heads_colwise",
+    "layers.*.self_attn.v_proj": "kv_heads_colwise",
+    "layers.*.self_attn.o_proj": "heads_rowwise",
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+    "lm_head": "vocab_head",
+}
