@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import logging
-import time
+import random
+from dataclasses import replace
 from typing import Iterator, Sequence
 
 import torch
 
-from meshlm.checkpoint import open_checkpoint
-from meshlm.checkpoint.loader import build_meta, load_weights
 from meshlm.config import SamplingParams
-from meshlm.engine.generate import RequestOutput, generate, generate_stream
+from meshlm.engine.executor import Executor
+from meshlm.engine.generate import RequestOutput
+from meshlm.engine.worker import DTYPES, WorkerSpec
 from meshlm.errors import ConfigError, RequestError
-from meshlm.threads import set_threads
+from meshlm.parallel.mesh import ParallelDims
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -28,19 +27,27 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 class LLM:
-    """Load a model once and generate from it on this process."""
+    """Load a model once (on one process, or split over tp ranks) and generate from it."""
 
     def __init__(self, model: str | None = None, dtype: str = "float32", threads: int | None = None,
-                 max_context: int | None = None, progress: bool = True) -> None:
-        self.threads = set_threads(threads)
-        self.dtype = parse_dtype(dtype)
-        t0 = time.perf_counter()
-        ckpt = open_checkpoint(model, progress=progress)
-        self.cfg, self.tokenizer, self.path = ckpt.cfg, ckpt.tokenizer, ckpt.path
-        self.model = load_weights(build_meta(self.cfg), self.cfg, ckpt.source, self.dtype, progress=progress)
-        self.max_context = min(max_context or self.cfg.max_position, self.cfg.max_position)
-        self.load_s = time.perf_counter() - t0
-        log.info("loaded %s in %.2fs", self.path, self.load_s)
+                 max_context: int | None = None, tp: int = 1, pp: int = 1, progress: bool = True,
+                 comm_timeout_s: float = 60.0, backend: str | None = None) -> None:
+        parse_dtype(dtype)
+        dims = ParallelDims(tp=tp, pp=pp)
+        if pp != 1:
+            raise ConfigError("Pipeline parallelism (pp > 1) is not available yet; use --pp 1.")
+        spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
+                          progress=progress)
+        self.executor = Executor(spec, timeout_s=comm_timeout_s, backend=backend)
+        w = self.executor.worker
+        self.cfg, self.tokenizer, self.path = w.cfg, w.tokenizer, w.path
+        self.max_context, self.threads, self.dtype = w.max_context, w.threads, w.dtype
+        self.dims = dims
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """Rank 0's model (the whole model when tp == 1)."""
+        return self.executor.worker.model
 
     def encode_prompt(self, prompt: str | list[int] | list[dict[str, str]], chat: bool = False) -> list[int]:
         """Token ids for a text prompt, a list of ids, or (chat) a list of messages."""
@@ -75,33 +82,46 @@ class LLM:
         plist = list(params) if isinstance(params, Sequence) else [params] * len(ids)
         if len(plist) != len(ids):
             raise RequestError(f"{len(plist)} sampling params for {len(ids)} prompts; pass one or one each.")
+        # Every rank samples on its own from identical logits: unseeded requests get a seed here.
+        plist = [p if p.greedy or p.seed is not None else replace(p, seed=random.getrandbits(63))
+                 for p in plist]
         return ids, plist
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  chat: bool = False) -> list[RequestOutput]:
         """Generate for one prompt or a batch; returns one RequestOutput per prompt, in order."""
         ids, plist = self._prepare(prompts, sampling_params, chat)
-        return generate(self.model, self.cfg, self.tokenizer, ids, plist, self.max_context, self.dtype)
+        return self.executor.call("generate", ids, plist)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None,
                chat: bool = False) -> Iterator[tuple[str, RequestOutput]]:
         """Yield (text delta, output so far) for a single prompt."""
         ids, plist = self._prepare([prompt], sampling_params, chat)
-        for _, delta, outs in generate_stream(self.model, self.cfg, self.tokenizer, ids, plist,
-                                              self.max_context, self.dtype):
+        for _, delta, outs in self.executor.stream(ids, plist):
             yield delta, outs[0]
 
-    @torch.inference_mode()
     def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
         """Full-sequence logits [B, S, V] (fp32) for right-padded prompts (no cache), for checks."""
-        from meshlm.models.layers import CausalNoCache
+        return self.executor.call("logits", token_ids)
 
-        lens = [len(t) for t in token_ids]
-        s = max(lens)
-        tokens = torch.zeros(len(token_ids), s, dtype=torch.long)
-        mask = torch.zeros(len(token_ids), s, dtype=torch.bool)
-        for i, t in enumerate(token_ids):
-            tokens[i, : len(t)] = torch.tensor(t)
-            mask[i, : len(t)] = True
-        positions = torch.arange(s).expand(len(token_ids), s)
-        return self.model(tokens, positions, CausalNoCache(mask)).float()
+    def rank_info(self) -> list[dict]:
+        """Per-rank facts: heads owned, weight MB, peak RSS MB, load seconds."""
+        return self.executor.call_all("describe")
+
+    def comm_stats(self) -> list[dict]:
+        """Per-rank collective totals."""
+        return self.executor.call_all("comm_stats")
+
+    def reset_comm_stats(self) -> None:
+        """Zero every rank's collective totals."""
+        self.executor.call_all("reset_stats")
+
+    def close(self) -> None:
+        """Stop the ranks (no-op on one process)."""
+        self.executor.close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

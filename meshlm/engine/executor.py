@@ -1,0 +1,149 @@
+"""Drives every rank with one verb: call(method, *args) runs Worker.method on all ranks in lockstep."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any, Iterator
+
+import torch.distributed as dist
+
+from meshlm.engine.worker import Worker, WorkerSpec
+from meshlm.errors import ConfigError
+from meshlm.parallel.comm import build_groups, default_backend, single_process_groups
+from meshlm.parallel.launch import LocalRanks, RankFailure, RendezvousInfo, init_distributed, under_torchrun
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A control message from rank 0: run `method(*args)`; gather=True returns every rank's result."""
+
+    method: str
+    args: tuple = ()
+    gather: bool = False
+
+
+STREAM_METHODS = {"stream": "drain_stream"}  # what non-driver ranks run for a streaming call
+
+
+def serve_rank(rv: RendezvousInfo, spec: WorkerSpec) -> None:
+    """Body of every rank but 0: build the worker, then execute calls until told to stop."""
+    init_distributed(rv)
+    groups = build_groups(spec.dims, rv.rank, rv.backend, rv.timeout_s)
+    worker = Worker(spec, groups, rv.rank)
+    groups.world.barrier()  # ready
+    while True:
+        call: Call | None = groups.world.broadcast_object(None, 0)
+        if call is None:
+            break
+        result = getattr(worker, STREAM_METHODS.get(call.method, call.method))(*call.args)
+        if call.gather:
+            dist.gather_object(result, None, dst=0)
+    dist.destroy_process_group()
+
+
+class Executor:
+    """Owns rank 0's worker and the other ranks (spawned locally or started by torchrun)."""
+
+    def __init__(self, spec: WorkerSpec, timeout_s: float = 60.0, backend: str | None = None) -> None:
+        self.spec = spec
+        self.local: LocalRanks | None = None
+        self.distributed = False
+        backend = backend or default_backend("cpu")
+        world = spec.dims.world_size
+        if under_torchrun():
+            env_world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+            if env_world != world:
+                raise ConfigError(
+                    f"torchrun started {env_world} processes but the layout needs {world} "
+                    f"({spec.dims}); make --nnodes x --nproc-per-node equal dp x pp x tp."
+                )
+            rv = RendezvousInfo(rank, world, "env://", backend, timeout_s)
+            if rank != 0:
+                serve_rank(rv, replace(spec, progress=False))
+                sys.exit(0)
+        elif world == 1:
+            self.worker = Worker(spec, single_process_groups())
+            self.groups = None
+            return
+        else:
+            self.local = LocalRanks(world, partial(serve_rank, spec=replace(spec, progress=False)),
+                                    backend, timeout_s)
+            rv = self.local.rendezvous(world, backend, timeout_s)
+        self.distributed = True
+        try:
+            init_distributed(rv)
+            self.groups = build_groups(spec.dims, 0, backend, timeout_s)
+            self.worker = Worker(spec, self.groups, 0)
+            self.groups.world.barrier()
+        except RuntimeError as e:
+            raise self._failure(e) from None
+        except BaseException:
+            self.close(graceful=False)
+            raise
+
+    def _failure(self, exc: BaseException) -> RankFailure:
+        err = self.local.error(exc) if self.local else RankFailure(f"a collective failed: {exc}")
+        self.close(graceful=False)
+        return err
+
+    def call(self, method: str, *args: Any) -> Any:
+        """Run worker.method(*args) on every rank; return rank 0's result."""
+        if not self.distributed:
+            return getattr(self.worker, method)(*args)
+        try:
+            self.groups.world.broadcast_object(Call(method, args), 0)
+            return getattr(self.worker, method)(*args)
+        except RuntimeError as e:
+            raise self._failure(e) from None
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        """Run worker.method(*args) on every rank; return every rank's result, by rank."""
+        if not self.distributed:
+            return [getattr(self.worker, method)(*args)]
+        try:
+            self.groups.world.broadcast_object(Call(method, args, gather=True), 0)
+            mine = getattr(self.worker, method)(*args)
+            out: list[Any] = [None] * self.spec.dims.world_size
+            dist.gather_object(mine, out, dst=0)
+            return out
+        except RuntimeError as e:
+            raise self._failure(e) from None
+
+    def stream(self, *args: Any) -> Iterator[Any]:
+        """Worker.stream on rank 0 while the others drain the same stream."""
+        if not self.distributed:
+            yield from self.worker.stream(*args)
+            return
+        try:
+            self.groups.world.broadcast_object(Call("stream", args), 0)
+            yield from self.worker.stream(*args)
+        except RuntimeError as e:
+            raise self._failure(e) from None
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop every rank and tear down the process groups."""
+        if not self.distributed:
+            return
+        self.distributed = False
+        if graceful:
+            try:
+                self.groups.world.broadcast_object(None, 0)
+            except Exception:
+                graceful = False
+        if self.local:
+            if graceful:
+                self.local.shutdown()
+            else:
+                self.local.stopping = True
+                self.local.terminate()
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:
+                pass

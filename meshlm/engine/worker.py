@@ -1,0 +1,105 @@
+"""One worker per rank: build on meta -> apply the sharding plan -> load owned slices -> run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from meshlm.checkpoint import open_checkpoint
+from meshlm.checkpoint.loader import build_meta, load_weights
+from meshlm.config import SamplingParams
+from meshlm.engine.generate import RequestOutput, generate, generate_stream
+from meshlm.models.registry import sharding_plan
+from meshlm.parallel.comm import STATS, Groups
+from meshlm.parallel.mesh import ParallelDims
+from meshlm.parallel.styles import ShardLayout, apply_plan
+from meshlm.threads import set_threads
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every rank needs to build its part of the model (sent to spawned ranks)."""
+
+    model: str | None = None
+    dtype: str = "float32"
+    threads: int | None = None
+    max_context: int | None = None
+    dims: ParallelDims = field(default_factory=ParallelDims)
+    progress: bool = False
+
+
+class Worker:
+    """Holds this rank's shard of the model and runs the same generation loop as every other rank."""
+
+    def __init__(self, spec: WorkerSpec, groups: Groups, rank: int = 0) -> None:
+        self.spec, self.groups, self.rank = spec, groups, rank
+        self.threads = set_threads(spec.threads)
+        self.dtype = DTYPES[spec.dtype]
+        t0 = time.perf_counter()
+        ckpt = open_checkpoint(spec.model, progress=spec.progress and rank == 0)
+        self.cfg, self.tokenizer, self.path = ckpt.cfg, ckpt.tokenizer, ckpt.path
+        spec.dims.check_model(self.cfg)
+        model = build_meta(self.cfg)
+        part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp)
+        self.model = load_weights(model, self.cfg, ckpt.source, self.dtype, part_for=part_for,
+                                  progress=spec.progress and rank == 0)
+        self.max_context = min(spec.max_context or self.cfg.max_position, self.cfg.max_position)
+        self.load_s = time.perf_counter() - t0
+        self.layout = ShardLayout.for_model(self.cfg, groups.tp.index, groups.tp.size)
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        log.info("rank %d: loaded %s (%.1f MB of weights, heads %s) in %.2fs", rank, self.path,
+                 self.weight_bytes / 1e6, self.layout.mine, self.load_s)
+
+    def describe(self) -> dict:
+        """Facts about this rank: heads owned, weight bytes, peak RSS (MB)."""
+        import resource
+
+        return {"rank": self.rank, "q_heads": self.layout.mine.num_q,
+                "kv_heads": self.layout.mine.kv_end - self.layout.mine.kv_start,
+                "weight_mb": self.weight_bytes / 1e6,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "load_s": self.load_s, "threads": self.threads}
+
+    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+        """Generate to completion (every rank in lockstep)."""
+        return generate(self.model, self.cfg, self.tokenizer, prompts, params, self.max_context, self.dtype)
+
+    def stream(self, prompts: list[list[int]], params: list[SamplingParams]):
+        """Yield (index, delta, outputs) as generate_stream does."""
+        yield from generate_stream(self.model, self.cfg, self.tokenizer, prompts, params, self.max_context,
+                                   self.dtype)
+
+    def drain_stream(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        """Run a stream to its end without emitting (the non-driver ranks' side of `stream`)."""
+        for _ in self.stream(prompts, params):
+            pass
+
+    @torch.inference_mode()
+    def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
+        """Full-sequence logits [B, S, V] (fp32) of right-padded prompts, without a cache."""
+        from meshlm.models.layers import CausalNoCache
+
+        lens = [len(t) for t in token_ids]
+        b, s = len(token_ids), max(lens)
+        tokens = torch.zeros(b, s, dtype=torch.long)
+        mask = torch.zeros(b, s, dtype=torch.bool)
+        for i, t in enumerate(token_ids):
+            tokens[i, : len(t)] = torch.tensor(t)
+            mask[i, : len(t)] = True
+        positions = torch.arange(s).expand(b, s)
+        return self.model(tokens, positions, CausalNoCache(mask)).float()
+
+    def comm_stats(self) -> dict:
+        """This rank's collective totals."""
+        return STATS.snapshot()
+
+    def reset_stats(self) -> None:
+        """Zero the collective totals."""
+        STATS.reset()

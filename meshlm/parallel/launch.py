@@ -1,0 +1,177 @@
+"""Start ranks and watch them: local spawn (no torchrun needed) or torchrun across machines.
+
+Rank 0 is the driving process. Locally it spawns ranks 1..N-1 itself; a watchdog thread polls them, and
+when one dies it names the rank and its error, terminates the rest, and unblocks rank 0 (no hang, no
+orphan: spawned ranks also die with their parent through PR_SET_PDEATHSIG). Under torchrun every
+process runs `python -m meshlm.launch ...`; ranks other than 0 serve calls until told to stop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch.distributed as dist
+
+from meshlm.errors import MeshlmError
+
+log = logging.getLogger(__name__)
+
+
+class RankFailure(MeshlmError):
+    """A rank died or raised; the message names it."""
+
+
+@dataclass(frozen=True)
+class RendezvousInfo:
+    """How ranks find each other."""
+
+    rank: int
+    world_size: int
+    init_method: str  # "tcp://127.0.0.1:PORT" or "env://"
+    backend: str = "gloo"
+    timeout_s: float = 60.0
+
+
+def under_torchrun() -> bool:
+    """True when torchrun (or another launcher) set RANK/WORLD_SIZE for this process."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (no orphans)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def init_distributed(rv: RendezvousInfo) -> None:
+    """init_process_group with the configured timeout."""
+    from datetime import timedelta
+
+    dist.init_process_group(rv.backend, init_method=rv.init_method, rank=rv.rank,
+                            world_size=rv.world_size, timeout=timedelta(seconds=rv.timeout_s))
+
+
+def _child_main(rv: RendezvousInfo, serve: Callable[[RendezvousInfo], None], errors: Any) -> None:
+    die_with_parent()
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        serve(rv)
+    except BaseException as e:  # report anything, including KeyboardInterrupt, then exit non-zero
+        msg = str(e) if isinstance(e, MeshlmError) else "".join(traceback.format_exception(e))[-4000:]
+        try:
+            errors.put((rv.rank, msg))
+        except Exception:
+            pass
+        sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
+
+
+class LocalRanks:
+    """Spawned ranks 1..N-1 of a local launch plus the watchdog that notices their death."""
+
+    def __init__(self, world_size: int, serve: Callable[[RendezvousInfo], None], backend: str,
+                 timeout_s: float, grace_s: float = 10.0) -> None:
+        self.port = free_port()
+        self.init_method = f"tcp://127.0.0.1:{self.port}"
+        ctx = mp.get_context("spawn")
+        self.errors = ctx.Queue()
+        self.procs: dict[int, Any] = {}
+        self.failure: tuple[int, str] | None = None
+        self.stopping = False
+        self.grace_s = grace_s
+        for r in range(1, world_size):
+            rv = RendezvousInfo(r, world_size, self.init_method, backend, timeout_s)
+            p = ctx.Process(target=_child_main, args=(rv, serve, self.errors), name=f"meshlm-rank{r}",
+                            daemon=True)
+            p.start()
+            self.procs[r] = p
+        self._watch = threading.Thread(target=self._watchdog, name="meshlm-watchdog", daemon=True)
+        self._watch.start()
+
+    def rendezvous(self, world_size: int, backend: str, timeout_s: float) -> RendezvousInfo:
+        """Rank 0's rendezvous info."""
+        return RendezvousInfo(0, world_size, self.init_method, backend, timeout_s)
+
+    def _watchdog(self) -> None:
+        while not self.stopping:
+            for r, p in self.procs.items():
+                if p.exitcode is not None and not self.stopping:
+                    self._fail(r, p.exitcode)
+                    return
+            time.sleep(0.05)
+
+    def _fail(self, rank: int, code: int) -> None:
+        msg = f"exited with code {code}"
+        deadline = time.time() + 1.0
+        while time.time() < deadline:
+            try:
+                r, m = self.errors.get(timeout=0.1)
+                rank, msg = r, m
+                break
+            except queue.Empty:
+                continue
+        if code < 0:
+            msg = f"killed by signal {-code}" + ("" if msg.startswith("exited") else f": {msg}")
+        self.failure = (rank, msg)
+        log.error("rank %d failed: %s", rank, msg)
+        self.terminate()
+        # Rank 0 may sit in a collective that its peers' exit doesn't break: give it a grace period.
+        t = threading.Timer(self.grace_s, self._hard_exit)
+        t.daemon = True
+        t.start()
+
+    def _hard_exit(self) -> None:
+        if self.failure is not None and not self.stopping:
+            rank, msg = self.failure
+            print(f"meshlm: error: rank {rank} failed: {msg}", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    def error(self, exc: BaseException | None = None) -> RankFailure:
+        """The error to raise on rank 0 after a collective failed (waits briefly for the watchdog)."""
+        deadline = time.time() + 3.0
+        while self.failure is None and time.time() < deadline:
+            time.sleep(0.05)
+        if self.failure is None:
+            return RankFailure(f"a collective failed: {exc}")
+        rank, msg = self.failure
+        return RankFailure(f"rank {rank} failed: {msg}")
+
+    def terminate(self) -> None:
+        """Kill every spawned rank and reap it."""
+        for p in self.procs.values():
+            if p.is_alive():
+                p.kill()
+        for p in self.procs.values():
+            p.join(timeout=5)
+        self.errors.close()
+        self.errors.join_thread()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Wait for ranks told to stop; kill stragglers."""
+        self.stopping = True
+        deadline = time.time() + timeout
+        for p in self.procs.values():
+            p.join(timeout=max(0.1, deadline - time.time()))
+        self.terminate()

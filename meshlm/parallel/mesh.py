@@ -1,0 +1,89 @@
+"""ParallelDims: validate the layout, map ranks to coordinates, build named process groups.
+
+Rank layout (row-major over (dp, pp, tp), tp fastest):
+
+    rank = (dp_idx * pp + pp_idx) * tp + tp_idx
+
+so the ranks of one tensor-parallel group are adjacent (same host, fastest links), pipeline stages of
+one replica are tp apart, and data-parallel replicas are pp * tp apart. Expert parallelism reuses the
+tp ranks (ep must divide tp); context parallelism is reserved (cp must be 1 for now).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from meshlm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from meshlm.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Degrees of each kind of parallelism; their product (ep excluded) is the world size."""
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    ep: int = 1
+    cp: int = 1
+    world_size: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        for name in ("dp", "pp", "tp", "ep", "cp"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name} must be a positive integer, got {v!r}.")
+        product = self.dp * self.pp * self.tp * self.cp
+        if self.world_size == 0:
+            object.__setattr__(self, "world_size", product)
+        if product != self.world_size:
+            raise ConfigError(
+                f"dp x pp x tp x cp = {self.dp} x {self.pp} x {self.tp} x {self.cp} = {product}, but the "
+                f"world size is {self.world_size}. Choose degrees whose product is {self.world_size}, or "
+                f"launch {product} processes."
+            )
+        if self.tp % self.ep:
+            raise ConfigError(f"ep ({self.ep}) must divide tp ({self.tp}): experts are spread over tp ranks.")
+        if self.cp != 1:
+            raise ConfigError("Context parallelism (cp > 1) is not available yet; use cp=1.")
+
+    def check_model(self, cfg: "ModelConfig") -> None:
+        """Refuse degrees the model cannot take, naming the fix."""
+        if self.tp > cfg.num_heads:
+            raise ConfigError(
+                f"tp={self.tp} exceeds the model's {cfg.num_heads} attention heads: every tensor-parallel "
+                f"rank needs at least one head. Use tp <= {cfg.num_heads} (uneven splits are fine), and "
+                "pipeline parallelism (--pp) for more devices."
+            )
+        if self.pp > cfg.num_layers:
+            raise ConfigError(
+                f"pp={self.pp} exceeds the model's {cfg.num_layers} layers; use pp <= {cfg.num_layers}."
+            )
+        if cfg.is_moe and self.ep > 1 and cfg.num_experts % self.ep:
+            raise ConfigError(f"ep={self.ep} must divide the {cfg.num_experts} experts.")
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(dp_idx, pp_idx, tp_idx) of a global rank."""
+        tp_idx = rank % self.tp
+        pp_idx = (rank // self.tp) % self.pp
+        dp_idx = rank // (self.tp * self.pp)
+        return dp_idx, pp_idx, tp_idx
+
+    def rank_of(self, dp_idx: int, pp_idx: int, tp_idx: int) -> int:
+        """Global rank at the given coordinates."""
+        return (dp_idx * self.pp + pp_idx) * self.tp + tp_idx
+
+    def tp_groups(self) -> list[list[int]]:
+        """Ranks of each tensor-parallel group (adjacent ranks)."""
+        return [list(range(s, s + self.tp)) for s in range(0, self.world_size, self.tp)]
+
+    def pp_groups(self) -> list[list[int]]:
+        """Ranks of each pipeline (one per dp replica and tp index), in stage order."""
+        return [[self.rank_of(d, p, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        """Ranks holding the same shard in different replicas."""
+        return [[self.rank_of(d, p, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]

@@ -1,0 +1,181 @@
+"""Sharding styles: which slice of each tensor a rank reads (shard) and what collective follows (apply).
+
+One source of truth for both: `apply_plan` swaps each planned module to its parallel class and returns
+the loader's `part_for` callback, so the slices read at load time are the ones the forward expects.
+
+Attention is split by whole KV groups, unevenly when needed (9 heads / 3 KV heads at tp=2 gives 6 + 3
+query heads). When tp exceeds the KV head count, each rank holds one KV head (replicated across the
+ranks that share it) and a share of that group's query heads. The MLP splits its intermediate size
+evenly on its own. The vocabulary splits evenly; the head's logits are all-gathered so every rank
+samples from the same full distribution (simple and exact; costs V x 4 bytes per token).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from meshlm.checkpoint.source import Slice
+from meshlm.config import ModelConfig
+from meshlm.models.mixtral import Experts
+from meshlm.parallel.comm import Comm
+
+
+def even_partition(n: int, parts: int) -> list[tuple[int, int]]:
+    """[start, stop) of each of `parts` near-equal contiguous chunks of range(n)."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """Query heads [q_start, q_end) and KV heads [kv_start, kv_end) owned by one rank."""
+
+    q_start: int
+    q_end: int
+    kv_start: int
+    kv_end: int
+
+    @property
+    def num_q(self) -> int:
+        """Query heads on this rank."""
+        return self.q_end - self.q_start
+
+
+def head_partition(num_heads: int, num_kv_heads: int, tp: int) -> list[HeadShard]:
+    """Split attention heads over tp ranks by whole KV groups (or replicated KV heads when tp > kv)."""
+    group = num_heads // num_kv_heads
+    if tp <= num_kv_heads:
+        return [HeadShard(a * group, b * group, a, b) for a, b in even_partition(num_kv_heads, tp)]
+    shards = []
+    for g, (r0, r1) in enumerate(even_partition(tp, num_kv_heads)):  # ranks serving KV head g
+        for a, b in even_partition(group, r1 - r0):
+            shards.append(HeadShard(g * group + a, g * group + b, g, g + 1))
+    return shards
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Everything rank `index` of a tp group owns."""
+
+    index: int
+    size: int
+    heads: list[HeadShard]
+    inter: list[tuple[int, int]]
+    vocab: list[tuple[int, int]]
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, index: int, size: int) -> "ShardLayout":
+        """The layout of every rank for cfg at tp=size."""
+        return cls(index, size, head_partition(cfg.num_heads, cfg.num_kv_heads, size),
+                   even_partition(cfg.intermediate_size, size), even_partition(cfg.vocab_size, size))
+
+    @property
+    def mine(self) -> HeadShard:
+        """This rank's heads."""
+        return self.heads[self.index]
+
+
+class RowParallelLinear(nn.Linear):
+    """y = all_reduce(x_shard @ W_shard^T); the bias is added once (rank 0)."""
+
+    comm: Comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.comm.index == 0 else None
+        return self.comm.all_reduce(F.linear(x, self.weight, bias))
+
+
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows [vocab_start, vocab_start + n) of the table; others contribute zeros; summed over ranks."""
+
+    comm: Comm
+    vocab_start: int
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # [B, S, H]
+        return self.comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
+
+
+class VocabParallelHead(nn.Linear):
+    """Local logits for this rank's vocabulary rows, all-gathered into the full [.., V] logits."""
+
+    comm: Comm
+    sizes: list[int]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_gather(F.linear(x, self.weight), dim=-1, sizes=self.sizes)
+
+
+class TensorParallelExperts(Experts):
+    """Each expert's intermediate dimension is split; partial outputs are summed over ranks."""
+
+    comm: Comm
+
+    def forward(self, x, expert_ids, weights):
+        return self.comm.all_reduce(super().forward(x, expert_ids, weights))
+
+
+def _slices(style: str, layout: ShardLayout, head_dim: int) -> dict[str, Slice | None]:
+    """Per-parameter slice (in checkpoint coordinates) for a style."""
+    h = layout.mine
+    i0, i1 = layout.inter[layout.index]
+    v0, v1 = layout.vocab[layout.index]
+    q = (h.q_start * head_dim, h.q_end * head_dim)
+    kv = (h.kv_start * head_dim, h.kv_end * head_dim)
+    table = {
+        "heads_colwise": {"weight": Slice(0, *q), "bias": Slice(0, *q)},
+        "kv_heads_colwise": {"weight": Slice(0, *kv), "bias": Slice(0, *kv)},
+        "heads_rowwise": {"weight": Slice(1, *q), "bias": None},
+        "colwise": {"weight": Slice(0, i0, i1), "bias": Slice(0, i0, i1)},
+        "rowwise": {"weight": Slice(1, i0, i1), "bias": None},
+        "vocab_embedding": {"weight": Slice(0, v0, v1)},
+        "vocab_head": {"weight": Slice(0, v0, v1)},
+        "replicate": {},
+        # stacked experts are read per expert from [I, H] (w1, w3) and [H, I] (w2) tensors
+        "expert": {"w1": Slice(0, i0, i1), "w3": Slice(0, i0, i1), "w2": Slice(1, i0, i1)},
+    }
+    if style not in table:
+        raise ValueError(f"unknown sharding style {style!r}")
+    return table[style]
+
+
+def _swap(module: nn.Module, style: str, layout: ShardLayout, comm: Comm) -> None:
+    cls = {"heads_rowwise": RowParallelLinear, "rowwise": RowParallelLinear,
+           "vocab_embedding": VocabParallelEmbedding, "vocab_head": VocabParallelHead,
+           "expert": TensorParallelExperts}.get(style)
+    if cls is None:
+        return
+    module.__class__ = cls
+    module.comm = comm
+    if style == "vocab_embedding":
+        module.vocab_start = layout.vocab[layout.index][0]
+    if style == "vocab_head":
+        module.sizes = [b - a for a, b in layout.vocab]
+
+
+def apply_plan(model: nn.Module, plan: dict[str, str], cfg: ModelConfig, comm: Comm):
+    """Swap planned modules to their parallel classes; return part_for(param_name, shape) for loading."""
+    layout = ShardLayout.for_model(cfg, comm.index, comm.size)
+    parts: dict[str, Slice | None] = {}
+    if comm.size == 1:
+        return lambda name, shape: None
+    for mod_name, module in model.named_modules():
+        style = next((s for pat, s in plan.items() if fnmatch.fnmatchcase(mod_name, pat)), None)
+        if style is None:
+            continue
+        for attr, sl in _slices(style, layout, cfg.head_dim).items():
+            parts[f"{mod_name}.{attr}"] = sl
+        _swap(module, style, layout, comm)
+    return lambda name, shape: parts.get(name)
