@@ -20,6 +20,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "env MESHLM_THREADS)")
     p.add_argument("--max-context", type=int, default=None,
                    help="context window in tokens (default: the model's max_position_embeddings)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks; meshlm starts them on this machine itself (default 1). "
+                        "Heads need not divide by tp.")
+    p.add_argument("--comm-timeout", type=float, default=60.0,
+                   help="seconds a collective may wait for a peer before the launch fails (default 60)")
+    p.add_argument("--backend", default=None, choices=["gloo", "nccl"],
+                   help="torch.distributed backend (default: gloo on CPU, nccl on CUDA)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,19 +58,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
-    llm = LLM(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context)
-    out = None
-    if not args.chat:
-        sys.stdout.write(args.prompt)
-    for delta, out in llm.stream(args.prompt, params, chat=args.chat):
-        sys.stdout.write(delta)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-    assert out is not None
-    print(f"[prompt {len(out.prompt_token_ids)} tokens | generated {len(out.token_ids)} tokens | "
-          f"TTFT {out.ttft_s * 1000:.1f} ms | decode {out.decode_tokens_per_s:.1f} tok/s | "
-          f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype}]", file=sys.stderr)
+    with LLM(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context, tp=args.tp,
+             comm_timeout_s=args.comm_timeout, backend=args.backend) as llm:
+        out = None
+        if not args.chat:
+            sys.stdout.write(args.prompt)
+        for delta, out in llm.stream(args.prompt, params, chat=args.chat):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        assert out is not None
+        print(f"[prompt {len(out.prompt_token_ids)} tokens | generated {len(out.token_ids)} tokens | "
+              f"TTFT {out.ttft_s * 1000:.1f} ms | decode {out.decode_tokens_per_s:.1f} tok/s | "
+              f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {args.tp}]",
+              file=sys.stderr)
+        if args.tp > 1:
+            _print_ranks(llm, out.ttft_s + out.decode_s)
     return 0
+
+
+def _print_ranks(llm, wall_s: float) -> None:
+    """One line per rank: heads owned (uneven splits show here), weights, memory, collective time."""
+    stats = llm.comm_stats()
+    for info, st in zip(llm.rank_info(), stats):
+        comm_s = sum(v["seconds"] for k, v in st.items() if k.startswith("tp/"))
+        print(f"  rank {info['rank']}: {info['q_heads']} q heads / {info['kv_heads']} kv heads | "
+              f"weights {info['weight_mb']:.0f} MB | peak RSS {info['peak_rss_mb']:.0f} MB | "
+              f"collectives {comm_s * 1000:.0f} ms ({100 * comm_s / max(wall_s, 1e-9):.0f}% of generation)",
+              file=sys.stderr)
 
 
 COMMANDS = {"generate": cmd_generate}

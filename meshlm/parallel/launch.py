@@ -12,7 +12,6 @@ import ctypes
 import logging
 import multiprocessing as mp
 import os
-import queue
 import signal
 import socket
 import sys
@@ -80,7 +79,7 @@ def _child_main(rv: RendezvousInfo, serve: Callable[[RendezvousInfo], None], err
     except BaseException as e:  # report anything, including KeyboardInterrupt, then exit non-zero
         msg = str(e) if isinstance(e, MeshlmError) else "".join(traceback.format_exception(e))[-4000:]
         try:
-            errors.put((rv.rank, msg))
+            errors.send((rv.rank, msg))
         except Exception:
             pass
         sys.stderr.flush()
@@ -96,17 +95,19 @@ class LocalRanks:
         self.port = free_port()
         self.init_method = f"tcp://127.0.0.1:{self.port}"
         ctx = mp.get_context("spawn")
-        self.errors = ctx.Queue()
         self.procs: dict[int, Any] = {}
+        self.pipes: dict[int, Any] = {}
         self.failure: tuple[int, str] | None = None
         self.stopping = False
         self.grace_s = grace_s
         for r in range(1, world_size):
             rv = RendezvousInfo(r, world_size, self.init_method, backend, timeout_s)
-            p = ctx.Process(target=_child_main, args=(rv, serve, self.errors), name=f"meshlm-rank{r}",
+            reader, writer = ctx.Pipe(duplex=False)
+            p = ctx.Process(target=_child_main, args=(rv, serve, writer), name=f"meshlm-rank{r}",
                             daemon=True)
             p.start()
-            self.procs[r] = p
+            writer.close()
+            self.procs[r], self.pipes[r] = p, reader
         self._watch = threading.Thread(target=self._watchdog, name="meshlm-watchdog", daemon=True)
         self._watch.start()
 
@@ -124,14 +125,11 @@ class LocalRanks:
 
     def _fail(self, rank: int, code: int) -> None:
         msg = f"exited with code {code}"
-        deadline = time.time() + 1.0
-        while time.time() < deadline:
-            try:
-                r, m = self.errors.get(timeout=0.1)
-                rank, msg = r, m
-                break
-            except queue.Empty:
-                continue
+        try:
+            if self.pipes[rank].poll(1.0):
+                rank, msg = self.pipes[rank].recv()
+        except (EOFError, OSError):
+            pass
         if code < 0:
             msg = f"killed by signal {-code}" + ("" if msg.startswith("exited") else f": {msg}")
         self.failure = (rank, msg)
@@ -165,8 +163,6 @@ class LocalRanks:
                 p.kill()
         for p in self.procs.values():
             p.join(timeout=5)
-        self.errors.close()
-        self.errors.join_thread()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Wait for ranks told to stop; kill stragglers."""
