@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     return parser
 
@@ -57,7 +58,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from meshlm.llm import LLM
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
+                            ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context, tp=args.tp,
              comm_timeout_s=args.comm_timeout, backend=args.backend) as llm:
         out = None

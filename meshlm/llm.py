@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from meshlm.checkpoint import open_checkpoint
 from meshlm.config import SamplingParams
 from meshlm.engine.executor import Executor
 from meshlm.engine.generate import RequestOutput
@@ -36,6 +37,8 @@ class LLM:
         dims = ParallelDims(tp=tp, pp=pp)
         if pp != 1:
             raise ConfigError("Pipeline parallelism (pp > 1) is not available yet; use --pp 1.")
+        # Refuse a layout the model cannot take before any process starts or any weight loads.
+        dims.check_model(open_checkpoint(model, progress=progress).cfg)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           progress=progress)
         self.executor = Executor(spec, timeout_s=comm_timeout_s, backend=backend)
