@@ -54,6 +54,10 @@ def converted_folder(gguf_path: str | Path, progress: bool = True) -> Path:
     if folder.is_dir():  # only ever created by the rename below, so it is complete
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for stale in folder.parent.glob(f".{gguf_path.stem}-*.tmp-*"):  # left by a conversion that died
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -92,3 +96,13 @@ def _write_safetensors(source: GGUFSource, path: Path, progress: bool, label: st
         for name in tqdm(names, desc=f"dequantizing {label}", unit="tensor", disable=not progress):
             f.write(source.read(name).numpy().tobytes())
 
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

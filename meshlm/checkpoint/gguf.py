@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -42,6 +43,12 @@ def open_gguf(path: str | Path) -> GGUFReader:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"GGUF file {path} does not exist. Check the path, or download the file again.")
+    st = path.stat()
+    return _open_cached(path.resolve(), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)  # parsing the metadata takes seconds (100k vocabulary strings); do it once
+def _open_cached(path: Path, size: int, mtime_ns: int) -> GGUFReader:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
@@ -54,7 +61,6 @@ def open_gguf(path: str | Path) -> GGUFReader:
     except Exception as e:  # gguf raises ValueError/IndexError/struct errors on cut-off metadata
         raise CheckpointError(f"Cannot parse GGUF file {path}: {e}. It is truncated or corrupt; download it "
                               "again.") from None
-    size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:
             raise CheckpointError(f"GGUF file {path} is truncated: tensor {t.name!r} runs past its end "
@@ -84,7 +90,13 @@ def gguf_hf_config(src: str | Path | GGUFReader) -> dict[str, Any]:
     def get(key: str, default: Any = None) -> Any:
         return _meta(r, f"{arch}.{key}", default)
 
-    heads = int(get("attention.head_count"))
+    def need(key: str) -> int:
+        if (value := get(key)) is None:
+            raise CheckpointError(f"GGUF metadata lacks {arch}.{key}; the file is incomplete. Convert or "
+                                  "download it again with a current llama.cpp.")
+        return int(value)
+
+    heads = need("attention.head_count")
     kv = get("attention.head_count_kv", heads)
     if isinstance(kv, list):  # per-layer counts: meshlm needs them all equal
         if len(set(kv)) != 1:
@@ -92,12 +104,13 @@ def gguf_hf_config(src: str | Path | GGUFReader) -> dict[str, Any]:
                                   "one count for all layers. Use a model with uniform attention.")
         kv = kv[0]
     names = {t.name for t in r.tensors}
-    vocab = get("vocab_size") or len(r.fields["tokenizer.ggml.tokens"].data)
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size") or (len(tokens.data) if tokens else 0)
     cfg: dict[str, Any] = {
         "architectures": [hf_arch], "model_type": hf_arch.removesuffix("ForCausalLM").lower(),
         "_name_or_path": Path(r.data.filename).stem if getattr(r.data, "filename", None) else "",
-        "vocab_size": int(vocab), "hidden_size": int(get("embedding_length")),
-        "intermediate_size": int(get("feed_forward_length")), "num_hidden_layers": int(get("block_count")),
+        "vocab_size": int(vocab), "hidden_size": need("embedding_length"),
+        "intermediate_size": need("feed_forward_length"), "num_hidden_layers": need("block_count"),
         "num_attention_heads": heads, "num_key_value_heads": int(kv),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": float(get("rope.freq_base", 10000.0)),
@@ -150,13 +163,14 @@ class GGUFSource:
                 layer, w, one = m.groups()
                 prefix = f"model.layers.{layer}.block_sparse_moe.experts"
                 ids = [int(one)] if one is not None else range(int(t.shape[-1]))
-                for e in ids:
-                    self._entries[f"{prefix}.{e}.{_EXPERT_W[w]}.weight"] = _Entry(t, None if one else e, 0)
+                for e in ids:  # a stacked tensor is indexed by expert; a single-expert one is not
+                    entry = _Entry(t, e if one is None else None, 0)
+                    self._entries[f"{prefix}.{e}.{_EXPERT_W[w]}.weight"] = entry
             elif (m := _BLK.match(t.name)) is not None and m.group(2) in _BLOCK:
                 layer, kind, wb = m.groups()
                 name = f"model.layers.{layer}.{_BLOCK[kind]}.{wb}"
                 proj = _BLOCK[kind].rpartition(".")[2]
-                rows = int(t.shape[-1] if wb == "weight" else t.shape[0])  # GGUF dims are reversed
+                rows = int(t.shape[-1])  # GGUF dims are reversed: the last is the row count
                 self._entries[name] = _Entry(t, None, rows // heads[proj] if permute and proj in heads else 0)
             elif t.name in _TOP:
                 self._entries[_TOP[t.name]] = _Entry(t, None, 0)
@@ -220,7 +234,8 @@ _QWEN2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p
           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 _SPLITS = {**dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"), _LLAMA3),
            **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2)}
-_DIGITS = ("smollm", "starcoder", "refact", "codeshell")  # GPT-2 regex after splitting single digits
+# llama.cpp splits single digits off first, then applies GPT-2's regex (as SmolLM2's tokenizer.json does).
+_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
 
 
 def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
@@ -231,6 +246,13 @@ def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
     if pre in _DIGITS:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     return byte_level
+
+
+def _byte_spelling() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte value."""
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    rest = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(rest)}
 
 
 def gguf_tokenizer(src: str | Path | GGUFReader) -> tuple[HFTokenizer, dict[str, Any]]:
@@ -245,14 +267,19 @@ def gguf_tokenizer(src: str | Path | GGUFReader) -> tuple[HFTokenizer, dict[str,
     tokens: list[str] = _meta(r, "tokenizer.ggml.tokens")
     types: list[int] = _meta(r, "tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in _meta(r, "tokenizer.ggml.merges", [])]
-    tok = HFTokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
+    spell = _byte_spelling()
+    alphabet = set(spell.values())
+    spelled = [set(t) <= alphabet for t in tokens]  # False: stored raw; respelled as bytes, like transformers
+    vocab = {t if ok else "".join(spell[b] for b in t.encode()): i
+             for i, (t, ok) in enumerate(zip(tokens, spelled))}
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     tok.pre_tokenizer = _pre_tokenizer(_meta(r, "tokenizer.ggml.pre"))
     tok.decoder = decoders.ByteLevel()
     # 3 = control (<|im_start|>), 4 = user-defined (<think>): matched whole, never split by BPE.
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, ty in zip(tokens, types) if ty == 3])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, ty in zip(tokens, types) if ty == 4])
+    # A raw-spelled one is a llama.cpp mislabel; adding it would grow the vocabulary (transformers skips it).
+    marked = [(t, ty) for t, ty, ok in zip(tokens, types, spelled) if ok and ty in (3, 4)]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in marked if ty == 3])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in marked if ty == 4])
 
     def token(key: str) -> str | None:
         i = _meta(r, f"tokenizer.ggml.{key}")
