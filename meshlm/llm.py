@@ -32,15 +32,15 @@ class LLM:
 
     def __init__(self, model: str | None = None, dtype: str = "float32", threads: int | None = None,
                  max_context: int | None = None, tp: int = 1, pp: int = 1, progress: bool = True,
-                 comm_timeout_s: float = 60.0, backend: str | None = None) -> None:
+                 comm_timeout_s: float = 60.0, backend: str | None = None, gguf_direct: bool = False) -> None:
         parse_dtype(dtype)
         dims = ParallelDims(tp=tp, pp=pp)
         if pp != 1:
             raise ConfigError("Pipeline parallelism (pp > 1) is not available yet; use --pp 1.")
         # Refuse a layout the model cannot take before any process starts or any weight loads.
-        dims.check_model(open_checkpoint(model, progress=progress).cfg)
+        dims.check_model(open_checkpoint(model, progress=progress, gguf_direct=gguf_direct).cfg)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
-                          progress=progress)
+                          progress=progress, gguf_direct=gguf_direct)
         self.executor = Executor(spec, timeout_s=comm_timeout_s, backend=backend)
         w = self.executor.worker
         self.cfg, self.tokenizer, self.path = w.cfg, w.tokenizer, w.path

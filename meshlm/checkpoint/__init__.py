@@ -51,8 +51,28 @@ def resolve_folder(model: str | Path | None, progress: bool = True) -> Path:
     return path
 
 
-def open_checkpoint(model: str | Path | None = None, progress: bool = True) -> Checkpoint:
-    """Open a checkpoint (folder, .gguf file, or None for the bundled default) without reading weights."""
+def open_gguf_direct(path: Path) -> Checkpoint:
+    """Read a GGUF file in place: each rank dequantizes only the rows it owns (no conversion cache)."""
+    from meshlm.checkpoint.gguf import GGUFSource, gguf_tokenizer
+
+    source = GGUFSource(path)
+    tok, tok_cfg = gguf_tokenizer(source.reader)
+    return Checkpoint(path=path, cfg=ModelConfig.from_hf(source.config), source=source,
+                      tokenizer=Tokenizer(tok, tok_cfg))
+
+
+def open_checkpoint(model: str | Path | None = None, progress: bool = True,
+                    gguf_direct: bool = False) -> Checkpoint:
+    """Open a checkpoint (folder, .gguf file, or None for the bundled default) without reading weights.
+
+    GGUF files convert once into a cached safetensors folder, unless gguf_direct reads them in place.
+    """
+    if gguf_direct:
+        from meshlm.checkpoint.cache import default_gguf_path
+
+        path = default_gguf_path() if model is None else Path(model).expanduser()
+        if path.suffix.lower() == ".gguf":
+            return open_gguf_direct(path)
     folder = resolve_folder(model, progress=progress)
     try:
         raw = json.loads((folder / "config.json").read_text())

@@ -33,6 +33,7 @@ class WorkerSpec:
     max_context: int | None = None
     dims: ParallelDims = field(default_factory=ParallelDims)
     progress: bool = False
+    gguf_direct: bool = False  # read .gguf in place (each rank dequantizes its rows) instead of the cache
 
 
 class Worker:
@@ -43,7 +44,7 @@ class Worker:
         self.threads = set_threads(spec.threads)
         self.dtype = DTYPES[spec.dtype]
         t0 = time.perf_counter()
-        ckpt = open_checkpoint(spec.model, progress=spec.progress and rank == 0)
+        ckpt = open_checkpoint(spec.model, progress=spec.progress and rank == 0, gguf_direct=spec.gguf_direct)
         self.cfg, self.tokenizer, self.path = ckpt.cfg, ckpt.tokenizer, ckpt.path
         spec.dims.check_model(self.cfg)
         model = build_meta(self.cfg)

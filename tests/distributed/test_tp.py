@@ -79,3 +79,21 @@ def test_communication_bytes_match_analysis(checkpoint):
     assert decode_bytes == 2 * per_token
     # The head all-gathers this rank's share of the vocabulary for one position per step.
     assert both["tp/all_gather"]["bytes"] == 3 * (cfg.vocab_size // 2) * 4
+
+
+@pytest.mark.parametrize("tp,gguf_direct", [(2, False), (3, True)])
+def test_tp_on_smollm2(tp, gguf_direct, smollm2, smollm2_hf):
+    """SmolLM2 (9 heads, 3 KV heads) at tp=2 (6 + 3 heads) and tp=3, from the cache or the GGUF itself."""
+    tok = smollm2.tokenizer
+    prompts = [tok.encode("Once upon a time"), tok.encode("The three laws of robotics are")]
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    expected = [o.token_ids for o in smollm2.generate(prompts, params)]
+    with LLM(None, tp=tp, progress=False, gguf_direct=gguf_direct) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+        logits = llm.logits(prompts)
+        infos = llm.rank_info()
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            ref = smollm2_hf(torch.tensor([p])).logits[0]
+            torch.testing.assert_close(logits[i, : len(p)], ref, atol=2e-3, rtol=2e-3)
+    assert [i["q_heads"] for i in infos] == [h.num_q for h in head_partition(9, 3, tp)]

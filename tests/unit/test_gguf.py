@@ -50,14 +50,8 @@ def tensors(source) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def hf_model():
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
-    # transformers rebuilds gguf's (pure) name map once per submodule, ~8 s here: memoize it.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(gguf, "get_tensor_name_map", functools.cache(gguf.get_tensor_name_map))
-        auto = transformers.AutoModelForCausalLM
-        return auto.from_pretrained(GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32)
+def hf_model(smollm2_hf):
+    return smollm2_hf
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,120 @@
+"""Tiny random-init Hugging Face checkpoints for tests, built deterministically into a folder.
+
+`make_checkpoint(kind, path)` is a plain function so distributed tests can rebuild the same
+checkpoint from a subprocess: `python tests/helpers.py KIND PATH [NUM_LAYERS]`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import zlib
+from pathlib import Path
+
+import torch
+
+KINDS = ("llama_gqa", "llama_odd_heads", "llama3_rope", "llama_bias", "qwen2", "mistral", "mistral_window",
+         "mixtral")
+
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+BOS_ID, EOS_ID, UNK_ID = 0, 1, 2
+WEIGHT_STD = 0.15  # larger than HF's 0.02 so logits are peaked and greedy text is not one repeated token
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+def token_text(i: int) -> str:
+    """The tokenizer's string for id i >= 3: 'w<i>.'; no token's text is a substring of another's."""
+    return f"w{i}."
+
+
+def _hf_config(kind: str, num_layers: int | None):
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
+
+    common = dict(vocab_size=512, num_hidden_layers=num_layers or 2, max_position_embeddings=256,
+                  bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=None, tie_word_embeddings=False)
+    if kind == "llama_gqa":  # 8 query heads share 2 KV heads
+        return LlamaConfig(**common, hidden_size=128, intermediate_size=256, num_attention_heads=8,
+                           num_key_value_heads=2, head_dim=16)
+    if kind == "llama_odd_heads":  # 9 heads, 3 KV heads: nothing divides evenly by 2
+        return LlamaConfig(**common, hidden_size=144, intermediate_size=192, num_attention_heads=9,
+                           num_key_value_heads=3, head_dim=16)
+    if kind == "llama3_rope":  # llama3 scaling with a short original context, so every band is exercised
+        common["max_position_embeddings"] = 512
+        rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        return LlamaConfig(**common, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=16, rope_parameters=rope)
+    if kind == "llama_bias":  # attention_bias puts a bias on q, k, v *and* o; mlp_bias on gate/up/down
+        return LlamaConfig(**common, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                           num_key_value_heads=2, attention_bias=True, mlp_bias=True)
+    if kind == "qwen2":  # q/k/v biases, tied embeddings, rms eps 1e-6, theta 1e6
+        common.update(vocab_size=1024, tie_word_embeddings=True)
+        return Qwen2Config(**common, hidden_size=96, intermediate_size=160, num_attention_heads=6,
+                           num_key_value_heads=2, rms_norm_eps=1e-6,
+                           rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    if kind == "mistral":  # head_dim 32 * 8 heads != hidden 128
+        return MistralConfig(**common, hidden_size=128, intermediate_size=224, num_attention_heads=8,
+                             num_key_value_heads=4, head_dim=32, sliding_window=None)
+    if kind == "mistral_window":  # an 8-token sliding window: prompts and generations run far past it
+        return MistralConfig(**common, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                             num_key_value_heads=2, sliding_window=8)
+    if kind == "mixtral":  # 4 experts, top-2
+        return MixtralConfig(**common, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    raise ValueError(f"unknown checkpoint kind {kind!r}; pick one of {KINDS}")
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw every parameter from a private generator: norms ~ 1 + N(0, 0.2), the rest N(0, WEIGHT_STD)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(".bias"):
+                p.copy_(0.1 * noise)  # HF zero-inits biases; make them matter
+            else:
+                p.copy_(WEIGHT_STD * noise)
+
+
+def _write_tokenizer(path: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {BOS: BOS_ID, EOS: EOS_ID, UNK: UNK_ID, **{token_text(i): i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([BOS, EOS, UNK])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+        "unk_token": UNK, "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
+    }, indent=1))
+
+
+def make_checkpoint(kind: str, path: str | Path, num_layers: int | None = None) -> Path:
+    """Write a deterministic random-init `kind` checkpoint (safetensors + tokenizer) into `path`."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    cfg = _hf_config(kind, num_layers)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    _randomize(model, seed=zlib.crc32(kind.encode()))  # stable per kind, whatever KINDS holds
+    model.save_pretrained(str(path), safe_serialization=True)
+    _write_tokenizer(path, cfg.vocab_size)
+    return path
+
+
+def load_reference(path: str | Path):
+    """The checkpoint loaded by transformers (eager attention, fp32, eval); its generate() ignores eos."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
+    model.generation_config.eos_token_id = None  # compare with meshlm's ignore_eos=True
+    return model.eval()
+
+
+if __name__ == "__main__":
+    make_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
