@@ -70,7 +70,10 @@ class ModelConfig:
     rope: RopeConfig = field(default_factory=RopeConfig)
     max_position: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias
+    attention_out_bias: bool = False  # o_proj carries a bias (Llama with attention_bias; never Qwen2)
+    mlp_bias: bool = False  # gate/up/down carry biases (Llama mlp_bias)
+    sliding_window: int | None = None  # a query at p sees keys j with p - window < j <= p; None = all
     num_experts: int = 0
     num_experts_per_tok: int = 0
     bos_token_id: int | None = None
@@ -93,6 +96,8 @@ class ModelConfig:
                 f"num_attention_heads ({self.num_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_kv_heads}); the checkpoint's config.json is inconsistent."
             )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ConfigError(f"sliding_window must be positive or null, got {self.sliding_window}.")
         if self.is_moe and not (0 < self.num_experts_per_tok <= self.num_experts):
             raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be in 1..num_experts "
@@ -116,6 +121,8 @@ class ModelConfig:
         kv = 2 * h * self.num_kv_heads * self.head_dim
         o = self.num_heads * self.head_dim * h
         bias = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attention_bias else 0
+        bias += h if self.attention_out_bias else 0
+        bias += 2 * i + h if self.mlp_bias else 0
         mlp = 3 * h * i * max(1, self.num_experts) + (h * self.num_experts if self.is_moe else 0)
         layer = q + kv + o + bias + mlp + 2 * h
         emb = v * h * (1 if self.tie_word_embeddings else 2)
@@ -132,6 +139,7 @@ class ModelConfig:
             eos = d.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
             head_dim = d.get("head_dim") or hidden // heads
+            qkv_bias, out_bias, mlp_bias = _biases(arch, d)
             return cls(
                 architecture=arch,
                 vocab_size=int(d["vocab_size"]),
@@ -145,7 +153,10 @@ class ModelConfig:
                 rope=RopeConfig.from_hf(d),
                 max_position=int(d.get("max_position_embeddings", 4096)),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-                attention_bias=bool(d.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                attention_bias=qkv_bias,
+                attention_out_bias=out_bias,
+                mlp_bias=mlp_bias,
+                sliding_window=_sliding_window(arch, d),
                 num_experts=int(d.get("num_local_experts", 0) or 0),
                 num_experts_per_tok=int(d.get("num_experts_per_tok", 0) or 0),
                 bos_token_id=d.get("bos_token_id"),
@@ -157,6 +168,32 @@ class ModelConfig:
                 f"config.json lacks the field {e.args[0]!r}; it is not a decoder-only transformer "
                 "config meshlm can read. Point --model at a Hugging Face Llama/Mistral/Qwen2/Mixtral folder."
             ) from None
+
+
+def _biases(arch: str, d: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(q/k/v, o_proj, MLP) biases exactly as transformers builds each architecture."""
+    if arch == "Qwen2ForCausalLM":
+        return True, False, False  # Qwen2Attention hard-codes bias=True on q/k/v only
+    if arch == "LlamaForCausalLM":
+        attn = bool(d.get("attention_bias", False))  # LlamaAttention: q, k, v and o alike
+        return attn, attn, bool(d.get("mlp_bias", False))
+    return False, False, False  # Mistral, Mixtral: never any bias, whatever the config says
+
+
+def _sliding_window(arch: str, d: dict[str, Any]) -> int | None:
+    """The attention window of Mistral/Mixtral (every layer); None when attention is global."""
+    if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
+        return int(d["sliding_window"]) if d.get("sliding_window") else None
+    if arch == "Qwen2ForCausalLM":
+        per_layer = d.get("layer_types") or []
+        window_layers = d.get("use_sliding_window") and d.get("sliding_window") and (
+            int(d.get("max_window_layers", 0)) < int(d["num_hidden_layers"]))
+        if "sliding_attention" in per_layer or window_layers:
+            raise ConfigError(
+                "This Qwen2 checkpoint uses sliding-window attention on some layers (use_sliding_window: "
+                "true), which meshlm does not support; use a checkpoint with use_sliding_window: false."
+            )
+    return None
 
 
 def _arch_from_model_type(model_type: str) -> str:
@@ -180,8 +217,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # also return this many top alternatives (0..20) per token
 
     def __post_init__(self) -> None:
+        if self.logprobs is not None and not (0 <= self.logprobs <= 20):
+            raise ConfigError(f"logprobs must be between 0 and 20, got {self.logprobs}; ask for 20 or fewer.")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -12,7 +12,8 @@ import torch
 from meshlm.checkpoint import open_checkpoint
 from meshlm.config import SamplingParams
 from meshlm.engine.executor import Executor
-from meshlm.engine.generate import RequestOutput
+from meshlm.engine.engine import EngineConfig, LLMEngine
+from meshlm.engine.request import RequestOutput
 from meshlm.engine.worker import DTYPES, WorkerSpec
 from meshlm.errors import ConfigError, RequestError
 from meshlm.parallel.mesh import ParallelDims
@@ -32,7 +33,8 @@ class LLM:
 
     def __init__(self, model: str | None = None, dtype: str = "float32", threads: int | None = None,
                  max_context: int | None = None, tp: int = 1, pp: int = 1, progress: bool = True,
-                 comm_timeout_s: float = 60.0, backend: str | None = None, gguf_direct: bool = False) -> None:
+                 comm_timeout_s: float = 60.0, backend: str | None = None, gguf_direct: bool = False,
+                 engine: EngineConfig | None = None) -> None:
         parse_dtype(dtype)
         dims = ParallelDims(tp=tp, pp=pp)
         if pp != 1:
@@ -46,6 +48,7 @@ class LLM:
         self.cfg, self.tokenizer, self.path = w.cfg, w.tokenizer, w.path
         self.max_context, self.threads, self.dtype = w.max_context, w.threads, w.dtype
         self.dims = dims
+        self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -94,14 +97,22 @@ class LLM:
                  chat: bool = False) -> list[RequestOutput]:
         """Generate for one prompt or a batch; returns one RequestOutput per prompt, in order."""
         ids, plist = self._prepare(prompts, sampling_params, chat)
-        return self.executor.call("generate", ids, plist)
+        return self.engine.generate(ids, plist)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None,
                chat: bool = False) -> Iterator[tuple[str, RequestOutput]]:
         """Yield (text delta, output so far) for a single prompt."""
         ids, plist = self._prepare([prompt], sampling_params, chat)
-        for _, delta, outs in self.executor.stream(ids, plist):
-            yield delta, outs[0]
+        req = self.engine.add_request(ids[0], plist[0])
+        shown = 0
+        try:
+            while not req.out.finished:
+                self.engine.step()
+                yield req.out.text[shown:], req.out
+                shown = len(req.out.text)
+        finally:
+            if not req.out.finished:
+                self.engine.abort(req.id)
 
     def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
         """Full-sequence logits [B, S, V] (fp32) for right-padded prompts (no cache), for checks."""

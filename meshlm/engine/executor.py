@@ -87,6 +87,11 @@ class Executor:
             self.close(graceful=False)
             raise
 
+    @property
+    def world_size(self) -> int:
+        """Number of ranks."""
+        return self.spec.dims.world_size
+
     def _failure(self, exc: BaseException) -> RankFailure:
         err = self.local.error(exc) if self.local else RankFailure(f"a collective failed: {exc}")
         self.close(graceful=False)

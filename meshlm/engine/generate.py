@@ -78,7 +78,8 @@ def generate_stream(model: nn.Module, cfg: ModelConfig, tokenizer: Tokenizer, pr
     b, s_max = len(prompts), int(lens.max())
     total = min(max_context, max(len(q.out.prompt_token_ids) + q.limit for q in seqs))
     kv_heads = model.layers["0"].self_attn.k_proj.out_features // cfg.head_dim
-    cache = StaticKVCache(len(model.layers), b, total, kv_heads, cfg.head_dim, dtype)
+    cache = StaticKVCache(len(model.layers), b, total, kv_heads, cfg.head_dim, dtype,
+                          window=cfg.sliding_window)
     # Prefill: right-padded batch; each row's logits come from its last real token.
     tokens = torch.zeros(b, s_max, dtype=torch.long)
     for i, ids in enumerate(prompts):

@@ -4,23 +4,25 @@ from __future__ import annotations
 
 import torch
 
-from meshlm.models.layers import sdpa
+from meshlm.models.layers import sdpa, visible_keys
 
 
 class StaticKVCache:
     """k/v [L, B, T, Hkv, D] preallocated; each step writes at its positions and attends causally.
 
     Call `prepare(positions)` before each forward. Sequences may sit at different positions:
-    key j is visible to a query at position p iff j <= p, so stale slots past a sequence's end
-    (right padding of a ragged prefill) are overwritten before any query can see them.
+    key j is visible to a query at position p iff j <= p (and p - j < window with a sliding window),
+    so stale slots past a sequence's end (right padding of a ragged prefill) are overwritten before
+    any query can see them.
     """
 
     def __init__(self, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype, device: torch.device | str = "cpu", window: int | None = None) -> None:
         shape = (num_layers, batch, max_len, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
+        self.window = window
         self._rows: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
         self._kv_len = 0
@@ -37,13 +39,13 @@ class StaticKVCache:
         start = positions[:, :1]
         contiguous = bool((positions == start + torch.arange(s, device=positions.device)).all())
         aligned = contiguous and bool((positions[:, -1] == kv_len - 1).all())
+        aligned = aligned and (self.window is None or kv_len <= self.window)  # else the window must mask
         if aligned and s == 1:
             self._mask, self._causal = None, False  # every cached key is visible
         elif aligned and s == kv_len:
             self._mask, self._causal = None, True  # a fresh prefill of equal lengths
         else:
-            keys = torch.arange(kv_len, device=positions.device)
-            self._mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, S, T]
+            self._mask = visible_keys(positions, kv_len, self.window).unsqueeze(1)  # [B, 1, S, T]
             self._causal = False
 
     def __call__(self, layer: int, q, k, v):

@@ -11,6 +11,8 @@ import torch
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
 from meshlm.config import SamplingParams
+from meshlm.engine.model_runner import ModelRunner, kv_bytes_per_block
+from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.generate import RequestOutput, generate, generate_stream
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
@@ -36,12 +38,26 @@ class WorkerSpec:
     gguf_direct: bool = False  # read .gguf in place (each rank dequantizes its rows) instead of the cache
 
 
+def memory_mb() -> dict[str, float]:
+    """VmRSS, VmHWM (peak RSS) and RssAnon (private memory) of this process, in MB (Linux)."""
+    out = {"VmRSS": 0.0, "VmHWM": 0.0, "RssAnon": 0.0}
+    try:
+        for line in open("/proc/self/status"):
+            key, _, rest = line.partition(":")
+            if key in out:
+                out[key] = int(rest.split()[0]) / 1024  # kB -> MiB
+    except OSError:
+        pass
+    return out
+
+
 class Worker:
     """Holds this rank's shard of the model and runs the same generation loop as every other rank."""
 
     def __init__(self, spec: WorkerSpec, groups: Groups, rank: int = 0) -> None:
         self.spec, self.groups, self.rank = spec, groups, rank
         self.threads = set_threads(spec.threads)
+        self.anon_before_mb = memory_mb()["RssAnon"]
         self.dtype = DTYPES[spec.dtype]
         t0 = time.perf_counter()
         ckpt = open_checkpoint(spec.model, progress=spec.progress and rank == 0, gguf_direct=spec.gguf_direct)
@@ -59,13 +75,12 @@ class Worker:
                  self.weight_bytes / 1e6, self.layout.mine, self.load_s)
 
     def describe(self) -> dict:
-        """Facts about this rank: heads owned, weight bytes, peak RSS (MB)."""
-        import resource
-
+        """Facts about this rank: heads owned, weight MB, peak RSS MB, private memory the load added."""
+        mem = memory_mb()
         return {"rank": self.rank, "q_heads": self.layout.mine.num_q,
                 "kv_heads": self.layout.mine.kv_end - self.layout.mine.kv_start,
-                "weight_mb": self.weight_bytes / 1e6,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "weight_mb": self.weight_bytes / 1e6, "peak_rss_mb": mem["VmHWM"],
+                "anon_added_mb": mem["RssAnon"] - self.anon_before_mb,
                 "load_s": self.load_s, "threads": self.threads}
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
@@ -96,6 +111,19 @@ class Worker:
             mask[i, : len(t)] = True
         positions = torch.arange(s).expand(b, s)
         return self.model(tokens, positions, CausalNoCache(mask)).float()
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """Bytes of one KV block on this rank."""
+        return kv_bytes_per_block(self.model, self.cfg, block_size, self.dtype)
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> None:
+        """Allocate the paged KV pool."""
+        self.runner = ModelRunner(self.model, self.cfg, self.dtype)
+        self.runner.allocate(num_blocks, block_size)
+
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """One engine step on this rank; logits of the sampled rows."""
+        return self.runner.execute(step)
 
     def comm_stats(self) -> dict:
         """This rank's collective totals."""

@@ -76,19 +76,32 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     )
 
 
+def visible_keys(positions: torch.Tensor, kv_len: int, window: int | None = None) -> torch.Tensor:
+    """[B, S, T] True where key j < kv_len is visible to a query at position p: j <= p and p - j < window."""
+    keys = torch.arange(kv_len, device=positions.device)[None, None, :]  # [1, 1, T]
+    p = positions[:, :, None]  # [B, S, 1]
+    mask = keys <= p
+    if window is not None:
+        mask &= keys > p - window
+    return mask
+
+
 class CausalNoCache:
     """Attention over the current tokens only (no cache): a plain causal forward."""
 
-    def __init__(self, pad_mask: torch.Tensor | None = None) -> None:
+    def __init__(self, pad_mask: torch.Tensor | None = None, window: int | None = None) -> None:
         self.pad_mask = pad_mask  # [B, S] True where a real token sits, or None
+        self.window = window  # sliding attention window in tokens, or None for global attention
 
     def __call__(self, layer: int, q, k, v):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if self.pad_mask is None:
+        s = q.shape[2]
+        if self.pad_mask is None and (self.window is None or s <= self.window):
             out = sdpa(q, k, v, None, causal=True)
         else:
-            s = q.shape[2]
-            causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-            mask = causal & self.pad_mask[:, None, None, :]
+            positions = torch.arange(s, device=q.device)[None]  # [1, S]
+            mask = visible_keys(positions, s, self.window)[:, None]  # [1, 1, S, S]
+            if self.pad_mask is not None:
+                mask = mask & self.pad_mask[:, None, None, :]
             out = sdpa(q, k, v, mask)
         return out.transpose(1, 2)

@@ -1,0 +1,198 @@
+"""LLMEngine: add_request / abort / step / generate, over a scheduler, a block manager and the ranks."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from meshlm.checkpoint.tokenizer import IncrementalDecoder, Tokenizer
+from meshlm.config import ModelConfig, SamplingParams
+from meshlm.engine.kv_cache import BlockManager
+from meshlm.engine.paged_attention import SeqInput, StepInput
+from meshlm.engine.request import Request, RequestOutput, TokenLogprob
+from meshlm.engine.sampler import make_generator, sample
+from meshlm.engine.scheduler import Scheduler, SchedulerConfig
+from meshlm.errors import ConfigError, RequestError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """KV cache and scheduling settings."""
+
+    block_size: int = 16
+    kv_cache_mb: float | None = None  # per rank; None = kv_cache_fraction of available memory
+    kv_cache_fraction: float = 0.25
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}.")
+        if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
+            raise ConfigError(f"--kv-cache-mb must be positive, got {self.kv_cache_mb}.")
+        if not 0 < self.kv_cache_fraction <= 0.9:
+            raise ConfigError(f"kv_cache_fraction must be in (0, 0.9], got {self.kv_cache_fraction}.")
+
+
+def available_memory_bytes() -> int:
+    """MemAvailable from /proc/meminfo (Linux), or 4 GiB when unknown."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+class _Live:
+    """Driver-side extras of a running request: sampler RNG, detokenizer, stop ids."""
+
+    def __init__(self, req: Request, tokenizer: Tokenizer, stop_ids: set[int]) -> None:
+        self.req = req
+        self.generator = make_generator(req.params.seed)
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.stop_ids = stop_ids
+
+
+class LLMEngine:
+    """Continuous batching over every rank of an Executor."""
+
+    def __init__(self, executor, cfg: ModelConfig, tokenizer: Tokenizer, max_context: int,
+                 engine_cfg: EngineConfig | None = None) -> None:
+        self.executor, self.cfg, self.tokenizer = executor, cfg, tokenizer
+        self.max_context = max_context
+        self.ecfg = engine_cfg or EngineConfig()
+        bs = self.ecfg.block_size
+        per_block = max(executor.call_all("kv_block_bytes", bs))
+        budget = (self.ecfg.kv_cache_mb * 2**20 if self.ecfg.kv_cache_mb is not None
+                  else self.ecfg.kv_cache_fraction * available_memory_bytes() / max(1, executor.world_size))
+        # No point in more blocks than max_num_seqs full contexts.
+        cap = self.ecfg.scheduler.max_num_seqs * -(-max_context // bs)
+        num_blocks = min(int(budget // per_block), cap)
+        if num_blocks < 1:
+            raise ConfigError(
+                f"The KV cache budget ({budget / 2**20:.1f} MiB per rank) holds no {bs}-token block "
+                f"({per_block / 2**20:.2f} MiB); raise --kv-cache-mb."
+            )
+        executor.call("allocate_kv", num_blocks, bs)
+        self.blocks = BlockManager(num_blocks, bs)
+        self.scheduler = Scheduler(self.ecfg.scheduler, self.blocks)
+        self.capacity_tokens = num_blocks * bs
+        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB per rank)", num_blocks, bs,
+                 self.capacity_tokens, num_blocks * per_block / 2**20)
+        self.eos = set(cfg.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
+        self.live: dict[str, _Live] = {}
+        self._ids = itertools.count()
+        self.total_prompt_tokens = 0
+        self.total_generated_tokens = 0
+
+    def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
+                    timeout_s: float | None = None) -> Request:
+        """Queue a request; raises RequestError (never waits) when it can't be served."""
+        if not prompt:
+            raise RequestError("The prompt is empty; pass at least one token.")
+        if len(prompt) >= self.max_context:
+            raise RequestError(
+                f"The prompt has {len(prompt)} tokens but the context window is {self.max_context}; "
+                "shorten the prompt (at least one token must remain for generation)."
+            )
+        bad = next((t for t in prompt if not 0 <= t < self.cfg.vocab_size), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size}).")
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.live:
+            raise RequestError(f"request id {rid!r} is already in use.")
+        req = Request(rid, list(prompt), params, max_new=min(params.max_tokens, self.max_context - len(prompt)))
+        if timeout_s is not None:
+            req.deadline = req.arrival + timeout_s
+        self.scheduler.add(req)
+        self.total_prompt_tokens += len(prompt)
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
+        self.live[rid] = _Live(req, self.tokenizer, stop)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks; False when it is unknown or already finished."""
+        live = self.live.pop(request_id, None)
+        if live is None:
+            return False
+        self.scheduler.finish(live.req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        """True while requests wait or run."""
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step on every rank; return the outputs that changed."""
+        plan = self.scheduler.schedule()
+        changed = [r.out for r in plan.timed_out]
+        for r in plan.timed_out:
+            self.live.pop(r.id, None)
+        if not plan.items:
+            return changed
+        tokens: list[int] = []
+        seqs, samples = [], []
+        for item in plan.items:
+            seqs.append(SeqInput(len(tokens), item.start, item.num_new, tuple(item.req.block_table)))
+            tokens.extend(item.req.tokens[item.start:item.start + item.num_new])
+            if item.samples:
+                samples.append(len(tokens) - 1)
+        logits = self.executor.call("execute", StepInput(tuple(tokens), tuple(seqs), tuple(samples)))
+        now = time.perf_counter()
+        row = 0
+        for item in plan.items:
+            self.scheduler.computed(item)
+            if item.samples:
+                self._accept(item.req, logits[row], now)
+                row += 1
+                changed.append(item.req.out)
+        return changed
+
+    def _accept(self, req: Request, logits: torch.Tensor, now: float) -> None:
+        live = self.live[req.id]
+        token = sample(logits, req.params, live.generator)
+        req.tokens.append(token)
+        out = req.out
+        out.token_ids.append(token)
+        self.total_generated_tokens += 1
+        if req.first_token is None:
+            req.first_token = now
+            out.ttft_s = now - req.arrival
+        out.decode_s = now - req.first_token
+        if out.logprobs is not None:
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            k = req.params.logprobs or 0
+            top = torch.topk(lp, k) if k else None
+            out.logprobs.append(TokenLogprob(token, float(lp[token]), {} if top is None else dict(
+                zip(top.indices.tolist(), top.values.tolist()))))
+        reason = None
+        if token in live.stop_ids:
+            reason = "stop"
+        else:
+            before = len(out.text)
+            out.text += live.decoder.push(token)
+            for s in req.params.stop:
+                idx = out.text.find(s, max(0, before - len(s) + 1))
+                if idx != -1:
+                    out.text, reason = out.text[:idx], "stop"
+                    break
+        if reason is None and req.num_generated >= req.max_new:
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            self.live.pop(req.id, None)
+
+    def generate(self, prompts: Iterable[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
+        """Run a batch to completion; outputs in input order."""
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        while self.has_unfinished():
+            self.step()
+        return [r.out for r in reqs]

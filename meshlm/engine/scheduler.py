@@ -1,0 +1,169 @@
+"""Continuous batching over a token budget: each step grants each request some new tokens.
+
+One rule covers prefill, chunked prefill, decode and prefix hits: a request's tokens past
+`num_computed` are owed; the step grants min(owed, budget left). Running requests go first (in
+admission order); when KV blocks run out the most recently admitted running request is preempted
+(blocks freed, recomputed later). Waiting requests are admitted while budget, seat and blocks allow.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from meshlm.engine.kv_cache import BlockManager
+from meshlm.engine.request import Request, Status
+from meshlm.errors import MeshlmError, RequestError
+
+
+class QueueFull(MeshlmError):
+    """The waiting queue is at its cap; retry later."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Caps on one step and on the queues."""
+
+    max_num_seqs: int = 64  # running requests at once
+    max_num_batched_tokens: int = 2048  # tokens computed per step
+    max_waiting: int = 1024  # queued requests before add() refuses
+
+    def __post_init__(self) -> None:
+        from meshlm.errors import ConfigError
+
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_waiting < 0:
+            raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1, max_waiting >= 0.")
+
+
+@dataclass
+class Scheduled:
+    """One request's grant in a step: compute tokens[start : start + num_new]."""
+
+    req: Request
+    start: int
+    num_new: int
+
+    @property
+    def samples(self) -> bool:
+        """True when this grant reaches the last known token, so a new token is sampled."""
+        return self.start + self.num_new == len(self.req.tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    """A step's plan."""
+
+    items: list[Scheduled] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    timed_out: list[Request] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens computed this step."""
+        return sum(i.num_new for i in self.items)
+
+
+class Scheduler:
+    """Two queues (waiting, running) over a BlockManager."""
+
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager) -> None:
+        self.cfg = cfg
+        self.blocks = blocks
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        """Queue a request, or refuse it at once (too large for the whole pool, or queue full)."""
+        need = self.blocks.blocks_for(len(req.prompt) + req.max_new)
+        if need > self.blocks.num_blocks:
+            raise RequestError(
+                f"The request needs {len(req.prompt) + req.max_new} tokens of KV cache but the whole pool "
+                f"holds {self.blocks.num_blocks * self.blocks.block_size}; lower max_tokens, shorten the "
+                "prompt, or give the cache more memory (--kv-cache-mb)."
+            )
+        if len(self.waiting) >= self.cfg.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting (the cap); retry shortly.")
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        """True while any request is waiting or running."""
+        return bool(self.waiting or self.running)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """End a request (done, aborted, timed out) and free its blocks."""
+        if req.status is Status.FINISHED:
+            return
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.blocks.release(req.block_table)
+        req.status = Status.FINISHED
+        req.out.finish_reason = reason
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.blocks.release(req.block_table)
+        req.num_computed = 0
+        req.num_hashed_blocks = 0
+        req.status = Status.WAITING
+        req.out.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def schedule(self) -> SchedulerOutput:
+        """Plan one step."""
+        out = SchedulerOutput()
+        now = time.perf_counter()
+        for req in [r for r in (*self.running, *self.waiting) if r.deadline is not None and now > r.deadline]:
+            self.finish(req, "timeout")
+            out.timed_out.append(req)
+        budget = self.cfg.max_num_batched_tokens
+        granted: list[Request] = []
+        for req in list(self.running):
+            if budget == 0:
+                break
+            if req not in self.running:  # preempted below to make room for an earlier request
+                continue
+            n = min(req.remaining_prefill, budget)
+            while not self.blocks.grow(req.block_table, req.num_computed + n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not Status.RUNNING:
+                continue
+            out.items.append(Scheduled(req, req.num_computed, n))
+            granted.append(req)
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not out.preempted:
+            req = self.waiting[0]
+            cached = self.blocks.match_prefix(req.tokens)
+            computed = len(cached) * self.blocks.block_size
+            n = min(len(req.tokens) - computed, budget)
+            if not self.blocks.allocate(req.block_table, cached, computed + n):
+                break
+            self.waiting.popleft()
+            req.num_computed = computed
+            req.num_hashed_blocks = len(cached)
+            req.out.num_cached_tokens = max(req.out.num_cached_tokens, computed)
+            req.status = Status.RUNNING
+            if req.first_scheduled is None:
+                req.first_scheduled = now
+                req.out.queue_s = now - req.arrival
+            self.running.append(req)
+            out.items.append(Scheduled(req, computed, n))
+            budget -= n
+        return out
+
+    def computed(self, item: Scheduled) -> None:
+        """Mark a grant's tokens computed and publish newly full blocks to the prefix cache."""
+        req = item.req
+        req.num_computed = item.start + item.num_new
+        full = req.num_computed // self.blocks.block_size
+        if full > req.num_hashed_blocks:
+            self.blocks.register_full(req.block_table, req.tokens, req.num_hashed_blocks, full)
+            req.num_hashed_blocks = full
