@@ -43,7 +43,9 @@ def llm(checkpoint) -> Callable[..., object]:
             loaded[(kind, dtype)] = LLM(str(checkpoint(kind)), dtype=dtype, progress=False)
         return loaded[(kind, dtype)]
 
-    return get
+    yield get
+    for model in loaded.values():
+        model.close()
 
 
 @pytest.fixture(scope="session")

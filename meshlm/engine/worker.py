@@ -110,7 +110,7 @@ class Worker:
             tokens[i, : len(t)] = torch.tensor(t)
             mask[i, : len(t)] = True
         positions = torch.arange(s).expand(b, s)
-        return self.model(tokens, positions, CausalNoCache(mask)).float()
+        return self.model(tokens, positions, CausalNoCache(mask, self.cfg.sliding_window)).float()
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes of one KV block on this rank."""

@@ -13,12 +13,6 @@ from meshlm.models.layers import CausalNoCache
 PROMPT_LENS = (5, 13, 9)  # ragged on purpose: the batch is right-padded on our side
 NEW_TOKENS = 64
 
-# LLM.logits runs engine/worker.py's `CausalNoCache(mask)`, which does not pass cfg.sliding_window yet;
-# generation (static cache) and the model itself do honour the window (test_sliding_window_model_logits).
-WORKER_IGNORES_WINDOW = pytest.mark.xfail(
-    strict=True, reason="worker.logits must build CausalNoCache(mask, self.cfg.sliding_window)")
-LOGIT_KINDS = [pytest.param(k, marks=WORKER_IGNORES_WINDOW) if k == "mistral_window" else k for k in KINDS]
-
 
 def make_prompts(vocab_size: int, seed: int = 1) -> list[list[int]]:
     """Random prompts of PROMPT_LENS lengths over the ordinary ids (3.. skips <s>, </s>, <unk>)."""
@@ -34,7 +28,7 @@ def valid(prompts: list[list[int]]) -> torch.Tensor:
     return mask
 
 
-@pytest.mark.parametrize("kind", LOGIT_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_logits_match_transformers(kind, llm, reference):
     """fp32 logits of a right-padded ragged batch equal HF's logits of each prompt run alone."""
     ours_llm, ref = llm(kind), reference(kind)
@@ -92,7 +86,7 @@ def test_parameter_count_matches_transformers(kind, llm, reference):
     assert llm(kind).cfg.num_params() == sum(p.numel() for p in reference(kind).parameters())
 
 
-@pytest.mark.parametrize("kind", LOGIT_KINDS)
+@pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_close_to_float32(kind, llm):
     """A weaker check for bf16: logits within 6% of the logit range; greedy bf16 decoding stays near-argmax.
 
