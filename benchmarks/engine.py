@@ -148,8 +148,8 @@ def main() -> None:
     rows = []
     for label, rate in (("all at once", None), (f"Poisson {args.rate}/s", args.rate)):
         offs = arrivals(len(work), rate, 0)
-        for name, fn in (("meshlm", lambda: run_meshlm(llm, work, offs)),
-                         ("hf", lambda: run_hf(hf, work, offs, pad_id=2))):
+        for name, fn in (("meshlm", lambda offs=offs: run_meshlm(llm, work, offs)),
+                         ("hf", lambda offs=offs: run_hf(hf, work, offs, pad_id=2))):
             print(f"[engine bench] {label}: {name} ...", file=sys.stderr, flush=True)
             r = fn()
             r["arrivals"] = label

@@ -35,7 +35,7 @@ class RopeConfig:
             )
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "RopeConfig":
+    def from_hf(cls, d: dict[str, Any]) -> RopeConfig:
         """Read rope_theta/rope_scaling (transformers 4) or rope_parameters (transformers 5)."""
         params = dict(d.get("rope_parameters") or {})
         scaling = d.get("rope_scaling") or {}
@@ -129,7 +129,7 @@ class ModelConfig:
         return self.num_layers * layer + emb + h
 
     @classmethod
-    def from_hf(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a Hugging Face config.json dict."""
         archs = d.get("architectures") or []
         arch = archs[0] if archs else _arch_from_model_type(d.get("model_type", ""))

@@ -32,7 +32,7 @@ class Tokenizer:
         self.add_bos = bool(config.get("add_bos_token", False))
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "Tokenizer":
+    def from_folder(cls, folder: Path) -> Tokenizer:
         """Load tokenizer.json and tokenizer_config.json from a Hugging Face folder."""
         path = Path(folder) / "tokenizer.json"
         if not path.exists():

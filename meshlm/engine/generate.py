@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -120,7 +120,7 @@ def generate(model: nn.Module, cfg: ModelConfig, tokenizer: Tokenizer, prompts: 
              on_token: Callable[[int, str], None] | None = None) -> list[RequestOutput]:
     """Run generate_stream to completion."""
     outs: list[RequestOutput] = []
-    for i, delta, outs in generate_stream(model, cfg, tokenizer, prompts, params, max_context, dtype):
+    for i, delta, outs in generate_stream(model, cfg, tokenizer, prompts, params, max_context, dtype):  # noqa: B007
         if on_token:
             on_token(i, delta)
     return outs

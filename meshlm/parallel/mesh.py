@@ -50,7 +50,7 @@ class ParallelDims:
         if self.cp != 1:
             raise ConfigError("Context parallelism (cp > 1) is not available yet; use cp=1.")
 
-    def check_model(self, cfg: "ModelConfig") -> None:
+    def check_model(self, cfg: ModelConfig) -> None:
         """Refuse degrees the model cannot take, naming the fix."""
         if self.tp > cfg.num_heads:
             raise ConfigError(

@@ -74,7 +74,7 @@ class ShardLayout:
     vocab: list[tuple[int, int]]
 
     @classmethod
-    def for_model(cls, cfg: ModelConfig, index: int, size: int) -> "ShardLayout":
+    def for_model(cls, cfg: ModelConfig, index: int, size: int) -> ShardLayout:
         """The layout of every rank for cfg at tp=size."""
         return cls(index, size, head_partition(cfg.num_heads, cfg.num_kv_heads, size),
                    even_partition(cfg.intermediate_size, size), even_partition(cfg.vocab_size, size))
