@@ -1,4 +1,4 @@
-"""Command line: meshlm generate | bench."""
+"""Command line: meshlm generate | serve | plan | bench."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ import logging
 import sys
 
 from meshlm.errors import MeshlmError
+from meshlm.plan.cli import add_parsers as add_plan_parsers
+from meshlm.plan.cli import cmd_bench, cmd_dry_run, cmd_plan
+from meshlm.serve.cli import add_parser as add_serve_parser
+from meshlm.serve.cli import cmd_serve
+
+
+def _layer_counts(text: str) -> tuple[int, ...]:
+    """'16,14' -> (16, 14)."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer counts like 16,14, got {text!r}") from None
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -23,10 +35,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks; meshlm starts them on this machine itself (default 1). "
                         "Heads need not divide by tp.")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages: contiguous layers each, the embedding on the first, the norm and "
+                        "head on the last; meshlm starts pp x tp ranks, tp ranks adjacent (default 1)")
+    p.add_argument("--pp-layers", type=_layer_counts, default=None, metavar="N,N,...",
+                   help="layers per pipeline stage, e.g. 16,14 (default: balanced by an estimated cost)")
     p.add_argument("--comm-timeout", type=float, default=60.0,
                    help="seconds a collective may wait for a peer before the launch fails (default 60)")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"],
                    help="torch.distributed backend (default: gloo on CPU, nccl on CUDA)")
+    p.add_argument("--transport", default=None, choices=["auto", "shm", "gloo"],
+                   help="collectives between ranks on this machine: shared memory or gloo (default auto: "
+                        "shm for CPU ranks on one host, else gloo; env MESHLM_TRANSPORT)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the layout (heads, memory, KV capacity against the longest request) on this "
+                        "machine's profile and say what to change; start no process, load no weights")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,19 +72,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--prefill-chunks", type=int, default=None, metavar="N",
+                   help="with --pp: cut the prompt into N chunks that flow through the stages one after "
+                        "another (token-level pipelining); 1 = off (default: ~4 x pp, >= 128 tokens each)")
+    g.add_argument("--trace", default=None, metavar="OUT.json",
+                   help="with --pp: write a Chrome trace of every rank's compute, transfers and idle time "
+                        "(open it in ui.perfetto.dev)")
+    add_serve_parser(sub, _add_model_args)
+    add_plan_parsers(sub)
     return parser
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Stream one completion to stdout and print its figures to stderr."""
     from meshlm.config import SamplingParams
+    from meshlm.errors import ConfigError
     from meshlm.llm import LLM
+    from meshlm.parallel.pipeline import PipelineSpec
 
+    if (args.trace or args.prefill_chunks) and args.pp == 1:
+        raise ConfigError("--trace and --prefill-chunks describe a pipeline; add --pp 2 (or more).")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context, tp=args.tp,
-             comm_timeout_s=args.comm_timeout, backend=args.backend) as llm:
+             comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
+             pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks)) as llm:
         out = None
         if not args.chat:
             sys.stdout.write(args.prompt)
@@ -72,11 +108,26 @@ def cmd_generate(args: argparse.Namespace) -> int:
         assert out is not None
         print(f"[prompt {len(out.prompt_token_ids)} tokens | generated {len(out.token_ids)} tokens | "
               f"TTFT {out.ttft_s * 1000:.1f} ms | decode {out.decode_tokens_per_s:.1f} tok/s | "
-              f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {args.tp}]",
+              f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {args.tp} "
+              f"| pp {args.pp}]",
               file=sys.stderr)
         if args.tp > 1:
             _print_ranks(llm, out.ttft_s + out.decode_s)
+        if args.pp > 1:
+            _print_stages(llm, args.trace)
     return 0
+
+
+def _print_stages(llm, trace: str | None) -> None:
+    """One line per rank of the pipeline: layers, compute / send / recv / idle, bubble, memory; the trace."""
+    from meshlm.telemetry.trace import summary_line, write_chrome_trace
+
+    reports = llm.pipeline_report()
+    for rep in reports:
+        print("  " + summary_line(rep), file=sys.stderr)
+    if trace:
+        path = write_chrome_trace(trace, reports)
+        print(f"  trace: {path} (open in https://ui.perfetto.dev)", file=sys.stderr)
 
 
 def _print_ranks(llm, wall_s: float) -> None:
@@ -86,11 +137,12 @@ def _print_ranks(llm, wall_s: float) -> None:
         comm_s = sum(v["seconds"] for k, v in st.items() if k.startswith("tp/"))
         print(f"  rank {info['rank']}: {info['q_heads']} q heads / {info['kv_heads']} kv heads | "
               f"weights {info['weight_mb']:.0f} MB | peak RSS {info['peak_rss_mb']:.0f} MB | "
-              f"collectives {comm_s * 1000:.0f} ms ({100 * comm_s / max(wall_s, 1e-9):.0f}% of generation)",
+              f"collectives {comm_s * 1000:.0f} ms over {info.get('transport', '?')} "
+              f"({100 * comm_s / max(wall_s, 1e-9):.0f}% of generation)",
               file=sys.stderr)
 
 
-COMMANDS = {"generate": cmd_generate}
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "plan": cmd_plan, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        if getattr(args, "dry_run", False):
+            return cmd_dry_run(args)
         return COMMANDS[args.command](args)
     except MeshlmError as e:
         print(f"meshlm: error: {e}", file=sys.stderr)

@@ -16,7 +16,9 @@ from meshlm.engine.engine import EngineConfig, LLMEngine
 from meshlm.engine.request import RequestOutput
 from meshlm.engine.worker import DTYPES, WorkerSpec
 from meshlm.errors import ConfigError, RequestError
+from meshlm.parallel.comm import resolve_transport
 from meshlm.parallel.mesh import ParallelDims
+from meshlm.parallel.pipeline import PipelineSpec, plan_stages
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +36,29 @@ class LLM:
     def __init__(self, model: str | None = None, dtype: str = "float32", threads: int | None = None,
                  max_context: int | None = None, tp: int = 1, pp: int = 1, progress: bool = True,
                  comm_timeout_s: float = 60.0, backend: str | None = None, gguf_direct: bool = False,
-                 engine: EngineConfig | None = None) -> None:
+                 engine: EngineConfig | None = None, pp_layers: Sequence[int] | None = None,
+                 pipeline: PipelineSpec | None = None, transport: str | None = None) -> None:
         parse_dtype(dtype)
         dims = ParallelDims(tp=tp, pp=pp)
-        if pp != 1:
-            raise ConfigError("Pipeline parallelism (pp > 1) is not available yet; use --pp 1.")
+        transport = resolve_transport(transport)  # auto | shm | gloo; a typo fails before any process starts
+        pipeline = pipeline or PipelineSpec()
+        if pp_layers is not None:
+            pipeline = replace(pipeline, layers=tuple(pp_layers))
         # Refuse a layout the model cannot take before any process starts or any weight loads.
-        dims.check_model(open_checkpoint(model, progress=progress, gguf_direct=gguf_direct).cfg)
+        cfg = open_checkpoint(model, progress=progress, gguf_direct=gguf_direct).cfg
+        dims.check_model(cfg)
+        plan_stages(cfg, pp, pipeline)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
-                          progress=progress, gguf_direct=gguf_direct)
+                          progress=progress, gguf_direct=gguf_direct, pipeline=pipeline,
+                          transport=transport)
         self.executor = Executor(spec, timeout_s=comm_timeout_s, backend=backend)
         w = self.executor.worker
         self.cfg, self.tokenizer, self.path = w.cfg, w.tokenizer, w.path
         self.max_context, self.threads, self.dtype = w.max_context, w.threads, w.dtype
         self.dims = dims
-        self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine)
+        # pp > 1 runs the pipeline schedule (engine/pipeline_runner.py) instead of the paged engine.
+        self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine) \
+            if pp == 1 else None
 
     @property
     def model(self) -> torch.nn.Module:
@@ -97,12 +107,18 @@ class LLM:
                  chat: bool = False) -> list[RequestOutput]:
         """Generate for one prompt or a batch; returns one RequestOutput per prompt, in order."""
         ids, plist = self._prepare(prompts, sampling_params, chat)
+        if self.engine is None:
+            return self.executor.call("generate", ids, plist)
         return self.engine.generate(ids, plist)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None,
                chat: bool = False) -> Iterator[tuple[str, RequestOutput]]:
         """Yield (text delta, output so far) for a single prompt."""
         ids, plist = self._prepare([prompt], sampling_params, chat)
+        if self.engine is None:
+            for _, delta, outs in self.executor.stream(ids, plist):
+                yield delta, outs[0]
+            return
         req = self.engine.add_request(ids[0], plist[0])
         shown = 0
         try:
@@ -116,6 +132,8 @@ class LLM:
 
     def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
         """Full-sequence logits [B, S, V] (fp32) for right-padded prompts (no cache), for checks."""
+        if self.dims.pp > 1:
+            raise ConfigError("logits() needs the whole model on one stage; use pp=1 (tp is fine).")
         return self.executor.call("logits", token_ids)
 
     def rank_info(self) -> list[dict]:
@@ -125,6 +143,21 @@ class LLM:
     def comm_stats(self) -> list[dict]:
         """Per-rank collective totals."""
         return self.executor.call_all("comm_stats")
+
+    def pipeline_report(self) -> list[dict]:
+        """Per-rank report of the last pipelined generate: stage, layers, memory, timeline and totals."""
+        return self.executor.call_all("pipeline_report")
+
+    def configure_pipeline(self, **changes) -> None:
+        """Change the pipeline's run-time settings on every rank (micro_batches, prefill_chunks, ...)."""
+        replace(PipelineSpec(), **changes)  # validate here: a bad value must not reach the other ranks
+        self.executor.call_all("configure_pipeline", changes)
+
+    def write_trace(self, path: str) -> None:
+        """Write the last pipelined run's timeline of every rank as Chrome trace JSON (opens in Perfetto)."""
+        from meshlm.telemetry.trace import write_chrome_trace
+
+        write_chrome_trace(path, self.pipeline_report())
 
     def reset_comm_stats(self) -> None:
         """Zero every rank's collective totals."""

@@ -32,10 +32,11 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
                  device: torch.device | str = "cpu") -> nn.Module:
     """Assign every parameter of `model` (on meta) from `source`, reading only the owned slices."""
     available = set(source.names())
-    params = [(n, p) for n, p in model.named_parameters() if not _tied_head(cfg, n)]
+    params = [(n, p) for n, p in model.named_parameters() if not _tied_head(model, cfg, n)]
     bar = tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for name, _ in bar:
-        sources = hf_names(name, cfg.num_experts)
+        # A tied head without the embedding beside it (the last pipeline stage) reads the embedding matrix.
+        sources = hf_names("embed_tokens.weight" if _tied(cfg, name) else name, cfg.num_experts)
         missing = [s for s in sources if s not in available]
         if missing:
             raise CheckpointError(
@@ -59,8 +60,13 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
     return model
 
 
-def _tied_head(cfg: ModelConfig, name: str) -> bool:
+def _tied(cfg: ModelConfig, name: str) -> bool:
     return cfg.tie_word_embeddings and name == "lm_head.weight"
+
+
+def _tied_head(model: nn.Module, cfg: ModelConfig, name: str) -> bool:
+    """A tied head that tie_weights() will share from the embedding (so it is not read)."""
+    return _tied(cfg, name) and getattr(model, "embed_tokens", None) is not None
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

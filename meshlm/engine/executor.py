@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from functools import partial
 from typing import Any, Iterator
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 from meshlm.engine.worker import Worker, WorkerSpec
 from meshlm.errors import ConfigError
-from meshlm.parallel.comm import build_groups, default_backend, single_process_groups
+from meshlm.parallel.comm import Comm, build_groups, default_backend, single_process_groups
 from meshlm.parallel.launch import LocalRanks, RankFailure, RendezvousInfo, init_distributed, under_torchrun
 
 log = logging.getLogger(__name__)
@@ -30,15 +31,28 @@ class Call:
 
 STREAM_METHODS = {"stream": "drain_stream"}  # what non-driver ranks run for a streaming call
 
+# Ranks wait for the next call on their own group with a long timeout: an idle server is not a stalled
+# collective. A dead peer still ends the wait at once (its sockets close; spawned ranks also die with
+# their parent), and the collectives inside a call keep the short --comm-timeout.
+CONTROL_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def control_comm(world_size: int, rank: int) -> Comm:
+    """The group that carries Call messages from rank 0 (every rank creates it, in the same order)."""
+    ranks = list(range(world_size))
+    group = dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
+    return Comm("control", ranks, group, rank)
+
 
 def serve_rank(rv: RendezvousInfo, spec: WorkerSpec) -> None:
     """Body of every rank but 0: build the worker, then execute calls until told to stop."""
     init_distributed(rv)
-    groups = build_groups(spec.dims, rv.rank, rv.backend, rv.timeout_s)
+    groups = build_groups(spec.dims, rv.rank, rv.backend, rv.timeout_s, spec.transport)
+    control = control_comm(rv.world_size, rv.rank)
     worker = Worker(spec, groups, rv.rank)
     groups.world.barrier()  # ready
     while True:
-        call: Call | None = groups.world.broadcast_object(None, 0)
+        call: Call | None = control.broadcast_object(None, 0)
         if call is None:
             break
         result = getattr(worker, STREAM_METHODS.get(call.method, call.method))(*call.args)
@@ -78,7 +92,8 @@ class Executor:
         self.distributed = True
         try:
             init_distributed(rv)
-            self.groups = build_groups(spec.dims, 0, backend, timeout_s)
+            self.groups = build_groups(spec.dims, 0, backend, timeout_s, spec.transport)
+            self.control = control_comm(world, 0)
             self.worker = Worker(spec, self.groups, 0)
             self.groups.world.barrier()
         except RuntimeError as e:
@@ -102,7 +117,7 @@ class Executor:
         if not self.distributed:
             return getattr(self.worker, method)(*args)
         try:
-            self.groups.world.broadcast_object(Call(method, args), 0)
+            self.control.broadcast_object(Call(method, args), 0)
             return getattr(self.worker, method)(*args)
         except RuntimeError as e:
             raise self._failure(e) from None
@@ -112,7 +127,7 @@ class Executor:
         if not self.distributed:
             return [getattr(self.worker, method)(*args)]
         try:
-            self.groups.world.broadcast_object(Call(method, args, gather=True), 0)
+            self.control.broadcast_object(Call(method, args, gather=True), 0)
             mine = getattr(self.worker, method)(*args)
             out: list[Any] = [None] * self.spec.dims.world_size
             dist.gather_object(mine, out, dst=0)
@@ -126,7 +141,7 @@ class Executor:
             yield from self.worker.stream(*args)
             return
         try:
-            self.groups.world.broadcast_object(Call("stream", args), 0)
+            self.control.broadcast_object(Call("stream", args), 0)
             yield from self.worker.stream(*args)
         except RuntimeError as e:
             raise self._failure(e) from None
@@ -138,7 +153,7 @@ class Executor:
         self.distributed = False
         if graceful:
             try:
-                self.groups.world.broadcast_object(None, 0)
+                self.control.broadcast_object(None, 0)
             except Exception:
                 graceful = False
         if self.local:
@@ -147,6 +162,8 @@ class Executor:
             else:
                 self.local.stopping = True
                 self.local.terminate()
+        if getattr(self, "groups", None) is not None:
+            self.groups.close()  # unmap the shared-memory segments
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()

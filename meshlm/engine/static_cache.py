@@ -25,6 +25,7 @@ class StaticKVCache:
         self.window = window
         self._rows: torch.Tensor | None = None
         self._pos: torch.Tensor | None = None
+        self._start: int | None = None  # every row writes positions start .. start + S - 1
         self._kv_len = 0
         self._mask: torch.Tensor | None = None
         self._causal = False
@@ -38,6 +39,8 @@ class StaticKVCache:
         self._kv_len = kv_len
         start = positions[:, :1]
         contiguous = bool((positions == start + torch.arange(s, device=positions.device)).all())
+        shared = contiguous and bool((start == start[0]).all())
+        self._start = int(start[0, 0]) if shared else None  # then a slice copy replaces index_put
         aligned = contiguous and bool((positions[:, -1] == kv_len - 1).all())
         aligned = aligned and (self.window is None or kv_len <= self.window)  # else the window must mask
         if aligned and s == 1:
@@ -49,8 +52,12 @@ class StaticKVCache:
             self._causal = False
 
     def __call__(self, layer: int, q, k, v):
-        self.k[layer][self._rows, self._pos] = k  # k: [B, S, Hkv, D]
-        self.v[layer][self._rows, self._pos] = v
+        if self._start is not None:
+            self.k[layer, :, self._start: self._start + k.shape[1]] = k  # k: [B, S, Hkv, D]
+            self.v[layer, :, self._start: self._start + k.shape[1]] = v
+        else:
+            self.k[layer][self._rows, self._pos] = k
+            self.v[layer][self._rows, self._pos] = v
         keys = self.k[layer, :, : self._kv_len].transpose(1, 2)  # [B, Hkv, T, D]
         vals = self.v[layer, :, : self._kv_len].transpose(1, 2)
         out = sdpa(q.transpose(1, 2), keys, vals, self._mask, causal=self._causal)

@@ -14,9 +14,11 @@ from meshlm.config import SamplingParams
 from meshlm.engine.model_runner import ModelRunner, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.generate import RequestOutput, generate, generate_stream
+from meshlm.engine.pipeline_runner import PipelineRunner
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.mesh import ParallelDims
+from meshlm.parallel.pipeline import PipelineSpec, plan_stages, split_model
 from meshlm.parallel.styles import ShardLayout, apply_plan
 from meshlm.threads import set_threads
 
@@ -36,6 +38,8 @@ class WorkerSpec:
     dims: ParallelDims = field(default_factory=ParallelDims)
     progress: bool = False
     gguf_direct: bool = False  # read .gguf in place (each rank dequantizes its rows) instead of the cache
+    pipeline: PipelineSpec = field(default_factory=PipelineSpec)  # stage split and schedule when pp > 1
+    transport: str | None = None  # collectives: auto | shm | gloo (None: $MESHLM_TRANSPORT, else auto)
 
 
 def memory_mb() -> dict[str, float]:
@@ -64,10 +68,15 @@ class Worker:
         self.cfg, self.tokenizer, self.path = ckpt.cfg, ckpt.tokenizer, ckpt.path
         spec.dims.check_model(self.cfg)
         model = build_meta(self.cfg)
+        self.stage = plan_stages(self.cfg, spec.dims.pp, spec.pipeline)[groups.pp.index]
+        split_model(model, self.stage)  # a pipeline stage keeps (and loads) only its own modules
         part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp)
         self.model = load_weights(model, self.cfg, ckpt.source, self.dtype, part_for=part_for,
                                   progress=spec.progress and rank == 0)
         self.max_context = min(spec.max_context or self.cfg.max_position, self.cfg.max_position)
+        self.pipeline = PipelineRunner(self.model, self.cfg, self.tokenizer, self.stage, groups,
+                                       spec.pipeline, self.max_context, self.dtype, rank) \
+            if spec.dims.pp > 1 else None
         self.load_s = time.perf_counter() - t0
         self.layout = ShardLayout.for_model(self.cfg, groups.tp.index, groups.tp.size)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
@@ -81,14 +90,21 @@ class Worker:
                 "kv_heads": self.layout.mine.kv_end - self.layout.mine.kv_start,
                 "weight_mb": self.weight_bytes / 1e6, "peak_rss_mb": mem["VmHWM"],
                 "anon_added_mb": mem["RssAnon"] - self.anon_before_mb,
-                "load_s": self.load_s, "threads": self.threads}
+                "load_s": self.load_s, "threads": self.threads, "transport": self.groups.tp.transport,
+                "stage": self.stage.index,
+                "layers": (self.stage.start, self.stage.stop)}
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         """Generate to completion (every rank in lockstep)."""
+        if self.pipeline is not None:
+            return self.pipeline.generate(prompts, params)
         return generate(self.model, self.cfg, self.tokenizer, prompts, params, self.max_context, self.dtype)
 
     def stream(self, prompts: list[list[int]], params: list[SamplingParams]):
         """Yield (index, delta, outputs) as generate_stream does."""
+        if self.pipeline is not None:
+            yield from self.pipeline.stream(prompts, params)
+            return
         yield from generate_stream(self.model, self.cfg, self.tokenizer, prompts, params, self.max_context,
                                    self.dtype)
 
@@ -124,6 +140,15 @@ class Worker:
     def execute(self, step: StepInput) -> torch.Tensor:
         """One engine step on this rank; logits of the sampled rows."""
         return self.runner.execute(step)
+
+    def pipeline_report(self) -> dict:
+        """This rank's last pipelined run: stage, memory, and its timeline (see telemetry/trace.py)."""
+        return self.pipeline.report if self.pipeline is not None else {}
+
+    def configure_pipeline(self, changes: dict) -> None:
+        """Change the pipeline's run-time settings (micro_batches, prefill_chunks, keep_logits)."""
+        if self.pipeline is not None:
+            self.pipeline.configure(**changes)
 
     def comm_stats(self) -> dict:
         """This rank's collective totals."""

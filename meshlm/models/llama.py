@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.config import ModelConfig
-from meshlm.models.layers import AttentionBackend, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from meshlm.models.layers import AttentionBackend, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 class Attention(nn.Module):
@@ -18,10 +18,10 @@ class Attention(nn.Module):
         d, bias = cfg.head_dim, cfg.attention_bias
         self.layer_id = layer_id
         self.head_dim = d
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.attention_out_bias)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_heads * d, bias=bias)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_kv_heads * d, bias=bias)
+        self.o_proj = Linear(cfg.num_heads * d, cfg.hidden_size, bias=cfg.attention_out_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend) -> torch.Tensor:
@@ -39,9 +39,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int, bias: bool = False) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, inter, bias=bias)
+        self.up_proj = Linear(hidden, inter, bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -73,7 +73,7 @@ class Transformer(nn.Module):
         self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): self.make_block(cfg, i) for i in range(cfg.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head: nn.Linear | None = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head: nn.Linear | None = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg.rope, cfg.head_dim), persistent=False)
 
     def make_block(self, cfg: ModelConfig, layer_id: int) -> nn.Module:

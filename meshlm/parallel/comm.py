@@ -1,12 +1,21 @@
 """Every collective meshlm uses, named by what it does; counted and timed; a no-op for a group of one.
 
-Process groups are made once (build_groups) and passed in. Backends: gloo on CPU, NCCL on CUDA, or an
-override. Statistics (calls, bytes, seconds per op) feed telemetry: `stats()` returns a snapshot.
-Bytes count the local payload each rank hands to the op (the input tensor's size).
+Process groups are made once (build_groups) and passed in. Transport per group: shared memory (shm.py)
+for CPU groups whose members share a host, NCCL on CUDA, gloo otherwise; `transport` (or env
+MESHLM_TRANSPORT: auto | shm | gloo) overrides. Every group keeps its gloo/NCCL group too, for control
+messages (broadcast_object, barrier) and for tensors above Comm.shm_max_bytes. Statistics (calls, bytes,
+seconds, transport per op) feed telemetry: `stats()` returns a snapshot. Bytes count the local payload
+each rank hands to the op (the input tensor's size).
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
+import pickle
+import secrets
+import socket
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -16,6 +25,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from meshlm.errors import ConfigError
+from meshlm.parallel import shm
+
+TRANSPORTS = ("auto", "shm", "gloo")
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class OpStats:
@@ -24,6 +39,7 @@ class OpStats:
     calls: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    transports: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -32,20 +48,22 @@ class CommStats:
 
     ops: dict[tuple[str, str], OpStats] = field(default_factory=lambda: defaultdict(OpStats))
 
-    def record(self, group: str, op: str, nbytes: int, seconds: float) -> None:
+    def record(self, group: str, op: str, nbytes: int, seconds: float, transport: str = "gloo") -> None:
         """Add one call."""
         s = self.ops[(group, op)]
         s.calls += 1
         s.bytes += nbytes
         s.seconds += seconds
+        s.transports.add(transport)
 
     def total_seconds(self) -> float:
         """Seconds spent in all collectives."""
         return sum(s.seconds for s in self.ops.values())
 
     def snapshot(self) -> dict[str, dict[str, float]]:
-        """{"group/op": {"calls", "bytes", "seconds"}} (a copy)."""
-        return {f"{g}/{o}": {"calls": s.calls, "bytes": s.bytes, "seconds": s.seconds}
+        """{"group/op": {"calls", "bytes", "seconds", "transport"}} (a copy; "shm+gloo" when mixed)."""
+        return {f"{g}/{o}": {"calls": s.calls, "bytes": s.bytes, "seconds": s.seconds,
+                             "transport": "+".join(sorted(s.transports))}
                 for (g, o), s in self.ops.items()}
 
     def reset(self) -> None:
@@ -64,27 +82,41 @@ def default_backend(device: torch.device | str) -> str:
 class Comm:
     """Collectives over one process group (global ranks `ranks`); this process is `ranks[index]`."""
 
+    # Tensors above this go over gloo even in a shared-memory group. Unlimited: shm measured faster at every
+    # size up to 16 MB (docs/benchmarks.md); it is a knob for machines where that does not hold.
+    shm_max_bytes = 1 << 62
+
     def __init__(self, name: str, ranks: list[int], group: Any, global_rank: int,
-                 stats: CommStats = STATS, transport: str = "gloo") -> None:
+                 stats: CommStats = STATS, transport: str = "gloo",
+                 shm_group: shm.ShmGroup | None = None) -> None:
         self.name = name
         self.ranks = list(ranks)
         self.group = group
         self.size = len(ranks)
         self.index = ranks.index(global_rank) if global_rank in ranks else -1
         self.stats = stats
-        self.transport = transport
+        self.shm = shm_group
+        self.transport = "shm" if shm_group is not None else transport
+        self.base = transport  # what the torch.distributed group runs on
 
     def _timed(self, op: str, nbytes: int, fn, *args, **kw):
         t0 = time.perf_counter()
         out = fn(*args, **kw)
-        self.stats.record(self.name, op, nbytes, time.perf_counter() - t0)
+        via = "shm" if self.shm is not None and getattr(fn, "__self__", None) is self.shm else self.base
+        self.stats.record(self.name, op, nbytes, time.perf_counter() - t0, via)
         return out
+
+    def _use_shm(self, nbytes: int) -> bool:
+        return self.shm is not None and nbytes <= self.shm_max_bytes
 
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum t over the group, in place; returns t."""
         if self.size == 1:
             return t
-        self._timed("all_reduce", t.numel() * t.element_size(), dist.all_reduce, t, group=self.group)
+        nbytes = t.numel() * t.element_size()
+        if self._use_shm(nbytes):
+            return self._timed("all_reduce", nbytes, self.shm.all_reduce, t)
+        self._timed("all_reduce", nbytes, dist.all_reduce, t, group=self.group)
         return t
 
     def all_gather(self, t: torch.Tensor, dim: int = -1, sizes: list[int] | None = None) -> torch.Tensor:
@@ -92,14 +124,18 @@ class Comm:
         if self.size == 1:
             return t
         dim = dim % t.dim()
+        nbytes = t.numel() * t.element_size()
         longest = max(sizes) if sizes else t.shape[dim]
+        row = t.element_size() * math.prod(n for i, n in enumerate(t.shape) if i != dim)
+        if self._use_shm(row * longest):  # the same choice on every rank, however uneven the parts
+            return self._timed("all_gather", nbytes, self.shm.all_gather, t, dim, sizes)
         if t.shape[dim] < longest:  # gloo needs equal sizes: pad, gather, trim
             pad = list(t.shape)
             pad[dim] = longest - t.shape[dim]
             t = torch.cat([t, t.new_zeros(pad)], dim=dim)
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.size)]
-        self._timed("all_gather", t.numel() * t.element_size(), dist.all_gather, parts, t, group=self.group)
+        self._timed("all_gather", nbytes, dist.all_gather, parts, t, group=self.group)
         if sizes:
             parts = [p.narrow(dim, 0, n) for p, n in zip(parts, sizes)]
         return torch.cat(parts, dim=dim)
@@ -125,14 +161,20 @@ class Comm:
         """Copy t from group member src_index to all members, in place."""
         if self.size == 1:
             return t
-        self._timed("broadcast", t.numel() * t.element_size(), dist.broadcast, t,
-                    src=self.ranks[src_index], group=self.group)
+        nbytes = t.numel() * t.element_size()
+        if self._use_shm(nbytes):
+            return self._timed("broadcast", nbytes, self.shm.broadcast, t, src_index)
+        self._timed("broadcast", nbytes, dist.broadcast, t, src=self.ranks[src_index], group=self.group)
         return t
 
     def broadcast_object(self, obj: Any = None, src_index: int = 0) -> Any:
         """Send a small Python object (control messages between our own ranks) from src_index to all."""
         if self.size == 1:
             return obj
+        if self.shm is not None:  # pickled through the segment: ~20 us against two gloo broadcasts
+            data = pickle.dumps(obj) if self.index == src_index else b""
+            data = self._timed("broadcast_object", 0, self.shm.broadcast_bytes, data, src_index)
+            return obj if self.index == src_index else pickle.loads(data)
         box = [obj]
         self._timed("broadcast_object", 0, dist.broadcast_object_list, box, src=self.ranks[src_index],
                     group=self.group)
@@ -140,19 +182,30 @@ class Comm:
 
     def send(self, t: torch.Tensor, dst_index: int) -> None:
         """Point-to-point send to a group member."""
-        self._timed("send", t.numel() * t.element_size(), dist.send, t.contiguous(),
-                    dst=self.ranks[dst_index], group=self.group)
+        nbytes = t.numel() * t.element_size()
+        if self._use_shm(nbytes):
+            return self._timed("send", nbytes, self.shm.send, t, dst_index)
+        self._timed("send", nbytes, dist.send, t.contiguous(), dst=self.ranks[dst_index], group=self.group)
 
     def recv(self, t: torch.Tensor, src_index: int) -> torch.Tensor:
         """Receive into t from a group member; returns t."""
-        self._timed("recv", t.numel() * t.element_size(), dist.recv, t, src=self.ranks[src_index],
-                    group=self.group)
+        nbytes = t.numel() * t.element_size()
+        if self._use_shm(nbytes):
+            return self._timed("recv", nbytes, self.shm.recv, t, src_index)
+        self._timed("recv", nbytes, dist.recv, t, src=self.ranks[src_index], group=self.group)
         return t
 
     def barrier(self) -> None:
         """Wait for every member."""
         if self.size > 1:
             dist.barrier(group=self.group)
+
+    def close(self) -> None:
+        """Unmap the shared-memory segment, if any (the torch.distributed group is left alone)."""
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+            self.transport = self.base
 
 
 @dataclass
@@ -164,6 +217,11 @@ class Groups:
     pp: Comm
     dp: Comm
 
+    def close(self) -> None:
+        """Unmap every group's shared-memory segment."""
+        for c in (self.world, self.tp, self.pp, self.dp):
+            c.close()
+
 
 def single_process_groups() -> Groups:
     """Groups of one, for running without torch.distributed."""
@@ -171,9 +229,87 @@ def single_process_groups() -> Groups:
     return Groups(world=one, tp=one, pp=one, dp=one)
 
 
-def build_groups(dims, rank: int, backend: str, timeout_s: float) -> Groups:
-    """Create every named group (all ranks call this in the same order)."""
+def attach_shm(group: Any, ranks: list[int], index: int, name: str, timeout_s: float,
+               slot_bytes: int = shm.SLOT_BYTES) -> tuple[shm.ShmGroup | None, str]:
+    """Every member calls this: the first creates the segment, the rest map it, then the name is removed.
+
+    Returns (segment, "") when every member mapped it and all share a host, else (None, why not).
+    """
+    size = len(ranks)
+    made, token, seg, why = "", secrets.randbits(62), None, ""
+    try:
+        if index == 0:
+            shm.sweep_stale()  # segments of launches whose creator died before unlinking
+            made = os.path.join(shm.SHM_DIR, f"{shm.PREFIX}{os.getpid()}-{secrets.token_hex(6)}-{name}")
+            try:
+                seg = shm.ShmGroup(made, 0, size, ranks, name, timeout_s, slot_bytes, True, token)
+            except OSError as e:
+                why = f"rank {ranks[0]} could not create {made}: {e}"
+        box = [(made if seg else "", token)]
+        dist.broadcast_object_list(box, src=ranks[0], group=group)
+        path, token = box[0]
+        if index != 0 and path:
+            try:
+                seg = shm.ShmGroup(path, index, size, ranks, name, timeout_s, slot_bytes, token=token)
+            except OSError as e:
+                why = f"rank {ranks[index]} could not map {path}: {e}"
+        # One host and one pid namespace, or the waiters' liveness checks would look up the wrong pids.
+        mine = (socket.gethostname(), _pid_namespace(), os.getpid(), why)
+        every: list[Any] = [None] * size
+        dist.all_gather_object(every, mine, group=group)  # after this every member has mapped it
+    finally:
+        if made:
+            try:
+                os.unlink(made)
+            except OSError:
+                pass
+    whys = [w for *_, w in every if w]
+    if not whys and len({(h, ns) for h, ns, _, _ in every}) > 1:
+        whys = [f"ranks {ranks} are not all on one host: {sorted({h for h, *_ in every})}"]
+    if whys:
+        if seg is not None:
+            seg.close()
+        return None, whys[0]
+    assert seg is not None
+    seg.pids = [pid for _, _, pid, _ in every]
+    return seg, ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def resolve_transport(requested: str | None = None) -> str:
+    """The transport asked for: the argument, else $MESHLM_TRANSPORT, else "auto"."""
+    name = requested or os.environ.get("MESHLM_TRANSPORT") or "auto"
+    if name not in TRANSPORTS:
+        raise ConfigError(f"transport {name!r} is unknown; use one of {', '.join(TRANSPORTS)}.")
+    return name
+
+
+def use_transport(comm: Comm, transport: str | None, timeout_s: float) -> Comm:
+    """Give a CPU group on one host its shared-memory segment (every member calls this, same order)."""
+    transport = resolve_transport(transport)
+    if comm.size > 1 and comm.base == "gloo" and transport != "gloo" and shm.supported():
+        seg, why = attach_shm(comm.group, comm.ranks, comm.index, comm.name, timeout_s)
+        if seg is None and transport == "shm":
+            raise ConfigError(f"--transport shm: {why}. Use --transport auto to fall back to gloo.")
+        if seg is None:
+            log.info("%s group %s: no shared memory (%s); using gloo", comm.name, comm.ranks, why)
+        comm.shm, comm.transport = seg, ("shm" if seg is not None else comm.base)
+    return comm
+
+
+def build_groups(dims, rank: int, backend: str, timeout_s: float, transport: str | None = None) -> Groups:
+    """Create every named group (all ranks call this in the same order); CPU groups on one host get shm."""
     timeout = timedelta(seconds=timeout_s)
+    transport = resolve_transport(transport)
+    if transport == "shm" and (backend != "gloo" or not shm.supported()):
+        raise ConfigError(f"the shm transport needs CPU tensors (gloo) on x86-64 Linux with /dev/shm; this "
+                          f"is {backend} on {os.uname().machine}. Use --transport auto or gloo.")
     world = Comm("world", list(range(dims.world_size)), dist.group.WORLD, rank, transport=backend)
 
     def make(name: str, all_groups: list[list[int]]) -> Comm:
@@ -183,7 +319,7 @@ def build_groups(dims, rank: int, backend: str, timeout_s: float) -> Groups:
             if rank in ranks:
                 mine = Comm(name, ranks, g, rank, transport=backend)
         assert mine is not None
-        return mine
+        return use_transport(mine, transport, timeout_s)
 
     return Groups(world=world, tp=make("tp", dims.tp_groups()), pp=make("pp", dims.pp_groups()),
                   dp=make("dp", dims.dp_groups()))

@@ -1,0 +1,182 @@
+"""Same-host collectives, shared memory against gloo in the same run: latency, then tp=2 against tp=1.
+
+    python benchmarks/collectives.py latency [--ranks 2] [--rounds 5]
+    python benchmarks/collectives.py e2e [--models llama-100m llama-400m] [--rounds 2] [--runs 2]
+    python benchmarks/collectives.py            # both; --json PATH also writes the raw figures
+
+Latency: `ranks` spawned processes (1 intra-op thread each) run back-to-back all-reduces of 3 KB, 64 KB,
+1 MB and 16 MB fp32 over both transports, alternating blocks (--rounds per transport) so both see the same
+machine; rank 0's per-call times give median and p99. "between matmuls": a 3 KB all-reduce after a decode
+step's down-projection matmul, as in a real step (its mean: skew between ranks shows there).
+End to end: common.random_llama models, a fresh 128-token prompt per run (no prefix-cache hits), 64 new
+tokens, fp32; prefill tok/s = prompt / TTFT, decode tok/s after the first token; medians over
+rounds x runs, each layout loaded once per round, rounds alternating the layouts.
+Every timed block holds the benchmarks' run lock and first waits for quiet (common.quiet_run); the share of
+the CPUs that other processes took during it is reported. Progress on stderr, markdown tables on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import common
+import torch
+
+SIZES = {"3 KB": 768, "64 KB": 16384, "1 MB": 262144, "16 MB": 4194304}  # fp32 elements
+ITERS = {"3 KB": 1000, "64 KB": 500, "1 MB": 100, "16 MB": 10}  # per block
+TRANSPORTS = ("shm", "gloo")
+LAYOUTS = {"tp=1, 1 thread": dict(tp=1, threads=1), "tp=1, 2 threads": dict(tp=1, threads=2),
+           "tp=2 shm, 1 thread/rank": dict(tp=2, threads=1, transport="shm"),
+           "tp=2 gloo, 1 thread/rank": dict(tp=2, threads=1, transport="gloo")}
+
+
+def _latency_rank(rank: int, world: int, port: int, rounds: int, out_q) -> None:
+    """One rank of the latency run; rank 0 puts {"transport|size": [seconds per call]} on out_q."""
+    import torch.distributed as dist
+
+    from meshlm.parallel.comm import build_groups
+    from meshlm.parallel.launch import die_with_parent
+    from meshlm.parallel.mesh import ParallelDims
+
+    die_with_parent()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    comms = {t: build_groups(ParallelDims(tp=world), rank, "gloo", 60.0, transport=t).tp for t in TRANSPORTS}
+    assert comms["shm"].transport == "shm", "shared memory is not available here"
+    times: dict[str, list[float]] = {}
+
+    def block(key: str, comm, x: torch.Tensor, iters: int, w: torch.Tensor | None = None) -> None:
+        comm.barrier()
+        acc = times.setdefault(key, [])
+        for _ in range(iters):
+            y = x if w is None else x @ w  # [1, 2048] @ [2048, 768]: one decode step's down projection
+            t0 = time.perf_counter()
+            comm.all_reduce(y)
+            acc.append(time.perf_counter() - t0)
+
+    for label, n in SIZES.items():
+        for t, comm in comms.items():  # check once, then warm up
+            y = comm.all_reduce(torch.full((n,), float(rank + 1)))
+            assert torch.equal(y, torch.full_like(y, world * (world + 1) / 2)), (t, label)
+            for _ in range(3):
+                comm.all_reduce(torch.zeros(n))
+        for _ in range(rounds):
+            for t, comm in comms.items():
+                block(f"{t}|{label}", comm, torch.zeros(n), ITERS[label])  # zeros: no overflow
+    h, w = torch.randn(1, 2048), torch.randn(2048, 768) / 45
+    for _ in range(rounds):
+        for t, comm in comms.items():
+            block(f"{t}|between matmuls", comm, h, 300, w)
+    if rank == 0:
+        out_q.put(times)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def latency(ranks: int, rounds: int, wait: float) -> dict:
+    """{transport: {size: {median_us, p99_us, mean_us, calls}}, "other_load": share} from `ranks` processes."""
+    import queue
+    import statistics
+
+    from meshlm.parallel.launch import free_port
+
+    ctx = mp.get_context("spawn")
+    q, port = ctx.Queue(), free_port()
+    with common.quiet_run(wait), common.other_load() as other:
+        procs = [ctx.Process(target=_latency_rank, args=(r, ranks, port, rounds, q)) for r in range(ranks)]
+        for p in procs:
+            p.start()
+        while True:
+            try:
+                times = q.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if any(p.exitcode for p in procs):
+                    raise SystemExit("a latency rank failed; its traceback is above") from None
+        for p in procs:
+            p.join(timeout=60)
+    res: dict = {"other_load": other[0]}
+    for key, xs in times.items():
+        t, label = key.split("|")
+        res.setdefault(t, {})[label] = {"median_us": 1e6 * common.median(xs), "calls": len(xs),
+                                        "p99_us": 1e6 * common.percentile(xs, 99),
+                                        "mean_us": 1e6 * statistics.fmean(xs)}
+    return res
+
+
+def e2e(models: list[str], rounds: int, runs: int, prompt_len: int, new: int, wait: float) -> dict:
+    """{model: {layout: {prefill_tok_s, decode_tok_s, runs, other_load}}}: medians over rounds x runs."""
+    from meshlm import LLM, SamplingParams
+
+    res: dict = {}
+    for name in models:
+        path, vocab = common.random_llama(name), common.MODELS[name]["vocab_size"]
+        got: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": [], "load": []} for k in LAYOUTS}
+        for rnd in range(rounds):
+            for label, kw in LAYOUTS.items():
+                with LLM(str(path), progress=False, **kw) as llm:
+                    llm.generate([common.prompt_ids(16, vocab, 999)], SamplingParams(max_tokens=4, ignore_eos=True))
+                    for r in range(runs):
+                        prompt = common.prompt_ids(prompt_len, vocab, 100 * rnd + r)  # fresh: no cache hit
+                        with common.quiet_run(wait), common.other_load() as other:
+                            out = llm.generate([prompt], SamplingParams(max_tokens=new, ignore_eos=True))[0]
+                        g = got[label]
+                        g["prefill"].append(prompt_len / out.ttft_s)
+                        g["decode"].append(out.decode_tokens_per_s)
+                        g["load"].append(other[0])
+                        common.log(f"{name} {label}: prefill {g['prefill'][-1]:.0f} tok/s, decode "
+                                   f"{g['decode'][-1]:.1f} tok/s, other load {other[0]:.0%}")
+        res[name] = {k: {"prefill_tok_s": common.median(g["prefill"]), "decode_tok_s": common.median(g["decode"]),
+                         "runs": len(g["decode"]), "other_load": max(g["load"])} for k, g in got.items()}
+    return res
+
+
+def print_tables(lat: dict | None, ends: dict | None) -> None:
+    """Markdown tables of the figures."""
+    print(common.machine(), end="\n\n")
+    if lat:
+        print(f"All-reduce, 2 ranks (other processes took {lat['other_load']:.0%} of the CPUs meanwhile):\n")
+        print("| all-reduce (fp32) | shm median | shm p99 | gloo median | gloo p99 | gloo / shm (median) |")
+        print("|---|---|---|---|---|---|")
+        for label in [*SIZES, "between matmuls"]:
+            s, g = lat["shm"][label], lat["gloo"][label]
+            key = "mean_us" if label == "between matmuls" else "median_us"
+            name = "3 KB between matmuls (mean)" if label == "between matmuls" else label
+            print(f"| {name} | {s[key]:.1f} us | {s['p99_us']:.1f} us | {g[key]:.1f} us "
+                  f"| {g['p99_us']:.1f} us | {g[key] / s[key]:.1f}x |")
+    if ends:
+        print("\n| model | layout | prefill tok/s | decode tok/s | runs | other load (max) |")
+        print("|---|---|---|---|---|---|")
+        for name, rows in ends.items():
+            for label, r in rows.items():
+                print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['runs']} "
+                      f"| {r['other_load']:.0%} |")
+
+
+def main() -> None:
+    """Parse arguments, run, print."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", nargs="?", default="all", choices=["all", "latency", "e2e"])
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=0, help="blocks per transport / layout loads (default 5 / 2)")
+    ap.add_argument("--runs", type=int, default=2, help="timed generations per layout load")
+    ap.add_argument("--models", nargs="+", default=["llama-100m", "llama-400m"], choices=list(common.MODELS))
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for quiet before each timed block")
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    lat = latency(a.ranks, a.rounds or 5, a.wait) if a.what in ("all", "latency") else None
+    ends = (e2e(a.models, a.rounds or 2, a.runs, a.prompt_len, a.new_tokens, a.wait)
+            if a.what in ("all", "e2e") else None)
+    print_tables(lat, ends)
+    if a.json:
+        a.json.write_text(json.dumps({"machine": common.machine(), "latency": lat, "e2e": ends}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""Batch-1 decode tokens/s: meshlm against Hugging Face transformers `generate`, with the bandwidth roofline.
+
+    python benchmarks/decode.py [--models llama-100m smollm2] [--dtypes float32 bfloat16] [--threads 1 2]
+                                [--new-tokens 128] [--runs 3] [--plot docs/decode_batch1.png]
+
+Each (model, dtype, threads) runs in a fresh process holding both engines: the same checkpoint, dtype,
+intra-op threads and prompt (32 token ids), greedy, 128 new tokens with eos ignored. One warm-up each,
+then --runs timed runs alternating meshlm / HF; the table gives medians. Decode tokens/s excludes the
+prompt pass on both sides: (new tokens - 1) / (time of the last token - time of the first), from
+RequestOutput.decode_s for meshlm and from a streamer's timestamps for HF (its default dynamic cache).
+Roofline: every weight is read once per token (the input embedding only one row, a tied head the whole
+matrix), so tokens/s <= read bandwidth / weight bytes. Bandwidth is torch.sum over a buffer of exactly
+the weights' size, same threads, best of 10: what the machine streams for that working set (L3 included).
+On a shared machine each timed run takes the benchmarks' lock and waits for other load to drop (common).
+Progress goes to stderr; the markdown table to stdout; --json keeps the raw numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import common
+import torch
+
+PROMPT_LEN = 32
+
+
+def model_path(name: str) -> Path:
+    """Checkpoint folder: a random benchmark Llama, or the bundled SmolLM2-135M-Instruct (dequantized)."""
+    if name == "smollm2":
+        from meshlm.checkpoint import resolve_folder
+
+        return resolve_folder(None, progress=False)
+    return common.random_llama(name)
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of parameters one decode step reads: all but the input embedding, unless the head shares it."""
+    tied = model.lm_head is not None and model.embed_tokens is not None \
+        and model.lm_head.weight is model.embed_tokens.weight
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if tied or not n.startswith("embed_tokens."))
+
+
+def read_bandwidth(nbytes: int, tries: int = 10) -> float:
+    """Best read bandwidth (GB/s) of torch.sum over an fp32 buffer of nbytes with the current threads."""
+    buf = torch.ones(max(1, nbytes // 4))
+    best = 0.0
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = max(best, buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+class Stamps:
+    """A transformers streamer that records when each generated token arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        """The first call carries the prompt; each later one a new token."""
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        """Nothing to flush."""
+
+
+def hf_decode(model, ids: list[int], new: int) -> tuple[float, list[int]]:
+    """HF greedy generate; (decode tokens/s after the first token, generated ids)."""
+    from transformers import GenerationConfig
+
+    stamps = Stamps()
+    x = torch.tensor([ids])
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():  # eos_token_id=None: never stop early, like meshlm's ignore_eos
+        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg, streamer=stamps)
+    t = stamps.times
+    return (len(t) - 1) / (t[-1] - t[0]), out[0, len(ids):].tolist()
+
+
+def meshlm_decode(llm, ids: list[int], new: int) -> tuple[float, list[int]]:
+    """meshlm greedy generate; (decode tokens/s after the first token, generated ids)."""
+    from meshlm import SamplingParams
+
+    out = llm.generate([ids], SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))[0]
+    return out.decode_tokens_per_s, out.token_ids
+
+
+def run_one(name: str, dtype: str, threads: int, new: int, runs: int, wait_s: float) -> dict:
+    """Both engines on one (model, dtype, threads) in this process; a result row."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from meshlm import LLM
+    from meshlm.engine.engine import EngineConfig
+    from meshlm.threads import set_threads
+
+    hf_logging.disable_progress_bar()
+    set_threads(threads)
+    path = model_path(name)
+    common.log(f"{name} {dtype} threads={threads}: loading both engines")
+    llm = LLM(str(path), dtype=dtype, threads=threads, progress=False, engine=EngineConfig(kv_cache_mb=64))
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
+    ids = common.prompt_ids(PROMPT_LEN, llm.cfg.vocab_size)
+    wbytes = weight_bytes_per_token(llm.model)
+    meshlm_decode(llm, ids, 16)  # warm-up (the first bf16 call also builds or loads the GEMV kernel)
+    hf_decode(hf, ids, 16)
+    ours, theirs, busy = [], [], []
+    for i in range(runs):
+        for engine, fn, model, acc in (("meshlm", meshlm_decode, llm, ours), ("hf", hf_decode, hf, theirs)):
+            with common.quiet_run(wait_s) as load:
+                tps, toks = fn(model, ids, new)
+            busy.append(load)
+            acc.append((tps, toks))
+            common.log(f"  run {i + 1}/{runs} {engine}: {tps:.1f} tok/s (other load {load:.0%})")
+    with common.quiet_run(wait_s):
+        bw = read_bandwidth(wbytes)
+        dram = read_bandwidth(1 << 30, tries=4)
+    llm.close()
+    same = next((j for j, (a, b) in enumerate(zip(ours[0][1], theirs[0][1])) if a != b), None)
+    row = dict(model=name, dtype=dtype, threads=threads, weight_mb=wbytes / 1e6, bw_gbs=bw, dram_gbs=dram,
+               meshlm=common.median([t for t, _ in ours]), hf=common.median([t for t, _ in theirs]),
+               meshlm_runs=[t for t, _ in ours], hf_runs=[t for t, _ in theirs], max_other_load=max(busy),
+               first_diff=same, new_tokens=new)
+    row["roofline"] = bw * 1e9 / wbytes
+    common.log(f"  -> meshlm {row['meshlm']:.1f}  hf {row['hf']:.1f}  roofline {row['roofline']:.1f} tok/s")
+    return row
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table of result rows."""
+    head = ("| model | dtype | threads | weights MB/token | read GB/s | roofline tok/s | HF tok/s | "
+            "meshlm tok/s | meshlm / HF | HF % roofline | meshlm % roofline | greedy tokens |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+    lines = []
+    for r in rows:
+        same = "identical" if r["first_diff"] is None else f"differ from #{r['first_diff']}"
+        lines.append(
+            f"| {r['model']} | {r['dtype']} | {r['threads']} | {r['weight_mb']:.0f} | {r['bw_gbs']:.1f} | "
+            f"{r['roofline']:.1f} | {r['hf']:.1f} | {r['meshlm']:.1f} | {r['meshlm'] / r['hf']:.2f}x | "
+            f"{r['hf'] / r['roofline']:.0%} | {r['meshlm'] / r['roofline']:.0%} | {same} |")
+    return head + "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Grouped bars (HF, meshlm, roofline) per configuration, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\n{r['dtype']}\n{r['threads']} thr" for r in rows]
+    x = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.5))
+    w = 0.28
+    ax.bar([i - w for i in x], [r["hf"] for r in rows], w, label="HF transformers generate")
+    ax.bar(list(x), [r["meshlm"] for r in rows], w, label="meshlm")
+    ax.bar([i + w for i in x], [r["roofline"] for r in rows], w, label="bandwidth roofline",
+           color="lightgray", edgecolor="gray", hatch="//")
+    for i, r in enumerate(rows):
+        ax.annotate(f"{r['meshlm'] / r['hf']:.2f}x", (i, r["meshlm"]), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.set_ylabel("decode tokens/s (batch 1)")
+    ax.set_title("Batch-1 decode on " + common.machine().split(",")[0], fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    common.log(f"wrote {path}")
+
+
+def main() -> None:
+    """Run every configuration in its own process, then print the table and draw the chart."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["llama-100m", "smollm2"])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for other CPU load to drop")
+    ap.add_argument("--plot", default="docs/decode_batch1.png")
+    ap.add_argument("--json", default=None, help="also write the raw rows here")
+    ap.add_argument("--one", nargs=3, metavar=("MODEL", "DTYPE", "THREADS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        name, dtype, threads = args.one
+        print(json.dumps(run_one(name, dtype, int(threads), args.new_tokens, args.runs, args.wait)))
+        return
+    common.log(common.machine())
+    for name in args.models:
+        model_path(name)  # build or convert once, before the timed processes start
+    rows = []
+    for name in args.models:
+        for dtype in args.dtypes:
+            for threads in args.threads:
+                cmd = [sys.executable, __file__, "--one", name, dtype, str(threads), "--new-tokens",
+                       str(args.new_tokens), "--runs", str(args.runs), "--wait", str(args.wait)]
+                env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+                out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
+                rows.append(json.loads(out.strip().splitlines()[-1]))
+    print(f"{common.machine()}; {args.new_tokens} new tokens after a {PROMPT_LEN}-token prompt, batch 1, "
+          f"median of {args.runs}\n")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.plot:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()

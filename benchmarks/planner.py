@@ -1,0 +1,171 @@
+"""Planner: predicted against measured step time, per term, for each layout this host can run.
+
+    python benchmarks/planner.py [--models llama-100m llama-400m] [--layouts tp=1 tp=2 pp=2]
+        [--transports auto gloo] [--runs 3] [--prompt 256] [--new 32] [--profile PATH | --calibrate]
+        [--png docs/img/planner_cpu.png] [--json out.json]
+
+First this host is calibrated (`meshlm plan --calibrate`: fp32 matmul rate, GEMV bandwidth alone and with
+every rank streaming, operator overhead, all-reduce alpha/beta per transport), unless --profile names a
+saved one. Then each (model, layout, transport) runs in a fresh process through `meshlm.plan.bench`
+(1 thread per rank): prefill = one --prompt-token prompt, max_tokens=1; decode = (a --new-token run minus
+a 1-token run) / (new - 1), batch 1; medians of --runs after a warm-up. Every timed process takes the
+benchmarks' lock and waits for other CPU load to fall under 20% (common.quiet_run). Terms: compute,
+collectives (tp all-reduces and all-gathers, plus the per-step broadcast of the step's input), pipeline
+transfers (p2p) and bubble; error = (predicted - measured) / measured. Progress goes to stderr; the markdown tables go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import common
+
+ROOT = Path(__file__).resolve().parent.parent
+TERMS = ("compute", "collectives", "p2p", "bubble", "total")  # meshlm.plan.bench.KEYS
+
+
+def one(model: str, layout: str, transport: str, profile: str, runs: int, prompt: int, new: int,
+        wait: float) -> dict:
+    """Bench one layout in this process (called in a fresh child); the BenchResult as a dict."""
+    from meshlm.plan import cluster as clusters
+    from meshlm.plan.bench import run_bench
+    from meshlm.plan.layout import Layout
+
+    path = str(common.random_llama(model))
+    with common.quiet_run(wait) as busy:
+        res = run_bench(path, Layout.parse(layout), clusters.load_file(profile), prompt, new, 1, 1, runs,
+                        "float32", None if transport == "auto" else transport)
+    out = res.as_dict()
+    out.update(model=model, busy=busy, requested_transport=transport)
+    return out
+
+
+def child(args: argparse.Namespace, model: str, layout: str, transport: str) -> dict:
+    """Run `one` in a fresh interpreter so every layout starts from a clean process."""
+    cmd = [sys.executable, __file__, "--one", model, layout, transport, "--profile", args.profile,
+           "--runs", str(args.runs), "--prompt", str(args.prompt), "--new", str(args.new),
+           "--wait", str(args.wait)]
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if done.returncode != 0:
+        common.log(done.stderr[-2000:])
+        return {"model": model, "layout": layout, "requested_transport": transport, "skipped": "crashed"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: one row per (model, layout, phase, term) with predicted, measured and error."""
+    rows = ["| model | layout | transport | phase | term | predicted ms | measured ms | error |",
+            "|---|---|---|---|---|---:|---:|---:|"]
+    for r in results:
+        if r.get("skipped"):
+            rows.append(f"| {r['model']} | {r['layout']} | {r['requested_transport']} | - | - | - | - | "
+                        f"skipped: {r['skipped']} |")
+            continue
+        for phase in ("prefill", "decode"):
+            for t in TERMS:
+                p, m = r["predicted"][phase][t], r["measured"][phase][t]
+                if t not in ("compute", "total") and p < 1e-6 and abs(m) < 1e-6:
+                    continue
+                err = f"{(p - m) / m:+.0%}" if m > 1e-6 else "-"
+                bold = "**" if t == "total" else ""
+                rows.append(f"| {r['model']} | {r['layout']} | {r['transport'] or '-'} | {phase} | "
+                            f"{bold}{t}{bold} | {p * 1e3:.2f} | {m * 1e3:.2f} | {bold}{err}{bold} |")
+    return "\n".join(rows)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Predicted against measured (log-log), one marker per term, the +-20% band shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
+    markers = dict(zip(TERMS, "os^vX"))
+    for ax, phase in zip(axes, ("prefill", "decode")):
+        lo, hi = 1e9, 0.0
+        for r in (r for r in results if not r.get("skipped")):
+            for t in TERMS:
+                p, m = r["predicted"][phase][t] * 1e3, r["measured"][phase][t] * 1e3
+                if p <= 1e-3 or m <= 1e-3:
+                    continue
+                lo, hi = min(lo, p, m), max(hi, p, m)
+                ax.scatter(m, p, marker=markers[t], s=40 if t == "total" else 22,
+                           label=f"{t}", alpha=0.8, color=f"C{TERMS.index(t)}")
+        xs = [lo / 1.5, hi * 1.5]
+        ax.plot(xs, xs, "k-", lw=0.8)
+        ax.fill_between(xs, [x * 0.8 for x in xs], [x * 1.2 for x in xs], color="grey", alpha=0.2, lw=0)
+        ax.set(xscale="log", yscale="log", xlabel="measured ms", ylabel="predicted ms",
+               title=f"{phase} ({'TTFT' if phase == 'prefill' else 'TPOT'} terms), band = +-20%")
+        handles, labels = ax.get_legend_handles_labels()
+        seen = dict(zip(labels, handles))
+        ax.legend(seen.values(), seen.keys(), fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    """Calibrate (or load a profile), bench every layout, print the tables, write the plot."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["llama-100m", "llama-400m"])
+    ap.add_argument("--layouts", nargs="+", default=["tp=1", "tp=2", "pp=2"])
+    ap.add_argument("--transports", nargs="+", default=["auto", "gloo"],
+                    help="tp collectives' transports for layouts with tp > 1")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=256)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--profile", default=None, help="a saved profile (default: calibrate now)")
+    ap.add_argument("--png", default=str(ROOT / "docs" / "img" / "planner_cpu.png"))
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait for a quiet machine per run")
+    ap.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one(*args.one, args.profile, args.runs, args.prompt, args.new, args.wait)))
+        return 0
+    from meshlm.plan import cluster as clusters
+
+    if args.profile is None:
+        from meshlm.plan.calibrate import calibrate
+
+        with common.quiet_run(args.wait):
+            common.log("calibrating this host")
+            prof = calibrate(threads=1)
+        args.profile = str(clusters.save(prof, common.CACHE / "planner-profile.json"))
+    prof = clusters.load_file(args.profile)
+    d = prof.node.device
+    common.log(f"profile {args.profile}: {d.flops['float32'] / 1e9:.1f} GFLOP/s, "
+               f"{d.bandwidth / 1e9:.1f} GB/s")
+    results = []
+    for model in args.models:
+        for layout in args.layouts:
+            for transport in (args.transports if "tp=1" not in layout and "tp" in layout else ["auto"]):
+                common.log(f"{model} {layout} {transport}")
+                results.append(child(args, model, layout, transport))
+    if args.json:
+        raw = {"profile": clusters.to_dict(prof), "results": results}
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    print(f"Machine: {common.machine()}\n")
+    links = ", ".join(f"{ln.transport} alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
+                      for ln in prof.node.links)
+    cap = f"{prof.node.memory_bandwidth / 1e9:.1f}" if prof.node.memory_bandwidth else "-"
+    print(f"Profile: fp32 matmul {d.flops['float32'] / 1e9:.1f} GFLOP/s per rank (attention "
+          f"{d.attention_eff:.2f} x that), GEMV {d.bandwidth / 1e9:.1f} GB/s per rank ({cap} GB/s both ranks), "
+          f"overhead {d.layer_overhead * 1e6:.0f} us per layer + {d.step_overhead * 1e6:.0f} us per step; "
+          f"{links}\n")
+    print(table(results))
+    print(f"\nHighest other CPU load seen before a run: {max(r.get('busy', 0.0) for r in results):.0%}")
+    plot(results, Path(args.png))
+    common.log(f"plot: {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""`meshlm bench --layout tp=2,pp=1`: run a layout through meshlm.LLM; predicted against measured per term.
+
+The one module of plan/ that drives the engine (imported by the CLI and benchmarks only). Runs, each
+timed by wall clock around LLM.generate with fresh random prompts (no prefix-cache hits):
+  prefill: one `prompt`-token prompt, max_tokens=1                    -> TTFT terms
+  decode:  `batch` 16-token prompts with max_tokens=1 (A) and `new` (B) -> TPOT terms = (B - A) / (new - 1)
+Measured terms at pp = 1 come from rank 0's comm_stats(): collectives = tp/* plus world/broadcast_object
+seconds, compute = the rest of the wall time. The control broadcast is folded into collectives on both
+sides: rank 0 only posts it, and its latency shows up as rank 0's wait in the step's first all-reduce
+(the other ranks start late by that much). At pp > 1 the terms come from the pipeline report of the
+busiest rank: compute (less its tp collectives), collectives, p2p (send + recv) and bubble (idle).
+Medians over `runs`, after a warm-up.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshlm.plan.cluster import Cluster
+from meshlm.plan.cost import Estimate, estimate
+from meshlm.plan.layout import Layout, Workload
+
+KEYS = ("compute", "collectives", "p2p", "bubble", "total")
+SHORT = 16  # decode runs' prompt length
+KV_MB = 256  # per rank: enough for the runs here, and no large allocation on a shared host
+
+
+@dataclass
+class BenchResult:
+    """Predicted and measured seconds per term of both phases, or why the layout was skipped."""
+
+    layout: Layout
+    model: str
+    transport: str = ""
+    predicted: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> term -> seconds
+    measured: dict[str, dict[str, float]] = field(default_factory=dict)
+    skipped: str = ""
+
+    def error(self, phase: str, term: str) -> float | None:
+        """(predicted - measured) / measured, or None when the measured term is ~0."""
+        m, p = self.measured[phase][term], self.predicted[phase][term]
+        return None if m < 1e-6 else (p - m) / m
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data."""
+        return {"layout": str(self.layout), "model": self.model, "transport": self.transport,
+                "predicted": self.predicted, "measured": self.measured, "skipped": self.skipped}
+
+
+def _ids(n: int, vocab: int, rng: random.Random) -> list[int]:
+    return [rng.randrange(3, vocab) for _ in range(n)]
+
+
+def _pp1_terms(llm: Any, wall: float) -> dict[str, float]:
+    stats = llm.comm_stats()[0]
+    coll = sum(v["seconds"] for k, v in stats.items() if k.startswith("tp/"))
+    ctl = stats.get("world/broadcast_object", {"seconds": 0.0, "calls": 0})
+    coll += ctl["seconds"] * (1 - 1 / ctl["calls"]) if ctl["calls"] else 0.0  # less comm_stats' own call
+    return {"compute": wall - coll, "collectives": coll, "p2p": 0.0, "bubble": 0.0, "total": wall}
+
+
+def _pp_terms(llm: Any, wall: float) -> dict[str, float]:
+    reports = [r for r in llm.pipeline_report() if r]
+    busiest = max(reports, key=lambda r: r["timeline"]["totals"]["compute"])
+    t, tp = busiest["timeline"]["totals"], busiest.get("tp_comm_s", 0.0)
+    return {"compute": t["compute"] - tp, "collectives": tp, "p2p": t["send"] + t["recv"],
+            "bubble": t["idle"], "total": wall}
+
+
+def _run(llm: Any, prompts: list[list[int]], max_tokens: int, pp: int) -> dict[str, float]:
+    from meshlm import SamplingParams
+
+    llm.reset_comm_stats()
+    t0 = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+    wall = time.perf_counter() - t0
+    return _pp_terms(llm, wall) if pp > 1 else _pp1_terms(llm, wall)
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in runs) for k in KEYS}
+
+
+def measure(llm: Any, layout: Layout, prompt: int, new: int, batch: int, runs: int,
+            seed: int = 0) -> dict[str, dict[str, float]]:
+    """Measured seconds per term: TTFT of one `prompt`-token prompt, TPOT of `batch` sequences."""
+    rng, vocab, pp = random.Random(seed), llm.cfg.vocab_size, layout.pp
+    _run(llm, [_ids(SHORT, vocab, rng) for _ in range(batch)], 4, pp)  # warm-up: both phases
+    _run(llm, [_ids(prompt, vocab, rng)], 1, pp)
+    pre = [_run(llm, [_ids(prompt, vocab, rng)], 1, pp) for _ in range(runs)]
+    dec = []
+    for _ in range(runs):
+        a = _run(llm, [_ids(SHORT, vocab, rng) for _ in range(batch)], 1, pp)
+        b = _run(llm, [_ids(SHORT, vocab, rng) for _ in range(batch)], new, pp)
+        dec.append({k: (b[k] - a[k]) / (new - 1) for k in KEYS})
+    return {"prefill": _median(pre), "decode": _median(dec)}
+
+
+def predict(cfg: Any, layout: Layout, cluster: Cluster, prompt: int, new: int, batch: int,
+            dtype: str) -> tuple[Estimate, Estimate]:
+    """The cost model's estimates for the two measured runs (prefill, decode)."""
+    pre = estimate(cfg, layout, cluster, Workload(prompt_tokens=prompt, output_tokens=1, batch=1), dtype)
+    dec = estimate(cfg, layout, cluster, Workload(prompt_tokens=SHORT, output_tokens=new, batch=batch), dtype)
+    return pre, dec
+
+
+def transport_of(llm: Any) -> str:
+    """The transport of the tp collectives, from comm_stats() ("" when there were none)."""
+    stats = llm.comm_stats()[0]
+    return next((str(v.get("transport", "")) for k, v in stats.items() if k.startswith("tp/")), "")
+
+
+def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int = 256, new: int = 32,
+              batch: int = 1, threads: int = 1, runs: int = 3, dtype: str = "float32",
+              transport: str | None = None) -> BenchResult:
+    """Load `model` at `layout`, measure both phases, and pair each term with its prediction."""
+    from meshlm import LLM
+    from meshlm.engine.engine import EngineConfig
+    from meshlm.errors import MeshlmError
+
+    name = model or "SmolLM2-135M (bundled)"
+    res = BenchResult(layout, name)
+    if layout.dp != 1:
+        res.skipped = "dp > 1: replicas do not talk to each other; bench one replica (dp=1)."
+        return res
+    try:
+        llm = LLM(model, tp=layout.tp, pp=layout.pp, threads=threads, dtype=dtype, progress=False,
+                  engine=EngineConfig(kv_cache_mb=KV_MB), transport=transport, comm_timeout_s=300.0)
+    except (TypeError, NotImplementedError) as e:  # an LLM without pipeline parallelism
+        res.skipped = f"LLM(tp={layout.tp}, pp={layout.pp}) is not available here: {e}"
+        return res
+    except MeshlmError as e:
+        res.skipped = f"LLM(tp={layout.tp}, pp={layout.pp}) failed to start: {e}"
+        return res
+    with llm:
+        measured = measure(llm, layout, prompt, new, batch, runs)
+        res.transport = transport_of(llm) if layout.tp > 1 else ""
+    used = cluster.with_transport(res.transport.split("+")[0]) if res.transport else cluster
+    pre, dec = predict(llm.cfg, layout, used, prompt, new, batch, dtype)
+    res.predicted = {ph: {"compute": t.compute, "collectives": t.collectives + t.control, "p2p": t.p2p,
+                          "bubble": t.bubble, "total": t.total}
+                     for ph, t in (("prefill", pre.prefill), ("decode", dec.decode))}
+    res.measured = measured
+    return res
+
+
+def format_bench(res: BenchResult, cluster: Cluster) -> str:
+    """Table: phase, term, predicted ms, measured ms, error."""
+    head = f"{res.model} at {res.layout}" + (f" over {res.transport}" if res.transport else "")
+    if res.skipped:
+        return f"{head}: skipped: {res.skipped}"
+    lines = [f"{head}; cluster profile {cluster.name} ({cluster.notes.get('source', 'preset')})",
+             f"  {'phase':<9}{'term':<13}{'predicted ms':>14}{'measured ms':>13}{'error':>8}"]
+    for phase in ("prefill", "decode"):
+        for term in KEYS:
+            p, m = res.predicted[phase][term], res.measured[phase][term]
+            if term not in ("total", "compute") and p < 1e-6 and abs(m) < 1e-6:
+                continue
+            err = res.error(phase, term)
+            lines.append(f"  {phase:<9}{term:<13}{p * 1e3:>14.2f}{m * 1e3:>13.2f}"
+                         f"{'' if err is None else f'{err:+.0%}':>8}")
+    return "\n".join(lines)

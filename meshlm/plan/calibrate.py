@@ -1,0 +1,248 @@
+"""Measure this machine and describe it as a cluster: `meshlm plan --calibrate`.
+
+One device = one rank with `threads` intra-op threads (one node; devices = cores // threads). Every
+figure is the best of a few rounds, so a burst of other work on a shared host does not set it.
+  matmul rate     prefill-shaped F.linear [256, 1024] x [1024, 3584], weights cycled from a pool larger
+                  than the last-level cache (as a forward reads each weight once)
+  attention       causal SDPA of 12 heads x 256 tokens x 64, as a fraction of the matmul rate
+  bandwidth       decode-shaped GEMVs (one row) over 512 MB of weights: one rank alone, and the node's
+                  total with every rank streaming at once (they start together after a barrier)
+  overhead        meshlm's own seconds per layer and per step (overhead.py: tiny random models)
+  links           two spawned ranks all-reduce 3 KB .. 4 MB over each transport (shared memory, gloo),
+                  each call after a GEMV over cold weights as in a decode step; the mean (top 2% of calls
+                  dropped) per size, because a step pays every call, tails included. t(n) = a + b n is
+                  fitted by relative least squares and read as the ring's 2(p-1) alpha + 2(p-1)/p n / beta.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from meshlm.plan.cluster import Cluster, Device, Link, Node
+
+log = logging.getLogger(__name__)
+SIZES = (768, 16384, 262144, 1048576)  # fp32 elements: 3 KB (a decode step's hidden row) .. 4 MB
+
+
+def _timed(fn, seconds: float, min_reps: int = 3) -> float:
+    """Median seconds per call of fn over about `seconds` (after one warm-up call)."""
+    fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(times) < min_reps or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _pool(rows: int, cols: int, megabytes: int, dtype: str = "float32") -> list:
+    """Random matrices [rows, cols] totalling about `megabytes` (more than the cache holds: cold reads)."""
+    import torch
+
+    n = max(2, (megabytes << 20) // (rows * cols * 4))
+    return [torch.randn(rows, cols).to(getattr(torch, dtype)) for _ in range(n)]
+
+
+def matmul_rate(threads: int, dtype: str = "float32", quick: bool = False, rounds: int = 3) -> float:
+    """FLOP/s of a prefill-shaped matmul on `threads` threads, weights read cold."""
+    import torch
+
+    torch.set_num_threads(threads)
+    mats = _pool(3584, 1024, 32 if quick else 320, dtype)
+    a = torch.randn(256, 1024).to(getattr(torch, dtype))
+    sweep = lambda: [torch.nn.functional.linear(a, w) for w in mats]
+    sec = min(_timed(sweep, 0.2 if quick else 1.0) for _ in range(1 if quick else rounds))
+    return 2 * 256 * 1024 * 3584 * len(mats) / sec
+
+
+def attention_fraction(threads: int, quick: bool = False) -> float:
+    """Causal attention's FLOP rate over the matmul rate (CPU SDPA runs well below its matmuls)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    q, k, v = (torch.randn(1, 12, 256, 64) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sec = _timed(lambda: sdpa(q, k, v, is_causal=True), 0.1 if quick else 0.5)
+    a, b = torch.randn(256, 768), torch.randn(768, 768)
+    mm = _timed(lambda: torch.nn.functional.linear(a, b), 0.1 if quick else 0.5)
+    return (4 * 12 * 64 * 256 * 257 / 2 / sec) / (2 * 256 * 768 * 768 / mm)
+
+
+def gemv_bandwidth(threads: int, quick: bool = False, rounds: int = 3) -> float:
+    """Bytes/s streamed by decode-shaped GEMVs over more weights than the last-level cache holds."""
+    import torch
+
+    torch.set_num_threads(threads)
+    mats = _pool(4096, 2048, 32 if quick else 512)
+    x = torch.randn(1, 2048)
+    sweep = lambda: [torch.nn.functional.linear(x, w) for w in mats]
+    sec = min(_timed(sweep, 0.3 if quick else 1.5) for _ in range(1 if quick else rounds))
+    return len(mats) * 4096 * 2048 * 4 / sec
+
+
+def _stream_worker(threads: int, quick: bool, start: Any, out: Any) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    mats = _pool(4096, 2048, 32 if quick else 512)
+    x = torch.randn(1, 2048)
+    for w in mats:  # warm up, then start together
+        torch.nn.functional.linear(x, w)
+    start.wait()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < (0.5 if quick else 2.0):
+        for w in mats:
+            torch.nn.functional.linear(x, w)
+        n += 1
+    out.put(n * len(mats) * 4096 * 2048 * 4 / (time.perf_counter() - t0))
+
+
+def node_bandwidth(devices: int, threads: int, quick: bool = False, rounds: int = 2) -> float:
+    """Total bytes/s when every device streams at once (the memory system's cap); best of rounds."""
+    ctx = mp.get_context("spawn")
+    best = 0.0
+    for _ in range(1 if quick else rounds):
+        start, out = ctx.Barrier(devices), ctx.Queue()
+        procs = [ctx.Process(target=_stream_worker, args=(threads, quick, start, out)) for _ in range(devices)]
+        for p in procs:
+            p.start()
+        best = max(best, sum(out.get(timeout=300) for _ in procs))
+        for p in procs:
+            p.join()
+    return best
+
+
+def _trimmed_mean(xs: list[float], drop: float = 0.02) -> float:
+    s = sorted(xs)
+    return statistics.fmean(s[: max(1, int(len(s) * (1 - drop)))])
+
+
+def _collective_rank(rank: int, world: int, port: int, quick: bool, out: Any) -> None:
+    """One rank: mean all-reduce seconds per (transport, bytes), each call after a cold GEMV."""
+    import torch
+    import torch.distributed as dist
+
+    from meshlm.parallel.comm import build_groups
+    from meshlm.parallel.launch import die_with_parent
+    from meshlm.parallel.mesh import ParallelDims
+
+    die_with_parent()
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dims = ParallelDims(tp=world)
+    comms = {}
+    for t in ("shm", "gloo"):
+        try:
+            comm = build_groups(dims, rank, "gloo", 60.0, transport=t).tp
+        except Exception as e:  # an older comm.py without transports, or no shared memory here
+            log.info("transport %s unavailable: %s", t, e)
+            continue
+        comms.setdefault(comm.transport, comm)
+    if not comms:
+        comms["gloo"] = build_groups(dims, rank, "gloo", 60.0).tp
+    mats = _pool(768, 2048, 48 if quick else 320)  # a decode step's segment between two all-reduces
+    h = torch.randn(1, 2048)
+    result: dict[str, dict[int, float]] = {}
+    for name, comm in comms.items():
+        for n in SIZES:
+            x = torch.zeros(n)
+            reps = (30 if quick else 300) if n <= 16384 else (8 if quick else 60)
+            times = []
+            comm.barrier()
+            for i in range(reps):
+                torch.nn.functional.linear(h, mats[i % len(mats)])
+                t0 = time.perf_counter()
+                comm.all_reduce(x)
+                times.append(time.perf_counter() - t0)
+            result.setdefault(name, {})[n * 4] = _trimmed_mean(times[2:])
+    if rank == 0:
+        out.put(result)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def fit_link(transport: str, times: dict[int, float], p: int = 2) -> Link:
+    """Alpha and beta of the ring all-reduce model from {bytes: seconds} (relative least squares)."""
+    xs = sorted(times.items())
+    # minimise sum(((a + b n) / t - 1)^2): normal equations in (a, b) with weights 1/t^2
+    s11 = sum(1 / t**2 for _, t in xs)
+    s12 = sum(n / t**2 for n, t in xs)
+    s22 = sum(n * n / t**2 for n, t in xs)
+    r1 = sum(1 / t for _, t in xs)
+    r2 = sum(n / t for n, t in xs)
+    det = s11 * s22 - s12 * s12
+    a, b = (r1 * s22 - r2 * s12) / det, (s11 * r2 - s12 * r1) / det
+    a, b = max(a, 1e-7), max(b, 1e-13)
+    return Link(transport, bandwidth=2 * (p - 1) / (p * b), latency=a / (2 * (p - 1)))
+
+
+def collective_links(quick: bool = False, world: int = 2) -> tuple[list[Link], dict[str, dict[int, float]]]:
+    """Links fitted from all-reduce timings between `world` spawned ranks, fastest first; the raw means."""
+    from meshlm.parallel.launch import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_collective_rank, args=(r, world, port, quick, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    raw = out.get(timeout=600)
+    for p in procs:
+        p.join(timeout=60)
+    links = sorted((fit_link(t, times, world) for t, times in raw.items()), key=lambda ln: ln.latency)
+    return links, raw
+
+
+def _rss_bytes() -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0.5 * 2**30
+
+
+def calibrate(threads: int = 1, quick: bool = False) -> Cluster:
+    """Measure this host: one node of cores // threads devices, its links, its memory."""
+    from meshlm.plan.cluster import uncalibrated_local
+    from meshlm.plan.overhead import software_overhead
+
+    devices = max(1, (os.cpu_count() or 1) // threads)
+    base = uncalibrated_local(devices)
+    t0 = time.perf_counter()
+    flops = {"float32": matmul_rate(threads, "float32", quick)}
+    if not quick:
+        flops["bfloat16"] = matmul_rate(threads, "bfloat16", quick, rounds=1)
+    attn = attention_fraction(threads, quick)
+    bw = gemv_bandwidth(threads, quick)
+    node_bw = node_bandwidth(devices, threads, quick) if devices > 1 else bw
+    per_layer, per_step = software_overhead(threads, quick)
+    links, raw = collective_links(quick) if devices > 1 else ([base.node.link()], {})
+    dev = Device(name=f"cpu-rank-{threads}t", memory=base.node.device.memory, flops=flops, bandwidth=bw,
+                 compute_eff=1.0, bandwidth_eff=1.0, attention_eff=attn, memory_utilization=0.9,
+                 reserved=_rss_bytes(), layer_overhead=per_layer, step_overhead=per_step)
+    notes = {"source": "measured by `meshlm plan --calibrate`" + (" --quick" if quick else ""),
+             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads_per_rank": threads, "host": _cpu_name(),
+             "allreduce_mean_us": {t: {str(n): s * 1e6 for n, s in v.items()} for t, v in raw.items()},
+             "seconds": round(time.perf_counter() - t0, 1)}
+    node = Node(devices, dev, tuple(links), shared_memory=True,
+                memory_bandwidth=node_bw if devices > 1 else None)
+    return Cluster("local", 1, node, None, notes)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "cpu"

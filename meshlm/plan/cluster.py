@@ -1,0 +1,276 @@
+"""Cluster description: nodes of identical devices, the links inside a node and between nodes; presets.
+
+Units inside are SI (bytes, seconds, FLOP/s, bytes/s). Files (JSON, or YAML when PyYAML is installed)
+use human units: memory_gib, reserved_gib, tflops per dtype, bandwidth_gbs (GB/s), latency_us:
+
+    name: 2x8xH100
+    nodes: 2
+    node:
+      devices: 8
+      device: {name: H100-SXM-80GB, memory_gib: 80, tflops: {bfloat16: 989, float32: 67},
+               bandwidth_gbs: 3350, reserved_gib: 2, layer_overhead_us: 20, step_overhead_us: 1000}
+      links: [{transport: nvlink, bandwidth_gbs: 370, latency_us: 1}]
+    inter: {transport: infiniband, bandwidth_gbs: 45, latency_us: 10}
+
+A link is alpha-beta: a message of n bytes takes latency + n / bandwidth. A node may list several links
+(one per transport, the first is the default): a CPU host has shared memory (shm) and gloo over TCP.
+On a CPU host a "device" is one rank with its own thread(s); `shared_memory` says the ranks of a node
+share one memory pool, and `memory_bandwidth` caps the node's total streaming rate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from meshlm.errors import ConfigError
+
+GIB = 2**30
+PROFILE_ENV = "MESHLM_CLUSTER_PROFILE"
+
+
+@dataclass(frozen=True)
+class Link:
+    """One transport: a message of n bytes costs latency + n / bandwidth seconds."""
+
+    transport: str
+    bandwidth: float  # bytes/s per device, one direction
+    latency: float  # seconds per message (alpha)
+
+    def time(self, nbytes: float) -> float:
+        """Seconds for one message of nbytes."""
+        return self.latency + nbytes / self.bandwidth
+
+
+@dataclass(frozen=True)
+class Device:
+    """One rank's device: memory, peak matmul rate per dtype, memory bandwidth, and what it achieves."""
+
+    name: str
+    memory: float  # bytes (a CPU host: the whole host's memory, shared by its ranks)
+    flops: dict[str, float]  # peak dense matmul FLOP/s per dtype name
+    bandwidth: float  # bytes/s streamed from memory by one rank
+    compute_eff: float = 0.6  # achieved fraction of peak in large matmuls (1.0 when measured)
+    bandwidth_eff: float = 0.8  # achieved fraction of peak bandwidth (1.0 when measured)
+    attention_eff: float = 0.7  # attention kernels' FLOP rate as a fraction of the achieved matmul rate
+    memory_utilization: float = 0.9  # fraction of memory meshlm may plan to use
+    reserved: float = 0.0  # bytes the runtime takes per rank (CUDA context, allocator, Python + torch)
+    layer_overhead: float = 0.0  # seconds per decoder layer per forward beyond its math (dispatch, Python)
+    step_overhead: float = 0.0  # seconds per engine step beyond the forward (scheduling, sampling)
+
+    def rate(self, dtype: str) -> float:
+        """Achieved matmul FLOP/s in dtype."""
+        if dtype not in self.flops:
+            raise ConfigError(f"device {self.name!r} has no matmul rate for {dtype}; it lists "
+                              f"{', '.join(self.flops)}. Add tflops.{dtype} to the cluster file or pick "
+                              f"--dtype {next(iter(self.flops))}.")
+        return self.flops[dtype] * self.compute_eff
+
+
+@dataclass(frozen=True)
+class Node:
+    """A machine of `devices` identical devices and its intra-node links (the first is the default)."""
+
+    devices: int
+    device: Device
+    links: tuple[Link, ...]
+    shared_memory: bool = False  # ranks of this node share device.memory (a CPU host)
+    memory_bandwidth: float | None = None  # bytes/s the whole node streams at most (None: no cap)
+
+    def link(self, transport: str | None = None) -> Link:
+        """The named intra-node link, or the default."""
+        if transport is None:
+            return self.links[0]
+        for ln in self.links:
+            if transport.startswith(ln.transport) or ln.transport.startswith(transport):
+                return ln
+        raise ConfigError(f"this cluster's nodes have no {transport!r} link; they list "
+                          f"{', '.join(ln.transport for ln in self.links)}.")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """`nodes` identical nodes joined by `inter` (None for one node)."""
+
+    name: str
+    nodes: int
+    node: Node
+    inter: Link | None = None
+    notes: dict[str, Any] = field(default_factory=dict)  # where the numbers came from
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1 or self.node.devices < 1:
+            raise ConfigError(f"cluster {self.name!r} needs at least one node of one device.")
+        if self.nodes > 1 and self.inter is None:
+            raise ConfigError(f"cluster {self.name!r} has {self.nodes} nodes but no `inter` link; describe "
+                              "the network between nodes (bandwidth_gbs, latency_us).")
+        if not self.node.links:
+            raise ConfigError(f"cluster {self.name!r}: a node needs at least one link in `links`.")
+
+    @property
+    def devices(self) -> int:
+        """Devices in the whole cluster."""
+        return self.nodes * self.node.devices
+
+    def link_between(self, ranks: list[int], transport: str | None = None) -> Link:
+        """The slowest link a group of ranks crosses (rank r sits on node r // devices per node)."""
+        if len({r // self.node.devices for r in ranks}) > 1:
+            assert self.inter is not None
+            return self.inter
+        return self.node.link(transport)
+
+    def with_transport(self, transport: str) -> Cluster:
+        """The same cluster with `transport` as its nodes' default link."""
+        first = self.node.link(transport)
+        rest = tuple(ln for ln in self.node.links if ln is not first)
+        return replace(self, node=replace(self.node, links=(first, *rest)))
+
+
+def _link_from(d: dict[str, Any]) -> Link:
+    return Link(str(d.get("transport", "link")), float(d["bandwidth_gbs"]) * 1e9,
+                float(d["latency_us"]) * 1e-6)
+
+
+def _link_dict(ln: Link) -> dict[str, Any]:
+    return {"transport": ln.transport, "bandwidth_gbs": ln.bandwidth / 1e9, "latency_us": ln.latency * 1e6}
+
+
+def from_dict(d: dict[str, Any]) -> Cluster:
+    """Build a Cluster from the file format (human units)."""
+    try:
+        n, dev = d["node"], d["node"]["device"]
+        device = Device(
+            name=str(dev.get("name", "device")), memory=float(dev["memory_gib"]) * GIB,
+            flops={k: float(v) * 1e12 for k, v in dev["tflops"].items()},
+            bandwidth=float(dev["bandwidth_gbs"]) * 1e9, compute_eff=float(dev.get("compute_eff", 0.6)),
+            bandwidth_eff=float(dev.get("bandwidth_eff", 0.8)),
+            attention_eff=float(dev.get("attention_eff", 0.7)),
+            memory_utilization=float(dev.get("memory_utilization", 0.9)),
+            reserved=float(dev.get("reserved_gib", 0.0)) * GIB,
+            layer_overhead=float(dev.get("layer_overhead_us", 0)) * 1e-6,
+            step_overhead=float(dev.get("step_overhead_us", 0)) * 1e-6)
+        cap = n.get("memory_bandwidth_gbs")
+        node = Node(int(n["devices"]), device, tuple(_link_from(x) for x in n["links"]),
+                    bool(n.get("shared_memory", False)), float(cap) * 1e9 if cap else None)
+        inter = _link_from(d["inter"]) if d.get("inter") else None
+        return Cluster(str(d.get("name", "cluster")), int(d.get("nodes", 1)), node, inter,
+                       dict(d.get("notes", {})))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"cluster description is missing or has a bad field ({e}); see "
+                          "meshlm/plan/cluster.py for the format (node.devices, node.device.memory_gib, "
+                          "tflops, bandwidth_gbs, node.links, inter).") from None
+
+
+def to_dict(c: Cluster) -> dict[str, Any]:
+    """The file format of a Cluster (human units)."""
+    dev = c.node.device
+    out: dict[str, Any] = {"name": c.name, "nodes": c.nodes, "node": {
+        "devices": c.node.devices, "shared_memory": c.node.shared_memory,
+        "device": {"name": dev.name, "memory_gib": dev.memory / GIB,
+                   "tflops": {k: v / 1e12 for k, v in dev.flops.items()},
+                   "bandwidth_gbs": dev.bandwidth / 1e9,
+                   "compute_eff": dev.compute_eff, "bandwidth_eff": dev.bandwidth_eff,
+                   "attention_eff": dev.attention_eff, "memory_utilization": dev.memory_utilization,
+                   "reserved_gib": dev.reserved / GIB, "layer_overhead_us": dev.layer_overhead * 1e6,
+                   "step_overhead_us": dev.step_overhead * 1e6},
+        "links": [_link_dict(ln) for ln in c.node.links]}}
+    if c.node.memory_bandwidth:
+        out["node"]["memory_bandwidth_gbs"] = c.node.memory_bandwidth / 1e9
+    if c.inter is not None:
+        out["inter"] = _link_dict(c.inter)
+    if c.notes:
+        out["notes"] = c.notes
+    return out
+
+
+def _gpu(name: str, gib: float, bf16: float, fp32: float, gbs: float) -> dict[str, Any]:
+    return {"name": name, "memory_gib": gib, "tflops": {"bfloat16": bf16, "float16": bf16, "float32": fp32},
+            "bandwidth_gbs": gbs, "reserved_gib": 2.0, "layer_overhead_us": 20.0,
+            "step_overhead_us": 1000.0}
+
+
+_NVLINK = {"transport": "nvlink", "bandwidth_gbs": 370.0, "latency_us": 1.0}  # NVLink 4: NCCL bus rate
+_IB = {"transport": "infiniband", "bandwidth_gbs": 45.0, "latency_us": 10.0}  # one 400 Gb/s NIC per GPU
+_H100 = _gpu("H100-SXM-80GB", 80, 989, 67, 3350)
+_CPU = {"name": "cpu-rank", "memory_gib": 128, "tflops": {"float32": 0.1, "bfloat16": 0.05},
+        "bandwidth_gbs": 14.0, "compute_eff": 1.0, "bandwidth_eff": 1.0, "attention_eff": 0.35,
+        "reserved_gib": 0.5, "layer_overhead_us": 350.0, "step_overhead_us": 1500.0}
+PRESETS: dict[str, dict[str, Any]] = {
+    "8xH100": {"name": "8xH100", "nodes": 1, "node": {"devices": 8, "device": _H100, "links": [_NVLINK]}},
+    "2x8xH100": {"name": "2x8xH100", "nodes": 2, "node": {"devices": 8, "device": _H100, "links": [_NVLINK]},
+                 "inter": _IB},
+    "8xL40S-pcie": {"name": "8xL40S-pcie", "nodes": 1, "node": {
+        "devices": 8, "device": _gpu("L40S-48GB", 48, 362, 91.6, 864),
+        "links": [{"transport": "pcie", "bandwidth_gbs": 20.0, "latency_us": 15.0}]}},
+    "4xRTX4090-pcie": {"name": "4xRTX4090-pcie", "nodes": 1, "node": {
+        "devices": 4, "device": _gpu("RTX4090-24GB", 24, 165, 82.6, 1008),
+        "links": [{"transport": "pcie-host", "bandwidth_gbs": 12.0, "latency_us": 25.0}]}},
+    "cpu-host": {"name": "cpu-host", "nodes": 1, "node": {
+        "devices": 16, "device": _CPU, "shared_memory": True, "memory_bandwidth_gbs": 100.0,
+        "links": [{"transport": "shm", "bandwidth_gbs": 5.0, "latency_us": 10.0},
+                  {"transport": "gloo", "bandwidth_gbs": 1.5, "latency_us": 80.0}]}},
+}
+
+
+def profile_path() -> Path:
+    """Where `meshlm plan --calibrate` saves this machine's profile ($MESHLM_CLUSTER_PROFILE overrides)."""
+    env = os.environ.get(PROFILE_ENV)
+    return Path(env) if env else Path.home() / ".cache" / "meshlm" / "cluster-local.json"
+
+
+def save(c: Cluster, path: str | Path) -> Path:
+    """Write a cluster description as JSON (YAML when the name ends in .yaml/.yml)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        path.write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
+    else:
+        path.write_text(json.dumps(to_dict(c), indent=1) + "\n")
+    return path
+
+
+def load_file(path: str | Path) -> Cluster:
+    """Read a JSON or YAML cluster description."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path} is YAML but PyYAML is not installed; pip install pyyaml, "
+                              "or write JSON.") from None
+        return from_dict(yaml.safe_load(text))
+    return from_dict(json.loads(text))
+
+
+def uncalibrated_local(cores: int | None = None, memory: float | None = None) -> Cluster:
+    """This host as a cpu-host with one rank per core, before `meshlm plan --calibrate` measured it."""
+    cores = cores or os.cpu_count() or 1
+    if memory is None:
+        try:
+            memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
+        except (OSError, ValueError, IndexError):
+            memory = 16 * GIB
+    d = json.loads(json.dumps(PRESETS["cpu-host"]))
+    d.update(name="local (uncalibrated)", notes={"source": "defaults; run `meshlm plan --calibrate`"})
+    d["node"].update(devices=cores, memory_bandwidth_gbs=None)
+    d["node"]["device"]["memory_gib"] = memory / GIB
+    return from_dict(d)
+
+
+def resolve(spec: str | None) -> Cluster:
+    """A preset name, a file path, or 'local' (the saved calibration, else this host's defaults)."""
+    if spec in (None, "local"):
+        path = profile_path()
+        return load_file(path) if path.exists() else uncalibrated_local()
+    if spec in PRESETS:
+        return from_dict(PRESETS[spec])
+    if Path(spec).exists():
+        return load_file(spec)
+    raise ConfigError(f"--cluster {spec!r} is neither a preset ({', '.join(PRESETS)}, local) nor a file; "
+                      "name a preset or a JSON/YAML cluster description.")

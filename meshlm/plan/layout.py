@@ -1,0 +1,170 @@
+"""A layout (dp x pp x tp), a workload, and what each rank of a layout holds (uneven shards included).
+
+Shares come from the same functions the loader uses (styles.head_partition, even_partition and
+pipeline.plan_stages), so the planner sizes exactly what a rank will load: query heads travel with
+their KV group, KV heads are replicated when tp exceeds their count, the MLP and the vocabulary split
+evenly, the embedding sits on stage 0 and the norm and head on the last stage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from meshlm.config import ModelConfig
+from meshlm.errors import ConfigError
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OBJECTIVES = ("throughput", "ttft", "tpot")
+
+
+@dataclass(frozen=True, order=True)
+class Layout:
+    """Degrees of data, pipeline and tensor parallelism; ranks are laid out tp fastest (mesh.py)."""
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+
+    @property
+    def model_ranks(self) -> int:
+        """Ranks holding one copy of the model (pp x tp)."""
+        return self.pp * self.tp
+
+    @property
+    def world(self) -> int:
+        """All ranks."""
+        return self.dp * self.pp * self.tp
+
+    def __str__(self) -> str:
+        return f"dp={self.dp} pp={self.pp} tp={self.tp}"
+
+    @classmethod
+    def parse(cls, text: str) -> Layout:
+        """'tp=2,pp=1' (any order, dp/pp/tp; missing degrees are 1) -> Layout."""
+        degrees: dict[str, int] = {}
+        for part in text.replace(" ", ",").split(","):
+            if not part:
+                continue
+            key, _, value = part.partition("=")
+            if key not in ("dp", "pp", "tp") or not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--layout {text!r}: expected degrees like tp=2,pp=1 (dp, pp, tp >= 1).")
+            degrees[key] = int(value)
+        return cls(**degrees)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the layout must serve: request shape, concurrency, objective and service-level targets."""
+
+    prompt_tokens: int = 512
+    output_tokens: int = 128
+    batch: int = 1  # sequences decoded together per replica
+    objective: str = "throughput"  # throughput (tokens/s per device) | ttft | tpot
+    slo_ttft_s: float | None = None
+    slo_tpot_s: float | None = None
+    max_batched_tokens: int = 2048  # tokens per engine step (prefill chunk), SchedulerConfig's default
+    micro_batches: int | None = None  # pipeline micro-batches; None = min(batch, pp), as the runner does
+    prefill_chunks: int | None = None  # chunks per prompt with pp > 1; None = the runner's auto
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective {self.objective!r} is unknown; use one of {', '.join(OBJECTIVES)}.")
+        if min(self.prompt_tokens, self.output_tokens, self.batch, self.max_batched_tokens) < 1:
+            raise ConfigError("prompt_tokens, output_tokens, batch and max_batched_tokens must be >= 1.")
+
+    @property
+    def context(self) -> int:
+        """Tokens of the longest request: prompt plus output."""
+        return self.prompt_tokens + self.output_tokens
+
+    @classmethod
+    def parse(cls, text: str | None) -> Workload:
+        """A JSON/YAML file, or inline 'prompt=2048,output=256,batch=16,objective=ttft,slo_tpot_ms=50'."""
+        if not text:
+            return cls()
+        if Path(text).exists():
+            raw = Path(text).read_text()
+            if text.endswith((".yaml", ".yml")):
+                import yaml
+
+                d: dict[str, Any] = yaml.safe_load(raw)
+            else:
+                d = json.loads(raw)
+        else:
+            d = dict(p.split("=", 1) for p in text.split(",") if "=" in p)
+        alias = {"prompt": "prompt_tokens", "output": "output_tokens", "slo_ttft_ms": "slo_ttft_s",
+                 "slo_tpot_ms": "slo_tpot_s"}
+        names = {f.name: f.type for f in fields(cls)}
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            name = alias.get(key, key)
+            if name not in names:
+                raise ConfigError(f"workload field {key!r} is unknown; use {', '.join(names)} (or prompt, "
+                                  "output, slo_ttft_ms, slo_tpot_ms).")
+            if name == "objective":
+                out[name] = str(value)
+            elif name.startswith("slo_"):
+                out[name] = float(value) / (1000.0 if key.endswith("_ms") else 1.0)
+            else:
+                out[name] = int(value)
+        return cls(**out)
+
+
+@dataclass(frozen=True)
+class RankShare:
+    """What one rank (stage s, tp index i) holds: heads, parameters, KV bytes per token."""
+
+    stage: int
+    tp_index: int
+    layers: int
+    q_heads: int
+    kv_heads: int
+    inter: int  # this rank's slice of the MLP's intermediate size
+    params: int  # parameters stored on this rank
+    layer_params: int  # of which in one decoder layer (the matmul weights a token streams)
+    head_params: int  # the vocab-parallel head on the last stage (0 elsewhere)
+    kv_bytes_per_token: int
+
+
+def stage_sizes(cfg: ModelConfig, pp: int) -> list[int]:
+    """Layers per stage as the pipeline will split them (its cost-balanced default)."""
+    from meshlm.parallel.pipeline import plan_stages
+
+    return [p.stop - p.start for p in plan_stages(cfg, pp)]
+
+
+def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str) -> list[RankShare]:
+    """Every (stage, tp index) share of one replica, exact under meshlm's uneven splits."""
+    from meshlm.parallel.styles import even_partition, head_partition
+
+    h, d, tp, elem = cfg.hidden_size, cfg.head_dim, layout.tp, BYTES[dtype]
+    heads = head_partition(cfg.num_heads, cfg.num_kv_heads, tp)
+    inter = even_partition(cfg.intermediate_size, tp)
+    vocab = even_partition(cfg.vocab_size, tp)
+    sizes = stage_sizes(cfg, layout.pp)
+    out = []
+    for s, n_layers in enumerate(sizes):
+        first, last = s == 0, s == len(sizes) - 1
+        for i in range(tp):
+            q, kv = heads[i].num_q, heads[i].kv_end - heads[i].kv_start
+            i_local, v_local = inter[i][1] - inter[i][0], vocab[i][1] - vocab[i][0]
+            attn = 2 * h * q * d + 2 * h * kv * d
+            bias = (q + 2 * kv) * d if cfg.attention_bias else 0
+            bias += h if cfg.attention_out_bias else 0
+            bias += 2 * i_local + h if cfg.mlp_bias else 0
+            mlp = 3 * h * i_local * max(1, cfg.num_experts) + h * cfg.num_experts
+            layer = attn + bias + mlp + 2 * h
+            head = v_local * h if last else 0
+            embed = v_local * h if first and not (last and cfg.tie_word_embeddings) else 0
+            params = n_layers * layer + embed + head + (h if last else 0)
+            out.append(RankShare(s, i, n_layers, q, kv, i_local, params, layer, head,
+                                 2 * n_layers * kv * d * elem))
+    return out
+
+
+def largest_share(cfg: ModelConfig, layout: Layout, dtype: str) -> RankShare:
+    """The rank that holds the most bytes (weights, then KV per token): memory is sized for it."""
+    return max(rank_shares(cfg, layout, dtype), key=lambda r: (r.params, r.kv_bytes_per_token))

@@ -1,0 +1,77 @@
+"""meshlm's own software overhead per decoder layer and per engine step, timed on tiny random models.
+
+A model of hidden size 64 does almost no arithmetic, so its decode step is what the framework costs:
+module calls, operator dispatch, paged-attention bookkeeping, scheduling and sampling. Two depths give
+a line: step(L) = step_overhead + L x layer_overhead. Used by `meshlm plan --calibrate`; on a
+large model these seconds are small, on the small models a CPU host runs they are a tenth of a step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "bos_token_id": 0, "eos_token_id": 1,
+        "tie_word_embeddings": False}
+
+
+def tiny_checkpoint(folder: Path, layers: int) -> Path:
+    """Write a random Llama of `layers` layers (config.json, model.safetensors, a word-level tokenizer)."""
+    import torch
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from meshlm.checkpoint.loader import build_meta
+    from meshlm.checkpoint.names import hf_names
+    from meshlm.config import ModelConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = {**TINY, "num_hidden_layers": layers}
+    (folder / "config.json").write_text(json.dumps(raw))
+    g = torch.Generator().manual_seed(layers)
+    weights = {hf_names(n)[0]: 0.1 * torch.randn(p.shape, generator=g)
+               for n, p in build_meta(ModelConfig.from_hf(raw)).named_parameters()}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}.": i for i in range(3, TINY["vocab_size"])}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": False}))
+    return folder
+
+
+def decode_step_seconds(path: Path, threads: int, new: int, runs: int) -> float:
+    """Median seconds of one decode step of the model at `path` (tp=1), from (new-token run - 1-token run)."""
+    from meshlm import LLM, SamplingParams
+    from meshlm.engine.engine import EngineConfig
+
+    rng = random.Random(0)
+    ids = lambda: [rng.randrange(3, TINY["vocab_size"]) for _ in range(16)]
+    steps = []
+    with LLM(str(path), threads=threads, progress=False, engine=EngineConfig(kv_cache_mb=16)) as llm:
+        llm.generate([ids()], SamplingParams(max_tokens=new, ignore_eos=True))  # warm-up
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            llm.generate([ids()], SamplingParams(max_tokens=1, ignore_eos=True))
+            a = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            llm.generate([ids()], SamplingParams(max_tokens=new, ignore_eos=True))
+            steps.append((time.perf_counter() - t0 - a) / (new - 1))
+    return statistics.median(steps)
+
+
+def software_overhead(threads: int = 1, quick: bool = False) -> tuple[float, float]:
+    """(seconds per layer per forward, seconds per engine step) of meshlm on this host."""
+    depths = (2, 10)
+    new, runs = (16, 2) if quick else (64, 5)
+    with tempfile.TemporaryDirectory(prefix="meshlm-overhead-") as tmp:
+        t = [decode_step_seconds(tiny_checkpoint(Path(tmp) / f"l{n}", n), threads, new, runs) for n in depths]
+    per_layer = max(0.0, (t[1] - t[0]) / (depths[1] - depths[0]))
+    return per_layer, max(0.0, t[0] - depths[0] * per_layer)

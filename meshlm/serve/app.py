@@ -1,0 +1,264 @@
+"""The FastAPI app: OpenAI routes, /health, /metrics; auth, size and content-type guards; one error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from meshlm.config import SamplingParams
+from meshlm.serve.config import ServerConfig
+from meshlm.serve.engine_loop import EngineLoop
+from meshlm.serve.errors import APIError, error_body
+from meshlm.serve.metrics import ServerMetrics
+from meshlm.serve.protocol import Update
+from meshlm.serve.streaming import Generation
+from meshlm.serve.validation import ModelContext, parse_generation, read_json
+from meshlm.telemetry.metrics import CONTENT_TYPE
+
+log = logging.getLogger(__name__)
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class ServerState:
+    """What the routes share: config, model facts, the engine loop, metrics, and the drain flag."""
+
+    def __init__(self, cfg: ServerConfig, ctx: ModelContext, engine: EngineLoop, metrics: ServerMetrics,
+                 token_str: Any, probe_token: int) -> None:
+        self.cfg, self.ctx, self.engine, self.metrics = cfg, ctx, engine, metrics
+        self.token_str, self.probe_token = token_str, probe_token
+        self.draining = False
+        self.inflight = 0  # generation requests not yet answered
+        self.started = int(time.time())
+        self._probe: asyncio.Task | None = None
+
+    def unavailable(self) -> str | None:
+        """Why the server cannot take work now, or None."""
+        if self.draining:
+            return "The server is shutting down and admits no new requests; retry on another server."
+        if self.engine.dead is not None:
+            return f"The engine failed: {self.engine.dead}"
+        failure = self.engine.rank_failure()
+        return f"The engine failed: {failure}" if failure else None
+
+    async def probe(self) -> bool:
+        """Run (or join) a 1-token request; True when it finishes within the health deadline."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._run_probe())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._probe), self.cfg.health_deadline_s)
+        except TimeoutError:
+            return False
+
+    async def _run_probe(self) -> bool:
+        out: asyncio.Queue[Update] = asyncio.Queue()
+        rid = f"probe-{self.engine.next_id()}"
+        try:
+            await self.engine.submit([rid], [[self.probe_token]],
+                                     [SamplingParams(max_tokens=1, ignore_eos=True)], out,
+                                     self.cfg.health_deadline_s, internal=True)
+            while True:
+                u = await out.get()
+                if u.finish_reason is not None:
+                    return u.finish_reason in ("stop", "length")
+        except Exception as e:
+            log.warning("health probe failed: %s", e)
+            return False
+        finally:
+            self.engine.abort([rid])
+
+
+def _json_error(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), err.status, headers=err.headers)
+
+
+class Guard:
+    """ASGI middleware: API key on every route but /health (constant-time compare); counts responses."""
+
+    def __init__(self, app: Any, state: ServerState) -> None:
+        self.app, self.state = app, state
+        key = state.cfg.api_key
+        self.expected = f"Bearer {key}".encode() if key else None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        route = path if path in ROUTES else ("/v1/models" if path.startswith("/v1/models/") else "other")
+        status = {"code": 500}
+
+        async def counting_send(msg: dict) -> None:
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+
+        try:
+            if self.expected is not None and path != "/health":
+                got = dict(scope.get("headers") or []).get(b"authorization", b"")
+                if not hmac.compare_digest(got, self.expected):
+                    self.state.metrics.rejected.inc(reason="auth")
+                    err = APIError(401, "Missing or wrong API key; send 'Authorization: Bearer <key>'.",
+                                   code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                    return await _json_error(err)(scope, receive, counting_send)
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.state.metrics.http.inc(route=route, status=str(status["code"]))
+
+
+class SSEResponse(StreamingResponse):
+    """Streams events while watching for the client to go away; on disconnect the stream is cancelled."""
+
+    def __init__(self, gen: Generation) -> None:
+        super().__init__(gen.stream(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.gen = gen
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                async def stream() -> None:
+                    await self.stream_response(send)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(stream)
+                await self.listen_for_disconnect(receive)
+                tg.cancel_scope.cancel()
+        finally:
+            self.gen.close()
+            await self.body_iterator.aclose()
+
+
+async def _wait_disconnect(receive: Any) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    size = request.headers.get("content-length")
+    if size is not None and size.isdigit() and int(size) > limit:
+        raise APIError(413, f"The body has {size} bytes; the limit is {limit}.", code="body_too_large",
+                       reason="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"The body exceeds the limit of {limit} bytes.", code="body_too_large",
+                           reason="body_too_large")
+    return bytes(body)
+
+
+async def _generate(state: ServerState, request: Request, chat: bool) -> Response:
+    why = state.unavailable()
+    if why is not None:
+        raise APIError(503, why, code="unavailable", headers={"Retry-After": str(state.cfg.retry_after_s)},
+                       reason="draining" if state.draining else "unavailable")
+    data = read_json(await _read_body(request, state.cfg.max_body_bytes), request.headers.get("content-type"))
+    req = parse_generation(data, chat, state.ctx)
+    snap, cap = state.engine.snapshot, state.engine.engine.scheduler.cfg.max_waiting
+    if snap.waiting + state.engine.pending + req.num_choices > cap:  # fast path; the engine checks exactly
+        raise APIError(429, f"{snap.waiting} requests are waiting (the cap is {cap}); retry shortly.",
+                       code="queue_full", headers={"Retry-After": str(state.cfg.retry_after_s)},
+                       reason="queue_full")
+
+    def release() -> None:
+        state.inflight -= 1
+
+    timeout = min(req.timeout_s or state.cfg.request_timeout_s, state.cfg.request_timeout_s)
+    gen = Generation(state.engine, req, state.token_str, timeout, state.cfg.retry_after_s, release)
+    state.inflight += 1
+    try:
+        await gen.start()
+    except BaseException:
+        gen.closed = True
+        gen.engine.abort(gen.request_ids)  # a cancelled submit may still be applied
+        release()
+        raise
+    if req.stream:
+        return SSEResponse(gen)
+    collect = asyncio.ensure_future(gen.collect())
+    gone = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if collect not in done:
+            return Response(status_code=499)  # the client left: nobody reads this
+        return JSONResponse(collect.result())
+    finally:
+        gone.cancel()
+        collect.cancel()
+        gen.close()
+
+
+def create_app(state: ServerState) -> FastAPI:
+    """The app, its routes and error handlers."""
+    app = FastAPI(title="meshlm", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        if err.status < 500 or err.reason in ("draining", "unavailable"):  # refused, not failed
+            state.metrics.rejected.inc(reason=err.reason)
+        return _json_error(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = exc.status_code
+        msg = (f"No route {request.method} {request.url.path}; see /v1/models, /v1/completions, "
+               "/v1/chat/completions, /health, /metrics." if code in (404, 405) else str(exc.detail))
+        return JSONResponse(error_body(code, msg, None, f"http_{code}"), code)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        body = error_body(500, f"Internal error: {type(exc).__name__}", None, "internal_error")
+        return JSONResponse(body, 500)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(state, request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(state, request, chat=True)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": state.cfg.model_name, "object": "model", "created": state.started, "owned_by": "meshlm",
+                "max_model_len": state.ctx.max_context}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str) -> dict[str, Any]:
+        if model not in state.ctx.names:
+            raise APIError(404, f"The model {model!r} does not exist.", "model", "model_not_found",
+                           reason="unknown_model")
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        why = state.unavailable()
+        if why is None and time.monotonic() - state.engine.last_progress > state.cfg.health_deadline_s:
+            if not await state.probe():
+                why = f"The engine made no progress in {state.cfg.health_deadline_s:g} s."
+        if why is not None:
+            return JSONResponse(error_body(503, why, None, "unhealthy"), 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    app.add_middleware(Guard, state=state)
+    if state.cfg.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(state.cfg.cors_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+    return app

@@ -1,0 +1,89 @@
+"""The `meshlm serve` command line: arguments, then the server (imported only when serving)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from meshlm.errors import ConfigError
+from meshlm.serve.config import ServerConfig
+
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+    """The `serve` subcommand."""
+    p = sub.add_parser("serve", help="serve an OpenAI-compatible HTTP API",
+                       description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
+                                   "/metrics (Prometheus) over HTTP, with the engine loop in the background.")
+    add_model_args(p)
+    if not any("--pp" in a.option_strings for a in p._actions):
+        p.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key-env", metavar="VAR", default=None,
+                   help="name of the environment variable holding the API key; when set, every route but "
+                        "/health needs 'Authorization: Bearer <key>'")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id clients send (default: from --model)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests computed at once (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
+    p.add_argument("--max-waiting", type=int, default=128,
+                   help="queued requests before new ones get 429 (default 128)")
+    p.add_argument("--kv-cache-mb", type=float, default=None, help="KV cache per rank in MiB (default: 25%% "
+                                                                    "of free memory)")
+    p.add_argument("--max-n", type=int, default=16, help="choices per request at most (default 16)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (600)")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for in-flight requests (default 30)")
+    p.add_argument("--health-deadline", type=float, default=10.0,
+                   help="/health is 200 only if the engine progressed (or a probe finished) within this")
+    p.add_argument("--allow-origin", action="append", default=[],
+                   help="enable CORS for this origin (repeatable; CORS is off by default)")
+
+
+def _model_name(model: str | None) -> str:
+    if model is None:
+        return DEFAULT_NAME
+    path = Path(model)
+    return path.name[: -len(".gguf")] if path.name.lower().endswith(".gguf") else path.name
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Build the LLM and serve until SIGTERM; returns the exit code."""
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env) or None
+        if key is None:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is unset or "
+                              "empty; export the key in it (the key is never passed on the command line).")
+    name = args.served_model_name or _model_name(args.model)
+    cfg = ServerConfig(host=args.host, port=args.port, model_name=name,
+                       api_key=key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
+                       request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+                       health_deadline_s=args.health_deadline, cors_origins=tuple(args.allow_origin))
+    from meshlm.engine.engine import EngineConfig
+    from meshlm.engine.scheduler import SchedulerConfig
+    from meshlm.llm import LLM
+
+    ecfg = EngineConfig(kv_cache_mb=args.kv_cache_mb, scheduler=SchedulerConfig(
+        args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting))
+    if args.pp != 1:  # the pipeline runs whole batches (engine/pipeline_runner.py), not the paged engine
+        raise ConfigError("meshlm serve needs the continuous-batching engine, which runs with --pp 1 for "
+                          "now; use --tp to spread the model over more ranks.")
+    extra = {k: getattr(args, k) for k in ("transport",) if getattr(args, k, None) is not None}
+    llm = LLM(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context, tp=args.tp,
+              comm_timeout_s=args.comm_timeout, backend=args.backend, engine=ecfg, **extra)
+    from meshlm.serve.server import serve
+
+    try:
+        return serve(llm, cfg, aliases=() if args.model is None else (args.model,),
+                     log_level="info" if args.verbose else "warning", key_env=args.api_key_env,
+                     comm_timeout_s=args.comm_timeout)
+    finally:
+        llm.close()

@@ -1,0 +1,65 @@
+"""Calibrate this machine, then bench layouts of a small model against the cost model, end to end.
+
+The comparison's accuracy is the benchmark's business (benchmarks/planner.py, docs/benchmarks.md); here
+every term must be produced, finite and non-negative where it is a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from meshlm.cli import main
+from meshlm.plan import cluster as clusters
+from meshlm.plan.bench import KEYS, run_bench
+from meshlm.plan.calibrate import calibrate
+from meshlm.plan.layout import Layout
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory) -> clusters.Cluster:
+    """A quick calibration of this host, saved and read back as `meshlm plan --calibrate` does."""
+    c = calibrate(threads=1, quick=True)
+    path = clusters.save(c, tmp_path_factory.mktemp("profile") / "local.json")
+    back = clusters.load_file(path)
+    assert back.node.device.flops["float32"] > 1e9 and back.node.device.bandwidth > 1e8
+    assert back.node.device.layer_overhead > 0 and 0 < back.node.device.attention_eff < 2
+    if back.node.devices > 1:
+        assert {ln.transport for ln in back.node.links} & {"shm", "gloo"}
+        assert all(ln.latency > 0 and ln.bandwidth > 0 for ln in back.node.links)
+    return back
+
+
+@pytest.mark.parametrize("layout", ["tp=1", "tp=2", "pp=2"])
+def test_bench_pairs_every_term(layout, profile, checkpoint):
+    """A layout runs through LLM; each term has a prediction and a measurement (pp=2 may be unavailable)."""
+    res = run_bench(str(checkpoint("llama_gqa")), Layout.parse(layout), profile, prompt=48, new=6, runs=1)
+    if res.skipped:
+        assert "pp" in layout, res.skipped  # the pipeline may not have landed
+        pytest.skip(res.skipped)
+    for phase in ("prefill", "decode"):
+        for key in KEYS:
+            assert math.isfinite(res.predicted[phase][key]) and res.predicted[phase][key] >= 0
+            assert math.isfinite(res.measured[phase][key])
+        assert res.measured[phase]["total"] > 0
+        if layout == "tp=2":
+            assert res.predicted[phase]["collectives"] > 0 and res.measured[phase]["collectives"] > 0
+    if layout == "pp=2":
+        assert res.predicted["decode"]["bubble"] > 0
+
+
+def test_calibrate_and_bench_from_the_command_line(tmp_path, monkeypatch, checkpoint, capsys):
+    """`meshlm plan --calibrate --quick` saves the profile; `meshlm bench` prints predicted and measured."""
+    monkeypatch.setenv(clusters.PROFILE_ENV, str(tmp_path / "local.json"))
+    assert main(["plan", "--calibrate", "--quick"]) == 0
+    assert "saved to" in capsys.readouterr().out and (tmp_path / "local.json").exists()
+    assert main(["bench", "--layout", "tp=2", "--model", str(checkpoint("llama_gqa")), "--runs", "1",
+                 "--prompt-tokens", "32", "--new-tokens", "4", "--json"]) == 0
+    (res,) = json.loads(capsys.readouterr().out)
+    assert res["layout"] == "dp=1 pp=1 tp=2" and res["predicted"]["decode"]["total"] > 0
+    assert main(["plan", "--model", str(checkpoint("llama_gqa"))]) == 0
+    assert "chosen:" in capsys.readouterr().out
