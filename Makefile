@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/meshlm generate --chat "What is the capital of France? Answer in one sentence." --max-tokens 48
+	$(BIN)/meshlm generate --chat "What is the capital of France? Answer in one sentence." --max-tokens 48 --tp 2
+	$(BIN)/meshlm serve --tp 2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15

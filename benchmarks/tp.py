@@ -1,6 +1,7 @@
 """Tensor parallelism on one CPU host: tokens/s and collective overhead at tp=1 and tp=2, plus gloo latency.
 
-    python benchmarks/tp.py [--models llama-100m llama-400m] [--runs 3] [--transport gloo [shm]]
+    python benchmarks/tp.py [--models llama-100m llama-400m] [--runs 3] [--transport gloo [shm]] [--json F]
+    python benchmarks/tp.py --report F       # tables and chart again from a --json file
 
 Each (model, layout) runs in a fresh process, so peak RSS is that layout's own; the paged KV pool is a
 fixed KV_MB per rank, so RSS compares weights rather than pool sizing. tp=2 runs once per --transport
@@ -24,7 +25,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import common
 
@@ -39,7 +42,8 @@ def tp_seconds(stats: dict) -> tuple[float, int]:
     return sum(v["seconds"] for v in ops), sum(int(v["calls"]) for v in ops)
 
 
-def quiet(llm, prompts, params, wait: float, tag: str, tries: int = 3) -> tuple:
+def quiet(llm: Any, prompts: Callable[[int], list[list[int]]], params: Any, wait: float, tag: str,
+          tries: int = 3) -> tuple[Any, dict, float]:
     """Generate prompts(attempt) under the run lock; retry (up to `tries`, each with a fresh prompt, so no
     prefix-cache hit) while other processes took over 20% of the CPUs.
 
