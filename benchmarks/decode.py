@@ -11,7 +11,8 @@ RequestOutput.decode_s for meshlm and from a streamer's timestamps for HF (its d
 Roofline: every weight is read once per token (the input embedding only one row, a tied head the whole
 matrix), so tokens/s <= read bandwidth / weight bytes. Bandwidth is torch.sum over a buffer of exactly
 the weights' size, same threads, best of 10: what the machine streams for that working set (L3 included).
-On a shared machine each timed run takes the benchmarks' lock and waits for other load to drop (common).
+On a shared machine each timed run takes the benchmarks' lock and waits for other load to drop (common);
+"other load" is the largest share of all CPUs that other processes used during one of a row's timed runs.
 Progress goes to stderr; the markdown table to stdout; --json keeps the raw numbers.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -57,6 +59,24 @@ def read_bandwidth(nbytes: int, tries: int = 10) -> float:
         buf.sum()
         best = max(best, buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def _jiffies() -> tuple[int, int]:
+    """System-wide (busy, total) CPU jiffies from /proc/stat."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(v) - v[3] - v[4], sum(v)
+
+
+def timed_with_load(fn, *args):
+    """(fn(*args), share of all CPUs that other processes used while it ran)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    b0, t0 = _jiffies()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    out = fn(*args)
+    b1, t1 = _jiffies()
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    ours = (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) * hz
+    return out, max(0.0, (b1 - b0 - ours) / max(1, t1 - t0))
 
 
 class Stamps:
@@ -119,11 +139,11 @@ def run_one(name: str, dtype: str, threads: int, new: int, runs: int, wait_s: fl
     ours, theirs, busy = [], [], []
     for i in range(runs):
         for engine, fn, model, acc in (("meshlm", meshlm_decode, llm, ours), ("hf", hf_decode, hf, theirs)):
-            with common.quiet_run(wait_s) as load:
-                tps, toks = fn(model, ids, new)
+            with common.quiet_run(wait_s):
+                (tps, toks), load = timed_with_load(fn, model, ids, new)
             busy.append(load)
             acc.append((tps, toks))
-            common.log(f"  run {i + 1}/{runs} {engine}: {tps:.1f} tok/s (other load {load:.0%})")
+            common.log(f"  run {i + 1}/{runs} {engine}: {tps:.1f} tok/s (other load during the run {load:.0%})")
     with common.quiet_run(wait_s):
         bw = read_bandwidth(wbytes)
         dram = read_bandwidth(1 << 30, tries=4)
@@ -141,15 +161,16 @@ def run_one(name: str, dtype: str, threads: int, new: int, runs: int, wait_s: fl
 def table(rows: list[dict]) -> str:
     """Markdown table of result rows."""
     head = ("| model | dtype | threads | weights MB/token | read GB/s | roofline tok/s | HF tok/s | "
-            "meshlm tok/s | meshlm / HF | HF % roofline | meshlm % roofline | greedy tokens |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n")
+            "meshlm tok/s | meshlm / HF | HF % roofline | meshlm % roofline | greedy tokens | other load |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n")
     lines = []
     for r in rows:
         same = "identical" if r["first_diff"] is None else f"differ from #{r['first_diff']}"
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['threads']} | {r['weight_mb']:.0f} | {r['bw_gbs']:.1f} | "
             f"{r['roofline']:.1f} | {r['hf']:.1f} | {r['meshlm']:.1f} | {r['meshlm'] / r['hf']:.2f}x | "
-            f"{r['hf'] / r['roofline']:.0%} | {r['meshlm'] / r['roofline']:.0%} | {same} |")
+            f"{r['hf'] / r['roofline']:.0%} | {r['meshlm'] / r['roofline']:.0%} | {same} | "
+            f"{r['max_other_load']:.0%} |")
     return head + "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ a stage's compute seconds / its wall seconds, from LLM.pipeline_report() of the 
 sequences pp=2 also sweeps the micro-batch count and compares three stage splits: the cost estimate,
 an even split, and one balanced on per-unit seconds measured with forward hooks at pp=1.
 TTFT: one --long-token prompt, max_tokens=1, at pp=1 and at pp=2 with 1 (off), 2, 4, 8 and 16 chunks.
+Chunk rule: the seconds of each of 8 chunks of that prompt run in sequence in one process, when chunks
+are equal in size and when they are equal in estimated cost (meshlm's rule: later chunks are shorter).
 The PNG shows the pp=2 timelines (8 sequences; the chunked prompt) and each stage's busy fraction.
 Progress goes to stderr; the markdown tables go to stdout.
 """
@@ -60,6 +62,31 @@ def measured_costs(llm, prompts: list[list[int]], new: int) -> list[float]:
     for h in hooks:
         h.remove()
     return seconds
+
+
+def chunk_times(llm, n: int, chunks: int) -> dict[str, dict[str, list[float]]]:
+    """Sizes and seconds of each chunk of one n-token prefill in one process: equal-cost vs equal-size."""
+    import torch
+
+    from meshlm.engine.static_cache import StaticKVCache
+    from meshlm.parallel.pipeline import attention_ratio, chunk_bounds
+
+    model, cfg = llm.model, llm.cfg
+    kv_heads = next(iter(model.layers.values())).self_attn.k_proj.out_features // cfg.head_dim
+    tokens = torch.tensor([common.prompt_ids(n, cfg.vocab_size, seed=123)])
+    out = {}
+    rules = (("equal size", 0.0), ("equal cost (meshlm)", attention_ratio(cfg)))
+    for rule, ratio in rules * 2:  # the first pass warms up; the second overwrites it
+        cache = StaticKVCache(len(model.layers), 1, n, kv_heads, cfg.head_dim, torch.float32)
+        bounds, seconds = chunk_bounds(n, chunks, ratio), []
+        with torch.inference_mode():
+            for a, b in bounds:
+                t0 = time.perf_counter()
+                cache.prepare(torch.arange(a, b)[None])
+                model(tokens[:, a:b], torch.arange(a, b)[None], cache, logits_index=torch.tensor([[b - a - 1]]))
+                seconds.append(time.perf_counter() - t0)
+        out[rule] = {"sizes": [b - a for a, b in bounds], "seconds": seconds}
+    return out
 
 
 def timed(llm, prompts: list[list[int]], new: int) -> tuple[float, list[dict], float]:
@@ -111,7 +138,7 @@ def measure(job: dict) -> dict:
         out["layers"] = [i["layers"] for i in llm.rank_info()]
         timed(llm, short(2, 77), 8)  # warm-up
         if job.get("costs_only"):
-            return {"costs": measured_costs(llm, short(8, 78), new)}
+            return {"costs": measured_costs(llm, short(8, 78), new), "chunk_rule": chunk_times(llm, job["long"], 8)}
         for n in job["concurrency"]:
             r = median_run(llm, lambda s, n=n: short(n, s), new, runs, f"{job['layout']} n={n}", wait)
             out["throughput"][n] = {k: r[k] for k in ("tps", "busy", "other")}
@@ -174,6 +201,12 @@ def tables(res: dict[str, dict], args: argparse.Namespace) -> str:
              for c, v in pp2["ttft"].items()]
     lines += [f"| {name} | {v['ttft'] * 1e3:.0f} | {v['ttft'] / base:.2f}x | {pct(v['busy'])} |"
               for name, v in rows]
+    lines += ["", f"| Chunk rule, one {args.long}-token prefill in one process | chunk sizes (tokens) "
+              "| seconds per chunk | slowest / fastest |", "|---|---|---|---:|"]
+    for rule, v in res["costs"]["chunk_rule"].items():
+        secs = v["seconds"]
+        lines.append(f"| {rule} | {', '.join(map(str, v['sizes']))} | {', '.join(f'{x:.2f}' for x in secs)} "
+                     f"| {max(secs) / min(secs):.2f} |")
     others = [x["other"] for r in res.values() if isinstance(r, dict)
               for part in ("throughput", "micro_batches", "ttft") for x in r.get(part, {}).values()]
     if others:

@@ -11,7 +11,8 @@ saved one. Then each (model, layout, transport) runs in a fresh process through 
 a 1-token run) / (new - 1), batch 1; medians of --runs after a warm-up. Every timed process takes the
 benchmarks' lock and waits for other CPU load to fall under 20% (common.quiet_run). Terms: compute,
 collectives (tp all-reduces and all-gathers, plus the per-step broadcast of the step's input), pipeline
-transfers (p2p) and bubble; error = (predicted - measured) / measured. Progress goes to stderr; the markdown tables go to stdout.
+transfers (p2p) and bubble; error = (predicted - measured) / measured. Progress goes to stderr; the
+markdown tables go to stdout.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ def one(model: str, layout: str, transport: str, profile: str, runs: int, prompt
     from meshlm.plan.layout import Layout
 
     path = str(common.random_llama(model))
-    with common.quiet_run(wait) as busy:
+    seen: list[float] = []
+    before = lambda: seen.append(common.wait_quiet(timeout_s=wait))  # before every timed run
+    with common.quiet_run(wait):
         res = run_bench(path, Layout.parse(layout), clusters.load_file(profile), prompt, new, 1, 1, runs,
-                        "float32", None if transport == "auto" else transport)
+                        "float32", None if transport == "auto" else transport, before)
     out = res.as_dict()
-    out.update(model=model, busy=busy, requested_transport=transport)
+    out.update(model=model, busy=max(seen, default=0.0), requested_transport=transport)
     return out
 
 
@@ -157,7 +160,8 @@ def main() -> int:
                       for ln in prof.node.links)
     cap = f"{prof.node.memory_bandwidth / 1e9:.1f}" if prof.node.memory_bandwidth else "-"
     print(f"Profile: fp32 matmul {d.flops['float32'] / 1e9:.1f} GFLOP/s per rank (attention "
-          f"{d.attention_eff:.2f} x that), GEMV {d.bandwidth / 1e9:.1f} GB/s per rank ({cap} GB/s both ranks), "
+          f"{d.attention_eff:.2f} x that), GEMV {d.bandwidth / 1e9:.1f} GB/s per rank ({cap} GB/s both "
+          "ranks), "
           f"overhead {d.layer_overhead * 1e6:.0f} us per layer + {d.step_overhead * 1e6:.0f} us per step; "
           f"{links}\n")
     print(table(results))

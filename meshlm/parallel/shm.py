@@ -9,9 +9,10 @@ mapped it, so nothing of a launch stays behind even after a crash):
     slots   [N members][2 parities][slot bytes]: collective chunk k uses parity k % 2
     pairs   [N][N][2][slot bytes]: point-to-point slots i -> j (pages never touched cost nothing)
 
-Collective chunk k, on every member in the same order: write own part into slot (me, k % 2), publish
-seq[me] = k, wait until every seq >= k, read. A member at chunk k + 2 has seen every seq >= k + 1, so every
-member has finished reading chunk k: one synchronisation per chunk suffices. x86-64 keeps stores in
+Collective chunk k, on every member in the same order: wait until every seq >= k - 1 (each member has
+left chunk k - 2, so the slots of parity k % 2 are free; usually already true), write own part into slot
+(me, k % 2), publish seq[me] = k, wait until the seq of every member whose part it reads is >= k, read.
+One wait per chunk, and a broadcast's source does not wait for its readers. x86-64 keeps stores in
 program order and loads in program order (TSO), so data written before the seq store is visible to whoever
 sees the seq store; `supported()` is false elsewhere. Sums run in member order 0..N-1 (16-bit types
 accumulate in fp32), so every member gets the same bits.
@@ -41,7 +42,7 @@ PAGE = 4096
 SLOT_BYTES = 1 << 20  # per member and parity; larger messages go through in chunks
 SPIN_ITERS = 3000  # ~200 us of pure spinning (about 60 ns a probe) before yielding the core
 YIELD_S = 2e-3  # then sched_yield until this long, then short sleeps
-SLEEP_S, SLEEP_MAX_S = 50e-6, 1e-3  # then sleeps of 5% of the time waited so far, within these bounds
+SLEEP_S, SLEEP_MAX_S = 50e-6, 5e-3  # then sleeps of 5% of the time waited so far, within these bounds
 CHECK_S = 0.05  # how often a waiter checks the awaited process and the deadline
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 Shape = int | torch.Size  # an int n means (n,)
@@ -162,7 +163,7 @@ class ShmGroup:
             now = time.monotonic()
             if now - start < YIELD_S:
                 os.sched_yield()
-            else:  # an idle member (waiting for the next call) wakes about 1000 times a second
+            else:  # an idle member (waiting for the next call) wakes 200 times a second
                 time.sleep(min(SLEEP_MAX_S, max(SLEEP_S, 0.05 * (now - start))))
             if now >= check_at:
                 check_at = now + CHECK_S
@@ -177,12 +178,19 @@ class ShmGroup:
             raise PeerLostError(f"rank {rank} (pid {pid}) did not reach {self.name}/{op} within the "
                                 f"collective timeout ({self.timeout_s:g} s); rank {me} gave up waiting")
 
-    def _sync(self, op: str) -> int:
-        """Publish the next chunk number and wait for every member to publish it; returns it."""
-        self.k += 1
-        k = self.k
-        self.cells[self.seq[self.index]] = k
+    def _ready(self, op: str) -> int:
+        """The next chunk number k, once every member has published k - 1 (slots of parity k % 2 free)."""
+        k = self.k + 1
         for m in range(self.size):
+            if m != self.index:
+                self._wait(self.seq[m], k - 1, m, op)
+        return k
+
+    def _sync(self, op: str, k: int, src: int | None = None) -> int:
+        """Publish chunk k, then wait for every member to publish it (or only src, unless we are src)."""
+        self.k = k
+        self.cells[self.seq[self.index]] = k
+        for m in range(self.size) if src is None else (() if src == self.index else (src,)):
             if m != self.index:
                 self._wait(self.seq[m], k, m, op)
         return k
@@ -191,14 +199,16 @@ class ShmGroup:
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum t over the group in member order, in place; returns t."""
         if t.numel() * t.element_size() <= self.slot_bytes and t.is_contiguous():  # the decode case
-            self._slot(self.index, self.k + 1, t.shape, t.dtype).copy_(t)
-            k = self._sync("all_reduce")
+            k = self._ready("all_reduce")
+            self._slot(self.index, k, t.shape, t.dtype).copy_(t)
+            self._sync("all_reduce", k)
             return sum_in_order([self._slot(r, k, t.shape, t.dtype) for r in range(self.size)], t)
         flat = _flat(t)
         for part in _chunks(flat, self.slot_bytes // t.element_size()):
             m = part.numel()
-            self._slot(self.index, self.k + 1, m, t.dtype).copy_(part)
-            k = self._sync("all_reduce")
+            k = self._ready("all_reduce")
+            self._slot(self.index, k, m, t.dtype).copy_(part)
+            self._sync("all_reduce", k)
             sum_in_order([self._slot(r, k, m, t.dtype) for r in range(self.size)], part)
         return _unflat(t, flat)
 
@@ -206,9 +216,10 @@ class ShmGroup:
         """Copy t from member src to every member, in place; returns t."""
         flat = _flat(t)
         for part in _chunks(flat, self.slot_bytes // t.element_size()):
+            k = self._ready("broadcast")
             if self.index == src:
-                self._slot(src, self.k + 1, part.numel(), t.dtype).copy_(part)
-            k = self._sync("broadcast")
+                self._slot(src, k, part.numel(), t.dtype).copy_(part)
+            self._sync("broadcast", k, src)
             if self.index != src:
                 part.copy_(self._slot(src, k, part.numel(), t.dtype))
         return _unflat(t, flat)
@@ -221,14 +232,16 @@ class ShmGroup:
         counts = [math.prod(s) for s in shapes]
         per = self.slot_bytes // t.element_size()
         if max(counts) <= per:  # one chunk: concatenate straight from the slots
-            self._slot(self.index, self.k + 1, counts[self.index], t.dtype).copy_(flat)
-            k = self._sync("all_gather")
+            k = self._ready("all_gather")
+            self._slot(self.index, k, counts[self.index], t.dtype).copy_(flat)
+            self._sync("all_gather", k)
             return torch.cat([self._slot(r, k, shapes[r], t.dtype) for r in range(self.size)], dim=dim)
         outs = [torch.empty(n, dtype=t.dtype) for n in counts]
         for a in range(0, max(counts), per):
             mine = max(0, min(per, counts[self.index] - a))
-            self._slot(self.index, self.k + 1, mine, t.dtype).copy_(flat[a: a + mine])
-            k = self._sync("all_gather")
+            k = self._ready("all_gather")
+            self._slot(self.index, k, mine, t.dtype).copy_(flat[a: a + mine])
+            self._sync("all_gather", k)
             for r, n in enumerate(counts):
                 if (m := max(0, min(per, n - a))):
                     outs[r][a: a + m].copy_(self._slot(r, k, m, t.dtype))
@@ -238,13 +251,14 @@ class ShmGroup:
         """Bytes from member src to every member (the others pass b""): an 8-byte length, then the data."""
         parts, n, pos = [], -1, 0
         while n < 0 or pos < n:
-            off = self.header + (2 * src + (self.k + 1) % 2) * self.slot_bytes
+            k = self._ready("broadcast_object")
+            off = self.header + (2 * src + k % 2) * self.slot_bytes
             head = 8 if n < 0 else 0
             if self.index == src:
                 piece = data[pos: pos + self.slot_bytes - head]
                 piece = (len(data).to_bytes(8, "little") + piece) if head else piece
                 self.mm[off: off + len(piece)] = piece
-            self._sync("broadcast_object")
+            self._sync("broadcast_object", k, src)
             if n < 0:
                 n = int.from_bytes(self.mm[off: off + 8], "little")
             m = min(self.slot_bytes - head, n - pos)
@@ -273,7 +287,7 @@ class ShmGroup:
 
     def barrier(self) -> None:
         """Wait for every member."""
-        self._sync("barrier")
+        self._sync("barrier", self._ready("barrier"))
 
     def close(self) -> None:
         """Drop the mapping (the name is already gone from /dev/shm)."""

@@ -4,11 +4,12 @@ The one module of plan/ that drives the engine (imported by the CLI and benchmar
 timed by wall clock around LLM.generate with fresh random prompts (no prefix-cache hits):
   prefill: one `prompt`-token prompt, max_tokens=1                    -> TTFT terms
   decode:  `batch` 16-token prompts with max_tokens=1 (A) and `new` (B) -> TPOT terms = (B - A) / (new - 1)
-Measured terms at pp = 1 come from rank 0's comm_stats(): collectives = tp/* plus world/broadcast_object
-seconds, compute = the rest of the wall time. The control broadcast is folded into collectives on both
-sides: rank 0 only posts it, and its latency shows up as rank 0's wait in the step's first all-reduce
-(the other ranks start late by that much). At pp > 1 the terms come from the pipeline report of the
-busiest rank: compute (less its tp collectives), collectives, p2p (send + recv) and bubble (idle).
+Measured terms at pp = 1 come from rank 0's comm_stats(): collectives = tp/* plus */broadcast_object
+seconds (the executor's control channel), compute = the rest of the wall time. The control broadcast is
+folded into collectives on both sides: rank 0 only posts it, and its latency shows up as rank 0's wait
+in the step's first all-reduce (the other ranks start late by that much). At pp > 1 the terms come from
+the pipeline report of the busiest rank: compute (less its tp collectives), collectives, p2p (send +
+recv) and bubble (idle).
 Medians over `runs`, after a warm-up.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +60,9 @@ def _ids(n: int, vocab: int, rng: random.Random) -> list[int]:
 def _pp1_terms(llm: Any, wall: float) -> dict[str, float]:
     stats = llm.comm_stats()[0]
     coll = sum(v["seconds"] for k, v in stats.items() if k.startswith("tp/"))
-    ctl = stats.get("world/broadcast_object", {"seconds": 0.0, "calls": 0})
-    coll += ctl["seconds"] * (1 - 1 / ctl["calls"]) if ctl["calls"] else 0.0  # less comm_stats' own call
+    for key, ctl in stats.items():  # the executor's per-step message ("control" group; "world" before)
+        if key.endswith("/broadcast_object") and ctl["calls"]:
+            coll += ctl["seconds"] * (1 - 1 / ctl["calls"])  # less comm_stats' own call
     return {"compute": wall - coll, "collectives": coll, "p2p": 0.0, "bubble": 0.0, "total": wall}
 
 
@@ -85,15 +88,20 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in KEYS}
 
 
-def measure(llm: Any, layout: Layout, prompt: int, new: int, batch: int, runs: int,
-            seed: int = 0) -> dict[str, dict[str, float]]:
-    """Measured seconds per term: TTFT of one `prompt`-token prompt, TPOT of `batch` sequences."""
+def measure(llm: Any, layout: Layout, prompt: int, new: int, batch: int, runs: int, seed: int = 0,
+            before: Callable[[], Any] | None = None) -> dict[str, dict[str, float]]:
+    """Seconds per term: TTFT of one prompt, TPOT of `batch` sequences; `before()` precedes each timed run."""
     rng, vocab, pp = random.Random(seed), llm.cfg.vocab_size, layout.pp
+    before = before or (lambda: None)
     _run(llm, [_ids(SHORT, vocab, rng) for _ in range(batch)], 4, pp)  # warm-up: both phases
     _run(llm, [_ids(prompt, vocab, rng)], 1, pp)
-    pre = [_run(llm, [_ids(prompt, vocab, rng)], 1, pp) for _ in range(runs)]
+    pre = []
+    for _ in range(runs):
+        before()
+        pre.append(_run(llm, [_ids(prompt, vocab, rng)], 1, pp))
     dec = []
     for _ in range(runs):
+        before()
         a = _run(llm, [_ids(SHORT, vocab, rng) for _ in range(batch)], 1, pp)
         b = _run(llm, [_ids(SHORT, vocab, rng) for _ in range(batch)], new, pp)
         dec.append({k: (b[k] - a[k]) / (new - 1) for k in KEYS})
@@ -116,7 +124,7 @@ def transport_of(llm: Any) -> str:
 
 def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int = 256, new: int = 32,
               batch: int = 1, threads: int = 1, runs: int = 3, dtype: str = "float32",
-              transport: str | None = None) -> BenchResult:
+              transport: str | None = None, before: Callable[[], Any] | None = None) -> BenchResult:
     """Load `model` at `layout`, measure both phases, and pair each term with its prediction."""
     from meshlm import LLM
     from meshlm.engine.engine import EngineConfig
@@ -137,7 +145,7 @@ def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int =
         res.skipped = f"LLM(tp={layout.tp}, pp={layout.pp}) failed to start: {e}"
         return res
     with llm:
-        measured = measure(llm, layout, prompt, new, batch, runs)
+        measured = measure(llm, layout, prompt, new, batch, runs, before=before)
         res.transport = transport_of(llm) if layout.tp > 1 else ""
     used = cluster.with_transport(res.transport.split("+")[0]) if res.transport else cluster
     pre, dec = predict(llm.cfg, layout, used, prompt, new, batch, dtype)

@@ -7,11 +7,13 @@ figure is the best of a few rounds, so a burst of other work on a shared host do
   attention       causal SDPA of 12 heads x 256 tokens x 64, as a fraction of the matmul rate
   bandwidth       decode-shaped GEMVs (one row) over 512 MB of weights: one rank alone, and the node's
                   total with every rank streaming at once (they start together after a barrier)
-  overhead        meshlm's own seconds per layer and per step (overhead.py: tiny random models)
+  overhead        meshlm's own seconds per layer and per step (overhead.py: small random models)
   links           two spawned ranks all-reduce 3 KB .. 4 MB over each transport (shared memory, gloo),
                   each call after a GEMV over cold weights as in a decode step; the mean (top 2% of calls
                   dropped) per size, because a step pays every call, tails included. t(n) = a + b n is
                   fitted by relative least squares and read as the ring's 2(p-1) alpha + 2(p-1)/p n / beta.
+                  Skew: 3 KB after a prefill-sized matmul (~13 ms) against after the GEMV (~0.5 ms); the
+                  difference is the extra wait for the slowest peer that long compute brings.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import multiprocessing as mp
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +113,8 @@ def node_bandwidth(devices: int, threads: int, quick: bool = False, rounds: int 
     best = 0.0
     for _ in range(1 if quick else rounds):
         start, out = ctx.Barrier(devices), ctx.Queue()
-        procs = [ctx.Process(target=_stream_worker, args=(threads, quick, start, out)) for _ in range(devices)]
+        procs = [ctx.Process(target=_stream_worker, args=(threads, quick, start, out))
+                 for _ in range(devices)]
         for p in procs:
             p.start()
         best = max(best, sum(out.get(timeout=300) for _ in procs))
@@ -148,20 +152,31 @@ def _collective_rank(rank: int, world: int, port: int, quick: bool, out: Any) ->
     if not comms:
         comms["gloo"] = build_groups(dims, rank, "gloo", 60.0).tp
     mats = _pool(768, 2048, 48 if quick else 320)  # a decode step's segment between two all-reduces
-    h = torch.randn(1, 2048)
-    result: dict[str, dict[int, float]] = {}
+    big = _pool(3584, 1024, 32 if quick else 160)  # a prefill step's
+    h, a = torch.randn(1, 2048), torch.randn(256, 1024)
+    result: dict[str, dict[Any, float]] = {}
+
+    def timed(comm: Any, x: Any, reps: int, work: Any) -> tuple[float, float]:
+        times, segs = [], []
+        comm.barrier()
+        for i in range(reps):
+            s0 = time.perf_counter()
+            work(i)
+            t0 = time.perf_counter()
+            comm.all_reduce(x)
+            times.append(time.perf_counter() - t0)
+            segs.append(t0 - s0)
+        return _trimmed_mean(times[2:]), statistics.fmean(segs)
+
+    short = lambda i: torch.nn.functional.linear(h, mats[i % len(mats)])
+    long = lambda i: torch.nn.functional.linear(a, big[i % len(big)])
     for name, comm in comms.items():
         for n in SIZES:
-            x = torch.zeros(n)
             reps = (30 if quick else 300) if n <= 16384 else (8 if quick else 60)
-            times = []
-            comm.barrier()
-            for i in range(reps):
-                torch.nn.functional.linear(h, mats[i % len(mats)])
-                t0 = time.perf_counter()
-                comm.all_reduce(x)
-                times.append(time.perf_counter() - t0)
-            result.setdefault(name, {})[n * 4] = _trimmed_mean(times[2:])
+            result.setdefault(name, {})[n * 4], seg = timed(comm, torch.zeros(n), reps, short)
+        result[name]["short"], result[name]["short_segment"] = result[name][SIZES[0] * 4], seg
+        result[name]["long"], result[name]["long_segment"] = timed(comm, torch.zeros(SIZES[0]),
+                                                                   6 if quick else 40, long)
     if rank == 0:
         out.put(result)
     dist.barrier()
@@ -183,7 +198,7 @@ def fit_link(transport: str, times: dict[int, float], p: int = 2) -> Link:
     return Link(transport, bandwidth=2 * (p - 1) / (p * b), latency=a / (2 * (p - 1)))
 
 
-def collective_links(quick: bool = False, world: int = 2) -> tuple[list[Link], dict[str, dict[int, float]]]:
+def collective_links(quick: bool = False, world: int = 2) -> tuple[list[Link], dict[str, dict[Any, float]]]:
     """Links fitted from all-reduce timings between `world` spawned ranks, fastest first; the raw means."""
     from meshlm.parallel.launch import free_port
 
@@ -196,8 +211,12 @@ def collective_links(quick: bool = False, world: int = 2) -> tuple[list[Link], d
     raw = out.get(timeout=600)
     for p in procs:
         p.join(timeout=60)
-    links = sorted((fit_link(t, times, world) for t, times in raw.items()), key=lambda ln: ln.latency)
-    return links, raw
+    links = []
+    for t, m in raw.items():
+        ln = fit_link(t, {n: s for n, s in m.items() if isinstance(n, int)}, world)
+        skew = max(0.0, m["long"] - m["short"])  # the wait a long compute segment adds over a short one
+        links.append(replace(ln, skew=skew, skew_from=m["short_segment"], skew_to=m["long_segment"]))
+    return sorted(links, key=lambda ln: ln.latency), raw
 
 
 def _rss_bytes() -> float:
@@ -224,7 +243,7 @@ def calibrate(threads: int = 1, quick: bool = False) -> Cluster:
     attn = attention_fraction(threads, quick)
     bw = gemv_bandwidth(threads, quick)
     node_bw = node_bandwidth(devices, threads, quick) if devices > 1 else bw
-    per_layer, per_step = software_overhead(threads, quick)
+    per_layer, per_step = software_overhead(threads, quick, bw)
     links, raw = collective_links(quick) if devices > 1 else ([base.node.link()], {})
     dev = Device(name=f"cpu-rank-{threads}t", memory=base.node.device.memory, flops=flops, bandwidth=bw,
                  compute_eff=1.0, bandwidth_eff=1.0, attention_eff=attn, memory_utilization=0.9,

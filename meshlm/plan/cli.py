@@ -136,8 +136,8 @@ def _calibration_text(c: clusters.Cluster, path: Path) -> str:
             f"  matmul: {', '.join(f'{k} {v / 1e9:.1f} GFLOP/s' for k, v in d.flops.items())}\n"
             f"  memory bandwidth: {d.bandwidth / 1e9:.1f} GB/s per rank, node {cap}\n"
             f"  attention: {d.attention_eff:.2f} x the matmul rate\n"
-            f"  software overhead: {d.layer_overhead * 1e6:.0f} us per layer, {d.step_overhead * 1e6:.0f} us per "
-            f"step\n  links: {links}")
+            f"  software overhead: {d.layer_overhead * 1e6:.0f} us per layer, "
+            f"{d.step_overhead * 1e6:.0f} us per step\n  links: {links}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

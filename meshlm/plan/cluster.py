@@ -34,15 +34,29 @@ PROFILE_ENV = "MESHLM_CLUSTER_PROFILE"
 
 @dataclass(frozen=True)
 class Link:
-    """One transport: a message of n bytes costs latency + n / bandwidth seconds."""
+    """One transport: a message of n bytes costs latency + n / bandwidth seconds.
+
+    Ranks that compute between collectives also wait for the slowest peer (jitter, preemption by other
+    work): `skew` more seconds per collective once the compute before it lasts `skew_to`, growing
+    linearly from nothing at `skew_from` (the latency was measured there, so it holds that much).
+    """
 
     transport: str
     bandwidth: float  # bytes/s per device, one direction
     latency: float  # seconds per message (alpha)
+    skew: float = 0.0
+    skew_from: float = 0.0
+    skew_to: float = 0.0
 
     def time(self, nbytes: float) -> float:
         """Seconds for one message of nbytes."""
         return self.latency + nbytes / self.bandwidth
+
+    def wait(self, segment: float) -> float:
+        """Extra seconds a collective waits for its slowest peer after `segment` seconds of compute."""
+        if self.skew <= 0 or segment <= self.skew_from:
+            return 0.0
+        return self.skew * min(1.0, (segment - self.skew_from) / max(self.skew_to - self.skew_from, 1e-9))
 
 
 @dataclass(frozen=True)
@@ -131,11 +145,15 @@ class Cluster:
 
 def _link_from(d: dict[str, Any]) -> Link:
     return Link(str(d.get("transport", "link")), float(d["bandwidth_gbs"]) * 1e9,
-                float(d["latency_us"]) * 1e-6)
+                float(d["latency_us"]) * 1e-6, float(d.get("skew_us", 0)) * 1e-6,
+                float(d.get("skew_from_us", 0)) * 1e-6, float(d.get("skew_to_us", 0)) * 1e-6)
 
 
 def _link_dict(ln: Link) -> dict[str, Any]:
-    return {"transport": ln.transport, "bandwidth_gbs": ln.bandwidth / 1e9, "latency_us": ln.latency * 1e6}
+    out = {"transport": ln.transport, "bandwidth_gbs": ln.bandwidth / 1e9, "latency_us": ln.latency * 1e6}
+    if ln.skew:
+        out.update(skew_us=ln.skew * 1e6, skew_from_us=ln.skew_from * 1e6, skew_to_us=ln.skew_to * 1e6)
+    return out
 
 
 def from_dict(d: dict[str, Any]) -> Cluster:

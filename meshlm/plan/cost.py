@@ -8,7 +8,8 @@ Prefill is compute-bound, decode bandwidth-bound: a decode step streams every we
 A tensor-parallel stage adds, per forward, an all-reduce of the [T, H] embedding output on the first
 stage, two per layer (after o_proj and down_proj), and the all-gather of the sampled rows' fp32 logits
 on the last stage. Collectives are alpha-beta on the link
-the group crosses (ring): all-reduce 2(p-1)a + 2(p-1)/p n/b, all-gather (p-1)a + (p-1)/p n/b, a hop a + n/b.
+the group crosses (ring): all-reduce 2(p-1)a + 2(p-1)/p n/b, all-gather (p-1)a + (p-1)/p n/b, a hop a + n/b;
+each collective of a group also waits for its slowest peer, Link.wait(compute since the last one).
 
 Pipelines (the seed articles' equation): latency ~ max(stage time) x bubble factor + exposed transfers.
   prefill, n = micro-batches x chunks pieces:  TTFT = sum_s t_s + (n - 1) max_s t_s + hops
@@ -187,10 +188,15 @@ class Model:
         layers = next(r.layers for r in self.shares if r.stage == s)
         row = work.tokens * cfg.hidden_size * self.elem
         coll = 2 * layers * all_reduce(self.tp_link, tp, row)
+        calls = 2 * layers
         if s == 0:
             coll += all_reduce(self.tp_link, tp, row)
+            calls += 1
         if s == self.layout.pp - 1:
             coll += all_gather(self.tp_link, tp, work.rows * cfg.vocab_size * 4)
+            calls += 1
+        if tp > 1:  # each collective also waits for the slowest peer of the compute before it
+            coll += calls * self.tp_link.wait(best[0] / calls)
         return StageCost(best[0] + dev.step_overhead, coll, best[1])
 
     def hop(self, s: int, tokens: float) -> float:

@@ -1,9 +1,12 @@
-"""meshlm's own software overhead per decoder layer and per engine step, timed on tiny random models.
+"""meshlm's own software overhead per decoder layer and per engine step, timed on small random models.
 
 A model of hidden size 64 does almost no arithmetic, so its decode step is what the framework costs:
 module calls, operator dispatch, paged-attention bookkeeping, scheduling and sampling. Two depths give
-a line: step(L) = step_overhead + L x layer_overhead. Used by `meshlm plan --calibrate`; on a
-large model these seconds are small, on the small models a CPU host runs they are a tenth of a step.
+a line: step(L) = step_overhead + L x layer_overhead. Those operators run slower when the weights a
+real step streams have evicted their data from the caches, so the per-layer figure is then taken from a
+model whose weights outgrow the caches (hidden 512, 24 layers, ~290 MB in fp32: a shape of neither
+benchmark model): layer_overhead = (step - step_overhead - weight bytes / bandwidth) / layers.
+Used by `meshlm plan --calibrate`; on the small models a CPU host runs it is a tenth of a step.
 """
 
 from __future__ import annotations
@@ -21,7 +24,11 @@ TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_
         "tie_word_embeddings": False}
 
 
-def tiny_checkpoint(folder: Path, layers: int) -> Path:
+COLD = {**TINY, "hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 1024}
+
+
+def tiny_checkpoint(folder: Path, layers: int, shape: dict | None = None) -> Path:
     """Write a random Llama of `layers` layers (config.json, model.safetensors, a word-level tokenizer)."""
     import torch
     from safetensors.torch import save_file
@@ -32,13 +39,13 @@ def tiny_checkpoint(folder: Path, layers: int) -> Path:
     from meshlm.config import ModelConfig
 
     folder.mkdir(parents=True, exist_ok=True)
-    raw = {**TINY, "num_hidden_layers": layers}
+    raw = {**(shape or TINY), "num_hidden_layers": layers}
     (folder / "config.json").write_text(json.dumps(raw))
     g = torch.Generator().manual_seed(layers)
     weights = {hf_names(n)[0]: 0.1 * torch.randn(p.shape, generator=g)
                for n, p in build_meta(ModelConfig.from_hf(raw)).named_parameters()}
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}.": i for i in range(3, TINY["vocab_size"])}}
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}.": i for i in range(3, raw["vocab_size"])}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
@@ -67,11 +74,21 @@ def decode_step_seconds(path: Path, threads: int, new: int, runs: int) -> float:
     return statistics.median(steps)
 
 
-def software_overhead(threads: int = 1, quick: bool = False) -> tuple[float, float]:
+def software_overhead(threads: int = 1, quick: bool = False,
+                      bandwidth: float | None = None) -> tuple[float, float]:
     """(seconds per layer per forward, seconds per engine step) of meshlm on this host."""
+    from meshlm.config import ModelConfig
+
     depths = (2, 10)
     new, runs = (16, 2) if quick else (64, 5)
     with tempfile.TemporaryDirectory(prefix="meshlm-overhead-") as tmp:
         t = [decode_step_seconds(tiny_checkpoint(Path(tmp) / f"l{n}", n), threads, new, runs) for n in depths]
-    per_layer = max(0.0, (t[1] - t[0]) / (depths[1] - depths[0]))
-    return per_layer, max(0.0, t[0] - depths[0] * per_layer)
+        per_layer = max(0.0, (t[1] - t[0]) / (depths[1] - depths[0]))
+        per_step = max(0.0, t[0] - depths[0] * per_layer)
+        if quick or bandwidth is None:
+            return per_layer, per_step
+        layers = 24
+        cold = decode_step_seconds(tiny_checkpoint(Path(tmp) / "cold", layers, COLD), threads, 32, 3)
+    cfg = ModelConfig.from_hf({**COLD, "num_hidden_layers": layers})
+    streamed = (cfg.num_params() - cfg.vocab_size * cfg.hidden_size) * 4  # all but the embedding rows
+    return max(per_layer, (cold - per_step - streamed / bandwidth) / layers), per_step

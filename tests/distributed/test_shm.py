@@ -53,6 +53,16 @@ def expected(case: dict, xs: list[torch.Tensor]) -> torch.Tensor:
 
 def run_case(comm: Comm, case: dict) -> str | None:
     """Run one case on this member; a description of the mismatch, or None."""
+    if case["op"] == "burst":  # back to back, no driver in between: a broadcast's source races ahead
+        g = torch.Generator().manual_seed(case["seed"])
+        for i in range(case["count"]):
+            op = ["all_reduce", "broadcast", "broadcast_object", "all_gather"][int(torch.randint(4, (1,), generator=g))]
+            n = [1, 768, 5000][int(torch.randint(3, (1,), generator=g))]
+            sub = {**case, "op": op, "shape": [n], "dim": 0, "sizes": [n] * comm.size, "transposed": False,
+                   "src": int(torch.randint(comm.size, (1,), generator=g)), "seed": case["seed"] + i, "nbytes": n}
+            if (err := run_case(comm, sub)) is not None:
+                return err
+        return None
     if case["op"] == "broadcast_object":  # a pickled payload of 0 to ~4 slots
         g = torch.Generator().manual_seed(case["seed"])
         obj = {"seed": case["seed"], "data": torch.randint(0, 256, (case["nbytes"],), generator=g).tolist()}
@@ -152,6 +162,13 @@ def cases(draw) -> dict:
 def test_collectives_equal_reference_bitwise(pool, case):
     """1000 random all-reduce, all-gather, broadcast (tensor, object), send/recv: all match the reference."""
     assert pool(case) == []
+
+
+def test_back_to_back_mixed_ops(pool):
+    """400 mixed collectives in a row per group size, with no pause between them: no op sees stale data."""
+    for size in range(2, POOL + 1):
+        for dtype in DTYPES:
+            assert pool({"op": "burst", "size": size, "dtype": dtype, "seed": 7 * size, "count": 200}) == []
 
 
 def _fault_rank(rank: int, port: int, conn, timeout_s: float, mode: str) -> None:
