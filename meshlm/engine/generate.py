@@ -4,33 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from meshlm.checkpoint.tokenizer import IncrementalDecoder, Tokenizer
 from meshlm.config import ModelConfig, SamplingParams
+from meshlm.engine.request import RequestOutput
 from meshlm.engine.sampler import make_generator, sample
 from meshlm.engine.static_cache import StaticKVCache
-
-
-@dataclass
-class RequestOutput:
-    """The result of one prompt."""
-
-    prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None  # "stop" | "length"
-    ttft_s: float = 0.0  # time to first token
-    decode_s: float = 0.0  # time spent after the first token
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens after the first one per second of decode."""
-        n = len(self.token_ids) - 1
-        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
 @dataclass
@@ -72,8 +55,9 @@ def generate_stream(model: nn.Module, cfg: ModelConfig, tokenizer: Tokenizer, pr
     seqs = []
     for ids, p in zip(prompts, params):
         stop = set(p.stop_token_ids) | (set() if p.ignore_eos else eos)
-        seqs.append(_Seq(RequestOutput(list(ids)), p, IncrementalDecoder(tokenizer), make_generator(p.seed),
-                         stop, min(p.max_tokens, max_context - len(ids))))
+        out = RequestOutput(f"req-{len(seqs)}", list(ids))
+        seqs.append(_Seq(out, p, IncrementalDecoder(tokenizer), make_generator(p.seed), stop,
+                         min(p.max_tokens, max_context - len(ids))))
     lens = torch.tensor([len(p) for p in prompts])
     b, s_max = len(prompts), int(lens.max())
     total = min(max_context, max(len(q.out.prompt_token_ids) + q.limit for q in seqs))
