@@ -100,6 +100,7 @@ class PipelineRunner:
         self.timeline = Timeline()
         self.link = StageLink(groups.pp, self.timeline)
         self.report: dict = {}
+        self.max_rows = 0  # rows of the largest micro-batch of the current run (fixes the header size)
 
     def configure(self, **changes) -> None:
         """Change run-time settings (micro_batches, prefill_chunks, min_chunk, keep_logits)."""

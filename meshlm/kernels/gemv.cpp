@@ -17,7 +17,7 @@
 #include <vector>
 
 #ifndef ROWS
-#define ROWS 4  // weight rows per block
+#define ROWS 4  // weight rows per block (for M <= 4)
 #endif
 #ifndef PREFETCH
 #define PREFETCH 8  // software prefetch this many rows ahead (0: hardware prefetcher only)
@@ -69,14 +69,14 @@ inline void block_bf16(const float* xe, const float* xo, const uint16_t* w, cons
       out[m * N + n0 + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[m][r]) + (bias ? bias[n0 + r] : 0.f));
 }
 
-// Every row block in parallel, then the N % ROWS leftover rows one by one.
-template <int M, typename Block>
+// Every block of R rows in parallel, then the N % R leftover rows one by one.
+template <int R, typename Block>
 void for_rows(int64_t N, const Block& block) {
-  const int64_t blocks = N / ROWS;
+  const int64_t blocks = N / R;
   at::parallel_for(0, blocks, kGrain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) block(std::integral_constant<int, ROWS>(), b * ROWS);
+    for (int64_t b = b0; b < b1; ++b) block(std::integral_constant<int, R>(), b * R);
   });
-  for (int64_t n = blocks * ROWS; n < N; ++n) block(std::integral_constant<int, 1>(), n);
+  for (int64_t n = blocks * R; n < N; ++n) block(std::integral_constant<int, 1>(), n);
 }
 
 template <int M>
@@ -92,19 +92,20 @@ void run(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor
   const float *xe = split.data(), *xo = split.data() + M * K2;
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
   c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-  for_rows<M>(N, [&](auto r, int64_t n0) {
+  constexpr int R = M <= 4 ? ROWS : 2;  // M * R accumulators + R weight vectors fit 32 registers
+  for_rows<R>(N, [&](auto r, int64_t n0) {
     block_bf16<M, decltype(r)::value>(xe, xo, wp, bias, op, n0, N, K);
   });
 }
 
-// x [M, K] and w [N, K] contiguous bf16, K even, 1 <= M <= 4; bias [N] or None.
+// x [M, K] and w [N, K] contiguous bf16, K even, 1 <= M <= 8; bias [N] or None.
 at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_m_linear: x [M, K], w [N, K]");
   TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "small_m_linear: x and w must be contiguous");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "small_m_linear: x and w must share a dtype");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(1) % 2 == 0, "small_m_linear: bf16 with an even K");
   const int64_t M = x.size(0);
-  TORCH_CHECK(M >= 1 && M <= 4, "small_m_linear: 1 <= M <= 4");
+  TORCH_CHECK(M >= 1 && M <= 8, "small_m_linear: 1 <= M <= 8");
   at::Tensor bias;
   if (b.has_value() && b->defined()) bias = b->to(at::kFloat).contiguous();
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
@@ -113,7 +114,11 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::o
     case 1: run<1>(x, w, bp, out); break;
     case 2: run<2>(x, w, bp, out); break;
     case 3: run<3>(x, w, bp, out); break;
-    default: run<4>(x, w, bp, out); break;
+    case 4: run<4>(x, w, bp, out); break;
+    case 5: run<5>(x, w, bp, out); break;
+    case 6: run<6>(x, w, bp, out); break;
+    case 7: run<7>(x, w, bp, out); break;
+    default: run<8>(x, w, bp, out); break;
   }
   return out;
 }

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-MAX_M = 4  # rows of x (tokens) the kernel takes; prefill and larger batches go to F.linear
+MAX_M = 8  # rows of x (tokens) the kernel takes; prefill and larger batches go to F.linear
 _SOURCE = Path(__file__).with_name("gemv.cpp")
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
 _op = None  # torch.ops.meshlm_kernels.small_m_linear once loaded
