@@ -58,7 +58,7 @@ def meshlm_cmd(*args: str) -> list[str]:
 
 
 def test_rank_killed_mid_generation(long_model):
-    """kill -9 of rank 1 while generating: non-zero exit within seconds, the rank named, no orphans."""
+    """kill -9 of rank 1 while generating: non-zero exit within seconds, the rank named, no orphans, /dev/shm clean."""
     proc = subprocess.Popen(meshlm_cmd("generate", "w5. w6. w7.", "--model", str(long_model), "--tp", "2",
                                        "--max-tokens", "15000", "--ignore-eos"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -86,6 +86,8 @@ def test_rank_killed_mid_generation(long_model):
     assert "Traceback" not in err, err
     time.sleep(0.5)
     assert not [k for k in kids if alive(k)], "a rank process outlived the launch"
+    left = [str(p) for p in Path("/dev/shm").glob(f"meshlm-{proc.pid}-*")]  # rank 0 names its segments
+    assert not left, f"shared-memory segments of the launch outlived it: {left}"
 
 
 def test_rank_failing_at_start_fails_fast(tmp_path, long_model):
