@@ -30,6 +30,58 @@ def tokens(outs) -> list[list[int]]:
     return [o.token_ids for o in outs]
 
 
+def mixed_requests(seed: int = 3) -> tuple[list[list[int]], list[SamplingParams]]:
+    """Six ragged prompts: greedy, seeded top-p and top-k sampling, and early stops (17, 25 tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (9, 4, 14, 6, 11, 3)]
+    params = [GREEDY, SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
+              SamplingParams(max_tokens=17, ignore_eos=True), GREEDY,
+              SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_k=20, seed=11, ignore_eos=True),
+              SamplingParams(max_tokens=25, ignore_eos=True)]
+    return prompts, params
+
+
+def assert_micro_batches_match(pipe, solo: list[list[int]], counts: tuple[int, ...]) -> None:
+    """Each sequence of a run in `counts` micro-batches equals its solo run (`solo`, one device)."""
+    prompts, params = mixed_requests()
+    for m in counts:
+        pipe.configure_pipeline(micro_batches=m)
+        assert tokens(pipe.generate(prompts, params)) == solo, f"{m} micro-batches"
+        assert {r["micro_batches"] for r in pipe.pipeline_report()} == {m}
+    pipe.configure_pipeline(micro_batches=None)
+
+
+def assert_chunked_prefill_matches(pipe, chunks: int = 5) -> None:
+    """A prompt cut into `chunks` pieces that overlap across stages gives the plain prefill's logits and tokens."""
+    g = torch.Generator().manual_seed(5)
+    long = torch.randint(3, 512, (190,), generator=g).tolist()
+    short = torch.randint(3, 512, (70,), generator=g).tolist()
+    cases = [([long], 1), ([long, short], 1)]  # one prompt; two ragged prompts in one micro-batch
+    sp = SamplingParams(max_tokens=48, ignore_eos=True)
+    for prompts, m in cases:
+        runs = {}
+        for n in (1, chunks):
+            pipe.configure_pipeline(micro_batches=m, prefill_chunks=n, keep_logits=True)
+            outs = tokens(pipe.generate(prompts, sp))
+            reports = pipe.pipeline_report()
+            assert {tuple(r["chunks"]) for r in reports} == {(n,)}
+            lasts = [r["prefill_logits"][0] for r in reports if "prefill_logits" in r]
+            assert lasts, "the last stage kept no logits"
+            runs[n] = outs, lasts[0]
+        assert runs[chunks][0] == runs[1][0]
+        torch.testing.assert_close(runs[chunks][1], runs[1][1], atol=1e-5, rtol=1e-5)
+    pipe.configure_pipeline(micro_batches=None, prefill_chunks=None, keep_logits=False)
+
+
+def assert_accounting(reports: list[dict]) -> None:
+    """Per rank: compute + send + recv + idle = wall within 5%; some compute, weights and KV on every rank."""
+    for rep in reports:
+        t = rep["timeline"]["totals"]
+        parts = t["compute"] + t["send"] + t["recv"] + t["idle"]
+        assert abs(t["wall"] - parts) <= 0.05 * t["wall"], (rep["rank"], t)
+        assert 0 <= t["bubble"] < 1 and t["compute"] > 0 and rep["kv_mb"] > 0 and rep["weight_mb"] > 0
+
+
 class TestTwoStages:
     """Tests sharing one two-stage LLM (closed before the next launch: one process group at a time)."""
 
@@ -46,39 +98,15 @@ class TestTwoStages:
 
     def test_micro_batches_match_solo_runs(self, pp2, llm):
         """Each sequence of a micro-batched run (greedy, seeded sampling, early stops) equals its solo run."""
-        g = torch.Generator().manual_seed(3)
-        prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (9, 4, 14, 6, 11, 3)]
-        params = [GREEDY, SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
-                  SamplingParams(max_tokens=17, ignore_eos=True), GREEDY,
-                  SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_k=20, seed=11, ignore_eos=True),
-                  SamplingParams(max_tokens=25, ignore_eos=True)]
+        prompts, params = mixed_requests()
         pp2.configure_pipeline(micro_batches=1)
         solo = [tokens(pp2.generate([p], sp))[0] for p, sp in zip(prompts, params)]
         assert solo == [tokens(llm("llama_gqa").generate([p], sp))[0] for p, sp in zip(prompts, params)]
-        for m in (3, 6):
-            pp2.configure_pipeline(micro_batches=m)
-            assert tokens(pp2.generate(prompts, params)) == solo, f"{m} micro-batches"
-            assert {r["micro_batches"] for r in pp2.pipeline_report()} == {m}
-        pp2.configure_pipeline(micro_batches=None)
+        assert_micro_batches_match(pp2, solo, (3, 6))
 
     def test_token_level_prefill_matches_plain_prefill(self, pp2):
         """A prompt cut into chunks that overlap across stages gives the plain prefill's logits and tokens."""
-        g = torch.Generator().manual_seed(5)
-        long = torch.randint(3, 512, (190,), generator=g).tolist()
-        short = torch.randint(3, 512, (70,), generator=g).tolist()
-        cases = [([long], 1), ([long, short], 1)]  # one prompt; two ragged prompts in one micro-batch
-        sp = SamplingParams(max_tokens=48, ignore_eos=True)
-        for prompts, m in cases:
-            runs = {}
-            for chunks in (1, 5):
-                pp2.configure_pipeline(micro_batches=m, prefill_chunks=chunks, keep_logits=True)
-                outs = tokens(pp2.generate(prompts, sp))
-                last = pp2.pipeline_report()[-1]
-                assert last["chunks"] == [chunks]
-                runs[chunks] = outs, last["prefill_logits"][0]
-            assert runs[5][0] == runs[1][0]
-            torch.testing.assert_close(runs[5][1], runs[1][1], atol=1e-5, rtol=1e-5)
-        pp2.configure_pipeline(micro_batches=None, prefill_chunks=None, keep_logits=False)
+        assert_chunked_prefill_matches(pp2)
 
     def test_stream_stopped_early_leaves_the_pipeline_usable(self, pp2, llm):
         """A reader that stops mid-stream: stage 0 drains what is in flight; the next call runs normally."""
@@ -94,11 +122,7 @@ class TestTwoStages:
         prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (40, 7, 23, 60)]
         pp2.generate(prompts, GREEDY)
         reports = pp2.pipeline_report()
-        for rep in reports:
-            t = rep["timeline"]["totals"]
-            parts = t["compute"] + t["send"] + t["recv"] + t["idle"]
-            assert abs(t["wall"] - parts) <= 0.05 * t["wall"], (rep["rank"], t)
-            assert 0 <= t["bubble"] < 1 and t["compute"] > 0 and rep["kv_mb"] > 0 and rep["weight_mb"] > 0
+        assert_accounting(reports)
         assert reports[0]["timeline"]["totals"]["send"] > 0 and reports[1]["timeline"]["totals"]["recv"] > 0
         path = tmp_path / "trace.json"
         pp2.write_trace(str(path))
@@ -116,16 +140,40 @@ def test_pp2_other_architectures(kind, checkpoint, llm):
 
 
 def test_tp2_x_pp2(checkpoint, llm):
-    """tp=2 inside each of 2 stages on 4 ranks: TP groups are adjacent ranks; tokens equal one device."""
+    """tp=2 inside each of 2 stages on 4 ranks: TP groups are adjacent ranks; tokens equal one device,
+    with micro-batches (each sequence as solo) and with token-level prefill (the plain prefill's logits)."""
     kind = "llama_odd_heads"  # 9 heads / 3 KV heads: the tp split is uneven (6 + 3)
+    prompts, params = mixed_requests()
+    solo = [tokens(llm(kind).generate([p], sp))[0] for p, sp in zip(prompts, params)]
     with LLM(str(checkpoint(kind)), tp=2, pp=2, progress=False) as hybrid:
         assert tokens(hybrid.generate(PROMPTS, GREEDY)) == tokens(llm(kind).generate(PROMPTS, GREEDY))
         infos = hybrid.rank_info()
         reports = hybrid.pipeline_report()
+        assert_accounting(reports)
+        assert_micro_batches_match(hybrid, solo, (3,))
+        assert_chunked_prefill_matches(hybrid)
     assert [i["stage"] for i in infos] == [0, 0, 1, 1]
     assert [i["q_heads"] for i in infos] == [h.num_q for h in head_partition(9, 3, 2)] * 2
     assert [r["tp_index"] for r in reports] == [0, 1, 0, 1]
     assert all(r["tp_comm_s"] > 0 for r in reports)
+
+
+def test_pp3_micro_batches_and_chunks(checkpoint):
+    """Three stages of a 4-layer random Llama: 64 greedy tokens, micro-batches and token-level prefill
+    each equal one device (every stage in the middle of the pipe receives and sends)."""
+    path = str(checkpoint("llama_gqa", 4))
+    prompts, params = mixed_requests()
+    with LLM(path, progress=False) as one:
+        expected = tokens(one.generate(PROMPTS, GREEDY))
+        solo = [tokens(one.generate([p], sp))[0] for p, sp in zip(prompts, params)]
+    with LLM(path, pp=3, progress=False) as pp3:
+        assert tokens(pp3.generate(PROMPTS, GREEDY)) == expected
+        layers = [i["layers"] for i in pp3.rank_info()]
+        assert len(layers) == 3 and layers[0][0] == 0 and layers[-1][1] == 4
+        assert all(a[1] == b[0] for a, b in zip(layers, layers[1:]))
+        assert_accounting(pp3.pipeline_report())
+        assert_micro_batches_match(pp3, solo, (3, 6))
+        assert_chunked_prefill_matches(pp3)
 
 
 def test_pp3_on_smollm2(smollm2):
@@ -203,3 +251,24 @@ def test_bad_layouts_refused_before_start(long_model):
         LLM(str(long_model), pp=2, pp_layers=[3, 2], progress=False)
     with pytest.raises(ConfigError, match="pp=5 exceeds the model's 4 layers"):
         LLM(str(long_model), pp=5, progress=False)
+
+
+def test_cli_trace_writes_a_chrome_trace(long_model, tmp_path):
+    """`meshlm generate --pp 2 --trace out.json`: Trace Event Format as Perfetto's JSON importer reads it:
+    a named row per rank, complete events with microsecond start and duration, no overlap within a row."""
+    path = tmp_path / "out.json"
+    cmd = [sys.executable, "-m", "meshlm.cli", "generate", "w5. w6. w7. w8.", "--model", str(long_model),
+           "--pp", "2", "--max-tokens", "12", "--ignore-eos", "--prefill-chunks", "2", "--trace", str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"trace: {path}" in done.stderr and done.stderr.count("busy") == 2
+    trace = json.loads(path.read_text())
+    events = trace["traceEvents"]
+    assert trace["displayTimeUnit"] == "ms" and {e["ph"] for e in events} == {"M", "X"}
+    names = {e["pid"]: e["args"]["name"] for e in events if e["name"] == "process_name"}
+    assert sorted(names) == [0, 1] and names[0].startswith("rank 0: stage 0")
+    for pid in names:
+        spans = sorted((e for e in events if e["ph"] == "X" and e["pid"] == pid), key=lambda e: e["ts"])
+        assert {"compute", "send", "idle"} <= {e["name"] for e in spans}
+        assert all(isinstance(e["ts"], float | int) and e["ts"] >= 0 and e["dur"] >= 0 for e in spans)
+        assert all(a["ts"] + a["dur"] <= b["ts"] + 1.0 for a, b in zip(spans, spans[1:])), "overlapping spans"
