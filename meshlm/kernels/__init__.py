@@ -1,5 +1,6 @@
 """Optional CPU kernels built from source at first use; each falls back to plain PyTorch."""
 
-from meshlm.kernels.gemv import MAX_M, enabled, kernel, linear
+from meshlm.kernels.fused import apply_rope, rms_norm
+from meshlm.kernels.gemv import MAX_M, Linear, enabled, kernel, linear, linear_many
 
-__all__ = ["MAX_M", "enabled", "kernel", "linear"]
+__all__ = ["MAX_M", "Linear", "apply_rope", "enabled", "kernel", "linear", "linear_many", "rms_norm"]

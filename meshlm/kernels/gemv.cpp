@@ -69,63 +69,94 @@ inline void block_bf16(const float* xe, const float* xo, const uint16_t* w, cons
       out[m * N + n0 + r] = c10::BFloat16(_mm512_reduce_add_ps(acc[m][r]) + (bias ? bias[n0 + r] : 0.f));
 }
 
-// Every block of R rows in parallel, then the N % R leftover rows one by one.
-template <int R, typename Block>
-void for_rows(int64_t N, const Block& block) {
-  const int64_t blocks = N / R;
-  at::parallel_for(0, blocks, kGrain, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) block(std::integral_constant<int, R>(), b * R);
-  });
-  for (int64_t n = blocks * R; n < N; ++n) block(std::integral_constant<int, 1>(), n);
-}
-
+// x [M, K] bf16 as fp32 [even | odd] halves [2, M, K/2]: what block_bf16 reads.
 template <int M>
-void run(const at::Tensor& x, const at::Tensor& w, const float* bias, at::Tensor& out) {
-  const int64_t K = x.size(1), N = w.size(0), K2 = K / 2;
-  std::vector<float> split(2 * M * K2);  // [even | odd] fp32 copies of x
+std::vector<float> split_x(const at::Tensor& x) {
+  const int64_t K = x.size(1), K2 = K / 2;
+  std::vector<float> split(2 * M * K2);
   const c10::BFloat16* xb = x.data_ptr<c10::BFloat16>();
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < K2; ++j) {
       split[m * K2 + j] = static_cast<float>(xb[m * K + 2 * j]);
       split[(M + m) * K2 + j] = static_cast<float>(xb[m * K + 2 * j + 1]);
     }
-  const float *xe = split.data(), *xo = split.data() + M * K2;
-  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>());
-  c10::BFloat16* op = out.data_ptr<c10::BFloat16>();
-  constexpr int R = M <= 4 ? ROWS : 2;  // M * R accumulators + R weight vectors fit 32 registers
-  for_rows<R>(N, [&](auto r, int64_t n0) {
-    block_bf16<M, decltype(r)::value>(xe, xo, wp, bias, op, n0, N, K);
-  });
+  return split;
 }
 
-// x [M, K] and w [N, K] contiguous bf16, K even, 1 <= M <= 8; bias [N] or None.
-at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_m_linear: x [M, K], w [N, K]");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "small_m_linear: x and w must be contiguous");
-  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "small_m_linear: x and w must share a dtype");
+// One product of a run: weight [N, K], bias or null, output [M, N].
+struct Job {
+  const uint16_t* w;
+  const float* bias;
+  c10::BFloat16* out;
+  int64_t N;
+};
+
+// Every job's blocks of R rows in one parallel region, then the N % R leftover rows one by one.
+template <int M>
+void run(const at::Tensor& x, const std::vector<Job>& jobs) {
+  const int64_t K = x.size(1), K2 = K / 2;
+  const std::vector<float> split = split_x<M>(x);
+  const float *xe = split.data(), *xo = split.data() + M * K2;
+  constexpr int R = M <= 4 ? ROWS : 2;  // M * R accumulators + R weight vectors fit 32 registers
+  std::vector<int64_t> first(jobs.size() + 1, 0);  // first global block of each job
+  for (size_t i = 0; i < jobs.size(); ++i) first[i + 1] = first[i] + jobs[i].N / R;
+  at::parallel_for(0, first.back(), kGrain, [&](int64_t b0, int64_t b1) {
+    size_t i = 0;
+    for (int64_t b = b0; b < b1; ++b) {
+      while (b >= first[i + 1]) ++i;
+      const Job& j = jobs[i];
+      block_bf16<M, R>(xe, xo, j.w, j.bias, j.out, (b - first[i]) * R, j.N, K);
+    }
+  });
+  for (const Job& j : jobs)
+    for (int64_t n = j.N / R * R; n < j.N; ++n) block_bf16<M, 1>(xe, xo, j.w, j.bias, j.out, n, j.N, K);
+}
+
+// x [M, K] and each w [N_i, K] contiguous bf16, K even, 1 <= M <= 8; bias [N_i] or None: [x @ w_i.T + b_i].
+std::vector<at::Tensor> small_m_linear_many(const at::Tensor& x, at::TensorList ws,
+                                            const c10::List<c10::optional<at::Tensor>>& bs) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "small_m_linear: x [M, K] contiguous");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.size(1) % 2 == 0, "small_m_linear: bf16 with an even K");
+  TORCH_CHECK(bs.size() == ws.size(), "small_m_linear: one bias (or None) per weight");
   const int64_t M = x.size(0);
   TORCH_CHECK(M >= 1 && M <= 8, "small_m_linear: 1 <= M <= 8");
-  at::Tensor bias;
-  if (b.has_value() && b->defined()) bias = b->to(at::kFloat).contiguous();
-  const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  at::Tensor out = at::empty({M, w.size(0)}, x.options());
-  switch (M) {
-    case 1: run<1>(x, w, bp, out); break;
-    case 2: run<2>(x, w, bp, out); break;
-    case 3: run<3>(x, w, bp, out); break;
-    case 4: run<4>(x, w, bp, out); break;
-    case 5: run<5>(x, w, bp, out); break;
-    case 6: run<6>(x, w, bp, out); break;
-    case 7: run<7>(x, w, bp, out); break;
-    default: run<8>(x, w, bp, out); break;
+  std::vector<at::Tensor> outs, biases;
+  std::vector<Job> jobs;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const at::Tensor& w = ws[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(1) && w.is_contiguous(), "small_m_linear: w [N, K] contiguous");
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16, "small_m_linear: x and w must share a dtype");
+    const c10::optional<at::Tensor> b = bs.get(i);
+    biases.push_back(b.has_value() && b->defined() ? b->to(at::kFloat).contiguous() : at::Tensor());
+    outs.push_back(at::empty({M, w.size(0)}, x.options()));
+    jobs.push_back({reinterpret_cast<const uint16_t*>(w.data_ptr<c10::BFloat16>()),
+                    biases.back().defined() ? biases.back().data_ptr<float>() : nullptr,
+                    outs.back().data_ptr<c10::BFloat16>(), w.size(0)});
   }
-  return out;
+  switch (M) {
+    case 1: run<1>(x, jobs); break;
+    case 2: run<2>(x, jobs); break;
+    case 3: run<3>(x, jobs); break;
+    case 4: run<4>(x, jobs); break;
+    case 5: run<5>(x, jobs); break;
+    case 6: run<6>(x, jobs); break;
+    case 7: run<7>(x, jobs); break;
+    default: run<8>(x, jobs); break;
+  }
+  return outs;
+}
+
+at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
+  c10::List<c10::optional<at::Tensor>> bs;
+  bs.push_back(b);
+  return small_m_linear_many(x, {w}, bs)[0];
 }
 
 }  // namespace
 
 TORCH_LIBRARY(meshlm_kernels, m) {
   m.def("small_m_linear(Tensor x, Tensor w, Tensor? b) -> Tensor");
+  m.def("small_m_linear_many(Tensor x, Tensor[] ws, Tensor?[] bs) -> Tensor[]");
   m.impl("small_m_linear", c10::DispatchKey::CPU, TORCH_FN(small_m_linear));
+  m.impl("small_m_linear_many", c10::DispatchKey::CPU, TORCH_FN(small_m_linear_many));
 }

@@ -1,8 +1,10 @@
-"""Small-M bf16 linear: an AVX-512 GEMV extension built from source at first use, else F.linear.
+"""Decode kernels: an AVX-512 bf16 GEMV and fused norm / RoPE ops, built from source at first use.
 
 Decode at batch 1 multiplies one activation row by every weight matrix. oneDNN runs that product in
 bf16 at about half the memory bandwidth (docs/benchmarks.md); the kernel in gemv.cpp streams the weights
-at the bandwidth. fp32 stays with F.linear, whose MKL GEMV already does.
+at the bandwidth. fp32 stays with F.linear, whose MKL GEMV already does. fused.cpp holds the layer's elementwise chains
+(RMSNorm, RoPE) as one call each, for fp32 and bf16 (meshlm/kernels/fused.py). Every op falls back to
+the plain PyTorch expression when the extension cannot be built.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 log = logging.getLogger(__name__)
 
 MAX_M = 8  # rows of x (tokens) the kernel takes; prefill and larger batches go to F.linear
-_SOURCE = Path(__file__).with_name("gemv.cpp")
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp"]
-_op = None  # torch.ops.meshlm_kernels.small_m_linear once loaded
+_SOURCES = [Path(__file__).with_name("gemv.cpp"), Path(__file__).with_name("fused.cpp")]
+# -ffp-contract=off: a * b + c stays two roundings, as in the reference's separate ops
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-ffp-contract=off"]
+_op = None  # torch.ops.meshlm_kernels once loaded
 _tried = False
 
 
@@ -39,39 +43,39 @@ def _build():
         return None
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    text = _SOURCE.read_bytes() + " ".join(_CFLAGS).encode() + torch.__version__.encode()
+    text = b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_CFLAGS).encode() + torch.__version__.encode()
     name = "meshlm_gemv_" + hashlib.sha1(text).hexdigest()[:10]  # a new source or torch builds anew
     build_dir = _get_build_directory(name, verbose=False)
     cached = (Path(build_dir) / f"{name}.so").exists()
     if not cached:
-        log.warning("meshlm.kernels: compiling the AVX-512 GEMV kernel (once, ~15 s) into %s", build_dir)
+        log.warning("meshlm.kernels: compiling the decode kernels (once, ~30 s) into %s", build_dir)
     t0 = time.perf_counter()
-    load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS, is_python_module=False, verbose=False)
-    log.info("meshlm.kernels: GEMV kernel %s in %.1f s", "loaded" if cached else "built",
+    load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS, is_python_module=False,
+         verbose=False)
+    log.info("meshlm.kernels: decode kernels %s in %.1f s", "loaded" if cached else "built",
              time.perf_counter() - t0)
-    return torch.ops.meshlm_kernels.small_m_linear
+    return torch.ops.meshlm_kernels
 
 
 def kernel():
-    """The loaded op, building it on the first call; None (logged once) when it cannot be had."""
+    """The loaded ops (torch.ops.meshlm_kernels), building them on the first call; None (logged once)
+    when they cannot be had."""
     global _op, _tried
     if not _tried:
         _tried = True
         try:
             _op = _build()
         except Exception as e:  # a missing compiler or headers must not stop generation
-            log.warning("meshlm.kernels: GEMV kernel unavailable (%s); linear layers use F.linear",
+            log.warning("meshlm.kernels: decode kernels unavailable (%s); plain PyTorch ops are used",
                         str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
             _op = None
     return _op
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; bf16 x [..., K] of at most MAX_M rows on the CPU goes through the AVX-512 kernel."""
-    if x.dtype is not torch.bfloat16 or (_op is None and _tried):  # fp32, or no kernel: one check
-        return F.linear(x, weight, bias)
+def _gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether x @ weight.T is a decode-sized bf16 CPU product the kernel takes."""
     k = x.shape[-1]
-    if (
+    return (
         0 < x.numel() <= MAX_M * k
         and k % 2 == 0
         and weight.dtype is torch.bfloat16
@@ -79,9 +83,42 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         and weight.is_contiguous()
         and weight.dim() == 2
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    ):
-        op = kernel()
-        if op is not None:
-            out = op(x.reshape(-1, k).contiguous(), weight, bias)  # [M, N]
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; bf16 x [..., K] of at most MAX_M rows on the CPU goes through the AVX-512 kernel."""
+    if x.dtype is not torch.bfloat16 or (_op is None and _tried):  # fp32, or no kernel: one check
+        return F.linear(x, weight, bias)
+    if _gemv_ok(x, weight):
+        ops = kernel()
+        if ops is not None:
+            k = x.shape[-1]
+            out = ops.small_m_linear(x.reshape(-1, k).contiguous(), weight, bias)  # [M, N]
             return out.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
+
+
+def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers]; decode-sized bf16 products of plain Linear layers in one kernel call
+    (x is read and widened once, and one parallel region covers every weight)."""
+    if (
+        x.dtype is torch.bfloat16
+        and not (_op is None and _tried)
+        and all(type(m) is Linear for m in layers)
+        and all(_gemv_ok(x, m.weight) for m in layers)
+    ):
+        ops = kernel()
+        if ops is not None:
+            k = x.shape[-1]
+            outs = ops.small_m_linear_many(x.reshape(-1, k).contiguous(), [m.weight for m in layers],
+                                           [m.bias for m in layers])
+            return [o.view(*x.shape[:-1], o.shape[-1]) for o in outs]
+    return [m(x) for m in layers]
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose decode-sized bf16 products run the GEMV kernel (same parameters, fp32 sums)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -11,6 +11,7 @@ from torch import nn
 
 from meshlm import kernels
 from meshlm.config import RopeConfig
+from meshlm.kernels import Linear, apply_rope  # noqa: F401  (the models' linear layer and RoPE)
 
 
 class RMSNorm(nn.Module):
@@ -22,17 +23,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose decode-sized bf16 products run meshlm.kernels' GEMV (same parameters, fp32 sums)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return kernels.rms_norm(x, self.weight, self.eps)  # the reference's ops, fused where it can
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -59,13 +50,6 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
     freqs = positions.unsqueeze(-1).float() * inv_freq  # [B, S, D/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, S, D]
     return emb.cos().to(dtype).unsqueeze(2), emb.sin().to(dtype).unsqueeze(2)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x [B, S, H, D] (the Hugging Face layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class AttentionBackend(Protocol):

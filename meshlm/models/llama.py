@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.config import ModelConfig
+from meshlm.kernels import linear_many
 from meshlm.models.layers import AttentionBackend, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -26,9 +27,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn: AttentionBackend) -> torch.Tensor:
         b, s, _ = x.shape  # x: [B, S, H]
-        q = self.q_proj(x).view(b, s, -1, self.head_dim)  # [B, S, Hq_local, D]
-        k = self.k_proj(x).view(b, s, -1, self.head_dim)  # [B, S, Hkv_local, D]
-        v = self.v_proj(x).view(b, s, -1, self.head_dim)
+        q, k, v = linear_many(x, [self.q_proj, self.k_proj, self.v_proj])  # one call when decoding
+        q = q.view(b, s, -1, self.head_dim)  # [B, S, Hq_local, D]
+        k = k.view(b, s, -1, self.head_dim)  # [B, S, Hkv_local, D]
+        v = v.view(b, s, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         out = attn(self.layer_id, q, k, v)  # [B, S, Hq_local, D]
         return self.o_proj(out.reshape(b, s, -1))
@@ -44,7 +46,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_many(x, [self.gate_proj, self.up_proj])
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):

@@ -1,4 +1,5 @@
-"""meshlm.kernels: the AVX-512 bf16 GEMV against F.linear, and the fallbacks that must stay exact."""
+"""meshlm.kernels: the AVX-512 bf16 GEMV against F.linear, the fused norm / RoPE against the reference's
+op-by-op PyTorch, and the fallbacks that must stay exact."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def op():
     got = kernels.kernel()
     if got is None:
         pytest.skip("the GEMV kernel is unavailable here (no AVX-512, no compiler, or MESHLM_KERNELS=0)")
-    return got
+    return got.small_m_linear
 
 
 @pytest.mark.parametrize("m", [1, 2, 4, 5, 8])
@@ -54,6 +55,50 @@ def test_linear_dispatch_and_fallbacks(op):
     xg = torch.randn(1, 64, dtype=torch.bfloat16, requires_grad=True)
     layer(xg).sum().backward()  # the op has no autograd formula, so training-mode calls must fall back
     assert xg.grad is not None and xg.grad.shape == xg.shape
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_linear_many_equals_each_linear(op, m):
+    """q/k/v (or gate/up) in one call give exactly what each layer gives alone, biases included."""
+    g = torch.Generator().manual_seed(m)
+    layers = [Linear(96, n, bias=b).bfloat16() for n, b in ((96, True), (32, True), (32, False))]
+    x = torch.randn(1, m, 96, generator=g).bfloat16()
+    with torch.inference_mode():
+        many = kernels.linear_many(x, layers)
+        for layer, got in zip(layers, many):
+            assert torch.equal(got, layer(x))
+
+
+def _ref_norm(x, w, eps):
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,k", [(1, 576), (7, 768), (33, 100)])
+def test_rms_norm_matches_reference_ops(op, dtype, rows, k):
+    """Same roundings as the reference; only the order of the fp32 sum of squares may differ."""
+    g = torch.Generator().manual_seed(rows * k)
+    x = (3 * torch.randn(rows, k, generator=g)).to(dtype)
+    w = (1 + 0.1 * torch.randn(k, generator=g)).to(dtype)
+    ours, ref = kernels.rms_norm(x, w, 1e-5), _ref_norm(x, w, 1e-5)
+    assert ours.dtype == dtype and ours.shape == ref.shape
+    ulp = 2**-7 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=ulp, atol=ulp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("s,h,d", [(1, 9, 64), (5, 3, 64), (17, 4, 128)])
+def test_rope_matches_reference_ops_exactly(op, dtype, s, h, d):
+    """x * cos + rotate_half(x) * sin, each product rounded to the dtype as the reference does."""
+    g = torch.Generator().manual_seed(s * h * d)
+    x = torch.randn(2, s, h, d, generator=g).to(dtype)
+    cos, sin = (torch.randn(2, s, 1, d, generator=g).to(dtype) for _ in range(2))
+    half = d // 2
+    ref = x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    assert torch.equal(kernels.apply_rope(x.clone(), cos, sin), ref)
+    assert torch.equal(kernels.apply_rope(x.transpose(1, 2).contiguous().transpose(1, 2), cos, sin), ref)
 
 
 def test_disabled_by_env(monkeypatch):
