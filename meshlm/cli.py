@@ -28,8 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="compute and weight dtype (default float32)")
     p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads per process (default 1, measured fastest for decode on 2 cores; "
-                        "env MESHLM_THREADS)")
+                   help="intra-op threads per process (default: this host's cores shared evenly among its ranks, "
+                        "measured fastest here; env MESHLM_THREADS)")
     p.add_argument("--max-context", type=int, default=None,
                    help="context window in tokens (default: the model's max_position_embeddings)")
     p.add_argument("--tp", type=int, default=1,
@@ -101,7 +101,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = None
         if not args.chat:
             sys.stdout.write(args.prompt)
-        for delta, out in llm.stream(args.prompt, params, chat=args.chat):
+        for delta, _out in llm.stream(args.prompt, params, chat=args.chat):
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -11,9 +12,9 @@ import torch
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
 from meshlm.config import SamplingParams
+from meshlm.engine.generate import RequestOutput, generate, generate_stream
 from meshlm.engine.model_runner import ModelRunner, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
-from meshlm.engine.generate import RequestOutput, generate, generate_stream
 from meshlm.engine.pipeline_runner import PipelineRunner
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
@@ -60,7 +61,8 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec, groups: Groups, rank: int = 0) -> None:
         self.spec, self.groups, self.rank = spec, groups, rank
-        self.threads = set_threads(spec.threads)
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or spec.dims.world_size)  # torchrun sets it
+        self.threads = set_threads(spec.threads, ranks_here)
         self.anon_before_mb = memory_mb()["RssAnon"]
         self.dtype = DTYPES[spec.dtype]
         t0 = time.perf_counter()
