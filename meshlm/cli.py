@@ -101,9 +101,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         out = None
         if not args.chat:
             sys.stdout.write(args.prompt)
-        for delta, _out in llm.stream(args.prompt, params, chat=args.chat):
+        for delta, last in llm.stream(args.prompt, params, chat=args.chat):
             sys.stdout.write(delta)
             sys.stdout.flush()
+            out = last
         sys.stdout.write("\n")
         assert out is not None
         print(f"[prompt {len(out.prompt_token_ids)} tokens | generated {len(out.token_ids)} tokens | "
