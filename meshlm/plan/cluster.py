@@ -129,9 +129,17 @@ class Cluster:
         """Devices in the whole cluster."""
         return self.nodes * self.node.devices
 
+    def node_of(self, rank: int) -> int:
+        """The node rank `rank` runs on: r // devices per node (on one node every rank, even past its devices)."""
+        return 0 if self.nodes == 1 else rank // self.node.devices
+
+    def ranks_on_node(self, world: int) -> int:
+        """Ranks of a `world`-rank layout that share one node (more than its devices when oversubscribed)."""
+        return world if self.nodes == 1 else min(self.node.devices, world)
+
     def link_between(self, ranks: list[int], transport: str | None = None) -> Link:
-        """The slowest link a group of ranks crosses (rank r sits on node r // devices per node)."""
-        if len({r // self.node.devices for r in ranks}) > 1:
+        """The slowest link a group of ranks crosses."""
+        if len({self.node_of(r) for r in ranks}) > 1:
             assert self.inter is not None
             return self.inter
         return self.node.link(transport)

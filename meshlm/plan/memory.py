@@ -47,7 +47,7 @@ class MemoryReport:
 def usable_bytes(cluster: Cluster, layout: Layout) -> float:
     """Memory one rank may plan with (its share of the node's when ranks share a host)."""
     dev, node = cluster.node.device, cluster.node
-    sharing = min(node.devices, layout.world) if node.shared_memory else 1
+    sharing = cluster.ranks_on_node(layout.world) if node.shared_memory else 1
     return dev.memory * dev.memory_utilization / sharing
 
 
@@ -94,7 +94,7 @@ def _why(rep: MemoryReport, work: Workload, cluster: Cluster, layout: Layout, fi
     dev = cluster.node.device
     fixed = rep.weights + rep.activations + rep.reserved
     where = (f"{rep.usable / GB:.1f} GB usable ({dev.memory_utilization:.0%} of {dev.memory / GIB:.0f} GiB"
-             + (f" shared by {min(cluster.node.devices, layout.world)} ranks)" if cluster.node.shared_memory
+             + (f" shared by {cluster.ranks_on_node(layout.world)} ranks)" if cluster.node.shared_memory
                 else ")"))
     if fixed > rep.usable:
         return (f"memory: rank {rep.rank} needs {rep.weights / GB:.1f} GB of weights + "

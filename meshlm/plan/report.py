@@ -119,6 +119,9 @@ def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, 
     from meshlm.parallel.mesh import ParallelDims
 
     lines = [f"dry run: {layout} on {cluster.name}, {dtype}; no process started, no weights loaded"]
+    if layout.world > cluster.devices:
+        lines.append(f"note: {layout.world} ranks on {cluster.devices} devices: ranks share devices (on a CPU "
+                     "host, cores), so expect timings above the predicted ones, which assume a device each")
     try:
         ParallelDims(dp=layout.dp, pp=layout.pp, tp=layout.tp).check_model(cfg)
     except ConfigError as e:

@@ -36,11 +36,9 @@ def profile(tmp_path_factory) -> clusters.Cluster:
 
 @pytest.mark.parametrize("layout", ["tp=1", "tp=2", "pp=2"])
 def test_bench_pairs_every_term(layout, profile, checkpoint):
-    """A layout runs through LLM; each term has a prediction and a measurement (pp=2 may be unavailable)."""
+    """A layout runs through LLM; each term has a prediction and a measurement."""
     res = run_bench(str(checkpoint("llama_gqa")), Layout.parse(layout), profile, prompt=48, new=6, runs=1)
-    if res.skipped:
-        assert "pp" in layout, res.skipped  # the pipeline may not have landed
-        pytest.skip(res.skipped)
+    assert not res.skipped, res.skipped
     for phase in ("prefill", "decode"):
         for key in KEYS:
             assert math.isfinite(res.predicted[phase][key]) and res.predicted[phase][key] >= 0

@@ -90,3 +90,13 @@ def test_dry_run_names_a_layout_that_fits(tmp_path, local_host, monkeypatch, cap
     assert "fits: dp=1 pp=1 tp=2 (run with --tp 2 --pp 1)" in capsys.readouterr().out
     args = ["generate", "hi", "--model", str(eight), "--dry-run", "--max-context", "4096"]
     assert main(args + ["--tp", "2"]) == 0
+
+
+def test_dry_run_of_more_ranks_than_devices(tmp_path, local_host, capsys):
+    """tp=2 x pp=2 on a two-rank host (meshlm runs it; ranks share the cores): checked, with a note, not a crash;
+    the host's memory is shared by all four ranks."""
+    model = write_model(tmp_path, TINY)
+    assert main(["generate", "hi", "--model", str(model), "--tp", "2", "--pp", "2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "note: 4 ranks on 2 devices" in out and "OK: KV holds" in out
+    assert f"of {0.9 * 8 / 4 * 2**30 / 1e9:.1f} GB usable" in out
