@@ -61,6 +61,24 @@ def open_gguf_direct(path: Path) -> Checkpoint:
                       tokenizer=Tokenizer(tok, tok_cfg))
 
 
+def _stop_ids(folder: Path, from_config: tuple[int, ...], tokenizer_eos: int | None) -> tuple[int, ...]:
+    """End-of-sequence ids: config.json's, then generation_config.json's (chat models often list their
+    end-of-turn tokens only there, as Llama 3 does), then the tokenizer's eos token if none was found."""
+    ids = list(from_config)
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        try:
+            value = json.loads(gen.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, AttributeError):
+            value = None  # a broken generation config is advisory; config.json still holds the model
+        for e in value if isinstance(value, list) else ([] if value is None else [value]):
+            if isinstance(e, int) and e not in ids:
+                ids.append(e)
+    if not ids and tokenizer_eos is not None:
+        ids.append(tokenizer_eos)
+    return tuple(ids)
+
+
 def open_checkpoint(model: str | Path | None = None, progress: bool = True,
                     gguf_direct: bool = False) -> Checkpoint:
     """Open a checkpoint (folder, .gguf file, or None for the bundled default) without reading weights.
@@ -80,6 +98,7 @@ def open_checkpoint(model: str | Path | None = None, progress: bool = True,
         raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({e}); restore the file.") from None
     cfg = ModelConfig.from_hf(raw)
     tokenizer = Tokenizer.from_folder(folder)
-    if not cfg.eos_token_ids and tokenizer.eos_id is not None:
-        cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": (tokenizer.eos_id,)})
+    eos = _stop_ids(folder, cfg.eos_token_ids, tokenizer.eos_id)
+    if eos != cfg.eos_token_ids:
+        cfg = ModelConfig(**{**cfg.__dict__, "eos_token_ids": eos})
     return Checkpoint(path=folder, cfg=cfg, source=SafetensorsSource(folder), tokenizer=tokenizer)

@@ -147,3 +147,27 @@ def test_qwen2_sliding_layers_are_refused():
     with pytest.raises(ConfigError, match="use_sliding_window"):
         ModelConfig.from_hf(d)
     assert ModelConfig.from_hf({**d, "max_window_layers": 32}).sliding_window is None  # no layer slides
+
+
+def test_generation_config_eos_ids_stop_generation(checkpoint, tmp_path):
+    """generation_config.json's eos ids (Llama 3 lists its end-of-turn token only there) stop generation."""
+    from transformers import GenerationConfig
+
+    from meshlm import LLM, SamplingParams
+    from meshlm.checkpoint import open_checkpoint
+
+    src = checkpoint("llama_gqa")
+    for f in src.iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    prompt = [3, 17, 29, 41]
+    with LLM(str(tmp_path), progress=False) as llm:
+        free = llm.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
+    base = open_checkpoint(tmp_path, progress=False).cfg.eos_token_ids
+    stop_at = next(i for i, t in enumerate(free) if i >= 2 and t not in free[:i] and t not in base)
+    assert not set(free[:stop_at + 1]) & set(base), "the random model emitted config.json's eos; pick a prompt"
+    GenerationConfig(eos_token_id=[free[stop_at]]).save_pretrained(tmp_path)
+    cfg = open_checkpoint(tmp_path, progress=False).cfg
+    assert cfg.eos_token_ids[-1] == free[stop_at] and len(cfg.eos_token_ids) >= 2  # config.json's kept
+    with LLM(str(tmp_path), progress=False) as llm:
+        out = llm.generate([prompt], SamplingParams(max_tokens=12))[0]
+    assert out.token_ids == free[:stop_at + 1] and out.finish_reason == "stop"
