@@ -75,6 +75,11 @@ def init_distributed(rv: RendezvousInfo) -> None:
 def _child_main(rv: RendezvousInfo, serve: Callable[[RendezvousInfo], None], errors: Any) -> None:
     die_with_parent()
     logging.basicConfig(level=logging.WARNING)
+    # tqdm's default lock is a multiprocessing semaphore; a rank ends with os._exit, which skips its
+    # cleanup, so the resource tracker would report it leaked. A thread lock is all one rank needs.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     try:
         serve(rv)
     except BaseException as e:  # report anything, including KeyboardInterrupt, then exit non-zero
