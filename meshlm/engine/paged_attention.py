@@ -1,16 +1,21 @@
-"""Paged attention for mixed batches (prefill chunks and decodes in one step), in plain PyTorch.
+"""Paged attention for mixed batches (prefill chunks and decodes in one step).
 
 The step's tokens are flattened into one row [1, T]. Each layer writes this step's K/V into the pool
-slots of its block table, then attends: every decode (one new token) in one batched SDPA over its
-gathered context, every prefill chunk in its own SDPA with a causal offset.
+slots of its block table (index_copy_), then attends. Decodes (one new token each) go together to the C++
+kernel of paged_decode.cpp, which reads each sequence's K/V in place in the pool; without the kernel
+they are gathered (index_select) into one padded batch for SDPA. A prompt's first chunk attends to its
+own K/V from this step; a later chunk gathers its earlier context from the pool.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
+from meshlm.engine import paged_decode
 from meshlm.models.layers import sdpa, visible_keys
 
 
@@ -33,6 +38,16 @@ class StepInput:
     sample_offsets: tuple[int, ...]  # flat indices whose logits are returned
 
 
+@dataclass
+class _Prefill:
+    """One prompt chunk: queries at flat [offset, offset + n); keys from the step (slots None) or the pool."""
+
+    offset: int
+    n: int
+    slots: torch.Tensor | None  # [ctx] pool slots of the whole context when the chunk is not the first
+    mask: torch.Tensor | None  # [n, ctx] visible keys, None for plain causal
+
+
 class PagedKVCache:
     """K/V pools [L_local, num_blocks * block_size, Hkv_local, D] and the per-step attention plan."""
 
@@ -44,58 +59,92 @@ class PagedKVCache:
         self.slot_of_layer = {lid: i for i, lid in enumerate(layer_ids)}
         self.block_size = block_size
         self.window = window  # sliding attention window (Mistral), None = global
+        self.scale = 1.0 / math.sqrt(head_dim)
+        # fp32 only: the kernel takes bf16 pools too, but bf16 keeps SDPA's rounding, which the bf16
+        # tolerances of tests/unit/test_models.py were set against (greedy MoE routing flips on near-ties).
+        use_kernel = self.k.device.type == "cpu" and dtype == torch.float32
+        self.kernel = paged_decode.kernel() if use_kernel else None
 
     def _slots(self, table: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         pos = torch.arange(start, stop)
         blocks = torch.tensor(table, dtype=torch.long)[pos // self.block_size]
         return blocks * self.block_size + pos % self.block_size
 
+    def _first_visible(self, ctx: int) -> int:
+        return 0 if self.window is None else max(0, ctx - self.window)
+
     def prepare(self, step: StepInput) -> torch.Tensor:
         """Plan attention for a step; returns positions [1, T]."""
-        positions, writes, prefills = [], [], []
-        dec_idx, dec_slots, dec_len = [], [], []
+        positions, writes = [], []
+        self.prefills: list[_Prefill] = []
+        dec_idx, dec_tables, dec_first, dec_len = [], [], [], []
         for s in step.seqs:
-            positions.append(torch.arange(s.start, s.start + s.n))
+            positions.extend(range(s.start, s.start + s.n))
             writes.append(self._slots(s.block_table, s.start, s.start + s.n))
             ctx = s.start + s.n
-            if s.n == 1 and (self.window is None or ctx <= self.window):
+            if s.n == 1:
                 dec_idx.append(s.offset)
-                dec_slots.append(self._slots(s.block_table, 0, ctx))
+                dec_tables.append(s.block_table)
+                dec_first.append(self._first_visible(ctx))
                 dec_len.append(ctx)
-            else:
-                slots = self._slots(s.block_table, 0, ctx)
-                mask = None
-                if s.start or (self.window is not None and ctx > self.window):
-                    mask = visible_keys(torch.arange(s.start, ctx)[None], ctx, self.window)[0]  # [n, ctx]
-                prefills.append((s.offset, s.n, slots, mask))
+                continue
+            mask = None
+            if s.start or (self.window is not None and ctx > self.window):
+                mask = visible_keys(torch.arange(s.start, ctx)[None], ctx, self.window)[0]  # [n, ctx]
+            slots = self._slots(s.block_table, 0, ctx) if s.start else None
+            self.prefills.append(_Prefill(s.offset, s.n, slots, mask))
         self.write_slots = torch.cat(writes)
-        self.prefills = prefills
         self.dec_idx = torch.tensor(dec_idx, dtype=torch.long)
+        self.all_decode = len(dec_idx) == len(step.token_ids)
         if dec_idx:
-            longest = max(dec_len)
-            self.dec_slots = torch.stack([torch.nn.functional.pad(x, (0, longest - len(x))) for x in dec_slots])
-            lens = torch.tensor(dec_len)
-            self.dec_mask = None if min(dec_len) == longest else (
-                torch.arange(longest)[None, :] < lens[:, None])[:, None, None, :]  # [Bd, 1, 1, Tmax]
-        return torch.cat(positions).unsqueeze(0)
+            self._plan_decode(dec_tables, dec_first, dec_len)
+        return torch.tensor(positions, dtype=torch.long).unsqueeze(0)
+
+    def _plan_decode(self, tables: list[tuple[int, ...]], first: list[int], lens: list[int]) -> None:
+        if self.kernel is not None:
+            width = max(len(t) for t in tables)
+            self.dec_tables = torch.tensor([t + (0,) * (width - len(t)) for t in tables], dtype=torch.long)
+            self.dec_first = torch.tensor(first, dtype=torch.long)
+            self.dec_len = torch.tensor(lens, dtype=torch.long)
+            return
+        # Fallback: visible slots of every decode, padded into one batch [Bd, Tmax] with a length mask.
+        slots = [self._slots(t, a, b) for t, a, b in zip(tables, first, lens)]
+        longest = max(len(x) for x in slots)
+        self.dec_slots = torch.stack([F.pad(x, (0, longest - len(x))) for x in slots])
+        n = torch.tensor([len(x) for x in slots])
+        self.dec_mask = None if int(n.min()) == longest else (
+            torch.arange(longest)[None, :] < n[:, None])[:, None, None, :]  # [Bd, 1, 1, Tmax]
+
+    def _decode(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
+        """q [Bd, Hq, D] -> [Bd, Hq, D] over each decode's cached context."""
+        if self.kernel is not None:
+            return self.kernel(q, kp, vp, self.dec_tables, self.dec_first, self.dec_len, self.block_size,
+                               self.scale)
+        bd, tmax = self.dec_slots.shape
+        flat = self.dec_slots.view(-1)
+        kd = kp.index_select(0, flat).view(bd, tmax, *kp.shape[1:]).transpose(1, 2)  # [Bd, Hkv, Tmax, D]
+        vd = vp.index_select(0, flat).view(bd, tmax, *vp.shape[1:]).transpose(1, 2)
+        return sdpa(q.unsqueeze(2), kd, vd, self.dec_mask).squeeze(2)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [1, T, Hq, D], k/v [1, T, Hkv, D] -> [1, T, Hq, D]."""
         i = self.slot_of_layer[layer]
         kp, vp = self.k[i], self.v[i]  # [slots, Hkv, D]
-        kp[self.write_slots] = k[0]
-        vp[self.write_slots] = v[0]
+        kp.index_copy_(0, self.write_slots, k[0])
+        vp.index_copy_(0, self.write_slots, v[0])
         q0 = q[0]
+        if self.all_decode:
+            return self._decode(q0, kp, vp).unsqueeze(0)
         out = torch.empty_like(q0)  # [T, Hq, D]
         if len(self.dec_idx):
-            qd = q0[self.dec_idx].unsqueeze(2)  # [Bd, Hq, 1, D]
-            kd = kp[self.dec_slots].transpose(1, 2)  # [Bd, Hkv, Tmax, D]
-            vd = vp[self.dec_slots].transpose(1, 2)
-            out[self.dec_idx] = sdpa(qd, kd, vd, self.dec_mask).squeeze(2)
-        for offset, n, slots, mask in self.prefills:
-            qp = q0[offset:offset + n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-            kk = kp[slots].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, D]
-            vv = vp[slots].transpose(0, 1).unsqueeze(0)
-            o = sdpa(qp, kk, vv, mask, causal=mask is None)
-            out[offset:offset + n] = o[0].transpose(0, 1)
+            out.index_copy_(0, self.dec_idx, self._decode(q0.index_select(0, self.dec_idx), kp, vp))
+        for p in self.prefills:
+            qp = q0[p.offset:p.offset + p.n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+            if p.slots is None:  # the first chunk: its keys are this step's
+                kk, vv = k[0, p.offset:p.offset + p.n], v[0, p.offset:p.offset + p.n]
+            else:
+                kk, vv = kp.index_select(0, p.slots), vp.index_select(0, p.slots)  # [ctx, Hkv, D]
+            o = sdpa(qp, kk.transpose(0, 1).unsqueeze(0), vv.transpose(0, 1).unsqueeze(0), p.mask,
+                     causal=p.mask is None)
+            out[p.offset:p.offset + p.n] = o[0].transpose(0, 1)
         return out.unsqueeze(0)
