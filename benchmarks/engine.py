@@ -3,7 +3,8 @@
 Two arrival patterns: all at once, and a Poisson stream. meshlm runs continuous batching over its
 paged KV cache; the HF peer runs static batches with left padding (every queued request at once,
 generating until the longest finishes), the way a plain `generate` server works. Same model, dtype,
-threads and requests in the same run.
+threads and requests in the same run. Each timed run holds the benchmarks' lock (common.quiet_run) and
+records the share of the CPUs other processes used meanwhile.
 
     python benchmarks/engine.py [--requests 64] [--rate 4] [--threads 2] [--dtype float32]
 """
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import common
 import torch
 
 
@@ -136,6 +138,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="docs/bench_engine.json")
+    ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait for a quiet machine per run")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -151,17 +154,20 @@ def main() -> None:
         for name, fn in (("meshlm", lambda offs=offs: run_meshlm(llm, work, offs)),
                          ("hf", lambda offs=offs: run_hf(hf, work, offs, pad_id=2))):
             print(f"[engine bench] {label}: {name} ...", file=sys.stderr, flush=True)
-            r = fn()
-            r["arrivals"] = label
+            with common.quiet_run(args.wait), common.other_load() as during:
+                r = fn()
+            r["arrivals"], r["other_load"] = label, during[0]
             rows.append(r)
-            print(f"[engine bench]   {r['tok_per_s']:.1f} tok/s in {r['wall_s']:.1f}s", file=sys.stderr)
-    print("| arrivals | engine | throughput (tok/s) | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | "
-          "end-to-end p50 / p99 (s) |")
-    print("|---|---|---|---|---|---|")
+            print(f"[engine bench]   {r['tok_per_s']:.1f} tok/s in {r['wall_s']:.1f}s (other load "
+                  f"{r['other_load']:.0%})", file=sys.stderr)
+    print(f"Machine: {common.machine()}\n")
+    print("| arrivals | engine | throughput (tok/s) | wall (s) | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | "
+          "end-to-end p50 / p99 (s) | other load |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['arrivals']} | {r['engine']} | {r['tok_per_s']:.1f} | {r['ttft_p50']:.2f} / "
+        print(f"| {r['arrivals']} | {r['engine']} | {r['tok_per_s']:.1f} | {r['wall_s']:.0f} | {r['ttft_p50']:.2f} / "
               f"{r['ttft_p99']:.2f} | {r['tpot_p50'] * 1000:.0f} / {r['tpot_p99'] * 1000:.0f} | "
-              f"{r['e2e_p50']:.1f} / {r['e2e_p99']:.1f} |")
+              f"{r['e2e_p50']:.1f} / {r['e2e_p99']:.1f} | {r['other_load']:.0%} |")
     for label in {r["arrivals"] for r in rows}:
         m, h = (next(r for r in rows if r["arrivals"] == label and r["engine"] == e) for e in ("meshlm",
                                                                                           "hf-static"))

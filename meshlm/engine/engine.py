@@ -147,18 +147,19 @@ class LLMEngine:
                 samples.append(len(tokens) - 1)
         logits = self.executor.call("execute", StepInput(tuple(tokens), tuple(seqs), tuple(samples)))
         now = time.perf_counter()
+        best = logits.argmax(-1).tolist()  # [K]: every greedy row's token in one op
         row = 0
         for item in plan.items:
             self.scheduler.computed(item)
             if item.samples:
-                self._accept(item.req, logits[row], now)
+                self._accept(item.req, logits[row], best[row], now)
                 row += 1
                 changed.append(item.req.out)
         return changed
 
-    def _accept(self, req: Request, logits: torch.Tensor, now: float) -> None:
+    def _accept(self, req: Request, logits: torch.Tensor, best: int, now: float) -> None:
         live = self.live[req.id]
-        token = sample(logits, req.params, live.generator)
+        token = best if req.params.greedy else sample(logits, req.params, live.generator)
         req.tokens.append(token)
         out = req.out
         out.token_ids.append(token)

@@ -54,7 +54,7 @@ class RequestOutput:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler's queues hold and remove requests by identity, in O(1) compares
 class Request:
     """Scheduler-side state. Invariant: num_computed <= len(tokens); KV of tokens[:num_computed] is cached."""
 

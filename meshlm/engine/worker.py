@@ -21,7 +21,7 @@ from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.parallel.pipeline import PipelineSpec, plan_stages, split_model
 from meshlm.parallel.styles import ShardLayout, apply_plan
-from meshlm.threads import set_threads
+from meshlm.threads import keep_freed_memory, set_threads
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,7 @@ class Worker:
                                        spec.pipeline, self.max_context, self.dtype, rank) \
             if spec.dims.pp > 1 else None
         self.load_s = time.perf_counter() - t0
+        keep_freed_memory()  # after loading: the load's temporaries go back to the OS as usual
         self.layout = ShardLayout.for_model(self.cfg, groups.tp.index, groups.tp.size)
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         log.info("rank %d: loaded %s (%.1f MB of weights, heads %s) in %.2fs", rank, self.path,
