@@ -102,8 +102,14 @@ class Comm:
     def _timed(self, op: str, nbytes: int, fn, *args, **kw):
         t0 = time.perf_counter()
         out = fn(*args, **kw)
-        via = "shm" if self.shm is not None and getattr(fn, "__self__", None) is self.shm else self.base
-        self.stats.record(self.name, op, nbytes, time.perf_counter() - t0, via)
+        self.stats.record(self.name, op, nbytes, time.perf_counter() - t0, self.base)
+        return out
+
+    def _timed_shm(self, op: str, nbytes: int, fn, *args):
+        """_timed for a ShmGroup method (the decode path: kept short)."""
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.stats.record(self.name, op, nbytes, time.perf_counter() - t0, "shm")
         return out
 
     def _use_shm(self, nbytes: int) -> bool:
@@ -115,7 +121,7 @@ class Comm:
             return t
         nbytes = t.numel() * t.element_size()
         if self._use_shm(nbytes):
-            return self._timed("all_reduce", nbytes, self.shm.all_reduce, t)
+            return self._timed_shm("all_reduce", nbytes, self.shm.all_reduce, t)
         self._timed("all_reduce", nbytes, dist.all_reduce, t, group=self.group)
         return t
 
@@ -128,7 +134,7 @@ class Comm:
         longest = max(sizes) if sizes else t.shape[dim]
         row = t.element_size() * math.prod(n for i, n in enumerate(t.shape) if i != dim)
         if self._use_shm(row * longest):  # the same choice on every rank, however uneven the parts
-            return self._timed("all_gather", nbytes, self.shm.all_gather, t, dim, sizes)
+            return self._timed_shm("all_gather", nbytes, self.shm.all_gather, t, dim, sizes)
         if t.shape[dim] < longest:  # gloo needs equal sizes: pad, gather, trim
             pad = list(t.shape)
             pad[dim] = longest - t.shape[dim]
@@ -163,7 +169,7 @@ class Comm:
             return t
         nbytes = t.numel() * t.element_size()
         if self._use_shm(nbytes):
-            return self._timed("broadcast", nbytes, self.shm.broadcast, t, src_index)
+            return self._timed_shm("broadcast", nbytes, self.shm.broadcast, t, src_index)
         self._timed("broadcast", nbytes, dist.broadcast, t, src=self.ranks[src_index], group=self.group)
         return t
 
@@ -173,7 +179,7 @@ class Comm:
             return obj
         if self.shm is not None:  # pickled through the segment: ~20 us against two gloo broadcasts
             data = pickle.dumps(obj) if self.index == src_index else b""
-            data = self._timed("broadcast_object", 0, self.shm.broadcast_bytes, data, src_index)
+            data = self._timed_shm("broadcast_object", 0, self.shm.broadcast_bytes, data, src_index)
             return obj if self.index == src_index else pickle.loads(data)
         box = [obj]
         self._timed("broadcast_object", 0, dist.broadcast_object_list, box, src=self.ranks[src_index],
@@ -184,14 +190,14 @@ class Comm:
         """Point-to-point send to a group member."""
         nbytes = t.numel() * t.element_size()
         if self._use_shm(nbytes):
-            return self._timed("send", nbytes, self.shm.send, t, dst_index)
+            return self._timed_shm("send", nbytes, self.shm.send, t, dst_index)
         self._timed("send", nbytes, dist.send, t.contiguous(), dst=self.ranks[dst_index], group=self.group)
 
     def recv(self, t: torch.Tensor, src_index: int) -> torch.Tensor:
         """Receive into t from a group member; returns t."""
         nbytes = t.numel() * t.element_size()
         if self._use_shm(nbytes):
-            return self._timed("recv", nbytes, self.shm.recv, t, src_index)
+            return self._timed_shm("recv", nbytes, self.shm.recv, t, src_index)
         self._timed("recv", nbytes, dist.recv, t, src=self.ranks[src_index], group=self.group)
         return t
 

@@ -113,6 +113,7 @@ class ShmGroup:
         self.cells = memoryview(self.mm)[: self.header].cast("q")
         self.bytes = torch.frombuffer(self.mm, dtype=torch.uint8)
         self.views: dict[tuple[int, Shape, torch.dtype], torch.Tensor] = {}
+        self.slot_lists: dict[tuple[int, torch.Size, torch.dtype], list[torch.Tensor]] = {}
         if create:
             self.cells[1], self.cells[2], self.cells[3] = token, size, slot_bytes
             self.cells[0] = MAGIC
@@ -146,6 +147,16 @@ class ShmGroup:
     def _slot(self, member: int, k: int, n: Shape, dtype: torch.dtype) -> torch.Tensor:
         return self._view(self.header + (2 * member + k % 2) * self.slot_bytes, n, dtype)
 
+    def _slots(self, k: int, shape: torch.Size, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Every member's slot of chunk k as a tensor of shape (cached: one lookup per decode all-reduce)."""
+        key = (k % 2, shape, dtype)
+        v = self.slot_lists.get(key)
+        if v is None:
+            if len(self.slot_lists) > 256:
+                self.slot_lists.clear()
+            v = self.slot_lists[key] = [self._slot(m, k, shape, dtype) for m in range(self.size)]
+        return v
+
     def _pair_slot(self, i: int, j: int, c: int, n: Shape, dtype: torch.dtype) -> torch.Tensor:
         base = self.header + 2 * self.size * self.slot_bytes
         return self._view(base + (2 * (i * self.size + j) + c % 2) * self.slot_bytes, n, dtype)
@@ -154,6 +165,8 @@ class ShmGroup:
     def _wait(self, cell: int, k: int, member: int, op: str) -> None:
         """Return once cells[cell] >= k; member is the group member expected to write it."""
         c = self.cells
+        if c[cell] >= k:
+            return
         for _ in range(self.spin):
             if c[cell] >= k:
                 return
@@ -200,9 +213,10 @@ class ShmGroup:
         """Sum t over the group in member order, in place; returns t."""
         if t.numel() * t.element_size() <= self.slot_bytes and t.is_contiguous():  # the decode case
             k = self._ready("all_reduce")
-            self._slot(self.index, k, t.shape, t.dtype).copy_(t)
+            slots = self._slots(k, t.shape, t.dtype)
+            slots[self.index].copy_(t)
             self._sync("all_reduce", k)
-            return sum_in_order([self._slot(r, k, t.shape, t.dtype) for r in range(self.size)], t)
+            return sum_in_order(slots, t)
         flat = _flat(t)
         for part in _chunks(flat, self.slot_bytes // t.element_size()):
             m = part.numel()
@@ -292,6 +306,7 @@ class ShmGroup:
     def close(self) -> None:
         """Drop the mapping (the name is already gone from /dev/shm)."""
         self.views.clear()
+        self.slot_lists.clear()
         self.bytes = None  # type: ignore[assignment]
         self.cells.release()
         try:
