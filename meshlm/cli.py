@@ -73,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--prefill-chunks", type=int, default=None, metavar="N",
-                   help="with --pp: cut the prompt into N chunks that flow through the stages one after "
-                        "another (token-level pipelining); 1 = off (default: ~4 x pp, >= 128 tokens each)")
+                   help="with --pp: run the static pipeline schedule and cut the prompt into N chunks that "
+                        "flow through the stages one after another (token-level pipelining); 1 = off")
     g.add_argument("--trace", default=None, metavar="OUT.json",
-                   help="with --pp: write a Chrome trace of every rank's compute, transfers and idle time "
-                        "(open it in ui.perfetto.dev)")
+                   help="with --pp: run the static pipeline schedule and write a Chrome trace of every "
+                        "rank's compute, transfers and idle time (open it in ui.perfetto.dev); without it, "
+                        "--pp runs the continuous-batching engine")
     add_serve_parser(sub, _add_model_args)
     add_plan_parsers(sub)
     return parser
@@ -92,12 +93,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.trace or args.prefill_chunks) and args.pp == 1:
         raise ConfigError("--trace and --prefill-chunks describe a pipeline; add --pp 2 (or more).")
+    static = bool(args.trace or args.prefill_chunks)  # the static pipeline schedule is the traced one
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context, tp=args.tp,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
-             pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks)) as llm:
+             pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks,
+                                                             schedule="static" if static else "engine")) as llm:
         out = None
         if not args.chat:
             sys.stdout.write(args.prompt)
@@ -114,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         if args.tp > 1:
             _print_ranks(llm, out.ttft_s + out.decode_s)
-        if args.pp > 1:
+        if static:
             _print_stages(llm, args.trace)
     return 0
 

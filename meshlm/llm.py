@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
-from typing import Iterator, Sequence
 
 import torch
 
 from meshlm.checkpoint import open_checkpoint
 from meshlm.config import SamplingParams
-from meshlm.engine.executor import Executor
 from meshlm.engine.engine import EngineConfig, LLMEngine
+from meshlm.engine.executor import Executor
 from meshlm.engine.request import RequestOutput
 from meshlm.engine.worker import DTYPES, WorkerSpec
 from meshlm.errors import ConfigError, RequestError
@@ -56,9 +56,13 @@ class LLM:
         self.cfg, self.tokenizer, self.path = w.cfg, w.tokenizer, w.path
         self.max_context, self.threads, self.dtype = w.max_context, w.threads, w.dtype
         self.dims = dims
-        # pp > 1 runs the pipeline schedule (engine/pipeline_runner.py) instead of the paged engine.
-        self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine) \
-            if pp == 1 else None
+        self.pipeline = pipeline
+        self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine)
+
+    @property
+    def _static(self) -> bool:
+        """True when generate runs the static pipeline schedule (engine/pipeline_runner.py), not the engine."""
+        return self.dims.pp > 1 and self.pipeline.schedule == "static"
 
     @property
     def model(self) -> torch.nn.Module:
@@ -107,7 +111,7 @@ class LLM:
                  chat: bool = False) -> list[RequestOutput]:
         """Generate for one prompt or a batch; returns one RequestOutput per prompt, in order."""
         ids, plist = self._prepare(prompts, sampling_params, chat)
-        if self.engine is None:
+        if self._static:
             return self.executor.call("generate", ids, plist)
         return self.engine.generate(ids, plist)
 
@@ -115,7 +119,7 @@ class LLM:
                chat: bool = False) -> Iterator[tuple[str, RequestOutput]]:
         """Yield (text delta, output so far) for a single prompt."""
         ids, plist = self._prepare([prompt], sampling_params, chat)
-        if self.engine is None:
+        if self._static:
             for _, delta, outs in self.executor.stream(ids, plist):
                 yield delta, outs[0]
             return
@@ -145,12 +149,12 @@ class LLM:
         return self.executor.call_all("comm_stats")
 
     def pipeline_report(self) -> list[dict]:
-        """Per-rank report of the last pipelined generate: stage, layers, memory, timeline and totals."""
+        """Per-rank report of the last static-schedule pipelined generate: stage, layers, memory, timeline."""
         return self.executor.call_all("pipeline_report")
 
     def configure_pipeline(self, **changes) -> None:
-        """Change the pipeline's run-time settings on every rank (micro_batches, prefill_chunks, ...)."""
-        replace(PipelineSpec(), **changes)  # validate here: a bad value must not reach the other ranks
+        """Change the pipeline's run-time settings on every rank (schedule, micro_batches, prefill_chunks, ...)."""
+        self.pipeline = replace(self.pipeline, **changes)  # validate here: a bad value must not reach the ranks
         self.executor.call_all("configure_pipeline", changes)
 
     def write_trace(self, path: str) -> None:
@@ -167,7 +171,7 @@ class LLM:
         """Stop the ranks (no-op on one process)."""
         self.executor.close()
 
-    def __enter__(self) -> "LLM":
+    def __enter__(self) -> LLM:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -14,9 +15,9 @@ from meshlm.checkpoint.tokenizer import IncrementalDecoder, Tokenizer
 from meshlm.config import ModelConfig, SamplingParams
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.paged_attention import SeqInput, StepInput
-from meshlm.engine.request import Request, RequestOutput, TokenLogprob
+from meshlm.engine.request import Request, RequestOutput, Status, TokenLogprob
 from meshlm.engine.sampler import make_generator, sample
-from meshlm.engine.scheduler import Scheduler, SchedulerConfig
+from meshlm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from meshlm.errors import ConfigError, RequestError
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,8 @@ class LLMEngine:
                  self.capacity_tokens, num_blocks * per_block / 2**20)
         self.eos = set(cfg.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
         self.live: dict[str, _Live] = {}
+        self.inflight: deque[tuple[SchedulerOutput, StepInput]] = deque()  # submitted, oldest first
+        self.busy: set[Request] = set()  # requests in a step in flight
         self._ids = itertools.count()
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
@@ -127,37 +130,61 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        """True while requests wait or run."""
-        return self.scheduler.has_work()
+        """True while requests wait or run, or a step is in flight."""
+        return self.scheduler.has_work() or bool(self.inflight)
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step on every rank; return the outputs that changed."""
-        plan = self.scheduler.schedule()
-        changed = [r.out for r in plan.timed_out]
-        for r in plan.timed_out:
-            self.live.pop(r.id, None)
-        if not plan.items:
+        """Fill the pipeline with steps (one per stage), then finish the oldest; return the outputs that changed.
+
+        With one stage this is one step: plan, run on every rank, sample.
+        """
+        changed: list[RequestOutput] = []
+        while len(self.inflight) < self.executor.depth:
+            plan = self.scheduler.schedule(self.busy, self.executor.depth)
+            for r in plan.timed_out:
+                changed.append(r.out)
+                self.live.pop(r.id, None)
+            if not plan.items:
+                break
+            self._submit(plan)
+        if not self.inflight:
+            self.executor.pause()
             return changed
+        plan, step = self.inflight.popleft()
+        out = self.executor.collect()
+        full = dict(zip(step.full_rows, out.logits))
+        now = time.perf_counter()
+        row = 0
+        for item in plan.items:
+            self.busy.discard(item.req)
+            live = item.req.status is not Status.FINISHED  # not aborted or timed out while in flight
+            if live:
+                self.scheduler.computed(item)
+            if item.samples:
+                if live:
+                    self._accept(item.req, full.get(row), out.best[row], now)
+                    changed.append(item.req.out)
+                row += 1
+        if not self.inflight and not self.scheduler.has_work():
+            self.executor.pause()  # idle ranks wait in the control loop
+        return changed
+
+    def _submit(self, plan: SchedulerOutput) -> None:
         tokens: list[int] = []
-        seqs, samples = [], []
+        seqs, samples, full = [], [], []
         for item in plan.items:
             seqs.append(SeqInput(len(tokens), item.start, item.num_new, tuple(item.req.block_table)))
             tokens.extend(item.req.tokens[item.start:item.start + item.num_new])
             if item.samples:
+                if not item.req.params.greedy or item.req.params.logprobs is not None:
+                    full.append(len(samples))  # the sampler or the logprobs need the whole row
                 samples.append(len(tokens) - 1)
-        logits = self.executor.call("execute", StepInput(tuple(tokens), tuple(seqs), tuple(samples)))
-        now = time.perf_counter()
-        best = logits.argmax(-1).tolist()  # [K]: every greedy row's token in one op
-        row = 0
-        for item in plan.items:
-            self.scheduler.computed(item)
-            if item.samples:
-                self._accept(item.req, logits[row], best[row], now)
-                row += 1
-                changed.append(item.req.out)
-        return changed
+            self.busy.add(item.req)
+        step = StepInput(tuple(tokens), tuple(seqs), tuple(samples), tuple(full))
+        self.executor.submit(step)
+        self.inflight.append((plan, step))
 
-    def _accept(self, req: Request, logits: torch.Tensor, best: int, now: float) -> None:
+    def _accept(self, req: Request, logits: torch.Tensor | None, best: int, now: float) -> None:
         live = self.live[req.id]
         token = best if req.params.greedy else sample(logits, req.params, live.generator)
         req.tokens.append(token)

@@ -1,10 +1,16 @@
-"""Drives every rank with one verb: call(method, *args) runs Worker.method on all ranks in lockstep."""
+"""Drives every rank with one verb: call(method, *args) runs Worker.method on all ranks in lockstep.
+
+Engine steps go through submit(step) / collect(): with one stage, submit runs the step on every rank
+(call("execute")); with pp stages, the ranks enter their stage loop (call "serve_pipeline") and up to pp
+steps are in flight at once (engine/pipeline_stage.py). Any other call first ends the stage loop.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -78,6 +84,9 @@ class Executor:
         self.spec = spec
         self.local: LocalRanks | None = None
         self.distributed = False
+        self.pipelining = False  # the other ranks are in their stage loop (pp > 1)
+        self.in_flight = 0  # steps submitted and not yet collected (pp > 1)
+        self._done: deque = deque()  # outputs of steps run at once (pp == 1)
         backend = backend or default_backend("cpu")
         world = spec.dims.world_size
         if under_torchrun():
@@ -122,10 +131,53 @@ class Executor:
         self.close(graceful=False)
         return err
 
+    @property
+    def depth(self) -> int:
+        """Engine steps that may be in flight at once: one per pipeline stage."""
+        return self.spec.dims.pp
+
+    def submit(self, step: Any) -> None:
+        """Start an engine step (a StepInput); its output comes from collect(), in submission order."""
+        if self.spec.dims.pp == 1:
+            self._done.append(self.call("execute", step))
+            return
+        try:
+            if not self.pipelining:
+                self.control.broadcast_object(Call("serve_pipeline"), 0)
+                self.pipelining = True
+            self.worker.stages.submit(step)
+            self.in_flight += 1
+        except RuntimeError as e:
+            raise self._failure(e) from None
+
+    def collect(self) -> Any:
+        """The StepOutput of the oldest submitted step (waits for the last stage)."""
+        if self.spec.dims.pp == 1:
+            return self._done.popleft()
+        try:
+            out = self.worker.stages.collect()
+        except RuntimeError as e:
+            raise self._failure(e) from None
+        self.in_flight -= 1
+        return out
+
+    def pause(self) -> None:
+        """Send the ranks back from their stage loop to the control loop (no-op when they are there)."""
+        if not self.pipelining:
+            return
+        if self.in_flight:
+            raise RuntimeError(f"{self.in_flight} engine steps are in flight; collect() them first")
+        self.pipelining = False
+        try:
+            self.worker.stages.end()
+        except RuntimeError as e:
+            raise self._failure(e) from None
+
     def call(self, method: str, *args: Any) -> Any:
         """Run worker.method(*args) on every rank; return rank 0's result."""
         if not self.distributed:
             return getattr(self.worker, method)(*args)
+        self.pause()
         try:
             self.control.broadcast_object(Call(method, args), 0)
             return getattr(self.worker, method)(*args)
@@ -136,6 +188,7 @@ class Executor:
         """Run worker.method(*args) on every rank; return every rank's result, by rank."""
         if not self.distributed:
             return [getattr(self.worker, method)(*args)]
+        self.pause()
         try:
             self.control.broadcast_object(Call(method, args, gather=True), 0)
             mine = getattr(self.worker, method)(*args)
@@ -150,6 +203,7 @@ class Executor:
         if not self.distributed:
             yield from self.worker.stream(*args)
             return
+        self.pause()
         try:
             self.control.broadcast_object(Call("stream", args), 0)
             yield from self.worker.stream(*args)
@@ -160,6 +214,13 @@ class Executor:
         """Stop every rank and tear down the process groups."""
         if not self.distributed:
             return
+        if graceful and self.pipelining:
+            try:
+                while self.in_flight:  # drain: the last stage's posted replies must be taken
+                    self.collect()
+                self.pause()
+            except Exception:
+                graceful = False
         self.distributed = False
         if graceful:
             try:

@@ -1,12 +1,22 @@
-"""Runs scheduled steps on this rank's model shard over a paged KV cache."""
+"""Runs scheduled steps on this rank's model shard (or pipeline stage) over a paged KV cache."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from meshlm.config import ModelConfig
 from meshlm.engine.paged_attention import PagedKVCache, StepInput
+
+
+@dataclass
+class StepOutput:
+    """A step's result: every sampled row's argmax, and the whole logits of the rows asked for."""
+
+    best: list[int]  # [K] greedy token of each row of step.sample_offsets
+    logits: torch.Tensor  # [len(step.full_rows), V] fp32, in full_rows order
 
 
 def local_kv_heads(model: nn.Module, cfg: ModelConfig) -> int:
@@ -22,7 +32,7 @@ def kv_bytes_per_block(model: nn.Module, cfg: ModelConfig, block_size: int, dtyp
 
 
 class ModelRunner:
-    """Owns the KV pool of one rank and executes StepInputs."""
+    """Owns the KV pool of one rank (its stage's layers only) and executes StepInputs."""
 
     def __init__(self, model: nn.Module, cfg: ModelConfig, dtype: torch.dtype) -> None:
         self.model, self.cfg, self.dtype = model, cfg, dtype
@@ -36,11 +46,25 @@ class ModelRunner:
                                   self.cfg.head_dim, self.dtype, window=self.cfg.sliding_window)
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Run one step; logits [K, V] (fp32) at step.sample_offsets."""
+    def forward(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """This rank's layers over the step: logits [K, V] on the last stage, else hidden states [1, T, H].
+
+        hidden: the previous stage's output; None on the first stage, which embeds step.token_ids.
+        """
         assert self.cache is not None, "allocate() the KV cache first"
         positions = self.cache.prepare(step)  # [1, T]
-        tokens = torch.tensor(step.token_ids, dtype=torch.long).unsqueeze(0)  # [1, T]
+        x = torch.tensor(step.token_ids, dtype=torch.long).unsqueeze(0) if hidden is None else hidden  # [1, T]
         index = torch.tensor(step.sample_offsets, dtype=torch.long).unsqueeze(0)  # [1, K]
-        logits = self.model(tokens, positions, self.cache, logits_index=index)  # [1, K, V]
-        return logits[0].float()
+        out = self.model(x, positions, self.cache, logits_index=index)  # [1, K, V] or [1, T, H]
+        return out[0].float() if self.model.lm_head is not None else out
+
+    def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> StepOutput:
+        """Run one step on the last (or only) stage: its argmax tokens and the logits asked for."""
+        return finish(self.forward(step, hidden), step)
+
+
+def finish(logits: torch.Tensor, step: StepInput) -> StepOutput:
+    """StepOutput of logits [K, V]: the argmax of every row in one op, and the rows in step.full_rows."""
+    rows = logits.index_select(0, torch.tensor(step.full_rows, dtype=torch.long)) if step.full_rows \
+        else logits.new_zeros(0, logits.shape[-1])
+    return StepOutput(logits.argmax(-1).tolist(), rows)

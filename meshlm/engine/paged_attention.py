@@ -35,7 +35,8 @@ class StepInput:
 
     token_ids: tuple[int, ...]  # [T] flattened new tokens of every sequence
     seqs: tuple[SeqInput, ...]
-    sample_offsets: tuple[int, ...]  # flat indices whose logits are returned
+    sample_offsets: tuple[int, ...]  # flat indices whose next token is wanted
+    full_rows: tuple[int, ...] = ()  # indices into sample_offsets whose whole logits row comes back too
 
 
 @dataclass

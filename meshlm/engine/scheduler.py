@@ -4,6 +4,10 @@ One rule covers prefill, chunked prefill, decode and prefix hits: a request's to
 `num_computed` are owed; the step grants min(owed, budget left). Running requests go first (in
 admission order); when KV blocks run out the most recently admitted running request is preempted
 (blocks freed, recomputed later). Waiting requests are admitted while budget, seat and blocks allow.
+
+With pipeline parallelism several steps are in flight: a step is planned from the requests that are not
+in one (`busy`), which are never preempted, and takes at most a 1/depth share of the live requests, so
+the running requests split into about `depth` groups, one per step in flight.
 """
 
 from __future__ import annotations
@@ -113,23 +117,23 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def schedule(self) -> SchedulerOutput:
-        """Plan one step."""
+    def schedule(self, busy: set[Request] | frozenset = frozenset(), depth: int = 1) -> SchedulerOutput:
+        """Plan one step from the requests not in `busy` (those in a step still in flight)."""
         out = SchedulerOutput()
         now = time.perf_counter()
         for req in [r for r in (*self.running, *self.waiting) if r.deadline is not None and now > r.deadline]:
             self.finish(req, "timeout")
             out.timed_out.append(req)
         budget = self.cfg.max_num_batched_tokens
-        granted: list[Request] = []
+        seats = -(-(len(self.running) + len(self.waiting)) // depth)  # this step's share of live requests
         for req in list(self.running):
-            if budget == 0:
+            if budget == 0 or len(out.items) == seats:
                 break
-            if req not in self.running:  # preempted below to make room for an earlier request
+            if req in busy or req.status is not Status.RUNNING:  # in flight, or preempted just below
                 continue
             n = min(req.remaining_prefill, budget)
             while not self.blocks.grow(req.block_table, req.num_computed + n):
-                victim = self.running[-1]
+                victim = next(r for r in reversed(self.running) if r not in busy)  # req itself at the latest
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
@@ -137,9 +141,9 @@ class Scheduler:
             if req.status is not Status.RUNNING:
                 continue
             out.items.append(Scheduled(req, req.num_computed, n))
-            granted.append(req)
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs and not out.preempted:
+        while (self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs
+               and len(out.items) < seats and not out.preempted):
             req = self.waiting[0]
             cached = self.blocks.match_prefix(req.tokens)
             computed = len(cached) * self.blocks.block_size

@@ -13,9 +13,10 @@ from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
 from meshlm.config import SamplingParams
 from meshlm.engine.generate import RequestOutput, generate, generate_stream
-from meshlm.engine.model_runner import ModelRunner, kv_bytes_per_block
+from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.pipeline_runner import PipelineRunner
+from meshlm.engine.pipeline_stage import StageDriver
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.mesh import ParallelDims
@@ -136,13 +137,19 @@ class Worker:
         return kv_bytes_per_block(self.model, self.cfg, block_size, self.dtype)
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
-        """Allocate the paged KV pool."""
+        """Allocate the paged KV pool (this stage's layers)."""
         self.runner = ModelRunner(self.model, self.cfg, self.dtype)
         self.runner.allocate(num_blocks, block_size)
+        self.stages = StageDriver(self.runner, self.groups, self.stage, self.cfg.hidden_size, self.dtype) \
+            if self.spec.dims.pp > 1 else None
 
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """One engine step on this rank; logits of the sampled rows."""
+    def execute(self, step: StepInput) -> StepOutput:
+        """One engine step on this rank (pp == 1): the sampled rows' argmax and the logits asked for."""
         return self.runner.execute(step)
+
+    def serve_pipeline(self) -> None:
+        """pp > 1, every rank but 0: run pipelined engine steps until rank 0 ends them (see pipeline_stage)."""
+        self.stages.serve()
 
     def pipeline_report(self) -> dict:
         """This rank's last pipelined run: stage, memory, and its timeline (see telemetry/trace.py)."""

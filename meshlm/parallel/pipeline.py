@@ -44,8 +44,14 @@ class PipelineSpec:
     prefill_chunks: int | None = None  # chunks per prompt (token-level pipelining); None = auto, 1 = off
     min_chunk: int = 128  # auto chunking keeps chunks at least this many tokens
     keep_logits: bool = False  # the last stage keeps each prefill's logits in its report (for checks)
+    # What LLM.generate runs at pp > 1: "engine" (continuous batching, one step in flight per stage) or
+    # "static" (engine/pipeline_runner.py: whole micro-batches, token-level prefill, traced); serving
+    # always runs the engine. micro_batches, prefill_chunks and keep_logits apply to "static".
+    schedule: str = "engine"
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("engine", "static"):
+            raise ConfigError(f"pipeline schedule must be 'engine' or 'static', got {self.schedule!r}.")
         if self.costs is not None:
             object.__setattr__(self, "costs", tuple(float(c) for c in self.costs))
         if self.layers is not None:

@@ -129,6 +129,7 @@ def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int =
     from meshlm import LLM
     from meshlm.engine.engine import EngineConfig
     from meshlm.errors import MeshlmError
+    from meshlm.parallel.pipeline import PipelineSpec
 
     name = model or "SmolLM2-135M (bundled)"
     res = BenchResult(layout, name)
@@ -137,7 +138,8 @@ def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int =
         return res
     try:
         llm = LLM(model, tp=layout.tp, pp=layout.pp, threads=threads, dtype=dtype, progress=False,
-                  engine=EngineConfig(kv_cache_mb=KV_MB), transport=transport, comm_timeout_s=300.0)
+                  engine=EngineConfig(kv_cache_mb=KV_MB), transport=transport, comm_timeout_s=300.0,
+                  pipeline=PipelineSpec(schedule="static"))  # pp > 1: the schedule whose terms are traced
     except (TypeError, NotImplementedError) as e:  # an LLM without pipeline parallelism
         res.skipped = f"LLM(tp={layout.tp}, pp={layout.pp}) is not available here: {e}"
         return res

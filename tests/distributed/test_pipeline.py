@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 NEW_TOKENS = 64
 PROMPTS = [[5, 17, 33, 250, 101, 7, 9], [44, 3, 19, 200], [7] * 3 + [300, 301, 302, 303, 304, 99, 12]]
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+STATIC = PipelineSpec(schedule="static")  # micro-batches, token-level prefill and traces (not the engine)
 
 
 def tokens(outs) -> list[list[int]]:
@@ -88,7 +89,7 @@ class TestTwoStages:
     @pytest.fixture(scope="class")
     def pp2(self, checkpoint):
         """llama_gqa (2 layers) on two pipeline stages, shared by the tests below."""
-        with LLM(str(checkpoint("llama_gqa")), pp=2, progress=False) as llm:
+        with LLM(str(checkpoint("llama_gqa")), pp=2, progress=False, pipeline=STATIC) as llm:
             yield llm
 
     def test_pp2_matches_one_device(self, pp2, llm):
@@ -134,9 +135,13 @@ class TestTwoStages:
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral_window"])
 def test_pp2_other_architectures(kind, checkpoint, llm):
-    """A tied head on the last stage (qwen2) and a sliding window split across stages (mistral)."""
+    """A tied head on the last stage (qwen2) and a sliding window split across stages (mistral): the engine
+    (default) and the static schedule both equal one device."""
     with LLM(str(checkpoint(kind)), pp=2, progress=False) as pp:
-        assert tokens(pp.generate(PROMPTS, GREEDY)) == tokens(llm(kind).generate(PROMPTS, GREEDY))
+        expected = tokens(llm(kind).generate(PROMPTS, GREEDY))
+        assert tokens(pp.generate(PROMPTS, GREEDY)) == expected
+        pp.configure_pipeline(schedule="static")
+        assert tokens(pp.generate(PROMPTS, GREEDY)) == expected
 
 
 def test_tp2_x_pp2(checkpoint, llm):
@@ -145,7 +150,7 @@ def test_tp2_x_pp2(checkpoint, llm):
     kind = "llama_odd_heads"  # 9 heads / 3 KV heads: the tp split is uneven (6 + 3)
     prompts, params = mixed_requests()
     solo = [tokens(llm(kind).generate([p], sp))[0] for p, sp in zip(prompts, params)]
-    with LLM(str(checkpoint(kind)), tp=2, pp=2, progress=False) as hybrid:
+    with LLM(str(checkpoint(kind)), tp=2, pp=2, progress=False, pipeline=STATIC) as hybrid:
         assert tokens(hybrid.generate(PROMPTS, GREEDY)) == tokens(llm(kind).generate(PROMPTS, GREEDY))
         infos = hybrid.rank_info()
         reports = hybrid.pipeline_report()
@@ -166,7 +171,7 @@ def test_pp3_micro_batches_and_chunks(checkpoint):
     with LLM(path, progress=False) as one:
         expected = tokens(one.generate(PROMPTS, GREEDY))
         solo = [tokens(one.generate([p], sp))[0] for p, sp in zip(prompts, params)]
-    with LLM(path, pp=3, progress=False) as pp3:
+    with LLM(path, pp=3, progress=False, pipeline=STATIC) as pp3:
         assert tokens(pp3.generate(PROMPTS, GREEDY)) == expected
         layers = [i["layers"] for i in pp3.rank_info()]
         assert len(layers) == 3 and layers[0][0] == 0 and layers[-1][1] == 4
@@ -182,7 +187,7 @@ def test_pp3_on_smollm2(smollm2):
     prompts = [tok.encode("Once upon a time"), tok.encode("The three laws of robotics are")]
     expected = tokens(smollm2.generate(prompts, GREEDY))
     # One micro-batch of both prompts: 3 ranks share 2 cores in CI; micro-batching is tested at pp=2 above.
-    with LLM(None, pp=3, progress=False, pipeline=PipelineSpec(micro_batches=1)) as llm:
+    with LLM(None, pp=3, progress=False, pipeline=PipelineSpec(micro_batches=1, schedule="static")) as llm:
         assert tokens(llm.generate(prompts, GREEDY)) == expected
         infos = llm.rank_info()
     layers = [i["layers"] for i in infos]
