@@ -3,6 +3,8 @@
     python benchmarks/planner.py [--models llama-100m llama-400m] [--layouts tp=1 tp=2 pp=2]
         [--transports auto gloo] [--runs 3] [--prompt 256] [--new 32] [--profile PATH | --calibrate]
         [--png docs/img/planner_cpu.png] [--json out.json]
+    python benchmarks/planner.py --report out.json    # tables and plot again: the measurements of that run
+                                                      # against the current cost model, its saved profile
 
 First this host is calibrated (`meshlm plan --calibrate`: fp32 matmul rate, GEMV bandwidth alone and with
 every rank streaming, operator overhead, all-reduce alpha/beta per transport), unless --profile names a
@@ -59,6 +61,24 @@ def child(args: argparse.Namespace, model: str, layout: str, transport: str) -> 
         common.log(done.stderr[-2000:])
         return {"model": model, "layout": layout, "requested_transport": transport, "skipped": "crashed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def repredict(raw: dict) -> list[dict]:
+    """The results of a saved run, each with its predictions recomputed by the current cost model."""
+    from meshlm.config import ModelConfig
+    from meshlm.plan import cluster as clusters
+    from meshlm.plan.bench import predicted_terms
+    from meshlm.plan.layout import Layout
+
+    prof, run = clusters.from_dict(raw["profile"]), raw.get("settings", {"prompt": 256, "new": 32})
+    out = []
+    for r in raw["results"]:
+        if not r.get("skipped"):
+            cfg = ModelConfig.from_hf(json.loads((common.random_llama(r["model"]) / "config.json").read_text()))
+            r = {**r, "predicted": predicted_terms(cfg, Layout.parse(r["layout"]), prof, run["prompt"],
+                                                   run["new"], 1, "float32", r["transport"])}
+        out.append(r)
+    return out
 
 
 def table(results: list[dict]) -> str:
@@ -128,12 +148,18 @@ def main() -> int:
     ap.add_argument("--png", default=str(ROOT / "docs" / "img" / "planner_cpu.png"))
     ap.add_argument("--json", default=None)
     ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait for a quiet machine per run")
+    ap.add_argument("--report", default=None, help="a --json file: its measurements against the current model")
     ap.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one(*args.one, args.profile, args.runs, args.prompt, args.new, args.wait)))
         return 0
     from meshlm.plan import cluster as clusters
+
+    if args.report:
+        raw = json.loads(Path(args.report).read_text())
+        report(clusters.from_dict(raw["profile"]), repredict(raw), Path(args.png))
+        return 0
 
     if args.profile is None:
         from meshlm.plan.calibrate import calibrate
@@ -153,8 +179,16 @@ def main() -> int:
                 common.log(f"{model} {layout} {transport}")
                 results.append(child(args, model, layout, transport))
     if args.json:
-        raw = {"profile": clusters.to_dict(prof), "results": results}
+        raw = {"profile": clusters.to_dict(prof), "results": results, "machine": common.machine(),
+               "settings": {"prompt": args.prompt, "new": args.new, "runs": args.runs}}
         Path(args.json).write_text(json.dumps(raw, indent=1))
+    report(prof, results, Path(args.png))
+    return 0
+
+
+def report(prof, results: list[dict], png: Path) -> None:
+    """Print the profile line and the table; write the plot."""
+    d = prof.node.device
     print(f"Machine: {common.machine()}\n")
     links = ", ".join(f"{ln.transport} alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
                       for ln in prof.node.links)
@@ -166,9 +200,8 @@ def main() -> int:
           f"{links}\n")
     print(table(results))
     print(f"\nHighest other CPU load seen before a run: {max(r.get('busy', 0.0) for r in results):.0%}")
-    plot(results, Path(args.png))
-    common.log(f"plot: {args.png}")
-    return 0
+    plot(results, png)
+    common.log(f"plot: {png}")
 
 
 if __name__ == "__main__":

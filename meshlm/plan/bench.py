@@ -116,6 +116,16 @@ def predict(cfg: Any, layout: Layout, cluster: Cluster, prompt: int, new: int, b
     return pre, dec
 
 
+def predicted_terms(cfg: Any, layout: Layout, cluster: Cluster, prompt: int, new: int, batch: int, dtype: str,
+                    transport: str = "") -> dict[str, dict[str, float]]:
+    """Seconds per term of both measured runs, as measure() reports them; `transport`: the tp group's."""
+    used = cluster.with_transport(transport.split("+")[0]) if transport else cluster
+    pre, dec = predict(cfg, layout, used, prompt, new, batch, dtype)
+    return {ph: {"compute": t.compute, "collectives": t.collectives + t.control, "p2p": t.p2p,
+                 "bubble": t.bubble, "total": t.total}
+            for ph, t in (("prefill", pre.prefill), ("decode", dec.decode))}
+
+
 def transport_of(llm: Any) -> str:
     """The transport of the tp collectives, from comm_stats() ("" when there were none)."""
     stats = llm.comm_stats()[0]
@@ -149,11 +159,7 @@ def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int =
     with llm:
         measured = measure(llm, layout, prompt, new, batch, runs, before=before)
         res.transport = transport_of(llm) if layout.tp > 1 else ""
-    used = cluster.with_transport(res.transport.split("+")[0]) if res.transport else cluster
-    pre, dec = predict(llm.cfg, layout, used, prompt, new, batch, dtype)
-    res.predicted = {ph: {"compute": t.compute, "collectives": t.collectives + t.control, "p2p": t.p2p,
-                          "bubble": t.bubble, "total": t.total}
-                     for ph, t in (("prefill", pre.prefill), ("decode", dec.decode))}
+    res.predicted = predicted_terms(llm.cfg, layout, cluster, prompt, new, batch, dtype, res.transport)
     res.measured = measured
     return res
 
