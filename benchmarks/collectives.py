@@ -2,7 +2,8 @@
 
     python benchmarks/collectives.py latency [--ranks 2] [--rounds 5]
     python benchmarks/collectives.py e2e [--models llama-100m llama-400m] [--rounds 2] [--runs 2]
-    python benchmarks/collectives.py            # both; --json PATH also writes the raw figures
+    python benchmarks/collectives.py            # both; --json PATH writes the raw figures, --png PATH a chart
+    python benchmarks/collectives.py --report PATH [--png PATH]   # tables (and chart) again from --json
 
 Latency: `ranks` spawned processes (1 intra-op thread each) run back-to-back all-reduces of 3 KB, 64 KB,
 1 MB and 16 MB fp32 over both transports, alternating blocks (--rounds per transport) so both see the same
@@ -10,9 +11,11 @@ machine; rank 0's per-call times give median and p99. "between matmuls": a 3 KB 
 step's down-projection matmul, as in a real step (its mean: skew between ranks shows there).
 End to end: common.random_llama models, a fresh 128-token prompt per run (no prefix-cache hits), 64 new
 tokens, fp32; prefill tok/s = prompt / TTFT, decode tok/s after the first token; medians over
-rounds x runs, each layout loaded once per round, rounds alternating the layouts.
-Every timed block holds the benchmarks' run lock and first waits for quiet (common.quiet_run); the share of
-the CPUs that other processes took during it is reported. Progress on stderr, markdown tables on stdout.
+rounds x runs, each layout loaded once per round, rounds alternating the layouts; "collectives" is rank 0's
+tp/* seconds over the generation's wall time (prefill and decode together).
+Every timed block holds the benchmarks' run lock and first waits for quiet (common.quiet_run); a block during
+which other processes took over 20% of the CPUs is run again (up to 3 times), and the share they took is
+reported. Progress on stderr, markdown tables on stdout.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 SIZES = {"3 KB": 768, "64 KB": 16384, "1 MB": 262144, "16 MB": 4194304}  # fp32 elements
 ITERS = {"3 KB": 1000, "64 KB": 500, "1 MB": 100, "16 MB": 10}  # per block
 TRANSPORTS = ("shm", "gloo")
+MAX_OTHER = 0.2  # a timed block during which other processes took more of the CPUs is run again
 LAYOUTS = {"tp=1, 1 thread": dict(tp=1, threads=1), "tp=1, 2 threads": dict(tp=1, threads=2),
            "tp=2 shm, 1 thread/rank": dict(tp=2, threads=1, transport="shm"),
            "tp=2 gloo, 1 thread/rank": dict(tp=2, threads=1, transport="gloo")}
@@ -77,10 +81,9 @@ def _latency_rank(rank: int, world: int, port: int, rounds: int, out_q) -> None:
     dist.destroy_process_group()
 
 
-def latency(ranks: int, rounds: int, wait: float) -> dict:
-    """{transport: {size: {median_us, p99_us, mean_us, calls}}, "other_load": share} from `ranks` processes."""
+def _latency_once(ranks: int, rounds: int, wait: float) -> tuple[dict, float]:
+    """Rank 0's per-call times from one launch of `ranks` processes, and the other load meanwhile."""
     import queue
-    import statistics
 
     from meshlm.parallel.launch import free_port
 
@@ -99,7 +102,24 @@ def latency(ranks: int, rounds: int, wait: float) -> dict:
                     raise SystemExit("a latency rank failed; its traceback is above") from None
         for p in procs:
             p.join(timeout=60)
-    res: dict = {"other_load": other[0]}
+    return times, other[0]
+
+
+def latency(ranks: int, rounds: int, wait: float, tries: int = 3) -> dict:
+    """{transport: {size: {median_us, p99_us, mean_us, calls}}, "other_load": share} from `ranks` processes;
+    run again (up to `tries`) while other processes took over MAX_OTHER of the CPUs; the quietest is kept."""
+    import statistics
+
+    best: tuple[dict, float] | None = None
+    for _ in range(tries):
+        times, other = _latency_once(ranks, rounds, wait)
+        common.log(f"latency: other processes took {other:.0%} of the CPUs")
+        if best is None or other < best[1]:
+            best = (times, other)
+        if other <= MAX_OTHER:
+            break
+    times, other = best
+    res: dict = {"other_load": other}
     for key, xs in times.items():
         t, label = key.split("|")
         res.setdefault(t, {})[label] = {"median_us": 1e6 * common.median(xs), "calls": len(xs),
@@ -108,40 +128,54 @@ def latency(ranks: int, rounds: int, wait: float) -> dict:
     return res
 
 
-def e2e(models: list[str], rounds: int, runs: int, prompt_len: int, new: int, wait: float) -> dict:
-    """{model: {layout: {prefill_tok_s, decode_tok_s, runs, other_load}}}: medians over rounds x runs."""
+def e2e(models: list[str], rounds: int, runs: int, prompt_len: int, new: int, wait: float, tries: int = 3) -> dict:
+    """{model: {layout: {prefill_tok_s, decode_tok_s, comm_share, runs, other_load}}}: medians over rounds x
+    runs; a run during which other processes took over MAX_OTHER of the CPUs is run again (up to `tries`)."""
     from meshlm import LLM, SamplingParams
 
     res: dict = {}
     for name in models:
         path, vocab = common.random_llama(name), common.MODELS[name]["vocab_size"]
-        got: dict[str, dict[str, list[float]]] = {k: {"prefill": [], "decode": [], "load": []} for k in LAYOUTS}
+        keys = ("prefill", "decode", "load", "comm")
+        got: dict[str, dict[str, list[float]]] = {k: {x: [] for x in keys} for k in LAYOUTS}
         for rnd in range(rounds):
             for label, kw in LAYOUTS.items():
                 with LLM(str(path), progress=False, **kw) as llm:
                     llm.generate([common.prompt_ids(16, vocab, 999)], SamplingParams(max_tokens=4, ignore_eos=True))
                     for r in range(runs):
-                        prompt = common.prompt_ids(prompt_len, vocab, 100 * rnd + r)  # fresh: no cache hit
-                        with common.quiet_run(wait), common.other_load() as other:
-                            out = llm.generate([prompt], SamplingParams(max_tokens=new, ignore_eos=True))[0]
+                        for attempt in range(tries):  # a fresh prompt each time: no prefix-cache hit
+                            prompt = common.prompt_ids(prompt_len, vocab, 1000 * rnd + 10 * r + attempt)
+                            llm.reset_comm_stats()
+                            with common.quiet_run(wait), common.other_load() as other:
+                                t0 = time.perf_counter()
+                                out = llm.generate([prompt], SamplingParams(max_tokens=new, ignore_eos=True))[0]
+                                wall = time.perf_counter() - t0
+                            if other[0] <= MAX_OTHER:
+                                break
+                            common.log(f"{name} {label}: other processes took {other[0]:.0%} of the CPUs; again")
+                        comm = sum(v["seconds"] for k, v in llm.comm_stats()[0].items() if k.startswith("tp/"))
                         g = got[label]
                         g["prefill"].append(prompt_len / out.ttft_s)
                         g["decode"].append(out.decode_tokens_per_s)
                         g["load"].append(other[0])
+                        g["comm"].append(comm / wall)
                         common.log(f"{name} {label}: prefill {g['prefill'][-1]:.0f} tok/s, decode "
-                                   f"{g['decode'][-1]:.1f} tok/s, other load {other[0]:.0%}")
+                                   f"{g['decode'][-1]:.1f} tok/s, collectives {comm / wall:.0%} of rank 0's time, "
+                                   f"other load {other[0]:.0%}")
         res[name] = {k: {"prefill_tok_s": common.median(g["prefill"]), "decode_tok_s": common.median(g["decode"]),
-                         "runs": len(g["decode"]), "other_load": max(g["load"])} for k, g in got.items()}
+                         "comm_share": common.median(g["comm"]), "prefill_all": g["prefill"],
+                         "decode_all": g["decode"], "runs": len(g["decode"]), "other_load": max(g["load"])}
+                     for k, g in got.items()}
     return res
 
 
-def print_tables(lat: dict | None, ends: dict | None) -> None:
+def print_tables(lat: dict | None, ends: dict | None, machine: str) -> None:
     """Markdown tables of the figures."""
-    print(common.machine(), end="\n\n")
+    print(machine, end="\n\n")
     if lat:
         print(f"All-reduce, 2 ranks (other processes took {lat['other_load']:.0%} of the CPUs meanwhile):\n")
         print("| all-reduce (fp32) | shm median | shm p99 | gloo median | gloo p99 | gloo / shm (median) |")
-        print("|---|---|---|---|---|---|")
+        print("|---|---:|---:|---:|---:|---:|")
         for label in [*SIZES, "between matmuls"]:
             s, g = lat["shm"][label], lat["gloo"][label]
             key = "mean_us" if label == "between matmuls" else "median_us"
@@ -149,16 +183,55 @@ def print_tables(lat: dict | None, ends: dict | None) -> None:
             print(f"| {name} | {s[key]:.1f} us | {s['p99_us']:.1f} us | {g[key]:.1f} us "
                   f"| {g['p99_us']:.1f} us | {g[key] / s[key]:.1f}x |")
     if ends:
-        print("\n| model | layout | prefill tok/s | decode tok/s | runs | other load (max) |")
-        print("|---|---|---|---|---|---|")
+        print("\n| model | layout | prefill tok/s | decode tok/s | collectives (rank 0) | runs | other load (max) |")
+        print("|---|---|---:|---:|---:|---:|---:|")
         for name, rows in ends.items():
             for label, r in rows.items():
-                print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['runs']} "
-                      f"| {r['other_load']:.0%} |")
+                comm = f"{r['comm_share']:.0%}" if label.startswith("tp=2") else "-"
+                print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {comm} "
+                      f"| {r['runs']} | {r['other_load']:.0%} |")
+
+
+def chart(lat: dict | None, ends: dict | None, png: Path, machine: str) -> None:
+    """Left: all-reduce median by size and transport (log scale); right: decode tok/s per model and layout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    if lat:
+        ax, xs = axes[0], range(len(SIZES))
+        for j, t in enumerate(TRANSPORTS):
+            ys = [lat[t][label]["median_us"] for label in SIZES]
+            bars = ax.bar([x + (j - 0.5) * 0.4 for x in xs], ys, 0.4, label=t)
+            ax.set_ylim(top=10 * max(lat[t][label]["median_us"] for t in TRANSPORTS for label in SIZES))
+            ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs), list(SIZES))
+        ax.set_ylabel("us (median, log scale)")
+        ax.set_title("All-reduce, 2 ranks, fp32")
+        ax.legend(fontsize=8)
+    if ends:
+        ax, models = axes[1], list(ends)
+        width = 0.8 / len(LAYOUTS)
+        for j, lay in enumerate(LAYOUTS):
+            ys = [ends[m][lay]["decode_tok_s"] for m in models]
+            bars = ax.bar([i + (j - (len(LAYOUTS) - 1) / 2) * width for i in range(len(models))], ys, width,
+                          label=lay)
+            ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(range(len(models)), models)
+        ax.set_ylim(top=1.35 * max(r["decode_tok_s"] for m in models for r in ends[m].values()))
+        ax.set_title("Decode tok/s (batch 1, fp32)")
+        ax.legend(fontsize=7, ncol=2, loc="upper right")
+    fig.suptitle(f"meshlm on {machine}", fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
 
 
 def main() -> None:
-    """Parse arguments, run, print."""
+    """Parse arguments, run, print, draw."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("what", nargs="?", default="all", choices=["all", "latency", "e2e"])
     ap.add_argument("--ranks", type=int, default=2)
@@ -168,14 +241,23 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for quiet before each timed block")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
+    ap.add_argument("--png", type=Path, default=None, help="also draw the chart here")
+    ap.add_argument("--report", type=Path, default=None, help="only print (and draw) the figures of a --json file")
     a = ap.parse_args()
-    lat = latency(a.ranks, a.rounds or 5, a.wait) if a.what in ("all", "latency") else None
-    ends = (e2e(a.models, a.rounds or 2, a.runs, a.prompt_len, a.new_tokens, a.wait)
-            if a.what in ("all", "e2e") else None)
-    print_tables(lat, ends)
-    if a.json:
-        a.json.write_text(json.dumps({"machine": common.machine(), "latency": lat, "e2e": ends}, indent=1))
+    if a.report:
+        raw = json.loads(a.report.read_text())
+        lat, ends, machine = raw["latency"], raw["e2e"], raw["machine"]
+    else:
+        machine = common.machine()
+        lat = latency(a.ranks, a.rounds or 5, a.wait) if a.what in ("all", "latency") else None
+        ends = (e2e(a.models, a.rounds or 2, a.runs, a.prompt_len, a.new_tokens, a.wait)
+                if a.what in ("all", "e2e") else None)
+        if a.json:
+            a.json.write_text(json.dumps({"machine": machine, "latency": lat, "e2e": ends}, indent=1))
+    print_tables(lat, ends, machine)
+    if a.png:
+        chart(lat, ends, a.png, machine)
 
 
 if __name__ == "__main__":
