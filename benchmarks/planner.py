@@ -41,7 +41,8 @@ def one(model: str, layout: str, transport: str, profile: str, runs: int, prompt
 
     path = str(common.random_llama(model))
     seen: list[float] = []
-    before = lambda: seen.append(common.wait_quiet(timeout_s=wait))  # before every timed run
+    # before every timed run; this process holds the run lock itself, so only the CPU load counts
+    before = lambda: seen.append(common.wait_quiet(timeout_s=wait, respect_lock=False))
     with common.quiet_run(wait):
         res = run_bench(path, Layout.parse(layout), clusters.load_file(profile), prompt, new, 1, 1, runs,
                         "float32", None if transport == "auto" else transport, before)
