@@ -133,6 +133,7 @@ class LLM:
         finally:
             if not req.out.finished:
                 self.engine.abort(req.id)
+                self.engine.drain()  # pp > 1: a step may still be in flight
 
     def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
         """Full-sequence logits [B, S, V] (fp32) for right-padded prompts (no cache), for checks."""

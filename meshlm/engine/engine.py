@@ -150,6 +150,21 @@ class LLMEngine:
         if not self.inflight:
             self.executor.pause()
             return changed
+        changed += self._finish_oldest()
+        if not self.inflight and not self.scheduler.has_work():
+            self.executor.pause()  # idle ranks wait in the control loop
+        return changed
+
+    def drain(self) -> list[RequestOutput]:
+        """Finish every step in flight without starting another, and return the ranks to the control loop."""
+        changed: list[RequestOutput] = []
+        while self.inflight:
+            changed += self._finish_oldest()
+        self.executor.pause()
+        return changed
+
+    def _finish_oldest(self) -> list[RequestOutput]:
+        changed: list[RequestOutput] = []
         plan, step = self.inflight.popleft()
         out = self.executor.collect()
         full = dict(zip(step.full_rows, out.logits))
@@ -165,8 +180,6 @@ class LLMEngine:
                     self._accept(item.req, full.get(row), out.best[row], now)
                     changed.append(item.req.out)
                 row += 1
-        if not self.inflight and not self.scheduler.has_work():
-            self.executor.pause()  # idle ranks wait in the control loop
         return changed
 
     def _submit(self, plan: SchedulerOutput) -> None:

@@ -93,6 +93,19 @@ class TestTwoStages:
         assert engine.blocks.num_free == engine.blocks.num_blocks
         text = "".join(delta for delta, _ in pp2.stream(prompts[0], GREEDY))
         assert text == pp2.generate([prompts[0]], GREEDY)[0].text
+        stopped = pp2.stream(prompts[1], GREEDY)  # a reader that stops with a step in flight
+        for _ in range(3):
+            next(stopped)
+        stopped.close()
+        assert not engine.inflight and engine.blocks.num_free == engine.blocks.num_blocks
+        reqs = [engine.add_request(p, GREEDY) for p in prompts[:4]]
+        engine.step()
+        assert engine.inflight
+        engine.drain()  # finish what is in flight; the ranks then answer other calls
+        assert not engine.inflight and [i["stage"] for i in pp2.rank_info()] == [0, 1]
+        while engine.has_unfinished():
+            engine.step()
+        assert [r.out.token_ids for r in reqs] == alone[:4]
 
 
 def test_pp2_preemption_recomputes_exactly(checkpoint, llm):
