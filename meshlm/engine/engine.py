@@ -31,12 +31,17 @@ class EngineConfig:
     kv_cache_mb: float | None = None  # per rank; None = kv_cache_fraction of available memory
     kv_cache_fraction: float = 0.25
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # Steps in flight at pp > 1 (None: one per stage). Stages that share one host's memory bandwidth can
+    # do better with 1 (docs/benchmarks.md); stages on separate devices or hosts want pp.
+    pipeline_depth: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}.")
         if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
             raise ConfigError(f"--kv-cache-mb must be positive, got {self.kv_cache_mb}.")
+        if self.pipeline_depth is not None and self.pipeline_depth < 1:
+            raise ConfigError(f"pipeline_depth must be >= 1 (or None: one step per stage), got {self.pipeline_depth}.")
         if not 0 < self.kv_cache_fraction <= 0.9:
             raise ConfigError(f"kv_cache_fraction must be in (0, 0.9], got {self.kv_cache_fraction}.")
 
@@ -92,6 +97,7 @@ class LLMEngine:
         self.live: dict[str, _Live] = {}
         self.inflight: deque[tuple[SchedulerOutput, StepInput]] = deque()  # submitted, oldest first
         self.busy: set[Request] = set()  # requests in a step in flight
+        self.depth = min(executor.depth, self.ecfg.pipeline_depth or executor.depth)  # steps in flight at most
         self._ids = itertools.count()
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
@@ -139,8 +145,8 @@ class LLMEngine:
         With one stage this is one step: plan, run on every rank, sample.
         """
         changed: list[RequestOutput] = []
-        while len(self.inflight) < self.executor.depth:
-            plan = self.scheduler.schedule(self.busy, self.executor.depth)
+        while len(self.inflight) < self.depth:
+            plan = self.scheduler.schedule(self.busy, self.depth)
             for r in plan.timed_out:
                 changed.append(r.out)
                 self.live.pop(r.id, None)

@@ -123,10 +123,15 @@ def test_pp2_preemption_recomputes_exactly(checkpoint, llm):
 
 
 def test_tp2_x_pp2_engine(checkpoint, llm):
-    """tp=2 inside each of 2 stages (4 ranks, uneven heads): greedy batches equal one device."""
+    """tp=2 inside each of 2 stages (4 ranks, uneven heads): greedy batches equal one device, with two steps
+    in flight and with pipeline_depth=1."""
     kind = "llama_odd_heads"
     prompts = mixed_prompts(8, seed=4)
     alone = [llm(kind).generate([p], GREEDY)[0].token_ids for p in prompts]
     with LLM(str(checkpoint(kind)), tp=2, pp=2, progress=False) as hybrid:
         assert [o.token_ids for o in hybrid.generate(prompts, GREEDY)] == alone
+        hybrid.engine.depth = 1  # what EngineConfig(pipeline_depth=1) sets
+        seen = deepest(hybrid.engine)
+        assert [o.token_ids for o in hybrid.generate(prompts, GREEDY)] == alone
+        assert max(seen) == 1
         assert [i["stage"] for i in hybrid.rank_info()] == [0, 0, 1, 1]  # a call after steps: ranks came back
