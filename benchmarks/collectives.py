@@ -183,12 +183,15 @@ def print_tables(lat: dict | None, ends: dict | None, machine: str) -> None:
             print(f"| {name} | {s[key]:.1f} us | {s['p99_us']:.1f} us | {g[key]:.1f} us "
                   f"| {g['p99_us']:.1f} us | {g[key] / s[key]:.1f}x |")
     if ends:
-        print("\n| model | layout | prefill tok/s | decode tok/s | collectives (rank 0) | runs | other load (max) |")
+        print("\n| model | layout | prefill tok/s (median, range) | decode tok/s (median, range) "
+              "| collectives (rank 0) | runs | other load (max) |")
         print("|---|---|---:|---:|---:|---:|---:|")
         for name, rows in ends.items():
             for label, r in rows.items():
                 comm = f"{r['comm_share']:.0%}" if label.startswith("tp=2") else "-"
-                print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {comm} "
+                pre, dec = r["prefill_all"], r["decode_all"]
+                print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} ({min(pre):.0f}-{max(pre):.0f}) "
+                      f"| {r['decode_tok_s']:.1f} ({min(dec):.1f}-{max(dec):.1f}) | {comm} "
                       f"| {r['runs']} | {r['other_load']:.0%} |")
 
 
