@@ -159,7 +159,7 @@ def run_one(name: str, dtype: str, threads: int, new: int, runs: int, wait_s: fl
     row = dict(model=name, dtype=dtype, threads=threads, weight_mb=wbytes / 1e6, bw_gbs=bw, dram_gbs=dram,
                meshlm=common.median([t for t, _ in ours]), hf=common.median([t for t, _ in theirs]),
                meshlm_runs=[t for t, _ in ours], hf_runs=[t for t, _ in theirs], max_other_load=max(busy),
-               first_diff=same, new_tokens=new)
+               first_diff=same, new_tokens=new, runs=runs)
     row["roofline"] = bw * 1e9 / wbytes
     common.log(f"  -> meshlm {row['meshlm']:.1f}  hf {row['hf']:.1f}  roofline {row['roofline']:.1f} tok/s")
     return row
@@ -218,12 +218,16 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for other CPU load to drop")
     ap.add_argument("--plot", default="docs/decode_batch1.png")
-    ap.add_argument("--json", default=None, help="also write the raw rows here")
+    ap.add_argument("--json", default=None, help="also write the raw rows here (after every row)")
+    ap.add_argument("--report", default=None, help="only print the table and draw the chart of a --json file")
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "DTYPE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         name, dtype, threads = args.one
         print(json.dumps(run_one(name, dtype, int(threads), args.new_tokens, args.runs, args.wait)))
+        return
+    if args.report:
+        report(json.loads(Path(args.report).read_text()), args)
         return
     common.log(common.machine())
     for name in args.models:
@@ -237,11 +241,17 @@ def main() -> None:
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
                 out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env=env).stdout
                 rows.append(json.loads(out.strip().splitlines()[-1]))
+                if args.json:  # after every row, so an interrupted run keeps what it measured
+                    Path(args.json).write_text(json.dumps(rows, indent=1))
+    report(rows, args)
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
+    """The markdown table on stdout and the chart."""
+    args.new_tokens, args.runs = rows[0]["new_tokens"], rows[0].get("runs", args.runs)
     print(f"{common.machine()}; {args.new_tokens} new tokens after a {PROMPT_LEN}-token prompt, batch 1, "
           f"median of {args.runs}\n")
     print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.plot:
         plot(rows, args.plot)
 
