@@ -170,7 +170,8 @@ class Model:
         self.rates = Rates(rate, rate * dev.attention_eff, bw, self.elem, dev.layer_overhead)
         self.shares = rank_shares(cfg, layout, dtype)
         tp, pp, world = layout.tp, layout.pp, layout.world
-        # Control messages and stage hops go through torch.distributed (gloo, NCCL), never shared memory.
+        # Stage hops go through torch.distributed (gloo, NCCL), never shared memory; the per-step control
+        # message takes the transport the tensor-parallel group takes (executor.control_comm).
         base = next((ln.transport for ln in node.links if ln.transport != "shm"), None)
         slowest = lambda links: max(links, key=lambda ln: ln.time(1 << 20))
         self.tp_link = slowest(cluster.link_between(list(range(g, g + tp))) for g in range(0, world, tp))
@@ -178,7 +179,7 @@ class Model:
         self.hops = [slowest(cluster.link_between([rank(d, s, i), rank(d, (s + 1) % pp, i)], base)
                              for d in range(layout.dp) for i in range(tp))
                      for s in range(pp)]  # hop s: stage s -> s + 1 (the last: back to stage 0)
-        self.control_link = cluster.link_between(list(range(layout.model_ranks)), base)
+        self.control_link = cluster.link_between(list(range(layout.model_ranks)))
 
     def stage(self, s: int, work: Pass) -> StageCost:
         """Seconds of stage s for one forward of `work`."""
@@ -205,8 +206,9 @@ class Model:
         return HEADER_MESSAGES * ln.latency + tokens * self.cfg.hidden_size * self.elem / ln.bandwidth
 
     def control(self, tokens: float) -> float:
-        """Broadcast of one engine step's input to every rank of a replica (size, then payload)."""
-        return 2 * broadcast(self.control_link, self.layout.model_ranks, CONTROL_BYTES + 8 * tokens)
+        """Broadcast of one engine step's input to every rank of a replica (gloo: size, then payload)."""
+        messages = 1 if self.control_link.transport == "shm" else 2
+        return messages * broadcast(self.control_link, self.layout.model_ranks, CONTROL_BYTES + 8 * tokens)
 
     def prefill(self, work: Workload) -> Terms:
         """TTFT of the workload's batch of prompts."""

@@ -132,3 +132,16 @@ def test_fit_link_recovers_alpha_and_beta():
     times = {n: 2 * alpha + n / beta for n in (3072, 65536, 1 << 20, 4 << 20)}
     link = fit_link("gloo", times, p=2)
     assert link.latency == pytest.approx(alpha, rel=1e-6) and link.bandwidth == pytest.approx(beta, rel=1e-6)
+
+
+def test_control_message_takes_the_tp_transport():
+    """pp=1 with tp > 1 broadcasts each step's input over the tp group's transport: one shared-memory
+    message, or two gloo broadcasts (size, then payload)."""
+    host = clusters.resolve("cpu-host")
+    small = cfg({**LLAMA3_8B, "num_hidden_layers": 2, "vocab_size": 1024})
+    work = Workload(prompt_tokens=16, output_tokens=2)
+    shm = Model(small, Layout(tp=2), host, "float32").control(1)
+    gloo = Model(small, Layout(tp=2), host.with_transport("gloo"), "float32").control(1)
+    assert shm == pytest.approx(broadcast(host.node.link("shm"), 2, 256 + 8))
+    assert gloo == pytest.approx(2 * broadcast(host.node.link("gloo"), 2, 256 + 8))
+    assert estimate(small, Layout(tp=2), host, work, "float32").decode.control == pytest.approx(shm)
