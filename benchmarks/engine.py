@@ -7,6 +7,7 @@ threads and requests in the same run. Each timed run holds the benchmarks' lock 
 records the share of the CPUs other processes used meanwhile.
 
     python benchmarks/engine.py [--requests 64] [--rate 4] [--threads 2] [--dtype float32]
+    python benchmarks/engine.py --pp 2 --threads 1 [--pipeline-depth 1] --no-hf   # the engine over stages
 """
 
 from __future__ import annotations
@@ -139,24 +140,34 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--out", default="docs/bench_engine.json")
     ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait for a quiet machine per run")
+    ap.add_argument("--pp", type=int, default=1, help="meshlm pipeline stages (threads is per rank)")
+    ap.add_argument("--pipeline-depth", type=int, default=None, help="engine steps in flight (default pp)")
+    ap.add_argument("--no-hf", action="store_true", help="run meshlm only")
     args = ap.parse_args()
-    from transformers import AutoModelForCausalLM
-
     from meshlm import LLM
+    from meshlm.engine.engine import EngineConfig
 
-    llm = LLM(None, threads=args.threads, dtype=args.dtype, progress=True)
+    llm = LLM(None, threads=args.threads, dtype=args.dtype, progress=True, pp=args.pp,
+              engine=EngineConfig(pipeline_depth=args.pipeline_depth))
     torch.set_num_threads(args.threads)
-    hf = AutoModelForCausalLM.from_pretrained(str(llm.path), dtype=getattr(torch, args.dtype)).eval()
+    engines = [("meshlm", lambda offs: run_meshlm(llm, work, offs))]
+    if not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(llm.path), dtype=getattr(torch, args.dtype)).eval()
+        engines.append(("hf", lambda offs: run_hf(hf, work, offs, pad_id=2)))
     work = workload(args.requests, 0, llm.cfg.vocab_size)
     rows = []
     for label, rate in (("all at once", None), (f"Poisson {args.rate}/s", args.rate)):
         offs = arrivals(len(work), rate, 0)
-        for name, fn in (("meshlm", lambda offs=offs: run_meshlm(llm, work, offs)),
-                         ("hf", lambda offs=offs: run_hf(hf, work, offs, pad_id=2))):
+        for name, run in engines:
+            fn = lambda run=run, offs=offs: run(offs)
             print(f"[engine bench] {label}: {name} ...", file=sys.stderr, flush=True)
             with common.quiet_run(args.wait), common.other_load() as during:
                 r = fn()
             r["arrivals"], r["other_load"] = label, during[0]
+            if name == "meshlm" and args.pp > 1:
+                r["engine"] = f"meshlm pp={args.pp} depth={llm.engine.depth}"
             rows.append(r)
             print(f"[engine bench]   {r['tok_per_s']:.1f} tok/s in {r['wall_s']:.1f}s (other load "
                   f"{r['other_load']:.0%})", file=sys.stderr)
@@ -168,9 +179,9 @@ def main() -> None:
         print(f"| {r['arrivals']} | {r['engine']} | {r['tok_per_s']:.1f} | {r['wall_s']:.0f} | {r['ttft_p50']:.2f} / "
               f"{r['ttft_p99']:.2f} | {r['tpot_p50'] * 1000:.0f} / {r['tpot_p99'] * 1000:.0f} | "
               f"{r['e2e_p50']:.1f} / {r['e2e_p99']:.1f} | {r['other_load']:.0%} |")
-    for label in {r["arrivals"] for r in rows}:
-        m, h = (next(r for r in rows if r["arrivals"] == label and r["engine"] == e) for e in ("meshlm",
-                                                                                          "hf-static"))
+    for label in {r["arrivals"] for r in rows} if not args.no_hf else ():
+        m, h = (next(r for r in rows if r["arrivals"] == label and r["engine"].startswith(e))
+                for e in ("meshlm", "hf-static"))
         print(f"speed-up ({label}): {m['tok_per_s'] / h['tok_per_s']:.1f}x", file=sys.stderr)
     Path(args.out).write_text(json.dumps(rows, indent=1))
     llm.close()
