@@ -136,18 +136,25 @@ def _tree_ticks(root: int) -> int:
     return sum(ticks.get(p, 0) for p in tree)
 
 
+def _own_ticks() -> int:
+    """Ticks used by this process tree: the live processes, plus children already reaped (a process that
+    exits inside the block leaves /proc, but its time moves into os.times()'s children totals)."""
+    t = os.times()
+    return _tree_ticks(os.getpid()) + round((t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))
+
+
 @contextmanager
 def other_load() -> Iterator[list[float]]:
     """Yields a one-item list; on exit it holds the share of all CPUs that processes outside this
     process tree used during the block (0.0 where /proc is unavailable)."""
     box = [0.0]
     try:
-        (t0, i0), m0 = _stat_ticks(), _tree_ticks(os.getpid())
+        (t0, i0), m0 = _stat_ticks(), _own_ticks()
     except OSError:
         yield box
         return
     yield box
-    (t1, i1), m1 = _stat_ticks(), _tree_ticks(os.getpid())
+    (t1, i1), m1 = _stat_ticks(), _own_ticks()
     box[0] = max(0.0, ((t1 - t0) - (i1 - i0) - (m1 - m0)) / max(1, t1 - t0))
 
 
