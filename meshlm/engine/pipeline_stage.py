@@ -13,6 +13,7 @@ every rank to the executor's control loop (an idle server waits there, not on a 
 from __future__ import annotations
 
 import pickle
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -48,16 +49,27 @@ class StageDriver:
         self.hidden_size, self.dtype = hidden_size, dtype
         self.link = StageLink(groups.pp, _NoTimeline())  # type: ignore[arg-type]
         self.prev, self.next, self.last = stage.index - 1, stage.index + 1, stage.count - 1
+        self.busy_s = 0.0  # rank 0: seconds running stage 0 of submitted steps
+        self.idle_s = 0.0  # rank 0: seconds blocked in collect() waiting for the later stages
+
+    def bubble_fraction(self) -> float:
+        """Stage 0's share of its pipelined time spent waiting for the later stages (rank 0's bubble)."""
+        total = self.busy_s + self.idle_s
+        return self.idle_s / total if total > 0 else 0.0
 
     # -- rank 0 --------------------------------------------------------------------------------------------
     def submit(self, step: StepInput) -> None:
         """Run stage 0 of a step and post it down the pipe."""
+        t0 = time.perf_counter()
         self.groups.tp.broadcast_object(step, 0)
         self._pass_on(step, self.runner.forward(step))
+        self.busy_s += time.perf_counter() - t0
 
     def collect(self) -> StepOutput:
         """The oldest submitted step's output, from the last stage (blocks until it arrives)."""
+        t0 = time.perf_counter()
         k, f, v = self.link.recv((3,), torch.long, self.last).tolist()
+        self.idle_s += time.perf_counter() - t0
         best = self.link.recv((k,), torch.long, self.last).tolist()
         logits = self.link.recv((f, v), torch.float32, self.last) if f else torch.zeros(0, v)
         return StepOutput(best, logits)

@@ -46,7 +46,7 @@ class ServerMetrics:
                                   "Collective seconds over engine step seconds (rank 0).",
                                   fn=self._comm_ratio)
         self.bubble = r.gauge(f"{p}_pipeline_bubble_fraction",
-                              "Fraction of wall time pipeline stages sit idle (0 without pipelining).",
+                              "Fraction of pipelined time stage 0 waits for the later stages (0 without pipelining).",
                               fn=lambda: self.snapshot().bubble_fraction)
 
     def _comm_ratio(self) -> float:

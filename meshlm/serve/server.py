@@ -37,6 +37,9 @@ def serve(llm: Any, cfg: ServerConfig, aliases: tuple[str, ...] = (), log_level:
         return f"rank {failure[0]} failed: {failure[1]}" if failure else None
 
     def bubble() -> float:
+        stages = getattr(llm.executor.worker, "stages", None)  # engine-driven pipeline stages (pp > 1)
+        if stages is not None:
+            return stages.bubble_fraction()
         timeline = getattr(llm.executor.worker, "timeline", None)
         return float(timeline.totals().get("bubble", 0.0)) if timeline is not None else 0.0
 

@@ -58,3 +58,19 @@ def test_pp2_chat_and_models(pp_server):
     assert r.choices[0].message.role == "assistant" and r.usage.completion_tokens == 6
     with pp_server.client() as http:
         assert http.get("/health").status_code == 200
+
+
+def test_pp2_bubble_fraction_metric(pp_server):
+    """/metrics reports stage 0's bubble: it waited for stage 1 at some point, but not all the time."""
+    client = openai.OpenAI(base_url=pp_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    bubble = 0.0
+    for _ in range(5):  # the gauge is refreshed at most twice a second, during steps
+        client.completions.create(model=pp_server.model_name, prompt=PROMPTS[2], max_tokens=24, temperature=0,
+                                  extra_body=GO)
+        with pp_server.client() as http:
+            metrics = http.get("/metrics").text
+        bubble = next(float(line.split()[-1]) for line in metrics.splitlines()
+                      if line.startswith("meshlm_pipeline_bubble_fraction"))
+        if bubble > 0:
+            break
+    assert 0.0 < bubble < 1.0
