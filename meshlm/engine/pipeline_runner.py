@@ -37,6 +37,7 @@ from meshlm.parallel.pipeline import (
     StageLink,
     StagePlan,
     attention_ratio,
+    attention_speed,
     auto_chunks,
     chunk_bounds,
 )
@@ -95,7 +96,7 @@ class PipelineRunner:
         self.dtype, self.rank = dtype, rank
         self.layer_ids = [int(k) for k in model.layers.keys()]
         self.kv_heads = next(iter(model.layers.values())).self_attn.k_proj.out_features // cfg.head_dim
-        self.ratio = attention_ratio(cfg)
+        self.host_attention_speed = attention_speed()  # for chunk_bounds' cost rule, unless spec names one
         self.weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
         self.timeline = Timeline()
         self.link = StageLink(groups.pp, self.timeline)
@@ -103,7 +104,7 @@ class PipelineRunner:
         self.max_rows = 0  # rows of the largest micro-batch of the current run (fixes the header size)
 
     def configure(self, **changes) -> None:
-        """Change run-time settings (micro_batches, prefill_chunks, min_chunk, keep_logits)."""
+        """Change run-time settings (micro_batches, prefill_chunks, min_chunk, attention_speed, keep_logits)."""
         self.spec = replace(self.spec, **changes)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
@@ -150,6 +151,7 @@ class PipelineRunner:
 
     def _micro_batches(self, prompts: list[list[int]], seqs: list[_Seq]) -> list[MicroBatch]:
         m = min(len(prompts), self.spec.micro_batches or self.plan.count)
+        ratio = attention_ratio(self.cfg, self.spec.attention_speed or self.host_attention_speed)
         out = []
         for k, (lo, hi) in enumerate(even_partition(len(prompts), m)):
             rows = list(range(lo, hi))
@@ -162,7 +164,7 @@ class PipelineRunner:
             n = self.spec.prefill_chunks or auto_chunks(s, self.plan.count, m, self.spec.min_chunk)
             cache = StageKV(self.layer_ids, len(rows), total, self.kv_heads, self.cfg.head_dim, self.dtype,
                             self.cfg.sliding_window)
-            out.append(MicroBatch(k, rows, tokens, lens, total, chunk_bounds(s, n, self.ratio,
+            out.append(MicroBatch(k, rows, tokens, lens, total, chunk_bounds(s, n, ratio,
                                                                              self.cfg.sliding_window),
                                   cache, torch.ones(len(rows), dtype=torch.bool),
                                   torch.zeros(len(rows), dtype=torch.long)))

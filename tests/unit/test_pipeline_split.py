@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from meshlm.models.layers import CausalNoCache
 from meshlm.parallel.pipeline import (
     PipelineSpec,
     attention_ratio,
+    attention_speed,
     auto_chunks,
     balance,
     chunk_bounds,
@@ -129,9 +131,27 @@ def test_chunks_shrink_along_the_prompt():
 
 
 def test_attention_ratio_of_smollm2():
-    """4 * heads * head_dim attention FLOPs per key over 2 x the layer's weights."""
+    """4 * heads * head_dim attention FLOPs per key over 2 x the layer's weights; slower attention costs more."""
     smol = open_checkpoint(None, progress=False).cfg
     assert attention_ratio(smol) == pytest.approx(4 * 9 * 64 / (2 * (576 * 64 * 2 * 12 + 3 * 576 * 1536)))
+    assert attention_ratio(smol, 0.25) == pytest.approx(4 * attention_ratio(smol))
+    flops, timed = chunk_bounds(2000, 8, attention_ratio(smol)), chunk_bounds(2000, 8, attention_ratio(smol, 0.25))
+    assert timed[-1][1] - timed[-1][0] < flops[-1][1] - flops[-1][0]  # the last chunk shrinks further
+
+
+def test_attention_speed_comes_from_the_calibrated_profile(tmp_path, monkeypatch):
+    """The host's calibrated attention speed, else the CPU preset's; a bad spec value names the fix."""
+    from meshlm.plan import cluster as clusters
+
+    monkeypatch.setenv(clusters.PROFILE_ENV, str(tmp_path / "none.json"))
+    assert attention_speed() == pytest.approx(0.35)
+    host = clusters.uncalibrated_local(2)
+    fast = replace(host, node=replace(host.node, device=replace(host.node.device, attention_eff=0.5)))
+    clusters.save(fast, tmp_path / "local.json")
+    monkeypatch.setenv(clusters.PROFILE_ENV, str(tmp_path / "local.json"))
+    assert attention_speed() == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="attention_speed must be > 0"):
+        PipelineSpec(attention_speed=0)
 
 
 def test_timeline_totals_and_chrome_trace(tmp_path):
