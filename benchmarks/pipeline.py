@@ -13,8 +13,8 @@ sequences pp=2 also sweeps the micro-batch count and compares three stage splits
 an even split, and one balanced on per-unit seconds measured with forward hooks at pp=1.
 TTFT: one --long-token prompt, max_tokens=1, at pp=1 and at pp=2 with 1 (off), 2, 4, 8 and 16 chunks.
 Chunk rule: the seconds of each of 8 chunks of that prompt run in sequence in one process, when chunks
-are equal in size, equal in FLOPs, and equal in estimated cost with attention at this host's calibrated
-speed (meshlm's rule: later chunks are shorter).
+are equal in size, equal in FLOPs (meshlm's rule: later chunks are shorter), and equal in estimated cost
+with attention at the calibrated SDPA speed (`meshlm plan --calibrate`; shorter still).
 The PNG shows the pp=2 timelines (8 sequences; the chunked prompt) and each stage's busy fraction.
 Progress goes to stderr; the markdown tables go to stdout.
 """
@@ -70,15 +70,16 @@ def chunk_times(llm, n: int, chunks: int) -> dict[str, dict[str, list[float]]]:
     import torch
 
     from meshlm.engine.static_cache import StaticKVCache
-    from meshlm.parallel.pipeline import attention_ratio, attention_speed, chunk_bounds
+    from meshlm.parallel.pipeline import attention_ratio, chunk_bounds
+    from meshlm.plan.cluster import resolve
 
     model, cfg = llm.model, llm.cfg
     kv_heads = next(iter(model.layers.values())).self_attn.k_proj.out_features // cfg.head_dim
     tokens = torch.tensor([common.prompt_ids(n, cfg.vocab_size, seed=123)])
     out = {}
-    rules = (("equal size", 0.0), ("equal FLOPs", attention_ratio(cfg)),
-             (f"equal cost, attention at {attention_speed():.2f} x the matmul rate (meshlm)",
-              attention_ratio(cfg, attention_speed())))
+    speed = resolve("local").node.device.attention_eff  # `meshlm plan --calibrate`'s SDPA / matmul rate
+    rules = (("equal size", 0.0), ("equal FLOPs (meshlm)", attention_ratio(cfg)),
+             (f"equal cost, attention at {speed:.2f} x the matmul rate", attention_ratio(cfg, speed)))
     for rule, ratio in rules * 2:  # the first pass warms up; the second overwrites it
         cache = StaticKVCache(len(model.layers), 1, n, kv_heads, cfg.head_dim, torch.float32)
         bounds, seconds = chunk_bounds(n, chunks, ratio), []

@@ -37,7 +37,6 @@ from meshlm.parallel.pipeline import (
     StageLink,
     StagePlan,
     attention_ratio,
-    attention_speed,
     auto_chunks,
     chunk_bounds,
 )
@@ -96,7 +95,6 @@ class PipelineRunner:
         self.dtype, self.rank = dtype, rank
         self.layer_ids = [int(k) for k in model.layers.keys()]
         self.kv_heads = next(iter(model.layers.values())).self_attn.k_proj.out_features // cfg.head_dim
-        self.host_attention_speed = attention_speed()  # for chunk_bounds' cost rule, unless spec names one
         self.weight_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6
         self.timeline = Timeline()
         self.link = StageLink(groups.pp, self.timeline)
@@ -151,7 +149,7 @@ class PipelineRunner:
 
     def _micro_batches(self, prompts: list[list[int]], seqs: list[_Seq]) -> list[MicroBatch]:
         m = min(len(prompts), self.spec.micro_batches or self.plan.count)
-        ratio = attention_ratio(self.cfg, self.spec.attention_speed or self.host_attention_speed)
+        ratio = attention_ratio(self.cfg, self.spec.attention_speed)
         out = []
         for k, (lo, hi) in enumerate(even_partition(len(prompts), m)):
             rows = list(range(lo, hi))

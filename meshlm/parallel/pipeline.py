@@ -43,7 +43,7 @@ class PipelineSpec:
     micro_batches: int | None = None  # None = min(sequences, pp)
     prefill_chunks: int | None = None  # chunks per prompt (token-level pipelining); None = auto, 1 = off
     min_chunk: int = 128  # auto chunking keeps chunks at least this many tokens
-    attention_speed: float | None = None  # attention's FLOP rate / the matmuls'; None = this host's (calibrated)
+    attention_speed: float = 1.0  # chunk rule: attention's FLOP rate / the matmuls' (1.0: count FLOPs alone)
     keep_logits: bool = False  # the last stage keeps each prefill's logits in its report (for checks)
     # What LLM.generate runs at pp > 1: "engine" (continuous batching, one step in flight per stage) or
     # "static" (engine/pipeline_runner.py: whole micro-batches, token-level prefill, traced); serving
@@ -63,8 +63,8 @@ class PipelineSpec:
             raise ConfigError(f"micro_batches must be >= 1 (or None for auto), got {self.micro_batches}.")
         if self.prefill_chunks is not None and self.prefill_chunks < 1:
             raise ConfigError(f"prefill_chunks must be >= 1 (1: off, None: auto), got {self.prefill_chunks}.")
-        if self.attention_speed is not None and self.attention_speed <= 0:
-            raise ConfigError(f"attention_speed must be > 0 (or None for this host's), got {self.attention_speed}.")
+        if self.attention_speed <= 0:
+            raise ConfigError(f"attention_speed must be > 0 (1.0: count FLOPs alone), got {self.attention_speed}.")
         if self.min_chunk < 1:
             raise ConfigError(f"min_chunk must be >= 1, got {self.min_chunk}.")
 
@@ -202,17 +202,6 @@ def attention_ratio(cfg: ModelConfig, speed: float = 1.0) -> float:
     linear = 2 * (h * d * 2 * (cfg.num_heads + cfg.num_kv_heads)
                   + 3 * h * cfg.intermediate_size * (cfg.num_experts_per_tok if cfg.is_moe else 1))
     return 4 * cfg.num_heads * d / linear / speed
-
-
-def attention_speed() -> float:
-    """This host's attention FLOP rate over its matmul rate: `meshlm plan --calibrate`'s measurement, else the
-    CPU host preset's (0.35)."""
-    from meshlm.plan.cluster import resolve
-
-    try:
-        return resolve("local").node.device.attention_eff
-    except (ConfigError, OSError, ValueError):  # an unreadable profile: count FLOPs alone
-        return 1.0
 
 
 def chunk_bounds(n: int, chunks: int, ratio: float, window: int | None = None) -> list[tuple[int, int]]:
