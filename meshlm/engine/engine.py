@@ -163,6 +163,9 @@ class LLMEngine:
 
     def drain(self) -> list[RequestOutput]:
         """Finish every step in flight without starting another, and return the ranks to the control loop."""
+        if self.executor.broken:  # a rank failed: its error is already on its way to the caller
+            self.inflight.clear()
+            return []
         changed: list[RequestOutput] = []
         while self.inflight:
             changed += self._finish_oldest()

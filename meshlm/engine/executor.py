@@ -86,6 +86,7 @@ class Executor:
         self.distributed = False
         self.pipelining = False  # the other ranks are in their stage loop (pp > 1)
         self.in_flight = 0  # steps submitted and not yet collected (pp > 1)
+        self.broken = False  # a rank failed: the ranks are gone and nothing in flight will come back
         self._done: deque = deque()  # outputs of steps run at once (pp == 1)
         backend = backend or default_backend("cpu")
         world = spec.dims.world_size
@@ -128,6 +129,7 @@ class Executor:
 
     def _failure(self, exc: BaseException) -> RankFailure:
         err = self.local.error(exc) if self.local else RankFailure(f"a collective failed: {exc}")
+        self.broken, self.in_flight, self.pipelining = True, 0, False
         self.close(graceful=False)
         return err
 
