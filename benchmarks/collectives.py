@@ -2,7 +2,8 @@
 
     python benchmarks/collectives.py latency [--ranks 2] [--rounds 5]
     python benchmarks/collectives.py e2e [--models llama-100m llama-400m] [--rounds 2] [--runs 2]
-    python benchmarks/collectives.py            # both; --json PATH writes the raw figures, --png PATH a chart
+    python benchmarks/collectives.py pairs [--models ...] [--pairs 10]
+    python benchmarks/collectives.py            # all three; --json PATH writes the raw figures, --png PATH a chart
     python benchmarks/collectives.py --report PATH [--png PATH]   # tables (and chart) again from --json
 
 Latency: `ranks` spawned processes (1 intra-op thread each) run back-to-back all-reduces of 3 KB, 64 KB,
@@ -13,6 +14,8 @@ End to end: common.random_llama models, a fresh 128-token prompt per run (no pre
 tokens, fp32; prefill tok/s = prompt / TTFT, decode tok/s after the first token; medians over
 rounds x runs, each layout loaded once per round, rounds alternating the layouts; "collectives" is rank 0's
 tp/* seconds over the generation's wall time (prefill and decode together).
+Pairs: tp=1 with 2 threads and tp=2 over shm loaded at once and decoding in turn (same prompt length and
+tokens), so each pair sees the same machine; the ratio per pair cancels the drift between separate runs.
 Every timed block holds the benchmarks' run lock and first waits for quiet (common.quiet_run); a block during
 which other processes took over 20% of the CPUs is run again (up to 3 times), and the share they took is
 reported. Progress on stderr, markdown tables on stdout.
@@ -169,7 +172,49 @@ def e2e(models: list[str], rounds: int, runs: int, prompt_len: int, new: int, wa
     return res
 
 
-def print_tables(lat: dict | None, ends: dict | None, machine: str) -> None:
+def pairs(models: list[str], n: int, prompt_len: int, new: int, wait: float, tries: int = 3) -> dict:
+    """{model: {"tp1": [...], "tp2": [...], "ratio": [...], "other_load"}}: decode tok/s of tp=1 with 2 threads and
+    tp=2 over shared memory, loaded side by side and run in alternation, so each pair sees the same machine and
+    their ratio cancels the drift between separate runs. Both drivers live in this process (tp=2's rank 0
+    too), so its intra-op thread count is set before each side's run."""
+    import torch
+
+    from meshlm import LLM, SamplingParams
+
+    res: dict = {}
+    one_kw, two_kw = LAYOUTS["tp=1, 2 threads"], LAYOUTS["tp=2 shm, 1 thread/rank"]
+    for name in models:
+        path, vocab = common.random_llama(name), common.MODELS[name]["vocab_size"]
+        params = SamplingParams(max_tokens=new, ignore_eos=True)
+        got: dict[str, list[float]] = {"tp1": [], "tp2": [], "load": []}
+        with LLM(str(path), progress=False, **one_kw) as one, LLM(str(path), progress=False, **two_kw) as two:
+            sides = {"tp1": (one, one_kw["threads"]), "tp2": (two, two_kw["threads"])}
+            for llm, threads in sides.values():
+                torch.set_num_threads(threads)
+                llm.generate([common.prompt_ids(16, vocab, 999)], SamplingParams(max_tokens=4, ignore_eos=True))
+            for i in range(n):
+                for attempt in range(tries):
+                    pair = {}
+                    with common.quiet_run(wait), common.other_load() as other:
+                        for side in list(sides)[:: 1 if i % 2 == 0 else -1]:  # alternate which goes first
+                            llm, threads = sides[side]
+                            torch.set_num_threads(threads)
+                            prompt = common.prompt_ids(prompt_len, vocab, 5000 + 100 * i + 10 * attempt + threads)
+                            pair[side] = llm.generate([prompt], params)[0].decode_tokens_per_s
+                    if other[0] <= MAX_OTHER:
+                        break
+                    common.log(f"{name} pair {i}: other processes took {other[0]:.0%} of the CPUs; again")
+                for side, v in pair.items():
+                    got[side].append(v)
+                got["load"].append(other[0])
+                common.log(f"{name} pair {i}: decode tp=1 x2 threads {pair['tp1']:.1f}, tp=2 shm {pair['tp2']:.1f} "
+                           f"tok/s (ratio {pair['tp2'] / pair['tp1']:.2f}), other load {other[0]:.0%}")
+        res[name] = {"tp1": got["tp1"], "tp2": got["tp2"], "other_load": max(got["load"]),
+                     "ratio": [b / a for a, b in zip(got["tp1"], got["tp2"])]}
+    return res
+
+
+def print_tables(lat: dict | None, ends: dict | None, machine: str, paired: dict | None = None) -> None:
     """Markdown tables of the figures."""
     print(machine, end="\n\n")
     if lat:
@@ -193,6 +238,15 @@ def print_tables(lat: dict | None, ends: dict | None, machine: str) -> None:
                 print(f"| {name} | {label} | {r['prefill_tok_s']:.0f} ({min(pre):.0f}-{max(pre):.0f}) "
                       f"| {r['decode_tok_s']:.1f} ({min(dec):.1f}-{max(dec):.1f}) | {comm} "
                       f"| {r['runs']} | {r['other_load']:.0%} |")
+    if paired:
+        print("\n| model | pairs | decode tok/s, tp=1 2 threads (median) | tp=2 shm (median) "
+              "| tp=2 / tp=1 per pair: median | min | max | tp=2 ahead in | other load (max) |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for name, r in paired.items():
+            q = r["ratio"]
+            print(f"| {name} | {len(q)} | {common.median(r['tp1']):.1f} | {common.median(r['tp2']):.1f} "
+                  f"| {common.median(q):.3f} | {min(q):.2f} | {max(q):.2f} | {sum(x > 1 for x in q)} of {len(q)} "
+                  f"| {r['other_load']:.0%} |")
 
 
 def chart(lat: dict | None, ends: dict | None, png: Path, machine: str) -> None:
@@ -236,11 +290,12 @@ def chart(lat: dict | None, ends: dict | None, png: Path, machine: str) -> None:
 def main() -> None:
     """Parse arguments, run, print, draw."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", nargs="?", default="all", choices=["all", "latency", "e2e"])
+    ap.add_argument("what", nargs="?", default="all", choices=["all", "latency", "e2e", "pairs"])
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=0, help="blocks per transport / layout loads (default 5 / 2)")
     ap.add_argument("--runs", type=int, default=2, help="timed generations per layout load")
     ap.add_argument("--models", nargs="+", default=["llama-100m", "llama-400m"], choices=list(common.MODELS))
+    ap.add_argument("--pairs", type=int, default=10, help="alternating tp=1 / tp=2 decodes per model (pairs)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for quiet before each timed block")
@@ -250,15 +305,18 @@ def main() -> None:
     a = ap.parse_args()
     if a.report:
         raw = json.loads(a.report.read_text())
-        lat, ends, machine = raw["latency"], raw["e2e"], raw["machine"]
+        lat, ends, paired, machine = raw["latency"], raw["e2e"], raw.get("pairs"), raw["machine"]
     else:
         machine = common.machine()
         lat = latency(a.ranks, a.rounds or 5, a.wait) if a.what in ("all", "latency") else None
         ends = (e2e(a.models, a.rounds or 2, a.runs, a.prompt_len, a.new_tokens, a.wait)
                 if a.what in ("all", "e2e") else None)
+        paired = (pairs(a.models, a.pairs, a.prompt_len, a.new_tokens, a.wait)
+                  if a.what in ("all", "pairs") else None)
         if a.json:
-            a.json.write_text(json.dumps({"machine": machine, "latency": lat, "e2e": ends}, indent=1))
-    print_tables(lat, ends, machine)
+            a.json.write_text(json.dumps({"machine": machine, "latency": lat, "e2e": ends, "pairs": paired},
+                                         indent=1))
+    print_tables(lat, ends, machine, paired)
     if a.png:
         chart(lat, ends, a.png, machine)
 
