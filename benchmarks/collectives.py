@@ -262,13 +262,13 @@ def chart(lat: dict | None, ends: dict | None, png: Path, machine: str) -> None:
         for j, t in enumerate(TRANSPORTS):
             ys = [lat[t][label]["median_us"] for label in SIZES]
             bars = ax.bar([x + (j - 0.5) * 0.4 for x in xs], ys, 0.4, label=t)
-            ax.set_ylim(top=10 * max(lat[t][label]["median_us"] for t in TRANSPORTS for label in SIZES))
             ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_yscale("log")
+        ax.set_ylim(1, 10 * max(lat[t][label]["median_us"] for t in TRANSPORTS for label in SIZES))
         ax.set_xticks(list(xs), list(SIZES))
         ax.set_ylabel("us (median, log scale)")
         ax.set_title("All-reduce, 2 ranks, fp32")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left")
     if ends:
         ax, models = axes[1], list(ends)
         width = 0.8 / len(LAYOUTS)
