@@ -21,6 +21,7 @@ from torch import nn
 
 from meshlm.checkpoint.source import Slice
 from meshlm.config import ModelConfig
+from meshlm.kernels.gemv import linear
 from meshlm.models.mixtral import Experts
 from meshlm.parallel.comm import Comm
 
@@ -92,7 +93,7 @@ class RowParallelLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.comm.index == 0 else None
-        return self.comm.all_reduce(F.linear(x, self.weight, bias))
+        return self.comm.all_reduce(linear(x, self.weight, bias))  # decode-sized bf16: the GEMV kernel
 
 
 class VocabParallelEmbedding(nn.Embedding):
@@ -115,7 +116,7 @@ class VocabParallelHead(nn.Linear):
     sizes: list[int]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_gather(F.linear(x, self.weight), dim=-1, sizes=self.sizes)
+        return self.comm.all_gather(linear(x, self.weight), dim=-1, sizes=self.sizes)
 
 
 class TensorParallelExperts(Experts):

@@ -105,3 +105,24 @@ def test_disabled_by_env(monkeypatch):
     """MESHLM_KERNELS=0 turns the kernel off before it is built."""
     monkeypatch.setenv("MESHLM_KERNELS", "0")
     assert not kernels.enabled()
+
+
+def test_tensor_parallel_linears_take_the_kernel(op):
+    """The row-parallel projections (o_proj, down_proj) and the vocab-parallel head run decode-sized bf16
+    rows through the kernel too (they once called F.linear: oneDNN, at half the bandwidth, at tp > 1)."""
+    from meshlm.parallel.comm import Comm
+    from meshlm.parallel.styles import RowParallelLinear, VocabParallelHead
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 1, 2048, generator=g).bfloat16()
+    one = Comm("single", [0], None, 0)  # a group of one: the collective is the identity
+    for cls, bias in ((RowParallelLinear, True), (VocabParallelHead, False)):
+        layer = torch.nn.Linear(2048, 96, bias=bias).bfloat16()
+        layer.__class__, layer.comm = cls, one
+        if cls is VocabParallelHead:
+            layer.sizes = [96]
+        with torch.inference_mode(), torch.profiler.profile() as prof:
+            got = layer(x)
+        ran = {e.name for e in prof.events()}
+        assert "meshlm_kernels::small_m_linear" in ran and "aten::mm" not in ran, (cls.__name__, sorted(ran))
+        torch.testing.assert_close(got.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=2**-7, atol=1e-2)
