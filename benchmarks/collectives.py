@@ -5,6 +5,7 @@
     python benchmarks/collectives.py pairs [--models ...] [--pairs 10]
     python benchmarks/collectives.py            # all three; --json PATH writes the raw figures, --png PATH a chart
     python benchmarks/collectives.py --report PATH [--png PATH]   # tables (and chart) again from --json
+    --dtype bfloat16: e2e and pairs in bf16 (default float32; the latency rows are fp32 either way)
 
 Latency: `ranks` spawned processes (1 intra-op thread each) run back-to-back all-reduces of 3 KB, 64 KB,
 1 MB and 16 MB fp32 over both transports, alternating blocks (--rounds per transport) so both see the same
@@ -131,7 +132,8 @@ def latency(ranks: int, rounds: int, wait: float, tries: int = 3) -> dict:
     return res
 
 
-def e2e(models: list[str], rounds: int, runs: int, prompt_len: int, new: int, wait: float, tries: int = 3) -> dict:
+def e2e(models: list[str], rounds: int, runs: int, prompt_len: int, new: int, wait: float, tries: int = 3,
+        dtype: str = "float32") -> dict:
     """{model: {layout: {prefill_tok_s, decode_tok_s, comm_share, runs, other_load}}}: medians over rounds x
     runs; a run during which other processes took over MAX_OTHER of the CPUs is run again (up to `tries`)."""
     from meshlm import LLM, SamplingParams
@@ -143,7 +145,7 @@ def e2e(models: list[str], rounds: int, runs: int, prompt_len: int, new: int, wa
         got: dict[str, dict[str, list[float]]] = {k: {x: [] for x in keys} for k in LAYOUTS}
         for rnd in range(rounds):
             for label, kw in LAYOUTS.items():
-                with LLM(str(path), progress=False, **kw) as llm:
+                with LLM(str(path), progress=False, dtype=dtype, **kw) as llm:
                     llm.generate([common.prompt_ids(16, vocab, 999)], SamplingParams(max_tokens=4, ignore_eos=True))
                     for r in range(runs):
                         for attempt in range(tries):  # a fresh prompt each time: no prefix-cache hit
@@ -172,7 +174,8 @@ def e2e(models: list[str], rounds: int, runs: int, prompt_len: int, new: int, wa
     return res
 
 
-def pairs(models: list[str], n: int, prompt_len: int, new: int, wait: float, tries: int = 3) -> dict:
+def pairs(models: list[str], n: int, prompt_len: int, new: int, wait: float, tries: int = 3,
+          dtype: str = "float32") -> dict:
     """{model: {"tp1": [...], "tp2": [...], "ratio": [...], "other_load"}}: decode tok/s of tp=1 with 2 threads and
     tp=2 over shared memory, loaded side by side and run in alternation, so each pair sees the same machine and
     their ratio cancels the drift between separate runs. Both drivers live in this process (tp=2's rank 0
@@ -187,7 +190,8 @@ def pairs(models: list[str], n: int, prompt_len: int, new: int, wait: float, tri
         path, vocab = common.random_llama(name), common.MODELS[name]["vocab_size"]
         params = SamplingParams(max_tokens=new, ignore_eos=True)
         got: dict[str, list[float]] = {"tp1": [], "tp2": [], "load": []}
-        with LLM(str(path), progress=False, **one_kw) as one, LLM(str(path), progress=False, **two_kw) as two:
+        with (LLM(str(path), progress=False, dtype=dtype, **one_kw) as one,
+              LLM(str(path), progress=False, dtype=dtype, **two_kw) as two):
             sides = {"tp1": (one, one_kw["threads"]), "tp2": (two, two_kw["threads"])}
             for llm, threads in sides.values():
                 torch.set_num_threads(threads)
@@ -298,6 +302,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=10, help="alternating tp=1 / tp=2 decodes per model (pairs)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="e2e and pairs")
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for quiet before each timed block")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw figures here")
     ap.add_argument("--png", type=Path, default=None, help="also draw the chart here")
@@ -306,17 +311,18 @@ def main() -> None:
     if a.report:
         raw = json.loads(a.report.read_text())
         lat, ends, paired, machine = raw["latency"], raw["e2e"], raw.get("pairs"), raw["machine"]
+        a.dtype = raw.get("dtype", "float32")
     else:
         machine = common.machine()
         lat = latency(a.ranks, a.rounds or 5, a.wait) if a.what in ("all", "latency") else None
-        ends = (e2e(a.models, a.rounds or 2, a.runs, a.prompt_len, a.new_tokens, a.wait)
+        ends = (e2e(a.models, a.rounds or 2, a.runs, a.prompt_len, a.new_tokens, a.wait, dtype=a.dtype)
                 if a.what in ("all", "e2e") else None)
-        paired = (pairs(a.models, a.pairs, a.prompt_len, a.new_tokens, a.wait)
+        paired = (pairs(a.models, a.pairs, a.prompt_len, a.new_tokens, a.wait, dtype=a.dtype)
                   if a.what in ("all", "pairs") else None)
         if a.json:
-            a.json.write_text(json.dumps({"machine": machine, "latency": lat, "e2e": ends, "pairs": paired},
-                                         indent=1))
-    print_tables(lat, ends, machine, paired)
+            raw = {"machine": machine, "dtype": a.dtype, "latency": lat, "e2e": ends, "pairs": paired}
+            a.json.write_text(json.dumps(raw, indent=1))
+    print_tables(lat, ends, f"{machine}; e2e and pairs in {a.dtype}", paired)
     if a.png:
         chart(lat, ends, a.png, machine)
 
