@@ -1,7 +1,9 @@
 """Measure this machine and describe it as a cluster: `meshlm plan --calibrate`.
 
-One device = one rank with `threads` intra-op threads (one node; devices = cores // threads). Every
-figure is the best of a few rounds, so a burst of other work on a shared host does not set it.
+One device = one rank with `threads` intra-op threads (one node; devices = cores this process may use //
+threads). The matmul rate and the bandwidth are measured in rounds until two in a row agree within
+`tol` (load.settle), and the whole calibration refuses to save when other processes took more than
+`max_load` of the CPUs while it ran (load.other_load): a profile taken under load is slow by that load.
   matmul rate     prefill-shaped F.linear [256, 1024] x [1024, 3584], weights cycled from a pool larger
                   than the last-level cache (as a forward reads each weight once)
   attention       causal SDPA of 12 heads x 256 tokens x 64, as a fraction of the matmul rate
@@ -12,15 +14,15 @@ figure is the best of a few rounds, so a burst of other work on a shared host do
                   each call after a GEMV over cold weights as in a decode step; the mean (top 2% of calls
                   dropped) per size, because a step pays every call, tails included. t(n) = a + b n is
                   fitted by relative least squares and read as the ring's 2(p-1) alpha + 2(p-1)/p n / beta.
-                  Skew: 3 KB after a prefill-sized matmul (~13 ms) against after the GEMV (~0.5 ms); the
-                  difference is the extra wait for the slowest peer that long compute brings.
+  hop             gloo ping-pong of a pipeline hop's messages (a header, then a 3 KB payload): one way
+  in-engine       probe.py: the extra wait per all-reduce inside tp=2 steps (per transport) and the
+                  per-layer cost of a pp=2 stage, timed through meshlm.LLM
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import statistics
 import time
 from dataclasses import replace
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from meshlm.plan.cluster import Cluster, Device, Link, Node
+from meshlm.plan.load import check_load, other_load, settle
 
 log = logging.getLogger(__name__)
 SIZES = (768, 16384, 262144, 1048576)  # fp32 elements: 3 KB (a decode step's hidden row) .. 4 MB
@@ -53,7 +56,7 @@ def _pool(rows: int, cols: int, megabytes: int, dtype: str = "float32") -> list:
     return [torch.randn(rows, cols).to(getattr(torch, dtype)) for _ in range(n)]
 
 
-def matmul_rate(threads: int, dtype: str = "float32", quick: bool = False, rounds: int = 3) -> float:
+def matmul_rate(threads: int, dtype: str = "float32", quick: bool = False, tol: float = 0.05) -> float:
     """FLOP/s of a prefill-shaped matmul on `threads` threads, weights read cold."""
     import torch
 
@@ -61,8 +64,8 @@ def matmul_rate(threads: int, dtype: str = "float32", quick: bool = False, round
     mats = _pool(3584, 1024, 32 if quick else 320, dtype)
     a = torch.randn(256, 1024).to(getattr(torch, dtype))
     sweep = lambda: [torch.nn.functional.linear(a, w) for w in mats]
-    sec = min(_timed(sweep, 0.2 if quick else 1.0) for _ in range(1 if quick else rounds))
-    return 2 * 256 * 1024 * 3584 * len(mats) / sec
+    rate = lambda: 2 * 256 * 1024 * 3584 * len(mats) / _timed(sweep, 0.2 if quick else 1.0)
+    return rate() if quick else settle(rate, f"the {dtype} matmul rate", tol)
 
 
 def attention_fraction(threads: int, quick: bool = False) -> float:
@@ -78,7 +81,7 @@ def attention_fraction(threads: int, quick: bool = False) -> float:
     return (4 * 12 * 64 * 256 * 257 / 2 / sec) / (2 * 256 * 768 * 768 / mm)
 
 
-def gemv_bandwidth(threads: int, quick: bool = False, rounds: int = 3) -> float:
+def gemv_bandwidth(threads: int, quick: bool = False, tol: float = 0.05) -> float:
     """Bytes/s streamed by decode-shaped GEMVs over more weights than the last-level cache holds."""
     import torch
 
@@ -86,8 +89,8 @@ def gemv_bandwidth(threads: int, quick: bool = False, rounds: int = 3) -> float:
     mats = _pool(4096, 2048, 32 if quick else 512)
     x = torch.randn(1, 2048)
     sweep = lambda: [torch.nn.functional.linear(x, w) for w in mats]
-    sec = min(_timed(sweep, 0.3 if quick else 1.5) for _ in range(1 if quick else rounds))
-    return len(mats) * 4096 * 2048 * 4 / sec
+    rate = lambda: len(mats) * 4096 * 2048 * 4 / _timed(sweep, 0.3 if quick else 1.5)
+    return rate() if quick else settle(rate, "the GEMV bandwidth", tol)
 
 
 def _stream_worker(threads: int, quick: bool, start: Any, out: Any) -> None:
@@ -152,35 +155,49 @@ def _collective_rank(rank: int, world: int, port: int, quick: bool, out: Any) ->
     if not comms:
         comms["gloo"] = build_groups(dims, rank, "gloo", 60.0).tp
     mats = _pool(768, 2048, 48 if quick else 320)  # a decode step's segment between two all-reduces
-    big = _pool(3584, 1024, 32 if quick else 160)  # a prefill step's
-    h, a = torch.randn(1, 2048), torch.randn(256, 1024)
+    h = torch.randn(1, 2048)
     result: dict[str, dict[Any, float]] = {}
 
-    def timed(comm: Any, x: Any, reps: int, work: Any) -> tuple[float, float]:
-        times, segs = [], []
+    def timed(comm: Any, x: Any, reps: int) -> float:
+        times = []
         comm.barrier()
         for i in range(reps):
-            s0 = time.perf_counter()
-            work(i)
+            torch.nn.functional.linear(h, mats[i % len(mats)])
             t0 = time.perf_counter()
             comm.all_reduce(x)
             times.append(time.perf_counter() - t0)
-            segs.append(t0 - s0)
-        return _trimmed_mean(times[2:]), statistics.fmean(segs)
+        return _trimmed_mean(times[2:])
 
-    short = lambda i: torch.nn.functional.linear(h, mats[i % len(mats)])
-    long = lambda i: torch.nn.functional.linear(a, big[i % len(big)])
     for name, comm in comms.items():
         for n in SIZES:
             reps = (30 if quick else 300) if n <= 16384 else (8 if quick else 60)
-            result.setdefault(name, {})[n * 4], seg = timed(comm, torch.zeros(n), reps, short)
-        result[name]["short"], result[name]["short_segment"] = result[name][SIZES[0] * 4], seg
-        result[name]["long"], result[name]["long_segment"] = timed(comm, torch.zeros(SIZES[0]),
-                                                                   6 if quick else 40, long)
+            result.setdefault(name, {})[n * 4] = timed(comm, torch.zeros(n), reps)
+    result.setdefault("gloo", {})["hop"] = ping_pong(rank, 30 if quick else 300)
     if rank == 0:
         out.put(result)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def ping_pong(rank: int, reps: int) -> float:
+    """One-way seconds of a pipeline hop between ranks 0 and 1 over gloo: a header, then a 3 KB payload
+    (pipeline_stage.py sends a header before each payload), there and back; the median round trip / 2."""
+    import torch
+    import torch.distributed as dist
+
+    header, payload, trips = torch.zeros(3, dtype=torch.long), torch.zeros(768), []
+    peer = 1 - rank
+    dist.barrier()
+    for _ in range(reps + 2):
+        t0 = time.perf_counter()
+        for t in ((header, payload) if rank == 0 else ()):
+            dist.send(t, peer)
+        for t in (header, payload):
+            dist.recv(t, peer)
+        for t in ((header, payload) if rank == 1 else ()):
+            dist.send(t, peer)
+        trips.append(time.perf_counter() - t0)
+    return statistics.median(trips[2:]) / 2
 
 
 def fit_link(transport: str, times: dict[int, float], p: int = 2) -> Link:
@@ -213,9 +230,9 @@ def collective_links(quick: bool = False, world: int = 2) -> tuple[list[Link], d
         p.join(timeout=60)
     links = []
     for t, m in raw.items():
-        ln = fit_link(t, {n: s for n, s in m.items() if isinstance(n, int)}, world)
-        skew = max(0.0, m["long"] - m["short"])  # the wait a long compute segment adds over a short one
-        links.append(replace(ln, skew=skew, skew_from=m["short_segment"], skew_to=m["long_segment"]))
+        sizes = {n: s for n, s in m.items() if isinstance(n, int)}
+        if sizes:
+            links.append(replace(fit_link(t, sizes, world), hop=m.get("hop", 0.0)))
     return sorted(links, key=lambda ln: ln.latency), raw
 
 
@@ -229,31 +246,42 @@ def _rss_bytes() -> float:
     return 0.5 * 2**30
 
 
-def calibrate(threads: int = 1, quick: bool = False) -> Cluster:
-    """Measure this host: one node of cores // threads devices, its links, its memory."""
-    from meshlm.plan.cluster import uncalibrated_local
+def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load: float = 0.2) -> Cluster:
+    """Measure this host: one node of cores // threads devices, its links, its memory; refuse (ConfigError)
+    when other processes used more than `max_load` of the CPUs meanwhile."""
+    from meshlm.plan.cluster import host_cores, uncalibrated_local
     from meshlm.plan.overhead import software_overhead
+    from meshlm.plan.probe import probe
 
-    devices = max(1, (os.cpu_count() or 1) // threads)
+    devices = max(1, host_cores() // threads)
     base = uncalibrated_local(devices)
     t0 = time.perf_counter()
-    flops = {"float32": matmul_rate(threads, "float32", quick)}
-    if not quick:
-        flops["bfloat16"] = matmul_rate(threads, "bfloat16", quick, rounds=1)
-    attn = attention_fraction(threads, quick)
-    bw = gemv_bandwidth(threads, quick)
-    node_bw = node_bandwidth(devices, threads, quick) if devices > 1 else bw
-    per_layer, per_step = software_overhead(threads, quick, bw)
-    links, raw = collective_links(quick) if devices > 1 else ([base.node.link()], {})
-    dev = Device(name=f"cpu-rank-{threads}t", memory=base.node.device.memory, flops=flops, bandwidth=bw,
-                 compute_eff=1.0, bandwidth_eff=1.0, attention_eff=attn, memory_utilization=0.9,
-                 reserved=_rss_bytes(), layer_overhead=per_layer, step_overhead=per_step)
+    with other_load() as load:
+        flops = {"float32": matmul_rate(threads, "float32", quick, tol)}
+        if not quick:
+            flops["bfloat16"] = matmul_rate(threads, "bfloat16", quick, tol)
+        attn = attention_fraction(threads, quick)
+        bw = gemv_bandwidth(threads, quick, tol)
+        node_bw = node_bandwidth(devices, threads, quick) if devices > 1 else bw
+        per_layer, per_step = software_overhead(threads, quick, bw)
+        links, raw = collective_links(quick) if devices > 1 else ([base.node.link()], {})
+        dev = Device(name=f"cpu-rank-{threads}t", memory=base.node.device.memory, flops=flops, bandwidth=bw,
+                     compute_eff=1.0, bandwidth_eff=1.0, attention_eff=attn, memory_utilization=0.9,
+                     reserved=_rss_bytes(), layer_overhead=per_layer, step_overhead=per_step)
+        node = Node(devices, dev, tuple(links), shared_memory=True,
+                    memory_bandwidth=node_bw if devices > 1 else None)
+        c = Cluster("local", 1, node, None)
+        if devices > 1 and threads == 1:  # the engine's probes run 2 ranks of 1 thread
+            waits, pipe_layer = probe(c, quick)
+            dev = replace(dev, pipeline_layer_overhead=pipe_layer)
+            node = replace(node, device=dev, links=tuple(replace(ln, waits=waits.get(ln.transport, ()))
+                                                         for ln in node.links))
+    check_load(load[0], max_load)
     notes = {"source": "measured by `meshlm plan --calibrate`" + (" --quick" if quick else ""),
              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads_per_rank": threads, "host": _cpu_name(),
+             "cores": host_cores(), "other_load": round(load[0], 3),
              "allreduce_mean_us": {t: {str(n): s * 1e6 for n, s in v.items()} for t, v in raw.items()},
              "seconds": round(time.perf_counter() - t0, 1)}
-    node = Node(devices, dev, tuple(links), shared_memory=True,
-                memory_bandwidth=node_bw if devices > 1 else None)
     return Cluster("local", 1, node, None, notes)
 
 

@@ -73,6 +73,11 @@ def add_parsers(sub: Any) -> None:
                         "save its profile")
     p.add_argument("--quick", action="store_true", help="with --calibrate: short, rough measurements")
     p.add_argument("--threads", type=int, default=1, help="with --calibrate: threads per rank (default 1)")
+    p.add_argument("--tolerance", type=float, default=0.05,
+                   help="with --calibrate: two rounds of a rate must agree within this (default 0.05)")
+    p.add_argument("--max-load", type=float, default=0.2,
+                   help="with --calibrate: refuse to save when other processes used more than this share "
+                        "of the CPUs meanwhile (default 0.2)")
     p.add_argument("--out", default=None,
                    help=f"with --calibrate: where to save (default {clusters.profile_path()})")
 
@@ -112,7 +117,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.calibrate:
         from meshlm.plan.calibrate import calibrate
 
-        c = calibrate(threads=args.threads, quick=args.quick)
+        c = calibrate(threads=args.threads, quick=args.quick, tol=args.tolerance, max_load=args.max_load)
         path = clusters.save(c, args.out or clusters.profile_path())
         print(json.dumps(clusters.to_dict(c), indent=1) if args.json else _calibration_text(c, path))
         return 0
@@ -129,15 +134,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def _calibration_text(c: clusters.Cluster, path: Path) -> str:
     d = c.node.device
-    links = ", ".join(f"{ln.transport}: alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
-                      for ln in c.node.links)
+    links = "; ".join(f"{ln.transport}: alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
+                      + "".join(f", in-engine wait {w * 1e6:.0f} us after {s * 1e6:.0f} us of compute"
+                                for s, w in ln.waits)
+                      + (f", hop {ln.hop * 1e6:.0f} us" if ln.hop else "") for ln in c.node.links)
     cap = f"{c.node.memory_bandwidth / 1e9:.1f} GB/s" if c.node.memory_bandwidth else "n/a"
     return (f"calibrated {c.node.devices} devices ({d.name}) in {c.notes.get('seconds')} s, saved to {path}\n"
             f"  matmul: {', '.join(f'{k} {v / 1e9:.1f} GFLOP/s' for k, v in d.flops.items())}\n"
             f"  memory bandwidth: {d.bandwidth / 1e9:.1f} GB/s per rank, node {cap}\n"
             f"  attention: {d.attention_eff:.2f} x the matmul rate\n"
-            f"  software overhead: {d.layer_overhead * 1e6:.0f} us per layer, "
-            f"{d.step_overhead * 1e6:.0f} us per step\n  links: {links}")
+            f"  software overhead: {d.layer_overhead * 1e6:.0f} us per layer ("
+            f"{d.pipeline_layer_overhead * 1e6:.0f} in a pipeline stage), {d.step_overhead * 1e6:.0f} us per "
+            f"step\n  links: {links}\n  other processes used {c.notes.get('other_load', 0):.0%} of the CPUs "
+            "meanwhile")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -36,27 +36,34 @@ PROFILE_ENV = "MESHLM_CLUSTER_PROFILE"
 class Link:
     """One transport: a message of n bytes costs latency + n / bandwidth seconds.
 
-    Ranks that compute between collectives also wait for the slowest peer (jitter, preemption by other
-    work): `skew` more seconds per collective once the compute before it lasts `skew_to`, growing
-    linearly from nothing at `skew_from` (the latency was measured there, so it holds that much).
+    Inside an engine step a collective also pays what the synthetic alpha-beta fit does not see (the
+    wait for the slowest peer, the call's own dispatch): `waits`, (compute segment before the call,
+    extra seconds per call) points measured in the engine (probe.py), read piecewise-linearly and flat
+    past either end. `hop`: one-way seconds of a pipeline hop (header + payload messages), from a
+    ping-pong; 0 when not measured (then a hop costs HEADER_MESSAGES latencies).
     """
 
     transport: str
     bandwidth: float  # bytes/s per device, one direction
     latency: float  # seconds per message (alpha)
-    skew: float = 0.0
-    skew_from: float = 0.0
-    skew_to: float = 0.0
+    waits: tuple[tuple[float, float], ...] = ()  # (segment s, extra s per call), segments ascending
+    hop: float = 0.0  # seconds, one way
 
     def time(self, nbytes: float) -> float:
         """Seconds for one message of nbytes."""
         return self.latency + nbytes / self.bandwidth
 
     def wait(self, segment: float) -> float:
-        """Extra seconds a collective waits for its slowest peer after `segment` seconds of compute."""
-        if self.skew <= 0 or segment <= self.skew_from:
+        """Extra seconds a collective pays inside a step after `segment` seconds of compute."""
+        pts = self.waits
+        if not pts:
             return 0.0
-        return self.skew * min(1.0, (segment - self.skew_from) / max(self.skew_to - self.skew_from, 1e-9))
+        if segment <= pts[0][0]:
+            return pts[0][1]
+        for (s0, w0), (s1, w1) in zip(pts, pts[1:]):
+            if segment <= s1:
+                return w0 + (w1 - w0) * (segment - s0) / max(s1 - s0, 1e-12)
+        return pts[-1][1]
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class Device:
     memory_utilization: float = 0.9  # fraction of memory meshlm may plan to use
     reserved: float = 0.0  # bytes the runtime takes per rank (CUDA context, allocator, Python + torch)
     layer_overhead: float = 0.0  # seconds per decoder layer per forward beyond its math (dispatch, Python)
+    pipeline_layer_overhead: float = 0.0  # the same in a pp > 1 stage's loop (0: layer_overhead)
     step_overhead: float = 0.0  # seconds per engine step beyond the forward (scheduling, sampling)
 
     def rate(self, dtype: str) -> float:
@@ -152,15 +160,21 @@ class Cluster:
 
 
 def _link_from(d: dict[str, Any]) -> Link:
+    waits = tuple((float(s) * 1e-6, float(w) * 1e-6) for s, w in d.get("waits_us", ()))
+    if not waits and d.get("skew_us"):  # an older profile: no wait up to skew_from, skew from skew_to on
+        waits = ((float(d.get("skew_from_us", 0)) * 1e-6, 0.0),
+                 (float(d.get("skew_to_us", 0)) * 1e-6, float(d["skew_us"]) * 1e-6))
     return Link(str(d.get("transport", "link")), float(d["bandwidth_gbs"]) * 1e9,
-                float(d["latency_us"]) * 1e-6, float(d.get("skew_us", 0)) * 1e-6,
-                float(d.get("skew_from_us", 0)) * 1e-6, float(d.get("skew_to_us", 0)) * 1e-6)
+                float(d["latency_us"]) * 1e-6, waits, float(d.get("hop_us", 0)) * 1e-6)
 
 
 def _link_dict(ln: Link) -> dict[str, Any]:
-    out = {"transport": ln.transport, "bandwidth_gbs": ln.bandwidth / 1e9, "latency_us": ln.latency * 1e6}
-    if ln.skew:
-        out.update(skew_us=ln.skew * 1e6, skew_from_us=ln.skew_from * 1e6, skew_to_us=ln.skew_to * 1e6)
+    out: dict[str, Any] = {"transport": ln.transport, "bandwidth_gbs": ln.bandwidth / 1e9,
+                           "latency_us": ln.latency * 1e6}
+    if ln.waits:
+        out["waits_us"] = [[s * 1e6, w * 1e6] for s, w in ln.waits]
+    if ln.hop:
+        out["hop_us"] = ln.hop * 1e6
     return out
 
 
@@ -177,6 +191,7 @@ def from_dict(d: dict[str, Any]) -> Cluster:
             memory_utilization=float(dev.get("memory_utilization", 0.9)),
             reserved=float(dev.get("reserved_gib", 0.0)) * GIB,
             layer_overhead=float(dev.get("layer_overhead_us", 0)) * 1e-6,
+            pipeline_layer_overhead=float(dev.get("pipeline_layer_overhead_us", 0)) * 1e-6,
             step_overhead=float(dev.get("step_overhead_us", 0)) * 1e-6)
         cap = n.get("memory_bandwidth_gbs")
         node = Node(int(n["devices"]), device, tuple(_link_from(x) for x in n["links"]),
@@ -201,6 +216,7 @@ def to_dict(c: Cluster) -> dict[str, Any]:
                    "compute_eff": dev.compute_eff, "bandwidth_eff": dev.bandwidth_eff,
                    "attention_eff": dev.attention_eff, "memory_utilization": dev.memory_utilization,
                    "reserved_gib": dev.reserved / GIB, "layer_overhead_us": dev.layer_overhead * 1e6,
+                   "pipeline_layer_overhead_us": dev.pipeline_layer_overhead * 1e6,
                    "step_overhead_us": dev.step_overhead * 1e6},
         "links": [_link_dict(ln) for ln in c.node.links]}}
     if c.node.memory_bandwidth:
@@ -274,9 +290,17 @@ def load_file(path: str | Path) -> Cluster:
     return from_dict(json.loads(text))
 
 
+def host_cores() -> int:
+    """Cores this process may run on (its affinity mask; the machine's count where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def uncalibrated_local(cores: int | None = None, memory: float | None = None) -> Cluster:
     """This host as a cpu-host with one rank per core, before `meshlm plan --calibrate` measured it."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or host_cores()
     if memory is None:
         try:
             memory = int(Path("/proc/meminfo").read_text().split()[1]) * 1024

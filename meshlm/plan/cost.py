@@ -9,7 +9,14 @@ A tensor-parallel stage adds, per forward, an all-reduce of the [T, H] embedding
 stage, two per layer (after o_proj and down_proj), and the all-gather of the sampled rows' fp32 logits
 on the last stage. Collectives are alpha-beta on the link
 the group crosses (ring): all-reduce 2(p-1)a + 2(p-1)/p n/b, all-gather (p-1)a + (p-1)/p n/b, a hop a + n/b;
-each collective of a group also waits for its slowest peer, Link.wait(compute since the last one).
+each collective of a group also pays its in-engine wait, Link.wait(compute since the last one), calibrated
+in the engine (probe.py). A pipeline hop costs the link's ping-pong latency once (Link.hop) + n/b.
+A pp > 1 stage's layers cost the pipeline loop's per-layer overhead (Device.pipeline_layer_overhead).
+
+More ranks than cores (a CPU host, node.shared_memory): while `a` ranks compute at once on `c` cores each
+gets c / a of a core, so a stage's compute takes a / c times as long (`slowdown`). Ranks that compute at
+once: tp x dp x the stages busy together (one stage per micro-batch in flight; a prefill's pieces fill
+and drain the pipeline, so the stages busy together are counted slot by slot).
 
 Pipelines (the seed articles' equation): latency ~ max(stage time) x bubble factor + exposed transfers.
   prefill, n = micro-batches x chunks pieces:  TTFT = sum_s t_s + (n - 1) max_s t_s + hops
@@ -167,7 +174,9 @@ class Model:
         if node.memory_bandwidth:
             bw = min(bw, node.memory_bandwidth / min(node.devices, layout.world))
         rate = dev.rate(dtype)
-        self.rates = Rates(rate, rate * dev.attention_eff, bw, self.elem, dev.layer_overhead)
+        per_layer = dev.pipeline_layer_overhead if layout.pp > 1 and dev.pipeline_layer_overhead else \
+            dev.layer_overhead
+        self.rates = Rates(rate, rate * dev.attention_eff, bw, self.elem, per_layer)
         self.shares = rank_shares(cfg, layout, dtype)
         tp, pp, world = layout.tp, layout.pp, layout.world
         # Stage hops go through torch.distributed (gloo, NCCL), never shared memory; the per-step control
@@ -181,8 +190,8 @@ class Model:
                      for s in range(pp)]  # hop s: stage s -> s + 1 (the last: back to stage 0)
         self.control_link = cluster.link_between(list(range(layout.model_ranks)))
 
-    def stage(self, s: int, work: Pass) -> StageCost:
-        """Seconds of stage s for one forward of `work`."""
+    def stage(self, s: int, work: Pass, slowdown: float = 1.0) -> StageCost:
+        """Seconds of stage s for one forward of `work`, its compute `slowdown` times longer (shared cores)."""
         dev, cfg, tp = self.cluster.node.device, self.cfg, self.layout.tp
         best = max((forward_seconds(cfg, r, work, self.rates) for r in self.shares if r.stage == s),
                    key=lambda x: x[0])
@@ -198,12 +207,20 @@ class Model:
             calls += 1
         if tp > 1:  # each collective also waits for the slowest peer of the compute before it
             coll += calls * self.tp_link.wait(best[0] / calls)
-        return StageCost(best[0] + dev.step_overhead, coll, best[1])
+        return StageCost((best[0] + dev.step_overhead) * slowdown, coll, best[1])
 
     def hop(self, s: int, tokens: float) -> float:
         """Seconds for stage s to hand `tokens` hidden rows to the next stage (header, then payload)."""
         ln = self.hops[s]
-        return HEADER_MESSAGES * ln.latency + tokens * self.cfg.hidden_size * self.elem / ln.bandwidth
+        latency = ln.hop or HEADER_MESSAGES * ln.latency  # the ping-pong's one-way time, once per hop
+        return latency + tokens * self.cfg.hidden_size * self.elem / ln.bandwidth
+
+    def slowdown(self, stages: float) -> float:
+        """How many times longer compute takes while `stages` stages compute at once (>= 1; cores shared)."""
+        node = self.cluster.node
+        if not node.shared_memory or self.cluster.nodes > 1:
+            return 1.0
+        return max(1.0, stages * self.layout.tp * self.layout.dp / node.devices)
 
     def control(self, tokens: float) -> float:
         """Broadcast of one engine step's input to every rank of a replica (gloo: size, then payload)."""
@@ -216,7 +233,7 @@ class Model:
         pairs = b * p * (p + 1) / 2
         if pp == 1:
             n = math.ceil(b * p / work.max_batched_tokens)
-            st = self.stage(0, Pass(b * p / n, pairs / n, b * p / n, b / n))
+            st = self.stage(0, Pass(b * p / n, pairs / n, b * p / n, b / n), self.slowdown(1))
             ctl = self.control(b * p / n) if self.layout.model_ranks > 1 else 0.0
             return Terms(n * st.compute, n * st.collectives, n * ctl, 0.0, 0.0, st.total, n, st.bound)
         from meshlm.parallel.pipeline import auto_chunks
@@ -229,22 +246,27 @@ class Model:
         crit = max(stages, key=lambda x: x.total)
         hops = sum(self.hop(s, piece.tokens) for s in range(pp - 1)) + self.hop(pp - 1, 0)
         n = m * c
-        busy = n * crit.total
-        total = sum(x.total for x in stages) + (n - 1) * crit.total + hops
-        return Terms(n * crit.compute, n * crit.collectives, 0.0, hops, total - busy - hops, crit.total, n,
-                     crit.bound)
+        # slot k of the n + pp - 1: stages busy together, and what their sharing of cores adds
+        extra = [(self.slowdown(min(k + 1, pp, n, n + pp - 1 - k)) - 1) * crit.compute
+                 for k in range(n + pp - 1)]
+        ci = stages.index(crit)
+        busy = n * crit.total + sum(extra[ci:ci + n])
+        total = sum(x.total for x in stages) + (n - 1) * crit.total + hops + sum(extra)
+        return Terms(n * crit.compute + sum(extra[ci:ci + n]), n * crit.collectives, 0.0, hops,
+                     total - busy - hops, crit.total, n, crit.bound)
 
     def decode(self, work: Workload) -> Terms:
         """TPOT: one step that gives every sequence of the batch its next token."""
         b, pp = work.batch, self.layout.pp
         ctx = work.prompt_tokens + work.output_tokens / 2  # keys per sequence, on average
         if pp == 1:
-            st = self.stage(0, Pass(b, b * ctx, b * ctx, b))
+            st = self.stage(0, Pass(b, b * ctx, b * ctx, b), self.slowdown(1))
             ctl = self.control(b) if self.layout.model_ranks > 1 else 0.0
             return Terms(st.compute, st.collectives, ctl, 0.0, 0.0, st.total, 1.0, st.bound)
         m = work.micro_batches or min(b, pp)
         rows = math.ceil(b / m)
-        stages = [self.stage(s, Pass(rows, rows * ctx, rows * ctx, rows)) for s in range(pp)]
+        slow = self.slowdown(min(m, pp))  # one stage per micro-batch in flight
+        stages = [self.stage(s, Pass(rows, rows * ctx, rows * ctx, rows), slow) for s in range(pp)]
         crit = max(stages, key=lambda x: x.total)
         hops = sum(self.hop(s, rows) for s in range(pp))
         cycle = sum(x.total for x in stages) + hops

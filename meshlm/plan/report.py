@@ -120,8 +120,11 @@ def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, 
 
     lines = [f"dry run: {layout} on {cluster.name}, {dtype}; no process started, no weights loaded"]
     if layout.world > cluster.devices:
-        lines.append(f"note: {layout.world} ranks on {cluster.devices} devices: ranks share devices (on a CPU "
-                     "host, cores), so expect timings above the predicted ones, which assume a device each")
+        lines.append(f"note: {layout.world} ranks on {cluster.devices} devices: ranks share devices"
+                     + (f" (cores); the cost model gives each rank its share of the cores while more than "
+                        f"{cluster.devices} compute at once (their compute takes ranks computing / "
+                        f"{cluster.devices} times as long)" if cluster.node.shared_memory and cluster.nodes == 1
+                        else ", and the predicted timings assume a device each"))
     try:
         ParallelDims(dp=layout.dp, pp=layout.pp, tp=layout.tp).check_model(cfg)
     except ConfigError as e:

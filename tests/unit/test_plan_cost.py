@@ -31,18 +31,19 @@ def test_alpha_beta_collectives():
     assert all_reduce(LINK, 1, n) == all_gather(LINK, 1, n) == broadcast(LINK, 1, n) == 0.0
 
 
-def test_collectives_wait_for_the_slowest_peer():
-    """Skew grows from nothing after short compute to its full size after long compute, then stays."""
-    link = replace(LINK, skew=1e-3, skew_from=0.5e-3, skew_to=10.5e-3)
-    assert link.wait(0.2e-3) == 0.0 and link.wait(5.5e-3) == pytest.approx(0.5e-3)
-    assert link.wait(50e-3) == pytest.approx(1e-3)
+def test_collectives_pay_their_in_engine_wait():
+    """Link.wait reads the in-engine points piecewise-linearly, flat past either end; every tp collective
+    of a step pays it."""
+    link = replace(LINK, waits=((0.5e-3, 0.1e-3), (10.5e-3, 1.1e-3)))
+    assert link.wait(0.2e-3) == pytest.approx(0.1e-3) and link.wait(5.5e-3) == pytest.approx(0.6e-3)
+    assert link.wait(50e-3) == pytest.approx(1.1e-3) and LINK.wait(1.0) == 0.0
     c = ideal(clusters.resolve("8xH100"))
-    skewed = replace(c, node=replace(c.node, links=(replace(c.node.link(), skew=1e-3, skew_to=1e-6),)))
+    skewed = replace(c, node=replace(c.node, links=(replace(c.node.link(), waits=((1e-6, 1e-3),)),)))
     model = cfg(LLAMA3_8B)
     work = Workload(prompt_tokens=16, output_tokens=2)
     plain = estimate(model, Layout(4, 1, 2), c, work, "bfloat16").decode.collectives
     assert estimate(model, Layout(4, 1, 2), skewed, work, "bfloat16").decode.collectives == pytest.approx(
-        plain + 66 * 1e-3)  # 65 all-reduces and the logits' all-gather, each waiting the full skew
+        plain + 66 * 1e-3)  # 65 all-reduces and the logits' all-gather, each waiting the full 1 ms
 
 
 def test_decode_streams_the_weights():
