@@ -1,0 +1,149 @@
+"""In-engine calibration: what an all-reduce costs inside a tp=2 step, and a layer inside a pp=2 stage.
+
+The synthetic all-reduce fit (calibrate.py) times calls between two processes that do little else; inside
+an engine step each call also waits for the slower peer and pays its dispatch, and the docs measured
+80-300 us per call there against 39 us in the fit. So a random Llama of a shape of neither benchmark model
+(overhead.COLD: hidden 512, 24 layers, ~290 MB fp32; 4 layers with `quick`) runs through meshlm.LLM:
+  tp=2, per transport   decode: (a `new`-token run - a 1-token run) / (new - 1) per step; prefill: one
+                        `prompt`-token prompt. Per run: all-reduce seconds and calls on rank 0 and the
+                        compute between calls (segment = (wall - tp collectives - step overhead) / calls).
+                        Extra wait per call = seconds per call - the fitted alpha-beta time of its bytes;
+                        two points (decode, prefill) -> Link.waits.
+  pp=2, static schedule decode as above; the busiest rank's compute per step, less the cost model's own
+                        prediction of that stage without layer overhead and less the step overhead, per
+                        layer of the stage -> Device.pipeline_layer_overhead.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from meshlm.plan.cluster import Cluster, Link
+from meshlm.plan.cost import Model, Pass, all_reduce
+from meshlm.plan.layout import Layout
+from meshlm.plan.overhead import COLD, tiny_checkpoint
+
+PROMPT, SHORT = 128, 16  # prefill prompt, decode prompt (tokens)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One timed generate: wall seconds, rank 0's all-reduce seconds/calls/bytes, all tp collective seconds
+    and calls, and the pipeline report's busiest compute seconds (pp > 1)."""
+
+    wall: float
+    ar_s: float
+    ar_calls: float
+    ar_bytes: float
+    tp_s: float
+    tp_calls: float
+    stage_compute: float = 0.0
+    stage: int = 0
+
+    def minus(self, o: Sample, steps: int) -> Sample:
+        """(self - o) / steps, term by term (the stage of self)."""
+        f = lambda a, b: (a - b) / steps
+        return Sample(f(self.wall, o.wall), f(self.ar_s, o.ar_s), f(self.ar_calls, o.ar_calls),
+                      f(self.ar_bytes, o.ar_bytes), f(self.tp_s, o.tp_s), f(self.tp_calls, o.tp_calls),
+                      f(self.stage_compute, o.stage_compute), self.stage)
+
+
+def _run(llm: Any, pp: int, prompts: list[list[int]], new: int) -> Sample:
+    from meshlm import SamplingParams
+
+    llm.reset_comm_stats()
+    t0 = time.perf_counter()
+    llm.generate(prompts, SamplingParams(max_tokens=new, ignore_eos=True))
+    wall = time.perf_counter() - t0
+    stats = llm.comm_stats()[0]
+    ar = stats.get("tp/all_reduce", {"seconds": 0.0, "calls": 0, "bytes": 0})
+    tp = [v for k, v in stats.items() if k.startswith("tp/")]
+    reports = [r for r in llm.pipeline_report() if r] if pp > 1 else []
+    busiest = max(reports, key=lambda r: r["timeline"]["totals"]["compute"], default=None)
+    comp, stage = (busiest["timeline"]["totals"]["compute"], busiest["stage"]) if busiest else (0.0, 0)
+    return Sample(wall, ar["seconds"], ar["calls"], ar["bytes"], sum(v["seconds"] for v in tp),
+                  sum(v["calls"] for v in tp), comp, stage)
+
+
+class Probe:
+    """meshlm.LLM (1 thread per rank) on the probe model, with fresh random prompts for every run."""
+
+    def __init__(self, path: Path, tp: int, pp: int, transport: str | None = None) -> None:
+        from meshlm import LLM
+        from meshlm.engine.engine import EngineConfig
+        from meshlm.parallel.pipeline import PipelineSpec
+
+        self.pp, self.rng = pp, random.Random(0)
+        self.llm = LLM(str(path), tp=tp, pp=pp, threads=1, progress=False, transport=transport,
+                       engine=EngineConfig(kv_cache_mb=64), comm_timeout_s=120.0,
+                       pipeline=PipelineSpec(schedule="static"))
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.llm.__exit__(*exc)
+
+    def _prompt(self, n: int) -> list[list[int]]:
+        return [[self.rng.randrange(3, COLD["vocab_size"]) for _ in range(n)]]
+
+    def decode(self, new: int, runs: int) -> Sample:
+        """Per-step sample: the median (by wall) of `runs` (new-token run - 1-token run) / (new - 1)."""
+        steps = []
+        for _ in range(runs):
+            a = _run(self.llm, self.pp, self._prompt(SHORT), 1)
+            b = _run(self.llm, self.pp, self._prompt(SHORT), new)
+            steps.append(b.minus(a, new - 1))
+        return sorted(steps, key=lambda s: s.wall)[len(steps) // 2]
+
+    def prefill(self, runs: int) -> Sample:
+        """The median (by wall) of `runs` one-token runs of a PROMPT-token prompt."""
+        samples = sorted((_run(self.llm, self.pp, self._prompt(PROMPT), 1) for _ in range(runs)),
+                         key=lambda s: s.wall)
+        return samples[len(samples) // 2]
+
+
+def wait_point(s: Sample, link: Link, step_overhead: float) -> tuple[float, float]:
+    """(compute segment before a call, extra wait per all-reduce beyond alpha-beta) of one sample."""
+    per_call = s.ar_s / max(s.ar_calls, 1e-9)
+    nbytes = s.ar_bytes / max(s.ar_calls, 1e-9)
+    segment = max(0.0, s.wall - s.tp_s - step_overhead) / max(s.tp_calls, 1e-9)
+    return segment, max(0.0, per_call - all_reduce(link, 2, nbytes))
+
+
+def stage_layer_overhead(s: Sample, cfg: Any, cluster: Cluster, ctx: float) -> float:
+    """Seconds per layer of a pp=2 stage's measured compute beyond the cost model's prediction of that
+    stage with no layer overhead (its step overhead included), for one decode row over `ctx` keys."""
+    dev = replace(cluster.node.device, layer_overhead=0.0, pipeline_layer_overhead=0.0)
+    bare = replace(cluster, node=replace(cluster.node, device=dev))
+    model = Model(cfg, Layout(1, 2, 1), bare, "float32")
+    predicted = model.stage(s.stage, Pass(1, ctx, ctx, 1)).compute
+    layers = next(r.layers for r in model.shares if r.stage == s.stage)
+    return max(0.0, (s.stage_compute - predicted) / layers)
+
+
+def probe(cluster: Cluster, quick: bool = False) -> tuple[dict[str, tuple[tuple[float, float], ...]], float]:
+    """({transport: wait points}, pipeline seconds per layer) measured in the engine on this host."""
+    from meshlm.config import ModelConfig
+
+    layers = 4 if quick else 24
+    new, runs = (6, 1) if quick else (24, 3)
+    step = cluster.node.device.step_overhead
+    waits: dict[str, tuple[tuple[float, float], ...]] = {}
+    with tempfile.TemporaryDirectory(prefix="meshlm-probe-") as tmp:
+        path = tiny_checkpoint(Path(tmp) / "probe", layers, COLD)
+        for ln in cluster.node.links:
+            with Probe(path, 2, 1, ln.transport) as eng:
+                eng.decode(new, 1)  # warm-up
+                pts = [wait_point(eng.decode(new, runs), ln, step), wait_point(eng.prefill(runs), ln, step)]
+            waits[ln.transport] = tuple(sorted(pts))
+        with Probe(path, 1, 2) as eng:
+            eng.decode(new, 1)
+            sample = eng.decode(new, runs)
+    cfg = ModelConfig.from_hf({**COLD, "num_hidden_layers": layers})
+    return waits, stage_layer_overhead(sample, cfg, cluster, SHORT + new / 2)

@@ -1,0 +1,118 @@
+"""The calibrated terms of the cost model against hand calculations: pipeline per-layer overhead, the
+ping-pong hop, cores shared by more ranks than the host has; the profile format; calibration under load."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from test_plan_memory import LLAMA3_8B, cfg
+
+from meshlm.errors import ConfigError
+from meshlm.plan import cluster as clusters
+from meshlm.plan.cost import Model, Pass
+from meshlm.plan.layout import Layout, Workload
+from meshlm.plan.load import check_load, other_load, settle
+from meshlm.plan.probe import Sample, wait_point
+
+SMALL = {**LLAMA3_8B, "num_hidden_layers": 4, "vocab_size": 1024}
+
+
+def two_cores(**device) -> clusters.Cluster:
+    """The cpu-host preset cut to 2 cores (one rank each), with `device` fields replaced."""
+    c = clusters.resolve("cpu-host")
+    return replace(c, node=replace(c.node, devices=2, device=replace(c.node.device, **device)))
+
+
+def test_pipeline_stages_pay_the_pipeline_layer_overhead():
+    """pp > 1: each layer of a stage costs pipeline_layer_overhead; pp = 1 keeps layer_overhead."""
+    host = two_cores(layer_overhead=300e-6, pipeline_layer_overhead=500e-6, step_overhead=0.0)
+    bare = two_cores(layer_overhead=0.0, pipeline_layer_overhead=0.0, step_overhead=0.0)
+    model, one = cfg(SMALL), Pass(1, 17, 17, 1)
+    pp2 = Model(model, Layout(pp=2), host, "float32").stage(0, one).compute
+    assert pp2 == pytest.approx(Model(model, Layout(pp=2), bare, "float32").stage(0, one).compute + 2 * 500e-6)
+    pp1 = Model(model, Layout(), host, "float32").stage(0, one).compute
+    assert pp1 == pytest.approx(Model(model, Layout(), bare, "float32").stage(0, one).compute + 4 * 300e-6)
+
+
+def test_a_hop_costs_the_ping_pong_once():
+    """With a measured hop: hop + bytes / beta (not two alphas); without one: two alphas + bytes / beta."""
+    host = two_cores()
+    gloo = host.node.link("gloo")
+    timed = replace(host, node=replace(host.node, links=(host.node.link("shm"), replace(gloo, hop=150e-6))))
+    row = 4096 * 4
+    assert Model(cfg(SMALL), Layout(pp=2), timed, "float32").hop(0, 1) == pytest.approx(
+        150e-6 + row / gloo.bandwidth)
+    assert Model(cfg(SMALL), Layout(pp=2), host, "float32").hop(0, 1) == pytest.approx(
+        2 * gloo.latency + row / gloo.bandwidth)
+
+
+def test_more_ranks_than_cores_share_them():
+    """tp=4 on 2 cores: every rank gets half a core, compute takes twice as long. pp=2 x tp=2 decoding one
+    sequence: one stage (2 ranks) computes at a time, no slowdown. Its prefill in 2 pieces: the middle
+    slot has both stages (4 ranks) busy, so it takes twice as long: + 1 x the stage compute."""
+    host, model = two_cores(step_overhead=0.0), cfg(SMALL)
+    one = Pass(1, 17, 17, 1)
+    tp4 = Model(model, Layout(tp=4), host, "float32")
+    assert tp4.slowdown(1) == 2.0
+    assert tp4.stage(0, one, tp4.slowdown(1)).compute == pytest.approx(2 * tp4.stage(0, one).compute)
+    m = Model(model, Layout(pp=2, tp=2), host, "float32")
+    assert m.slowdown(1) == 1.0 and m.slowdown(2) == 2.0
+    dec = m.decode(Workload(prompt_tokens=16, output_tokens=2, batch=1))
+    assert dec.compute == pytest.approx(max(m.stage(s, one).compute for s in range(2)))
+    w = Workload(prompt_tokens=256, output_tokens=1, batch=1, prefill_chunks=2)
+    piece = Pass(128, 256 * 257 / 2 / 2, 128, 0.5)
+    t = [m.stage(s, piece) for s in range(2)]
+    crit = max(t, key=lambda x: x.total)
+    pre = m.prefill(w)
+    assert pre.total == pytest.approx(sum(x.total for x in t) + crit.total + m.hop(0, 128) + m.hop(1, 0)
+                                      + crit.compute)  # slots: 1, 2, 1 stages busy
+    dedicated = Model(model, Layout(pp=2, tp=2), replace(host, node=replace(host.node, devices=4)), "float32")
+    assert pre.total == pytest.approx(dedicated.prefill(w).total + crit.compute)
+
+
+def test_profile_round_trip_and_older_skew_fields():
+    """waits and hop survive save/load; an older profile's skew becomes two wait points."""
+    host = two_cores(pipeline_layer_overhead=420e-6)
+    gloo = replace(host.node.link("gloo"), waits=((5e-4, 1e-4), (2e-3, 4e-4)), hop=120e-6)
+    c = replace(host, node=replace(host.node, links=(gloo,)))
+    back = clusters.from_dict(json.loads(json.dumps(clusters.to_dict(c))))
+    flat = lambda pts: [x for pt in pts for x in pt]
+    assert flat(back.node.link().waits) == pytest.approx(flat(gloo.waits))
+    assert back.node.link().hop == pytest.approx(120e-6)
+    assert back.node.device.pipeline_layer_overhead == pytest.approx(420e-6)
+    old = clusters.to_dict(host)
+    old["node"]["links"][0].update(skew_us=300, skew_from_us=500, skew_to_us=13000)
+    ln = clusters.from_dict(old).node.links[0]
+    assert flat(ln.waits) == pytest.approx([500e-6, 0.0, 13e-3, 300e-6]) and ln.wait(1e-4) == 0.0
+
+
+def test_wait_point_of_an_engine_sample():
+    """Per call: seconds / calls less the alpha-beta time of its bytes; segment: compute between calls."""
+    link = clusters.Link("shm", bandwidth=4e9, latency=20e-6)
+    s = Sample(wall=0.030, ar_s=0.0049, ar_calls=49, ar_bytes=49 * 4096, tp_s=0.0052, tp_calls=50)
+    seg, wait = wait_point(s, link, step_overhead=0.0008)
+    assert seg == pytest.approx((0.030 - 0.0052 - 0.0008) / 50)
+    assert wait == pytest.approx(100e-6 - (2 * 20e-6 + 4096 / 4e9))
+
+
+def test_settle_repeats_until_two_rounds_agree():
+    """Rounds 100, 80, 78: 80 and 78 agree within 5%, the better (80) is kept; never agreeing raises."""
+    xs = iter([100.0, 80.0, 78.0])
+    assert settle(lambda: next(xs), "a rate") == 80.0
+    times = iter([1.0, 2.0, 1.0, 2.0])
+    assert settle(lambda: next(times), "a time", higher=False, rounds=4, tol=0.6) == 1.0
+    flip = iter([1.0, 2.0] * 3)
+    with pytest.raises(ConfigError, match="did not settle in 6 rounds.*--tolerance"):
+        settle(lambda: next(flip), "the matmul rate")
+
+
+def test_calibration_under_load_is_refused_with_the_fix():
+    """Over the limit: an error naming the load and the fix; other_load reads a share in [0, 1]."""
+    check_load(0.1, 0.2)
+    with pytest.raises(ConfigError, match=r"used 45% of the CPUs.*when the machine is quiet.*--max-load 0.50"):
+        check_load(0.45, 0.2)
+    with other_load() as load:
+        sum(range(10000))
+    assert 0.0 <= load[0] <= 1.0
