@@ -149,6 +149,8 @@ def main() -> int:
     ap.add_argument("--png", default=str(ROOT / "docs" / "img" / "planner_cpu.png"))
     ap.add_argument("--json", default=None)
     ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait for a quiet machine per run")
+    ap.add_argument("--max-load", type=float, default=0.2,
+                    help="refuse a calibration during which other processes used more of the CPUs")
     ap.add_argument("--report", default=None, help="a --json file: its measurements against the current model")
     ap.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -163,11 +165,19 @@ def main() -> int:
         return 0
 
     if args.profile is None:
+        from meshlm.errors import ConfigError
         from meshlm.plan.calibrate import calibrate
 
-        with common.quiet_run(args.wait):
-            common.log("calibrating this host")
-            prof = calibrate(threads=1)
+        for attempt in range(3):  # a calibration refused under load (or unsettled) is taken again
+            with common.quiet_run(args.wait):
+                common.log("calibrating this host")
+                try:
+                    prof = calibrate(threads=1, max_load=args.max_load)
+                    break
+                except ConfigError as e:
+                    common.log(f"calibration {attempt + 1} refused: {e}")
+        else:
+            raise SystemExit("no calibration could be saved; see the reasons above")
         args.profile = str(clusters.save(prof, common.CACHE / "planner-profile.json"))
     prof = clusters.load_file(args.profile)
     d = prof.node.device
