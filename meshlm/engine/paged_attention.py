@@ -61,9 +61,9 @@ class PagedKVCache:
         self.block_size = block_size
         self.window = window  # sliding attention window (Mistral), None = global
         self.scale = 1.0 / math.sqrt(head_dim)
-        # fp32 only: the kernel takes bf16 pools too, but bf16 keeps SDPA's rounding, which the bf16
-        # tolerances of tests/unit/test_models.py were set against (greedy MoE routing flips on near-ties).
-        use_kernel = self.k.device.type == "cpu" and dtype == torch.float32
+        # fp32 and bf16 pools (the kernel reads bf16 rows into fp32 sums; against fp32, bf16 decoding through
+        # it is as close as through SDPA: tests/unit/test_models.py::test_bfloat16_close_to_float32).
+        use_kernel = self.k.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
         self.kernel = paged_decode.kernel() if use_kernel else None
 
     def _slots(self, table: tuple[int, ...], start: int, stop: int) -> torch.Tensor:

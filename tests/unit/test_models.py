@@ -92,7 +92,8 @@ def test_bfloat16_close_to_float32(kind, llm):
 
     bf16 keeps 8 mantissa bits, so two layers move logits by ~0.1-0.25 here (scale ~7) and near-ties flip;
     exact token equality with fp32 would be luck. Instead each bf16 greedy token must be within 0.5 of the
-    best fp32 logit for the same prefix (a broken cache or kernel picks tokens several units below it).
+    best fp32 logit for the same prefix (a broken cache or kernel picks tokens several units below it);
+    for mixture-of-experts models, nearly every token (see below).
     """
     f32, b16 = llm(kind), llm(kind, "bfloat16")
     prompts = make_prompts(f32.cfg.vocab_size)
@@ -105,8 +106,17 @@ def test_bfloat16_close_to_float32(kind, llm):
     assert torch.equal(ours[clear].argmax(-1), ref[clear].argmax(-1))
 
     outs = b16.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
+    gaps = []
     for p, out in zip(prompts, outs):
         full = p + out.token_ids
         judge = f32.logits([full[:-1]])[0, len(p) - 1:]  # [32, V]: fp32 logits for each bf16 step
         chosen = judge.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
-        assert (judge.max(-1).values - chosen).max() <= 0.5
+        gaps.append(judge.max(-1).values - chosen)
+    gaps = torch.cat(gaps)
+    if not f32.cfg.is_moe:
+        assert gaps.max() <= 0.5
+    else:
+        # Top-2 routing turns a bf16 near-tie into another expert: measured over 8 prompt seeds (768 steps),
+        # 3 (SDPA decode) and 4 (the paged decode kernel) steps lost more than 0.5, up to 2.2; a broken path
+        # loses that much at most steps.
+        assert (gaps > 0.5).float().mean() <= 0.03 and gaps.median() <= 0.05 and gaps.max() <= 3.0
