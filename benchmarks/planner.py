@@ -149,6 +149,7 @@ def main() -> int:
     ap.add_argument("--png", default=str(ROOT / "docs" / "img" / "planner_cpu.png"))
     ap.add_argument("--json", default=None)
     ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait for a quiet machine per run")
+    ap.add_argument("--attempts", type=int, default=3, help="calibrations to try before giving up")
     ap.add_argument("--max-load", type=float, default=0.2,
                     help="refuse a calibration during which other processes used more of the CPUs")
     ap.add_argument("--report", default=None, help="a --json file: its measurements against the current model")
@@ -168,7 +169,7 @@ def main() -> int:
         from meshlm.errors import ConfigError
         from meshlm.plan.calibrate import calibrate
 
-        for attempt in range(3):  # a calibration refused under load (or unsettled) is taken again
+        for attempt in range(args.attempts):  # a calibration refused under load (or unsettled): again
             with common.quiet_run(args.wait):
                 common.log("calibrating this host")
                 try:
