@@ -7,14 +7,16 @@
                                                       # against the current cost model, its saved profile
 
 First this host is calibrated (`meshlm plan --calibrate`: fp32 matmul rate, GEMV bandwidth alone and with
-every rank streaming, operator overhead, all-reduce alpha/beta per transport), unless --profile names a
-saved one. Then each (model, layout, transport) runs in a fresh process through `meshlm.plan.bench`
-(1 thread per rank): prefill = one --prompt-token prompt, max_tokens=1; decode = (a --new-token run minus
-a 1-token run) / (new - 1), batch 1; medians of --runs after a warm-up. Every timed process takes the
-benchmarks' lock and waits for other CPU load to fall under 20% (common.quiet_run). Terms: compute,
-collectives (tp all-reduces and all-gathers, plus the per-step broadcast of the step's input), pipeline
-transfers (p2p) and bubble; error = (predicted - measured) / measured. Progress goes to stderr; the
-markdown tables go to stdout.
+every rank streaming, operator overhead, all-reduce alpha/beta per transport, the gloo hop's ping-pong,
+and in the engine the wait per all-reduce at tp=2 and the per-layer cost of a pp=2 stage), unless
+--profile names a saved one; a calibration during which other processes used more than --max-load of the
+CPUs is refused and taken again (--attempts). Then each (model, layout, transport) runs in a fresh
+process through `meshlm.plan.bench` (1 thread per rank): prefill = one --prompt-token prompt,
+max_tokens=1; decode = (a --new-token run minus a 1-token run) / (new - 1), batch 1; medians of --runs
+after a warm-up. Every timed process takes the benchmarks' lock and waits for other CPU load to fall
+under 20% (common.quiet_run). Terms: compute, collectives (tp all-reduces and all-gathers, plus the per-
+step broadcast of the step's input), pipeline transfers (p2p) and bubble; error = (predicted - measured)
+/ measured. Progress goes to stderr; the markdown tables go to stdout.
 """
 
 from __future__ import annotations
@@ -202,13 +204,16 @@ def report(prof, results: list[dict], png: Path) -> None:
     """Print the profile line and the table; write the plot."""
     d = prof.node.device
     print(f"Machine: {common.machine()}\n")
-    links = ", ".join(f"{ln.transport} alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
-                      for ln in prof.node.links)
+    links = "; ".join(f"{ln.transport} alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
+                      + "".join(f", in-engine wait {w * 1e6:.0f} us per call after {s * 1e6:.0f} us of compute"
+                                for s, w in ln.waits)
+                      + (f", hop {ln.hop * 1e6:.0f} us one way" if ln.hop else "") for ln in prof.node.links)
     cap = f"{prof.node.memory_bandwidth / 1e9:.1f}" if prof.node.memory_bandwidth else "-"
     print(f"Profile: fp32 matmul {d.flops['float32'] / 1e9:.1f} GFLOP/s per rank (attention "
           f"{d.attention_eff:.2f} x that), GEMV {d.bandwidth / 1e9:.1f} GB/s per rank ({cap} GB/s both "
           "ranks), "
-          f"overhead {d.layer_overhead * 1e6:.0f} us per layer + {d.step_overhead * 1e6:.0f} us per step; "
+          f"overhead {d.layer_overhead * 1e6:.0f} us per layer ({d.pipeline_layer_overhead * 1e6:.0f} in a pp=2 "
+          f"stage) + {d.step_overhead * 1e6:.0f} us per step; "
           f"{links}\n")
     print(table(results))
     print(f"\nHighest other CPU load seen before a run: {max(r.get('busy', 0.0) for r in results):.0%}")
