@@ -14,7 +14,8 @@ in the engine (probe.py). A pipeline hop costs the link's ping-pong latency once
 A pp > 1 stage's layers cost the pipeline loop's per-layer overhead (Device.pipeline_layer_overhead).
 
 More ranks than cores (a CPU host, node.shared_memory): while `a` ranks compute at once on `c` cores each
-gets c / a of a core, so a stage's compute takes a / c times as long (`slowdown`). Ranks that compute at
+gets c / a of a core, so a stage's compute and its collectives (the peers' copies, reductions and waits
+run on the same cores) take a / c times as long (`slowdown`). Ranks that compute at
 once: tp x dp x the stages busy together (one stage per micro-batch in flight; a prefill's pieces fill
 and drain the pipeline, so the stages busy together are counted slot by slot).
 
@@ -191,7 +192,7 @@ class Model:
         self.control_link = cluster.link_between(list(range(layout.model_ranks)))
 
     def stage(self, s: int, work: Pass, slowdown: float = 1.0) -> StageCost:
-        """Seconds of stage s for one forward of `work`, its compute `slowdown` times longer (shared cores)."""
+        """Seconds of stage s for one forward of `work`, `slowdown` times longer (cores shared)."""
         dev, cfg, tp = self.cluster.node.device, self.cfg, self.layout.tp
         best = max((forward_seconds(cfg, r, work, self.rates) for r in self.shares if r.stage == s),
                    key=lambda x: x[0])
@@ -207,7 +208,7 @@ class Model:
             calls += 1
         if tp > 1:  # each collective also waits for the slowest peer of the compute before it
             coll += calls * self.tp_link.wait(best[0] / calls)
-        return StageCost((best[0] + dev.step_overhead) * slowdown, coll, best[1])
+        return StageCost((best[0] + dev.step_overhead) * slowdown, coll * slowdown, best[1])
 
     def hop(self, s: int, tokens: float) -> float:
         """Seconds for stage s to hand `tokens` hidden rows to the next stage (header, then payload)."""
@@ -246,13 +247,13 @@ class Model:
         crit = max(stages, key=lambda x: x.total)
         hops = sum(self.hop(s, piece.tokens) for s in range(pp - 1)) + self.hop(pp - 1, 0)
         n = m * c
-        # slot k of the n + pp - 1: stages busy together, and what their sharing of cores adds
-        extra = [(self.slowdown(min(k + 1, pp, n, n + pp - 1 - k)) - 1) * crit.compute
-                 for k in range(n + pp - 1)]
+        # slot k of the n + pp - 1: the stages busy together, and how much longer sharing cores makes it
+        extra = [self.slowdown(min(k + 1, pp, n, n + pp - 1 - k)) - 1 for k in range(n + pp - 1)]
         ci = stages.index(crit)
-        busy = n * crit.total + sum(extra[ci:ci + n])
-        total = sum(x.total for x in stages) + (n - 1) * crit.total + hops + sum(extra)
-        return Terms(n * crit.compute + sum(extra[ci:ci + n]), n * crit.collectives, 0.0, hops,
+        mine = sum(extra[ci:ci + n])  # the slots the critical stage computes in
+        busy = (n + mine) * crit.total
+        total = sum(x.total for x in stages) + (n - 1 + sum(extra)) * crit.total + hops
+        return Terms((n + mine) * crit.compute, (n + mine) * crit.collectives, 0.0, hops,
                      total - busy - hops, crit.total, n, crit.bound)
 
     def decode(self, work: Workload) -> Terms:

@@ -4,11 +4,11 @@ The synthetic all-reduce fit (calibrate.py) times calls between two processes th
 an engine step each call also waits for the slower peer and pays its dispatch, and the docs measured
 80-300 us per call there against 39 us in the fit. So a random Llama of a shape of neither benchmark model
 (overhead.COLD: hidden 512, 24 layers, ~290 MB fp32; 4 layers with `quick`) runs through meshlm.LLM:
-  tp=2, per transport   decode: (a `new`-token run - a 1-token run) / (new - 1) per step; prefill: one
-                        `prompt`-token prompt. Per run: all-reduce seconds and calls on rank 0 and the
-                        compute between calls (segment = (wall - tp collectives - step overhead) / calls).
-                        Extra wait per call = seconds per call - the fitted alpha-beta time of its bytes;
-                        two points (decode, prefill) -> Link.waits.
+  tp=2, per transport   decode: (a `new`-token run - a 1-token run) / (new - 1) per step; prefill: a
+                        128- and a 448-token prompt (quick: 128). Per run: all-reduce seconds and calls on
+                        rank 0 and the compute between calls (segment = (wall - tp collectives - step
+                        overhead) / calls). Extra wait per call = seconds per call - the fitted
+                        alpha-beta time of its bytes; a point per run (decode, prefills) -> Link.waits.
   pp=2, static schedule decode as above; the busiest rank's compute per step, less the cost model's own
                         prediction of that stage without layer overhead and less the step overhead, per
                         layer of the stage -> Device.pipeline_layer_overhead.
@@ -28,7 +28,7 @@ from meshlm.plan.cost import Model, Pass, all_reduce
 from meshlm.plan.layout import Layout
 from meshlm.plan.overhead import COLD, tiny_checkpoint
 
-PROMPT, SHORT = 128, 16  # prefill prompt, decode prompt (tokens)
+PROMPTS, SHORT = (128, 448), 16  # prefill prompts (448 tokens: ~7 ms between calls; 512 positions), decode
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,9 @@ class Probe:
             steps.append(b.minus(a, new - 1))
         return sorted(steps, key=lambda s: s.wall)[len(steps) // 2]
 
-    def prefill(self, runs: int) -> Sample:
-        """The median (by wall) of `runs` one-token runs of a PROMPT-token prompt."""
-        samples = sorted((_run(self.llm, self.pp, self._prompt(PROMPT), 1) for _ in range(runs)),
+    def prefill(self, tokens: int, runs: int) -> Sample:
+        """The median (by wall) of `runs` one-token runs of a `tokens`-token prompt."""
+        samples = sorted((_run(self.llm, self.pp, self._prompt(tokens), 1) for _ in range(runs)),
                          key=lambda s: s.wall)
         return samples[len(samples) // 2]
 
@@ -133,6 +133,7 @@ def probe(cluster: Cluster, quick: bool = False) -> tuple[dict[str, tuple[tuple[
 
     layers = 4 if quick else 24
     new, runs = (6, 1) if quick else (24, 3)
+    prompts = PROMPTS[:1] if quick else PROMPTS
     step = cluster.node.device.step_overhead
     waits: dict[str, tuple[tuple[float, float], ...]] = {}
     with tempfile.TemporaryDirectory(prefix="meshlm-probe-") as tmp:
@@ -140,7 +141,8 @@ def probe(cluster: Cluster, quick: bool = False) -> tuple[dict[str, tuple[tuple[
         for ln in cluster.node.links:
             with Probe(path, 2, 1, ln.transport) as eng:
                 eng.decode(new, 1)  # warm-up
-                pts = [wait_point(eng.decode(new, runs), ln, step), wait_point(eng.prefill(runs), ln, step)]
+                pts = [wait_point(eng.decode(new, runs), ln, step)]
+                pts += [wait_point(eng.prefill(n, runs), ln, step) for n in prompts]
             waits[ln.transport] = tuple(sorted(pts))
         with Probe(path, 1, 2) as eng:
             eng.decode(new, 1)

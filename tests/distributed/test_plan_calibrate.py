@@ -32,7 +32,7 @@ def profile(tmp_path_factory) -> clusters.Cluster:
         assert {ln.transport for ln in back.node.links} & {"shm", "gloo"}
         assert all(ln.latency > 0 and ln.bandwidth > 0 for ln in back.node.links)
         # in-engine terms: a wait point per transport (decode, prefill), the pipeline layer, the hop
-        assert all(len(ln.waits) == 2 and ln.waits[0][0] > 0 for ln in back.node.links)
+        assert all(len(ln.waits) >= 2 and ln.waits[0][0] > 0 for ln in back.node.links)
         assert back.node.device.pipeline_layer_overhead >= 0 and back.node.link("gloo").hop > 0
     return back
 

@@ -49,14 +49,16 @@ def test_a_hop_costs_the_ping_pong_once():
 
 
 def test_more_ranks_than_cores_share_them():
-    """tp=4 on 2 cores: every rank gets half a core, compute takes twice as long. pp=2 x tp=2 decoding one
-    sequence: one stage (2 ranks) computes at a time, no slowdown. Its prefill in 2 pieces: the middle
-    slot has both stages (4 ranks) busy, so it takes twice as long: + 1 x the stage compute."""
+    """tp=4 on 2 cores: every rank gets half a core, compute and collectives take twice as long. pp=2 x tp=2
+    decoding one sequence: one stage (2 ranks) computes at a time, no slowdown. Its prefill in 2 pieces:
+    the middle slot has both stages (4 ranks) busy, so it takes twice as long: + 1 x the stage time."""
     host, model = two_cores(step_overhead=0.0), cfg(SMALL)
     one = Pass(1, 17, 17, 1)
     tp4 = Model(model, Layout(tp=4), host, "float32")
     assert tp4.slowdown(1) == 2.0
-    assert tp4.stage(0, one, tp4.slowdown(1)).compute == pytest.approx(2 * tp4.stage(0, one).compute)
+    slow, plain = tp4.stage(0, one, tp4.slowdown(1)), tp4.stage(0, one)
+    assert slow.compute == pytest.approx(2 * plain.compute) and slow.collectives == pytest.approx(
+        2 * plain.collectives)
     m = Model(model, Layout(pp=2, tp=2), host, "float32")
     assert m.slowdown(1) == 1.0 and m.slowdown(2) == 2.0
     dec = m.decode(Workload(prompt_tokens=16, output_tokens=2, batch=1))
@@ -67,9 +69,10 @@ def test_more_ranks_than_cores_share_them():
     crit = max(t, key=lambda x: x.total)
     pre = m.prefill(w)
     assert pre.total == pytest.approx(sum(x.total for x in t) + crit.total + m.hop(0, 128) + m.hop(1, 0)
-                                      + crit.compute)  # slots: 1, 2, 1 stages busy
+                                      + crit.total)  # slots: 1, 2, 1 stages busy; the middle one twice as long
     dedicated = Model(model, Layout(pp=2, tp=2), replace(host, node=replace(host.node, devices=4)), "float32")
-    assert pre.total == pytest.approx(dedicated.prefill(w).total + crit.compute)
+    assert pre.total == pytest.approx(dedicated.prefill(w).total + crit.total)
+    assert pre.compute == pytest.approx(3 * crit.compute) and pre.collectives == pytest.approx(3 * crit.collectives)
 
 
 def test_profile_round_trip_and_older_skew_fields():
