@@ -202,11 +202,12 @@ def main() -> int:
 
 def report(prof, results: list[dict], png: Path) -> None:
     """Print the profile line and the table; write the plot."""
+    from meshlm.plan.fit import wait_text
+
     d = prof.node.device
     print(f"Machine: {common.machine()}\n")
     links = "; ".join(f"{ln.transport} alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
-                      + "".join(f", in-engine wait {w * 1e6:.0f} us per call after {s * 1e6:.0f} us of compute"
-                                for s, w in ln.waits)
+                      + wait_text(ln.waits)
                       + (f", hop {ln.hop * 1e6:.0f} us one way" if ln.hop else "") for ln in prof.node.links)
     cap = f"{prof.node.memory_bandwidth / 1e9:.1f}" if prof.node.memory_bandwidth else "-"
     print(f"Profile: fp32 matmul {d.flops['float32'] / 1e9:.1f} GFLOP/s per rank (attention "

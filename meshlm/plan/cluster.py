@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from meshlm.errors import ConfigError
+from meshlm.plan.fit import wait_line
 
 GIB = 2**30
 PROFILE_ENV = "MESHLM_CLUSTER_PROFILE"
@@ -38,8 +39,9 @@ class Link:
 
     Inside an engine step a collective also pays what the synthetic alpha-beta fit does not see (the
     wait for the slowest peer, the call's own dispatch): `waits`, (compute segment before the call,
-    extra seconds per call) points measured in the engine (probe.py), read piecewise-linearly and flat
-    past either end. `hop`: one-way seconds of a pipeline hop (header + payload messages), from a
+    extra seconds per call) points measured in the engine (probe.py), read through the robust line
+    w0 + c x segment fitted over all of them (fit.wait_line: one noisy point cannot bend it).
+    `hop`: one-way seconds of a pipeline hop (header + payload messages), from a
     ping-pong; 0 when not measured (then a hop costs HEADER_MESSAGES latencies).
     """
 
@@ -55,15 +57,8 @@ class Link:
 
     def wait(self, segment: float) -> float:
         """Extra seconds a collective pays inside a step after `segment` seconds of compute."""
-        pts = self.waits
-        if not pts:
-            return 0.0
-        if segment <= pts[0][0]:
-            return pts[0][1]
-        for (s0, w0), (s1, w1) in zip(pts, pts[1:]):
-            if segment <= s1:
-                return w0 + (w1 - w0) * (segment - s0) / max(s1 - s0, 1e-12)
-        return pts[-1][1]
+        w0, c = wait_line(self.waits)
+        return w0 + c * segment
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ an engine step each call also waits for the slower peer and pays its dispatch, a
   pp=2, static schedule decode as above; the busiest rank's compute per step, less the cost model's own
                         prediction of that stage without layer overhead and less the step overhead, per
                         layer of the stage -> Device.pipeline_layer_overhead.
+Every measurement is taken in ROUNDS rounds: the wait points of all rounds go to the robust line fit
+(fit.wait_line), the pipeline figure is the median of the rounds' (not with `quick`: one round).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from meshlm.plan.cost import Model, Pass, all_reduce
 from meshlm.plan.layout import Layout
 from meshlm.plan.overhead import COLD, tiny_checkpoint
 
+ROUNDS = 3  # rounds of every in-engine measurement (not with quick)
 PROMPTS, SHORT = (128, 448), 16  # prefill prompts (448 tokens: ~7 ms between calls; 512 positions), decode
 
 
@@ -127,25 +130,36 @@ def stage_layer_overhead(s: Sample, cfg: Any, cluster: Cluster, ctx: float) -> f
     return max(0.0, (s.stage_compute - predicted) / layers)
 
 
-def probe(cluster: Cluster, quick: bool = False) -> tuple[dict[str, tuple[tuple[float, float], ...]], float]:
-    """({transport: wait points}, pipeline seconds per layer) measured in the engine on this host."""
+def probe(cluster: Cluster, quick: bool = False,
+          rounds: int = ROUNDS) -> tuple[dict[str, tuple[tuple[float, float], ...]], float]:
+    """({transport: wait points}, pipeline seconds per layer) measured in the engine on this host, over
+    `rounds` rounds (1 with `quick`): every round adds its wait points (the line through them is fitted
+    robustly, fit.wait_line), and the pipeline figure is the median of the rounds' figures."""
+    import statistics
+
     from meshlm.config import ModelConfig
 
     layers = 4 if quick else 24
     new, runs = (6, 1) if quick else (24, 3)
     prompts = PROMPTS[:1] if quick else PROMPTS
+    rounds = 1 if quick else rounds
     step = cluster.node.device.step_overhead
+    cfg = ModelConfig.from_hf({**COLD, "num_hidden_layers": layers})
     waits: dict[str, tuple[tuple[float, float], ...]] = {}
     with tempfile.TemporaryDirectory(prefix="meshlm-probe-") as tmp:
         path = tiny_checkpoint(Path(tmp) / "probe", layers, COLD)
         for ln in cluster.node.links:
+            pts = []
             with Probe(path, 2, 1, ln.transport) as eng:
                 eng.decode(new, 1)  # warm-up
-                pts = [wait_point(eng.decode(new, runs), ln, step)]
-                pts += [wait_point(eng.prefill(n, runs), ln, step) for n in prompts]
+                for _ in range(rounds):
+                    pts += [wait_point(eng.decode(new, runs), ln, step)]
+                    pts += [wait_point(eng.prefill(n, 1), ln, step) for n in prompts]
             waits[ln.transport] = tuple(sorted(pts))
         with Probe(path, 1, 2) as eng:
             eng.decode(new, 1)
-            sample = eng.decode(new, runs)
-    cfg = ModelConfig.from_hf({**COLD, "num_hidden_layers": layers})
-    return waits, stage_layer_overhead(sample, cfg, cluster, SHORT + new / 2)
+            # the median of the rounds' per-layer figures: a residual like overhead.py's (either sign of
+            # noise), and the benchmark compares with median steps
+            pipe = statistics.median(stage_layer_overhead(eng.decode(new, runs), cfg, cluster, SHORT + new / 2)
+                                     for _ in range(rounds))
+    return waits, pipe

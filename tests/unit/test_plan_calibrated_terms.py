@@ -12,6 +12,7 @@ from test_plan_memory import LLAMA3_8B, cfg
 from meshlm.errors import ConfigError
 from meshlm.plan import cluster as clusters
 from meshlm.plan.cost import Model, Pass
+from meshlm.plan.fit import wait_line
 from meshlm.plan.layout import Layout, Workload
 from meshlm.plan.load import check_load, other_load, settle
 from meshlm.plan.probe import Sample, wait_point
@@ -88,7 +89,38 @@ def test_profile_round_trip_and_older_skew_fields():
     old = clusters.to_dict(host)
     old["node"]["links"][0].update(skew_us=300, skew_from_us=500, skew_to_us=13000)
     ln = clusters.from_dict(old).node.links[0]
-    assert flat(ln.waits) == pytest.approx([500e-6, 0.0, 13e-3, 300e-6]) and ln.wait(1e-4) == 0.0
+    assert flat(ln.waits) == pytest.approx([500e-6, 0.0, 13e-3, 300e-6])
+    # the line through both points: c = 300 us / 12.5 ms = 0.024, w0 = 0 - 0.024 x 500 us < 0 -> 0
+    assert ln.wait(1e-4) == pytest.approx(0.024 * 1e-4)
+
+
+def test_wait_line_on_clean_points_is_the_line():
+    """Points on w = 50 us + 0.05 x s give back w0 = 50 us, c = 0.05; none: no wait; one: that wait."""
+    pts = ((1e-3, 100e-6), (2e-3, 150e-6), (4e-3, 250e-6))
+    assert wait_line(pts) == pytest.approx((50e-6, 0.05))
+    assert wait_line(()) == (0.0, 0.0) and wait_line(((1e-3, 80e-6),)) == (80e-6, 0.0)
+
+
+def test_wait_line_on_noisy_non_monotonic_points():
+    """The shm points of a real calibration, 96, 733, 534 us after 388, 2287, 8470 us of compute. Pair
+    slopes 637/1899 = 0.335, 438/8082 = 0.0542, -199/6183 = -0.0322: median 438/8082. Residuals
+    w - c s: 74.97, 609.1, 74.97 us: median 74.97 us. After a 1.36 ms segment (llama-400m tp=2 decode)
+    that is 74.97 + 73.7 = 148.7 us per call, where the piecewise-linear reading gave 422 us."""
+    pts = ((388e-6, 96e-6), (2287e-6, 733e-6), (8470e-6, 534e-6))
+    c = 438 / 8082
+    w0, slope = wait_line(pts)
+    assert slope == pytest.approx(c) and w0 == pytest.approx(96e-6 - c * 388e-6)
+    link = clusters.Link("shm", bandwidth=2.5e9, latency=26e-6, waits=pts)
+    assert link.wait(1.36e-3) == pytest.approx(74.97e-6 + c * 1.36e-3, rel=1e-3)
+    assert link.wait(1.36e-3) < 150e-6
+
+
+def test_wait_line_ignores_one_outlier_and_clamps_at_zero():
+    """Four points on w = 20 us + 0.1 x s and one 2 ms outlier: the line exactly (6 of 10 pair slopes are
+    0.1, the outlier's 4 lie above; 4 of 5 residuals are 20 us). Falling waits: c = 0, w0 = their median."""
+    line = [(s, 20e-6 + 0.1 * s) for s in (1e-3, 2e-3, 3e-3, 5e-3)]
+    assert wait_line(tuple(sorted(line + [(4e-3, 2e-3)]))) == pytest.approx((20e-6, 0.1))
+    assert wait_line(((1e-3, 300e-6), (2e-3, 200e-6), (3e-3, 100e-6))) == pytest.approx((200e-6, 0.0))
 
 
 def test_wait_point_of_an_engine_sample():
