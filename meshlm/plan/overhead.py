@@ -13,11 +13,14 @@ Used by `meshlm plan --calibrate`; on the small models a CPU host runs it is a t
 from __future__ import annotations
 
 import json
+import logging
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256,
@@ -98,6 +101,8 @@ def software_overhead(threads: int = 1, quick: bool = False, bandwidth: float | 
                 per_layer = max(per_layer, (cold - per_step - streamed / bandwidth) / 24)
             layer.append(per_layer)
             step.append(per_step)
+            log.info("overhead round %d: %.0f us per layer, %.0f us per step", len(layer), per_layer * 1e6,
+                     per_step * 1e6)
     # The median, not the minimum: the per-layer figure is a residual (a step less its streaming time at
     # the calibrated bandwidth), so noise moves it either way, and what the planner predicts is the
     # median step the benchmark (and a server) measures, not the best one. Rounds reload the models, so

@@ -18,6 +18,7 @@ Every measurement is taken in ROUNDS rounds: the wait points of all rounds go to
 
 from __future__ import annotations
 
+import logging
 import random
 import tempfile
 import time
@@ -30,6 +31,7 @@ from meshlm.plan.cost import Model, Pass, all_reduce
 from meshlm.plan.layout import Layout
 from meshlm.plan.overhead import COLD, tiny_checkpoint
 
+log = logging.getLogger(__name__)
 ROUNDS = 3  # rounds of every in-engine measurement (not with quick)
 PROMPTS, SHORT = (128, 448), 16  # prefill prompts (448 tokens: ~7 ms between calls; 512 positions), decode
 
@@ -160,6 +162,10 @@ def probe(cluster: Cluster, quick: bool = False,
             eng.decode(new, 1)
             # the median of the rounds' per-layer figures: a residual like overhead.py's (either sign of
             # noise), and the benchmark compares with median steps
-            pipe = statistics.median(stage_layer_overhead(eng.decode(new, runs), cfg, cluster, SHORT + new / 2)
-                                     for _ in range(rounds))
+            per_round = [stage_layer_overhead(eng.decode(new, runs), cfg, cluster, SHORT + new / 2)
+                         for _ in range(rounds)]
+    log.info("pipeline layer rounds (us): %s; wait points (segment us, wait us): %s",
+             [round(x * 1e6) for x in per_round],
+             {t: [(round(a * 1e6), round(b * 1e6)) for a, b in pts] for t, pts in waits.items()})
+    pipe = statistics.median(per_round)
     return waits, pipe
