@@ -4,7 +4,8 @@ Two arrival patterns: all at once, and a Poisson stream. meshlm runs continuous 
 paged KV cache; the HF peer runs static batches with left padding (every queued request at once,
 generating until the longest finishes), the way a plain `generate` server works. Same model, dtype,
 threads and requests in the same run. Each timed run holds the benchmarks' lock (common.quiet_run) and
-records the share of the CPUs other processes used meanwhile.
+records the share of the CPUs other processes used meanwhile. Both engines are warmed up first (untimed),
+and each arrival pattern has its own prompts, so no run reuses another's prefix cache.
 
     python benchmarks/engine.py [--requests 64] [--rate 4] [--threads 2] [--dtype float32]
     python benchmarks/engine.py --pp 2 --threads 1 [--pipeline-depth 1] --no-hf   # the engine over stages
@@ -61,6 +62,7 @@ def run_meshlm(llm, work, offsets) -> dict:
     from meshlm import SamplingParams
 
     eng = llm.engine
+    hits0 = eng.blocks.stats.prefix_hits
     t0 = time.perf_counter()
     pending = list(zip(offsets, work))
     reqs = []
@@ -75,9 +77,11 @@ def run_meshlm(llm, work, offsets) -> dict:
             time.sleep(max(0.0, pending[0][0] - (time.perf_counter() - t0)))
     wall = time.perf_counter() - t0
     outs = [r.out for r in reqs]
-    return summarize("meshlm", wall, [o.ttft_s for o in outs],
-                     [o.decode_s / max(1, len(o.token_ids) - 1) for o in outs],
-                     [o.ttft_s + o.decode_s for o in outs], sum(len(o.token_ids) for o in outs))
+    row = summarize("meshlm", wall, [o.ttft_s for o in outs],
+                    [o.decode_s / max(1, len(o.token_ids) - 1) for o in outs],
+                    [o.ttft_s + o.decode_s for o in outs], sum(len(o.token_ids) for o in outs))
+    row["prefix_hits"] = eng.blocks.stats.prefix_hits - hits0  # blocks reused from the prefix cache
+    return row
 
 
 class FirstToken:
@@ -150,18 +154,26 @@ def main() -> None:
     llm = LLM(None, threads=args.threads, dtype=args.dtype, progress=True, pp=args.pp,
               engine=EngineConfig(pipeline_depth=args.pipeline_depth))
     torch.set_num_threads(args.threads)
-    engines = [("meshlm", lambda offs: run_meshlm(llm, work, offs))]
+    engines = [("meshlm", lambda offs, work: run_meshlm(llm, work, offs))]
     if not args.no_hf:
         from transformers import AutoModelForCausalLM
 
         hf = AutoModelForCausalLM.from_pretrained(str(llm.path), dtype=getattr(torch, args.dtype)).eval()
-        engines.append(("hf", lambda offs: run_hf(hf, work, offs, pad_id=2)))
-    work = workload(args.requests, 0, llm.cfg.vocab_size)
+        engines.append(("hf", lambda offs, work: run_hf(hf, work, offs, pad_id=2)))
+    # Each arrival pattern gets its own prompts: with the same ones, the second pattern's meshlm run would
+    # find the first's prompts in the prefix cache and skip their prefill. Warm-up: other prompts again,
+    # 2 tokens each, all at once through both engines (first-touch of activation memory, lazy init), untimed.
+    vocab = llm.cfg.vocab_size
+    warm = [(p, 2) for p, _ in workload(args.requests, 99, vocab)]
+    for name, run in engines:
+        print(f"[engine bench] warm-up: {name} ...", file=sys.stderr, flush=True)
+        run([0.0] * len(warm), warm)
     rows = []
-    for label, rate in (("all at once", None), (f"Poisson {args.rate}/s", args.rate)):
+    for i, (label, rate) in enumerate((("all at once", None), (f"Poisson {args.rate}/s", args.rate))):
+        work = workload(args.requests, i, vocab)
         offs = arrivals(len(work), rate, 0)
         for name, run in engines:
-            fn = lambda run=run, offs=offs: run(offs)
+            fn = lambda run=run, offs=offs, work=work: run(offs, work)
             print(f"[engine bench] {label}: {name} ...", file=sys.stderr, flush=True)
             with common.quiet_run(args.wait), common.other_load() as during:
                 r = fn()
@@ -170,7 +182,7 @@ def main() -> None:
                 r["engine"] = f"meshlm pp={args.pp} depth={llm.engine.depth}"
             rows.append(r)
             print(f"[engine bench]   {r['tok_per_s']:.1f} tok/s in {r['wall_s']:.1f}s (other load "
-                  f"{r['other_load']:.0%})", file=sys.stderr)
+                  f"{r['other_load']:.0%}; prefix-cache blocks reused: {r.get('prefix_hits', '-')})", file=sys.stderr)
     print(f"Machine: {common.machine()}\n")
     print("| arrivals | engine | throughput (tok/s) | wall (s) | TTFT p50 / p99 (s) | TPOT p50 / p99 (ms) | "
           "end-to-end p50 / p99 (s) | other load |")
