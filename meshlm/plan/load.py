@@ -16,7 +16,7 @@ from pathlib import Path
 from meshlm.errors import ConfigError
 
 
-def _stat_ticks() -> tuple[int, int]:
+def stat_ticks() -> tuple[int, int]:
     """(all, idle + iowait) CPU ticks since boot, summed over CPUs."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return sum(v), v[3] + v[4]
@@ -52,12 +52,12 @@ def other_load() -> Iterator[list[float]]:
     tree used during the block (0.0 where /proc is unavailable)."""
     box = [0.0]
     try:
-        (t0, i0), m0 = _stat_ticks(), _own_ticks()
+        (t0, i0), m0 = stat_ticks(), _own_ticks()
     except OSError:
         yield box
         return
     yield box
-    (t1, i1), m1 = _stat_ticks(), _own_ticks()
+    (t1, i1), m1 = stat_ticks(), _own_ticks()
     box[0] = max(0.0, ((t1 - t0) - (i1 - i0) - (m1 - m0)) / max(1, t1 - t0))
 
 
