@@ -125,6 +125,130 @@ void attend(const float* q, const T* kp, const T* vp, const int64_t* table, int6
     for (int64_t j = 0; j < D; ++j) out[(q0 + i) * D + j] /= l[i];
 }
 
+#ifdef __AVX512F__
+// The vector path: head_dim = 16 * ND. Rows are taken in tiles of up to 16 consecutive tokens of one
+// block; the 16 scores of a tile come out as one vector (each row's dot product is 16 lane partials summed
+// by the same transpose-and-add tree whatever its lane), softmax runs on whole vectors with exp16, and each
+// query head's output stays in registers across the tile's value rows. Which lane a row takes depends only
+// on its position in its own sequence, so a sequence's result is still the same alone and in any batch.
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// e^x on 16 lanes (Cephes' single-precision polynomial after x = n ln2 + r; about 1 ulp); lanes below
+// -87.3 (including -inf) give exactly 0.
+inline __m512 exp16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, n));
+}
+
+// v[i] holds row i's 16 partial sums; returns the vector whose lane i is row i's total. A fixed shuffle
+// tree: pairs of elements within 128-bit lanes first, then the four 128-bit lanes; every row gets the same
+// order of additions.
+inline __m512 transpose_sum(const __m512* v) {
+  __m512 u[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m512* r = v + 4 * k;  // rows 4k .. 4k+3
+    const __m512 t0 = _mm512_add_ps(_mm512_unpacklo_ps(r[0], r[1]), _mm512_unpackhi_ps(r[0], r[1]));
+    const __m512 t1 = _mm512_add_ps(_mm512_unpacklo_ps(r[2], r[3]), _mm512_unpackhi_ps(r[2], r[3]));
+    const __m512d a = _mm512_castps_pd(t0), b = _mm512_castps_pd(t1);
+    // per 128-bit lane: the sums of that lane's four elements of rows 4k .. 4k+3
+    u[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
+}
+
+template <int ND, typename T>
+void attend16(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t first, int64_t ctx,
+              int64_t bs, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, float scale, float* out) {
+  constexpr int64_t D = 16 * ND;
+  const int64_t stride = Hkv * D, nq = (h1 - h0) * G, q0 = h0 * G;
+  std::vector<float> m(nq, -std::numeric_limits<float>::infinity()), l(nq, 0.f);
+  for (int64_t i = 0; i < nq * D; ++i) out[q0 * D + i] = 0.f;
+  alignas(64) float p[16];
+  __m512 part[16];
+  for (int64_t t0 = first; t0 < ctx;) {
+    const int64_t off = t0 % bs, n = std::min({bs - off, ctx - t0, int64_t(16)});
+    const int64_t base = table[t0 / bs] * bs + off;  // pool slot of token t0; the tile's rows follow it
+    if (t0 + n < ctx) {
+      const int64_t t1 = t0 + n, next = table[t1 / bs] * bs + t1 % bs;
+      const int64_t rows = std::min({bs - t1 % bs, ctx - t1, int64_t(16)});
+      prefetch_rows(kp + next * stride + h0 * D, rows, stride * sizeof(T), (h1 - h0) * D * sizeof(T));
+      prefetch_rows(vp + next * stride + h0 * D, rows, stride * sizeof(T), (h1 - h0) * D * sizeof(T));
+    }
+    const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
+    for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t qi = h * G + g;  // query head
+        const float* qh = q + qi * D;
+        __m512 qv[ND];
+        for (int c = 0; c < ND; ++c) qv[c] = _mm512_loadu_ps(qh + 16 * c);
+        for (int64_t i = 0; i < 16; ++i) {
+          if (i >= n) { part[i] = _mm512_setzero_ps(); continue; }
+          const T* krow = kp + (base + i) * stride + h * D;
+          __m512 acc = _mm512_mul_ps(qv[0], load16(krow));
+          for (int c = 1; c < ND; ++c) acc = _mm512_fmadd_ps(qv[c], load16(krow + 16 * c), acc);
+          part[i] = acc;
+        }
+        const __m512 s = _mm512_mul_ps(transpose_sum(part), _mm512_set1_ps(scale));
+        float& mh = m[qi - q0];
+        const float mx = std::max(mh, _mm512_mask_reduce_max_ps(valid, s));
+        const float corr = exp16(_mm512_set1_ps(mh - mx))[0];  // 0 on the first tile (m = -inf)
+        const __m512 pv = _mm512_maskz_mov_ps(valid, exp16(_mm512_sub_ps(s, _mm512_set1_ps(mx))));
+        l[qi - q0] = l[qi - q0] * corr + _mm512_reduce_add_ps(pv);
+        mh = mx;
+        _mm512_store_ps(p, pv);
+        float* oh = out + qi * D;
+        __m512 o[ND];
+        const __m512 cv = _mm512_set1_ps(corr);
+        for (int c = 0; c < ND; ++c) o[c] = _mm512_mul_ps(_mm512_loadu_ps(oh + 16 * c), cv);
+        for (int64_t i = 0; i < n; ++i) {
+          const T* vrow = vp + (base + i) * stride + h * D;
+          const __m512 pi = _mm512_set1_ps(p[i]);
+          for (int c = 0; c < ND; ++c) o[c] = _mm512_fmadd_ps(pi, load16(vrow + 16 * c), o[c]);
+        }
+        for (int c = 0; c < ND; ++c) _mm512_storeu_ps(oh + 16 * c, o[c]);
+      }
+    }
+    t0 += n;
+  }
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t j = 0; j < D; ++j) out[(q0 + i) * D + j] /= l[i];
+}
+#endif
+
+// The vector path for head_dim 16 * ND where it is built, else the portable one above.
+template <typename T>
+void attend_any(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t first, int64_t ctx,
+                int64_t bs, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, float* out) {
+#ifdef __AVX512F__
+  switch (D) {
+    case 32: return attend16<2>(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, scale, out);
+    case 64: return attend16<4>(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, scale, out);
+    case 128: return attend16<8>(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, scale, out);
+    default: break;
+  }
+#endif
+  attend(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, D, scale, out);
+}
+
 // q [B, Hq, D]; k_pool, v_pool [slots, Hkv, D] (contiguous); tables [B, max_blocks] int64;
 // starts, lens [B] int64 (attend to tokens [starts[b], lens[b])) -> [B, Hq, D] in q's dtype.
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
@@ -149,7 +273,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
     at::parallel_for(0, B * split, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / split, h0 = split == 1 ? 0 : task % split, h1 = split == 1 ? Hkv : h0 + 1;
-        attend(qp + b * Hq * D, kbase, vbase, tp + b * max_blocks, sp[b], lp[b], block_size, Hkv, h0, h1, G,
+        attend_any(qp + b * Hq * D, kbase, vbase, tp + b * max_blocks, sp[b], lp[b], block_size, Hkv, h0, h1, G,
                D, static_cast<float>(scale), op + b * Hq * D);
       }
     });

@@ -14,44 +14,72 @@ from meshlm.models.layers import sdpa
 BS, HKV, HQ, D = 4, 2, 6, 32
 
 
-def reference(q, kp, vp, table, first, ctx):
+def reference(q, kp, vp, table, first, ctx, bs=BS):
     """SDPA over the visible keys of one sequence, gathered; q [Hq, D] -> [Hq, D] (fp32)."""
     pos = torch.arange(first, ctx)
-    slots = torch.tensor(table)[pos // BS] * BS + pos % BS
+    slots = torch.tensor(table)[pos // bs] * bs + pos % bs
     k, v = (p.index_select(0, slots).float().transpose(0, 1)[None] for p in (kp, vp))
     return sdpa(q.float()[None, :, None], k, v, None)[0, :, 0]
 
 
-def random_batch(dtype, seed=0):
+def random_batch(dtype, seed=0, bs=BS, d=D, lens=(1, 5, 17, 33, 9), firsts=(0, 0, 6, 20, 0)):
     g = torch.Generator().manual_seed(seed)
-    kp, vp = (torch.randn(40 * BS, HKV, D, generator=g).to(dtype) for _ in range(2))
-    lens, firsts = [1, 5, 17, 33, 9], [0, 0, 6, 20, 0]
-    order = torch.randperm(40, generator=g).tolist()
+    blocks = sum(-(-n // bs) for n in lens) + 3
+    kp, vp = (torch.randn(blocks * bs, HKV, d, generator=g).to(dtype) for _ in range(2))
+    order = torch.randperm(blocks, generator=g).tolist()
     tables, used = [], 0
     for n in lens:
-        tables.append(tuple(order[used:used + -(-n // BS)]))
+        tables.append(tuple(order[used:used + -(-n // bs)]))
         used += len(tables[-1])
-    q = torch.randn(len(lens), HQ, D, generator=g).to(dtype)
-    return q, kp, vp, tables, firsts, lens
+    q = torch.randn(len(lens), HQ, d, generator=g).to(dtype)
+    return q, kp, vp, tables, list(firsts), list(lens)
+
+
+# (block size, head_dim, context lengths, first visible token): the AVX-512 path takes 16-row tiles, so blocks
+# smaller and larger than 16 rows, tiles cut short by the context's end, starts inside a block (sliding
+# window), and head_dim 32 / 64 / 128 (its vector widths) and 24 (the portable path).
+CASES = [
+    (BS, 32, (1, 5, 17, 33, 9), (0, 0, 6, 20, 0)),
+    (16, 64, (1, 16, 17, 300, 47), (0, 0, 3, 37, 16)),
+    (32, 128, (2, 31, 33, 100, 64), (0, 5, 0, 70, 40)),
+    (8, 24, (1, 9, 30), (0, 2, 11)),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_matches_sdpa_and_is_batch_invariant(dtype):
+@pytest.mark.parametrize("bs,d,lens,firsts", CASES)
+def test_kernel_matches_sdpa_and_is_batch_invariant(dtype, bs, d, lens, firsts):
     """Each row equals SDPA over its gathered keys (to rounding), and is bitwise the same computed alone."""
     op = paged_decode.kernel()
     if op is None:
         pytest.skip("the paged decode kernel could not be built here")
-    q, kp, vp, tables, firsts, lens = random_batch(dtype)
+    q, kp, vp, tables, firsts, lens = random_batch(dtype, bs=bs, d=d, lens=lens, firsts=firsts)
     width = max(map(len, tables))
     tab = torch.tensor([t + (0,) * (width - len(t)) for t in tables])
-    out = op(q, kp, vp, tab, torch.tensor(firsts), torch.tensor(lens), BS, 1 / math.sqrt(D))
+    out = op(q, kp, vp, tab, torch.tensor(firsts), torch.tensor(lens), bs, 1 / math.sqrt(d))
     tol = 1e-5 if dtype is torch.float32 else 1e-2
     for b in range(len(lens)):
-        torch.testing.assert_close(out[b].float(), reference(q[b], kp, vp, tables[b], firsts[b], lens[b]),
+        torch.testing.assert_close(out[b].float(), reference(q[b], kp, vp, tables[b], firsts[b], lens[b], bs),
                                    atol=tol, rtol=tol)
         alone = op(q[b:b + 1], kp, vp, tab[b:b + 1], torch.tensor(firsts[b:b + 1]), torch.tensor(lens[b:b + 1]),
-                   BS, 1 / math.sqrt(D))
+                   bs, 1 / math.sqrt(d))
         assert torch.equal(alone[0], out[b])
+
+
+def test_kernel_softmax_takes_large_score_ranges():
+    """Scores spread over hundreds (one key far above the rest, others far below) still match SDPA: the
+    vector exp returns exactly 0 below its range and no overflow above."""
+    op = paged_decode.kernel()
+    if op is None:
+        pytest.skip("the paged decode kernel could not be built here")
+    q, kp, vp, tables, firsts, lens = random_batch(torch.float32, seed=3, bs=16, d=64, lens=(40,), firsts=(0,))
+    kp = kp.clone()
+    kp[:, :, :] *= 30.0  # scores of order +-200 after scaling
+    tab = torch.tensor([tables[0]])
+    out = op(q, kp, vp, tab, torch.tensor(firsts), torch.tensor(lens), 16, 1 / 8.0)
+    ref = reference(q[0], kp, vp, tables[0], 0, 40, 16)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("use_kernel", [True, False])
