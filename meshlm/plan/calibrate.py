@@ -120,10 +120,37 @@ def node_bandwidth(devices: int, threads: int, quick: bool = False, rounds: int 
                  for _ in range(devices)]
         for p in procs:
             p.start()
-        best = max(best, sum(out.get(timeout=300) for _ in procs))
+        best = max(best, sum(_results(out, procs, len(procs), 300.0)))
         for p in procs:
             p.join()
     return best
+
+
+def _results(out: Any, procs: list, n: int, timeout: float) -> list:
+    """`n` results from queue `out`, which `procs` fill; raises as soon as one of them has died (or all
+    have exited short of `n`) instead of waiting out `timeout` (seconds in all)."""
+    import queue
+
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        try:
+            got.append(out.get(timeout=0.5))
+            continue
+        except queue.Empty:
+            pass
+        dead = any(p.exitcode not in (None, 0) for p in procs)
+        done = all(p.exitcode == 0 for p in procs) and out.empty()
+        late = time.monotonic() > deadline
+        if dead or done or late:
+            codes = ", ".join(f"pid {p.pid} exit {p.exitcode}" for p in procs)
+            for p in procs:  # the survivors would wait for the dead one at a barrier
+                if p.is_alive():
+                    p.terminate()
+            if late and not (dead or done):
+                raise TimeoutError(f"calibration workers gave {len(got)} of {n} results in {timeout:.0f} s")
+            raise RuntimeError(f"a calibration worker exited before reporting ({codes})")
+    return got
 
 
 def _trimmed_mean(xs: list[float], drop: float = 0.02) -> float:
@@ -225,7 +252,7 @@ def collective_links(quick: bool = False, world: int = 2) -> tuple[list[Link], d
     procs = [ctx.Process(target=_collective_rank, args=(r, world, port, quick, out)) for r in range(world)]
     for p in procs:
         p.start()
-    raw = out.get(timeout=600)
+    (raw,) = _results(out, procs, 1, 600.0)
     for p in procs:
         p.join(timeout=60)
     links = []
