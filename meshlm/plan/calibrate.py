@@ -299,9 +299,10 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
                     memory_bandwidth=node_bw if devices > 1 else None)
         c = Cluster("local", 1, node, None)
         if devices > 1 and threads == 1:  # the engine's probes run 2 ranks of 1 thread
-            waits, pipe_layer = probe(c, quick)
-            dev = replace(dev, pipeline_layer_overhead=pipe_layer)
-            node = replace(node, device=dev, links=tuple(replace(ln, waits=waits.get(ln.transport, ()))
+            got = probe(c, quick)
+            dev = replace(dev, pipeline_layer_overhead=got.pipeline_layer)
+            node = replace(node, device=dev, links=tuple(replace(ln, waits=got.waits.get(ln.transport, ()),
+                                                                 slows=got.slows.get(ln.transport, ()))
                                                          for ln in node.links))
     check_load(load[0], max_load)
     notes = {"source": "measured by `meshlm plan --calibrate`" + (" --quick" if quick else ""),

@@ -43,6 +43,10 @@ class Link:
     w0 + c x segment fitted over all of them (fit.wait_line: one noisy point cannot bend it).
     `hop`: one-way seconds of a pipeline hop (header + payload messages), from a
     ping-pong; 0 when not measured (then a hop costs HEADER_MESSAGES latencies).
+    `slows`: (predicted compute segment before a call, extra compute seconds per call) points measured
+    in the engine (probe.py): what the ranks' compute between two collectives takes beyond the cost
+    model's roofline when the group runs over this transport (gloo's transport threads share the
+    ranks' cores), read through the same robust line as `waits`.
     """
 
     transport: str
@@ -50,6 +54,7 @@ class Link:
     latency: float  # seconds per message (alpha)
     waits: tuple[tuple[float, float], ...] = ()  # (segment s, extra s per call), segments ascending
     hop: float = 0.0  # seconds, one way
+    slows: tuple[tuple[float, float], ...] = ()  # (predicted segment s, extra compute s per call)
 
     def time(self, nbytes: float) -> float:
         """Seconds for one message of nbytes."""
@@ -59,6 +64,12 @@ class Link:
         """Extra seconds a collective pays inside a step after `segment` seconds of compute."""
         w0, c = wait_line(self.waits)
         return w0 + c * segment
+
+    def slow(self, segment: float) -> float:
+        """Extra compute seconds before a collective over this transport, after `segment` seconds of
+        compute as the roofline predicts it."""
+        s0, k = wait_line(self.slows)
+        return s0 + k * segment
 
 
 @dataclass(frozen=True)
@@ -159,8 +170,9 @@ def _link_from(d: dict[str, Any]) -> Link:
     if not waits and d.get("skew_us"):  # an older profile: no wait up to skew_from, skew from skew_to on
         waits = ((float(d.get("skew_from_us", 0)) * 1e-6, 0.0),
                  (float(d.get("skew_to_us", 0)) * 1e-6, float(d["skew_us"]) * 1e-6))
+    slows = tuple((float(s) * 1e-6, float(w) * 1e-6) for s, w in d.get("slows_us", ()))
     return Link(str(d.get("transport", "link")), float(d["bandwidth_gbs"]) * 1e9,
-                float(d["latency_us"]) * 1e-6, waits, float(d.get("hop_us", 0)) * 1e-6)
+                float(d["latency_us"]) * 1e-6, waits, float(d.get("hop_us", 0)) * 1e-6, slows)
 
 
 def _link_dict(ln: Link) -> dict[str, Any]:
@@ -170,6 +182,8 @@ def _link_dict(ln: Link) -> dict[str, Any]:
         out["waits_us"] = [[s * 1e6, w * 1e6] for s, w in ln.waits]
     if ln.hop:
         out["hop_us"] = ln.hop * 1e6
+    if ln.slows:
+        out["slows_us"] = [[s * 1e6, w * 1e6] for s, w in ln.slows]
     return out
 
 

@@ -9,8 +9,10 @@ A tensor-parallel stage adds, per forward, an all-reduce of the [T, H] embedding
 stage, two per layer (after o_proj and down_proj), and the all-gather of the sampled rows' fp32 logits
 on the last stage. Collectives are alpha-beta on the link
 the group crosses (ring): all-reduce 2(p-1)a + 2(p-1)/p n/b, all-gather (p-1)a + (p-1)/p n/b, a hop a + n/b;
-each collective of a group also pays its in-engine wait, Link.wait(compute since the last one), calibrated
-in the engine (probe.py). A pipeline hop costs the link's ping-pong latency once (Link.hop) + n/b.
+each collective of a group also pays its in-engine wait, Link.wait(compute since the last one), and the
+compute between two collectives takes Link.slow(its roofline seconds) longer over that transport (gloo's
+threads share the ranks' cores), both calibrated in the engine (probe.py). A pipeline hop costs the
+link's ping-pong latency once (Link.hop) + n/b.
 A pp > 1 stage's layers cost the pipeline loop's per-layer overhead (Device.pipeline_layer_overhead).
 
 More ranks than cores (a CPU host, node.shared_memory): while `a` ranks compute at once on `c` cores each
@@ -206,9 +208,14 @@ class Model:
         if s == self.layout.pp - 1:
             coll += all_gather(self.tp_link, tp, work.rows * cfg.vocab_size * 4)
             calls += 1
-        if tp > 1:  # each collective also waits for the slowest peer of the compute before it
-            coll += calls * self.tp_link.wait(best[0] / calls)
-        return StageCost((best[0] + dev.step_overhead) * slowdown, coll * slowdown, best[1])
+        compute = best[0]
+        if tp > 1:  # the transport's own cost on the compute between calls, then each call's wait for
+            # the slowest peer of that compute (both measured in the engine: Link.slows, Link.waits)
+            segment = best[0] / calls
+            segment += self.tp_link.slow(segment)
+            compute = calls * segment
+            coll += calls * self.tp_link.wait(segment)
+        return StageCost((compute + dev.step_overhead) * slowdown, coll * slowdown, best[1])
 
     def hop(self, s: int, tokens: float) -> float:
         """Seconds for stage s to hand `tokens` hidden rows to the next stage (header, then payload)."""

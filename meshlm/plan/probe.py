@@ -9,6 +9,9 @@ an engine step each call also waits for the slower peer and pays its dispatch, a
                         rank 0 and the compute between calls (segment = (wall - tp collectives - step
                         overhead) / calls). Extra wait per call = seconds per call - the fitted
                         alpha-beta time of its bytes; a point per run (decode, prefills) -> Link.waits.
+                        The same samples give compute points: (the cost model's segment, measured
+                        segment - that) per transport -> Link.slows (the compute a transport's threads
+                        slow down; gloo's run on the ranks' cores).
   pp=2, static schedule decode as above; the busiest rank's compute per step, less the cost model's own
                         prediction of that stage without layer overhead and less the step overhead, per
                         layer of the stage -> Device.pipeline_layer_overhead.
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from meshlm.plan.cluster import Cluster, Link
-from meshlm.plan.cost import Model, Pass, all_reduce
+from meshlm.plan.cost import Model, Pass, all_reduce, forward_seconds
 from meshlm.plan.layout import Layout
 from meshlm.plan.overhead import COLD, tiny_checkpoint
 
@@ -113,12 +116,37 @@ class Probe:
         return samples[len(samples) // 2]
 
 
+def segment(s: Sample, step_overhead: float) -> float:
+    """Seconds of compute before each tp collective of one sample (its wall less collectives and step)."""
+    return max(0.0, s.wall - s.tp_s - step_overhead) / max(s.tp_calls, 1e-9)
+
+
 def wait_point(s: Sample, link: Link, step_overhead: float) -> tuple[float, float]:
     """(compute segment before a call, extra wait per all-reduce beyond alpha-beta) of one sample."""
     per_call = s.ar_s / max(s.ar_calls, 1e-9)
     nbytes = s.ar_bytes / max(s.ar_calls, 1e-9)
-    segment = max(0.0, s.wall - s.tp_s - step_overhead) / max(s.tp_calls, 1e-9)
-    return segment, max(0.0, per_call - all_reduce(link, 2, nbytes))
+    return segment(s, step_overhead), max(0.0, per_call - all_reduce(link, 2, nbytes))
+
+
+def decode_sample(eng: Probe, new: int, runs: int, step_overhead: float, tries: int = 3) -> Sample:
+    """A decode sample with some compute left: one whose wall is no more than its collectives and the
+    step overhead (a difference of two runs that noise swamped) is taken again, up to `tries` times,
+    rather than kept as a point at zero compute."""
+    for _ in range(tries):
+        s = eng.decode(new, runs)
+        if s.wall - s.tp_s - step_overhead > 0:
+            break
+        log.info("decode probe: no compute left after collectives and step overhead; measuring again")
+    return s
+
+
+def slow_point(s: Sample, cfg: Any, cluster: Cluster, work: Pass) -> tuple[float, float]:
+    """(the cost model's compute segment before a call, measured segment - that) of a tp=2 sample: the
+    compute the transport adds between two collectives beyond the roofline."""
+    model = Model(cfg, Layout(1, 1, 2), cluster, "float32")
+    best = max(forward_seconds(cfg, r, work, model.rates)[0] for r in model.shares)
+    calls = 2 * cfg.num_layers + 2  # two all-reduces per layer, the embedding's, the logits' gather
+    return best / calls, segment(s, cluster.node.device.step_overhead) - best / calls
 
 
 def stage_layer_overhead(s: Sample, cfg: Any, cluster: Cluster, ctx: float) -> float:
@@ -132,40 +160,54 @@ def stage_layer_overhead(s: Sample, cfg: Any, cluster: Cluster, ctx: float) -> f
     return max(0.0, (s.stage_compute - predicted) / layers)
 
 
-def probe(cluster: Cluster, quick: bool = False,
-          rounds: int = ROUNDS) -> tuple[dict[str, tuple[tuple[float, float], ...]], float]:
-    """({transport: wait points}, pipeline seconds per layer) measured in the engine on this host, over
-    `rounds` rounds (1 with `quick`): every round adds its wait points (the line through them is fitted
-    robustly, fit.wait_line), and the pipeline figure is the median of the rounds' figures."""
+@dataclass(frozen=True)
+class Probed:
+    """What the in-engine probe measured: per transport, wait points (measured segment, extra wait per
+    call) and compute points (roofline segment, extra compute per call); seconds per pipeline layer."""
+
+    waits: dict[str, tuple[tuple[float, float], ...]]
+    slows: dict[str, tuple[tuple[float, float], ...]]
+    pipeline_layer: float
+
+
+def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS) -> Probed:
+    """Wait and compute points per transport and the pipeline seconds per layer, measured in the engine on
+    this host over `rounds` rounds (1 with `quick`): every round adds its points (the lines through them
+    are fitted robustly, fit.wait_line), and the pipeline figure is the median of the rounds' figures."""
     import statistics
 
     from meshlm.config import ModelConfig
 
     layers = 4 if quick else 24
-    new, runs = (6, 1) if quick else (24, 3)
+    new, runs = (16, 3) if quick else (24, 3)
     prompts = PROMPTS[:1] if quick else PROMPTS
     rounds = 1 if quick else rounds
     step = cluster.node.device.step_overhead
     cfg = ModelConfig.from_hf({**COLD, "num_hidden_layers": layers})
     waits: dict[str, tuple[tuple[float, float], ...]] = {}
+    slows: dict[str, tuple[tuple[float, float], ...]] = {}
     with tempfile.TemporaryDirectory(prefix="meshlm-probe-") as tmp:
         path = tiny_checkpoint(Path(tmp) / "probe", layers, COLD)
         for ln in cluster.node.links:
-            pts = []
+            pts, extra = [], []
             with Probe(path, 2, 1, ln.transport) as eng:
                 eng.decode(new, 1)  # warm-up
+                ctx = SHORT + new / 2
                 for _ in range(rounds):
-                    pts += [wait_point(eng.decode(new, runs), ln, step)]
-                    pts += [wait_point(eng.prefill(n, 1), ln, step) for n in prompts]
+                    samples = [(decode_sample(eng, new, runs, step), Pass(1, ctx, ctx, 1))]
+                    samples += [(eng.prefill(n, 1), Pass(n, n * (n + 1) / 2, n, 1)) for n in prompts]
+                    pts += [wait_point(x, ln, step) for x, _ in samples]
+                    extra += [slow_point(x, cfg, cluster, w) for x, w in samples]
             waits[ln.transport] = tuple(sorted(pts))
+            slows[ln.transport] = tuple(sorted(extra))
         with Probe(path, 1, 2) as eng:
             eng.decode(new, 1)
             # the median of the rounds' per-layer figures: a residual like overhead.py's (either sign of
             # noise), and the benchmark compares with median steps
             per_round = [stage_layer_overhead(eng.decode(new, runs), cfg, cluster, SHORT + new / 2)
                          for _ in range(rounds)]
-    log.info("pipeline layer rounds (us): %s; wait points (segment us, wait us): %s",
-             [round(x * 1e6) for x in per_round],
-             {t: [(round(a * 1e6), round(b * 1e6)) for a, b in pts] for t, pts in waits.items()})
+    us = lambda d: {t: [(round(a * 1e6), round(b * 1e6)) for a, b in pts] for t, pts in d.items()}
+    log.info("pipeline layer rounds (us): %s; wait points (segment us, wait us): %s; compute points "
+             "(roofline segment us, extra us): %s", [round(x * 1e6) for x in per_round], us(waits), us(slows))
     pipe = statistics.median(per_round)
-    return waits, pipe
+    return Probed(waits, slows, pipe)

@@ -76,15 +76,38 @@ def test_more_ranks_than_cores_share_them():
     assert pre.compute == pytest.approx(3 * crit.compute) and pre.collectives == pytest.approx(3 * crit.collectives)
 
 
+def test_a_transport_that_slows_compute_adds_to_each_segment():
+    """Link.slows = s0 + k x segment per collective call: tp=2 compute grows by calls x that, each call's
+    wait is read at the longer segment; tp=1 (no collectives) is untouched."""
+    host = two_cores(step_overhead=0.0)
+    gloo = replace(host.node.link("gloo"), waits=((1e-3, 100e-6), (3e-3, 300e-6)))  # w = 0.1 x segment
+    slowed = replace(gloo, slows=((1e-3, 300e-6), (3e-3, 700e-6)))  # 100 us + 0.2 x segment
+    plain_c = replace(host, node=replace(host.node, links=(gloo,)))
+    slow_c = replace(host, node=replace(host.node, links=(slowed,)))
+    model, one = cfg(SMALL), Pass(1, 17, 17, 1)
+    plain = Model(model, Layout(tp=2), plain_c, "float32").stage(0, one)
+    slow = Model(model, Layout(tp=2), slow_c, "float32").stage(0, one)
+    calls = 2 * 4 + 2
+    seg = plain.compute / calls
+    assert slow.compute == pytest.approx(calls * (seg + 100e-6 + 0.2 * seg))
+    extra = slow.compute / calls - seg
+    assert slow.collectives - plain.collectives == pytest.approx(calls * 0.1 * extra)
+    for c in (plain_c, slow_c):
+        assert Model(model, Layout(), c, "float32").stage(0, one).compute == pytest.approx(
+            Model(model, Layout(), host, "float32").stage(0, one).compute)
+
+
 def test_profile_round_trip_and_older_skew_fields():
     """waits and hop survive save/load; an older profile's skew becomes two wait points."""
     host = two_cores(pipeline_layer_overhead=420e-6)
-    gloo = replace(host.node.link("gloo"), waits=((5e-4, 1e-4), (2e-3, 4e-4)), hop=120e-6)
+    gloo = replace(host.node.link("gloo"), waits=((5e-4, 1e-4), (2e-3, 4e-4)), hop=120e-6,
+                   slows=((4e-4, 2e-4), (3e-3, 9e-4)))
     c = replace(host, node=replace(host.node, links=(gloo,)))
     back = clusters.from_dict(json.loads(json.dumps(clusters.to_dict(c))))
     flat = lambda pts: [x for pt in pts for x in pt]
     assert flat(back.node.link().waits) == pytest.approx(flat(gloo.waits))
     assert back.node.link().hop == pytest.approx(120e-6)
+    assert flat(back.node.link().slows) == pytest.approx(flat(gloo.slows))
     assert back.node.device.pipeline_layer_overhead == pytest.approx(420e-6)
     old = clusters.to_dict(host)
     old["node"]["links"][0].update(skew_us=300, skew_from_us=500, skew_to_us=13000)
