@@ -2,7 +2,9 @@
 
 A model of hidden size 64 does almost no arithmetic, so its decode step is what the framework costs:
 module calls, operator dispatch, paged-attention bookkeeping, scheduling and sampling. Two depths give
-a line: step(L) = step_overhead + L x layer_overhead. Those operators run slower when the weights a
+a line: step(L) = step_overhead + L x layer_overhead; the per-layer figure is never taken below one
+layer's forward timed directly (layer_floor: the same operators without the engine), so a noisy pair of
+steps cannot make it 0. Those operators run slower when the weights a
 real step streams have evicted their data from the caches, so the per-layer figure is then taken from a
 model whose weights outgrow the caches (hidden 512, 24 layers, ~290 MB in fp32: a shape of neither
 benchmark model): layer_overhead = (step - step_overhead - weight bytes / bandwidth) / layers.
@@ -78,6 +80,33 @@ def decode_step_seconds(path: Path, threads: int, new: int, runs: int) -> float:
     return statistics.median(steps)
 
 
+def layer_floor(threads: int = 1, keys: int = 16, seconds: float = 0.2) -> float:
+    """Median seconds of one TINY decoder layer's forward called directly on one token over `keys` cached
+    keys (no engine, no paging): the least a layer costs, a floor for the engine's noisier residual."""
+    import torch
+
+    from meshlm.config import ModelConfig
+    from meshlm.models.layers import rope_cos_sin, rope_inv_freq, sdpa
+    from meshlm.models.llama import Block
+
+    torch.set_num_threads(threads)
+    cfg = ModelConfig.from_hf({**TINY, "num_hidden_layers": 1})
+    block = Block(cfg, 0).eval()
+    kv = torch.randn(2, 1, cfg.num_kv_heads, keys, cfg.head_dim)  # [2, B, Hkv, T, D]
+    attn = lambda _, q, k, v: sdpa(q.transpose(1, 2), kv[0], kv[1], None).transpose(1, 2)
+    x = torch.randn(1, 1, cfg.hidden_size)  # [B, S, H]
+    cos, sin = rope_cos_sin(rope_inv_freq(cfg.rope, cfg.head_dim), torch.tensor([[keys]]), x.dtype)
+    times: list[float] = []
+    with torch.inference_mode():
+        block(x, cos, sin, attn)
+        deadline = time.perf_counter() + seconds
+        while len(times) < 20 or time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            block(x, cos, sin, attn)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def software_overhead(threads: int = 1, quick: bool = False, bandwidth: float | None = None,
                       rounds: int = 3) -> tuple[float, float]:
     """(seconds per layer per forward, seconds per engine step) of meshlm on this host: the median of
@@ -85,7 +114,8 @@ def software_overhead(threads: int = 1, quick: bool = False, bandwidth: float | 
     from meshlm.config import ModelConfig
 
     depths = (2, 10)
-    new, runs = (16, 2) if quick else (64, 3)
+    new, runs = (16, 3) if quick else (64, 3)
+    floor = layer_floor(threads)
     cfg = ModelConfig.from_hf({**COLD, "num_hidden_layers": 24})
     streamed = (cfg.num_params() - cfg.vocab_size * cfg.hidden_size) * 4  # all but the embedding rows
     layer, step = [], []
@@ -94,15 +124,16 @@ def software_overhead(threads: int = 1, quick: bool = False, bandwidth: float | 
         cold_path = None if quick or bandwidth is None else tiny_checkpoint(Path(tmp) / "cold", 24, COLD)
         for _ in range(1 if quick else rounds):
             t = [decode_step_seconds(p, threads, new, runs) for p in paths]
-            per_layer = max(0.0, (t[1] - t[0]) / (depths[1] - depths[0]))
+            # a difference of two noisy steps: never below what the layer's own operators cost
+            per_layer = max(floor, (t[1] - t[0]) / (depths[1] - depths[0]))
             per_step = max(0.0, t[0] - depths[0] * per_layer)
             if cold_path is not None:
                 cold = decode_step_seconds(cold_path, threads, 32, 3)
                 per_layer = max(per_layer, (cold - per_step - streamed / bandwidth) / 24)
             layer.append(per_layer)
             step.append(per_step)
-            log.info("overhead round %d: %.0f us per layer, %.0f us per step", len(layer), per_layer * 1e6,
-                     per_step * 1e6)
+            log.info("overhead round %d: %.0f us per layer (floor %.0f), %.0f us per step", len(layer),
+                     per_layer * 1e6, floor * 1e6, per_step * 1e6)
     # The median, not the minimum: the per-layer figure is a residual (a step less its streaming time at
     # the calibrated bandwidth), so noise moves it either way, and what the planner predicts is the
     # median step the benchmark (and a server) measures, not the best one. Rounds reload the models, so
