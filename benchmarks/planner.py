@@ -200,6 +200,16 @@ def main() -> int:
     return 0
 
 
+def slow_text(points: tuple) -> str:
+    """The transport's extra compute per collective call, as fitted (Link.slows), in words."""
+    if not points:
+        return ""
+    from meshlm.plan.fit import wait_line
+
+    s0, k = wait_line(points)
+    return f", compute between calls + {s0 * 1e6:.0f} us + {k:.3f} x its roofline"
+
+
 def report(prof, results: list[dict], png: Path) -> None:
     """Print the profile line and the table; write the plot."""
     from meshlm.plan.fit import wait_text
@@ -208,6 +218,7 @@ def report(prof, results: list[dict], png: Path) -> None:
     print(f"Machine: {common.machine()}\n")
     links = "; ".join(f"{ln.transport} alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
                       + wait_text(ln.waits)
+                      + slow_text(ln.slows)
                       + (f", hop {ln.hop * 1e6:.0f} us one way" if ln.hop else "") for ln in prof.node.links)
     cap = f"{prof.node.memory_bandwidth / 1e9:.1f}" if prof.node.memory_bandwidth else "-"
     print(f"Profile: fp32 matmul {d.flops['float32'] / 1e9:.1f} GFLOP/s per rank (attention "
