@@ -15,8 +15,9 @@ threads). The matmul rate and the bandwidth are measured in rounds until two in 
                   dropped) per size, because a step pays every call, tails included. t(n) = a + b n is
                   fitted by relative least squares and read as the ring's 2(p-1) alpha + 2(p-1)/p n / beta.
   hop             gloo ping-pong of a pipeline hop's messages (a header, then a 3 KB payload): one way
-  in-engine       probe.py: the extra wait per all-reduce inside tp=2 steps (per transport) and the
-                  per-layer cost of a pp=2 stage, timed through meshlm.LLM
+  in-engine       probe.py: the extra wait per all-reduce inside tp=2 steps and the compute between two
+                  all-reduces beyond the roofline (per transport), and the per-layer cost of a pp=2
+                  stage, timed through meshlm.LLM
 """
 
 from __future__ import annotations

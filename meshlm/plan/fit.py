@@ -6,6 +6,8 @@ the call's own dispatch and wake-up; c: the fraction by which one rank's segment
 Single probe points are noisy (a peer descheduled for a millisecond doubles one point), so the line is
 the Theil-Sen fit: c = the median of the slopes between every pair of points, w0 = the median of
 w - c x s; both clamped at 0. One bad point of n >= 3 moves neither median by more than its neighbours.
+The same line reads the compute a transport adds between two calls (Link.slows: roofline segment, extra
+compute per call), measured by the same probe samples.
 """
 
 from __future__ import annotations
