@@ -11,11 +11,11 @@ from test_plan_memory import LLAMA3_8B, cfg
 
 from meshlm.errors import ConfigError
 from meshlm.plan import cluster as clusters
-from meshlm.plan.cost import Model, Pass
+from meshlm.plan.cost import Model, Pass, forward_seconds
 from meshlm.plan.fit import wait_line
 from meshlm.plan.layout import Layout, Workload
 from meshlm.plan.load import check_load, other_load, settle
-from meshlm.plan.probe import Sample, wait_point
+from meshlm.plan.probe import Sample, decode_sample, slow_point, wait_point
 
 SMALL = {**LLAMA3_8B, "num_hidden_layers": 4, "vocab_size": 1024}
 
@@ -153,6 +153,34 @@ def test_wait_point_of_an_engine_sample():
     seg, wait = wait_point(s, link, step_overhead=0.0008)
     assert seg == pytest.approx((0.030 - 0.0052 - 0.0008) / 50)
     assert wait == pytest.approx(100e-6 - (2 * 20e-6 + 4096 / 4e9))
+
+
+def test_slow_point_is_the_measured_segment_beyond_the_roofline():
+    """A tp=2 sample whose compute per call is the cost model's roofline + 50 us gives (roofline, 50 us);
+    the model's tp=2 calls: two per layer, the embedding's and the logits' gather."""
+    host = two_cores(step_overhead=0.8e-3)
+    model, work = cfg(SMALL), Pass(1, 17, 17, 1)
+    m = Model(model, Layout(tp=2), host, "float32")
+    roof = max(forward_seconds(model, r, work, m.rates)[0] for r in m.shares) / (2 * 4 + 2)
+    s = Sample(wall=0.0052 + 0.8e-3 + 10 * (roof + 50e-6), ar_s=0.005, ar_calls=9, ar_bytes=9 * 4096,
+               tp_s=0.0052, tp_calls=10)
+    assert slow_point(s, model, host, work) == pytest.approx((roof, 50e-6))
+
+
+def test_a_decode_sample_noise_swamped_is_taken_again():
+    """A probe decode sample with no compute left (wall <= collectives + step overhead) is measured again."""
+    bad = Sample(wall=0.004, ar_s=0.004, ar_calls=9, ar_bytes=0, tp_s=0.0045, tp_calls=10)
+    good = Sample(wall=0.010, ar_s=0.004, ar_calls=9, ar_bytes=0, tp_s=0.0045, tp_calls=10)
+
+    class Eng:
+        calls = 0
+
+        def decode(self, new, runs):
+            self.calls += 1
+            return bad if self.calls == 1 else good
+
+    eng = Eng()
+    assert decode_sample(eng, 16, 3, step_overhead=0.5e-3) is good and eng.calls == 2
 
 
 def test_settle_repeats_until_two_rounds_agree():
