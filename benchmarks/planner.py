@@ -200,19 +200,9 @@ def main() -> int:
     return 0
 
 
-def slow_text(points: tuple) -> str:
-    """The transport's extra compute per collective call, as fitted (Link.slows), in words."""
-    if not points:
-        return ""
-    from meshlm.plan.fit import wait_line
-
-    s0, k = wait_line(points)
-    return f", compute between calls + {s0 * 1e6:.0f} us + {k:.3f} x its roofline"
-
-
 def report(prof, results: list[dict], png: Path) -> None:
     """Print the profile line and the table; write the plot."""
-    from meshlm.plan.fit import wait_text
+    from meshlm.plan.fit import slow_text, wait_text
 
     d = prof.node.device
     print(f"Machine: {common.machine()}\n")

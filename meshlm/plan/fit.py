@@ -36,3 +36,11 @@ def wait_text(points: tuple[tuple[float, float], ...]) -> str:
         return ""
     w0, c = wait_line(points)
     return f", in-engine wait {w0 * 1e6:.0f} us + {c:.3f} x the compute before a call ({len(points)} points)"
+
+
+def slow_text(points: tuple[tuple[float, float], ...]) -> str:
+    """A transport's extra compute per collective call (Link.slows) in words ('' without points)."""
+    if not points:
+        return ""
+    s0, k = wait_line(points)
+    return f", compute between calls + {s0 * 1e6:.0f} us + {k:.3f} x its roofline"
