@@ -8,13 +8,17 @@
 
 First this host is calibrated (`meshlm plan --calibrate`: fp32 matmul rate, GEMV bandwidth alone and with
 every rank streaming, operator overhead, all-reduce alpha/beta per transport, the gloo hop's ping-pong,
-and in the engine the wait per all-reduce at tp=2 and the per-layer cost of a pp=2 stage), unless
+and in the engine the wait per all-reduce and the compute between them at tp=2 per transport, and the
+per-layer cost of a pp=2 stage), unless
 --profile names a saved one; a calibration during which other processes used more than --max-load of the
 CPUs is refused and taken again (--attempts). Then each (model, layout, transport) runs in a fresh
 process through `meshlm.plan.bench` (1 thread per rank): prefill = one --prompt-token prompt,
 max_tokens=1; decode = (a --new-token run minus a 1-token run) / (new - 1), batch 1; medians of --runs
 after a warm-up. Every timed process takes the benchmarks' lock and waits for other CPU load to fall
-under 20% (common.quiet_run). Terms: compute, collectives (tp all-reduces and all-gathers, plus the per-
+under 20% (common.quiet_run). The host's state is read beside each layout (host_bandwidth: one thread's
+GEMV rate over the calibration's pool, 0.5 s, before and after its runs) and once after the calibration,
+so a row's miss can be set against the host's speed then (the planner host's bandwidth moves ~25%).
+Terms: compute, collectives (tp all-reduces and all-gathers, plus the per-
 step broadcast of the step's input), pipeline transfers (p2p) and bubble; error = (predicted - measured)
 / measured. Progress goes to stderr; the markdown tables go to stdout.
 """
@@ -43,14 +47,31 @@ def one(model: str, layout: str, transport: str, profile: str, runs: int, prompt
 
     path = str(common.random_llama(model))
     seen: list[float] = []
+    state = []
     # before every timed run; this process holds the run lock itself, so only the CPU load counts
     before = lambda: seen.append(common.wait_quiet(timeout_s=wait, respect_lock=False))
     with common.quiet_run(wait):
+        state.append(host_bandwidth())
         res = run_bench(path, Layout.parse(layout), clusters.load_file(profile), prompt, new, 1, 1, runs,
                         "float32", None if transport == "auto" else transport, before)
+        state.append(host_bandwidth())
     out = res.as_dict()
-    out.update(model=model, busy=max(seen, default=0.0), requested_transport=transport)
+    out.update(model=model, busy=max(seen, default=0.0), requested_transport=transport, host_gbs=state)
     return out
+
+
+def host_bandwidth(seconds: float = 0.5) -> float:
+    """GB/s of one thread's GEMVs over the calibration's 512 MB pool, read in `seconds`: the host's state
+    beside a layout's runs, to set against the same reading taken after the calibration."""
+    import torch
+
+    from meshlm.plan.calibrate import _pool, _timed
+
+    torch.set_num_threads(1)
+    mats = _pool(4096, 2048, 512)
+    x = torch.randn(1, 2048)
+    sec = _timed(lambda: [torch.nn.functional.linear(x, w) for w in mats], seconds)
+    return len(mats) * 4096 * 2048 * 4 / sec / 1e9
 
 
 def child(args: argparse.Namespace, model: str, layout: str, transport: str) -> dict:
@@ -182,19 +203,25 @@ def main() -> int:
         else:
             raise SystemExit("no calibration could be saved; see the reasons above")
         args.profile = str(clusters.save(prof, common.CACHE / "planner-profile.json"))
+    with common.quiet_run(args.wait):
+        state = host_bandwidth()
     prof = clusters.load_file(args.profile)
     d = prof.node.device
     common.log(f"profile {args.profile}: {d.flops['float32'] / 1e9:.1f} GFLOP/s, "
-               f"{d.bandwidth / 1e9:.1f} GB/s")
+               f"{d.bandwidth / 1e9:.1f} GB/s; host reading now {state:.1f} GB/s")
     results = []
     for model in args.models:
         for layout in args.layouts:
             for transport in (args.transports if "tp=1" not in layout and "tp" in layout else ["auto"]):
                 common.log(f"{model} {layout} {transport}")
                 results.append(child(args, model, layout, transport))
+                if results[-1].get("host_gbs"):
+                    common.log("host reading before / after its runs: "
+                               + " / ".join(f"{x:.1f}" for x in results[-1]["host_gbs"]) + " GB/s")
     if args.json:
         raw = {"profile": clusters.to_dict(prof), "results": results, "machine": common.machine(),
-               "settings": {"prompt": args.prompt, "new": args.new, "runs": args.runs}}
+               "settings": {"prompt": args.prompt, "new": args.new, "runs": args.runs},
+               "host_gbs_after_profile": state}
         Path(args.json).write_text(json.dumps(raw, indent=1))
     report(prof, results, Path(args.png))
     return 0
