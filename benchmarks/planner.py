@@ -15,9 +15,13 @@ CPUs is refused and taken again (--attempts). Then each (model, layout, transpor
 process through `meshlm.plan.bench` (1 thread per rank): prefill = one --prompt-token prompt,
 max_tokens=1; decode = (a --new-token run minus a 1-token run) / (new - 1), batch 1; medians of --runs
 after a warm-up. Every timed process takes the benchmarks' lock and waits for other CPU load to fall
-under 20% (common.quiet_run). The host's state is read beside each layout (host_bandwidth: one thread's
-GEMV rate over the calibration's pool, 0.5 s, before and after its runs) and once after the calibration,
-so a row's miss can be set against the host's speed then (the planner host's bandwidth moves ~25%).
+under 20% (common.quiet_run). The host's state is read beside each layout (meshlm.plan.host.read_host:
+one thread's GEMV rate over the calibration's 512 MB pool and its prefill-shaped matmul rate, 0.5 s each,
+before and after its runs) and once after the calibration; the calibration keeps its own reading in the
+profile. Predictions are rescaled to the host beside each layout (bandwidths x now / at calibration,
+matmul rates likewise; --no-rescale: the tables and plot from the profile as calibrated); both pass
+counts are printed. A saved run without the profile's reading is rescaled against the reading taken
+after its calibration (bandwidth only; runs before E have none, so their two counts agree).
 Terms: compute, collectives (tp all-reduces and all-gathers, plus the per-
 step broadcast of the step's input), pipeline transfers (p2p) and bubble; error = (predicted - measured)
 / measured. Progress goes to stderr; the markdown tables go to stdout.
@@ -40,38 +44,22 @@ TERMS = ("compute", "collectives", "p2p", "bubble", "total")  # meshlm.plan.benc
 
 def one(model: str, layout: str, transport: str, profile: str, runs: int, prompt: int, new: int,
         wait: float) -> dict:
-    """Bench one layout in this process (called in a fresh child); the BenchResult as a dict."""
+    """Bench one layout in this process (called in a fresh child); the BenchResult as a dict, with the
+    host's readings before and after its runs and the scale they gave the profile (meshlm.plan.host)."""
     from meshlm.plan import cluster as clusters
     from meshlm.plan.bench import run_bench
     from meshlm.plan.layout import Layout
 
     path = str(common.random_llama(model))
     seen: list[float] = []
-    state = []
     # before every timed run; this process holds the run lock itself, so only the CPU load counts
     before = lambda: seen.append(common.wait_quiet(timeout_s=wait, respect_lock=False))
     with common.quiet_run(wait):
-        state.append(host_bandwidth())
         res = run_bench(path, Layout.parse(layout), clusters.load_file(profile), prompt, new, 1, 1, runs,
                         "float32", None if transport == "auto" else transport, before)
-        state.append(host_bandwidth())
     out = res.as_dict()
-    out.update(model=model, busy=max(seen, default=0.0), requested_transport=transport, host_gbs=state)
+    out.update(model=model, busy=max(seen, default=0.0), requested_transport=transport)
     return out
-
-
-def host_bandwidth(seconds: float = 0.5) -> float:
-    """GB/s of one thread's GEMVs over the calibration's 512 MB pool, read in `seconds`: the host's state
-    beside a layout's runs, to set against the same reading taken after the calibration."""
-    import torch
-
-    from meshlm.plan.calibrate import _pool, _timed
-
-    torch.set_num_threads(1)
-    mats = _pool(4096, 2048, 512)
-    x = torch.randn(1, 2048)
-    sec = _timed(lambda: [torch.nn.functional.linear(x, w) for w in mats], seconds)
-    return len(mats) * 4096 * 2048 * 4 / sec / 1e9
 
 
 def child(args: argparse.Namespace, model: str, layout: str, transport: str) -> dict:
@@ -87,32 +75,69 @@ def child(args: argparse.Namespace, model: str, layout: str, transport: str) -> 
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def repredict(raw: dict) -> list[dict]:
-    """The results of a saved run, each with its predictions recomputed by the current cost model."""
+def reference_of(raw: dict):
+    """The run's calibration-time host reading: the profile's own, else the reading planner.py took right
+    after the calibration (runs before the profile kept one: bandwidth only)."""
+    from meshlm.plan import cluster as clusters
+    from meshlm.plan.host import HostReading, reference
+
+    ref = reference(clusters.from_dict(raw["profile"]))
+    if ref is None and raw.get("host_gbs_after_profile"):
+        ref = HostReading(raw["host_gbs_after_profile"] * 1e9, raw.get("host_gflops_after_profile", 0.0) * 1e9)
+    return ref
+
+
+def readings_of(r: dict) -> list:
+    """A result's host readings (before, after its runs); older runs kept the bandwidth only."""
+    from meshlm.plan.host import HostReading
+
+    if r.get("host"):
+        return [HostReading.from_dict(h) for h in r["host"]]
+    return [HostReading(g * 1e9) for g in r.get("host_gbs") or ()]
+
+
+def repredict(raw: dict, rescaled: bool = True) -> list[dict]:
+    """The results of a saved run, each with its predictions recomputed by the current cost model:
+    `unscaled` from the profile as calibrated, `predicted` from it rescaled to the host readings beside
+    the layout (when `rescaled` and the run has readings; else the same as `unscaled`), `scale` the factors."""
     from meshlm.config import ModelConfig
     from meshlm.plan import cluster as clusters
     from meshlm.plan.bench import predicted_terms
+    from meshlm.plan.host import Scale, mean, rescale, scale_of
     from meshlm.plan.layout import Layout
 
     prof, run = clusters.from_dict(raw["profile"]), raw.get("settings", {"prompt": 256, "new": 32})
+    ref = reference_of(raw)
     out = []
     for r in raw["results"]:
         if not r.get("skipped"):
             cfg = ModelConfig.from_hf(json.loads((common.random_llama(r["model"]) / "config.json").read_text()))
-            r = {**r, "predicted": predicted_terms(cfg, Layout.parse(r["layout"]), prof, run["prompt"],
-                                                   run["new"], 1, "float32", r["transport"])}
+            now = readings_of(r)
+            s = scale_of(ref, mean(now)) if rescaled and now else Scale()
+            lay, tr = Layout.parse(r["layout"]), r["transport"]
+            r = {**r, "unscaled": predicted_terms(cfg, lay, prof, run["prompt"], run["new"], 1, "float32", tr),
+                 "predicted": predicted_terms(cfg, lay, rescale(prof, s), run["prompt"], run["new"], 1, "float32",
+                                              tr),
+                 "scale": {"bandwidth": s.bandwidth, "matmul": s.matmul}}
         out.append(r)
     return out
 
 
+def passes(results: list[dict], key: str = "predicted", band: float = 0.2) -> tuple[int, int]:
+    """(totals within `band` of measured, totals) over both phases of every result not skipped."""
+    errs = [(r[key][ph]["total"] - r["measured"][ph]["total"]) / r["measured"][ph]["total"]
+            for r in results if not r.get("skipped") and r.get(key) for ph in ("prefill", "decode")]
+    return sum(abs(e) <= band for e in errs), len(errs)
+
+
 def table(results: list[dict]) -> str:
     """Markdown: one row per (model, layout, phase, term) with predicted, measured and error."""
-    rows = ["| model | layout | transport | phase | term | predicted ms | measured ms | error |",
-            "|---|---|---|---|---|---:|---:|---:|"]
+    rows = ["| model | layout | transport | phase | term | predicted ms | measured ms | error | host scale |",
+            "|---|---|---|---|---|---:|---:|---:|---|"]
     for r in results:
         if r.get("skipped"):
             rows.append(f"| {r['model']} | {r['layout']} | {r['requested_transport']} | - | - | - | - | "
-                        f"skipped: {r['skipped']} |")
+                        f"skipped: {r['skipped']} | - |")
             continue
         for phase in ("prefill", "decode"):
             for t in TERMS:
@@ -121,8 +146,10 @@ def table(results: list[dict]) -> str:
                     continue
                 err = f"{(p - m) / m:+.0%}" if m > 1e-6 else "-"
                 bold = "**" if t == "total" else ""
+                sc = r.get("scale") or {}
+                scale = f"bw x{sc['bandwidth']:.2f}, mm x{sc['matmul']:.2f}" if sc and t == "total" else ""
                 rows.append(f"| {r['model']} | {r['layout']} | {r['transport'] or '-'} | {phase} | "
-                            f"{bold}{t}{bold} | {p * 1e3:.2f} | {m * 1e3:.2f} | {bold}{err}{bold} |")
+                            f"{bold}{t}{bold} | {p * 1e3:.2f} | {m * 1e3:.2f} | {bold}{err}{bold} | {scale} |")
     return "\n".join(rows)
 
 
@@ -176,6 +203,9 @@ def main() -> int:
     ap.add_argument("--max-load", type=float, default=0.2,
                     help="refuse a calibration during which other processes used more of the CPUs")
     ap.add_argument("--report", default=None, help="a --json file: its measurements against the current model")
+    ap.add_argument("--no-rescale", action="store_true",
+                    help="tables and plot from the profile as calibrated (default: rescaled to the host's "
+                         "readings beside each layout; both pass counts are printed either way)")
     ap.add_argument("--one", nargs=3, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -185,7 +215,7 @@ def main() -> int:
 
     if args.report:
         raw = json.loads(Path(args.report).read_text())
-        report(clusters.from_dict(raw["profile"]), repredict(raw), Path(args.png))
+        report(raw, not args.no_rescale, Path(args.png))
         return 0
 
     if args.profile is None:
@@ -203,34 +233,42 @@ def main() -> int:
         else:
             raise SystemExit("no calibration could be saved; see the reasons above")
         args.profile = str(clusters.save(prof, common.CACHE / "planner-profile.json"))
+    from meshlm.plan.host import read_host, reference
+
     with common.quiet_run(args.wait):
-        state = host_bandwidth()
+        state = read_host()
     prof = clusters.load_file(args.profile)
-    d = prof.node.device
-    common.log(f"profile {args.profile}: {d.flops['float32'] / 1e9:.1f} GFLOP/s, "
-               f"{d.bandwidth / 1e9:.1f} GB/s; host reading now {state:.1f} GB/s")
+    d, ref = prof.node.device, reference(prof)
+    common.log(f"profile {args.profile}: {d.flops['float32'] / 1e9:.1f} GFLOP/s, {d.bandwidth / 1e9:.1f} GB/s; "
+               f"host reading at calibration "
+               + (f"{ref.bandwidth / 1e9:.1f} GB/s, {ref.matmul / 1e9:.1f} GFLOP/s" if ref else "none")
+               + f", now {state.bandwidth / 1e9:.1f} GB/s, {state.matmul / 1e9:.1f} GFLOP/s")
     results = []
     for model in args.models:
         for layout in args.layouts:
             for transport in (args.transports if "tp=1" not in layout and "tp" in layout else ["auto"]):
                 common.log(f"{model} {layout} {transport}")
                 results.append(child(args, model, layout, transport))
-                if results[-1].get("host_gbs"):
+                if results[-1].get("host"):
                     common.log("host reading before / after its runs: "
-                               + " / ".join(f"{x:.1f}" for x in results[-1]["host_gbs"]) + " GB/s")
+                               + " / ".join(f"{h['bandwidth_gbs']:.1f} GB/s, {h['matmul_gflops']:.1f} GFLOP/s"
+                                            for h in results[-1]["host"]))
+    raw = {"profile": clusters.to_dict(prof), "results": results, "machine": common.machine(),
+           "settings": {"prompt": args.prompt, "new": args.new, "runs": args.runs},
+           "host_gbs_after_profile": state.bandwidth / 1e9, "host_gflops_after_profile": state.matmul / 1e9}
     if args.json:
-        raw = {"profile": clusters.to_dict(prof), "results": results, "machine": common.machine(),
-               "settings": {"prompt": args.prompt, "new": args.new, "runs": args.runs},
-               "host_gbs_after_profile": state}
         Path(args.json).write_text(json.dumps(raw, indent=1))
-    report(prof, results, Path(args.png))
+    report(raw, not args.no_rescale, Path(args.png))
     return 0
 
 
-def report(prof, results: list[dict], png: Path) -> None:
-    """Print the profile line and the table; write the plot."""
+def report(raw: dict, rescaled: bool, png: Path) -> None:
+    """Print the profile line, the pass counts with and without rescaling and the table (rescaled or not);
+    write the plot."""
+    from meshlm.plan import cluster as clusters
     from meshlm.plan.fit import slow_text, wait_text
 
+    prof, results, ref = clusters.from_dict(raw["profile"]), repredict(raw, rescaled), reference_of(raw)
     d = prof.node.device
     print(f"Machine: {common.machine()}\n")
     links = "; ".join(f"{ln.transport} alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
@@ -244,6 +282,11 @@ def report(prof, results: list[dict], png: Path) -> None:
           f"overhead {d.layer_overhead * 1e6:.0f} us per layer ({d.pipeline_layer_overhead * 1e6:.0f} in a pp=2 "
           f"stage) + {d.step_overhead * 1e6:.0f} us per step; "
           f"{links}\n")
+    print("Host reading at calibration: " + (f"GEMV {ref.bandwidth / 1e9:.1f} GB/s, matmul "
+          f"{ref.matmul / 1e9:.1f} GFLOP/s" if ref else "none (no rescaling possible)")
+          + "; totals within 20%: {} of {} from the profile as calibrated, ".format(*passes(results, "unscaled"))
+          + "{} of {} rescaled to the host beside each layout; the table ".format(*passes(repredict(raw, True)))
+          + f"and plot: {'rescaled' if rescaled else 'as calibrated'}\n")
     print(table(results))
     print(f"\nHighest other CPU load seen before a run: {max(r.get('busy', 0.0) for r in results):.0%}")
     plot(results, png)

@@ -11,6 +11,11 @@ in the step's first all-reduce (the other ranks start late by that much). At pp 
 the pipeline report of the busiest rank: compute (less its tp collectives), collectives, p2p (send +
 recv) and bubble (idle).
 Medians over `runs`, after a warm-up.
+Rescaling (on by default; `rescale=False`, `meshlm bench --no-rescale` turn it off): when the profile
+kept its calibration's host reading (host.py), the same short probe is read before the engine starts and
+after it stops, and the predictions use the profile scaled by their mean against that reference
+(bandwidths x bandwidth now / then, matmul rates x matmul now / then); the scale and the readings are
+reported beside the predictions, and the unscaled predictions kept in `unscaled`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 from meshlm.plan.cluster import Cluster
 from meshlm.plan.cost import Estimate, estimate
+from meshlm.plan.host import HostReading, Scale, mean, read_host, reference, rescale, scale_of
 from meshlm.plan.layout import Layout, Workload
 
 KEYS = ("compute", "collectives", "p2p", "bubble", "total")
@@ -41,6 +47,9 @@ class BenchResult:
     predicted: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> term -> seconds
     measured: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: str = ""
+    host: list[HostReading] = field(default_factory=list)  # the host's readings: before, after the runs
+    scale: Scale = field(default_factory=Scale)  # applied to the profile for `predicted`
+    unscaled: dict[str, dict[str, float]] = field(default_factory=dict)  # the profile as calibrated
 
     def error(self, phase: str, term: str) -> float | None:
         """(predicted - measured) / measured, or None when the measured term is ~0."""
@@ -50,7 +59,10 @@ class BenchResult:
     def as_dict(self) -> dict[str, Any]:
         """Plain data."""
         return {"layout": str(self.layout), "model": self.model, "transport": self.transport,
-                "predicted": self.predicted, "measured": self.measured, "skipped": self.skipped}
+                "predicted": self.predicted, "measured": self.measured, "skipped": self.skipped,
+                "host": [h.as_dict() for h in self.host], "host_gbs": [h.bandwidth / 1e9 for h in self.host],
+                "scale": {"bandwidth": self.scale.bandwidth, "matmul": self.scale.matmul},
+                "unscaled": self.unscaled}
 
 
 def _ids(n: int, vocab: int, rng: random.Random) -> list[int]:
@@ -134,8 +146,11 @@ def transport_of(llm: Any) -> str:
 
 def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int = 256, new: int = 32,
               batch: int = 1, threads: int = 1, runs: int = 3, dtype: str = "float32",
-              transport: str | None = None, before: Callable[[], Any] | None = None) -> BenchResult:
-    """Load `model` at `layout`, measure both phases, and pair each term with its prediction."""
+              transport: str | None = None, before: Callable[[], Any] | None = None,
+              rescale_to_host: bool = True) -> BenchResult:
+    """Load `model` at `layout`, measure both phases, and pair each term with its prediction (from the
+    profile rescaled to the host's readings beside the runs, when `rescale_to_host` and the profile has a
+    reference reading)."""
     from meshlm import LLM
     from meshlm.engine.engine import EngineConfig
     from meshlm.errors import MeshlmError
@@ -146,6 +161,9 @@ def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int =
     if layout.dp != 1:
         res.skipped = "dp > 1: replicas do not talk to each other; bench one replica (dp=1)."
         return res
+    ref = reference(cluster) if rescale_to_host else None
+    if ref is not None:
+        res.host.append(read_host())  # before the ranks start: nothing else on the cores
     try:
         llm = LLM(model, tp=layout.tp, pp=layout.pp, threads=threads, dtype=dtype, progress=False,
                   engine=EngineConfig(kv_cache_mb=KV_MB), transport=transport, comm_timeout_s=300.0,
@@ -159,7 +177,13 @@ def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int =
     with llm:
         measured = measure(llm, layout, prompt, new, batch, runs, before=before)
         res.transport = transport_of(llm) if layout.tp > 1 else ""
-    res.predicted = predicted_terms(llm.cfg, layout, cluster, prompt, new, batch, dtype, res.transport)
+    res.unscaled = predicted_terms(llm.cfg, layout, cluster, prompt, new, batch, dtype, res.transport)
+    res.predicted = res.unscaled
+    if ref is not None:
+        res.host.append(read_host())
+        res.scale = scale_of(ref, mean(res.host))
+        res.predicted = predicted_terms(llm.cfg, layout, rescale(cluster, res.scale), prompt, new, batch, dtype,
+                                        res.transport)
     res.measured = measured
     return res
 
@@ -169,8 +193,16 @@ def format_bench(res: BenchResult, cluster: Cluster) -> str:
     head = f"{res.model} at {res.layout}" + (f" over {res.transport}" if res.transport else "")
     if res.skipped:
         return f"{head}: skipped: {res.skipped}"
-    lines = [f"{head}; cluster profile {cluster.name} ({cluster.notes.get('source', 'preset')})",
-             f"  {'phase':<9}{'term':<13}{'predicted ms':>14}{'measured ms':>13}{'error':>8}"]
+    lines = [f"{head}; cluster profile {cluster.name} ({cluster.notes.get('source', 'preset')})"]
+    ref = reference(cluster)
+    if res.host and ref is not None:
+        now = mean(res.host)
+        lines.append(f"  host now {now.bandwidth / 1e9:.1f} GB/s, {now.matmul / 1e9:.0f} GFLOP/s against "
+                     f"{ref.bandwidth / 1e9:.1f}, {ref.matmul / 1e9:.0f} at calibration: predicted with "
+                     f"{res.scale.text()}")
+    else:
+        lines.append("  predicted from the profile as calibrated (not rescaled to the host now)")
+    lines.append(f"  {'phase':<9}{'term':<13}{'predicted ms':>14}{'measured ms':>13}{'error':>8}")
     for phase in ("prefill", "decode"):
         for term in KEYS:
             p, m = res.predicted[phase][term], res.measured[phase][term]

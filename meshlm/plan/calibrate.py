@@ -9,6 +9,8 @@ threads). The matmul rate and the bandwidth are measured in rounds until two in 
   attention       causal SDPA of 12 heads x 256 tokens x 64, as a fraction of the matmul rate
   bandwidth       decode-shaped GEMVs (one row) over 512 MB of weights: one rank alone, and the node's
                   total with every rank streaming at once (they start together after a barrier)
+  host reading    host.read_host right after the bandwidth: the short probe a bench repeats to rescale
+                  the profile to the host's state then (notes["host_reading"])
   overhead        meshlm's own seconds per layer and per step (overhead.py: small random models)
   links           two spawned ranks all-reduce 3 KB .. 4 MB over each transport (shared memory, gloo),
                   each call after a GEMV over cold weights as in a decode step; the mean (top 2% of calls
@@ -278,6 +280,7 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
     """Measure this host: one node of cores // threads devices, its links, its memory; refuse (ConfigError)
     when other processes used more than `max_load` of the CPUs meanwhile."""
     from meshlm.plan.cluster import host_cores, uncalibrated_local
+    from meshlm.plan.host import read_host
     from meshlm.plan.overhead import software_overhead
     from meshlm.plan.probe import probe
 
@@ -290,6 +293,7 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
             flops["bfloat16"] = matmul_rate(threads, "bfloat16", quick, tol)
         attn = attention_fraction(threads, quick)
         bw = gemv_bandwidth(threads, quick, tol)
+        ref = read_host(0.2 if quick else 0.5)  # the state that bench readings are set against (host.py)
         node_bw = node_bandwidth(devices, threads, quick) if devices > 1 else bw
         per_layer, per_step = software_overhead(threads, quick, bw)
         links, raw = collective_links(quick) if devices > 1 else ([base.node.link()], {})
@@ -310,7 +314,7 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads_per_rank": threads, "host": _cpu_name(),
              "cores": host_cores(), "other_load": round(load[0], 3),
              "allreduce_mean_us": {t: {str(n): s * 1e6 for n, s in v.items()} for t, v in raw.items()},
-             "seconds": round(time.perf_counter() - t0, 1)}
+             "seconds": round(time.perf_counter() - t0, 1), "host_reading": ref.as_dict()}
     return Cluster("local", 1, node, None, notes)
 
 

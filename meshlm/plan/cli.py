@@ -97,6 +97,10 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--new-tokens", type=int, default=32, help="decode run's tokens (default 32)")
     b.add_argument("--batch", type=int, default=1, help="decode run's sequences (default 1)")
     b.add_argument("--runs", type=int, default=3, help="timed runs per phase; medians (default 3)")
+    b.add_argument("--no-rescale", action="store_true",
+                   help="predict from the profile as calibrated; by default a short reading of the host "
+                        "(GEMV bandwidth, matmul rate) beside the runs scales the profile's bandwidths and "
+                        "matmul rates by now / at calibration (meshlm/plan/host.py)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -143,11 +147,19 @@ def _calibration_text(c: clusters.Cluster, path: Path) -> str:
     return (f"calibrated {c.node.devices} devices ({d.name}) in {c.notes.get('seconds')} s, saved to {path}\n"
             f"  matmul: {', '.join(f'{k} {v / 1e9:.1f} GFLOP/s' for k, v in d.flops.items())}\n"
             f"  memory bandwidth: {d.bandwidth / 1e9:.1f} GB/s per rank, node {cap}\n"
+            f"  host reading (the probe a bench repeats to rescale): {_host_text(c)}\n"
             f"  attention: {d.attention_eff:.2f} x the matmul rate\n"
             f"  software overhead: {d.layer_overhead * 1e6:.0f} us per layer ("
             f"{d.pipeline_layer_overhead * 1e6:.0f} in a pipeline stage), {d.step_overhead * 1e6:.0f} us per "
             f"step\n  links: {links}\n  other processes used {c.notes.get('other_load', 0):.0%} of the CPUs "
             "meanwhile")
+
+
+def _host_text(c: clusters.Cluster) -> str:
+    from meshlm.plan.host import reference
+
+    ref = reference(c)
+    return "none" if ref is None else f"GEMV {ref.bandwidth / 1e9:.1f} GB/s, matmul {ref.matmul / 1e9:.1f} GFLOP/s"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -158,7 +170,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = []
     for text in args.layout:
         res = run_bench(args.model, Layout.parse(text), c, args.prompt_tokens, args.new_tokens, args.batch,
-                        args.threads, args.runs, args.dtype, args.transport)
+                        args.threads, args.runs, args.dtype, args.transport,
+                        rescale_to_host=not args.no_rescale)
         results.append(res)
         if not args.json:
             print(format_bench(res, c), flush=True)

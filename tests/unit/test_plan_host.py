@@ -1,0 +1,95 @@
+"""Live rescaling of a profile to the host's state (meshlm/plan/host.py): the scale from two readings, what
+it changes in a profile, and what that does to the cost model's bandwidth- and compute-bound terms."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from test_plan_memory import LLAMA3_8B, cfg
+
+from meshlm.plan import cluster as clusters
+from meshlm.plan.bench import BenchResult, format_bench
+from meshlm.plan.cost import Model, Pass
+from meshlm.plan.host import HostReading, Scale, mean, reference, rescale, scale_of
+from meshlm.plan.layout import Layout
+
+SMALL = {**LLAMA3_8B, "num_hidden_layers": 4, "vocab_size": 1024}
+DECODE, PREFILL = Pass(1, 17, 17, 1), Pass(256, 256 * 257 / 2, 256, 1)
+
+
+def profile(**notes) -> clusters.Cluster:
+    """The cpu-host preset cut to 2 cores, no software overhead (the roofline alone), with `notes`."""
+    c = clusters.resolve("cpu-host")
+    dev = replace(c.node.device, layer_overhead=0.0, pipeline_layer_overhead=0.0, step_overhead=0.0)
+    return replace(c, node=replace(c.node, devices=2, device=dev), notes=notes)
+
+
+def compute(c: clusters.Cluster, work: Pass) -> float:
+    """Seconds of the compute term of one tp=1 forward of `work`."""
+    return Model(cfg(SMALL), Layout(), c, "float32").stage(0, work).compute
+
+
+def test_scale_is_now_over_calibration_per_quantity():
+    """(12 / 10 GB/s, 90 / 100 GFLOP/s) -> x1.2, x0.9; a quantity either side lacks, or no reference: x1."""
+    ref = HostReading(10e9, 100e9)
+    assert scale_of(ref, HostReading(12e9, 90e9)) == pytest.approx(Scale(1.2, 0.9))
+    assert scale_of(ref, HostReading(12e9)) == Scale(1.2, 1.0)
+    assert scale_of(HostReading(10e9), HostReading(12e9, 90e9)) == Scale(1.2, 1.0)
+    assert scale_of(None, HostReading(12e9, 90e9)) == Scale()
+
+
+def test_mean_of_readings_skips_quantities_not_read():
+    """The mean of before and after, each quantity over the readings that have it."""
+    got = mean([HostReading(10e9, 0.0), HostReading(14e9, 120e9)])
+    assert got.bandwidth == pytest.approx(12e9) and got.matmul == pytest.approx(120e9)
+
+
+def test_rescale_scales_bandwidths_and_matmul_rates_only():
+    """Per-rank bandwidth and the node's cap x bandwidth, every dtype's rate x matmul; overheads, links and
+    attention's fraction as calibrated; the scale is noted in the profile."""
+    c = profile()
+    c = replace(c, node=replace(c.node, device=replace(c.node.device, layer_overhead=300e-6)))
+    got = rescale(c, Scale(0.8, 1.25))
+    d0, d1 = c.node.device, got.node.device
+    assert d1.bandwidth == pytest.approx(0.8 * d0.bandwidth)
+    assert got.node.memory_bandwidth == pytest.approx(0.8 * c.node.memory_bandwidth)
+    assert d1.flops == pytest.approx({k: 1.25 * v for k, v in d0.flops.items()})
+    assert (d1.layer_overhead, d1.attention_eff, got.node.links) == (d0.layer_overhead, d0.attention_eff,
+                                                                     c.node.links)
+    assert got.notes["scale"] == {"bandwidth": 0.8, "matmul": 1.25}
+
+
+def test_decode_follows_bandwidth_and_prefill_follows_the_matmul_rate():
+    """A batch-1 decode step is bandwidth-bound (all but its attention scores, < 0.1% here): twice the
+    bandwidth halves its compute term, twice the matmul rate leaves it; a 256-token prefill is compute-bound: twice the matmul rate takes most of it off (the
+    activations' streaming stays), and both x2 halve it exactly."""
+    c = profile()
+    dec, pre = compute(c, DECODE), compute(c, PREFILL)
+    assert compute(rescale(c, Scale(2.0, 1.0)), DECODE) == pytest.approx(dec / 2, rel=1e-3)
+    assert compute(rescale(c, Scale(1.0, 2.0)), DECODE) == pytest.approx(dec, rel=1e-3)
+    assert pre / 2 < compute(rescale(c, Scale(1.0, 2.0)), PREFILL) < 0.6 * pre
+    assert compute(rescale(c, Scale(2.0, 2.0)), PREFILL) == pytest.approx(pre / 2)
+
+
+def test_the_reference_reading_survives_the_profile_file(tmp_path):
+    """notes["host_reading"] (human units) round-trips through save / load_file; a profile without it has
+    no reference."""
+    ref = HostReading(14.2e9, 121e9)
+    c = profile(host_reading=ref.as_dict())
+    back = clusters.load_file(clusters.save(c, tmp_path / "p.json"))
+    assert reference(back) == pytest.approx(ref)
+    assert reference(profile()) is None
+
+
+def test_bench_text_shows_the_scale_beside_the_predictions():
+    """format_bench names the readings now and at calibration and the scale the predictions used."""
+    c = profile(host_reading=HostReading(10e9, 100e9).as_dict())
+    res = BenchResult(Layout(), "m", host=[HostReading(11e9, 95e9), HostReading(13e9, 85e9)],
+                      scale=scale_of(reference(c), HostReading(12e9, 90e9)))
+    res.predicted = res.measured = {ph: dict.fromkeys(("compute", "collectives", "p2p", "bubble", "total"), 0.01)
+                                    for ph in ("prefill", "decode")}
+    text = format_bench(res, c)
+    assert "host now 12.0 GB/s, 90 GFLOP/s against 10.0, 100 at calibration" in text
+    assert "bandwidth x1.20, matmul x0.90" in text
+    assert "not rescaled" in format_bench(replace(res, host=[]), c)
