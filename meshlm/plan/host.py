@@ -2,13 +2,14 @@
 
 A CPU host shared with work we cannot see (a VM's vCPUs) runs in faster and slower states: the planner
 host's GEMV bandwidth moved 10.4-15.0 GB/s between layouts minutes apart, its matmul rate 100-145 GFLOP/s
-between calibrations. A profile taken in one state mispredicts runs taken in the other. So calibration
-keeps a short reading of the host (`read_host`: one thread's GEMV rate over a 512 MB pool and one
-thread's prefill-shaped matmul rate, ~0.5 s of timing each) in the profile's notes ("host_reading"), and a
-bench reads the same probe again beside its runs (before the engine starts, after it stops; their mean): `rescale` multiplies the profile's bandwidths (per rank and
-the node's cap) by bandwidth now / at calibration and its matmul rates (every dtype; attention follows,
-being a fraction of them) by matmul rate now / at calibration. Software overheads, links, waits and
-slows are left as calibrated. Optional: `meshlm bench --no-rescale`, `benchmarks/planner.py --no-rescale`.
+between calibrations. A profile taken in one state mispredicts runs taken in the other. So calibration keeps
+a short reading of the host (`read_host`: one thread's GEMV rate over a 512 MB pool and one thread's
+prefill-shaped matmul rate, ~0.5 s of timing each) in the profile's notes ("host_reading"), and a bench
+reads the same probe again beside its runs (before the engine starts, after it stops; their mean): `rescale`
+multiplies the profile's bandwidths (per rank and the node's cap) by bandwidth now / at calibration and its
+matmul rates (every dtype; attention follows, being a fraction of them) by matmul rate now / at calibration.
+Software overheads, links, waits and slows are left as calibrated. Optional: `meshlm bench --no-rescale`,
+`benchmarks/planner.py --no-rescale`.
 """
 
 from __future__ import annotations

@@ -62,8 +62,9 @@ def test_rescale_scales_bandwidths_and_matmul_rates_only():
 
 def test_decode_follows_bandwidth_and_prefill_follows_the_matmul_rate():
     """A batch-1 decode step is bandwidth-bound (all but its attention scores, < 0.1% here): twice the
-    bandwidth halves its compute term, twice the matmul rate leaves it; a 256-token prefill is compute-bound: twice the matmul rate takes most of it off (the
-    activations' streaming stays), and both x2 halve it exactly."""
+    bandwidth halves its compute term, twice the matmul rate leaves it; a 256-token prefill is
+    compute-bound: twice the matmul rate takes most of it off (the activations' streaming stays), and both
+    x2 halve it exactly."""
     c = profile()
     dec, pre = compute(c, DECODE), compute(c, PREFILL)
     assert compute(rescale(c, Scale(2.0, 1.0)), DECODE) == pytest.approx(dec / 2, rel=1e-3)
