@@ -84,8 +84,15 @@ def host_matmul(seconds: float = 0.5) -> float:
 
 
 def read_host(seconds: float = 0.5) -> HostReading:
-    """Both probes, `seconds` of timing each (plus allocating their pools: ~1-2 s in all)."""
-    return HostReading(host_bandwidth(seconds), host_matmul(seconds))
+    """Both probes, `seconds` of timing each (plus allocating their pools: ~1-2 s in all). The probes run
+    on one thread; the caller's intra-op thread count is restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return HostReading(host_bandwidth(seconds), host_matmul(seconds))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def mean(readings: list[HostReading]) -> HostReading:
