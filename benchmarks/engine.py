@@ -165,9 +165,10 @@ def main() -> None:
     # 2 tokens each, all at once through both engines (first-touch of activation memory, lazy init), untimed.
     vocab = llm.cfg.vocab_size
     warm = [(p, 2) for p, _ in workload(args.requests, 99, vocab)]
-    for name, run in engines:
+    for name, run in engines:  # under the lock too: a warm-up takes both cores from anyone's timed run
         print(f"[engine bench] warm-up: {name} ...", file=sys.stderr, flush=True)
-        run([0.0] * len(warm), warm)
+        with common.quiet_run(args.wait):
+            run([0.0] * len(warm), warm)
     rows = []
     for i, (label, rate) in enumerate((("all at once", None), (f"Poisson {args.rate}/s", args.rate))):
         work = workload(args.requests, i, vocab)
