@@ -28,6 +28,7 @@ import logging
 import multiprocessing as mp
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -59,15 +60,22 @@ def _pool(rows: int, cols: int, megabytes: int, dtype: str = "float32") -> list:
     return [torch.randn(rows, cols).to(getattr(torch, dtype)) for _ in range(n)]
 
 
-def matmul_rate(threads: int, dtype: str = "float32", quick: bool = False, tol: float = 0.05) -> float:
-    """FLOP/s of a prefill-shaped matmul on `threads` threads, weights read cold."""
+def matmul_meter(threads: int, megabytes: int, dtype: str = "float32") -> Callable[[float], float]:
+    """seconds -> FLOP/s of a prefill-shaped matmul ([256, 1024] x [1024, 3584]) on `threads` threads,
+    cycling through `megabytes` of weights (read cold); the pool is built once, each call times again."""
     import torch
 
     torch.set_num_threads(threads)
-    mats = _pool(3584, 1024, 32 if quick else 320, dtype)
+    mats = _pool(3584, 1024, megabytes, dtype)
     a = torch.randn(256, 1024).to(getattr(torch, dtype))
     sweep = lambda: [torch.nn.functional.linear(a, w) for w in mats]
-    rate = lambda: 2 * 256 * 1024 * 3584 * len(mats) / _timed(sweep, 0.2 if quick else 1.0)
+    return lambda seconds: 2 * 256 * 1024 * 3584 * len(mats) / _timed(sweep, seconds)
+
+
+def matmul_rate(threads: int, dtype: str = "float32", quick: bool = False, tol: float = 0.05) -> float:
+    """FLOP/s of a prefill-shaped matmul on `threads` threads, weights read cold."""
+    meter = matmul_meter(threads, 32 if quick else 320, dtype)
+    rate = lambda: meter(0.2 if quick else 1.0)
     return rate() if quick else settle(rate, f"the {dtype} matmul rate", tol)
 
 
@@ -84,15 +92,22 @@ def attention_fraction(threads: int, quick: bool = False) -> float:
     return (4 * 12 * 64 * 256 * 257 / 2 / sec) / (2 * 256 * 768 * 768 / mm)
 
 
-def gemv_bandwidth(threads: int, quick: bool = False, tol: float = 0.05) -> float:
-    """Bytes/s streamed by decode-shaped GEMVs over more weights than the last-level cache holds."""
+def gemv_meter(threads: int, megabytes: int) -> Callable[[float], float]:
+    """seconds -> bytes/s streamed by decode-shaped GEMVs ([1, 2048] x [2048, 4096]) on `threads` threads
+    over `megabytes` of weights; the pool is built once, each call times again."""
     import torch
 
     torch.set_num_threads(threads)
-    mats = _pool(4096, 2048, 32 if quick else 512)
+    mats = _pool(4096, 2048, megabytes)
     x = torch.randn(1, 2048)
     sweep = lambda: [torch.nn.functional.linear(x, w) for w in mats]
-    rate = lambda: len(mats) * 4096 * 2048 * 4 / _timed(sweep, 0.3 if quick else 1.5)
+    return lambda seconds: len(mats) * 4096 * 2048 * 4 / _timed(sweep, seconds)
+
+
+def gemv_bandwidth(threads: int, quick: bool = False, tol: float = 0.05) -> float:
+    """Bytes/s streamed by decode-shaped GEMVs over more weights than the last-level cache holds."""
+    meter = gemv_meter(threads, 32 if quick else 512)
+    rate = lambda: meter(0.3 if quick else 1.5)
     return rate() if quick else settle(rate, "the GEMV bandwidth", tol)
 
 

@@ -20,9 +20,8 @@ from typing import Any
 
 from meshlm.plan.cluster import Cluster
 
-GEMV = (4096, 2048, 512)  # rows, cols, pool MB: calibrate.gemv_bandwidth's shape and pool
-MATMUL = (3584, 1024, 64)  # calibrate.matmul_rate's weight shape; a smaller pool (the probe is cheap)
-ROWS = 256  # tokens of the prefill-shaped matmul
+GEMV_MB = 512  # the GEMV probe's pool: calibrate.gemv_bandwidth's
+MATMUL_MB = 64  # the matmul probe's pool: smaller than calibrate.matmul_rate's (the probe is cheap)
 
 
 @dataclass(frozen=True)
@@ -57,30 +56,16 @@ class Scale:
 
 def host_bandwidth(seconds: float = 0.5) -> float:
     """Bytes/s of one thread's decode-shaped GEMVs over calibrate.gemv_bandwidth's 512 MB pool."""
-    import torch
+    from meshlm.plan.calibrate import gemv_meter
 
-    from meshlm.plan.calibrate import _pool, _timed
-
-    torch.set_num_threads(1)
-    rows, cols, mb = GEMV
-    mats = _pool(rows, cols, mb)
-    x = torch.randn(1, cols)
-    sec = _timed(lambda: [torch.nn.functional.linear(x, w) for w in mats], seconds)
-    return len(mats) * rows * cols * 4 / sec
+    return gemv_meter(1, GEMV_MB)(seconds)
 
 
 def host_matmul(seconds: float = 0.5) -> float:
-    """FLOP/s of one thread's prefill-shaped fp32 matmul ([256, 1024] x [1024, 3584], weights cycled)."""
-    import torch
+    """FLOP/s of one thread's prefill-shaped fp32 matmul (calibrate.matmul_rate's shape, weights cycled)."""
+    from meshlm.plan.calibrate import matmul_meter
 
-    from meshlm.plan.calibrate import _pool, _timed
-
-    torch.set_num_threads(1)
-    rows, cols, mb = MATMUL
-    mats = _pool(rows, cols, mb)
-    a = torch.randn(ROWS, cols)
-    sec = _timed(lambda: [torch.nn.functional.linear(a, w) for w in mats], seconds)
-    return 2 * ROWS * cols * rows * len(mats) / sec
+    return matmul_meter(1, MATMUL_MB)(seconds)
 
 
 def read_host(seconds: float = 0.5) -> HostReading:
