@@ -193,6 +193,12 @@ class Model:
                      for s in range(pp)]  # hop s: stage s -> s + 1 (the last: back to stage 0)
         self.control_link = cluster.link_between(list(range(layout.model_ranks)))
 
+    def tp_calls(self, s: int) -> int:
+        """Tensor-parallel collectives per forward of stage s: two per layer (after o_proj and down_proj),
+        the embedding's all-reduce on the first stage, the logits' all-gather on the last."""
+        layers = next(r.layers for r in self.shares if r.stage == s)
+        return 2 * layers + (s == 0) + (s == self.layout.pp - 1)
+
     def stage(self, s: int, work: Pass, slowdown: float = 1.0) -> StageCost:
         """Seconds of stage s for one forward of `work`, `slowdown` times longer (cores shared)."""
         dev, cfg, tp = self.cluster.node.device, self.cfg, self.layout.tp
@@ -201,13 +207,11 @@ class Model:
         layers = next(r.layers for r in self.shares if r.stage == s)
         row = work.tokens * cfg.hidden_size * self.elem
         coll = 2 * layers * all_reduce(self.tp_link, tp, row)
-        calls = 2 * layers
         if s == 0:
             coll += all_reduce(self.tp_link, tp, row)
-            calls += 1
         if s == self.layout.pp - 1:
             coll += all_gather(self.tp_link, tp, work.rows * cfg.vocab_size * 4)
-            calls += 1
+        calls = self.tp_calls(s)
         compute = best[0]
         if tp > 1:  # the transport's own cost on the compute between calls, then each call's wait for
             # the slowest peer of that compute (both measured in the engine: Link.slows, Link.waits)

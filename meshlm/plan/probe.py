@@ -145,7 +145,7 @@ def slow_point(s: Sample, cfg: Any, cluster: Cluster, work: Pass) -> tuple[float
     compute the transport adds between two collectives beyond the roofline."""
     model = Model(cfg, Layout(1, 1, 2), cluster, "float32")
     best = max(forward_seconds(cfg, r, work, model.rates)[0] for r in model.shares)
-    calls = 2 * cfg.num_layers + 2  # two all-reduces per layer, the embedding's, the logits' gather
+    calls = model.tp_calls(0)
     return best / calls, segment(s, cluster.node.device.step_overhead) - best / calls
 
 
