@@ -113,8 +113,6 @@ def cpu_busy(dt: float = 0.5) -> float:
     return 1.0 - (i1 - i0) / max(1, t1 - t0)
 
 
-
-
 LOCK = CACHE / ".run.lock"  # held (LOCK_EX) by quiet_run for the length of one timed run
 
 
