@@ -15,13 +15,14 @@ CPUs is refused and taken again (--attempts). Then each (model, layout, transpor
 process through `meshlm.plan.bench` (1 thread per rank): prefill = one --prompt-token prompt,
 max_tokens=1; decode = (a --new-token run minus a 1-token run) / (new - 1), batch 1; medians of --runs
 after a warm-up. Every timed process takes the benchmarks' lock and waits for other CPU load to fall
-under 20% (common.quiet_run). The host's state is read beside each layout (meshlm.plan.host.read_host:
+under 20% (common.quiet_run). The host's state is read beside each layout (meshlm.plan.host.HostProbe:
 one thread's GEMV rate over the calibration's 512 MB pool and its prefill-shaped matmul rate, 0.5 s each,
-before and after its runs) and once after the calibration; the calibration keeps its own reading in the
-profile. Predictions are rescaled to the host beside each layout (bandwidths x now / at calibration,
-matmul rates likewise; --no-rescale: the tables and plot from the profile as calibrated); both pass
-counts are printed. A saved run without the profile's reading is rescaled against the reading taken
-after its calibration (bandwidth only; runs before E have none, so their two counts agree).
+before the engine starts, right before every timed run and after it stops; runs before G: before and after
+only) and once after the calibration; the calibration keeps its own reading in the profile. Each phase's
+predictions are rescaled to the readings beside its runs (bandwidths x now / at calibration, matmul rates
+likewise; --no-rescale: the tables and plot from the profile as calibrated); both pass counts are
+printed. A saved run without the profile's reading is rescaled against the reading taken after its
+calibration (bandwidth only; runs before E have none, so their two counts agree).
 Terms: compute, collectives (tp all-reduces and all-gathers, plus the per-
 step broadcast of the step's input), pipeline transfers (p2p) and bubble; error = (predicted - measured)
 / measured. Progress goes to stderr; the markdown tables go to stdout.
@@ -98,12 +99,12 @@ def readings_of(r: dict) -> list:
 
 def repredict(raw: dict, rescaled: bool = True) -> list[dict]:
     """The results of a saved run, each with its predictions recomputed by the current cost model:
-    `unscaled` from the profile as calibrated, `predicted` from it rescaled to the host readings beside
-    the layout (when `rescaled` and the run has readings; else the same as `unscaled`), `scale` the factors."""
+    `unscaled` from the profile as calibrated, `predicted` with each phase from it rescaled to the host
+    readings beside that phase's runs (bench.rescaled_terms; older runs: all of the layout's readings), when
+    `rescaled` and the run has readings (else the same as `unscaled`); `scale` the factors per phase."""
     from meshlm.config import ModelConfig
     from meshlm.plan import cluster as clusters
-    from meshlm.plan.bench import predicted_terms
-    from meshlm.plan.host import Scale, mean, rescale, scale_of
+    from meshlm.plan.bench import predicted_terms, rescaled_terms
     from meshlm.plan.layout import Layout
 
     prof, run = clusters.from_dict(raw["profile"]), raw.get("settings", {"prompt": 256, "new": 32})
@@ -112,13 +113,11 @@ def repredict(raw: dict, rescaled: bool = True) -> list[dict]:
     for r in raw["results"]:
         if not r.get("skipped"):
             cfg = ModelConfig.from_hf(json.loads((common.random_llama(r["model"]) / "config.json").read_text()))
-            now = readings_of(r)
-            s = scale_of(ref, mean(now)) if rescaled and now else Scale()
             lay, tr = Layout.parse(r["layout"]), r["transport"]
-            r = {**r, "unscaled": predicted_terms(cfg, lay, prof, run["prompt"], run["new"], 1, "float32", tr),
-                 "predicted": predicted_terms(cfg, lay, rescale(prof, s), run["prompt"], run["new"], 1, "float32",
-                                              tr),
-                 "scale": {"bandwidth": s.bandwidth, "matmul": s.matmul}}
+            args = (cfg, lay, prof, run["prompt"], run["new"], 1, "float32", tr)
+            pred, scales = rescaled_terms(*args, ref if rescaled else None, readings_of(r))
+            r = {**r, "unscaled": predicted_terms(*args), "predicted": pred,
+                 "scale": {ph: {"bandwidth": s.bandwidth, "matmul": s.matmul} for ph, s in scales.items()}}
         out.append(r)
     return out
 
@@ -146,7 +145,7 @@ def table(results: list[dict]) -> str:
                     continue
                 err = f"{(p - m) / m:+.0%}" if m > 1e-6 else "-"
                 bold = "**" if t == "total" else ""
-                sc = r.get("scale") or {}
+                sc = (r.get("scale") or {}).get(phase)
                 scale = f"bw x{sc['bandwidth']:.2f}, mm x{sc['matmul']:.2f}" if sc and t == "total" else ""
                 rows.append(f"| {r['model']} | {r['layout']} | {r['transport'] or '-'} | {phase} | "
                             f"{bold}{t}{bold} | {p * 1e3:.2f} | {m * 1e3:.2f} | {bold}{err}{bold} | {scale} |")
@@ -250,8 +249,8 @@ def main() -> int:
                 common.log(f"{model} {layout} {transport}")
                 results.append(child(args, model, layout, transport))
                 if results[-1].get("host"):
-                    common.log("host reading before / after its runs: "
-                               + " / ".join(f"{h['bandwidth_gbs']:.1f} GB/s, {h['matmul_gflops']:.1f} GFLOP/s"
+                    common.log("host readings (GB/s GEMV, GFLOP/s matmul) at start, before each run, end: "
+                               + " / ".join(f"{h['bandwidth_gbs']:.1f} {h['matmul_gflops']:.0f}"
                                             for h in results[-1]["host"]))
     raw = {"profile": clusters.to_dict(prof), "results": results, "machine": common.machine(),
            "settings": {"prompt": args.prompt, "new": args.new, "runs": args.runs},

@@ -12,10 +12,11 @@ the pipeline report of the busiest rank: compute (less its tp collectives), coll
 recv) and bubble (idle).
 Medians over `runs`, after a warm-up.
 Rescaling (on by default; `rescale=False`, `meshlm bench --no-rescale` turn it off): when the profile
-kept its calibration's host reading (host.py), the same short probe is read before the engine starts and
-after it stops, and the predictions use the profile scaled by their mean against that reference
-(bandwidths x bandwidth now / then, matmul rates x matmul now / then); the scale and the readings are
-reported beside the predictions, and the unscaled predictions kept in `unscaled`.
+kept its calibration's host reading (host.py), the same short probe is read before the engine starts,
+right before every timed run and after the engine stops, and each phase is predicted from the profile
+scaled by the mean of the readings beside its runs (host.beside) against that reference (bandwidths x
+bandwidth now / then, matmul rates x matmul now / then); the scales and the readings are reported beside
+the predictions, and the unscaled predictions kept in `unscaled`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 from meshlm.plan.cluster import Cluster
 from meshlm.plan.cost import Estimate, estimate
-from meshlm.plan.host import HostReading, Scale, mean, read_host, reference, rescale, scale_of
+from meshlm.plan.host import HostProbe, HostReading, Scale, beside, mean, reference, rescale, scale_of
 from meshlm.plan.layout import Layout, Workload
 
 KEYS = ("compute", "collectives", "p2p", "bubble", "total")
@@ -47,8 +48,8 @@ class BenchResult:
     predicted: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> term -> seconds
     measured: dict[str, dict[str, float]] = field(default_factory=dict)
     skipped: str = ""
-    host: list[HostReading] = field(default_factory=list)  # the host's readings: before, after the runs
-    scale: Scale = field(default_factory=Scale)  # applied to the profile for `predicted`
+    host: list[HostReading] = field(default_factory=list)  # the host's readings, labelled by when (host.py)
+    scales: dict[str, Scale] = field(default_factory=dict)  # phase -> applied to the profile for `predicted`
     unscaled: dict[str, dict[str, float]] = field(default_factory=dict)  # the profile as calibrated
 
     def error(self, phase: str, term: str) -> float | None:
@@ -61,7 +62,7 @@ class BenchResult:
         return {"layout": str(self.layout), "model": self.model, "transport": self.transport,
                 "predicted": self.predicted, "measured": self.measured, "skipped": self.skipped,
                 "host": [h.as_dict() for h in self.host], "host_gbs": [h.bandwidth / 1e9 for h in self.host],
-                "scale": {"bandwidth": self.scale.bandwidth, "matmul": self.scale.matmul},
+                "scale": {ph: {"bandwidth": s.bandwidth, "matmul": s.matmul} for ph, s in self.scales.items()},
                 "unscaled": self.unscaled}
 
 
@@ -101,19 +102,19 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def measure(llm: Any, layout: Layout, prompt: int, new: int, batch: int, runs: int, seed: int = 0,
-            before: Callable[[], Any] | None = None) -> dict[str, dict[str, float]]:
-    """Seconds per term: TTFT of one prompt, TPOT of `batch` sequences; `before()` precedes each timed run."""
+            before: Callable[[str], Any] | None = None) -> dict[str, dict[str, float]]:
+    """Seconds per term: TTFT of one prompt, TPOT of `batch` sequences; `before(phase)` precedes each timed run."""
     rng, vocab, pp = random.Random(seed), llm.cfg.vocab_size, layout.pp
-    before = before or (lambda: None)
+    before = before or (lambda phase: None)
     _run(llm, [_ids(SHORT, vocab, rng) for _ in range(batch)], 4, pp)  # warm-up: both phases
     _run(llm, [_ids(prompt, vocab, rng)], 1, pp)
     pre = []
     for _ in range(runs):
-        before()
+        before("prefill")
         pre.append(_run(llm, [_ids(prompt, vocab, rng)], 1, pp))
     dec = []
     for _ in range(runs):
-        before()
+        before("decode")
         a = _run(llm, [_ids(SHORT, vocab, rng) for _ in range(batch)], 1, pp)
         b = _run(llm, [_ids(SHORT, vocab, rng) for _ in range(batch)], new, pp)
         dec.append({k: (b[k] - a[k]) / (new - 1) for k in KEYS})
@@ -136,6 +137,21 @@ def predicted_terms(cfg: Any, layout: Layout, cluster: Cluster, prompt: int, new
     return {ph: {"compute": t.compute, "collectives": t.collectives + t.control, "p2p": t.p2p,
                  "bubble": t.bubble, "total": t.total}
             for ph, t in (("prefill", pre.prefill), ("decode", dec.decode))}
+
+
+def rescaled_terms(cfg: Any, layout: Layout, cluster: Cluster, prompt: int, new: int, batch: int, dtype: str,
+                   transport: str, ref: HostReading | None,
+                   readings: list[HostReading]) -> tuple[dict[str, dict[str, float]], dict[str, Scale]]:
+    """predicted_terms with each phase from the profile rescaled to the readings beside that phase's runs
+    (host.beside) against `ref`; and the scale per phase (1 without a reference or readings)."""
+    terms: dict[str, dict[str, float]] = {}
+    scales: dict[str, Scale] = {}
+    for phase in ("prefill", "decode"):
+        now = beside(readings, phase)
+        scales[phase] = scale_of(ref, mean(now)) if now else Scale()
+        terms[phase] = predicted_terms(cfg, layout, rescale(cluster, scales[phase]), prompt, new, batch, dtype,
+                                       transport)[phase]
+    return terms, scales
 
 
 def transport_of(llm: Any) -> str:
@@ -162,8 +178,9 @@ def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int =
         res.skipped = "dp > 1: replicas do not talk to each other; bench one replica (dp=1)."
         return res
     ref = reference(cluster) if rescale_to_host else None
-    if ref is not None:
-        res.host.append(read_host())  # before the ranks start: nothing else on the cores
+    probe = HostProbe() if ref is not None else None
+    if probe is not None:
+        res.host.append(probe.read("start"))  # before the ranks start: nothing else on the cores
     try:
         llm = LLM(model, tp=layout.tp, pp=layout.pp, threads=threads, dtype=dtype, progress=False,
                   engine=EngineConfig(kv_cache_mb=KV_MB), transport=transport, comm_timeout_s=300.0,
@@ -174,16 +191,22 @@ def run_bench(model: str | None, layout: Layout, cluster: Cluster, prompt: int =
     except MeshlmError as e:
         res.skipped = f"LLM(tp={layout.tp}, pp={layout.pp}) failed to start: {e}"
         return res
+
+    def hook(phase: str) -> None:  # the caller's, then a reading while the other ranks sleep between runs
+        if before is not None:
+            before()
+        if probe is not None:
+            res.host.append(probe.read(phase))
+
     with llm:
-        measured = measure(llm, layout, prompt, new, batch, runs, before=before)
+        measured = measure(llm, layout, prompt, new, batch, runs, before=hook)
         res.transport = transport_of(llm) if layout.tp > 1 else ""
     res.unscaled = predicted_terms(llm.cfg, layout, cluster, prompt, new, batch, dtype, res.transport)
     res.predicted = res.unscaled
-    if ref is not None:
-        res.host.append(read_host())
-        res.scale = scale_of(ref, mean(res.host))
-        res.predicted = predicted_terms(llm.cfg, layout, rescale(cluster, res.scale), prompt, new, batch, dtype,
-                                        res.transport)
+    if probe is not None:
+        res.host.append(probe.read("end"))
+        res.predicted, res.scales = rescaled_terms(llm.cfg, layout, cluster, prompt, new, batch, dtype,
+                                                   res.transport, ref, res.host)
     res.measured = measured
     return res
 
@@ -196,10 +219,11 @@ def format_bench(res: BenchResult, cluster: Cluster) -> str:
     lines = [f"{head}; cluster profile {cluster.name} ({cluster.notes.get('source', 'preset')})"]
     ref = reference(cluster)
     if res.host and ref is not None:
-        now = mean(res.host)
-        lines.append(f"  host now {now.bandwidth / 1e9:.1f} GB/s, {now.matmul / 1e9:.0f} GFLOP/s against "
-                     f"{ref.bandwidth / 1e9:.1f}, {ref.matmul / 1e9:.0f} at calibration: predicted with "
-                     f"{res.scale.text()}")
+        for phase, sc in res.scales.items():
+            now = mean(beside(res.host, phase))
+            lines.append(f"  host beside the {phase} runs {now.bandwidth / 1e9:.1f} GB/s, {now.matmul / 1e9:.0f} "
+                         f"GFLOP/s against {ref.bandwidth / 1e9:.1f}, {ref.matmul / 1e9:.0f} at calibration: "
+                         f"predicted with {sc.text()}")
     else:
         lines.append("  predicted from the profile as calibrated (not rescaled to the host now)")
     lines.append(f"  {'phase':<9}{'term':<13}{'predicted ms':>14}{'measured ms':>13}{'error':>8}")

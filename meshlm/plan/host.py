@@ -1,13 +1,17 @@
 """The host's state now, against its state when the profile was calibrated: live rescaling of a profile.
 
 A CPU host shared with work we cannot see (a VM's vCPUs) runs in faster and slower states: the planner
-host's GEMV bandwidth moved 10.4-15.0 GB/s between layouts minutes apart, its matmul rate 100-145 GFLOP/s
-between calibrations. A profile taken in one state mispredicts runs taken in the other. So calibration keeps
-a short reading of the host (`read_host`: one thread's GEMV rate over a 512 MB pool and one thread's
-prefill-shaped matmul rate, ~0.5 s of timing each) in the profile's notes ("host_reading"), and a bench
-reads the same probe again beside its runs (before the engine starts, after it stops; their mean): `rescale`
-multiplies the profile's bandwidths (per rank and the node's cap) by bandwidth now / at calibration and its
-matmul rates (every dtype; attention follows, being a fraction of them) by matmul rate now / at calibration.
+host's GEMV bandwidth moved 10.4-15.0 GB/s between layouts minutes apart (and within seconds), its matmul
+rate 100-145 GFLOP/s between calibrations. A profile taken in one state mispredicts runs taken in the other.
+So calibration keeps a short reading of the host (`read_host`: one thread's GEMV rate over a 512 MB pool and
+one thread's prefill-shaped matmul rate, ~0.5 s of timing each) in the profile's notes ("host_reading"),
+and a bench reads the same probe again (a `HostProbe`, its pools built once) before the engine starts,
+right before every timed run (the other ranks idle then: they sleep on the control channel) and after the
+engine stops. Each phase is predicted from the readings beside its own runs (`beside`: those taken before
+its runs, and the next one after its last run), since the state moves within a layout's minute of runs:
+`rescale` multiplies the profile's bandwidths (per rank and the node's cap) by bandwidth now / at
+calibration and its matmul rates (every dtype; attention follows, being a fraction of them) by matmul
+rate now / at calibration.
 Software overheads, links, waits and slows are left as calibrated. Optional: `meshlm bench --no-rescale`,
 `benchmarks/planner.py --no-rescale`.
 """
@@ -15,6 +19,7 @@ Software overheads, links, waits and slows are left as calibrated. Optional: `me
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -31,15 +36,18 @@ class HostReading:
 
     bandwidth: float
     matmul: float = 0.0
+    at: str = ""  # when a bench took it: "start", before a "prefill" or "decode" run, "end"
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         """Human units, as in the profile's notes."""
-        return {"bandwidth_gbs": self.bandwidth / 1e9, "matmul_gflops": self.matmul / 1e9}
+        d: dict[str, Any] = {"bandwidth_gbs": self.bandwidth / 1e9, "matmul_gflops": self.matmul / 1e9}
+        return {**d, "at": self.at} if self.at else d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> HostReading:
         """The inverse of as_dict."""
-        return HostReading(float(d.get("bandwidth_gbs", 0.0)) * 1e9, float(d.get("matmul_gflops", 0.0)) * 1e9)
+        return HostReading(float(d.get("bandwidth_gbs", 0.0)) * 1e9, float(d.get("matmul_gflops", 0.0)) * 1e9,
+                           str(d.get("at", "")))
 
 
 @dataclass(frozen=True)
@@ -54,30 +62,43 @@ class Scale:
         return f"bandwidth x{self.bandwidth:.2f}, matmul x{self.matmul:.2f}"
 
 
-def host_bandwidth(seconds: float = 0.5) -> float:
-    """Bytes/s of one thread's decode-shaped GEMVs over calibrate.gemv_bandwidth's 512 MB pool."""
-    from meshlm.plan.calibrate import gemv_meter
+class HostProbe:
+    """Both probes with their pools built once (~0.6 GB, 1-2 s, at the first read): `read` then costs
+    2 x `seconds`. The probes run on one thread; the caller's intra-op thread count is restored after."""
 
-    return gemv_meter(1, GEMV_MB)(seconds)
+    def __init__(self, seconds: float = 0.5) -> None:
+        self.seconds = seconds
+        self._meters: tuple[Callable[[float], float], Callable[[float], float]] | None = None
 
+    def read(self, at: str = "") -> HostReading:
+        """One reading, labelled `at`."""
+        import torch
 
-def host_matmul(seconds: float = 0.5) -> float:
-    """FLOP/s of one thread's prefill-shaped fp32 matmul (calibrate.matmul_rate's shape, weights cycled)."""
-    from meshlm.plan.calibrate import matmul_meter
+        from meshlm.plan.calibrate import gemv_meter, matmul_meter
 
-    return matmul_meter(1, MATMUL_MB)(seconds)
+        threads = torch.get_num_threads()
+        try:
+            if self._meters is None:
+                self._meters = gemv_meter(1, GEMV_MB), matmul_meter(1, MATMUL_MB)
+            gemv, matmul = self._meters
+            torch.set_num_threads(1)
+            return HostReading(gemv(self.seconds), matmul(self.seconds), at)
+        finally:
+            torch.set_num_threads(threads)
 
 
 def read_host(seconds: float = 0.5) -> HostReading:
-    """Both probes, `seconds` of timing each (plus allocating their pools: ~1-2 s in all). The probes run
-    on one thread; the caller's intra-op thread count is restored after."""
-    import torch
+    """One reading by a fresh HostProbe (allocating its pools: ~1-2 s more)."""
+    return HostProbe(seconds).read()
 
-    threads = torch.get_num_threads()
-    try:
-        return HostReading(host_bandwidth(seconds), host_matmul(seconds))
-    finally:
-        torch.set_num_threads(threads)
+
+def beside(readings: list[HostReading], phase: str) -> list[HostReading]:
+    """The readings beside `phase`'s runs: those taken right before them, and the next one after the last
+    (before the other phase's first run, or at the end); all of them when none is labelled (older runs)."""
+    idx = [i for i, r in enumerate(readings) if r.at == phase]
+    if not idx:
+        return list(readings)
+    return readings[idx[0]: idx[-1] + 2]
 
 
 def mean(readings: list[HostReading]) -> HostReading:

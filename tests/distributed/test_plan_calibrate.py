@@ -15,7 +15,7 @@ from meshlm.cli import main
 from meshlm.plan import cluster as clusters
 from meshlm.plan.bench import KEYS, run_bench
 from meshlm.plan.calibrate import calibrate
-from meshlm.plan.host import mean, reference, scale_of
+from meshlm.plan.host import beside, mean, reference, scale_of
 from meshlm.plan.layout import Layout
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -52,11 +52,13 @@ def test_bench_pairs_every_term(layout, profile, checkpoint):
             assert res.predicted[phase]["collectives"] > 0 and res.measured[phase]["collectives"] > 0
     if layout == "pp=2":
         assert res.predicted["decode"]["bubble"] > 0
-    # the profile kept its calibration's host reading; the bench read the host before and after its runs
-    # and predicted from the profile scaled by their mean against it
+    # the profile kept its calibration's host reading; the bench read the host at the start, before each
+    # timed run (one per phase here) and at the end, and predicted each phase from the profile scaled by
+    # the mean of the readings beside its runs against it
     ref = reference(profile)
     assert ref is not None and ref.bandwidth > 1e8 and ref.matmul > 1e9
-    assert len(res.host) == 2 and res.scale == scale_of(ref, mean(res.host)) and res.unscaled
+    assert [h.at for h in res.host] == ["start", "prefill", "decode", "end"] and res.unscaled
+    assert res.scales == {ph: scale_of(ref, mean(beside(res.host, ph))) for ph in ("prefill", "decode")}
 
 
 def test_calibrate_and_bench_from_the_command_line(tmp_path, monkeypatch, checkpoint, capsys):
@@ -68,11 +70,12 @@ def test_calibrate_and_bench_from_the_command_line(tmp_path, monkeypatch, checkp
                  "--prompt-tokens", "32", "--new-tokens", "4", "--json"]) == 0
     (res,) = json.loads(capsys.readouterr().out)
     assert res["layout"] == "dp=1 pp=1 tp=2" and res["predicted"]["decode"]["total"] > 0
-    assert len(res["host"]) == 2 and res["scale"]["bandwidth"] > 0 and res["scale"]["matmul"] > 0
+    assert len(res["host"]) == 4 and all(res["scale"][ph]["bandwidth"] > 0 and res["scale"][ph]["matmul"] > 0
+                                         for ph in ("prefill", "decode"))
     assert main(["bench", "--layout", "tp=1", "--model", str(checkpoint("llama_gqa")), "--runs", "1",
                  "--prompt-tokens", "32", "--new-tokens", "4", "--json", "--no-rescale"]) == 0
     (res,) = json.loads(capsys.readouterr().out)
-    assert res["host"] == [] and res["scale"] == {"bandwidth": 1.0, "matmul": 1.0}
+    assert res["host"] == [] and res["scale"] == {}
     assert res["predicted"] == res["unscaled"]
     assert main(["plan", "--model", str(checkpoint("llama_gqa"))]) == 0
     assert "chosen:" in capsys.readouterr().out

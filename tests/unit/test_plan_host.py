@@ -9,9 +9,9 @@ import pytest
 from test_plan_memory import LLAMA3_8B, cfg
 
 from meshlm.plan import cluster as clusters
-from meshlm.plan.bench import BenchResult, format_bench
+from meshlm.plan.bench import BenchResult, format_bench, predicted_terms, rescaled_terms
 from meshlm.plan.cost import Model, Pass
-from meshlm.plan.host import HostReading, Scale, mean, reference, rescale, scale_of
+from meshlm.plan.host import HostReading, Scale, beside, mean, reference, rescale, scale_of
 from meshlm.plan.layout import Layout
 
 SMALL = {**LLAMA3_8B, "num_hidden_layers": 4, "vocab_size": 1024}
@@ -84,13 +84,44 @@ def test_the_reference_reading_survives_the_profile_file(tmp_path):
 
 
 def test_bench_text_shows_the_scale_beside_the_predictions():
-    """format_bench names the readings now and at calibration and the scale the predictions used."""
+    """format_bench names, per phase, the readings beside its runs, the calibration's and the scale used."""
     c = profile(host_reading=HostReading(10e9, 100e9).as_dict())
-    res = BenchResult(Layout(), "m", host=[HostReading(11e9, 95e9), HostReading(13e9, 85e9)],
-                      scale=scale_of(reference(c), HostReading(12e9, 90e9)))
+    host = [HostReading(11e9, 95e9, "prefill"), HostReading(13e9, 85e9, "decode"), HostReading(9e9, 80e9, "end")]
+    res = BenchResult(Layout(), "m", host=host,
+                      scales={"prefill": scale_of(reference(c), HostReading(12e9, 90e9)),
+                              "decode": scale_of(reference(c), HostReading(11e9, 82.5e9))})
     res.predicted = res.measured = {ph: dict.fromkeys(("compute", "collectives", "p2p", "bubble", "total"), 0.01)
                                     for ph in ("prefill", "decode")}
     text = format_bench(res, c)
-    assert "host now 12.0 GB/s, 90 GFLOP/s against 10.0, 100 at calibration" in text
+    assert "host beside the prefill runs 12.0 GB/s, 90 GFLOP/s against 10.0, 100 at calibration" in text
     assert "bandwidth x1.20, matmul x0.90" in text
+    assert "host beside the decode runs 11.0 GB/s, 82 GFLOP/s" in text and "bandwidth x1.10, matmul x0.82" in text
     assert "not rescaled" in format_bench(replace(res, host=[]), c)
+
+
+def test_each_phase_is_read_beside_its_own_runs():
+    """A phase's readings: those labelled with it (taken right before its runs) and the next one after its
+    last run; readings without labels (runs saved before they had them) all count for both phases."""
+    r = [HostReading(b * 1e9, 0.0, at) for b, at in
+         ((1, "start"), (2, "prefill"), (3, "prefill"), (4, "decode"), (5, "decode"), (6, "end"))]
+    assert [x.bandwidth / 1e9 for x in beside(r, "prefill")] == [2, 3, 4]
+    assert [x.bandwidth / 1e9 for x in beside(r, "decode")] == [4, 5, 6]
+    old = [HostReading(1e9), HostReading(2e9)]
+    assert beside(old, "decode") == old and beside([], "prefill") == []
+
+
+def test_rescaled_terms_predicts_each_phase_from_its_readings():
+    """Prefill from the profile scaled by the readings beside the prefill runs, decode by the decode runs'
+    (each equal to predicting both phases from that one scale); no reference: as calibrated."""
+    c = profile(host_reading=HostReading(10e9, 100e9).as_dict())
+    host = [HostReading(10e9, 100e9, "start"), HostReading(5e9, 50e9, "prefill"), HostReading(20e9, 200e9, "decode"),
+            HostReading(20e9, 200e9, "end")]
+    args = (cfg(SMALL), Layout(), c, 256, 32, 1, "float32", "")
+    terms, scales = rescaled_terms(*args, reference(c), host)
+    assert scales["prefill"] == pytest.approx(Scale(1.25, 1.25)) and scales["decode"] == pytest.approx(Scale(2, 2))
+    for ph in ("prefill", "decode"):
+        assert terms[ph] == pytest.approx(predicted_terms(cfg(SMALL), Layout(), rescale(c, scales[ph]), 256, 32, 1,
+                                                          "float32")[ph])
+    assert terms["decode"]["compute"] < predicted_terms(*args)["decode"]["compute"] / 1.5
+    plain, ones = rescaled_terms(*args, None, host)
+    assert plain == predicted_terms(*args) and set(ones.values()) == {Scale()}
