@@ -9,8 +9,12 @@ threads). The matmul rate and the bandwidth are measured in rounds until two in 
   attention       causal SDPA of 12 heads x 256 tokens x 64, as a fraction of the matmul rate
   bandwidth       decode-shaped GEMVs (one row) over 512 MB of weights: one rank alone, and the node's
                   total with every rank streaming at once (they start together after a barrier)
-  host reading    host.read_host right after the bandwidth: the short probe a bench repeats to rescale
-                  the profile to the host's state then (notes["host_reading"])
+  host reading    host.HostProbe right after the matmul rate (its matmul figure) and right after the
+                  bandwidth (its GEMV figure): the short probe a bench repeats to rescale the profile to
+                  the host's state then (notes["host_reading"]). The host also reads the probe before and
+                  after each later measurement (host.beside_run) and sets it against its state then: the
+                  node's bandwidth x reference / then, and the residuals below (overhead, in-engine
+                  compute beyond the roofline, pipeline layer) against the roofline at the rates of then
   overhead        meshlm's own seconds per layer and per step (overhead.py: small random models)
   links           two spawned ranks all-reduce 3 KB .. 4 MB over each transport (shared memory, gloo),
                   each call after a GEMV over cold weights as in a decode step; the mean (top 2% of calls
@@ -295,7 +299,7 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
     """Measure this host: one node of cores // threads devices, its links, its memory; refuse (ConfigError)
     when other processes used more than `max_load` of the CPUs meanwhile."""
     from meshlm.plan.cluster import host_cores, uncalibrated_local
-    from meshlm.plan.host import read_host
+    from meshlm.plan.host import HostProbe, HostReading, beside_run
     from meshlm.plan.overhead import software_overhead
     from meshlm.plan.probe import probe
 
@@ -303,14 +307,18 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
     base = uncalibrated_local(devices)
     t0 = time.perf_counter()
     with other_load() as load:
+        host = HostProbe(0.2 if quick else 0.5)
         flops = {"float32": matmul_rate(threads, "float32", quick, tol)}
+        mm_ref = host.read()  # the state that bench readings are set against (host.py)
         if not quick:
             flops["bfloat16"] = matmul_rate(threads, "bfloat16", quick, tol)
         attn = attention_fraction(threads, quick)
         bw = gemv_bandwidth(threads, quick, tol)
-        ref = read_host(0.2 if quick else 0.5)  # the state that bench readings are set against (host.py)
-        node_bw = node_bandwidth(devices, threads, quick) if devices > 1 else bw
-        per_layer, per_step = software_overhead(threads, quick, bw)
+        ref = HostReading(host.read().bandwidth, mm_ref.matmul)
+        then = lambda fn: beside_run(host, ref, fn)
+        node_bw, s = then(lambda: node_bandwidth(devices, threads, quick)) if devices > 1 else (bw, None)
+        node_bw = node_bw / s.bandwidth if s else node_bw
+        per_layer, per_step = software_overhead(threads, quick, bw, then=then)
         links, raw = collective_links(quick) if devices > 1 else ([base.node.link()], {})
         dev = Device(name=f"cpu-rank-{threads}t", memory=base.node.device.memory, flops=flops, bandwidth=bw,
                      compute_eff=1.0, bandwidth_eff=1.0, attention_eff=attn, memory_utilization=0.9,
@@ -319,7 +327,7 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
                     memory_bandwidth=node_bw if devices > 1 else None)
         c = Cluster("local", 1, node, None)
         if devices > 1 and threads == 1:  # the engine's probes run 2 ranks of 1 thread
-            got = probe(c, quick)
+            got = probe(c, quick, then=then)
             dev = replace(dev, pipeline_layer_overhead=got.pipeline_layer)
             node = replace(node, device=dev, links=tuple(replace(ln, waits=got.waits.get(ln.transport, ()),
                                                                  slows=got.slows.get(ln.transport, ()))

@@ -21,10 +21,11 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from meshlm.plan.cluster import Cluster
 
+T = TypeVar("T")
 GEMV_MB = 512  # the GEMV probe's pool: calibrate.gemv_bandwidth's
 MATMUL_MB = 64  # the matmul probe's pool: smaller than calibrate.matmul_rate's (the probe is cheap)
 
@@ -85,6 +86,25 @@ class HostProbe:
             return HostReading(gemv(self.seconds), matmul(self.seconds), at)
         finally:
             torch.set_num_threads(threads)
+
+
+def beside_run(probe: HostProbe | None, ref: HostReading | None, fn: Callable[[], T]) -> tuple[T, Scale]:
+    """fn() between two readings of the host, and the host's state then against `ref` (scale_of their mean;
+    x1 without a probe). Calibration uses it to set a residual (a measurement less the roofline at the
+    profile's rates) against the rates the host ran at while it was measured, not at `ref`'s."""
+    if probe is None:
+        return fn(), Scale()
+    before = probe.read()
+    out = fn()
+    return out, scale_of(ref, mean([before, probe.read()]))
+
+
+Then = Callable[[Callable[[], Any]], tuple[Any, Scale]]  # fn -> (fn(), the host's state while it ran)
+
+
+def as_calibrated(fn: Callable[[], T]) -> tuple[T, Scale]:
+    """A Then that reads nothing: fn() at the profile's state (x1)."""
+    return fn(), Scale()
 
 
 def read_host(seconds: float = 0.5) -> HostReading:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from meshlm.plan.host import Then, as_calibrated
+
 log = logging.getLogger(__name__)
 
 TINY = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
@@ -108,9 +110,11 @@ def layer_floor(threads: int = 1, keys: int = 16, seconds: float = 0.2) -> float
 
 
 def software_overhead(threads: int = 1, quick: bool = False, bandwidth: float | None = None,
-                      rounds: int = 3) -> tuple[float, float]:
+                      rounds: int = 3, then: Then | None = None) -> tuple[float, float]:
     """(seconds per layer per forward, seconds per engine step) of meshlm on this host: the median of
-    `rounds` rounds, each timing every model in a freshly loaded engine (1 round with `quick`)."""
+    `rounds` rounds, each timing every model in a freshly loaded engine (1 round with `quick`). `then`
+    (host.beside_run bound to the calibration's probe) times the cold model between two readings of the
+    host, whose streaming then counts at `bandwidth` x the state they read."""
     from meshlm.config import ModelConfig
 
     depths = (2, 10)
@@ -128,8 +132,8 @@ def software_overhead(threads: int = 1, quick: bool = False, bandwidth: float | 
             per_layer = max(floor, (t[1] - t[0]) / (depths[1] - depths[0]))
             per_step = max(0.0, t[0] - depths[0] * per_layer)
             if cold_path is not None:
-                cold = decode_step_seconds(cold_path, threads, 32, 3)
-                per_layer = max(per_layer, (cold - per_step - streamed / bandwidth) / 24)
+                cold, now = (then or as_calibrated)(lambda: decode_step_seconds(cold_path, threads, 32, 3))
+                per_layer = max(per_layer, (cold - per_step - streamed / (bandwidth * now.bandwidth)) / 24)
             layer.append(per_layer)
             step.append(per_step)
             log.info("overhead round %d: %.0f us per layer (floor %.0f), %.0f us per step", len(layer),

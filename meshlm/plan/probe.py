@@ -31,6 +31,7 @@ from typing import Any
 
 from meshlm.plan.cluster import Cluster, Link
 from meshlm.plan.cost import Model, Pass, all_reduce, forward_seconds
+from meshlm.plan.host import Then, as_calibrated
 from meshlm.plan.layout import Layout
 from meshlm.plan.overhead import COLD, tiny_checkpoint
 
@@ -170,13 +171,18 @@ class Probed:
     pipeline_layer: float
 
 
-def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS) -> Probed:
+def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS, then: Then | None = None) -> Probed:
     """Wait and compute points per transport and the pipeline seconds per layer, measured in the engine on
     this host over `rounds` rounds (1 with `quick`): every round adds its points (the lines through them
-    are fitted robustly, fit.wait_line), and the pipeline figure is the median of the rounds' figures."""
+    are fitted robustly, fit.wait_line), and the pipeline figure is the median of the rounds' figures.
+    `then` (host.beside_run bound to the calibration's probe) times each sample between two readings of
+    the host; its compute beyond the roofline is then set against the profile rescaled to that state."""
     import statistics
 
     from meshlm.config import ModelConfig
+    from meshlm.plan.host import rescale
+
+    then = then or as_calibrated
 
     layers = 4 if quick else 24
     new, runs = (16, 3) if quick else (24, 3)
@@ -194,18 +200,21 @@ def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS) -> Probed
                 eng.decode(new, 1)  # warm-up
                 ctx = SHORT + new / 2
                 for _ in range(rounds):
-                    samples = [(decode_sample(eng, new, runs, step), Pass(1, ctx, ctx, 1))]
-                    samples += [(eng.prefill(n, 1), Pass(n, n * (n + 1) / 2, n, 1)) for n in prompts]
-                    pts += [wait_point(x, ln, step) for x, _ in samples]
-                    extra += [slow_point(x, cfg, cluster, w) for x, w in samples]
+                    samples = [(*then(lambda: decode_sample(eng, new, runs, step)), Pass(1, ctx, ctx, 1))]
+                    samples += [(*then(lambda n=n: eng.prefill(n, 1)), Pass(n, n * (n + 1) / 2, n, 1))
+                                for n in prompts]
+                    pts += [wait_point(x, ln, step) for x, _, _ in samples]
+                    extra += [slow_point(x, cfg, rescale(cluster, sc), w) for x, sc, w in samples]
             waits[ln.transport] = tuple(sorted(pts))
             slows[ln.transport] = tuple(sorted(extra))
         with Probe(path, 1, 2) as eng:
             eng.decode(new, 1)
             # the median of the rounds' per-layer figures: a residual like overhead.py's (either sign of
             # noise), and the benchmark compares with median steps
-            per_round = [stage_layer_overhead(eng.decode(new, runs), cfg, cluster, SHORT + new / 2)
-                         for _ in range(rounds)]
+            per_round = []
+            for _ in range(rounds):
+                x, sc = then(lambda: eng.decode(new, runs))
+                per_round.append(stage_layer_overhead(x, cfg, rescale(cluster, sc), SHORT + new / 2))
     us = lambda d: {t: [(round(a * 1e6), round(b * 1e6)) for a, b in pts] for t, pts in d.items()}
     log.info("pipeline layer rounds (us): %s; wait points (segment us, wait us): %s; compute points "
              "(roofline segment us, extra us): %s", [round(x * 1e6) for x in per_round], us(waits), us(slows))

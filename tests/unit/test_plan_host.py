@@ -11,7 +11,7 @@ from test_plan_memory import LLAMA3_8B, cfg
 from meshlm.plan import cluster as clusters
 from meshlm.plan.bench import BenchResult, format_bench, predicted_terms, rescaled_terms
 from meshlm.plan.cost import Model, Pass
-from meshlm.plan.host import HostReading, Scale, beside, mean, reference, rescale, scale_of
+from meshlm.plan.host import HostReading, Scale, beside, beside_run, mean, reference, rescale, scale_of
 from meshlm.plan.layout import Layout
 
 SMALL = {**LLAMA3_8B, "num_hidden_layers": 4, "vocab_size": 1024}
@@ -125,3 +125,21 @@ def test_rescaled_terms_predicts_each_phase_from_its_readings():
     assert terms["decode"]["compute"] < predicted_terms(*args)["decode"]["compute"] / 1.5
     plain, ones = rescaled_terms(*args, None, host)
     assert plain == predicted_terms(*args) and set(ones.values()) == {Scale()}
+
+
+class _Readings:
+    """Stands in for HostProbe: hands out the given readings in order."""
+
+    def __init__(self, *readings: HostReading) -> None:
+        self.left = list(readings)
+
+    def read(self, at: str = "") -> HostReading:
+        return self.left.pop(0)
+
+
+def test_beside_run_reads_the_host_around_the_measurement():
+    """fn() runs between two readings; the scale is their mean against the reference; no probe: x1."""
+    ref = HostReading(14e9, 140e9)
+    out, s = beside_run(_Readings(HostReading(10e9, 100e9), HostReading(11e9, 110e9)), ref, lambda: 42)
+    assert out == 42 and s == pytest.approx(Scale(0.75, 0.75))
+    assert beside_run(None, ref, lambda: 7) == (7, Scale())
