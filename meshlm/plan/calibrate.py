@@ -1,20 +1,23 @@
 """Measure this machine and describe it as a cluster: `meshlm plan --calibrate`.
 
 One device = one rank with `threads` intra-op threads (one node; devices = cores this process may use //
-threads). The matmul rate and the bandwidth are measured in rounds until two in a row agree within
-`tol` (load.settle), and the whole calibration refuses to save when other processes took more than
-`max_load` of the CPUs while it ran (load.other_load): a profile taken under load is slow by that load.
-  matmul rate     prefill-shaped F.linear [256, 1024] x [1024, 3584], weights cycled from a pool larger
-                  than the last-level cache (as a forward reads each weight once)
+threads). The whole calibration refuses to save when other processes took more than `max_load` of the
+CPUs while it ran (load.other_load): a profile taken under load is slow by that load.
+  matmul rate     fp32: prefill-shaped F.linear [256, 1024] x [1024, 3584], weights cycled from a pool
+                  larger than the last-level cache (as a forward reads each weight once), at the host's
+                  median state (paired_rates, below); bf16: rounds until two agree within `tol` (settle)
   attention       causal SDPA of 12 heads x 256 tokens x 64, as a fraction of the matmul rate
-  bandwidth       decode-shaped GEMVs (one row) over 512 MB of weights: one rank alone, and the node's
-                  total with every rank streaming at once (they start together after a barrier)
-  host reading    host.HostProbe right after the matmul rate (its matmul figure) and right after the
-                  bandwidth (its GEMV figure): the short probe a bench repeats to rescale the profile to
-                  the host's state then (notes["host_reading"]). The host also reads the probe before and
-                  after each later measurement (host.beside_run) and sets it against its state then: the
-                  node's bandwidth x reference / then, and the residuals below (overhead, in-engine
-                  compute beyond the roofline, pipeline layer) against the roofline at the rates of then
+  bandwidth       decode-shaped GEMVs (one row) over 512 MB of weights: one rank alone (at the median
+                  state), and the node's total with every rank streaming at once (they start together
+                  after a barrier)
+  host reading    the host's state moves within seconds (host.py), so the fp32 matmul rate and the GEMV
+                  bandwidth are measured in 5 rounds, each beside a short host.HostProbe reading: the
+                  profile keeps the median reading as its reference (notes["host_reading"], what a bench
+                  sets its own readings against) and each rate at that state (median of rate / reading
+                  beside it, x the reference). Later measurements are read around too (host.beside_run)
+                  and set against the state then: the node's bandwidth x reference / then, and the
+                  residuals below (overhead, in-engine compute beyond the roofline, pipeline layer)
+                  against the roofline at the rates of then
   overhead        meshlm's own seconds per layer and per step (overhead.py: small random models)
   links           two spawned ranks all-reduce 3 KB .. 4 MB over each transport (shared memory, gloo),
                   each call after a GEMV over cold weights as in a decode step; the mean (top 2% of calls
@@ -108,11 +111,35 @@ def gemv_meter(threads: int, megabytes: int) -> Callable[[float], float]:
     return lambda seconds: len(mats) * 4096 * 2048 * 4 / _timed(sweep, seconds)
 
 
-def gemv_bandwidth(threads: int, quick: bool = False, tol: float = 0.05) -> float:
-    """Bytes/s streamed by decode-shaped GEMVs over more weights than the last-level cache holds."""
-    meter = gemv_meter(threads, 32 if quick else 512)
-    rate = lambda: meter(0.3 if quick else 1.5)
-    return rate() if quick else settle(rate, "the GEMV bandwidth", tol)
+PAIRS = 5  # (host reading, measurement) pairs behind the fp32 matmul rate and the GEMV bandwidth
+
+
+def at_median(values: list[float], beside: list[float], readings: list[float]) -> tuple[float, float]:
+    """(the measured quantity at the host's median state, that median reading): median(value / the reading
+    beside it) x median(readings). A reading caught in a dip moves neither (a single one would move both)."""
+    ref = statistics.median(readings)
+    return statistics.median(v / r for v, r in zip(values, beside)) * ref, ref
+
+
+def paired_rates(threads: int, host: Any, quick: bool = False, pairs: int = PAIRS) -> tuple[float, float, Any]:
+    """(fp32 matmul FLOP/s, GEMV bytes/s, the reference host.HostReading): both at the host's median state.
+    The host moves between a fast and a slow state within seconds, so each full measurement (the
+    prefill-shaped matmul over 320 MB of weights, 1 s; decode-shaped GEMVs over 512 MB, 1.5 s) is paired
+    with the short reading (`host`, a HostProbe) taken right before the matmul or right after the GEMVs, in
+    `pairs` rounds (1 with `quick`); at_median combines them."""
+    from meshlm.plan.host import HostReading
+
+    mm, gemv = matmul_meter(threads, 32 if quick else 320), gemv_meter(threads, 32 if quick else 512)
+    reads, mms, bws = [host.read()], [], []
+    for _ in range(1 if quick else pairs):
+        mms.append(mm(0.2 if quick else 1.0))
+        bws.append(gemv(0.3 if quick else 1.5))
+        reads.append(host.read())
+    rate, ref_mm = at_median(mms, [r.matmul for r in reads[:-1]], [r.matmul for r in reads])
+    bw, ref_bw = at_median(bws, [r.bandwidth for r in reads[1:]], [r.bandwidth for r in reads])
+    log.info("paired rates: matmul %s GFLOP/s, GEMV %s GB/s, readings %s", [round(x / 1e9, 1) for x in mms],
+             [round(x / 1e9, 2) for x in bws], [(round(r.bandwidth / 1e9, 1), round(r.matmul / 1e9)) for r in reads])
+    return rate, bw, HostReading(ref_bw, ref_mm)
 
 
 def _stream_worker(threads: int, quick: bool, start: Any, out: Any) -> None:
@@ -299,7 +326,7 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
     """Measure this host: one node of cores // threads devices, its links, its memory; refuse (ConfigError)
     when other processes used more than `max_load` of the CPUs meanwhile."""
     from meshlm.plan.cluster import host_cores, uncalibrated_local
-    from meshlm.plan.host import HostProbe, HostReading, beside_run
+    from meshlm.plan.host import HostProbe, beside_run
     from meshlm.plan.overhead import software_overhead
     from meshlm.plan.probe import probe
 
@@ -308,13 +335,11 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
     t0 = time.perf_counter()
     with other_load() as load:
         host = HostProbe(0.2 if quick else 0.5)
-        flops = {"float32": matmul_rate(threads, "float32", quick, tol)}
-        mm_ref = host.read()  # the state that bench readings are set against (host.py)
+        mm32, bw, ref = paired_rates(threads, host, quick)  # ref: the state bench readings are set against
+        flops = {"float32": mm32}
         if not quick:
             flops["bfloat16"] = matmul_rate(threads, "bfloat16", quick, tol)
         attn = attention_fraction(threads, quick)
-        bw = gemv_bandwidth(threads, quick, tol)
-        ref = HostReading(host.read().bandwidth, mm_ref.matmul)
         then = lambda fn: beside_run(host, ref, fn)
         node_bw, s = then(lambda: node_bandwidth(devices, threads, quick)) if devices > 1 else (bw, None)
         node_bw = node_bw / s.bandwidth if s else node_bw

@@ -26,8 +26,8 @@ from typing import Any, TypeVar
 from meshlm.plan.cluster import Cluster
 
 T = TypeVar("T")
-GEMV_MB = 512  # the GEMV probe's pool: calibrate.gemv_bandwidth's
-MATMUL_MB = 64  # the matmul probe's pool: smaller than calibrate.matmul_rate's (the probe is cheap)
+GEMV_MB = 512  # the GEMV probe's pool: calibrate.paired_rates's
+MATMUL_MB = 64  # the matmul probe's pool: smaller than calibrate.paired_rates' (the probe is cheap)
 
 
 @dataclass(frozen=True)

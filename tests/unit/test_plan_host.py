@@ -10,6 +10,7 @@ from test_plan_memory import LLAMA3_8B, cfg
 
 from meshlm.plan import cluster as clusters
 from meshlm.plan.bench import BenchResult, format_bench, predicted_terms, rescaled_terms
+from meshlm.plan.calibrate import at_median
 from meshlm.plan.cost import Model, Pass
 from meshlm.plan.host import HostReading, Scale, beside, beside_run, mean, reference, rescale, scale_of
 from meshlm.plan.layout import Layout
@@ -143,3 +144,13 @@ def test_beside_run_reads_the_host_around_the_measurement():
     out, s = beside_run(_Readings(HostReading(10e9, 100e9), HostReading(11e9, 110e9)), ref, lambda: 42)
     assert out == 42 and s == pytest.approx(Scale(0.75, 0.75))
     assert beside_run(None, ref, lambda: 7) == (7, Scale())
+
+
+def test_rates_are_taken_at_the_median_state_of_the_host():
+    """Each measurement over the reading beside it, median, x the median reading: one reading caught in a
+    dip (or one measurement) moves neither the reference nor the rate; a host slow all along gives the
+    slow rate at a slow reference."""
+    rate, ref = at_median([140, 139, 141, 100, 140], [140, 140, 75, 100, 140], [140, 140, 75, 100, 140, 139])
+    assert ref == pytest.approx(139.5) and rate == pytest.approx(139.5)
+    rate, ref = at_median([100, 101, 99], [104, 104, 103], [104, 104, 103, 104])
+    assert ref == 104 and rate == pytest.approx(100 / 104 * 104)
