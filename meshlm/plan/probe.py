@@ -5,10 +5,12 @@ an engine step each call also waits for the slower peer and pays its dispatch, a
 80-300 us per call there against 39 us in the fit. So a random Llama of a shape of neither benchmark model
 (overhead.COLD: hidden 512, 24 layers, ~290 MB fp32; 4 layers with `quick`) runs through meshlm.LLM:
   tp=2, per transport   decode: (a `new`-token run - a 1-token run) / (new - 1) per step; prefill: a
-                        128- and a 448-token prompt (quick: 128). Per run: all-reduce seconds and calls on
-                        rank 0 and the compute between calls (segment = (wall - tp collectives - step
-                        overhead) / calls). Extra wait per call = seconds per call - the fitted
-                        alpha-beta time of its bytes; a point per run (decode, prefills) -> Link.waits.
+                        128- and a 448-token prompt (quick: 128), the median of 3 runs each (single
+                        runs gave the noisiest points). Per sample: all-reduce seconds and calls on rank 0
+                        and the compute between calls (segment = (wall - tp collectives - step overhead)
+                        / calls). Extra wait per call = seconds per call - the fitted alpha-beta time of
+                        its bytes; a point per sample (decode, prefills) -> Link.waits, the decode
+                        samples' also -> Link.decode_waits (what a bandwidth-bound forward waits).
                         The same samples give compute points: (the cost model's segment, measured
                         segment - that) per transport -> Link.slows (the compute a transport's threads
                         slow down; gloo's run on the ranks' cores).
@@ -25,7 +27,7 @@ import logging
 import random
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,7 @@ class Probed:
     waits: dict[str, tuple[tuple[float, float], ...]]
     slows: dict[str, tuple[tuple[float, float], ...]]
     pipeline_layer: float
+    decode_waits: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)  # decode samples'
 
 
 def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS, then: Then | None = None) -> Probed:
@@ -192,21 +195,24 @@ def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS, then: The
     cfg = ModelConfig.from_hf({**COLD, "num_hidden_layers": layers})
     waits: dict[str, tuple[tuple[float, float], ...]] = {}
     slows: dict[str, tuple[tuple[float, float], ...]] = {}
+    decode: dict[str, tuple[tuple[float, float], ...]] = {}
     with tempfile.TemporaryDirectory(prefix="meshlm-probe-") as tmp:
         path = tiny_checkpoint(Path(tmp) / "probe", layers, COLD)
         for ln in cluster.node.links:
-            pts, extra = [], []
+            pts, extra, dec = [], [], []
             with Probe(path, 2, 1, ln.transport) as eng:
                 eng.decode(new, 1)  # warm-up
                 ctx = SHORT + new / 2
                 for _ in range(rounds):
                     samples = [(*then(lambda: decode_sample(eng, new, runs, step)), Pass(1, ctx, ctx, 1))]
-                    samples += [(*then(lambda n=n: eng.prefill(n, 1)), Pass(n, n * (n + 1) / 2, n, 1))
+                    samples += [(*then(lambda n=n: eng.prefill(n, runs)), Pass(n, n * (n + 1) / 2, n, 1))
                                 for n in prompts]
                     pts += [wait_point(x, ln, step) for x, _, _ in samples]
+                    dec.append(wait_point(samples[0][0], ln, step))  # the decode sample's
                     extra += [slow_point(x, cfg, rescale(cluster, sc), w) for x, sc, w in samples]
             waits[ln.transport] = tuple(sorted(pts))
             slows[ln.transport] = tuple(sorted(extra))
+            decode[ln.transport] = tuple(sorted(dec))
         with Probe(path, 1, 2) as eng:
             eng.decode(new, 1)
             # the median of the rounds' per-layer figures: a residual like overhead.py's (either sign of
@@ -219,4 +225,4 @@ def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS, then: The
     log.info("pipeline layer rounds (us): %s; wait points (segment us, wait us): %s; compute points "
              "(roofline segment us, extra us): %s", [round(x * 1e6) for x in per_round], us(waits), us(slows))
     pipe = statistics.median(per_round)
-    return Probed(waits, slows, pipe)
+    return Probed(waits, slows, pipe, decode)
