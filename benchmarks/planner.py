@@ -271,7 +271,7 @@ def report(raw: dict, rescaled: bool, png: Path) -> None:
     d = prof.node.device
     print(f"Machine: {common.machine()}\n")
     links = "; ".join(f"{ln.transport} alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
-                      + wait_text(ln.waits, ln.decode_waits)
+                      + wait_text(ln.waits)
                       + slow_text(ln.slows)
                       + (f", hop {ln.hop * 1e6:.0f} us one way" if ln.hop else "") for ln in prof.node.links)
     cap = f"{prof.node.memory_bandwidth / 1e9:.1f}" if prof.node.memory_bandwidth else "-"

@@ -355,8 +355,7 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
             got = probe(c, quick, then=then)
             dev = replace(dev, pipeline_layer_overhead=got.pipeline_layer)
             node = replace(node, device=dev, links=tuple(replace(ln, waits=got.waits.get(ln.transport, ()),
-                                                                 slows=got.slows.get(ln.transport, ()),
-                                                                 decode_waits=got.decode_waits.get(ln.transport, ()))
+                                                                 slows=got.slows.get(ln.transport, ()))
                                                          for ln in node.links))
     check_load(load[0], max_load)
     notes = {"source": "measured by `meshlm plan --calibrate`" + (" --quick" if quick else ""),

@@ -141,7 +141,7 @@ def _calibration_text(c: clusters.Cluster, path: Path) -> str:
 
     d = c.node.device
     links = "; ".join(f"{ln.transport}: alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
-                      + wait_text(ln.waits, ln.decode_waits) + slow_text(ln.slows)
+                      + wait_text(ln.waits) + slow_text(ln.slows)
                       + (f", hop {ln.hop * 1e6:.0f} us" if ln.hop else "") for ln in c.node.links)
     cap = f"{c.node.memory_bandwidth / 1e9:.1f} GB/s" if c.node.memory_bandwidth else "n/a"
     return (f"calibrated {c.node.devices} devices ({d.name}) in {c.notes.get('seconds')} s, saved to {path}\n"

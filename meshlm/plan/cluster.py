@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from meshlm.errors import ConfigError
-from meshlm.plan.fit import decode_wait_ratio, wait_line
+from meshlm.plan.fit import wait_line
 
 GIB = 2**30
 PROFILE_ENV = "MESHLM_CLUSTER_PROFILE"
@@ -43,11 +43,6 @@ class Link:
     w0 + c x segment fitted over all of them (fit.wait_line: one noisy point cannot bend it).
     `hop`: one-way seconds of a pipeline hop (header + payload messages), from a
     ping-pong; 0 when not measured (then a hop costs HEADER_MESSAGES latencies).
-    `decode_waits`: the points of `waits` from decode (bandwidth-bound) samples alone; a bandwidth-bound
-    forward reads its wait from them, as their median wait / segment x its segment: the ranks' skew
-    grows with compute-bound work (each core's own speed) far more than with streaming (one memory
-    system slows both), and the prefill points that set the line's slope mispredicted decode waits by
-    up to 5x (docs/benchmarks.md, run K).
     `slows`: (predicted compute segment before a call, extra compute seconds per call) points measured
     in the engine (probe.py): what the ranks' compute between two collectives takes beyond the cost
     model's roofline when the group runs over this transport (gloo's transport threads share the
@@ -60,17 +55,13 @@ class Link:
     waits: tuple[tuple[float, float], ...] = ()  # (segment s, extra s per call), segments ascending
     hop: float = 0.0  # seconds, one way
     slows: tuple[tuple[float, float], ...] = ()  # (predicted segment s, extra compute s per call)
-    decode_waits: tuple[tuple[float, float], ...] = ()  # (segment s, extra s per call) of decode samples
 
     def time(self, nbytes: float) -> float:
         """Seconds for one message of nbytes."""
         return self.latency + nbytes / self.bandwidth
 
-    def wait(self, segment: float, bound: str = "compute") -> float:
-        """Extra seconds a collective pays inside a step after `segment` seconds of compute whose roofline
-        side is `bound` ("compute" or "bandwidth")."""
-        if bound == "bandwidth" and self.decode_waits:
-            return decode_wait_ratio(self.decode_waits) * segment
+    def wait(self, segment: float) -> float:
+        """Extra seconds a collective pays inside a step after `segment` seconds of compute."""
         w0, c = wait_line(self.waits)
         return w0 + c * segment
 
@@ -180,11 +171,8 @@ def _link_from(d: dict[str, Any]) -> Link:
         waits = ((float(d.get("skew_from_us", 0)) * 1e-6, 0.0),
                  (float(d.get("skew_to_us", 0)) * 1e-6, float(d["skew_us"]) * 1e-6))
     slows = tuple((float(s) * 1e-6, float(w) * 1e-6) for s, w in d.get("slows_us", ()))
-    decode = tuple((float(s) * 1e-6, float(w) * 1e-6) for s, w in d.get("decode_waits_us", ()))
-    if not decode and len(waits) >= 6 and len(waits) % 3 == 0:  # saved before the split: the probe took
-        decode = tuple(sorted(waits)[: len(waits) // 3])  # a decode and two prefills a round, decode shortest
     return Link(str(d.get("transport", "link")), float(d["bandwidth_gbs"]) * 1e9,
-                float(d["latency_us"]) * 1e-6, waits, float(d.get("hop_us", 0)) * 1e-6, slows, decode)
+                float(d["latency_us"]) * 1e-6, waits, float(d.get("hop_us", 0)) * 1e-6, slows)
 
 
 def _link_dict(ln: Link) -> dict[str, Any]:
@@ -196,8 +184,6 @@ def _link_dict(ln: Link) -> dict[str, Any]:
         out["hop_us"] = ln.hop * 1e6
     if ln.slows:
         out["slows_us"] = [[s * 1e6, w * 1e6] for s, w in ln.slows]
-    if ln.decode_waits:
-        out["decode_waits_us"] = [[s * 1e6, w * 1e6] for s, w in ln.decode_waits]
     return out
 
 

@@ -218,7 +218,7 @@ class Model:
             segment = best[0] / calls
             segment += self.tp_link.slow(segment)
             compute = calls * segment
-            coll += calls * self.tp_link.wait(segment, best[1])
+            coll += calls * self.tp_link.wait(segment)
         return StageCost((compute + dev.step_overhead) * slowdown, coll * slowdown, best[1])
 
     def hop(self, s: int, tokens: float) -> float:

@@ -30,22 +30,12 @@ def wait_line(points: tuple[tuple[float, float], ...]) -> tuple[float, float]:
     return w0, c
 
 
-def decode_wait_ratio(points: tuple[tuple[float, float], ...]) -> float:
-    """The median of wait / segment over decode points (>= 0): a decode's wait as a fraction of its compute.
-    Decode samples all have short segments of about the same length, so a line through them alone would
-    be a slope between near neighbours; the ratio through the origin is what they can say."""
-    ratios = [w / s for s, w in points if s > 0]
-    return max(0.0, statistics.median(ratios)) if ratios else 0.0
-
-
-def wait_text(points: tuple[tuple[float, float], ...], decode: tuple[tuple[float, float], ...] = ()) -> str:
-    """The fitted line (and the decode ratio) in words, for profile summaries ('' without points)."""
+def wait_text(points: tuple[tuple[float, float], ...]) -> str:
+    """The fitted line in words, for profile summaries ('' without points)."""
     if not points:
         return ""
     w0, c = wait_line(points)
-    dec = f"; decode {decode_wait_ratio(decode):.3f} x" if decode else ""
-    return (f", in-engine wait {w0 * 1e6:.0f} us + {c:.3f} x the compute before a call ({len(points)} points"
-            f"{dec})")
+    return f", in-engine wait {w0 * 1e6:.0f} us + {c:.3f} x the compute before a call ({len(points)} points)"
 
 
 def slow_text(points: tuple[tuple[float, float], ...]) -> str:

@@ -9,8 +9,7 @@ an engine step each call also waits for the slower peer and pays its dispatch, a
                         runs gave the noisiest points). Per sample: all-reduce seconds and calls on rank 0
                         and the compute between calls (segment = (wall - tp collectives - step overhead)
                         / calls). Extra wait per call = seconds per call - the fitted alpha-beta time of
-                        its bytes; a point per sample (decode, prefills) -> Link.waits, the decode
-                        samples' also -> Link.decode_waits (what a bandwidth-bound forward waits).
+                        its bytes; a point per sample (decode, prefills) -> Link.waits.
                         The same samples give compute points: (the cost model's segment, measured
                         segment - that) per transport -> Link.slows (the compute a transport's threads
                         slow down; gloo's run on the ranks' cores).
@@ -27,7 +26,7 @@ import logging
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,7 +170,6 @@ class Probed:
     waits: dict[str, tuple[tuple[float, float], ...]]
     slows: dict[str, tuple[tuple[float, float], ...]]
     pipeline_layer: float
-    decode_waits: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)  # decode samples'
 
 
 def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS, then: Then | None = None) -> Probed:
@@ -195,11 +193,10 @@ def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS, then: The
     cfg = ModelConfig.from_hf({**COLD, "num_hidden_layers": layers})
     waits: dict[str, tuple[tuple[float, float], ...]] = {}
     slows: dict[str, tuple[tuple[float, float], ...]] = {}
-    decode: dict[str, tuple[tuple[float, float], ...]] = {}
     with tempfile.TemporaryDirectory(prefix="meshlm-probe-") as tmp:
         path = tiny_checkpoint(Path(tmp) / "probe", layers, COLD)
         for ln in cluster.node.links:
-            pts, extra, dec = [], [], []
+            pts, extra = [], []
             with Probe(path, 2, 1, ln.transport) as eng:
                 eng.decode(new, 1)  # warm-up
                 ctx = SHORT + new / 2
@@ -208,11 +205,9 @@ def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS, then: The
                     samples += [(*then(lambda n=n: eng.prefill(n, runs)), Pass(n, n * (n + 1) / 2, n, 1))
                                 for n in prompts]
                     pts += [wait_point(x, ln, step) for x, _, _ in samples]
-                    dec.append(wait_point(samples[0][0], ln, step))  # the decode sample's
                     extra += [slow_point(x, cfg, rescale(cluster, sc), w) for x, sc, w in samples]
             waits[ln.transport] = tuple(sorted(pts))
             slows[ln.transport] = tuple(sorted(extra))
-            decode[ln.transport] = tuple(sorted(dec))
         with Probe(path, 1, 2) as eng:
             eng.decode(new, 1)
             # the median of the rounds' per-layer figures: a residual like overhead.py's (either sign of
@@ -225,4 +220,4 @@ def probe(cluster: Cluster, quick: bool = False, rounds: int = ROUNDS, then: The
     log.info("pipeline layer rounds (us): %s; wait points (segment us, wait us): %s; compute points "
              "(roofline segment us, extra us): %s", [round(x * 1e6) for x in per_round], us(waits), us(slows))
     pipe = statistics.median(per_round)
-    return Probed(waits, slows, pipe, decode)
+    return Probed(waits, slows, pipe)

@@ -154,23 +154,3 @@ def test_rates_are_taken_at_the_median_state_of_the_host():
     assert ref == pytest.approx(139.5) and rate == pytest.approx(139.5)
     rate, ref = at_median([100, 101, 99], [104, 104, 103], [104, 104, 103, 104])
     assert ref == 104 and rate == pytest.approx(100 / 104 * 104)
-
-
-def test_decode_waits_come_from_the_decode_points():
-    """A bandwidth-bound forward waits the decode points' median wait / segment x its segment; a
-    compute-bound one reads the line through every point. A profile saved before decode points were kept
-    takes the shortest third of its points (one decode and two prefills a round)."""
-    from meshlm.plan.cluster import Link, _link_dict, _link_from
-    from meshlm.plan.fit import wait_line
-
-    dec = ((400e-6, 0.0), (420e-6, 20e-6), (500e-6, 50e-6))
-    pts = tuple(sorted(dec + ((2e-3, 600e-6), (2.2e-3, 800e-6), (7e-3, 2e-3), (7.4e-3, 3e-3), (2.1e-3, 700e-6),
-                              (7.2e-3, 2.5e-3))))
-    ln = Link("shm", 4e9, 20e-6, pts, decode_waits=dec)
-    assert ln.wait(1e-3, "bandwidth") == pytest.approx(1e-3 * 20 / 420)
-    w0, c = wait_line(pts)
-    assert ln.wait(1e-3, "compute") == pytest.approx(w0 + c * 1e-3) and c > 0.2
-    flat = lambda points: [x for pt in points for x in pt]
-    assert flat(_link_from(_link_dict(ln)).decode_waits) == pytest.approx(flat(dec))
-    legacy = {k: v for k, v in _link_dict(ln).items() if k != "decode_waits_us"}
-    assert flat(_link_from(legacy).decode_waits) == pytest.approx(flat(dec))
