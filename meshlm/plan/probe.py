@@ -37,7 +37,8 @@ from meshlm.plan.layout import Layout
 from meshlm.plan.overhead import COLD, tiny_checkpoint
 
 log = logging.getLogger(__name__)
-ROUNDS = 3  # rounds of every in-engine measurement (not with quick)
+ROUNDS = 6  # rounds of every in-engine measurement (not with quick); 3 until session 5, whose saved runs
+# showed the wait line of 9 points moving 0.000-0.314 x segment between calibrations
 PROMPTS, SHORT = (128, 448), 16  # prefill prompts (448 tokens: ~7 ms between calls; 512 positions), decode
 
 
