@@ -46,7 +46,8 @@ TERMS = ("compute", "collectives", "p2p", "bubble", "total")  # meshlm.plan.benc
 def one(model: str, layout: str, transport: str, profile: str, runs: int, prompt: int, new: int,
         wait: float) -> dict:
     """Bench one layout in this process (called in a fresh child); the BenchResult as a dict, with the
-    host's readings before and after its runs and the scale they gave the profile (meshlm.plan.host)."""
+    host's readings (at the start, before each timed run, at the end) and the scale per phase they gave
+    the profile (meshlm.plan.host)."""
     from meshlm.plan import cluster as clusters
     from meshlm.plan.bench import run_bench
     from meshlm.plan.layout import Layout
@@ -89,7 +90,8 @@ def reference_of(raw: dict):
 
 
 def readings_of(r: dict) -> list:
-    """A result's host readings (before, after its runs); older runs kept the bandwidth only."""
+    """A result's host readings, labelled by when they were taken (runs before G: before and after its runs,
+    unlabelled; before F: the bandwidth only)."""
     from meshlm.plan.host import HostReading
 
     if r.get("host"):
@@ -268,6 +270,7 @@ def report(raw: dict, rescaled: bool, png: Path) -> None:
     from meshlm.plan.fit import slow_text, wait_text
 
     prof, results, ref = clusters.from_dict(raw["profile"]), repredict(raw, rescaled), reference_of(raw)
+    both = results if rescaled else repredict(raw, True)  # the rescaled pass count is printed either way
     d = prof.node.device
     print(f"Machine: {common.machine()}\n")
     links = "; ".join(f"{ln.transport} alpha {ln.latency * 1e6:.1f} us, beta {ln.bandwidth / 1e9:.2f} GB/s"
@@ -284,7 +287,7 @@ def report(raw: dict, rescaled: bool, png: Path) -> None:
     print("Host reading at calibration: " + (f"GEMV {ref.bandwidth / 1e9:.1f} GB/s, matmul "
           f"{ref.matmul / 1e9:.1f} GFLOP/s" if ref else "none (no rescaling possible)")
           + "; totals within 20%: {} of {} from the profile as calibrated, ".format(*passes(results, "unscaled"))
-          + "{} of {} rescaled to the host beside each layout; the table ".format(*passes(repredict(raw, True)))
+          + "{} of {} rescaled to the host beside each layout; the table ".format(*passes(both))
           + f"and plot: {'rescaled' if rescaled else 'as calibrated'}\n")
     print(table(results))
     print(f"\nHighest other CPU load seen before a run: {max(r.get('busy', 0.0) for r in results):.0%}")

@@ -341,8 +341,10 @@ def calibrate(threads: int = 1, quick: bool = False, tol: float = 0.05, max_load
             flops["bfloat16"] = matmul_rate(threads, "bfloat16", quick, tol)
         attn = attention_fraction(threads, quick)
         then = lambda fn: beside_run(host, ref, fn)
-        node_bw, s = then(lambda: node_bandwidth(devices, threads, quick)) if devices > 1 else (bw, None)
-        node_bw = node_bw / s.bandwidth if s else node_bw
+        node_bw = bw
+        if devices > 1:  # the node's cap at the reference state: measured / the state it was measured in
+            node_bw, now = then(lambda: node_bandwidth(devices, threads, quick))
+            node_bw /= now.bandwidth
         per_layer, per_step = software_overhead(threads, quick, bw, then=then)
         links, raw = collective_links(quick) if devices > 1 else ([base.node.link()], {})
         dev = Device(name=f"cpu-rank-{threads}t", memory=base.node.device.memory, flops=flops, bandwidth=bw,

@@ -3,11 +3,12 @@
 A CPU host shared with work we cannot see (a VM's vCPUs) runs in faster and slower states: the planner
 host's GEMV bandwidth moved 10.4-15.0 GB/s between layouts minutes apart (and within seconds), its matmul
 rate 100-145 GFLOP/s between calibrations. A profile taken in one state mispredicts runs taken in the other.
-So calibration keeps a short reading of the host (`read_host`: one thread's GEMV rate over a 512 MB pool and
-one thread's prefill-shaped matmul rate, ~0.5 s of timing each) in the profile's notes ("host_reading"),
-and a bench reads the same probe again (a `HostProbe`, its pools built once) before the engine starts,
-right before every timed run (the other ranks idle then: they sleep on the control channel) and after the
-engine stops. Each phase is predicted from the readings beside its own runs (`beside`: those taken before
+So calibration keeps a reading of the host (`HostProbe`: one thread's GEMV rate over a 512 MB pool and one
+thread's prefill-shaped matmul rate, ~0.5 s of timing each; the median of the readings around its rate
+measurements, calibrate.paired_rates) in the profile's notes ("host_reading"), reads it around its later
+measurements (`beside_run`), and a bench reads the same probe again (its pools built once) before the
+engine starts, right before every timed run (the other ranks idle then: they sleep on the control channel)
+and after the engine stops. Each phase is predicted from the readings beside its own runs (`beside`: those taken before
 its runs, and the next one after its last run), since the state moves within a layout's minute of runs:
 `rescale` multiplies the profile's bandwidths (per rank and the node's cap) by bandwidth now / at
 calibration and its matmul rates (every dtype; attention follows, being a fraction of them) by matmul
@@ -104,7 +105,7 @@ Then = Callable[[Callable[[], Any]], tuple[Any, Scale]]  # fn -> (fn(), the host
 
 def as_calibrated(fn: Callable[[], T]) -> tuple[T, Scale]:
     """A Then that reads nothing: fn() at the profile's state (x1)."""
-    return fn(), Scale()
+    return beside_run(None, None, fn)
 
 
 def read_host(seconds: float = 0.5) -> HostReading:
