@@ -5,6 +5,7 @@
         [--png docs/img/planner_cpu.png] [--json out.json]
     python benchmarks/planner.py --report out.json    # tables and plot again: the measurements of that run
                                                       # against the current cost model, its saved profile
+    python benchmarks/planner.py --report out.json --profile other.json   # ... against another run's profile
 
 First this host is calibrated (`meshlm plan --calibrate`: fp32 matmul rate, GEMV bandwidth alone and with
 every rank streaming, operator overhead, all-reduce alpha/beta per transport, the gloo hop's ping-pong,
@@ -196,7 +197,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--new", type=int, default=32)
-    ap.add_argument("--profile", default=None, help="a saved profile (default: calibrate now)")
+    ap.add_argument("--profile", default=None,
+                    help="a saved profile (default: calibrate now); with --report, a profile or another "
+                         "run's --json whose profile predicts the report's measurements")
     ap.add_argument("--png", default=str(ROOT / "docs" / "img" / "planner_cpu.png"))
     ap.add_argument("--json", default=None)
     ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait for a quiet machine per run")
@@ -216,6 +219,9 @@ def main() -> int:
 
     if args.report:
         raw = json.loads(Path(args.report).read_text())
+        if args.profile:  # another calibration against these measurements (the host reading comes with it)
+            other = json.loads(Path(args.profile).read_text())
+            raw = {**raw, "profile": other.get("profile", other)}
         report(raw, not args.no_rescale, Path(args.png))
         return 0
 
