@@ -42,8 +42,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="layers per pipeline stage, e.g. 16,14 (default: balanced by an estimated cost)")
     p.add_argument("--comm-timeout", type=float, default=60.0,
                    help="seconds a collective may wait for a peer before the launch fails (default 60)")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
+                   help="where the ranks compute: cuda puts rank r on GPU r of its host (default auto: cuda when "
+                        "a GPU is visible, else cpu; env MESHLM_DEVICE)")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"],
-                   help="torch.distributed backend (default: gloo on CPU, nccl on CUDA)")
+                   help="torch.distributed backend for tensors between ranks (default: gloo on CPU, nccl on CUDA)")
     p.add_argument("--transport", default=None, choices=["auto", "shm", "gloo"],
                    help="collectives between ranks on this machine: shared memory or gloo (default auto: "
                         "shm for CPU ranks on one host, else gloo; env MESHLM_TRANSPORT)")
@@ -99,6 +102,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context, tp=args.tp,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
+             device=args.device,
              pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks,
                                                              schedule="static" if static else "engine")) as llm:
         out = None
@@ -115,8 +119,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {args.tp} "
               f"| pp {args.pp}]",
               file=sys.stderr)
-        if args.tp > 1:
-            _print_ranks(llm, out.ttft_s + out.decode_s)
+        _print_ranks(llm, out.ttft_s + out.decode_s)
         if static:
             _print_stages(llm, args.trace)
     return 0
@@ -139,11 +142,11 @@ def _print_ranks(llm, wall_s: float) -> None:
     stats = llm.comm_stats()
     for info, st in zip(llm.rank_info(), stats):
         comm_s = sum(v["seconds"] for k, v in st.items() if k.startswith("tp/"))
+        comm = (f" | collectives {comm_s * 1000:.0f} ms over {info.get('transport', '?')} "
+                f"({100 * comm_s / max(wall_s, 1e-9):.0f}% of generation)") if len(stats) > 1 else ""
         print(f"  rank {info['rank']}: {info['q_heads']} q heads / {info['kv_heads']} kv heads | "
               f"weights {info['weight_mb']:.0f} MB | peak RSS {info['peak_rss_mb']:.0f} MB | "
-              f"collectives {comm_s * 1000:.0f} ms over {info.get('transport', '?')} "
-              f"({100 * comm_s / max(wall_s, 1e-9):.0f}% of generation)",
-              file=sys.stderr)
+              f"{info['device']}{comm}", file=sys.stderr)
 
 
 COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "plan": cmd_plan, "bench": cmd_bench}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
@@ -17,6 +18,7 @@ from meshlm.engine.request import RequestOutput
 from meshlm.engine.worker import DTYPES, WorkerSpec
 from meshlm.errors import ConfigError, RequestError
 from meshlm.parallel.comm import resolve_transport
+from meshlm.parallel.device import resolve_device
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.parallel.pipeline import PipelineSpec, plan_stages
 
@@ -31,15 +33,21 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 class LLM:
-    """Load a model once (on one process, or split over tp ranks) and generate from it."""
+    """Load a model once (on one process, or split over tp ranks) and generate from it.
+
+    The ranks live until close(), the end of a `with` block, the last reference going away, or interpreter
+    exit, whichever comes first. device: "auto" (CUDA when present), "cpu" or "cuda" (rank r on cuda:r).
+    """
 
     def __init__(self, model: str | None = None, dtype: str = "float32", threads: int | None = None,
                  max_context: int | None = None, tp: int = 1, pp: int = 1, progress: bool = True,
                  comm_timeout_s: float = 60.0, backend: str | None = None, gguf_direct: bool = False,
                  engine: EngineConfig | None = None, pp_layers: Sequence[int] | None = None,
-                 pipeline: PipelineSpec | None = None, transport: str | None = None) -> None:
+                 pipeline: PipelineSpec | None = None, transport: str | None = None,
+                 device: str | None = None) -> None:
         parse_dtype(dtype)
         dims = ParallelDims(tp=tp, pp=pp)
+        choice = resolve_device(device, backend, dims.world_size)
         transport = resolve_transport(transport)  # auto | shm | gloo; a typo fails before any process starts
         pipeline = pipeline or PipelineSpec()
         if pp_layers is not None:
@@ -50,14 +58,22 @@ class LLM:
         plan_stages(cfg, pp, pipeline)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           progress=progress, gguf_direct=gguf_direct, pipeline=pipeline,
-                          transport=transport)
-        self.executor = Executor(spec, timeout_s=comm_timeout_s, backend=backend)
-        w = self.executor.worker
-        self.cfg, self.tokenizer, self.path = w.cfg, w.tokenizer, w.path
-        self.max_context, self.threads, self.dtype = w.max_context, w.threads, w.dtype
-        self.dims = dims
-        self.pipeline = pipeline
-        self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine)
+                          transport=transport, device=choice)
+        self.executor = Executor(spec, timeout_s=comm_timeout_s)
+        # Closes the ranks once: on close(), when this object is collected, or at interpreter exit. It holds
+        # the executor, never self, so an LLM that is dropped can be collected.
+        self._finalizer = weakref.finalize(self, self.executor.close)
+        try:
+            w = self.executor.worker
+            self.cfg, self.tokenizer, self.path = w.cfg, w.tokenizer, w.path
+            self.max_context, self.threads, self.dtype = w.max_context, w.threads, w.dtype
+            self.device = w.device
+            self.dims = dims
+            self.pipeline = pipeline
+            self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine)
+        except BaseException:
+            self._finalizer()
+            raise
 
     @property
     def _static(self) -> bool:
@@ -168,9 +184,14 @@ class LLM:
         """Zero every rank's collective totals."""
         self.executor.call_all("reset_stats")
 
+    @property
+    def closed(self) -> bool:
+        """True once close() (or garbage collection) has ended the ranks."""
+        return not self._finalizer.alive
+
     def close(self) -> None:
-        """Stop the ranks (no-op on one process)."""
-        self.executor.close()
+        """Stop the ranks, free the process group and the model (idempotent); the LLM is unusable after."""
+        self._finalizer()
 
     def __enter__(self) -> LLM:
         return self

@@ -78,7 +78,7 @@ class LLMEngine:
         bs = self.ecfg.block_size
         per_block = max(executor.call_all("kv_block_bytes", bs))
         budget = (self.ecfg.kv_cache_mb * 2**20 if self.ecfg.kv_cache_mb is not None
-                  else self.ecfg.kv_cache_fraction * available_memory_bytes() / max(1, executor.world_size))
+                  else min(executor.call_all("kv_budget_bytes", self.ecfg.kv_cache_fraction)))
         # No point in more blocks than max_num_seqs full contexts.
         cap = self.ecfg.scheduler.max_num_seqs * -(-max_context // bs)
         num_blocks = min(int(budget // per_block), cap)

@@ -21,15 +21,15 @@ import torch.distributed as dist
 
 from meshlm.engine.worker import Worker, WorkerSpec
 from meshlm.errors import ConfigError
-from meshlm.parallel.comm import (
-    Comm,
-    build_groups,
-    default_backend,
-    resolve_transport,
-    single_process_groups,
-    use_transport,
+from meshlm.parallel.comm import Comm, build_groups, resolve_transport, single_process_groups, use_transport
+from meshlm.parallel.launch import (
+    LocalRanks,
+    RankFailure,
+    RendezvousInfo,
+    claim_default_group,
+    init_distributed,
+    under_torchrun,
 )
-from meshlm.parallel.launch import LocalRanks, RankFailure, RendezvousInfo, init_distributed, under_torchrun
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +80,19 @@ def serve_rank(rv: RendezvousInfo, spec: WorkerSpec) -> None:
 class Executor:
     """Owns rank 0's worker and the other ranks (spawned locally or started by torchrun)."""
 
-    def __init__(self, spec: WorkerSpec, timeout_s: float = 60.0, backend: str | None = None) -> None:
+    def __init__(self, spec: WorkerSpec, timeout_s: float = 60.0) -> None:
         self.spec = spec
         self.local: LocalRanks | None = None
         self.distributed = False
+        self.closed = False
         self.pipelining = False  # the other ranks are in their stage loop (pp > 1)
         self.in_flight = 0  # steps submitted and not yet collected (pp > 1)
         self.broken = False  # a rank failed: the ranks are gone and nothing in flight will come back
         self._done: deque = deque()  # outputs of steps run at once (pp == 1)
-        backend = backend or default_backend("cpu")
+        backend = spec.device.pg_backend
         world = spec.dims.world_size
+        if world > 1 or under_torchrun():
+            claim_default_group()  # before any rank starts: a second live distributed LLM is refused here
         if under_torchrun():
             env_world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
             if env_world != world:
@@ -138,8 +141,15 @@ class Executor:
         """Engine steps that may be in flight at once: one per pipeline stage."""
         return self.spec.dims.pp
 
+    def _check_open(self) -> None:
+        if self.broken:
+            raise RankFailure("the ranks of this LLM failed earlier; create a new meshlm.LLM.")
+        if self.closed:
+            raise ConfigError("this LLM is closed (close() ended its ranks); create a new meshlm.LLM.")
+
     def submit(self, step: Any) -> None:
         """Start an engine step (a StepInput); its output comes from collect(), in submission order."""
+        self._check_open()
         if self.spec.dims.pp == 1:
             self._done.append(self.call("execute", step))
             return
@@ -177,6 +187,7 @@ class Executor:
 
     def call(self, method: str, *args: Any) -> Any:
         """Run worker.method(*args) on every rank; return rank 0's result."""
+        self._check_open()
         if not self.distributed:
             return getattr(self.worker, method)(*args)
         self.pause()
@@ -188,6 +199,7 @@ class Executor:
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
         """Run worker.method(*args) on every rank; return every rank's result, by rank."""
+        self._check_open()
         if not self.distributed:
             return [getattr(self.worker, method)(*args)]
         self.pause()
@@ -213,8 +225,11 @@ class Executor:
             raise self._failure(e) from None
 
     def close(self, graceful: bool = True) -> None:
-        """Stop every rank and tear down the process groups."""
+        """Stop every rank, tear down the process groups and free this rank's model (idempotent)."""
+        self.closed = True
+        self._done.clear()
         if not self.distributed:
+            self.worker = None  # the weights and KV pool go with it
             return
         if graceful and self.pipelining:
             try:
@@ -243,3 +258,4 @@ class Executor:
                 dist.destroy_process_group()
             except Exception:
                 pass
+        self.worker = None

@@ -16,7 +16,7 @@ class StepOutput:
     """A step's result: every sampled row's argmax, and the whole logits of the rows asked for."""
 
     best: list[int]  # [K] greedy token of each row of step.sample_offsets
-    logits: torch.Tensor  # [len(step.full_rows), V] fp32, in full_rows order
+    logits: torch.Tensor  # [len(step.full_rows), V] fp32 on the CPU (the driver samples there), full_rows order
 
 
 def local_kv_heads(model: nn.Module, cfg: ModelConfig) -> int:
@@ -34,8 +34,9 @@ def kv_bytes_per_block(model: nn.Module, cfg: ModelConfig, block_size: int, dtyp
 class ModelRunner:
     """Owns the KV pool of one rank (its stage's layers only) and executes StepInputs."""
 
-    def __init__(self, model: nn.Module, cfg: ModelConfig, dtype: torch.dtype) -> None:
-        self.model, self.cfg, self.dtype = model, cfg, dtype
+    def __init__(self, model: nn.Module, cfg: ModelConfig, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.model, self.cfg, self.dtype, self.device = model, cfg, dtype, torch.device(device)
         self.cache: PagedKVCache | None = None
 
     def allocate(self, num_blocks: int, block_size: int) -> None:
@@ -43,7 +44,7 @@ class ModelRunner:
         self.cache = None
         layer_ids = [int(k) for k in self.model.layers.keys()]
         self.cache = PagedKVCache(layer_ids, num_blocks, block_size, local_kv_heads(self.model, self.cfg),
-                                  self.cfg.head_dim, self.dtype, window=self.cfg.sliding_window)
+                                  self.cfg.head_dim, self.dtype, self.device, window=self.cfg.sliding_window)
 
     @torch.inference_mode()
     def forward(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -53,8 +54,9 @@ class ModelRunner:
         """
         assert self.cache is not None, "allocate() the KV cache first"
         positions = self.cache.prepare(step)  # [1, T]
-        x = torch.tensor(step.token_ids, dtype=torch.long).unsqueeze(0) if hidden is None else hidden  # [1, T]
-        index = torch.tensor(step.sample_offsets, dtype=torch.long).unsqueeze(0)  # [1, K]
+        x = torch.tensor(step.token_ids, dtype=torch.long, device=self.device).unsqueeze(0) \
+            if hidden is None else hidden  # [1, T] tokens, or [1, T, H] hidden states
+        index = torch.tensor(step.sample_offsets, dtype=torch.long, device=self.device).unsqueeze(0)  # [1, K]
         out = self.model(x, positions, self.cache, logits_index=index)  # [1, K, V] or [1, T, H]
         return out[0].float() if self.model.lm_head is not None else out
 
@@ -64,7 +66,9 @@ class ModelRunner:
 
 
 def finish(logits: torch.Tensor, step: StepInput) -> StepOutput:
-    """StepOutput of logits [K, V]: the argmax of every row in one op, and the rows in step.full_rows."""
-    rows = logits.index_select(0, torch.tensor(step.full_rows, dtype=torch.long)) if step.full_rows \
-        else logits.new_zeros(0, logits.shape[-1])
+    """StepOutput of logits [K, V] (any device): every row's argmax and the rows in step.full_rows, on the CPU."""
+    if step.full_rows:
+        rows = logits.index_select(0, torch.tensor(step.full_rows, dtype=torch.long, device=logits.device)).cpu()
+    else:
+        rows = torch.zeros(0, logits.shape[-1])
     return StepOutput(logits.argmax(-1).tolist(), rows)

@@ -2,9 +2,14 @@
 
 The step's tokens are flattened into one row [1, T]. Each layer writes this step's K/V into the pool
 slots of its block table (index_copy_), then attends. Decodes (one new token each) go together to the C++
-kernel of paged_decode.cpp, which reads each sequence's K/V in place in the pool; without the kernel
-they are gathered (index_select) into one padded batch for SDPA. A prompt's first chunk attends to its
-own K/V from this step; a later chunk gathers its earlier context from the pool.
+kernel of paged_decode.cpp (CPU only), which reads each sequence's K/V in place in the pool; on CUDA, or
+without the kernel, they are gathered (index_select) into one padded batch for SDPA. A prompt's first
+chunk attends to its own K/V from this step; a later chunk gathers its earlier context from the pool.
+
+The pools are torch.empty: a page of memory is touched (and counted in the rank's RSS) only when a block
+on it is first written. Invariant: every slot attention reads was written, in this step or an earlier
+one; padding of the gathered batch repeats a sequence's own slot, so garbage in unwritten slots never
+reaches a sum (a masked NaN would still poison it: 0 * NaN = NaN).
 """
 
 from __future__ import annotations
@@ -55,8 +60,9 @@ class PagedKVCache:
     def __init__(self, layer_ids: list[int], num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str = "cpu", window: int | None = None) -> None:
         shape = (len(layer_ids), num_blocks * block_size, kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = torch.empty(shape, dtype=dtype, device=device)  # untouched until written (see above)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.device = self.k.device
         self.slot_of_layer = {lid: i for i, lid in enumerate(layer_ids)}
         self.block_size = block_size
         self.window = window  # sliding attention window (Mistral), None = global
@@ -76,6 +82,7 @@ class PagedKVCache:
 
     def prepare(self, step: StepInput) -> torch.Tensor:
         """Plan attention for a step; returns positions [1, T]."""
+        dev = self.device
         positions, writes = [], []
         self.prefills: list[_Prefill] = []
         dec_idx, dec_tables, dec_first, dec_len = [], [], [], []
@@ -91,30 +98,31 @@ class PagedKVCache:
                 continue
             mask = None
             if s.start or (self.window is not None and ctx > self.window):
-                mask = visible_keys(torch.arange(s.start, ctx)[None], ctx, self.window)[0]  # [n, ctx]
-            slots = self._slots(s.block_table, 0, ctx) if s.start else None
+                mask = visible_keys(torch.arange(s.start, ctx, device=dev)[None], ctx, self.window)[0]  # [n, ctx]
+            slots = self._slots(s.block_table, 0, ctx).to(dev) if s.start else None
             self.prefills.append(_Prefill(s.offset, s.n, slots, mask))
-        self.write_slots = torch.cat(writes)
-        self.dec_idx = torch.tensor(dec_idx, dtype=torch.long)
+        self.write_slots = torch.cat(writes).to(dev)
+        self.dec_idx = torch.tensor(dec_idx, dtype=torch.long, device=dev)
         self.all_decode = len(dec_idx) == len(step.token_ids)
         if dec_idx:
             self._plan_decode(dec_tables, dec_first, dec_len)
-        return torch.tensor(positions, dtype=torch.long).unsqueeze(0)
+        return torch.tensor(positions, dtype=torch.long, device=dev).unsqueeze(0)
 
     def _plan_decode(self, tables: list[tuple[int, ...]], first: list[int], lens: list[int]) -> None:
-        if self.kernel is not None:
+        if self.kernel is not None:  # reads tokens [first, len) of each table only: the padding is never read
             width = max(len(t) for t in tables)
             self.dec_tables = torch.tensor([t + (0,) * (width - len(t)) for t in tables], dtype=torch.long)
             self.dec_first = torch.tensor(first, dtype=torch.long)
             self.dec_len = torch.tensor(lens, dtype=torch.long)
             return
-        # Fallback: visible slots of every decode, padded into one batch [Bd, Tmax] with a length mask.
+        # PyTorch path: visible slots of every decode, padded into one batch [Bd, Tmax] with a length mask.
+        # A row is padded with its own last slot (written), never with a slot no one has written.
         slots = [self._slots(t, a, b) for t, a, b in zip(tables, first, lens)]
         longest = max(len(x) for x in slots)
-        self.dec_slots = torch.stack([F.pad(x, (0, longest - len(x))) for x in slots])
+        self.dec_slots = torch.stack([F.pad(x, (0, longest - len(x)), value=int(x[-1])) for x in slots]).to(self.device)
         n = torch.tensor([len(x) for x in slots])
         self.dec_mask = None if int(n.min()) == longest else (
-            torch.arange(longest)[None, :] < n[:, None])[:, None, None, :]  # [Bd, 1, 1, Tmax]
+            torch.arange(longest)[None, :] < n[:, None])[:, None, None, :].to(self.device)  # [Bd, 1, 1, Tmax]
 
     def _decode(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
         """q [Bd, Hq, D] -> [Bd, Hq, D] over each decode's cached context."""

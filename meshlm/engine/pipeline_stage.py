@@ -114,7 +114,7 @@ class StageDriver:
         if kind == END:
             return None, None
         step = pickle.loads(self.link.recv((nbytes,), torch.uint8, self.prev).numpy().tobytes())
-        return step, self.link.recv((1, t, self.hidden_size), self.dtype, self.prev)
+        return step, self.link.recv((1, t, self.hidden_size), self.dtype, self.prev, device=self.runner.device)
 
     def _reply(self, out: StepOutput) -> None:
         self.link.send(torch.tensor([len(out.best), out.logits.shape[0], out.logits.shape[1]]), 0)

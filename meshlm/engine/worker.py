@@ -12,6 +12,7 @@ import torch
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
 from meshlm.config import SamplingParams
+from meshlm.engine.engine import available_memory_bytes
 from meshlm.engine.generate import RequestOutput, generate, generate_stream
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
@@ -19,6 +20,7 @@ from meshlm.engine.pipeline_runner import PipelineRunner
 from meshlm.engine.pipeline_stage import StageDriver
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
+from meshlm.parallel.device import DeviceChoice, rank_device
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.parallel.pipeline import PipelineSpec, plan_stages, split_model
 from meshlm.parallel.styles import ShardLayout, apply_plan
@@ -42,6 +44,7 @@ class WorkerSpec:
     gguf_direct: bool = False  # read .gguf in place (each rank dequantizes its rows) instead of the cache
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)  # stage split and schedule when pp > 1
     transport: str | None = None  # collectives: auto | shm | gloo (None: $MESHLM_TRANSPORT, else auto)
+    device: DeviceChoice = field(default_factory=DeviceChoice)  # cpu (gloo) or cuda:<local rank> (nccl)
 
 
 def memory_mb() -> dict[str, float]:
@@ -62,8 +65,9 @@ class Worker:
 
     def __init__(self, spec: WorkerSpec, groups: Groups, rank: int = 0) -> None:
         self.spec, self.groups, self.rank = spec, groups, rank
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or spec.dims.world_size)  # torchrun sets it
-        self.threads = set_threads(spec.threads, ranks_here)
+        self.device = rank_device(spec.device.kind, rank)
+        self.ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or spec.dims.world_size)  # torchrun sets it
+        self.threads = set_threads(spec.threads, self.ranks_here)
         self.anon_before_mb = memory_mb()["RssAnon"]
         self.dtype = DTYPES[spec.dtype]
         t0 = time.perf_counter()
@@ -75,7 +79,7 @@ class Worker:
         split_model(model, self.stage)  # a pipeline stage keeps (and loads) only its own modules
         part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp)
         self.model = load_weights(model, self.cfg, ckpt.source, self.dtype, part_for=part_for,
-                                  progress=spec.progress and rank == 0)
+                                  progress=spec.progress and rank == 0, device=self.device)
         self.max_context = min(spec.max_context or self.cfg.max_position, self.cfg.max_position)
         self.pipeline = PipelineRunner(self.model, self.cfg, self.tokenizer, self.stage, groups,
                                        spec.pipeline, self.max_context, self.dtype, rank) \
@@ -95,6 +99,7 @@ class Worker:
                 "weight_mb": self.weight_bytes / 1e6, "peak_rss_mb": mem["VmHWM"],
                 "anon_added_mb": mem["RssAnon"] - self.anon_before_mb,
                 "load_s": self.load_s, "threads": self.threads, "transport": self.groups.tp.transport,
+                "device": str(self.device),
                 "stage": self.stage.index,
                 "layers": (self.stage.start, self.stage.stop)}
 
@@ -129,16 +134,23 @@ class Worker:
         for i, t in enumerate(token_ids):
             tokens[i, : len(t)] = torch.tensor(t)
             mask[i, : len(t)] = True
-        positions = torch.arange(s).expand(b, s)
-        return self.model(tokens, positions, CausalNoCache(mask, self.cfg.sliding_window)).float()
+        tokens, mask = tokens.to(self.device), mask.to(self.device)
+        positions = torch.arange(s, device=self.device).expand(b, s)
+        return self.model(tokens, positions, CausalNoCache(mask, self.cfg.sliding_window)).float().cpu()
 
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes of one KV block on this rank."""
         return kv_bytes_per_block(self.model, self.cfg, block_size, self.dtype)
 
+    def kv_budget_bytes(self, fraction: float) -> int:
+        """fraction of this rank's free memory: its GPU's, or its share of the host's among the ranks here."""
+        if self.device.type == "cuda":
+            return int(fraction * torch.cuda.mem_get_info(self.device)[0])
+        return int(fraction * available_memory_bytes() / max(1, self.ranks_here))
+
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
-        """Allocate the paged KV pool (this stage's layers)."""
-        self.runner = ModelRunner(self.model, self.cfg, self.dtype)
+        """Allocate the paged KV pool (this stage's layers) on this rank's device; pages are touched as written."""
+        self.runner = ModelRunner(self.model, self.cfg, self.dtype, self.device)
         self.runner.allocate(num_blocks, block_size)
         self.stages = StageDriver(self.runner, self.groups, self.stage, self.cfg.hidden_size, self.dtype) \
             if self.spec.dims.pp > 1 else None

@@ -74,11 +74,6 @@ class CommStats:
 STATS = CommStats()
 
 
-def default_backend(device: torch.device | str) -> str:
-    """gloo for CPU tensors, nccl for CUDA."""
-    return "nccl" if torch.device(device).type == "cuda" else "gloo"
-
-
 class Comm:
     """Collectives over one process group (global ranks `ranks`); this process is `ranks[index]`."""
 
@@ -316,14 +311,15 @@ def build_groups(dims, rank: int, backend: str, timeout_s: float, transport: str
     if transport == "shm" and (backend != "gloo" or not shm.supported()):
         raise ConfigError(f"the shm transport needs CPU tensors (gloo) on x86-64 Linux with /dev/shm; this "
                           f"is {backend} on {os.uname().machine}. Use --transport auto or gloo.")
-    world = Comm("world", list(range(dims.world_size)), dist.group.WORLD, rank, transport=backend)
+    label = "nccl" if "nccl" in backend else backend  # "cpu:gloo,cuda:nccl": tensors on NCCL, objects on gloo
+    world = Comm("world", list(range(dims.world_size)), dist.group.WORLD, rank, transport=label)
 
     def make(name: str, all_groups: list[list[int]]) -> Comm:
         mine = None
         for ranks in all_groups:
             g = dist.new_group(ranks, backend=backend, timeout=timeout) if len(ranks) > 1 else None
             if rank in ranks:
-                mine = Comm(name, ranks, g, rank, transport=backend)
+                mine = Comm(name, ranks, g, rank, transport=label)
         assert mine is not None
         return use_transport(mine, transport, timeout_s)
 

@@ -9,6 +9,7 @@ process runs `python -m meshlm.launch ...`; ranks other than 0 serve calls until
 from __future__ import annotations
 
 import ctypes
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from meshlm.errors import MeshlmError
+from meshlm.errors import ConfigError, MeshlmError
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,18 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def claim_default_group() -> None:
+    """Refuse to start ranks while this process's default process group is taken (by a live LLM)."""
+    if dist.is_initialized():
+        gc.collect()  # an unreachable LLM in a reference cycle: its finalizer closes it and frees the group
+    if dist.is_initialized():
+        raise ConfigError(
+            "another meshlm.LLM with several ranks is still open in this process (it holds torch.distributed's "
+            "default process group, and a process has one). Call close() on it first, or create it as "
+            "`with meshlm.LLM(...) as llm:`; an LLM with tp=1 and pp=1 needs no process group."
+        )
 
 
 def init_distributed(rv: RendezvousInfo) -> None:
@@ -163,12 +176,14 @@ class LocalRanks:
         return RankFailure(f"rank {rank} failed: {msg}")
 
     def terminate(self) -> None:
-        """Kill every spawned rank and reap it."""
+        """Kill every spawned rank, reap it and close its error pipe."""
         for p in self.procs.values():
             if p.is_alive():
                 p.kill()
         for p in self.procs.values():
             p.join(timeout=5)
+        for pipe in self.pipes.values():
+            pipe.close()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Wait for ranks told to stop; kill stragglers."""

@@ -260,10 +260,10 @@ class StageLink:
         self.timeline.record("send", start, time.perf_counter(), to=dst, bytes=nbytes, **args)
 
     def recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, span: str = "recv",
-             **args) -> torch.Tensor:
-        """A new tensor received from stage src (blocking); the wait is recorded as `span`."""
+             device: torch.device | str = "cpu", **args) -> torch.Tensor:
+        """A new tensor on `device` received from stage src (blocking); the wait is recorded as `span`."""
         start = time.perf_counter()
-        t = torch.empty(shape, dtype=dtype)
+        t = torch.empty(shape, dtype=dtype, device=device)
         dist.recv(t, src=self.comm.ranks[src], group=self.comm.group)
         nbytes = t.numel() * t.element_size()
         self.comm.stats.record(self.comm.name, "recv", nbytes, time.perf_counter() - start)

@@ -115,3 +115,37 @@ def test_mixed_step_matches_reference(monkeypatch, use_kernel):
         mask = (pos[None] <= qpos) & (pos[None] > qpos - window)  # [n, ctx]
         ref = sdpa(q[0, s.offset:s.offset + s.n].transpose(0, 1)[None], keys, vals, mask)[0].transpose(0, 1)
         torch.testing.assert_close(out[s.offset:s.offset + s.n], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_unwritten_slots_are_never_read(monkeypatch, use_kernel):
+    """The pool is torch.empty (pages touched only when written): fill it with NaN, write two sequences of
+    different lengths, and decode both in one step. Neither the kernel nor the padded PyTorch batch may read
+    an unwritten slot (a masked NaN still poisons a softmax sum), so the rows are finite and match SDPA."""
+    if not use_kernel:
+        monkeypatch.setattr(paged_decode, "_tried", True)
+        monkeypatch.setattr(paged_decode, "_op", None)
+    elif paged_decode.kernel() is None:
+        pytest.skip("the paged decode kernel could not be built here")
+    cache = PagedKVCache([0], 40, BS, HKV, D, torch.float32)
+    assert (cache.kernel is not None) == use_kernel
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    g = torch.Generator().manual_seed(2)
+    tables = {"a": (5, 2, 9), "b": (7,)}  # block 0 (the old padding slot) is never written
+    cached = {"a": 9, "b": 2}  # tokens already in the pool; this step decodes one more of each
+    for name, n in cached.items():
+        pos = torch.arange(n)
+        slots = torch.tensor(tables[name])[pos // BS] * BS + pos % BS
+        cache.k[0, slots] = torch.randn(n, HKV, D, generator=g)
+        cache.v[0, slots] = torch.randn(n, HKV, D, generator=g)
+    seqs = (SeqInput(0, cached["a"], 1, tables["a"]), SeqInput(1, cached["b"], 1, tables["b"]))
+    q = torch.randn(1, 2, HQ, D, generator=g)
+    k, v = torch.randn(1, 2, HKV, D, generator=g), torch.randn(1, 2, HKV, D, generator=g)
+    cache.prepare(StepInput((1, 2), seqs, (0, 1)))
+    out = cache(0, q, k, v)[0]
+    assert torch.isfinite(out).all()
+    for s, name in zip(seqs, "ab"):
+        ctx = s.start + 1
+        ref = reference(q[0, s.offset], cache.k[0], cache.v[0], tables[name], 0, ctx)
+        torch.testing.assert_close(out[s.offset], ref, atol=1e-5, rtol=1e-5)
