@@ -30,11 +30,18 @@ def _build():
     cflags = ["-O3", "-fopenmp", *_FLAGS.get("AVX512" if cap.startswith("AVX512") else cap, [])]
     key = _SOURCE.read_bytes() + " ".join(cflags).encode() + torch.__version__.encode()
     name = "meshlm_paged_" + hashlib.sha1(key).hexdigest()[:10]  # new source, flags or torch: a new build
-    cached = (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    lib = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    cached = lib.exists()  # named by a hash of source, flags and torch: an existing build is current
     if not cached:
         log.warning("meshlm: compiling the paged decode attention kernel (once, ~20 s)")
     t0 = time.perf_counter()
-    load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, is_python_module=False, verbose=False)
+    if cached:  # load() would re-run the build system's checks (seconds per rank on a busy host)
+        try:
+            torch.ops.load_library(str(lib))
+        except OSError:  # another process is still linking it: build (or wait for that build) as usual
+            cached = False
+    if not cached:
+        load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, is_python_module=False, verbose=False)
     log.info("meshlm: paged decode kernel %s in %.1f s", "loaded" if cached else "built", time.perf_counter() - t0)
     return torch.ops.meshlm_paged.paged_decode
 

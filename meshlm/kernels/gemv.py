@@ -46,12 +46,19 @@ def _build():
     text = b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_CFLAGS).encode() + torch.__version__.encode()
     name = "meshlm_gemv_" + hashlib.sha1(text).hexdigest()[:10]  # a new source or torch builds anew
     build_dir = _get_build_directory(name, verbose=False)
-    cached = (Path(build_dir) / f"{name}.so").exists()
+    lib = Path(build_dir) / f"{name}.so"
+    cached = lib.exists()  # named by a hash of sources, flags and torch: an existing build is current
     if not cached:
         log.warning("meshlm.kernels: compiling the decode kernels (once, ~30 s) into %s", build_dir)
     t0 = time.perf_counter()
-    load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS, is_python_module=False,
-         verbose=False)
+    if cached:  # load() would re-run the build system's checks (seconds per rank on a busy host)
+        try:
+            torch.ops.load_library(str(lib))
+        except OSError:  # another process is still linking it: build (or wait for that build) as usual
+            cached = False
+    if not cached:
+        load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS, is_python_module=False,
+             verbose=False)
     log.info("meshlm.kernels: decode kernels %s in %.1f s", "loaded" if cached else "built",
              time.perf_counter() - t0)
     return torch.ops.meshlm_kernels
