@@ -15,6 +15,11 @@ On a shared machine each timed run takes the benchmarks' lock and waits for othe
 a run during which other processes used more than 15% of the CPUs is run again (up to 6 times); "other
 load" is the largest share of all CPUs that other processes used during one of a row's kept runs.
 Progress goes to stderr; the markdown table to stdout; --json keeps the raw numbers.
+
+On a GPU: python benchmarks/decode.py --device cuda [--models smollm2 llama-400m] [--dtypes bfloat16]
+runs both engines on cuda:0 in this process (no CPU load checks) and adds the HBM roofline fraction: weight
+bytes per token x tokens/s / peak bandwidth (the card's data-sheet figure, or --peak-gbs), and the same
+against the read bandwidth measured there (torch.sum over 1 GiB).
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ def hf_decode(model, ids: list[int], new: int) -> tuple[float, list[int]]:
     from transformers import GenerationConfig
 
     stamps = Stamps()
-    x = torch.tensor([ids])
+    x = torch.tensor([ids], device=model.device)
     cfg = GenerationConfig(do_sample=False, max_new_tokens=new, eos_token_id=None, pad_token_id=0)
     with torch.inference_mode():  # eos_token_id=None: never stop early, like meshlm's ignore_eos
         out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=cfg, streamer=stamps)
@@ -165,6 +170,84 @@ def run_one(name: str, dtype: str, threads: int, new: int, runs: int, wait_s: fl
     return row
 
 
+# Data-sheet HBM bandwidth (GB/s) by a substring of torch.cuda.get_device_name(), most specific first.
+PEAK_GBS = [("H200", 4800), ("H100 NVL", 3900), ("H100 PCIe", 2000), ("H100", 3350), ("A100-SXM4-80GB", 2039),
+            ("A100 80GB PCIe", 1935), ("A100", 1555), ("L40S", 864), ("A10G", 600), ("L4", 300)]
+
+
+def gpu_read_bandwidth(device: torch.device, nbytes: int = 1 << 30, tries: int = 10) -> float:
+    """Best read bandwidth (GB/s) of torch.sum over an fp32 buffer of nbytes on the device (CUDA events)."""
+    buf = torch.ones(nbytes // 4, device=device)
+    best = 0.0
+    for _ in range(tries):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            buf.sum()
+            end.record()
+            torch.cuda.synchronize(device)
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            buf.sum()
+            seconds = time.perf_counter() - t0
+        best = max(best, nbytes / seconds / 1e9)
+    return best
+
+
+def run_on_device(name: str, dtype: str, new: int, runs: int, device: str = "cuda",
+                  peak_gbs: float | None = None) -> dict:
+    """meshlm and HF on one device (cuda:0) for one (model, dtype): tok/s medians and roofline fractions."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from meshlm import LLM
+    from meshlm.engine.engine import EngineConfig
+
+    hf_logging.disable_progress_bar()
+    path = model_path(name)
+    dev = torch.device(device, 0) if device == "cuda" else torch.device(device)
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else common.machine().split(",")[0]
+    peak = peak_gbs or next((gbs for key, gbs in PEAK_GBS if key in card), None) if dev.type == "cuda" \
+        else peak_gbs
+    common.log(f"{name} {dtype} on {card}: loading both engines")
+    llm = LLM(str(path), dtype=dtype, device=device, progress=False, engine=EngineConfig(kv_cache_mb=256))
+    hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).to(dev).eval()
+    ids = common.prompt_ids(PROMPT_LEN, llm.cfg.vocab_size)
+    wbytes = weight_bytes_per_token(llm.model)
+    meshlm_decode(llm, ids, 16)  # warm-up
+    hf_decode(hf, ids, 16)
+    ours, theirs = [], []
+    for _ in range(runs):
+        ours.append(meshlm_decode(llm, ids, new))
+        theirs.append(hf_decode(hf, ids, new))
+    measured = gpu_read_bandwidth(dev)
+    llm.close()
+    same = next((j for j, (a, b) in enumerate(zip(ours[0][1], theirs[0][1])) if a != b), None)
+    row = dict(model=name, dtype=dtype, device=card, weight_mb=wbytes / 1e6, new_tokens=new, runs=runs,
+               meshlm=common.median([t for t, _ in ours]), hf=common.median([t for t, _ in theirs]),
+               peak_gbs=peak, measured_gbs=measured, first_diff=same)
+    for engine in ("meshlm", "hf"):
+        gbs = row[engine] * wbytes / 1e9  # weight bytes streamed per second at that token rate
+        row[f"{engine}_of_peak"] = gbs / peak if peak else None
+        row[f"{engine}_of_measured"] = gbs / measured
+    common.log(f"  -> meshlm {row['meshlm']:.1f}  hf {row['hf']:.1f} tok/s; meshlm streams "
+               f"{row['meshlm'] * wbytes / 1e9:.0f} GB/s of weights (peak {peak or '?'}, measured {measured:.0f})")
+    return row
+
+
+def device_table(rows: list[dict]) -> str:
+    """Markdown table of run_on_device rows."""
+    pct = lambda x: "?" if x is None else f"{x:.0%}"
+    head = ("| model | dtype | device | weights MB/token | HF tok/s | meshlm tok/s | meshlm % of peak HBM | "
+            "HF % of peak HBM | meshlm % of measured read BW | greedy tokens |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+    return head + "\n".join(
+        f"| {r['model']} | {r['dtype']} | {r['device']} | {r['weight_mb']:.0f} | {r['hf']:.1f} | {r['meshlm']:.1f} | "
+        f"{pct(r['meshlm_of_peak'])} | {pct(r['hf_of_peak'])} | {pct(r['meshlm_of_measured'])} | "
+        f"{'identical' if r['first_diff'] is None else 'differ from #' + str(r['first_diff'])} |" for r in rows)
+
+
 def table(rows: list[dict]) -> str:
     """Markdown table of result rows."""
     head = ("| model | dtype | threads | weights MB/token | read GB/s | roofline tok/s | HF tok/s | "
@@ -220,8 +303,18 @@ def main() -> None:
     ap.add_argument("--plot", default="docs/img/decode_batch1.png")
     ap.add_argument("--json", default=None, help="also write the raw rows here (after every row)")
     ap.add_argument("--report", default=None, help="only print the table and draw the chart of a --json file")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: both engines on cuda:0 in this process, with the HBM roofline fraction")
+    ap.add_argument("--peak-gbs", type=float, default=None, help="the GPU's peak memory bandwidth (GB/s)")
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "DTYPE", "THREADS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.device == "cuda":
+        rows = [run_on_device(name, dtype, args.new_tokens, args.runs, "cuda", args.peak_gbs)
+                for name in args.models for dtype in args.dtypes]
+        print(device_table(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return
     if args.one:
         name, dtype, threads = args.one
         print(json.dumps(run_one(name, dtype, int(threads), args.new_tokens, args.runs, args.wait)))
