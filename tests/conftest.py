@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # `import helpers` from any test
 from helpers import load_reference, make_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)  # 2-core machine: one thread is fastest for these tiny models
+# The suite tests the CPU half (ranks and spawned servers inherit this); tests/gpu asks for cuda by name.
+os.environ.setdefault("MESHLM_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")
