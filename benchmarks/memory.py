@@ -30,16 +30,14 @@ def _status(pid: int) -> dict[str, str]:
         return {}
 
 
-PYTHON = os.path.realpath(sys.executable)
-
-
 def _tree(pid: int) -> list[int]:
-    """pid and its Python descendants that are ranks (not the resource tracker, not a kernel build's compiler)."""
+    """pid and its spawned ranks; not the resource tracker, nor a fork about to exec a compiler or a check
+    (between fork and exec a child reports its parent's resident pages as its own)."""
     out, todo = [], [pid]
     while todo:
         p = todo.pop(0)
         cmdline = Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
-        if os.path.realpath(f"/proc/{p}/exe") == PYTHON and "resource_tracker" not in cmdline:
+        if p == pid or "spawn_main" in cmdline:
             out.append(p)
         for task in Path(f"/proc/{p}/task").iterdir():
             kids = (task / "children").read_text().split() if (task / "children").exists() else []
