@@ -43,7 +43,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--comm-timeout", type=float, default=60.0,
                    help="seconds a collective may wait for a peer before the launch fails (default 60)")
     p.add_argument("--backend", default=None, choices=["gloo", "nccl"],
-                   help="torch.distributed backend (default: gloo on CPU, nccl on CUDA)")
+                   help="process-group backend (default: gloo on CPU, nccl on CUDA)")
     p.add_argument("--transport", default=None, choices=["auto", "shm", "gloo"],
                    help="collectives between ranks on this machine: shared memory or gloo (default auto: "
                         "shm for CPU ranks on one host, else gloo; env MESHLM_TRANSPORT)")
@@ -73,12 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--prefill-chunks", type=int, default=None, metavar="N",
-                   help="with --pp: run the static pipeline schedule and cut the prompt into N chunks that "
-                        "flow through the stages one after another (token-level pipelining); 1 = off")
+                   help="with --pp: cut the prompt into N chunks of equal estimated cost that flow through the "
+                        "stages one after another (token-level pipelining); 1 = off (default: about 4 x pp "
+                        "chunks of at least 128 tokens)")
     g.add_argument("--trace", default=None, metavar="OUT.json",
-                   help="with --pp: run the static pipeline schedule and write a Chrome trace of every "
-                        "rank's compute, transfers and idle time (open it in ui.perfetto.dev); without it, "
-                        "--pp runs the continuous-batching engine")
+                   help="with --pp: write a Chrome trace of every rank's compute, transfers and idle time "
+                        "(open it in ui.perfetto.dev)")
     add_serve_parser(sub, _add_model_args)
     add_plan_parsers(sub)
     return parser
@@ -93,14 +93,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.trace or args.prefill_chunks) and args.pp == 1:
         raise ConfigError("--trace and --prefill-chunks describe a pipeline; add --pp 2 (or more).")
-    static = bool(args.trace or args.prefill_chunks)  # the static pipeline schedule is the traced one
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context, tp=args.tp,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
-             pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks,
-                                                             schedule="static" if static else "engine")) as llm:
+             pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks)) as llm:
+        if args.pp > 1:
+            llm.start_timeline(spans=bool(args.trace))
         out = None
         if not args.chat:
             sys.stdout.write(args.prompt)
@@ -117,7 +117,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
         if args.tp > 1:
             _print_ranks(llm, out.ttft_s + out.decode_s)
-        if static:
+        if args.pp > 1:
             _print_stages(llm, args.trace)
     return 0
 
@@ -126,7 +126,7 @@ def _print_stages(llm, trace: str | None) -> None:
     """One line per rank of the pipeline: layers, compute / send / recv / idle, bubble, memory; the trace."""
     from meshlm.telemetry.trace import summary_line, write_chrome_trace
 
-    reports = llm.pipeline_report()
+    reports = llm.stage_reports()
     for rep in reports:
         print("  " + summary_line(rep), file=sys.stderr)
     if trace:

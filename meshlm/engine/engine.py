@@ -8,6 +8,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -19,6 +20,8 @@ from meshlm.engine.request import Request, RequestOutput, Status, TokenLogprob
 from meshlm.engine.sampler import make_generator, sample
 from meshlm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from meshlm.errors import ConfigError, RequestError
+from meshlm.parallel.pipeline import PipelineSpec, prompt_chunks
+from meshlm.telemetry.trace import write_chrome_trace
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +74,7 @@ class LLMEngine:
     """Continuous batching over every rank of an Executor."""
 
     def __init__(self, executor, cfg: ModelConfig, tokenizer: Tokenizer, max_context: int,
-                 engine_cfg: EngineConfig | None = None) -> None:
+                 engine_cfg: EngineConfig | None = None, pipeline: PipelineSpec | None = None) -> None:
         self.executor, self.cfg, self.tokenizer = executor, cfg, tokenizer
         self.max_context = max_context
         self.ecfg = engine_cfg or EngineConfig()
@@ -89,15 +92,18 @@ class LLMEngine:
             )
         executor.call("allocate_kv", num_blocks, bs)
         self.blocks = BlockManager(num_blocks, bs)
-        self.scheduler = Scheduler(self.ecfg.scheduler, self.blocks)
+        self.depth = min(executor.depth, self.ecfg.pipeline_depth or executor.depth)  # steps in flight at most
+        # Token-level pipelining: with steps in flight on several stages, a long prompt goes in chunks.
+        chunks = partial(prompt_chunks, cfg, pipeline or PipelineSpec(), self.depth) if self.depth > 1 else None
+        self.scheduler = Scheduler(self.ecfg.scheduler, self.blocks, chunks)
         self.capacity_tokens = num_blocks * bs
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB per rank)", num_blocks, bs,
                  self.capacity_tokens, num_blocks * per_block / 2**20)
         self.eos = set(cfg.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
         self.live: dict[str, _Live] = {}
         self.inflight: deque[tuple[SchedulerOutput, StepInput]] = deque()  # submitted, oldest first
-        self.busy: set[Request] = set()  # requests in a step in flight
-        self.depth = min(executor.depth, self.ecfg.pipeline_depth or executor.depth)  # steps in flight at most
+        self.steps_done = 0  # steps collected
+        self._trace: tuple[str, int] | None = None  # (path, steps_done at which to write it)
         self._ids = itertools.count()
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
@@ -146,7 +152,7 @@ class LLMEngine:
         """
         changed: list[RequestOutput] = []
         while len(self.inflight) < self.depth:
-            plan = self.scheduler.schedule(self.busy, self.depth)
+            plan = self.scheduler.schedule(self.depth)
             for r in plan.timed_out:
                 changed.append(r.out)
                 self.live.pop(r.id, None)
@@ -157,8 +163,29 @@ class LLMEngine:
             self.executor.pause()
             return changed
         changed += self._finish_oldest()
+        if self._trace is not None and self.steps_done >= self._trace[1]:
+            changed += self._write_trace()
         if not self.inflight and not self.scheduler.has_work():
             self.executor.pause()  # idle ranks wait in the control loop
+        return changed
+
+    def record_trace(self, path: str, steps: int) -> None:
+        """pp > 1: record every rank's timeline over the next `steps` steps, then write it to path (Chrome trace)."""
+        if self.executor.depth == 1:
+            raise ConfigError("A trace shows the pipeline's stages; it needs --pp 2 or more.")
+        if steps < 1:
+            raise ConfigError(f"--trace-steps must be >= 1, got {steps}.")
+        self.drain()
+        self.executor.call_all("start_timeline", True)
+        self._trace = (path, self.steps_done + steps)
+
+    def _write_trace(self) -> list[RequestOutput]:
+        changed = self.drain()  # the ranks answer calls only with nothing in flight
+        path, _ = self._trace
+        self._trace = None
+        write_chrome_trace(path, self.executor.call_all("stage_report"))
+        self.executor.call_all("start_timeline", False)  # back to totals only
+        log.info("pipeline trace written to %s", path)
         return changed
 
     def drain(self) -> list[RequestOutput]:
@@ -179,8 +206,8 @@ class LLMEngine:
         full = dict(zip(step.full_rows, out.logits))
         now = time.perf_counter()
         row = 0
+        self.steps_done += 1
         for item in plan.items:
-            self.busy.discard(item.req)
             live = item.req.status is not Status.FINISHED  # not aborted or timed out while in flight
             if live:
                 self.scheduler.computed(item)
@@ -201,7 +228,6 @@ class LLMEngine:
                 if not item.req.params.greedy or item.req.params.logprobs is not None:
                     full.append(len(samples))  # the sampler or the logprobs need the whole row
                 samples.append(len(tokens) - 1)
-            self.busy.add(item.req)
         step = StepInput(tuple(tokens), tuple(seqs), tuple(samples), tuple(full))
         self.executor.submit(step)
         self.inflight.append((plan, step))
