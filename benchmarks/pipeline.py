@@ -68,8 +68,8 @@ def measured_costs(llm, prompts: list[list[int]], new: int) -> list[float]:
 def chunk_times(llm, n: int, chunks: int) -> dict[str, dict[str, list[float]]]:
     """Sizes and seconds of each chunk of one n-token prefill in one process: equal-cost vs equal-size."""
     import torch
-
     from meshlm.engine.static_cache import StaticKVCache
+
     from meshlm.parallel.pipeline import attention_ratio, chunk_bounds
     from meshlm.plan.cluster import resolve
 

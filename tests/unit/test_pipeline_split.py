@@ -1,4 +1,5 @@
-"""Pipeline pieces without ranks: the stage split, module removal, prompt chunks, timelines, trace JSON."""
+"""Pipeline pieces without ranks: the stage split, module removal, prompt chunks and how the scheduler
+hands them out, timelines, trace JSON."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from hypothesis import strategies as st
 
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
-from meshlm.engine.pipeline_runner import StageKV
+from meshlm.config import SamplingParams
+from meshlm.engine.kv_cache import BlockManager
+from meshlm.engine.request import Request
+from meshlm.engine.scheduler import Scheduler, SchedulerConfig
 from meshlm.errors import ConfigError
 from meshlm.models.layers import CausalNoCache
 from meshlm.parallel.pipeline import (
@@ -22,6 +26,7 @@ from meshlm.parallel.pipeline import (
     balance,
     chunk_bounds,
     plan_stages,
+    prompt_chunks,
     split_model,
     unit_costs,
 )
@@ -100,17 +105,6 @@ def test_stages_chained_equal_the_whole_model(kind, checkpoint):
         assert torch.equal(x, whole(tokens, positions, CausalNoCache()))
 
 
-def test_stage_cache_maps_global_layer_ids():
-    """A stage holding layers 15..29 stores layer 15 in slot 0 of its own cache."""
-    kv = StageKV(list(range(15, 30)), 1, 8, 2, 4, torch.float32, None)
-    assert kv.cache.k.shape[0] == 15
-    kv.prepare(torch.arange(3)[None])
-    q = torch.randn(1, 3, 2, 4)
-    k = torch.ones(1, 3, 2, 4)
-    kv(15, q, k, k)
-    assert kv.cache.k[0, 0, :3].eq(1).all() and kv.cache.k[1:].eq(0).all()
-
-
 def test_chunks_shrink_along_the_prompt():
     """Equal-cost chunks: later ones (more keys to attend) are shorter; a sliding window caps the effect."""
     chunks = chunk_bounds(2000, 8, ratio=5e-4)
@@ -126,6 +120,45 @@ def test_chunks_shrink_along_the_prompt():
     assert chunk_bounds(3, 8, 0.1) == [(0, 1), (1, 2), (2, 3)]
     assert auto_chunks(2000, 2, 1, 128) == 8 and auto_chunks(100, 2, 1, 128) == 1
     assert auto_chunks(2000, 2, 4, 128) == 2
+    tail = chunk_bounds(2000, 4, ratio=5e-4, start=512)  # a prefill after a 512-token prefix hit
+    assert tail[0][0] == 512 and tail[-1][1] == 2000
+    cost = [(b - a) + 5e-4 * (b * b - a * a) / 2 for a, b in tail]
+    assert max(cost) - min(cost) <= 2 + 5e-4 * 2000
+
+
+def test_prompt_chunks_follow_the_rule():
+    """The engine's cut of a prefill: auto gives 4 x pp chunks of >= min_chunk tokens; a fixed count; off."""
+    smol = open_checkpoint(None, progress=False).cfg
+    ends = prompt_chunks(smol, PipelineSpec(), 2, 0, 2000)
+    assert list(ends) == [b for _, b in chunk_bounds(2000, 8, attention_ratio(smol))]
+    assert prompt_chunks(smol, PipelineSpec(), 2, 0, 200) == (200,)  # under 2 x min_chunk: one piece
+    assert len(prompt_chunks(smol, PipelineSpec(prefill_chunks=5), 2, 0, 200)) == 5
+    assert prompt_chunks(smol, PipelineSpec(prefill_chunks=1), 2, 0, 2000) == (2000,)
+
+
+def test_scheduler_hands_out_chunks_back_to_back():
+    """depth 2: chunk k + 1 of a prompt is granted while chunk k is in flight; only the last one samples;
+    a request whose token is on its way gets nothing; a request in flight is never preempted."""
+    blocks = BlockManager(64, 4)
+    sched = Scheduler(SchedulerConfig(), blocks, chunk_plan=lambda a, b: (a + 10, a + 25, b))
+    req = Request("r", list(range(3, 43)), SamplingParams(max_tokens=3), max_new=3)
+    sched.add(req)
+    first = sched.schedule(2).items
+    second = sched.schedule(2).items  # the first chunk is still in flight
+    assert [(i.start, i.num_new, i.samples) for i in first + second] == [(0, 10, False), (10, 15, False)]
+    assert req.in_flight and req.num_computed == 0 and req.num_scheduled == 25
+    sched.computed(first[0])
+    last = sched.schedule(2).items
+    assert [(i.start, i.num_new, i.samples) for i in last] == [(25, 15, True)]
+    assert sched.schedule(2).items == []  # every known token is in flight: nothing to grant
+    sched.computed(second[0])
+    sched.computed(last[0])
+    req.tokens.append(7)  # the sampled token
+    assert [(i.start, i.num_new) for i in sched.schedule(2).items] == [(40, 1)]
+    # A pool too small for another request's prompt: the in-flight request is not the one preempted.
+    other = Request("o", list(range(3, 250)), SamplingParams(max_tokens=1), max_new=1)
+    sched.add(other)
+    assert all(i.req is other for i in sched.schedule(2).items) and req.status.value == "running"
 
 
 def test_attention_ratio_of_smollm2():
@@ -144,13 +177,14 @@ def test_bad_attention_speed_names_the_fix():
 
 
 def test_timeline_totals_and_chrome_trace(tmp_path):
-    """Spans add up per category; away time is not wall time; the trace has one row per rank."""
-    tl = Timeline()
-    tl.record("compute", tl.t0, tl.t0 + 0.3, mb=0)
+    """Spans add up per category; time away from the pipeline is not wall time; one trace row per rank;
+    without spans only the totals are kept."""
+    tl = Timeline(spans=True)
+    tl.record("compute", tl.t0, tl.t0 + 0.3, step=0)
     tl.record("idle", tl.t0 + 0.3, tl.t0 + 0.4)
     tl.record("send", tl.t0 + 0.4, tl.t0 + 0.5)
     tl.away = 0.5
-    tl.end = tl.t0 + 1.0
+    tl.mark = tl.t0 + 1.0
     t = tl.totals()
     assert t["wall"] == pytest.approx(0.5) and t["compute"] == pytest.approx(0.3)
     assert t["untracked"] == pytest.approx(0.0, abs=1e-9) and t["bubble"] == pytest.approx(0.2)
@@ -162,3 +196,7 @@ def test_timeline_totals_and_chrome_trace(tmp_path):
     assert xs[0]["ts"] == pytest.approx(0.0) and xs[0]["dur"] == pytest.approx(3e5)
     names = [e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"]
     assert names == ["rank 0: stage 0, tp 0, layers 0..0", "rank 1: stage 1, tp 0, layers 1..1"]
+    quiet = Timeline()
+    quiet.resume()
+    quiet.record("compute", quiet.mark, quiet.mark + 0.25)
+    assert quiet.to_dict()["spans"] == [] and quiet.totals()["compute"] == pytest.approx(0.25)
