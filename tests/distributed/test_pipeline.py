@@ -59,13 +59,13 @@ def overlaps(engine) -> list[int]:
 
 def assert_same_as_one_device(pipe, one) -> None:
     """Mixed requests, two of them cut into chunks that overlap across stages: tokens equal one device, and
-    the first token's logprobs (the last chunk's logits) within 1e-5."""
+    the logprobs (the first from the last chunk's logits) within 1e-4."""
     prompts, params = mixed_requests()
     seen = overlaps(pipe.engine)
     outs, ref = pipe.generate(prompts, params), one.generate(prompts, params)
     assert tokens(outs) == tokens(ref)
     for a, b in zip(outs[0].logprobs, ref[0].logprobs, strict=True):
-        assert a.top.keys() == b.top.keys() and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert a.top.keys() == b.top.keys() and a.logprob == pytest.approx(b.logprob, abs=1e-4)
     assert max(seen) >= 2, "no prompt had two chunks in flight at once"
     assert pipe.engine.blocks.num_free == pipe.engine.blocks.num_blocks
 
