@@ -153,11 +153,11 @@ class Scheduler:
             self.waiting.popleft()
             req.num_computed = computed
             req.num_hashed_blocks = len(cached)
-            req.out.num_cached_tokens = max(req.out.num_cached_tokens, computed)
             req.status = Status.RUNNING
-            if req.first_scheduled is None:
+            if req.first_scheduled is None:  # not a readmission after preemption
                 req.first_scheduled = now
                 req.out.queue_s = now - req.arrival
+                req.out.num_cached_tokens = computed  # prompt tokens only: a recomputation is no prompt hit
             self.running.append(req)
             out.items.append(Scheduled(req, computed, n))
             budget -= n

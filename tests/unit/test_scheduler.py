@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshlm.config import SamplingParams
+from meshlm.config import ModelConfig, SamplingParams
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.request import Request, Status
 from meshlm.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, SchedulerOutput
@@ -137,6 +137,7 @@ class Driver:
         assert all(blocks.hash_of[b] == h for h, b in blocks.by_hash.items())
         assert not set(sched.waiting) & set(sched.running)
         for r in self.reqs:
+            assert r.out.num_cached_tokens <= len(r.prompt) - 1  # prompt tokens, the last one always computed
             if r.status is Status.FINISHED:
                 assert not r.block_table and r not in sched.running and r not in sched.waiting
             elif r.status is Status.WAITING:
@@ -181,6 +182,45 @@ def test_add_refuses_a_request_larger_than_the_pool():
     req = d.add([1] * 10, max_new=6)  # exactly the pool
     d.drain()
     assert req.tokens == alone([1] * 10, 6)
+
+
+class StubExecutor:
+    """Just enough of an Executor for LLMEngine to size its pool: no ranks, no weights."""
+
+    depth, world_size, broken = 1, 1, False
+
+    def call_all(self, method: str, *args):
+        """kv_block_bytes: 1 MiB a block."""
+        return [2**20]
+
+    def call(self, method: str, *args) -> None:
+        """allocate_kv: nothing to allocate."""
+
+
+def test_engine_admission_applies_the_context_window_and_the_vocabulary():
+    from types import SimpleNamespace
+
+    from meshlm.engine.engine import EngineConfig, LLMEngine
+
+    cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 50,
+                               "hidden_size": 8, "intermediate_size": 8, "num_hidden_layers": 1,
+                               "num_attention_heads": 1})
+    engine = LLMEngine(StubExecutor(), cfg, SimpleNamespace(eos_id=None), max_context=32,
+                       engine_cfg=EngineConfig(block_size=4, kv_cache_mb=1000,
+                                               scheduler=SchedulerConfig(max_num_seqs=3)))
+    assert engine.blocks.num_blocks == 3 * 8  # no more than max_num_seqs full contexts
+    with pytest.raises(RequestError, match="context window is 32"):
+        engine.add_request([1] * 32, SamplingParams())
+    assert engine.add_request([1] * 30, SamplingParams(max_tokens=64)).max_new == 2  # clipped to the window
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request([], SamplingParams())
+    with pytest.raises(RequestError, match=r"token id 50 is outside the vocabulary \[0, 50\)"):
+        engine.add_request([1, 50], SamplingParams())
+    engine.add_request([1], SamplingParams(), request_id="x")
+    with pytest.raises(RequestError, match="already in use"):
+        engine.add_request([1], SamplingParams(), request_id="x")
+    assert engine.abort("x") and not engine.abort("x") and not engine.abort("unknown")
+    assert len(engine.scheduler.waiting) == 1
 
 
 def test_budget_chunks_a_long_prompt_and_samples_after_the_last_chunk():
@@ -238,6 +278,7 @@ def test_a_later_request_preempts_itself_rather_than_an_earlier_one():
     d.collect()
     d.drain()
     assert a.tokens == alone([1, 2, 3], 4) and b.tokens == alone([4, 1, 2, 3], 4)
+    assert b.out.num_preemptions == 1 and b.out.num_cached_tokens == 0  # its own blocks found again: no prompt hit
 
 
 def test_prefix_hit_reuses_full_blocks_and_keeps_the_last_token_computed():
