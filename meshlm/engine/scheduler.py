@@ -36,8 +36,9 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         from meshlm.errors import ConfigError
 
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_waiting < 0:
-            raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1, max_waiting >= 0.")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_waiting < 1:
+            raise ConfigError("max_num_seqs, max_num_batched_tokens and max_waiting must be >= 1 (every request "
+                              "queues before it runs: max_waiting 0 would refuse them all).")
 
 
 @dataclass

@@ -151,6 +151,8 @@ def test_config_refuses_empty_caps():
         SchedulerConfig(max_num_seqs=0)
     with pytest.raises(ConfigError, match="max_num_batched_tokens"):
         SchedulerConfig(max_num_batched_tokens=0)
+    with pytest.raises(ConfigError, match="max_waiting 0 would refuse them all"):
+        SchedulerConfig(max_waiting=0)
 
 
 def test_admission_is_fifo_up_to_max_num_seqs():
