@@ -1,7 +1,7 @@
 """Batch-1 decode tokens/s: meshlm against Hugging Face transformers `generate`, with the bandwidth roofline.
 
     python benchmarks/decode.py [--models llama-100m smollm2] [--dtypes float32 bfloat16] [--threads 1 2]
-                                [--new-tokens 128] [--runs 3] [--plot docs/decode_batch1.png]
+                                [--new-tokens 128] [--runs 3] [--plot docs/img/decode_batch1.png]
 
 Each (model, dtype, threads) runs in a fresh process holding both engines: the same checkpoint, dtype,
 intra-op threads and prompt (32 token ids), greedy, 128 new tokens with eos ignored. One warm-up each,
@@ -217,7 +217,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for other CPU load to drop")
-    ap.add_argument("--plot", default="docs/decode_batch1.png")
+    ap.add_argument("--plot", default="docs/img/decode_batch1.png")
     ap.add_argument("--json", default=None, help="also write the raw rows here (after every row)")
     ap.add_argument("--report", default=None, help="only print the table and draw the chart of a --json file")
     ap.add_argument("--one", nargs=3, metavar=("MODEL", "DTYPE", "THREADS"), help=argparse.SUPPRESS)

@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=4.0, help="Poisson arrivals per second")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--out", default="docs/bench_engine.json")
+    ap.add_argument("--out", default="bench_engine.json")
     ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait for a quiet machine per run")
     ap.add_argument("--pp", type=int, default=1, help="meshlm pipeline stages (threads is per rank)")
     ap.add_argument("--pipeline-depth", type=int, default=None, help="engine steps in flight (default pp)")

@@ -1,7 +1,7 @@
 """Load on `meshlm serve` over loopback: latency and throughput at rising concurrency, then overload.
 
     python benchmarks/serve_load.py [--model PATH] [--tp 2] [--levels 1,2,4,8,16] [--json out.json]
-                                    [--plot docs/serve_load.png]
+                                    [--plot docs/img/serve_load.png]
 
 Closed loop: at concurrency c, c clients each send a streaming /v1/completions request (distinct prompt,
 --max-tokens new tokens, ignore_eos) and the next as soon as one ends, 2c requests per level (8 at least).

@@ -41,8 +41,9 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         from meshlm.errors import ConfigError
 
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_waiting < 0:
-            raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1, max_waiting >= 0.")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_waiting < 1:
+            raise ConfigError("max_num_seqs, max_num_batched_tokens and max_waiting must be >= 1 (every request "
+                              "queues before it runs: max_waiting 0 would refuse them all).")
 
 
 @dataclass
@@ -170,11 +171,11 @@ class Scheduler:
             self.waiting.popleft()
             req.num_computed, req.num_scheduled, req.chunk_ends = computed, computed + n, ends
             req.num_hashed_blocks = len(cached)
-            req.out.num_cached_tokens = max(req.out.num_cached_tokens, computed)
             req.status = Status.RUNNING
-            if req.first_scheduled is None:
+            if req.first_scheduled is None:  # not a readmission after preemption
                 req.first_scheduled = now
                 req.out.queue_s = now - req.arrival
+                req.out.num_cached_tokens = computed  # prompt tokens only: a recomputation is no prompt hit
             self.running.append(req)
             out.items.append(Scheduled(req, computed, n))
             budget -= n

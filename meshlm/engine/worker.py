@@ -40,6 +40,9 @@ class WorkerSpec:
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)  # stage split and prompt chunks when pp > 1
     transport: str | None = None  # collectives: auto | shm | gloo (None: $MESHLM_TRANSPORT, else auto)
 
+    def __post_init__(self) -> None:
+        self.dims.check_runnable()  # a layout the engine cannot run fails before any rank starts
+
 
 def memory_mb() -> dict[str, float]:
     """VmRSS, VmHWM (peak RSS) and RssAnon (private memory) of this process, in MB (Linux)."""
