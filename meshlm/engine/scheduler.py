@@ -112,6 +112,7 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.blocks.release(req.block_table)
+        req.num_scheduled = req.num_computed  # a step still in flight comes back to nothing
         req.status = Status.FINISHED
         req.out.finish_reason = reason
 

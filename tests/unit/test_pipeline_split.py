@@ -1,5 +1,4 @@
-"""Pipeline pieces without ranks: the stage split, module removal, prompt chunks and how the scheduler
-hands them out, timelines, trace JSON."""
+"""Pipeline pieces without ranks: the stage split, module removal, prompt chunks, timelines, trace JSON."""
 
 from __future__ import annotations
 
@@ -13,10 +12,6 @@ from hypothesis import strategies as st
 
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
-from meshlm.config import SamplingParams
-from meshlm.engine.kv_cache import BlockManager
-from meshlm.engine.request import Request
-from meshlm.engine.scheduler import Scheduler, SchedulerConfig
 from meshlm.errors import ConfigError
 from meshlm.models.layers import CausalNoCache
 from meshlm.parallel.pipeline import (
@@ -134,31 +129,6 @@ def test_prompt_chunks_follow_the_rule():
     assert prompt_chunks(smol, PipelineSpec(), 2, 0, 200) == (200,)  # under 2 x min_chunk: one piece
     assert len(prompt_chunks(smol, PipelineSpec(prefill_chunks=5), 2, 0, 200)) == 5
     assert prompt_chunks(smol, PipelineSpec(prefill_chunks=1), 2, 0, 2000) == (2000,)
-
-
-def test_scheduler_hands_out_chunks_back_to_back():
-    """depth 2: chunk k + 1 of a prompt is granted while chunk k is in flight; only the last one samples;
-    a request whose token is on its way gets nothing; a request in flight is never preempted."""
-    blocks = BlockManager(64, 4)
-    sched = Scheduler(SchedulerConfig(), blocks, chunk_plan=lambda a, b: (a + 10, a + 25, b))
-    req = Request("r", list(range(3, 43)), SamplingParams(max_tokens=3), max_new=3)
-    sched.add(req)
-    first = sched.schedule(2).items
-    second = sched.schedule(2).items  # the first chunk is still in flight
-    assert [(i.start, i.num_new, i.samples) for i in first + second] == [(0, 10, False), (10, 15, False)]
-    assert req.in_flight and req.num_computed == 0 and req.num_scheduled == 25
-    sched.computed(first[0])
-    last = sched.schedule(2).items
-    assert [(i.start, i.num_new, i.samples) for i in last] == [(25, 15, True)]
-    assert sched.schedule(2).items == []  # every known token is in flight: nothing to grant
-    sched.computed(second[0])
-    sched.computed(last[0])
-    req.tokens.append(7)  # the sampled token
-    assert [(i.start, i.num_new) for i in sched.schedule(2).items] == [(40, 1)]
-    # A pool too small for another request's prompt: the in-flight request is not the one preempted.
-    other = Request("o", list(range(3, 250)), SamplingParams(max_tokens=1), max_new=1)
-    sched.add(other)
-    assert all(i.req is other for i in sched.schedule(2).items) and req.status.value == "running"
 
 
 def test_attention_ratio_of_smollm2():

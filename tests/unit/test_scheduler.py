@@ -1,4 +1,5 @@
-"""The scheduler without a model: admission, token budget, preemption, prefix hits, abort, timeouts, pp groups.
+"""The scheduler without a model: admission, token budget, preemption, prefix hits, abort, timeouts, pp groups,
+prompt chunks in flight back to back.
 
 `Driver` runs a Scheduler the way LLMEngine does (plan up to `depth` steps, finish the oldest: `computed`,
 then append a sampled token and finish at max_new). Its fake model keeps a KV pool: a step writes each
@@ -43,12 +44,14 @@ def alone(prompt: list[int], max_new: int) -> list[int]:
 class Driver:
     """LLMEngine's loop over a Scheduler and a BlockManager, with a fake model that checks the KV it reads."""
 
-    def __init__(self, num_blocks: int = 16, block_size: int = 4, depth: int = 1, **cfg: int) -> None:
+    def __init__(self, num_blocks: int = 16, block_size: int = 4, depth: int = 1, chunk: int | None = None,
+                 **cfg: int) -> None:
+        """chunk: cut every prefill into pieces of `chunk` tokens, as the engine cuts prompts at pp > 1."""
         self.blocks = BlockManager(num_blocks, block_size)
-        self.sched = Scheduler(SchedulerConfig(**cfg), self.blocks)
+        plan = (lambda a, b: (*range(a + chunk, b, chunk), b)) if chunk else None
+        self.sched = Scheduler(SchedulerConfig(**cfg), self.blocks, plan)
         self.depth = depth
         self.inflight: deque[tuple[SchedulerOutput, list[tuple[int, ...]]]] = deque()
-        self.busy: set[Request] = set()
         # (block, slot) -> the tokens up to and including the one whose K/V the slot holds: a token's K/V
         # depends on its position and on every token before it
         self.kv: dict[tuple[int, int], tuple[int, ...]] = {}
@@ -61,25 +64,32 @@ class Driver:
         self.reqs.append(req)
         return req
 
+    @property
+    def busy(self) -> set[Request]:
+        """Requests with tokens in a step in flight."""
+        return {r for r in self.reqs if r.in_flight}
+
     def plan(self) -> SchedulerOutput:
         """Plan one step, check it, and put it in flight when it has work."""
         live = len(self.sched.running) + len(self.sched.waiting)
-        out = self.sched.schedule(self.busy, self.depth)
+        busy, scheduled = self.busy, {r: r.num_scheduled for r in self.reqs}
+        out = self.sched.schedule(self.depth)
         cfg = self.sched.cfg
         reqs = [i.req for i in out.items]
         assert out.num_tokens <= cfg.max_num_batched_tokens
-        assert len(set(reqs)) == len(reqs) and not self.busy & set(reqs)  # no request in two steps
+        assert len(set(reqs)) == len(reqs)
+        # Only a prefill's next piece joins a request already in flight (its earlier pieces sample nothing).
+        assert all(scheduled[r] < len(r.tokens) for r in busy & set(reqs))
         assert len(reqs) <= -(-live // self.depth)  # a 1/depth share of the live requests
         assert len(self.sched.running) <= cfg.max_num_seqs
-        assert not set(out.preempted) & self.busy  # a request in flight is never preempted
+        assert not set(out.preempted) & busy  # a request in flight is never preempted
         for i in out.items:
             assert i.req.status is Status.RUNNING and i.req in self.sched.running
-            assert i.num_new >= 1 and i.start == i.req.num_computed
-            assert i.start + i.num_new <= len(i.req.tokens)
+            assert i.num_new >= 1 and i.start == (scheduled[i.req] if i.req in busy else i.req.num_computed)
+            assert i.start + i.num_new == i.req.num_scheduled <= len(i.req.tokens)
             assert len(i.req.block_table) * self.blocks.block_size >= i.start + i.num_new
         if out.items:
             self.inflight.append((out, [tuple(i.req.block_table) for i in out.items]))
-            self.busy.update(reqs)
         return out
 
     def run(self, item, table: tuple[int, ...]) -> None:
@@ -98,7 +108,6 @@ class Driver:
         """Finish the oldest step in flight as LLMEngine._finish_oldest does."""
         out, tables = self.inflight.popleft()
         for item, table in zip(out.items, tables):
-            self.busy.discard(item.req)
             self.run(item, table)
             if item.req.status is Status.FINISHED:  # aborted or timed out while in flight
                 continue
@@ -362,6 +371,20 @@ def test_pipeline_depth_splits_the_live_requests_into_disjoint_groups():
     assert all(r.tokens == alone(r.prompt, 3) for r in reqs)
 
 
+def test_prompt_chunks_flow_back_to_back_and_only_the_last_samples():
+    """With a chunk plan, chunk k + 1 of a prompt is granted while chunk k is in flight; only the last one
+    samples; a request whose every token is in flight gets nothing; the result equals the request alone."""
+    d = Driver(depth=3, chunk=4)
+    a = d.add(list(range(10)), max_new=3)
+    pieces = [d.plan().items for _ in range(3)]
+    assert [(i.start, i.num_new, i.samples) for p in pieces for i in p] == [(0, 4, False), (4, 4, False),
+                                                                           (8, 2, True)]
+    assert a.in_flight and a.num_computed == 0 and a.num_scheduled == 10
+    assert not d.plan().items  # every known token is in flight: nothing to grant
+    d.drain()
+    assert a.tokens == alone(list(range(10)), 3)
+
+
 def test_a_request_in_flight_is_never_preempted():
     d = Driver(num_blocks=4, block_size=2, depth=2)
     a, b = d.add([1, 2, 3, 4], max_new=4), d.add([2, 3, 4, 1], max_new=4)
@@ -384,12 +407,14 @@ OPS = st.lists(st.one_of(
 
 @settings(max_examples=200, deadline=None)
 @given(num_blocks=st.integers(2, 10), block_size=st.integers(1, 4), depth=st.integers(1, 3),
-       max_num_seqs=st.integers(1, 4), budget=st.integers(1, 12), max_waiting=st.integers(1, 6), ops=OPS)
-def test_random_operations_keep_the_invariants_and_finish_every_request(num_blocks, block_size, depth,
+       chunk=st.sampled_from([None, 1, 3]), max_num_seqs=st.integers(1, 4), budget=st.integers(1, 12),
+       max_waiting=st.integers(1, 6), ops=OPS)
+def test_random_operations_keep_the_invariants_and_finish_every_request(num_blocks, block_size, depth, chunk,
                                                                         max_num_seqs, budget, max_waiting, ops):
-    """Whatever arrives, steps, aborts or times out: ref counts match the block tables, budgets and seats
-    hold, every KV read is right, and every request that was not cut short ends with its solo tokens."""
-    d = Driver(num_blocks, block_size, depth, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+    """Whatever arrives, steps, aborts or times out, with prompts cut into chunks or not: ref counts match the
+    block tables, budgets and seats hold, every KV read is right, and every request that was not cut short
+    ends with its solo tokens."""
+    d = Driver(num_blocks, block_size, depth, chunk, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
                max_waiting=max_waiting)
     cut: set[Request] = set()
     for op in ops:
