@@ -249,7 +249,8 @@ class Model:
         """pp = 1: the broadcast of one engine step's input to every rank of a replica."""
         if self.layout.model_ranks == 1:
             return 0.0
-        return broadcast(self.control_link, self.layout.model_ranks, CONTROL_BYTES + 8 * tokens)
+        messages = 1 if self.control_link.transport == "shm" else 2  # gloo's broadcast_object: size, payload
+        return messages * broadcast(self.control_link, self.layout.model_ranks, CONTROL_BYTES + 8 * tokens)
 
     def groups(self, batch: int) -> tuple[int, int]:
         """(groups in flight, rows per group): the scheduler's 1/pp share of the live requests per step."""
