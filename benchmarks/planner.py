@@ -1,7 +1,7 @@
 """Planner: does it rank the layouts this host can run as the engine measures them?
 
     python benchmarks/planner.py [--model PATH] [--profile PATH] [--batch 4] [--prompt 128] [--new 32]
-        [--runs 3] [--layouts tp=1 tp=2 pp=2 pp=2,tp=2] [--json docs/bench_planner.json]
+        [--runs 3] [--layouts tp=1 tp=2 pp=2 pp=2,tp=2] [--json out.json]
         [--png docs/img/planner_cpu.png]
 
 First this host is calibrated (meshlm/calibrate.py, `meshlm plan --calibrate`) unless --profile names a
