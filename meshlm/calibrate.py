@@ -8,8 +8,8 @@ A device is one core (one thread); the file is the one a user could write by han
                 the same GEMVs on every core's thread at once
   overhead      one tiny decoder layer's forward on one token (hidden 64: almost no arithmetic), the
                 per-layer cost of dispatch and Python; the per-step overhead stays the cpu-host preset's
-  links         two spawned ranks all-reduce 3 KB .. 4 MB over each transport (shm, gloo), each call after
-                a little compute (as between two collectives of a step); the median per size, fitted by
+  links         two ranks all-reduce 3 KB .. 4 MB over each transport (shm, gloo), each call after a GEMV
+                over cold weights (as between two collectives of a decode step); the median per size, fitted by
                 relative least squares to the ring's 2(p-1) alpha + 2(p-1)/p n / beta.
 Lives beside plan/ (which stays torch-free) and imports torch, models/ and parallel/, never engine/ or serve/.
 """
@@ -136,7 +136,7 @@ def _all_reduce_times(rv: Any, quick: bool) -> dict[str, dict[int, float]]:
     torch.set_num_threads(1)
     init_distributed(rv)
     try:
-        h, w = torch.randn(1, 2048), torch.randn(768, 2048)  # a slice of a decode step between two calls
+        h, pool = torch.randn(1, 2048), _pool(768, 2048, 48 if quick else 192, "float32")
         out: dict[str, dict[int, float]] = {}
         for transport in ("shm", "gloo"):
             try:
@@ -147,8 +147,8 @@ def _all_reduce_times(rv: Any, quick: bool) -> dict[str, dict[int, float]]:
             for n in SIZES:
                 x, times = torch.zeros(n), []
                 comm.barrier()
-                for _ in range((20 if quick else 200) if n <= 16384 else (6 if quick else 40)):
-                    torch.nn.functional.linear(h, w)
+                for i in range((20 if quick else 60) if n <= 16384 else (6 if quick else 12)):
+                    torch.nn.functional.linear(h, pool[i % len(pool)])  # cold weights: a decode step's segment
                     t0 = time.perf_counter()
                     comm.all_reduce(x)
                     times.append(time.perf_counter() - t0)
@@ -201,14 +201,18 @@ def calibrate(quick: bool = False) -> Cluster:
     try:
         torch.set_num_threads(1)
         flops = {d: matmul_rate(d, mb, sec) for d in DTYPES}
+        log.info("matmul rates measured at %.1f s", time.perf_counter() - t0)
         streams = {d: stream_rate(d, mb, sec) for d in DTYPES}
+        log.info("bandwidths measured at %.1f s", time.perf_counter() - t0)
         attn = attention_fraction(sec / 2)
         per_layer = layer_overhead(sec / 2)
         torch.set_num_threads(cores)
         node_bw = stream_rate("float32", mb, sec) if cores > 1 else None
+        log.info("attention, layer overhead and node bandwidth measured at %.1f s", time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
     links, raw = collective_links(quick) if cores > 1 else (list(base.node.links), {})
+    log.info("links measured at %.1f s", time.perf_counter() - t0)
     preset = base.node.device
     dev = Device(name="cpu-core", memory=preset.memory, flops=flops, bandwidth=streams, compute_eff=1.0,
                  bandwidth_eff=1.0, attention_eff=attn, memory_utilization=preset.memory_utilization,
