@@ -3,8 +3,8 @@
 Types are strict JSON types ("8" is not 8, true is not 1, NaN is not a number); null means unset, as
 OpenAI clients send it; unknown fields are ignored, but a field for an OpenAI feature meshlm does not
 implement is refused when set rather than silently ignored. Checks that need the served model read a
-ModelContext passed as the validation context. Each error raised here carries its final message; the
-rest (a wrong JSON type) are worded by validation.py.
+ModelContext passed as the validation context. Errors raised here carry their final message (but for
+messages[i], which validation.py words, as it words a wrong JSON type).
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class ChatMessage(_Body):
 
 
 class _Generation(_Body):
-    """Fields common to /v1/completions and /v1/chat/completions, in the order they are checked."""
+    """Fields common to /v1/completions and /v1/chat/completions (checked in this order, then the endpoint's)."""
 
     model: str
     presence_penalty: _refused("presence_penalty is not supported; leave it unset or 0.", 0) = None
