@@ -211,6 +211,9 @@ def test_engine_loop_updates_and_abort(llm):
             if loop.snapshot.stats.kv_usage == 0 and loop.snapshot.stats.running == 0:
                 break
             asyncio.run(asyncio.sleep(0.05))
-        assert loop.snapshot.stats.kv_usage == 0 and loop.snapshot.stats.running == 0
+        stats = loop.snapshot.stats
+        assert stats.kv_usage == 0 and stats.running == 0 and stats.waiting == 0
+        assert stats.prompt_tokens == 5 and stats.generation_tokens >= 5  # b's tokens before its abort count too
+        assert stats.max_waiting == model.engine.ecfg.scheduler.max_waiting and model.engine.failure() is None
     finally:
         loop.stop()
