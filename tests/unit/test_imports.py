@@ -103,8 +103,7 @@ LEAF = ("meshlm.engine", "meshlm.serve", "meshlm.llm")
 
 @pytest.mark.parametrize("package,forbidden", [
     ("meshlm.models", ("torch.distributed",)),
-    pytest.param("meshlm.plan", LEAF, marks=pytest.mark.xfail(
-        strict=False, reason="plan/ is being split in branch h-planner")),
+    ("meshlm.plan", LEAF),
     ("meshlm.telemetry", LEAF),
     ("meshlm.serve", ("meshlm.parallel",)),
     ("meshlm.engine", ("meshlm.serve",)),
