@@ -6,9 +6,11 @@ import argparse
 import logging
 import sys
 
+from meshlm.bench import add_parser as add_bench_parser
+from meshlm.bench import cmd_bench
 from meshlm.errors import MeshlmError
-from meshlm.plan.cli import add_parsers as add_plan_parsers
-from meshlm.plan.cli import cmd_bench, cmd_dry_run, cmd_plan
+from meshlm.plan.cli import add_parser as add_plan_parser
+from meshlm.plan.cli import cmd_dry_run, cmd_plan
 from meshlm.serve.cli import add_parser as add_serve_parser
 from meshlm.serve.cli import cmd_serve
 
@@ -80,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --pp: write a Chrome trace of every rank's compute, transfers and idle time "
                         "(open it in ui.perfetto.dev)")
     add_serve_parser(sub, _add_model_args)
-    add_plan_parsers(sub)
+    add_plan_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -146,7 +149,24 @@ def _print_ranks(llm, wall_s: float) -> None:
               file=sys.stderr)
 
 
-COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "plan": cmd_plan, "bench": cmd_bench}
+def cmd_plan_or_calibrate(args: argparse.Namespace) -> int:
+    """`meshlm plan`, or with --calibrate the measurement of this host (meshlm/calibrate.py)."""
+    if args.calibrate:
+        from meshlm.calibrate import cmd_calibrate
+
+        return cmd_calibrate(args)
+    return cmd_plan(args)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """--dry-run of generate or serve: the planner's check against the KV pool the engine would size."""
+    from meshlm.engine.engine import EngineConfig, available_memory_bytes
+
+    world = args.tp * (getattr(args, "pp", 1) or 1)
+    return cmd_dry_run(args, EngineConfig().kv_cache_fraction * available_memory_bytes() / world)
+
+
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "plan": cmd_plan_or_calibrate, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if getattr(args, "dry_run", False):
-            return cmd_dry_run(args)
+            return cmd_check(args)
         return COMMANDS[args.command](args)
     except MeshlmError as e:
         print(f"meshlm: error: {e}", file=sys.stderr)

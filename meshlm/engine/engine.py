@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -20,6 +20,7 @@ from meshlm.engine.request import Request, RequestOutput, Status, TokenLogprob
 from meshlm.engine.sampler import make_generator, sample
 from meshlm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from meshlm.errors import ConfigError, RequestError
+from meshlm.parallel.launch import RankFailure
 from meshlm.parallel.pipeline import PipelineSpec, prompt_chunks
 from meshlm.telemetry.trace import write_chrome_trace
 
@@ -47,6 +48,21 @@ class EngineConfig:
             raise ConfigError(f"pipeline_depth must be >= 1 (or None: one step per stage), got {self.pipeline_depth}.")
         if not 0 < self.kv_cache_fraction <= 0.9:
             raise ConfigError(f"kv_cache_fraction must be in (0, 0.9], got {self.kv_cache_fraction}.")
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's figures between steps: queues, KV use, token totals, rank 0's collective and pipeline time."""
+
+    running: int = 0
+    waiting: int = 0
+    max_waiting: int = 0  # queued requests before add_request raises QueueFull
+    kv_usage: float = 0.0  # fraction of KV blocks held by live requests
+    num_preemptions: int = 0
+    prompt_tokens: int = 0  # admitted since start
+    generation_tokens: int = 0
+    collective_seconds: Mapping[str, float] = field(default_factory=dict)  # "group/op" -> seconds (rank 0)
+    bubble_fraction: float = 0.0  # pp > 1: stage 0's share of pipelined time waiting for the later stages
 
 
 def available_memory_bytes() -> int:
@@ -144,6 +160,21 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         """True while requests wait or run, or a step is in flight."""
         return self.scheduler.has_work() or bool(self.inflight)
+
+    def stats(self) -> EngineStats:
+        """The figures a server reports and admits by (cheap: read after every step)."""
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), s.cfg.max_waiting, self.blocks.usage(), s.num_preemptions,
+                           self.total_prompt_tokens, self.total_generated_tokens,
+                           self.executor.collective_seconds(), self.executor.bubble_fraction())
+
+    def failure(self) -> RankFailure | None:
+        """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""
+        return self.executor.failure
+
+    def ping(self) -> None:
+        """Make one cheap call on every rank while idle; raises RankFailure when a rank is gone."""
+        self.executor.ping()
 
     def step(self) -> list[RequestOutput]:
         """Fill the pipeline with steps (one per stage), then finish the oldest; return the outputs that changed.

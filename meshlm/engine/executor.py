@@ -106,6 +106,28 @@ class Executor:
         """Number of ranks."""
         return self.spec.dims.world_size
 
+    @property
+    def failure(self) -> RankFailure | None:
+        """Why the spawned ranks are gone (a rank died or raised), or None while every one lives."""
+        if self.local is None or self.local.failure is None:
+            return None
+        rank, msg = self.local.failure
+        return RankFailure(f"rank {rank} failed: {msg}")
+
+    def ping(self) -> None:
+        """One cheap call on every rank: an idle rank's wait restarts, and a dead one raises RankFailure."""
+        if self.distributed:
+            self.call("comm_stats")
+
+    def collective_seconds(self) -> dict[str, float]:
+        """Rank 0's seconds inside collectives, by "group/op"."""
+        return {k: v["seconds"] for k, v in self.worker.comm_stats().items()}
+
+    def bubble_fraction(self) -> float:
+        """Rank 0's share of pipelined time spent waiting for the later stages (0 when pp == 1)."""
+        stages = getattr(self.worker, "stages", None)
+        return stages.bubble_fraction() if stages is not None else 0.0
+
     def _failure(self, exc: BaseException) -> RankFailure:
         err = self.local.error(exc) if self.local else RankFailure(f"a collective failed: {exc}")
         self.broken, self.in_flight, self.pipelining = True, 0, False
