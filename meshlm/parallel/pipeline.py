@@ -102,7 +102,8 @@ def chunk_bounds(n: int, chunks: int, ratio: float, window: int | None = None,
 
 
 def auto_chunks(n: int, pp: int, micro_batches: int, min_chunk: int) -> int:
-    """Chunks per prompt: enough that about 4 x pp pieces are in flight, never below min_chunk tokens."""
+    """Chunks per prompt: enough that about 4 x pp pieces of `micro_batches` prompts are in flight, never below
+    min_chunk tokens (the engine cuts each prompt on its own: micro_batches=1)."""
     if pp == 1:
         return 1
     want = -(-4 * pp // micro_batches)
