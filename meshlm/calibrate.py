@@ -125,11 +125,10 @@ def fit_link(transport: str, times: dict[int, float], p: int = 2) -> Link:
 def _all_reduce_times(rv: Any, quick: bool) -> dict[str, dict[int, float]]:
     """On every rank: median seconds of an all-reduce per (transport, bytes), each after a little compute."""
     import torch
-    import torch.distributed as dist
 
     from meshlm.errors import ConfigError
     from meshlm.parallel.comm import build_groups
-    from meshlm.parallel.launch import init_distributed
+    from meshlm.parallel.launch import init_distributed, shutdown_distributed
     from meshlm.parallel.mesh import ParallelDims
 
     threads = torch.get_num_threads()
@@ -138,12 +137,15 @@ def _all_reduce_times(rv: Any, quick: bool) -> dict[str, dict[int, float]]:
     try:
         h, pool = torch.randn(1, 2048), _pool(768, 2048, 48 if quick else 192, "float32")
         out: dict[str, dict[int, float]] = {}
+        built = []
         for transport in ("shm", "gloo"):
             try:
-                comm = build_groups(ParallelDims(tp=rv.world_size), rv.rank, "gloo", rv.timeout_s, transport).tp
+                groups = build_groups(ParallelDims(tp=rv.world_size), rv.rank, "gloo", rv.timeout_s, transport)
             except ConfigError as e:  # no shared memory on this host
                 log.info("transport %s unavailable: %s", transport, e)
                 continue
+            built.append(groups)
+            comm = groups.tp
             for n in SIZES:
                 x, times = torch.zeros(n), []
                 comm.barrier()
@@ -153,10 +155,12 @@ def _all_reduce_times(rv: Any, quick: bool) -> dict[str, dict[int, float]]:
                     comm.all_reduce(x)
                     times.append(time.perf_counter() - t0)
                 out.setdefault(comm.transport, {})[n * 4] = statistics.median(times[2:])
-        dist.barrier()
+        for groups in built:
+            groups.world.barrier()
+            groups.close()  # unmap the shared-memory segments
         return out
     finally:
-        dist.destroy_process_group()
+        shutdown_distributed()
         torch.set_num_threads(threads)
 
 

@@ -167,3 +167,15 @@ def plan_stages(cfg: ModelConfig, pp: int, spec: PipelineSpec | None = None) -> 
         plans.append(StagePlan(s, pp, start, start + size))
         start += size
     return plans
+
+
+MIN_CHUNK = 128  # tokens: automatic prompt chunking never cuts a chunk shorter
+
+
+def auto_chunks(n: int, pp: int, micro_batches: int, min_chunk: int) -> int:
+    """Chunks per prompt: enough that about 4 x pp pieces of `micro_batches` prompts are in flight, never below
+    min_chunk tokens (the engine cuts each prompt on its own: micro_batches=1)."""
+    if pp == 1:
+        return 1
+    want = -(-4 * pp // micro_batches)
+    return max(1, min(want, n // min_chunk))

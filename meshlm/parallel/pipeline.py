@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from meshlm.errors import ConfigError
-from meshlm.parallel.partition import StagePlan, balance, plan_stages, unit_costs  # noqa: F401 (re-exported)
+from meshlm.parallel.partition import (  # noqa: F401 (re-exported)
+    MIN_CHUNK,
+    StagePlan,
+    auto_chunks,
+    balance,
+    plan_stages,
+    unit_costs,
+)
 
 if TYPE_CHECKING:
     from meshlm.config import ModelConfig
@@ -31,7 +38,7 @@ class PipelineSpec:
     layers: tuple[int, ...] | None = None  # layers per stage (--pp-layers); None = balanced by cost
     costs: tuple[float, ...] | None = None  # measured seconds of [embedding, layer 0 .. L-1, head]
     prefill_chunks: int | None = None  # chunks per prompt (token-level pipelining); None = auto, 1 = off
-    min_chunk: int = 128  # auto chunking keeps chunks at least this many tokens
+    min_chunk: int = MIN_CHUNK  # auto chunking keeps chunks at least this many tokens
     attention_speed: float = 1.0  # chunk rule: attention's FLOP rate / the matmuls' (1.0: count FLOPs alone)
 
     def __post_init__(self) -> None:
@@ -99,15 +106,6 @@ def chunk_bounds(n: int, chunks: int, ratio: float, window: int | None = None,
         bounds.append(lo)
     bounds.append(n)
     return list(zip(bounds[:-1], bounds[1:]))
-
-
-def auto_chunks(n: int, pp: int, micro_batches: int, min_chunk: int) -> int:
-    """Chunks per prompt: enough that about 4 x pp pieces of `micro_batches` prompts are in flight, never below
-    min_chunk tokens (the engine cuts each prompt on its own: micro_batches=1)."""
-    if pp == 1:
-        return 1
-    want = -(-4 * pp // micro_batches)
-    return max(1, min(want, n // min_chunk))
 
 
 def prompt_chunks(cfg: ModelConfig, spec: PipelineSpec, pp: int, start: int, stop: int) -> tuple[int, ...]:

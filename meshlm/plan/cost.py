@@ -19,7 +19,8 @@ a 1/pp share of the live requests, so a batch of b runs as m = ceil(b / ceil(b /
 r = ceil(b / pp) rows:
   decode:   TPOT = max(m x slowest stage, sum of stages + hops)   (m groups share each stage; one group
             alone pays the whole trip)
-  prefill:  n = m groups x c chunks (a step holds at most max_batched_tokens tokens), pipelined:
+  prefill:  n = m groups x c chunks (the engine's equal-cost prompt chunks, and a step holds at most
+            max_batched_tokens tokens), pipelined:
             TTFT = sum of stages + (n - 1) x slowest stage + hops
   pp = 1:   TTFT = ceil(b x prompt / max_batched_tokens) steps; TPOT = one step of b rows.
   throughput = dp x b / TPOT  (tokens/s; per device: / devices used)
@@ -36,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 from meshlm.config import ModelConfig
+from meshlm.parallel.partition import MIN_CHUNK, auto_chunks
 from meshlm.plan.cluster import Cluster, Link
 from meshlm.plan.layout import BYTES, Layout, RankShare, Workload, rank_shares
 
@@ -274,7 +276,9 @@ class Model:
             ctl = self.control(b * p / n)
             return Terms(n * st.compute, n * st.collectives, n * ctl, 0.0, 0.0, st.total, n, st.bound)
         m, rows = self.groups(b)
-        c = work.prefill_chunks or math.ceil(rows * p / work.max_batched_tokens)
+        # The engine cuts each prompt into auto_chunks pieces (equal cost; parallel/pipeline.prompt_chunks),
+        # and a step holds at most max_batched_tokens tokens.
+        c = work.prefill_chunks or max(auto_chunks(p, pp, 1, MIN_CHUNK), math.ceil(rows * p / work.max_batched_tokens))
         n = m * c
         piece = Pass(rows * p / c, rows * pairs / c, rows * p / c, rows / c)
         stages, hops = self._pipeline(piece, min(n, pp))

@@ -13,6 +13,7 @@ from meshlm.config import SamplingParams
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.request import Request
 from meshlm.engine.scheduler import Scheduler, SchedulerConfig
+from meshlm.parallel.partition import auto_chunks
 from meshlm.plan import cluster as clusters
 from meshlm.plan.cost import Model, Pass, all_gather, all_reduce, broadcast, estimate
 from meshlm.plan.layout import Layout, Workload, rank_shares
@@ -116,10 +117,12 @@ def test_pipelined_prefill_follows_the_fill_drain_equation():
     t = [m.stage(s, piece, 2).total for s in range(2)]
     assert pre.total == pytest.approx(sum(t) + 3 * max(t) + m.hop(0, 256, 0.25) + m.hop(1, 256, 0.25))
     assert pre.factor == pytest.approx((sum(t) + 3 * max(t)) / max(t))
-    # two prompts at pp=2: one step each (two groups of one), pipelined
-    two = m.prefill(Workload(prompt_tokens=512, output_tokens=1, batch=2))
+    # two prompts at pp=2, unchunked: one step each (two groups of one), pipelined
+    two = m.prefill(Workload(prompt_tokens=512, output_tokens=1, batch=2, prefill_chunks=1))
     t2 = [m.stage(s, Pass(512, 512 * 513 / 2, 512, 1), 2).total for s in range(2)]
     assert two.pieces == 2 and two.total == pytest.approx(sum(t2) + max(t2) + m.hop(0, 512, 1) + m.hop(1, 512, 1))
+    # by default each prompt is cut as the engine cuts it: auto_chunks(512, pp=2) = 4 chunks of >= 128 tokens
+    assert m.prefill(Workload(prompt_tokens=512, output_tokens=1, batch=2)).pieces == 2 * auto_chunks(512, 2, 1, 128)
 
 
 def test_uneven_shards_take_the_slowest_rank():
