@@ -20,10 +20,6 @@ from pathlib import Path
 
 import torch
 
-# The share of the CPUs other processes used during a block: the calibration's own measure, so a
-# benchmark and `meshlm plan --calibrate` judge a busy machine the same way.
-from meshlm.plan.load import other_load, stat_ticks  # noqa: F401 (other_load: used as common.other_load)
-
 CACHE = Path(os.environ.get("MESHLM_BENCH_CACHE", Path.home() / ".cache" / "meshlm" / "bench"))
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 WEIGHT_STD = 0.02  # HF's init; values do not change CPU speed (fp32 stays far from denormals)
@@ -100,6 +96,51 @@ def prompt_ids(n: int, vocab_size: int, seed: int = 0) -> list[int]:
     """n deterministic token ids, avoiding the special ids 0..2."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab_size, (n,), generator=g).tolist()
+
+
+def stat_ticks() -> tuple[int, int]:
+    """(all, idle + iowait) CPU ticks since boot, summed over CPUs."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
+def _tree_ticks(root: int) -> int:
+    """User + system ticks used so far by process `root` and its live descendants."""
+    parent, ticks = {}, {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            parent[int(d.name)], ticks[int(d.name)] = int(rest[1]), int(rest[11]) + int(rest[12])
+    tree, todo = set(), [root]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo += [c for c, pp in parent.items() if pp == p and c not in tree]
+    return sum(ticks.get(p, 0) for p in tree)
+
+
+def _own_ticks() -> int:
+    """Ticks of this process tree: the live processes plus children already reaped (os.times)."""
+    t = os.times()
+    return _tree_ticks(os.getpid()) + round((t.children_user + t.children_system) * os.sysconf("SC_CLK_TCK"))
+
+
+@contextmanager
+def other_load() -> Iterator[list[float]]:
+    """Yields a one-item list; on exit it holds the share of all CPUs that processes outside this process
+    tree used during the block (0.0 where /proc is unavailable)."""
+    box = [0.0]
+    try:
+        (t0, i0), m0 = stat_ticks(), _own_ticks()
+    except OSError:
+        yield box
+        return
+    yield box
+    (t1, i1), m1 = stat_ticks(), _own_ticks()
+    box[0] = max(0.0, ((t1 - t0) - (i1 - i0) - (m1 - m0)) / max(1, t1 - t0))
 
 
 def cpu_busy(dt: float = 0.5) -> float:

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import common
@@ -133,9 +134,10 @@ def predicted(cfg, cluster, ctx: float) -> dict[str, float]:
     from meshlm.plan.cost import ACT_H, ACT_I, ACT_QKV, Model, Pass
     from meshlm.plan.layout import Layout
 
-    m = Model(cfg, Layout(1, 1, 1), cluster, "float32")
+    one = replace(cluster, node=replace(cluster.node, devices=1))  # the step runs on one thread
+    m = Model(cfg, Layout(1, 1, 1), one, "float32")
     (share,) = m.shares
-    r, h, d = m.rates, cfg.hidden_size, cfg.head_dim
+    r, h, d = m.rates(1), cfg.hidden_size, cfg.head_dim
     attn_w = 2 * h * share.q_heads * d + 2 * h * share.kv_heads * d
     lin = (attn_w + 3 * h * share.inter) * share.layers * 4 / r.bandwidth
     kv = 2 * share.kv_heads * d * ctx * share.layers * 4 / r.bandwidth
@@ -145,7 +147,7 @@ def predicted(cfg, cluster, ctx: float) -> dict[str, float]:
     return {"layer linears": lin, "attention (KV read)": kv, "head": head, "activations": act,
             "layer overhead": share.layers * r.layer_overhead,
             "step overhead": cluster.node.device.step_overhead,
-            "step": m.stage(0, Pass(1, ctx, ctx, 1)).compute}
+            "step": m.stage(0, Pass(1, ctx, ctx, 1), 1).compute}
 
 
 def main() -> int:

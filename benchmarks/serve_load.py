@@ -30,7 +30,7 @@ import common
 import httpx
 
 from meshlm.parallel.launch import free_port
-from meshlm.telemetry.metrics import parse_text
+from meshlm.serve.metrics import parse_samples
 
 PROMPT = "Request {i}: write a short story about a robot who learns to paint, with a happy ending."
 
@@ -87,7 +87,7 @@ async def sample_waiting(srv: Server, out: list[tuple[float, float]], stop: asyn
     """Append (time, waiting requests) every 0.1 s until stop is set."""
     async with httpx.AsyncClient(base_url=srv.url, timeout=10) as c:
         while not stop.is_set():
-            m = parse_text((await c.get("/metrics")).text)
+            m = parse_samples((await c.get("/metrics")).text)
             out.append((time.perf_counter(), m["meshlm_num_requests_waiting"]))
             await asyncio.sleep(0.1)
 

@@ -6,9 +6,11 @@ import argparse
 import logging
 import sys
 
+from meshlm.bench import add_parser as add_bench_parser
+from meshlm.bench import cmd_bench
 from meshlm.errors import MeshlmError
-from meshlm.plan.cli import add_parsers as add_plan_parsers
-from meshlm.plan.cli import cmd_bench, cmd_dry_run, cmd_plan
+from meshlm.plan.cli import add_parser as add_plan_parser
+from meshlm.plan.cli import cmd_dry_run, cmd_plan
 from meshlm.serve.cli import add_parser as add_serve_parser
 from meshlm.serve.cli import cmd_serve
 
@@ -76,14 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--prefill-chunks", type=int, default=None, metavar="N",
-                   help="with --pp: run the static pipeline schedule and cut the prompt into N chunks that "
-                        "flow through the stages one after another (token-level pipelining); 1 = off")
+                   help="with --pp: cut the prompt into N chunks of equal estimated cost that flow through the "
+                        "stages one after another (token-level pipelining); 1 = off (default: about 4 x pp "
+                        "chunks of at least 128 tokens)")
     g.add_argument("--trace", default=None, metavar="OUT.json",
-                   help="with --pp: run the static pipeline schedule and write a Chrome trace of every "
-                        "rank's compute, transfers and idle time (open it in ui.perfetto.dev); without it, "
-                        "--pp runs the continuous-batching engine")
+                   help="with --pp: write a Chrome trace of every rank's compute, transfers and idle time "
+                        "(open it in ui.perfetto.dev)")
     add_serve_parser(sub, _add_model_args)
-    add_plan_parsers(sub)
+    add_plan_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
@@ -96,15 +99,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.trace or args.prefill_chunks) and args.pp == 1:
         raise ConfigError("--trace and --prefill-chunks describe a pipeline; add --pp 2 (or more).")
-    static = bool(args.trace or args.prefill_chunks)  # the static pipeline schedule is the traced one
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context, tp=args.tp,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
              device=args.device,
-             pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks,
-                                                             schedule="static" if static else "engine")) as llm:
+             pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks)) as llm:
+        if args.pp > 1:
+            llm.start_timeline(spans=bool(args.trace))
         out = None
         if not args.chat:
             sys.stdout.write(args.prompt)
@@ -119,8 +122,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {args.tp} "
               f"| pp {args.pp}]",
               file=sys.stderr)
-        _print_ranks(llm, out.ttft_s + out.decode_s)
-        if static:
+        if args.tp > 1 or args.pp == 1:  # with pp > 1 the stage lines below give each rank's memory
+            _print_ranks(llm, out.ttft_s + out.decode_s)
+        if args.pp > 1:
             _print_stages(llm, args.trace)
     return 0
 
@@ -129,7 +133,7 @@ def _print_stages(llm, trace: str | None) -> None:
     """One line per rank of the pipeline: layers, compute / send / recv / idle, bubble, memory; the trace."""
     from meshlm.telemetry.trace import summary_line, write_chrome_trace
 
-    reports = llm.pipeline_report()
+    reports = llm.stage_reports()
     for rep in reports:
         print("  " + summary_line(rep), file=sys.stderr)
     if trace:
@@ -149,7 +153,24 @@ def _print_ranks(llm, wall_s: float) -> None:
               f"{info['device']}{comm}", file=sys.stderr)
 
 
-COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "plan": cmd_plan, "bench": cmd_bench}
+def cmd_plan_or_calibrate(args: argparse.Namespace) -> int:
+    """`meshlm plan`, or with --calibrate the measurement of this host (meshlm/calibrate.py)."""
+    if args.calibrate:
+        from meshlm.calibrate import cmd_calibrate
+
+        return cmd_calibrate(args)
+    return cmd_plan(args)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """--dry-run of generate or serve: the planner's check against the KV pool the engine would size."""
+    from meshlm.engine.engine import EngineConfig, available_memory_bytes
+
+    world = args.tp * (getattr(args, "pp", 1) or 1)
+    return cmd_dry_run(args, EngineConfig().kv_cache_fraction * available_memory_bytes() / world)
+
+
+COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "plan": cmd_plan_or_calibrate, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         if getattr(args, "dry_run", False):
-            return cmd_dry_run(args)
+            return cmd_check(args)
         return COMMANDS[args.command](args)
     except MeshlmError as e:
         print(f"meshlm: error: {e}", file=sys.stderr)

@@ -70,15 +70,11 @@ class LLM:
             self.device = w.device
             self.dims = dims
             self.pipeline = pipeline
-            self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine)
+            self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine,
+                                    pipeline)
         except BaseException:
             self._finalizer()
             raise
-
-    @property
-    def _static(self) -> bool:
-        """True when generate runs the static pipeline schedule (engine/pipeline_runner.py), not the engine."""
-        return self.dims.pp > 1 and self.pipeline.schedule == "static"
 
     @property
     def model(self) -> torch.nn.Module:
@@ -127,18 +123,12 @@ class LLM:
                  chat: bool = False) -> list[RequestOutput]:
         """Generate for one prompt or a batch; returns one RequestOutput per prompt, in order."""
         ids, plist = self._prepare(prompts, sampling_params, chat)
-        if self._static:
-            return self.executor.call("generate", ids, plist)
         return self.engine.generate(ids, plist)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None,
                chat: bool = False) -> Iterator[tuple[str, RequestOutput]]:
         """Yield (text delta, output so far) for a single prompt."""
         ids, plist = self._prepare([prompt], sampling_params, chat)
-        if self._static:
-            for _, delta, outs in self.executor.stream(ids, plist):
-                yield delta, outs[0]
-            return
         req = self.engine.add_request(ids[0], plist[0])
         shown = 0
         try:
@@ -165,20 +155,25 @@ class LLM:
         """Per-rank collective totals."""
         return self.executor.call_all("comm_stats")
 
-    def pipeline_report(self) -> list[dict]:
-        """Per-rank report of the last static-schedule pipelined generate: stage, layers, memory, timeline."""
-        return self.executor.call_all("pipeline_report")
+    def start_timeline(self, spans: bool = True) -> None:
+        """pp > 1: restart every rank's pipeline timeline together; spans=True records a trace, else totals only."""
+        self._need_pipeline("start_timeline")
+        self.executor.call_all("start_timeline", spans)
 
-    def configure_pipeline(self, **changes) -> None:
-        """Change the pipeline's run-time settings on every rank (schedule, micro_batches, prefill_chunks, ...)."""
-        self.pipeline = replace(self.pipeline, **changes)  # validate here: a bad value must not reach the ranks
-        self.executor.call_all("configure_pipeline", changes)
+    def stage_reports(self) -> list[dict]:
+        """pp > 1, per rank: stage, layers, memory and the pipeline timeline since start_timeline()."""
+        self._need_pipeline("stage_reports")
+        return self.executor.call_all("stage_report")
 
     def write_trace(self, path: str) -> None:
-        """Write the last pipelined run's timeline of every rank as Chrome trace JSON (opens in Perfetto)."""
+        """Write every rank's timeline since start_timeline() as Chrome trace JSON (opens in Perfetto)."""
         from meshlm.telemetry.trace import write_chrome_trace
 
-        write_chrome_trace(path, self.pipeline_report())
+        write_chrome_trace(path, self.stage_reports())
+
+    def _need_pipeline(self, what: str) -> None:
+        if self.dims.pp == 1:
+            raise ConfigError(f"{what}() describes pipeline stages; build the LLM with pp=2 or more.")
 
     def reset_comm_stats(self) -> None:
         """Zero every rank's collective totals."""

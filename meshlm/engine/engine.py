@@ -6,8 +6,9 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 
@@ -19,6 +20,9 @@ from meshlm.engine.request import Request, RequestOutput, Status, TokenLogprob
 from meshlm.engine.sampler import make_generator, sample
 from meshlm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from meshlm.errors import ConfigError, RequestError
+from meshlm.parallel.launch import RankFailure
+from meshlm.parallel.pipeline import PipelineSpec, prompt_chunks
+from meshlm.telemetry.trace import write_chrome_trace
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,21 @@ class EngineConfig:
             raise ConfigError(f"kv_cache_fraction must be in (0, 0.9], got {self.kv_cache_fraction}.")
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine's figures between steps: queues, KV use, token totals, rank 0's collective and pipeline time."""
+
+    running: int = 0
+    waiting: int = 0
+    max_waiting: int = 0  # queued requests before add_request raises QueueFull
+    kv_usage: float = 0.0  # fraction of KV blocks held by live requests
+    num_preemptions: int = 0
+    prompt_tokens: int = 0  # admitted since start
+    generation_tokens: int = 0
+    collective_seconds: Mapping[str, float] = field(default_factory=dict)  # "group/op" -> seconds (rank 0)
+    bubble_fraction: float = 0.0  # pp > 1: stage 0's share of pipelined time waiting for the later stages
+
+
 def available_memory_bytes() -> int:
     """MemAvailable from /proc/meminfo (Linux), or 4 GiB when unknown."""
     try:
@@ -71,7 +90,7 @@ class LLMEngine:
     """Continuous batching over every rank of an Executor."""
 
     def __init__(self, executor, cfg: ModelConfig, tokenizer: Tokenizer, max_context: int,
-                 engine_cfg: EngineConfig | None = None) -> None:
+                 engine_cfg: EngineConfig | None = None, pipeline: PipelineSpec | None = None) -> None:
         self.executor, self.cfg, self.tokenizer = executor, cfg, tokenizer
         self.max_context = max_context
         self.ecfg = engine_cfg or EngineConfig()
@@ -89,15 +108,18 @@ class LLMEngine:
             )
         executor.call("allocate_kv", num_blocks, bs)
         self.blocks = BlockManager(num_blocks, bs)
-        self.scheduler = Scheduler(self.ecfg.scheduler, self.blocks)
+        self.depth = min(executor.depth, self.ecfg.pipeline_depth or executor.depth)  # steps in flight at most
+        # Token-level pipelining: with steps in flight on several stages, a long prompt goes in chunks.
+        chunks = partial(prompt_chunks, cfg, pipeline or PipelineSpec(), self.depth) if self.depth > 1 else None
+        self.scheduler = Scheduler(self.ecfg.scheduler, self.blocks, chunks)
         self.capacity_tokens = num_blocks * bs
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB per rank)", num_blocks, bs,
                  self.capacity_tokens, num_blocks * per_block / 2**20)
         self.eos = set(cfg.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
         self.live: dict[str, _Live] = {}
         self.inflight: deque[tuple[SchedulerOutput, StepInput]] = deque()  # submitted, oldest first
-        self.busy: set[Request] = set()  # requests in a step in flight
-        self.depth = min(executor.depth, self.ecfg.pipeline_depth or executor.depth)  # steps in flight at most
+        self.steps_done = 0  # steps collected
+        self._trace: tuple[str, int] | None = None  # (path, steps_done at which to write it)
         self._ids = itertools.count()
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
@@ -139,6 +161,21 @@ class LLMEngine:
         """True while requests wait or run, or a step is in flight."""
         return self.scheduler.has_work() or bool(self.inflight)
 
+    def stats(self) -> EngineStats:
+        """The figures a server reports and admits by (cheap: read after every step)."""
+        s = self.scheduler
+        return EngineStats(len(s.running), len(s.waiting), s.cfg.max_waiting, self.blocks.usage(), s.num_preemptions,
+                           self.total_prompt_tokens, self.total_generated_tokens,
+                           self.executor.collective_seconds(), self.executor.bubble_fraction())
+
+    def failure(self) -> RankFailure | None:
+        """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""
+        return self.executor.failure
+
+    def ping(self) -> None:
+        """Make one cheap call on every rank while idle; raises RankFailure when a rank is gone."""
+        self.executor.ping()
+
     def step(self) -> list[RequestOutput]:
         """Fill the pipeline with steps (one per stage), then finish the oldest; return the outputs that changed.
 
@@ -146,7 +183,7 @@ class LLMEngine:
         """
         changed: list[RequestOutput] = []
         while len(self.inflight) < self.depth:
-            plan = self.scheduler.schedule(self.busy, self.depth)
+            plan = self.scheduler.schedule(self.depth)
             for r in plan.timed_out:
                 changed.append(r.out)
                 self.live.pop(r.id, None)
@@ -157,8 +194,29 @@ class LLMEngine:
             self.executor.pause()
             return changed
         changed += self._finish_oldest()
+        if self._trace is not None and self.steps_done >= self._trace[1]:
+            changed += self._write_trace()
         if not self.inflight and not self.scheduler.has_work():
             self.executor.pause()  # idle ranks wait in the control loop
+        return changed
+
+    def record_trace(self, path: str, steps: int) -> None:
+        """pp > 1: record every rank's timeline over the next `steps` steps, then write it to path (Chrome trace)."""
+        if self.executor.depth == 1:
+            raise ConfigError("A trace shows the pipeline's stages; it needs --pp 2 or more.")
+        if steps < 1:
+            raise ConfigError(f"--trace-steps must be >= 1, got {steps}.")
+        self.drain()
+        self.executor.call_all("start_timeline", True)
+        self._trace = (path, self.steps_done + steps)
+
+    def _write_trace(self) -> list[RequestOutput]:
+        changed = self.drain()  # the ranks answer calls only with nothing in flight
+        path, _ = self._trace
+        self._trace = None
+        write_chrome_trace(path, self.executor.call_all("stage_report"))
+        self.executor.call_all("start_timeline", False)  # back to totals only
+        log.info("pipeline trace written to %s", path)
         return changed
 
     def drain(self) -> list[RequestOutput]:
@@ -179,8 +237,8 @@ class LLMEngine:
         full = dict(zip(step.full_rows, out.logits))
         now = time.perf_counter()
         row = 0
+        self.steps_done += 1
         for item in plan.items:
-            self.busy.discard(item.req)
             live = item.req.status is not Status.FINISHED  # not aborted or timed out while in flight
             if live:
                 self.scheduler.computed(item)
@@ -201,7 +259,6 @@ class LLMEngine:
                 if not item.req.params.greedy or item.req.params.logprobs is not None:
                     full.append(len(samples))  # the sampler or the logprobs need the whole row
                 samples.append(len(tokens) - 1)
-            self.busy.add(item.req)
         step = StepInput(tuple(tokens), tuple(seqs), tuple(samples), tuple(full))
         self.executor.submit(step)
         self.inflight.append((plan, step))

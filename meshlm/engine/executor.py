@@ -11,23 +11,20 @@ import logging
 import os
 import sys
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from functools import partial
 from typing import Any
 
-import torch.distributed as dist
-
 from meshlm.engine.worker import Worker, WorkerSpec
 from meshlm.errors import ConfigError
-from meshlm.parallel.comm import Comm, build_groups, resolve_transport, single_process_groups, use_transport
+from meshlm.parallel.comm import build_control_group, build_groups, single_process_groups
 from meshlm.parallel.launch import (
     LocalRanks,
     RankFailure,
     RendezvousInfo,
     claim_default_group,
     init_distributed,
+    shutdown_distributed,
     under_torchrun,
 )
 
@@ -43,38 +40,21 @@ class Call:
     gather: bool = False
 
 
-STREAM_METHODS = {"stream": "drain_stream"}  # what non-driver ranks run for a streaming call
-
-# Ranks wait for the next call on their own group with a long timeout: an idle server is not a stalled
-# collective. A dead peer still ends the wait at once (its sockets close; spawned ranks also die with
-# their parent), and the collectives inside a call keep the short --comm-timeout.
-CONTROL_TIMEOUT_S = 7 * 24 * 3600.0
-
-
-def control_comm(world_size: int, rank: int, transport: str | None = None) -> Comm:
-    """The group that carries Call messages from rank 0 (every rank creates it, in the same order)."""
-    ranks = list(range(world_size))
-    group = dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
-    # Over shared memory when every rank shares this host (a call then costs ~20 us, not ~1 ms of gloo).
-    auto = "gloo" if resolve_transport(transport) == "gloo" else "auto"
-    return use_transport(Comm("control", ranks, group, rank), auto, CONTROL_TIMEOUT_S)
-
-
 def serve_rank(rv: RendezvousInfo, spec: WorkerSpec) -> None:
     """Body of every rank but 0: build the worker, then execute calls until told to stop."""
     init_distributed(rv)
     groups = build_groups(spec.dims, rv.rank, rv.backend, rv.timeout_s, spec.transport)
-    control = control_comm(rv.world_size, rv.rank, spec.transport)
+    control = build_control_group(rv.world_size, rv.rank, spec.transport)
     worker = Worker(spec, groups, rv.rank)
     groups.world.barrier()  # ready
     while True:
         call: Call | None = control.broadcast_object(None, 0)
         if call is None:
             break
-        result = getattr(worker, STREAM_METHODS.get(call.method, call.method))(*call.args)
+        result = getattr(worker, call.method)(*call.args)
         if call.gather:
-            dist.gather_object(result, None, dst=0)
-    dist.destroy_process_group()
+            groups.world.gather_object(result, 0)
+    shutdown_distributed()
 
 
 class Executor:
@@ -116,7 +96,7 @@ class Executor:
         try:
             init_distributed(rv)
             self.groups = build_groups(spec.dims, 0, backend, timeout_s, spec.transport)
-            self.control = control_comm(world, 0, spec.transport)
+            self.control = build_control_group(world, 0, spec.transport)
             self.worker = Worker(spec, self.groups, 0)
             self.groups.world.barrier()
         except RuntimeError as e:
@@ -129,6 +109,28 @@ class Executor:
     def world_size(self) -> int:
         """Number of ranks."""
         return self.spec.dims.world_size
+
+    @property
+    def failure(self) -> RankFailure | None:
+        """Why the spawned ranks are gone (a rank died or raised), or None while every one lives."""
+        if self.local is None or self.local.failure is None:
+            return None
+        rank, msg = self.local.failure
+        return RankFailure(f"rank {rank} failed: {msg}")
+
+    def ping(self) -> None:
+        """One cheap call on every rank: an idle rank's wait restarts, and a dead one raises RankFailure."""
+        if self.distributed:
+            self.call("comm_stats")
+
+    def collective_seconds(self) -> dict[str, float]:
+        """Rank 0's seconds inside collectives, by "group/op" (none once closed)."""
+        return {} if self.worker is None else {k: v["seconds"] for k, v in self.worker.comm_stats().items()}
+
+    def bubble_fraction(self) -> float:
+        """Rank 0's share of pipelined time spent waiting for the later stages (0 when pp == 1)."""
+        stages = getattr(self.worker, "stages", None)
+        return stages.bubble_fraction() if stages is not None else 0.0
 
     def _failure(self, exc: BaseException) -> RankFailure:
         err = self.local.error(exc) if self.local else RankFailure(f"a collective failed: {exc}")
@@ -205,22 +207,7 @@ class Executor:
         self.pause()
         try:
             self.control.broadcast_object(Call(method, args, gather=True), 0)
-            mine = getattr(self.worker, method)(*args)
-            out: list[Any] = [None] * self.spec.dims.world_size
-            dist.gather_object(mine, out, dst=0)
-            return out
-        except RuntimeError as e:
-            raise self._failure(e) from None
-
-    def stream(self, *args: Any) -> Iterator[Any]:
-        """Worker.stream on rank 0 while the others drain the same stream."""
-        if not self.distributed:
-            yield from self.worker.stream(*args)
-            return
-        self.pause()
-        try:
-            self.control.broadcast_object(Call("stream", args), 0)
-            yield from self.worker.stream(*args)
+            return self.groups.world.gather_object(getattr(self.worker, method)(*args), 0)
         except RuntimeError as e:
             raise self._failure(e) from None
 
@@ -253,9 +240,5 @@ class Executor:
         for comms in (getattr(self, "groups", None), getattr(self, "control", None)):
             if comms is not None:
                 comms.close()  # unmap the shared-memory segments
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:
-                pass
+        shutdown_distributed()
         self.worker = None

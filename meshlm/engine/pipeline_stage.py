@@ -4,40 +4,30 @@ Rank 0 (stage 0, tp index 0) submits a step: it hands the StepInput to its tp pe
 runs stage 0's layers and posts (header, pickled StepInput, hidden states [1, T, H]) to the next stage.
 Every other rank loops: take a step (rank 0's broadcast on stage 0, else the previous stage's message),
 run its layers, pass it on; on the last stage, tp index 0 posts the StepOutput (argmax tokens and the
-logits rows asked for) back to rank 0. Sends are posted (isend, see parallel/pipeline.py's StageLink), so
-a stage never waits for its consumer: rank 0 can submit the next step while the later stages still work
-on the previous ones, up to one step per stage in flight. The END header, passed down the pipe, returns
-every rank to the executor's control loop (an idle server waits there, not on a timed pipeline receive).
+logits rows asked for) back to rank 0. Sends are posted (Comm.isend), so a stage never waits for its
+consumer: rank 0 can submit the next step while the later stages still work on the previous ones, up to
+one step per stage in flight. Every stage runs the steps in submission order, so a prompt chunk always
+finds the KV of the chunks before it. The END header, passed down the pipe, returns every rank to the
+executor's control loop (an idle server waits there, not on a timed pipeline receive).
+
+Each rank keeps a Timeline (telemetry/trace.py) of its pipelined time: totals always (the bubble metric),
+every span only while a trace is recorded.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
 
 import torch
 
 from meshlm.engine.model_runner import ModelRunner, StepOutput, finish
 from meshlm.engine.paged_attention import StepInput
 from meshlm.parallel.comm import Groups
-from meshlm.parallel.pipeline import StageLink, StagePlan
+from meshlm.parallel.pipeline import StagePlan
+from meshlm.telemetry.trace import Timeline
 
 END, STEP = 0, 1
-
-
-class _NoTimeline:
-    """The link's span recorder, switched off: a server's steps would grow a timeline without end."""
-
-    def record(self, *args: Any, **kw: Any) -> None:
-        """Drop the span."""
-
-    @contextmanager
-    def span(self, *args: Any, **kw: Any) -> Iterator[None]:
-        """Run the block unrecorded."""
-        yield
 
 
 class StageDriver:
@@ -46,78 +36,116 @@ class StageDriver:
     def __init__(self, runner: ModelRunner, groups: Groups, stage: StagePlan, hidden_size: int,
                  dtype: torch.dtype) -> None:
         self.runner, self.groups, self.stage = runner, groups, stage
+        self.comm = groups.pp
         self.hidden_size, self.dtype = hidden_size, dtype
-        self.link = StageLink(groups.pp, _NoTimeline())  # type: ignore[arg-type]
         self.prev, self.next, self.last = stage.index - 1, stage.index + 1, stage.count - 1
-        self.busy_s = 0.0  # rank 0: seconds running stage 0 of submitted steps
-        self.idle_s = 0.0  # rank 0: seconds blocked in collect() waiting for the later stages
+        self.timeline = Timeline()
+        self.submitted = self.collected = 0  # steps this rank has run (rank 0: submitted and collected)
+
+    def start_timeline(self, spans: bool) -> None:
+        """Every rank: restart the timeline right after a barrier, so all rows start together."""
+        self.groups.world.barrier()
+        self.timeline = Timeline(spans)
 
     def bubble_fraction(self) -> float:
-        """Stage 0's share of its pipelined time spent waiting for the later stages (rank 0's bubble)."""
-        total = self.busy_s + self.idle_s
-        return self.idle_s / total if total > 0 else 0.0
+        """This rank's share of its pipelined time spent waiting for another stage."""
+        return self.timeline.totals()["bubble"]
 
     # -- rank 0 --------------------------------------------------------------------------------------------
     def submit(self, step: StepInput) -> None:
-        """Run stage 0 of a step and post it down the pipe."""
-        t0 = time.perf_counter()
-        self.groups.tp.broadcast_object(step, 0)
-        self._pass_on(step, self.runner.forward(step))
-        self.busy_s += time.perf_counter() - t0
+        """Run stage 0 of a step and post it down the pipe (the engine's work since the last span is compute)."""
+        tl = self.timeline
+        tl.resume()
+        with tl.span("compute", chained=True, step=self.submitted, tokens=len(step.token_ids)):
+            self.groups.tp.broadcast_object(step, 0)
+            hidden = self.runner.forward(step)
+        self._pass_on(step, hidden, self.submitted)
+        self.submitted += 1
 
     def collect(self) -> StepOutput:
         """The oldest submitted step's output, from the last stage (blocks until it arrives)."""
-        t0 = time.perf_counter()
-        k, f, v = self.link.recv((3,), torch.long, self.last).tolist()
-        self.idle_s += time.perf_counter() - t0
-        best = self.link.recv((k,), torch.long, self.last).tolist()
-        logits = self.link.recv((f, v), torch.float32, self.last) if f else torch.zeros(0, v)
+        tl = self.timeline
+        tl.record("compute", tl.mark, time.perf_counter(), what="engine")  # sampling, scheduling
+        k, f, v = self._recv((3,), torch.long, self.last, "idle", step=self.collected)
+        best = self._recv((k,), torch.long, self.last, "recv").tolist()
+        logits = self._recv((f, v), torch.float32, self.last, "recv") if f else torch.zeros(0, v)
+        self.collected += 1
         return StepOutput(best, logits)
 
     def end(self) -> None:
         """Send every other rank back to the control loop (nothing may be in flight)."""
         self.groups.tp.broadcast_object(None, 0)
-        self._pass_on(None, None)
-        self.link.flush()
+        self._pass_on(None, None, self.submitted)
+        self._wait_posted()
 
     # -- every other rank ------------------------------------------------------------------------------------
     def serve(self) -> None:
         """Run steps as they come, until END."""
+        tl = self.timeline
+        tl.resume()
         while True:
-            if self.stage.first:
+            if self.stage.first:  # a tp peer of rank 0
+                start = time.perf_counter()
                 step, hidden = self.groups.tp.broadcast_object(None, 0), None
+                tl.record("idle", start, time.perf_counter(), step=self.submitted)
             else:
                 step, hidden = self._receive()
             if step is None:
                 if not self.stage.last:
-                    self._pass_on(None, None)
+                    self._pass_on(None, None, self.submitted)
                 break
-            out = self.runner.forward(step, hidden)
+            with tl.span("compute", step=self.submitted, tokens=len(step.token_ids)):
+                out = self.runner.forward(step, hidden)
             if not self.stage.last:
-                self._pass_on(step, out)
+                self._pass_on(step, out, self.submitted)
             elif self.groups.tp.index == 0:
                 self._reply(finish(out, step))
-        self.link.flush()
+            self.submitted += 1
+        self._wait_posted()
 
     # -- messages --------------------------------------------------------------------------------------------
-    def _pass_on(self, step: StepInput | None, hidden: torch.Tensor | None) -> None:
+    def _send(self, t: torch.Tensor, dst: int, **args) -> None:
+        start = time.perf_counter()
+        self.comm.isend(t, dst)
+        self.timeline.record("send", start, time.perf_counter(), to=dst, bytes=t.numel() * t.element_size(),
+                             **args)
+
+    def _recv(self, shape: tuple[int, ...], dtype: torch.dtype, src: int, span: str, **args) -> torch.Tensor:
+        """A new tensor from stage src; the wait is recorded as `span` (idle: a peer has not sent yet)."""
+        start = time.perf_counter()
+        t = self.comm.recv_posted(torch.empty(shape, dtype=dtype), src)
+        self.timeline.record(span, start, time.perf_counter(), src=src, **args)
+        return t
+
+    def _wait_posted(self) -> None:
+        """Wait for this rank's posted sends, then leave the pipeline (the timeline pauses)."""
+        with self.timeline.span("send", what="flush"):
+            self.comm.wait_posted()
+        self.timeline.pause()
+
+    def _pass_on(self, step: StepInput | None, hidden: torch.Tensor | None, index: int) -> None:
         if step is None:
-            self.link.send(torch.tensor([END, 0, 0]), self.next)
+            self._send(torch.tensor([END, 0, 0]), self.next, what="end")
             return
         data = torch.frombuffer(bytearray(pickle.dumps(step)), dtype=torch.uint8)
-        self.link.send(torch.tensor([STEP, data.numel(), hidden.shape[1]]), self.next)
-        self.link.send(data, self.next)
-        self.link.send(hidden, self.next)  # [1, T, H]
+        self._send(torch.tensor([STEP, data.numel(), hidden.shape[1]]), self.next, step=index)
+        self._send(data, self.next, step=index)
+        self._send(hidden, self.next, step=index)  # [1, T, H]
 
     def _receive(self) -> tuple[StepInput | None, torch.Tensor | None]:
-        kind, nbytes, t = self.link.recv((3,), torch.long, self.prev).tolist()
+        kind, nbytes, t = self._recv((3,), torch.long, self.prev, "idle", step=self.submitted).tolist()
         if kind == END:
             return None, None
-        step = pickle.loads(self.link.recv((nbytes,), torch.uint8, self.prev).numpy().tobytes())
-        return step, self.link.recv((1, t, self.hidden_size), self.dtype, self.prev, device=self.runner.device)
+        start = time.perf_counter()
+        data = self.comm.recv_posted(torch.empty(nbytes, dtype=torch.uint8), self.prev)
+        step = pickle.loads(data.numpy().tobytes())
+        hidden = torch.empty(1, t, self.hidden_size, dtype=self.dtype, device=self.runner.device)  # on NCCL on CUDA
+        self.comm.recv_posted(hidden, self.prev)
+        self.timeline.record("recv", start, time.perf_counter(), src=self.prev, step=self.submitted)
+        return step, hidden
 
     def _reply(self, out: StepOutput) -> None:
-        self.link.send(torch.tensor([len(out.best), out.logits.shape[0], out.logits.shape[1]]), 0)
-        self.link.send(torch.tensor(out.best, dtype=torch.long), 0)
+        self._send(torch.tensor([len(out.best), out.logits.shape[0], out.logits.shape[1]]), 0, what="tokens")
+        self._send(torch.tensor(out.best, dtype=torch.long), 0, what="tokens")
         if out.logits.shape[0]:
-            self.link.send(out.logits, 0)
+            self._send(out.logits, 0, what="logits")

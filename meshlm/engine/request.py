@@ -56,7 +56,8 @@ class RequestOutput:
 
 @dataclass(eq=False)  # identity: the scheduler's queues hold and remove requests by identity, in O(1) compares
 class Request:
-    """Scheduler-side state. Invariant: num_computed <= len(tokens); KV of tokens[:num_computed] is cached."""
+    """Scheduler-side state. Invariant: num_computed <= num_scheduled <= len(tokens); KV of
+    tokens[:num_computed] is cached, tokens[num_computed:num_scheduled] are in steps still in flight."""
 
     id: str
     prompt: list[int]
@@ -66,6 +67,8 @@ class Request:
     deadline: float | None = None  # perf_counter time after which the request times out
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     num_computed: int = 0
+    num_scheduled: int = 0
+    chunk_ends: tuple[int, ...] = ()  # pp > 1: where the chunks of the current prefill end
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks registered in the prefix cache
     status: Status = Status.WAITING
@@ -86,6 +89,16 @@ class Request:
         return len(self.tokens) - len(self.prompt)
 
     @property
+    def in_flight(self) -> bool:
+        """True while some of its tokens are in a step not yet collected."""
+        return self.num_scheduled > self.num_computed
+
+    @property
     def remaining_prefill(self) -> int:
-        """Tokens known but not yet computed (prompt chunks, or a recomputation after preemption)."""
-        return len(self.tokens) - self.num_computed
+        """Tokens known but not yet scheduled (prompt chunks, or a recomputation after preemption)."""
+        return len(self.tokens) - self.num_scheduled
+
+    def next_grant(self, budget: int) -> int:
+        """Tokens to schedule next: up to the end of the current prompt chunk (or all owed), within budget."""
+        end = next((e for e in self.chunk_ends if e > self.num_scheduled), len(self.tokens))
+        return min(end - self.num_scheduled, budget)

@@ -5,15 +5,20 @@ One rule covers prefill, chunked prefill, decode and prefix hits: a request's to
 admission order); when KV blocks run out the most recently admitted running request is preempted
 (blocks freed, recomputed later). Waiting requests are admitted while budget, seat and blocks allow.
 
-With pipeline parallelism several steps are in flight: a step is planned from the requests that are not
-in one (`busy`), which are never preempted, and takes at most a 1/depth share of the live requests, so
-the running requests split into about `depth` groups, one per step in flight.
+With pipeline parallelism several steps are in flight. A step takes at most a 1/depth share of the live
+requests, so the running requests split into about `depth` groups, one per step in flight. A request with
+tokens in flight is never preempted and gets no grant, except the next chunk of a prompt: with a
+`chunk_plan` (pp > 1) a prefill is cut into chunks of equal estimated cost (parallel/pipeline.py) that
+flow down the stages back to back, chunk k + 1 on stage 0 while chunk k is on stage 1. That is exact
+for causal attention: every stage runs steps in order, so chunk k + 1 finds chunk k's KV; only the last
+chunk samples.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshlm.engine.kv_cache import BlockManager
@@ -36,8 +41,9 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         from meshlm.errors import ConfigError
 
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_waiting < 0:
-            raise ConfigError("max_num_seqs and max_num_batched_tokens must be >= 1, max_waiting >= 0.")
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_waiting < 1:
+            raise ConfigError("max_num_seqs, max_num_batched_tokens and max_waiting must be >= 1 (every request "
+                              "queues before it runs: max_waiting 0 would refuse them all).")
 
 
 @dataclass
@@ -71,9 +77,11 @@ class SchedulerOutput:
 class Scheduler:
     """Two queues (waiting, running) over a BlockManager."""
 
-    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager) -> None:
+    def __init__(self, cfg: SchedulerConfig, blocks: BlockManager,
+                 chunk_plan: Callable[[int, int], tuple[int, ...]] | None = None) -> None:
         self.cfg = cfg
         self.blocks = blocks
+        self.chunk_plan = chunk_plan  # (first, stop) of a prefill -> where its chunks end; None: one piece
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -104,21 +112,35 @@ class Scheduler:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.blocks.release(req.block_table)
+        req.num_scheduled = req.num_computed  # a step still in flight comes back to nothing
         req.status = Status.FINISHED
         req.out.finish_reason = reason
 
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.blocks.release(req.block_table)
-        req.num_computed = 0
+        req.num_computed = req.num_scheduled = 0
+        req.chunk_ends = ()
         req.num_hashed_blocks = 0
         req.status = Status.WAITING
         req.out.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def schedule(self, busy: set[Request] | frozenset = frozenset(), depth: int = 1) -> SchedulerOutput:
-        """Plan one step from the requests not in `busy` (those in a step still in flight)."""
+    def _grow(self, req: Request, n: int, out: SchedulerOutput) -> bool:
+        """Blocks for req's next n tokens, preempting the latest admitted requests not in flight; False if none."""
+        while not self.blocks.grow(req.block_table, req.num_scheduled + n):
+            victim = next((r for r in reversed(self.running) if not r.in_flight), None)  # req itself at the latest
+            if victim is None:
+                return False
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def schedule(self, depth: int = 1) -> SchedulerOutput:
+        """Plan one step while up to depth - 1 others are in flight."""
         out = SchedulerOutput()
         now = time.perf_counter()
         for req in [r for r in (*self.running, *self.waiting) if r.deadline is not None and now > r.deadline]:
@@ -129,35 +151,32 @@ class Scheduler:
         for req in list(self.running):
             if budget == 0 or len(out.items) == seats:
                 break
-            if req in busy or req.status is not Status.RUNNING:  # in flight, or preempted just below
+            # Preempted just below, or every known token already in a step (its next token is on its way).
+            if req.status is not Status.RUNNING or req.remaining_prefill == 0:
                 continue
-            n = min(req.remaining_prefill, budget)
-            while not self.blocks.grow(req.block_table, req.num_computed + n):
-                victim = next(r for r in reversed(self.running) if r not in busy)  # req itself at the latest
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim is req:
-                    break
-            if req.status is not Status.RUNNING:
+            n = req.next_grant(budget)
+            if not self._grow(req, n, out):
                 continue
-            out.items.append(Scheduled(req, req.num_computed, n))
+            out.items.append(Scheduled(req, req.num_scheduled, n))
+            req.num_scheduled += n
             budget -= n
         while (self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs
                and len(out.items) < seats and not out.preempted):
             req = self.waiting[0]
             cached = self.blocks.match_prefix(req.tokens)
             computed = len(cached) * self.blocks.block_size
-            n = min(len(req.tokens) - computed, budget)
+            ends = self.chunk_plan(computed, len(req.tokens)) if self.chunk_plan else ()
+            n = min((ends[0] if ends else len(req.tokens)) - computed, budget)
             if not self.blocks.allocate(req.block_table, cached, computed + n):
                 break
             self.waiting.popleft()
-            req.num_computed = computed
+            req.num_computed, req.num_scheduled, req.chunk_ends = computed, computed + n, ends
             req.num_hashed_blocks = len(cached)
-            req.out.num_cached_tokens = max(req.out.num_cached_tokens, computed)
             req.status = Status.RUNNING
-            if req.first_scheduled is None:
+            if req.first_scheduled is None:  # not a readmission after preemption
                 req.first_scheduled = now
                 req.out.queue_s = now - req.arrival
+                req.out.num_cached_tokens = computed  # prompt tokens only: a recomputation is no prompt hit
             self.running.append(req)
             out.items.append(Scheduled(req, computed, n))
             budget -= n

@@ -11,12 +11,9 @@ import torch
 
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
-from meshlm.config import SamplingParams
 from meshlm.engine.engine import available_memory_bytes
-from meshlm.engine.generate import RequestOutput, generate, generate_stream
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
-from meshlm.engine.pipeline_runner import PipelineRunner
 from meshlm.engine.pipeline_stage import StageDriver
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
@@ -42,9 +39,12 @@ class WorkerSpec:
     dims: ParallelDims = field(default_factory=ParallelDims)
     progress: bool = False
     gguf_direct: bool = False  # read .gguf in place (each rank dequantizes its rows) instead of the cache
-    pipeline: PipelineSpec = field(default_factory=PipelineSpec)  # stage split and schedule when pp > 1
+    pipeline: PipelineSpec = field(default_factory=PipelineSpec)  # stage split and prompt chunks when pp > 1
     transport: str | None = None  # collectives: auto | shm | gloo (None: $MESHLM_TRANSPORT, else auto)
     device: DeviceChoice = field(default_factory=DeviceChoice)  # cpu (gloo) or cuda:<local rank> (nccl)
+
+    def __post_init__(self) -> None:
+        self.dims.check_runnable()  # a layout the engine cannot run fails before any rank starts
 
 
 def memory_mb() -> dict[str, float]:
@@ -81,9 +81,6 @@ class Worker:
         self.model = load_weights(model, self.cfg, ckpt.source, self.dtype, part_for=part_for,
                                   progress=spec.progress and rank == 0, device=self.device)
         self.max_context = min(spec.max_context or self.cfg.max_position, self.cfg.max_position)
-        self.pipeline = PipelineRunner(self.model, self.cfg, self.tokenizer, self.stage, groups,
-                                       spec.pipeline, self.max_context, self.dtype, rank) \
-            if spec.dims.pp > 1 else None
         self.load_s = time.perf_counter() - t0
         keep_freed_memory()  # after loading: the load's temporaries go back to the OS as usual
         self.layout = ShardLayout.for_model(self.cfg, groups.tp.index, groups.tp.size)
@@ -102,25 +99,6 @@ class Worker:
                 "device": str(self.device),
                 "stage": self.stage.index,
                 "layers": (self.stage.start, self.stage.stop)}
-
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
-        """Generate to completion (every rank in lockstep)."""
-        if self.pipeline is not None:
-            return self.pipeline.generate(prompts, params)
-        return generate(self.model, self.cfg, self.tokenizer, prompts, params, self.max_context, self.dtype)
-
-    def stream(self, prompts: list[list[int]], params: list[SamplingParams]):
-        """Yield (index, delta, outputs) as generate_stream does."""
-        if self.pipeline is not None:
-            yield from self.pipeline.stream(prompts, params)
-            return
-        yield from generate_stream(self.model, self.cfg, self.tokenizer, prompts, params, self.max_context,
-                                   self.dtype)
-
-    def drain_stream(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
-        """Run a stream to its end without emitting (the non-driver ranks' side of `stream`)."""
-        for _ in self.stream(prompts, params):
-            pass
 
     @torch.inference_mode()
     def logits(self, token_ids: list[list[int]]) -> torch.Tensor:
@@ -152,6 +130,7 @@ class Worker:
         """Allocate the paged KV pool (this stage's layers) on this rank's device; pages are touched as written."""
         self.runner = ModelRunner(self.model, self.cfg, self.dtype, self.device)
         self.runner.allocate(num_blocks, block_size)
+        self.kv_pool_bytes = num_blocks * self.kv_block_bytes(block_size)
         self.stages = StageDriver(self.runner, self.groups, self.stage, self.cfg.hidden_size, self.dtype) \
             if self.spec.dims.pp > 1 else None
 
@@ -163,14 +142,16 @@ class Worker:
         """pp > 1, every rank but 0: run pipelined engine steps until rank 0 ends them (see pipeline_stage)."""
         self.stages.serve()
 
-    def pipeline_report(self) -> dict:
-        """This rank's last pipelined run: stage, memory, and its timeline (see telemetry/trace.py)."""
-        return self.pipeline.report if self.pipeline is not None else {}
+    def start_timeline(self, spans: bool) -> None:
+        """Restart the pipeline timeline on every rank together; spans=True records a trace."""
+        self.stages.start_timeline(spans)
 
-    def configure_pipeline(self, changes: dict) -> None:
-        """Change the pipeline's run-time settings (micro_batches, prefill_chunks, keep_logits)."""
-        if self.pipeline is not None:
-            self.pipeline.configure(**changes)
+    def stage_report(self) -> dict:
+        """This rank's stage, layers, memory and pipeline timeline (see telemetry/trace.py)."""
+        return {"rank": self.rank, "stage": self.stage.index, "tp_index": self.groups.tp.index,
+                "layers": (self.stage.start, self.stage.stop), "weight_mb": self.weight_bytes / 1e6,
+                "kv_mb": self.kv_pool_bytes / 1e6, "peak_rss_mb": memory_mb()["VmHWM"],
+                "timeline": self.stages.timeline.to_dict()}
 
     def comm_stats(self) -> dict:
         """This rank's collective totals."""

@@ -107,7 +107,7 @@ class Transformer(nn.Module):
 
 
 # Sharding plan, as data: module name pattern -> style. The parallel package applies it; this file
-# never imports torch.distributed. "heads_*" styles split attention by whole KV groups (uneven allowed).
+# knows nothing of ranks. "heads_*" styles split attention by whole KV groups (uneven allowed).
 PLAN: dict[str, str] = {
     "embed_tokens": "vocab_embedding",
     "layers.*.self_attn.q_proj": "heads_colwise",

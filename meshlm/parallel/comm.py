@@ -93,6 +93,7 @@ class Comm:
         self.shm = shm_group
         self.transport = "shm" if shm_group is not None else transport
         self.base = transport  # what the torch.distributed group runs on
+        self._posted: list[tuple[Any, torch.Tensor]] = []  # isend() handles and their tensors, until done
 
     def _timed(self, op: str, nbytes: int, fn, *args, **kw):
         t0 = time.perf_counter()
@@ -182,19 +183,52 @@ class Comm:
         return box[0]
 
     def send(self, t: torch.Tensor, dst_index: int) -> None:
-        """Point-to-point send to a group member."""
+        """Point-to-point send to a group member (blocks until the receiver has taken it)."""
         nbytes = t.numel() * t.element_size()
         if self._use_shm(nbytes):
             return self._timed_shm("send", nbytes, self.shm.send, t, dst_index)
         self._timed("send", nbytes, dist.send, t.contiguous(), dst=self.ranks[dst_index], group=self.group)
 
     def recv(self, t: torch.Tensor, src_index: int) -> torch.Tensor:
-        """Receive into t from a group member; returns t."""
+        """Receive into t what a group member sent with send(); returns t."""
         nbytes = t.numel() * t.element_size()
         if self._use_shm(nbytes):
             return self._timed_shm("recv", nbytes, self.shm.recv, t, src_index)
         self._timed("recv", nbytes, dist.recv, t, src=self.ranks[src_index], group=self.group)
         return t
+
+    def isend(self, t: torch.Tensor, dst_index: int) -> None:
+        """Post t for a group member over the process group; it completes in the background (t is kept alive).
+
+        Never over shared memory: a posted send must not wait for its consumer (pipeline stages post to the
+        next stage and the last stage posts back to the first, so a blocking send could close a cycle).
+        """
+        t0 = time.perf_counter()
+        t = t.contiguous()
+        self._posted.append((dist.isend(t, dst=self.ranks[dst_index], group=self.group), t))
+        if len(self._posted) > 64:
+            self._posted = [(w, x) for w, x in self._posted if not w.is_completed()]
+        self.stats.record(self.name, "isend", t.numel() * t.element_size(), time.perf_counter() - t0, self.base)
+
+    def recv_posted(self, t: torch.Tensor, src_index: int) -> torch.Tensor:
+        """Receive into t what a group member posted with isend() (blocks until it arrives); returns t."""
+        self._timed("recv", t.numel() * t.element_size(), dist.recv, t, src=self.ranks[src_index],
+                    group=self.group)
+        return t
+
+    def wait_posted(self) -> None:
+        """Wait until every send this rank posted has completed."""
+        for work, _ in self._posted:
+            work.wait()
+        self._posted.clear()
+
+    def gather_object(self, obj: Any, dst_index: int = 0) -> list[Any] | None:
+        """Every member's obj, by member, on dst_index (None elsewhere)."""
+        if self.size == 1:
+            return [obj]
+        out: list[Any] | None = [None] * self.size if self.index == dst_index else None
+        self._timed("gather_object", 0, dist.gather_object, obj, out, dst=self.ranks[dst_index], group=self.group)
+        return out
 
     def barrier(self) -> None:
         """Wait for every member."""
@@ -325,3 +359,18 @@ def build_groups(dims, rank: int, backend: str, timeout_s: float, transport: str
 
     return Groups(world=world, tp=make("tp", dims.tp_groups()), pp=make("pp", dims.pp_groups()),
                   dp=make("dp", dims.dp_groups()))
+
+
+# Ranks wait for the next control call on their own group with a long timeout: an idle server is not a stalled
+# collective. A dead peer still ends the wait at once (its sockets close; spawned ranks also die with their
+# parent), and the collectives inside a call keep the short --comm-timeout.
+CONTROL_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def build_control_group(world_size: int, rank: int, transport: str | None = None) -> Comm:
+    """The group that carries the executor's calls from rank 0 (every rank builds it, after build_groups)."""
+    ranks = list(range(world_size))
+    group = dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
+    # Over shared memory when every rank shares this host (a call then costs ~20 us, not ~1 ms of gloo).
+    auto = "gloo" if resolve_transport(transport) == "gloo" else "auto"
+    return use_transport(Comm("control", ranks, group, rank), auto, CONTROL_TIMEOUT_S)

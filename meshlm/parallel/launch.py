@@ -85,6 +85,15 @@ def init_distributed(rv: RendezvousInfo) -> None:
                             world_size=rv.world_size, timeout=timedelta(seconds=rv.timeout_s))
 
 
+def shutdown_distributed() -> None:
+    """Destroy the default process group if there is one (best effort: a failed peer may have broken it)."""
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:
+            pass
+
+
 def _child_main(rv: RendezvousInfo, serve: Callable[[RendezvousInfo], None], errors: Any) -> None:
     die_with_parent()
     logging.basicConfig(level=logging.WARNING)

@@ -5,8 +5,11 @@ Rank layout (row-major over (dp, pp, tp), tp fastest):
     rank = (dp_idx * pp + pp_idx) * tp + tp_idx
 
 so the ranks of one tensor-parallel group are adjacent (same host, fastest links), pipeline stages of
-one replica are tp apart, and data-parallel replicas are pp * tp apart. Expert parallelism reuses the
-tp ranks (ep must divide tp); context parallelism is reserved (cp must be 1 for now).
+one replica are tp apart, and data-parallel replicas are pp * tp apart.
+
+Built: tp and pp. Expert (ep) and context (cp) parallelism are declared for what comes next and refused
+above 1 at construction. dp > 1 lays out independent replicas, which the planner reasons about but one
+engine does not run: `check_runnable` refuses it before any rank starts.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from meshlm.errors import ConfigError
 
 if TYPE_CHECKING:
     from meshlm.config import ModelConfig
+
+
+BUILT = "Built: tensor parallelism (--tp, which also splits every MoE expert) and pipeline parallelism (--pp)."
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,11 @@ class ParallelDims:
     def __post_init__(self) -> None:
         for name in ("dp", "pp", "tp", "ep", "cp"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"--{name} must be a positive integer, got {v!r}.")
+        for name, what in (("ep", "expert parallelism"), ("cp", "context parallelism")):
+            if getattr(self, name) != 1:
+                raise ConfigError(f"{what} ({name}) is not built yet; use {name}=1. {BUILT}")
         product = self.dp * self.pp * self.tp * self.cp
         if self.world_size == 0:
             object.__setattr__(self, "world_size", product)
@@ -45,10 +54,14 @@ class ParallelDims:
                 f"world size is {self.world_size}. Choose degrees whose product is {self.world_size}, or "
                 f"launch {product} processes."
             )
-        if self.tp % self.ep:
-            raise ConfigError(f"ep ({self.ep}) must divide tp ({self.tp}): experts are spread over tp ranks.")
-        if self.cp != 1:
-            raise ConfigError("Context parallelism (cp > 1) is not available yet; use cp=1.")
+
+    def check_runnable(self) -> None:
+        """Refuse a layout the engine cannot run (dp > 1: one engine drives one replica)."""
+        if self.dp != 1:
+            raise ConfigError(
+                f"data parallelism (dp={self.dp}) is not built into the engine yet; use dp=1 and start one "
+                f"server per replica (each with --tp {self.tp} --pp {self.pp}) behind a load balancer. {BUILT}"
+            )
 
     def check_model(self, cfg: ModelConfig) -> None:
         """Refuse degrees the model cannot take, naming the fix."""
@@ -62,8 +75,6 @@ class ParallelDims:
             raise ConfigError(
                 f"pp={self.pp} exceeds the model's {cfg.num_layers} layers; use pp <= {cfg.num_layers}."
             )
-        if cfg.is_moe and self.ep > 1 and cfg.num_experts % self.ep:
-            raise ConfigError(f"ep={self.ep} must divide the {cfg.num_experts} experts.")
 
     def coords(self, rank: int) -> tuple[int, int, int]:
         """(dp_idx, pp_idx, tp_idx) of a global rank."""

@@ -24,44 +24,7 @@ from meshlm.config import ModelConfig
 from meshlm.kernels.gemv import linear
 from meshlm.models.mixtral import Experts
 from meshlm.parallel.comm import Comm
-
-
-def even_partition(n: int, parts: int) -> list[tuple[int, int]]:
-    """[start, stop) of each of `parts` near-equal contiguous chunks of range(n)."""
-    base, extra = divmod(n, parts)
-    out, start = [], 0
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
-        out.append((start, start + size))
-        start += size
-    return out
-
-
-@dataclass(frozen=True)
-class HeadShard:
-    """Query heads [q_start, q_end) and KV heads [kv_start, kv_end) owned by one rank."""
-
-    q_start: int
-    q_end: int
-    kv_start: int
-    kv_end: int
-
-    @property
-    def num_q(self) -> int:
-        """Query heads on this rank."""
-        return self.q_end - self.q_start
-
-
-def head_partition(num_heads: int, num_kv_heads: int, tp: int) -> list[HeadShard]:
-    """Split attention heads over tp ranks by whole KV groups (or replicated KV heads when tp > kv)."""
-    group = num_heads // num_kv_heads
-    if tp <= num_kv_heads:
-        return [HeadShard(a * group, b * group, a, b) for a, b in even_partition(num_kv_heads, tp)]
-    shards = []
-    for g, (r0, r1) in enumerate(even_partition(tp, num_kv_heads)):  # ranks serving KV head g
-        for a, b in even_partition(group, r1 - r0):
-            shards.append(HeadShard(g * group + a, g * group + b, g, g + 1))
-    return shards
+from meshlm.parallel.partition import HeadShard, even_partition, head_partition  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Cluster description: nodes of identical devices, the links inside a node and between nodes; presets.
 
-Units inside are SI (bytes, seconds, FLOP/s, bytes/s). Files (JSON, or YAML when PyYAML is installed)
-use human units: memory_gib, reserved_gib, tflops per dtype, bandwidth_gbs (GB/s), latency_us:
+Units inside are SI (bytes, seconds, FLOP/s, bytes/s). Files (YAML or JSON) use human units: memory_gib,
+reserved_gib, tflops per dtype, bandwidth_gbs (GB/s; one number, or one per dtype), latency_us:
 
     name: 2x8xH100
     nodes: 2
@@ -14,8 +14,10 @@ use human units: memory_gib, reserved_gib, tflops per dtype, bandwidth_gbs (GB/s
 
 A link is alpha-beta: a message of n bytes takes latency + n / bandwidth. A node may list several links
 (one per transport, the first is the default): a CPU host has shared memory (shm) and gloo over TCP.
-On a CPU host a "device" is one rank with its own thread(s); `shared_memory` says the ranks of a node
-share one memory pool, and `memory_bandwidth` caps the node's total streaming rate.
+On a CPU host (`shared_memory: true`) a "device" is one core: its matmul rate and bandwidth are one
+thread's, the ranks of a layout share the node's memory and its cores (each rank gets cores // ranks
+threads, as meshlm's default), and `memory_bandwidth_gbs` caps the node's total streaming rate.
+`meshlm plan --calibrate` writes this host's file (the "local" cluster) in this same format.
 """
 
 from __future__ import annotations
@@ -26,67 +28,42 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from meshlm.errors import ConfigError
-from meshlm.plan.fit import wait_line
 
 GIB = 2**30
 PROFILE_ENV = "MESHLM_CLUSTER_PROFILE"
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
 class Link:
-    """One transport: a message of n bytes costs latency + n / bandwidth seconds.
-
-    Inside an engine step a collective also pays what the synthetic alpha-beta fit does not see (the
-    wait for the slowest peer, the call's own dispatch): `waits`, (compute segment before the call,
-    extra seconds per call) points measured in the engine (probe.py), read through the robust line
-    w0 + c x segment fitted over all of them (fit.wait_line: one noisy point cannot bend it).
-    `hop`: one-way seconds of a pipeline hop (header + payload messages), from a
-    ping-pong; 0 when not measured (then a hop costs HEADER_MESSAGES latencies).
-    `slows`: (predicted compute segment before a call, extra compute seconds per call) points measured
-    in the engine (probe.py): what the ranks' compute between two collectives takes beyond the cost
-    model's roofline when the group runs over this transport (gloo's transport threads share the
-    ranks' cores), read through the same robust line as `waits`.
-    """
+    """One transport: a message of n bytes costs latency + n / bandwidth seconds."""
 
     transport: str
     bandwidth: float  # bytes/s per device, one direction
     latency: float  # seconds per message (alpha)
-    waits: tuple[tuple[float, float], ...] = ()  # (segment s, extra s per call), segments ascending
-    hop: float = 0.0  # seconds, one way
-    slows: tuple[tuple[float, float], ...] = ()  # (predicted segment s, extra compute s per call)
 
     def time(self, nbytes: float) -> float:
         """Seconds for one message of nbytes."""
         return self.latency + nbytes / self.bandwidth
 
-    def wait(self, segment: float) -> float:
-        """Extra seconds a collective pays inside a step after `segment` seconds of compute."""
-        w0, c = wait_line(self.waits)
-        return w0 + c * segment
-
-    def slow(self, segment: float) -> float:
-        """Extra compute seconds before a collective over this transport, after `segment` seconds of
-        compute as the roofline predicts it."""
-        s0, k = wait_line(self.slows)
-        return s0 + k * segment
-
 
 @dataclass(frozen=True)
 class Device:
-    """One rank's device: memory, peak matmul rate per dtype, memory bandwidth, and what it achieves."""
+    """One rank's device (a CPU host: one core): memory, peak matmul rate and bandwidth per dtype, overheads."""
 
     name: str
     memory: float  # bytes (a CPU host: the whole host's memory, shared by its ranks)
     flops: dict[str, float]  # peak dense matmul FLOP/s per dtype name
-    bandwidth: float  # bytes/s streamed from memory by one rank
+    bandwidth: dict[str, float]  # bytes/s streamed from memory per dtype (decode-shaped reads of weights)
     compute_eff: float = 0.6  # achieved fraction of peak in large matmuls (1.0 when measured)
     bandwidth_eff: float = 0.8  # achieved fraction of peak bandwidth (1.0 when measured)
     attention_eff: float = 0.7  # attention kernels' FLOP rate as a fraction of the achieved matmul rate
     memory_utilization: float = 0.9  # fraction of memory meshlm may plan to use
     reserved: float = 0.0  # bytes the runtime takes per rank (CUDA context, allocator, Python + torch)
     layer_overhead: float = 0.0  # seconds per decoder layer per forward beyond its math (dispatch, Python)
-    pipeline_layer_overhead: float = 0.0  # the same in a pp > 1 stage's loop (0: layer_overhead)
     step_overhead: float = 0.0  # seconds per engine step beyond the forward (scheduling, sampling)
 
     def rate(self, dtype: str) -> float:
@@ -96,6 +73,10 @@ class Device:
                               f"{', '.join(self.flops)}. Add tflops.{dtype} to the cluster file or pick "
                               f"--dtype {next(iter(self.flops))}.")
         return self.flops[dtype] * self.compute_eff
+
+    def stream(self, dtype: str) -> float:
+        """Achieved bytes/s reading weights of dtype (the dtype's own figure, else the first listed)."""
+        return self.bandwidth.get(dtype, next(iter(self.bandwidth.values()))) * self.bandwidth_eff
 
 
 @dataclass(frozen=True)
@@ -166,25 +147,18 @@ class Cluster:
 
 
 def _link_from(d: dict[str, Any]) -> Link:
-    waits = tuple((float(s) * 1e-6, float(w) * 1e-6) for s, w in d.get("waits_us", ()))
-    if not waits and d.get("skew_us"):  # an older profile: no wait up to skew_from, skew from skew_to on
-        waits = ((float(d.get("skew_from_us", 0)) * 1e-6, 0.0),
-                 (float(d.get("skew_to_us", 0)) * 1e-6, float(d["skew_us"]) * 1e-6))
-    slows = tuple((float(s) * 1e-6, float(w) * 1e-6) for s, w in d.get("slows_us", ()))
-    return Link(str(d.get("transport", "link")), float(d["bandwidth_gbs"]) * 1e9,
-                float(d["latency_us"]) * 1e-6, waits, float(d.get("hop_us", 0)) * 1e-6, slows)
+    return Link(str(d.get("transport", "link")), float(d["bandwidth_gbs"]) * 1e9, float(d["latency_us"]) * 1e-6)
 
 
 def _link_dict(ln: Link) -> dict[str, Any]:
-    out: dict[str, Any] = {"transport": ln.transport, "bandwidth_gbs": ln.bandwidth / 1e9,
-                           "latency_us": ln.latency * 1e6}
-    if ln.waits:
-        out["waits_us"] = [[s * 1e6, w * 1e6] for s, w in ln.waits]
-    if ln.hop:
-        out["hop_us"] = ln.hop * 1e6
-    if ln.slows:
-        out["slows_us"] = [[s * 1e6, w * 1e6] for s, w in ln.slows]
-    return out
+    return {"transport": ln.transport, "bandwidth_gbs": ln.bandwidth / 1e9, "latency_us": ln.latency * 1e6}
+
+
+def _per_dtype(value: Any) -> dict[str, float]:
+    """bandwidth_gbs: one number (every dtype) or {dtype: GB/s} -> {dtype: bytes/s}."""
+    if isinstance(value, dict):
+        return {str(k): float(v) * 1e9 for k, v in value.items()}
+    return {k: float(value) * 1e9 for k in DTYPES}
 
 
 def from_dict(d: dict[str, Any]) -> Cluster:
@@ -194,13 +168,12 @@ def from_dict(d: dict[str, Any]) -> Cluster:
         device = Device(
             name=str(dev.get("name", "device")), memory=float(dev["memory_gib"]) * GIB,
             flops={k: float(v) * 1e12 for k, v in dev["tflops"].items()},
-            bandwidth=float(dev["bandwidth_gbs"]) * 1e9, compute_eff=float(dev.get("compute_eff", 0.6)),
+            bandwidth=_per_dtype(dev["bandwidth_gbs"]), compute_eff=float(dev.get("compute_eff", 0.6)),
             bandwidth_eff=float(dev.get("bandwidth_eff", 0.8)),
             attention_eff=float(dev.get("attention_eff", 0.7)),
             memory_utilization=float(dev.get("memory_utilization", 0.9)),
             reserved=float(dev.get("reserved_gib", 0.0)) * GIB,
             layer_overhead=float(dev.get("layer_overhead_us", 0)) * 1e-6,
-            pipeline_layer_overhead=float(dev.get("pipeline_layer_overhead_us", 0)) * 1e-6,
             step_overhead=float(dev.get("step_overhead_us", 0)) * 1e-6)
         cap = n.get("memory_bandwidth_gbs")
         node = Node(int(n["devices"]), device, tuple(_link_from(x) for x in n["links"]),
@@ -208,8 +181,8 @@ def from_dict(d: dict[str, Any]) -> Cluster:
         inter = _link_from(d["inter"]) if d.get("inter") else None
         return Cluster(str(d.get("name", "cluster")), int(d.get("nodes", 1)), node, inter,
                        dict(d.get("notes", {})))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ConfigError(f"cluster description is missing or has a bad field ({e}); see "
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"cluster description is missing or has a bad field ({e!r}); see "
                           "meshlm/plan/cluster.py for the format (node.devices, node.device.memory_gib, "
                           "tflops, bandwidth_gbs, node.links, inter).") from None
 
@@ -217,15 +190,15 @@ def from_dict(d: dict[str, Any]) -> Cluster:
 def to_dict(c: Cluster) -> dict[str, Any]:
     """The file format of a Cluster (human units)."""
     dev = c.node.device
+    gbs = {k: v / 1e9 for k, v in dev.bandwidth.items()}
     out: dict[str, Any] = {"name": c.name, "nodes": c.nodes, "node": {
         "devices": c.node.devices, "shared_memory": c.node.shared_memory,
         "device": {"name": dev.name, "memory_gib": dev.memory / GIB,
                    "tflops": {k: v / 1e12 for k, v in dev.flops.items()},
-                   "bandwidth_gbs": dev.bandwidth / 1e9,
+                   "bandwidth_gbs": next(iter(gbs.values())) if len(set(gbs.values())) == 1 else gbs,
                    "compute_eff": dev.compute_eff, "bandwidth_eff": dev.bandwidth_eff,
                    "attention_eff": dev.attention_eff, "memory_utilization": dev.memory_utilization,
                    "reserved_gib": dev.reserved / GIB, "layer_overhead_us": dev.layer_overhead * 1e6,
-                   "pipeline_layer_overhead_us": dev.pipeline_layer_overhead * 1e6,
                    "step_overhead_us": dev.step_overhead * 1e6},
         "links": [_link_dict(ln) for ln in c.node.links]}}
     if c.node.memory_bandwidth:
@@ -246,7 +219,7 @@ def _gpu(name: str, gib: float, bf16: float, fp32: float, gbs: float) -> dict[st
 _NVLINK = {"transport": "nvlink", "bandwidth_gbs": 370.0, "latency_us": 1.0}  # NVLink 4: NCCL bus rate
 _IB = {"transport": "infiniband", "bandwidth_gbs": 45.0, "latency_us": 10.0}  # one 400 Gb/s NIC per GPU
 _H100 = _gpu("H100-SXM-80GB", 80, 989, 67, 3350)
-_CPU = {"name": "cpu-rank", "memory_gib": 128, "tflops": {"float32": 0.1, "bfloat16": 0.05},
+_CPU = {"name": "cpu-core", "memory_gib": 128, "tflops": {"float32": 0.1, "bfloat16": 0.05},
         "bandwidth_gbs": 14.0, "compute_eff": 1.0, "bandwidth_eff": 1.0, "attention_eff": 0.35,
         "reserved_gib": 0.5, "layer_overhead_us": 350.0, "step_overhead_us": 1500.0}
 PRESETS: dict[str, dict[str, Any]] = {
@@ -269,16 +242,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 def profile_path() -> Path:
     """Where `meshlm plan --calibrate` saves this machine's profile ($MESHLM_CLUSTER_PROFILE overrides)."""
     env = os.environ.get(PROFILE_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "meshlm" / "cluster-local.json"
+    return Path(env) if env else Path.home() / ".cache" / "meshlm" / "cluster-local.yaml"
 
 
 def save(c: Cluster, path: str | Path) -> Path:
-    """Write a cluster description as JSON (YAML when the name ends in .yaml/.yml)."""
+    """Write a cluster description as YAML (JSON when the name ends in .json)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
+    if path.suffix != ".json":
         path.write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
     else:
         path.write_text(json.dumps(to_dict(c), indent=1) + "\n")
@@ -289,14 +260,13 @@ def load_file(path: str | Path) -> Cluster:
     """Read a JSON or YAML cluster description."""
     path = Path(path)
     text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(f"{path} is YAML but PyYAML is not installed; pip install pyyaml, "
-                              "or write JSON.") from None
-        return from_dict(yaml.safe_load(text))
-    return from_dict(json.loads(text))
+    try:
+        d = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} holds no cluster description (a mapping with name, nodes, node, inter).")
+    return from_dict(d)
 
 
 def host_cores() -> int:
@@ -317,7 +287,7 @@ def uncalibrated_local(cores: int | None = None, memory: float | None = None) ->
             memory = 16 * GIB
     d = json.loads(json.dumps(PRESETS["cpu-host"]))
     d.update(name="local (uncalibrated)", notes={"source": "defaults; run `meshlm plan --calibrate`"})
-    d["node"].update(devices=cores, memory_bandwidth_gbs=None)
+    d["node"].update(devices=cores)
     d["node"]["device"]["memory_gib"] = memory / GIB
     return from_dict(d)
 

@@ -1,4 +1,5 @@
-"""Cost model: per-stage roofline compute, alpha-beta collectives, pipeline bubbles; TTFT, TPOT, throughput.
+"""Cost model of the engine that runs: per-stage roofline compute, alpha-beta messages, the pipeline's steps
+in flight; TTFT, TPOT, throughput.
 
 One forward of T tokens on a rank is a sum of rooflines, max(FLOPs / rate, bytes / bandwidth), over its
 parts (the layers' matmuls, attention over the cached keys at the attention kernels' rate, the vocab head
@@ -6,27 +7,28 @@ for sampled rows), plus the elementwise traffic of activations (norms, rotary, S
 over [T, H], [T, I] and [T, q/k/v] at memory bandwidth), plus a software overhead per layer and per step.
 Prefill is compute-bound, decode bandwidth-bound: a decode step streams every weight of the stage once.
 A tensor-parallel stage adds, per forward, an all-reduce of the [T, H] embedding output on the first
-stage, two per layer (after o_proj and down_proj), and the all-gather of the sampled rows' fp32 logits
-on the last stage. Collectives are alpha-beta on the link
-the group crosses (ring): all-reduce 2(p-1)a + 2(p-1)/p n/b, all-gather (p-1)a + (p-1)/p n/b, a hop a + n/b;
-each collective of a group also pays its in-engine wait, Link.wait(compute since the last one), and the
-compute between two collectives takes Link.slow(its roofline seconds) longer over that transport (gloo's
-threads share the ranks' cores), both calibrated in the engine (probe.py). A pipeline hop costs the
-link's ping-pong latency once (Link.hop) + n/b.
-A pp > 1 stage's layers cost the pipeline loop's per-layer overhead (Device.pipeline_layer_overhead).
+stage, two per layer (after o_proj and down_proj), and the all-gather of the sampled rows' fp32 logits on
+the last stage: ring all-reduce 2(p-1)a + 2(p-1)/p n/b, all-gather (p-1)a + (p-1)/p n/b on the link the
+group crosses. Every engine step first sends its input (StepInput) to the ranks: at pp = 1 a broadcast to
+every rank (control), at pp > 1 a tp broadcast on stage 0, then each hop carries a header, the pickled
+step and the hidden rows [T, H] (3 messages over the pipeline's torch.distributed link, never shm), and
+the last stage answers rank 0 (header and sampled tokens: 2 messages).
 
-More ranks than cores (a CPU host, node.shared_memory): while `a` ranks compute at once on `c` cores each
-gets c / a of a core, so a stage's compute and its collectives (the peers' copies, reductions and waits
-run on the same cores) take a / c times as long (`slowdown`). Ranks that compute at
-once: tp x dp x the stages busy together (one stage per micro-batch in flight; a prefill's pieces fill
-and drain the pipeline, so the stages busy together are counted slot by slot).
+The engine at pp > 1 (engine/engine.py, scheduler.py) keeps up to pp steps in flight and gives each step
+a 1/pp share of the live requests, so a batch of b runs as m = ceil(b / ceil(b / pp)) groups of
+r = ceil(b / pp) rows:
+  decode:   TPOT = max(m x slowest stage, sum of stages + hops)   (m groups share each stage; one group
+            alone pays the whole trip)
+  prefill:  n = m groups x c chunks (the engine's equal-cost prompt chunks, and a step holds at most
+            max_batched_tokens tokens), pipelined:
+            TTFT = sum of stages + (n - 1) x slowest stage + hops
+  pp = 1:   TTFT = ceil(b x prompt / max_batched_tokens) steps; TPOT = one step of b rows.
+  throughput = dp x b / TPOT  (tokens/s; per device: / devices used)
 
-Pipelines (the seed articles' equation): latency ~ max(stage time) x bubble factor + exposed transfers.
-  prefill, n = micro-batches x chunks pieces:  TTFT = sum_s t_s + (n - 1) max_s t_s + hops
-  decode, M micro-batches in flight:           TPOT = max(M max_s t_s, sum_s t_s + hops)
-  throughput = dp x batch / TPOT  (tokens/s; per device: / world)
-With pp = 1 the paged engine runs ceil(batch x prompt / max_batched_tokens) prefill steps, then one step per
-token, each after broadcasting its input to every rank (the control term).
+A CPU host (node.shared_memory): a device is one core and each rank runs cores // ranks threads (at least
+one), meshlm's default; a rank's matmul rate and bandwidth are its threads' (the node's bandwidth cap
+shared by the ranks streaming at once). More ranks computing at once than cores time-share them: compute
+and collectives take (busy ranks x threads) / cores times as long (`slowdown`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import math
 from dataclasses import dataclass
 
 from meshlm.config import ModelConfig
+from meshlm.parallel.partition import MIN_CHUNK, auto_chunks
 from meshlm.plan.cluster import Cluster, Link
 from meshlm.plan.layout import BYTES, Layout, RankShare, Workload, rank_shares
 
@@ -43,7 +46,8 @@ ACT_H = 18  # over [T, H]: two RMSNorms (~6 passes each), two residual adds
 ACT_I = 5  # over [T, I_local]: SiLU and the gate x up product
 ACT_QKV = 8  # over [T, (q + 2 kv) x D]: rotary embedding, the KV cache write, layout changes
 CONTROL_BYTES = 256  # the pickled step input, plus 8 bytes per token
-HEADER_MESSAGES = 2  # a pipeline hop sends a header, then the payload
+HOP_MESSAGES = 3  # a pipeline hop: header, pickled step, hidden rows
+REPLY_MESSAGES = 2  # the last stage to rank 0: header, sampled tokens
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,11 @@ class Terms:
 
     compute: float  # the critical stage's forward passes
     collectives: float  # its tensor-parallel all-reduces and all-gathers
-    control: float  # per-step broadcast of the step's input (pp = 1 engine)
+    control: float  # sending each step's input to the ranks
     p2p: float  # pipeline hops on the critical path
     bubble: float  # the critical stage idle, waiting for the others
     stage_max: float  # slowest stage's time per piece (compute + collectives)
-    pieces: float  # pieces the slowest stage works through: steps, micro-batches x chunks
+    pieces: float  # steps the slowest stage works through
     bound: str  # "compute" or "bandwidth": the roofline side of the compute term
 
     @property
@@ -84,7 +88,7 @@ class Estimate:
     prefill: Terms  # TTFT of the workload's batch
     decode: Terms  # TPOT: one token for every sequence of the batch
     throughput: float  # decode tokens/s over all replicas
-    per_device: float  # throughput / world
+    per_device: float  # throughput / devices used
 
     def metric(self, objective: str) -> float:
         """The objective's value, lower is better (throughput negated)."""
@@ -154,7 +158,7 @@ def forward_seconds(cfg: ModelConfig, share: RankShare, work: Pass, r: Rates) ->
 
 @dataclass(frozen=True)
 class StageCost:
-    """One stage's seconds per piece: the slowest tp rank's compute, and the stage's tp collectives."""
+    """One stage's seconds per step: the slowest tp rank's compute, and the stage's tp collectives."""
 
     compute: float
     collectives: float
@@ -166,32 +170,49 @@ class StageCost:
         return self.compute + self.collectives
 
 
+def threads_per_rank(cluster: Cluster, layout: Layout) -> int:
+    """Threads a rank runs: on a CPU host its share of the cores (at least 1), else 1 (a GPU)."""
+    node = cluster.node
+    if not node.shared_memory:
+        return 1
+    return max(1, node.devices // cluster.ranks_on_node(layout.world))
+
+
 class Model:
     """Costs of a (model, layout, cluster, dtype): stage times, hops and the two phases."""
 
     def __init__(self, cfg: ModelConfig, layout: Layout, cluster: Cluster, dtype: str) -> None:
         self.cfg, self.layout, self.cluster, self.dtype = cfg, layout, cluster, dtype
         self.elem = BYTES[dtype]
-        dev, node = cluster.node.device, cluster.node
-        bw = dev.bandwidth * dev.bandwidth_eff
-        if node.memory_bandwidth:
-            bw = min(bw, node.memory_bandwidth / min(node.devices, layout.world))
-        rate = dev.rate(dtype)
-        per_layer = dev.pipeline_layer_overhead if layout.pp > 1 and dev.pipeline_layer_overhead else \
-            dev.layer_overhead
-        self.rates = Rates(rate, rate * dev.attention_eff, bw, self.elem, per_layer)
+        self.threads = threads_per_rank(cluster, layout)
         self.shares = rank_shares(cfg, layout, dtype)
-        tp, pp, world = layout.tp, layout.pp, layout.world
+        node, tp, pp, world = cluster.node, layout.tp, layout.pp, layout.world
         # Stage hops go through torch.distributed (gloo, NCCL), never shared memory; the per-step control
-        # message takes the transport the tensor-parallel group takes (executor.control_comm).
+        # message takes the transport the tensor-parallel group takes.
         base = next((ln.transport for ln in node.links if ln.transport != "shm"), None)
         slowest = lambda links: max(links, key=lambda ln: ln.time(1 << 20))
         self.tp_link = slowest(cluster.link_between(list(range(g, g + tp))) for g in range(0, world, tp))
         rank = lambda d, s, i: (d * pp + s) * tp + i  # mesh.py's rank layout, tp fastest
         self.hops = [slowest(cluster.link_between([rank(d, s, i), rank(d, (s + 1) % pp, i)], base)
                              for d in range(layout.dp) for i in range(tp))
-                     for s in range(pp)]  # hop s: stage s -> s + 1 (the last: back to stage 0)
+                     for s in range(pp)]  # hop s: stage s -> s + 1 (the last: back to rank 0)
         self.control_link = cluster.link_between(list(range(layout.model_ranks)))
+
+    def rates(self, busy: float) -> Rates:
+        """One rank's rates while `busy` ranks of the node compute at once (they share its bandwidth)."""
+        dev, node, t = self.cluster.node.device, self.cluster.node, self.threads
+        bw = dev.stream(self.dtype) * t
+        if node.memory_bandwidth:  # the node's cap, shared by the threads (a GPU node: ranks) streaming at once
+            bw = min(bw, node.memory_bandwidth * t / max(min(busy * t, node.devices), 1))
+        rate = dev.rate(self.dtype) * t
+        return Rates(rate, rate * dev.attention_eff, bw, self.elem, dev.layer_overhead)
+
+    def slowdown(self, busy: float) -> float:
+        """How many times longer work takes while `busy` ranks of a CPU host compute at once (>= 1)."""
+        node = self.cluster.node
+        if not node.shared_memory or self.cluster.nodes > 1:
+            return 1.0
+        return max(1.0, busy * self.threads / node.devices)
 
     def tp_calls(self, s: int) -> int:
         """Tensor-parallel collectives per forward of stage s: two per layer (after o_proj and down_proj),
@@ -199,92 +220,89 @@ class Model:
         layers = next(r.layers for r in self.shares if r.stage == s)
         return 2 * layers + (s == 0) + (s == self.layout.pp - 1)
 
-    def stage(self, s: int, work: Pass, slowdown: float = 1.0) -> StageCost:
-        """Seconds of stage s for one forward of `work`, `slowdown` times longer (cores shared)."""
+    def stage(self, s: int, work: Pass, busy: float) -> StageCost:
+        """Seconds of stage s for one step of `work` while `busy` ranks of the node compute at once."""
         dev, cfg, tp = self.cluster.node.device, self.cfg, self.layout.tp
-        best = max((forward_seconds(cfg, r, work, self.rates) for r in self.shares if r.stage == s),
+        rates = self.rates(busy)
+        best = max((forward_seconds(cfg, r, work, rates) for r in self.shares if r.stage == s),
                    key=lambda x: x[0])
         layers = next(r.layers for r in self.shares if r.stage == s)
         row = work.tokens * cfg.hidden_size * self.elem
         coll = 2 * layers * all_reduce(self.tp_link, tp, row)
         if s == 0:
             coll += all_reduce(self.tp_link, tp, row)
+            if self.layout.pp > 1:  # rank 0 hands the step to its tp peers
+                coll += broadcast(self.tp_link, tp, CONTROL_BYTES + 8 * work.tokens)
         if s == self.layout.pp - 1:
             coll += all_gather(self.tp_link, tp, work.rows * cfg.vocab_size * 4)
-        calls = self.tp_calls(s)
-        compute = best[0]
-        if tp > 1:  # the transport's own cost on the compute between calls, then each call's wait for
-            # the slowest peer of that compute (both measured in the engine: Link.slows, Link.waits)
-            segment = best[0] / calls
-            segment += self.tp_link.slow(segment)
-            compute = calls * segment
-            coll += calls * self.tp_link.wait(segment)
-        return StageCost((compute + dev.step_overhead) * slowdown, coll * slowdown, best[1])
+        slow = self.slowdown(busy)
+        return StageCost((best[0] + dev.step_overhead) * slow, coll * slow, best[1])
 
-    def hop(self, s: int, tokens: float) -> float:
-        """Seconds for stage s to hand `tokens` hidden rows to the next stage (header, then payload)."""
+    def hop(self, s: int, tokens: float, rows: float) -> float:
+        """Seconds for stage s to hand a step of `tokens` hidden rows to the next stage; the last stage's
+        hop is its answer to rank 0 (`rows` sampled tokens)."""
         ln = self.hops[s]
-        latency = ln.hop or HEADER_MESSAGES * ln.latency  # the ping-pong's one-way time, once per hop
-        return latency + tokens * self.cfg.hidden_size * self.elem / ln.bandwidth
-
-    def slowdown(self, stages: float) -> float:
-        """How many times longer compute takes while `stages` stages compute at once (>= 1; cores shared)."""
-        node = self.cluster.node
-        if not node.shared_memory or self.cluster.nodes > 1:
-            return 1.0
-        return max(1.0, stages * self.layout.tp * self.layout.dp / node.devices)
+        if s == self.layout.pp - 1:
+            return REPLY_MESSAGES * ln.latency + 8 * rows / ln.bandwidth
+        payload = tokens * self.cfg.hidden_size * self.elem + CONTROL_BYTES + 8 * tokens
+        return HOP_MESSAGES * ln.latency + payload / ln.bandwidth
 
     def control(self, tokens: float) -> float:
-        """Broadcast of one engine step's input to every rank of a replica (gloo: size, then payload)."""
-        messages = 1 if self.control_link.transport == "shm" else 2
+        """pp = 1: the broadcast of one engine step's input to every rank of a replica."""
+        if self.layout.model_ranks == 1:
+            return 0.0
+        messages = 1 if self.control_link.transport == "shm" else 2  # gloo's broadcast_object: size, payload
         return messages * broadcast(self.control_link, self.layout.model_ranks, CONTROL_BYTES + 8 * tokens)
 
+    def groups(self, batch: int) -> tuple[int, int]:
+        """(groups in flight, rows per group): the scheduler's 1/pp share of the live requests per step."""
+        rows = -(-batch // self.layout.pp)
+        return -(-batch // rows), rows
+
+    def _pipeline(self, piece: Pass, busy_stages: int) -> tuple[list[StageCost], float]:
+        """Every stage's cost for one step of `piece` while `busy_stages` stages compute at once; the hops."""
+        busy = busy_stages * self.layout.tp * self.layout.dp
+        stages = [self.stage(s, piece, busy) for s in range(self.layout.pp)]
+        hops = sum(self.hop(s, piece.tokens, piece.rows) for s in range(self.layout.pp))
+        return stages, hops
+
     def prefill(self, work: Workload) -> Terms:
-        """TTFT of the workload's batch of prompts."""
+        """TTFT of the workload's batch of prompts, arriving together."""
         b, p, pp = work.batch, work.prompt_tokens, self.layout.pp
-        pairs = b * p * (p + 1) / 2
+        pairs = p * (p + 1) / 2
         if pp == 1:
             n = math.ceil(b * p / work.max_batched_tokens)
-            st = self.stage(0, Pass(b * p / n, pairs / n, b * p / n, b / n), self.slowdown(1))
-            ctl = self.control(b * p / n) if self.layout.model_ranks > 1 else 0.0
+            st = self.stage(0, Pass(b * p / n, b * pairs / n, b * p / n, b / n), self.layout.tp * self.layout.dp)
+            ctl = self.control(b * p / n)
             return Terms(n * st.compute, n * st.collectives, n * ctl, 0.0, 0.0, st.total, n, st.bound)
-        from meshlm.parallel.pipeline import auto_chunks
-
-        m = work.micro_batches or min(b, pp)
-        rows = math.ceil(b / m)
-        c = work.prefill_chunks or auto_chunks(p, pp, m, 128)
-        piece = Pass(rows * p / c, rows * p * (p + 1) / 2 / c, rows * p / c, rows / c)
-        stages = [self.stage(s, piece) for s in range(pp)]
-        crit = max(stages, key=lambda x: x.total)
-        hops = sum(self.hop(s, piece.tokens) for s in range(pp - 1)) + self.hop(pp - 1, 0)
+        m, rows = self.groups(b)
+        # The engine cuts each prompt into auto_chunks pieces (equal cost; parallel/pipeline.prompt_chunks),
+        # and a step holds at most max_batched_tokens tokens.
+        c = work.prefill_chunks or max(auto_chunks(p, pp, 1, MIN_CHUNK), math.ceil(rows * p / work.max_batched_tokens))
         n = m * c
-        # slot k of the n + pp - 1: the stages busy together, and how much longer sharing cores makes it
-        extra = [self.slowdown(min(k + 1, pp, n, n + pp - 1 - k)) - 1 for k in range(n + pp - 1)]
-        ci = stages.index(crit)
-        mine = sum(extra[ci:ci + n])  # the slots the critical stage computes in
-        busy = (n + mine) * crit.total
-        total = sum(x.total for x in stages) + (n - 1 + sum(extra)) * crit.total + hops
-        return Terms((n + mine) * crit.compute, (n + mine) * crit.collectives, 0.0, hops,
-                     total - busy - hops, crit.total, n, crit.bound)
+        piece = Pass(rows * p / c, rows * pairs / c, rows * p / c, rows / c)
+        stages, hops = self._pipeline(piece, min(n, pp))
+        crit = max(stages, key=lambda x: x.total)
+        total = sum(x.total for x in stages) + (n - 1) * crit.total + hops
+        busy = n * crit.total
+        return Terms(n * crit.compute, n * crit.collectives, 0.0, hops, total - busy - hops, crit.total, n,
+                     crit.bound)
 
     def decode(self, work: Workload) -> Terms:
-        """TPOT: one step that gives every sequence of the batch its next token."""
+        """TPOT: the time in which every sequence of the batch gets its next token."""
         b, pp = work.batch, self.layout.pp
         ctx = work.prompt_tokens + work.output_tokens / 2  # keys per sequence, on average
         if pp == 1:
-            st = self.stage(0, Pass(b, b * ctx, b * ctx, b), self.slowdown(1))
-            ctl = self.control(b) if self.layout.model_ranks > 1 else 0.0
+            st = self.stage(0, Pass(b, b * ctx, b * ctx, b), self.layout.tp * self.layout.dp)
+            ctl = self.control(b)
             return Terms(st.compute, st.collectives, ctl, 0.0, 0.0, st.total, 1.0, st.bound)
-        m = work.micro_batches or min(b, pp)
-        rows = math.ceil(b / m)
-        slow = self.slowdown(min(m, pp))  # one stage per micro-batch in flight
-        stages = [self.stage(s, Pass(rows, rows * ctx, rows * ctx, rows), slow) for s in range(pp)]
+        m, rows = self.groups(b)
+        stages, hops = self._pipeline(Pass(rows, rows * ctx, rows * ctx, rows), m)
         crit = max(stages, key=lambda x: x.total)
-        hops = sum(self.hop(s, rows) for s in range(pp))
-        cycle = sum(x.total for x in stages) + hops
+        trip = sum(x.total for x in stages) + hops
         busy = m * crit.total
-        exposed = hops if cycle > busy else 0.0
-        total = max(busy, cycle)
+        exposed = hops if trip > busy else 0.0
+        total = max(busy, trip)
         return Terms(m * crit.compute, m * crit.collectives, 0.0, exposed, total - busy - exposed, crit.total,
                      m, crit.bound)
 
@@ -294,4 +312,4 @@ def estimate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload,
     model = Model(cfg, layout, cluster, dtype)
     pre, dec = model.prefill(work), model.decode(work)
     tput = layout.dp * work.batch / dec.total
-    return Estimate(layout, pre, dec, tput, tput / layout.world)
+    return Estimate(layout, pre, dec, tput, tput / (layout.world * model.threads))

@@ -1,7 +1,7 @@
 """A layout (dp x pp x tp), a workload, and what each rank of a layout holds (uneven shards included).
 
-Shares come from the same functions the loader uses (styles.head_partition, even_partition and
-pipeline.plan_stages), so the planner sizes exactly what a rank will load: query heads travel with
+Shares come from the same functions the loader uses (parallel/partition.py: head_partition,
+even_partition, plan_stages), so the planner sizes exactly what a rank will load: query heads travel with
 their KV group, KV heads are replicated when tp exceeds their count, the MLP and the vocabulary split
 evenly, the embedding sits on stage 0 and the norm and head on the last stage.
 """
@@ -15,6 +15,7 @@ from typing import Any
 
 from meshlm.config import ModelConfig
 from meshlm.errors import ConfigError
+from meshlm.parallel.partition import even_partition, head_partition, plan_stages
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OBJECTIVES = ("throughput", "ttft", "tpot")
@@ -66,8 +67,7 @@ class Workload:
     slo_ttft_s: float | None = None
     slo_tpot_s: float | None = None
     max_batched_tokens: int = 2048  # tokens per engine step (prefill chunk), SchedulerConfig's default
-    micro_batches: int | None = None  # pipeline micro-batches; None = min(batch, pp), as the runner does
-    prefill_chunks: int | None = None  # chunks per prompt with pp > 1; None = the runner's auto
+    prefill_chunks: int | None = None  # steps a group's prompts take at pp > 1; None = by max_batched_tokens
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -131,15 +131,11 @@ class RankShare:
 
 def stage_sizes(cfg: ModelConfig, pp: int) -> list[int]:
     """Layers per stage as the pipeline will split them (its cost-balanced default)."""
-    from meshlm.parallel.pipeline import plan_stages
-
     return [p.stop - p.start for p in plan_stages(cfg, pp)]
 
 
 def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str) -> list[RankShare]:
     """Every (stage, tp index) share of one replica, exact under meshlm's uneven splits."""
-    from meshlm.parallel.styles import even_partition, head_partition
-
     h, d, tp, elem = cfg.hidden_size, cfg.head_dim, layout.tp, BYTES[dtype]
     heads = head_partition(cfg.num_heads, cfg.num_kv_heads, tp)
     inter = even_partition(cfg.intermediate_size, tp)

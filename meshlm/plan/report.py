@@ -7,6 +7,7 @@ from typing import Any
 
 from meshlm.config import ModelConfig
 from meshlm.errors import ConfigError
+from meshlm.parallel.mesh import ParallelDims
 from meshlm.plan.cluster import Cluster
 from meshlm.plan.cost import Estimate, Terms, estimate
 from meshlm.plan.layout import Layout, Workload, rank_shares
@@ -116,8 +117,6 @@ def plan_json(plan: Plan) -> dict[str, Any]:
 def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dtype: str,
             kv_budget: float | None = None) -> tuple[bool, str]:
     """Check a layout before any process starts: heads, memory, KV against the longest request; the fix."""
-    from meshlm.parallel.mesh import ParallelDims
-
     lines = [f"dry run: {layout} on {cluster.name}, {dtype}; no process started, no weights loaded"]
     if layout.world > cluster.devices:
         lines.append(f"note: {layout.world} ranks on {cluster.devices} devices: ranks share devices"
@@ -155,8 +154,6 @@ def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, 
 def fitting_layout(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: str,
                    kv_budget: float | None = None) -> Layout | None:
     """The one-replica layout with the fewest ranks (then the most tp) whose heads and memory fit."""
-    from meshlm.parallel.mesh import ParallelDims
-
     for lay in sorted((Layout(1, pp, tp) for tp in range(1, cluster.devices + 1)
                        for pp in range(1, cluster.devices // tp + 1)), key=lambda x: (x.model_ranks, x.pp)):
         try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from meshlm.config import ModelConfig
 from meshlm.errors import ConfigError
+from meshlm.parallel.mesh import ParallelDims
 from meshlm.plan.cluster import Cluster
 from meshlm.plan.cost import Estimate, all_reduce, estimate
 from meshlm.plan.layout import BYTES, Layout, Workload
@@ -74,8 +75,6 @@ def _link_reason(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workl
 
 def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dtype: str) -> Candidate:
     """One layout's fate: rejected with a reason, or its memory report and estimate."""
-    from meshlm.parallel.mesh import ParallelDims
-
     try:
         ParallelDims(dp=layout.dp, pp=layout.pp, tp=layout.tp).check_model(cfg)
     except ConfigError as e:

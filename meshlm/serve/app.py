@@ -17,11 +17,10 @@ from meshlm.config import SamplingParams
 from meshlm.serve.config import ServerConfig
 from meshlm.serve.engine_loop import EngineLoop
 from meshlm.serve.errors import APIError, error_body
-from meshlm.serve.metrics import ServerMetrics
+from meshlm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshlm.serve.protocol import Update
 from meshlm.serve.streaming import Generation
 from meshlm.serve.validation import ModelContext, parse_generation, read_json
-from meshlm.telemetry.metrics import CONTENT_TYPE
 
 log = logging.getLogger(__name__)
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
@@ -45,8 +44,8 @@ class ServerState:
             return "The server is shutting down and admits no new requests; retry on another server."
         if self.engine.dead is not None:
             return f"The engine failed: {self.engine.dead}"
-        failure = self.engine.rank_failure()
-        return f"The engine failed: {failure}" if failure else None
+        failure = self.engine.engine.failure()  # set by the ranks' watchdog: safe to read here
+        return f"The engine failed: {failure}" if failure is not None else None
 
     async def probe(self) -> bool:
         """Run (or join) a 1-token request; True when it finishes within the health deadline."""
@@ -103,13 +102,13 @@ class Guard:
             if self.expected is not None and path != "/health":
                 got = dict(scope.get("headers") or []).get(b"authorization", b"")
                 if not hmac.compare_digest(got, self.expected):
-                    self.state.metrics.rejected.inc(reason="auth")
+                    self.state.metrics.rejected.labels(reason="auth").inc()
                     err = APIError(401, "Missing or wrong API key; send 'Authorization: Bearer <key>'.",
                                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                     return await _json_error(err)(scope, receive, counting_send)
             await self.app(scope, receive, counting_send)
         finally:
-            self.state.metrics.http.inc(route=route, status=str(status["code"]))
+            self.state.metrics.http.labels(route=route, status=str(status["code"])).inc()
 
 
 class SSEResponse(StreamingResponse):
@@ -161,9 +160,10 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
                        reason="draining" if state.draining else "unavailable")
     data = read_json(await _read_body(request, state.cfg.max_body_bytes), request.headers.get("content-type"))
     req = parse_generation(data, chat, state.ctx)
-    snap, cap = state.engine.snapshot, state.engine.engine.scheduler.cfg.max_waiting
-    if snap.waiting + state.engine.pending + req.num_choices > cap:  # fast path; the engine checks exactly
-        raise APIError(429, f"{snap.waiting} requests are waiting (the cap is {cap}); retry shortly.",
+    stats = state.engine.snapshot.stats
+    cap = stats.max_waiting
+    if stats.waiting + state.engine.pending + req.num_choices > cap:  # fast path; the engine checks exactly
+        raise APIError(429, f"{stats.waiting} requests are waiting (the cap is {cap}); retry shortly.",
                        code="queue_full", headers={"Retry-After": str(state.cfg.retry_after_s)},
                        reason="queue_full")
 
@@ -202,7 +202,7 @@ def create_app(state: ServerState) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
         if err.status < 500 or err.reason in ("draining", "unavailable"):  # refused, not failed
-            state.metrics.rejected.inc(reason=err.reason)
+            state.metrics.rejected.labels(reason=err.reason).inc()
         return _json_error(err)
 
     @app.exception_handler(StarletteHTTPException)

@@ -43,6 +43,11 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                    help="seconds SIGTERM waits for in-flight requests (default 30)")
     p.add_argument("--health-deadline", type=float, default=10.0,
                    help="/health is 200 only if the engine progressed (or a probe finished) within this")
+    p.add_argument("--trace", default=None, metavar="OUT.json",
+                   help="with --pp: record every rank's compute, transfers and idle time over the first "
+                        "--trace-steps engine steps, then write them as a Chrome trace (ui.perfetto.dev)")
+    p.add_argument("--trace-steps", type=int, default=200, metavar="N",
+                   help="engine steps the --trace window holds (default 200)")
     p.add_argument("--allow-origin", action="append", default=[],
                    help="enable CORS for this origin (repeatable; CORS is off by default)")
 
@@ -62,6 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if key is None:
             raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is unset or "
                               "empty; export the key in it (the key is never passed on the command line).")
+    if args.trace and args.pp == 1:
+        raise ConfigError("--trace shows the pipeline's stages; add --pp 2 (or more).")
     name = args.served_model_name or _model_name(args.model)
     cfg = ServerConfig(host=args.host, port=args.port, model_name=name,
                        api_key=key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
@@ -80,6 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from meshlm.serve.server import serve
 
     try:
+        if args.trace:
+            llm.engine.record_trace(args.trace, args.trace_steps)
         return serve(llm, cfg, aliases=() if args.model is None else (args.model,),
                      log_level="info" if args.verbose else "warning", key_env=args.api_key_env,
                      comm_timeout_s=args.comm_timeout)

@@ -17,12 +17,11 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from meshlm.config import SamplingParams
+from meshlm.engine.engine import EngineStats, LLMEngine
 from meshlm.engine.request import RequestOutput
 from meshlm.errors import MeshlmError
-from meshlm.parallel.comm import STATS
 from meshlm.serve.protocol import FinalStats, Update
 
 log = logging.getLogger(__name__)
@@ -34,17 +33,10 @@ class EngineUnavailable(MeshlmError):
 
 @dataclass(frozen=True)
 class Snapshot:
-    """Engine figures published after every step (read by /metrics and admission without locks)."""
+    """Published after every step (read by /metrics and admission without locks)."""
 
-    running: int = 0
-    waiting: int = 0
-    kv_usage: float = 0.0
-    num_preemptions: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
+    stats: EngineStats = field(default_factory=EngineStats)
     step_seconds: float = 0.0  # total time inside engine.step()
-    collective_seconds: dict[str, float] = field(default_factory=dict)  # "group/op" -> seconds (rank 0)
-    bubble_fraction: float = 0.0
 
 
 @dataclass
@@ -95,26 +87,20 @@ def _dispatch(batch: list[tuple[asyncio.Queue, Update]]) -> None:
 class EngineLoop:
     """Runs `engine.step()` in a background thread while requests wait or run."""
 
-    def __init__(self, engine: Any, rank_failure: Callable[[], str | None] = lambda: None,
-                 bubble: Callable[[], float] = lambda: 0.0,
-                 on_finish: Callable[[FinalStats | None, str], None] = lambda s, r: None,
-                 on_fatal: Callable[[str], None] = lambda msg: None,
-                 keepalive: Callable[[], Any] | None = None, keepalive_s: float = 10.0) -> None:
+    def __init__(self, engine: LLMEngine, on_finish: Callable[[FinalStats | None, str], None] = lambda s, r: None,
+                 on_fatal: Callable[[str], None] = lambda msg: None, keepalive_s: float = 10.0) -> None:
         self.engine = engine
-        # Idle ranks wait for the next call inside a collective that times out: ping them while idle.
-        self.keepalive, self.keepalive_s = keepalive, keepalive_s
+        # Idle ranks wait for the next call: ping them now and then, which also notices a dead one.
+        self.keepalive_s = keepalive_s
         self._last_call = time.monotonic()
-        self.rank_failure, self.bubble = rank_failure, bubble
         self.on_finish, self.on_fatal = on_finish, on_fatal
         self.commands: queue.Queue = queue.Queue()
         self.tracks: dict[str, _Track] = {}
-        self.snapshot = Snapshot()
+        self.snapshot = Snapshot(engine.stats())
         self.dead: str | None = None
         self.last_progress = time.monotonic()
         self.pending = 0  # submits not yet applied (event-loop side only)
         self._step_s = 0.0
-        self._slow_at = 0.0
-        self._slow: tuple[dict[str, float], float] = ({}, 0.0)
         self._ids = itertools.count()
         self._stop = False
         self.thread = threading.Thread(target=self._run, name="meshlm-engine", daemon=True)
@@ -172,9 +158,9 @@ class EngineLoop:
                     self._abort_all("abort")
                     return
                 self._apply(cmd)
-            failure = self.rank_failure()
-            if failure and self.dead is None:
-                self._fatal(failure)
+            failure = self.engine.failure()
+            if failure is not None and self.dead is None:
+                self._fatal(str(failure))
             if self.dead is None and self.engine.has_unfinished():
                 self._step()
             elif self.dead is None and time.monotonic() > self._last_call + self.keepalive_s:
@@ -213,10 +199,8 @@ class EngineLoop:
 
     def _ping(self) -> None:
         self._last_call = time.monotonic()
-        if self.keepalive is None:
-            return
         try:
-            self.keepalive()
+            self.engine.ping()
         except Exception as e:
             log.error("rank keep-alive failed: %s", e)
             self._fatal(str(e) or type(e).__name__)
@@ -284,14 +268,4 @@ class EngineLoop:
         self.on_fatal(msg)
 
     def _publish(self) -> None:
-        e = self.engine
-        now = time.monotonic()
-        if now - self._slow_at > 0.5:  # the costlier figures, twice a second at most
-            self._slow_at = now
-            try:
-                self._slow = ({f"{g}/{o}": s.seconds for (g, o), s in list(STATS.ops.items())}, self.bubble())
-            except Exception:
-                log.debug("could not read collective stats", exc_info=True)
-        self.snapshot = Snapshot(len(e.scheduler.running), len(e.scheduler.waiting), e.blocks.usage(),
-                                 e.scheduler.num_preemptions, e.total_prompt_tokens, e.total_generated_tokens,
-                                 self._step_s, self._slow[0], self._slow[1])
+        self.snapshot = Snapshot(self.engine.stats(), self._step_s)

@@ -32,23 +32,8 @@ def serve(llm: Any, cfg: ServerConfig, aliases: tuple[str, ...] = (), log_level:
     tok, engine = llm.tokenizer, llm.engine
     holder: dict[str, DrainingServer] = {}
 
-    def rank_failure() -> str | None:
-        failure = getattr(getattr(llm.executor, "local", None), "failure", None)
-        return f"rank {failure[0]} failed: {failure[1]}" if failure else None
-
-    def bubble() -> float:
-        stages = getattr(llm.executor.worker, "stages", None)  # engine-driven pipeline stages (pp > 1)
-        if stages is not None:
-            return stages.bubble_fraction()
-        timeline = getattr(llm.executor.worker, "timeline", None)
-        return float(timeline.totals().get("bubble", 0.0)) if timeline is not None else 0.0
-
-    def keepalive() -> None:
-        if llm.executor.distributed:
-            llm.executor.call("comm_stats")  # a cheap call: the idle ranks' collective wait restarts
-
-    loop = EngineLoop(engine, rank_failure, bubble, on_fatal=lambda msg: holder["server"].fatal(msg),
-                      keepalive=keepalive, keepalive_s=max(0.5, min(10.0, comm_timeout_s / 4)))
+    loop = EngineLoop(engine, on_fatal=lambda msg: holder["server"].fatal(msg),
+                      keepalive_s=max(0.5, min(10.0, comm_timeout_s / 4)))
     metrics = ServerMetrics(lambda: loop.snapshot)
     loop.on_finish = metrics.observe_finish
     ctx = ModelContext(frozenset({cfg.model_name, *aliases}), llm.cfg.vocab_size, llm.max_context,

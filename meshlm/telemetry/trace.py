@@ -1,12 +1,12 @@
-"""Per-rank timelines: named spans, their totals, the bubble fraction, and Chrome trace JSON (Perfetto).
+"""Per-rank timelines of pipelined engine steps: span totals, busy and bubble fractions, Chrome trace JSON.
 
-A rank records every piece of its run as a span: `compute` (forward passes, sampling, bookkeeping),
-`send` (posting a transfer, and waiting for posted transfers at the end), `recv` (a payload arriving)
-and `idle` (waiting for a peer to start sending: the pipeline bubble). Spans are seconds since the
-run's start, which every rank takes right after one barrier, so rows line up in the trace. A `chained`
-span starts where the previous one ended, so the loop's own bookkeeping between two pieces of work is
-counted as the compute it prepares rather than lost. Time the caller holds control (a streaming consumer
-between tokens) is kept apart as `away` and is not wall time.
+A rank records each piece of its pipelined work as a span: `compute` (its layers, and on rank 0 the
+engine's scheduling and sampling between steps), `send` (posting a transfer, and waiting for posted ones
+when the pipeline stops), `recv` (a payload arriving) and `idle` (waiting for a peer to start sending:
+the pipeline bubble). Starts are seconds since the timeline's start, which every rank takes right after
+one barrier, so rows line up in the trace. Time the ranks spend outside the pipeline (the engine paused,
+no work) is `away` and not part of the wall time. Without `spans` a timeline keeps only the totals: a
+server records that way for ever at the cost of a few additions per step.
 """
 
 from __future__ import annotations
@@ -23,58 +23,56 @@ COLORS = {"compute": "good", "send": "rail_response", "recv": "rail_load", "idle
 
 
 class Timeline:
-    """The spans of one rank's run: (name, start_s, duration_s, args)."""
+    """One rank's pipelined time: seconds per category, and (spans=True) every span (name, start_s, dur_s, args)."""
 
-    def __init__(self) -> None:
+    def __init__(self, spans: bool = False) -> None:
         self.t0 = time.perf_counter()
         self.mark = self.t0  # where the last span ended
-        self.end: float | None = None
         self.away = 0.0
-        self.spans: list[tuple[str, float, float, dict[str, Any]]] = []
-
-    def restart(self) -> None:
-        """Forget every span and start the clock now."""
-        self.__init__()
-
-    @contextmanager
-    def span(self, name: str, chained: bool = False, **args: Any) -> Iterator[None]:
-        """Record the time inside the block as one span (from the end of the last span when chained)."""
-        t = self.mark if chained else time.perf_counter()
-        try:
-            yield
-        finally:
-            self.record(name, t, time.perf_counter(), **args)
+        self.paused = True  # outside the pipeline until resume()
+        self.sums = dict.fromkeys(CATEGORIES, 0.0)
+        self.spans: list[tuple[str, float, float, dict[str, Any]]] | None = [] if spans else None
 
     def record(self, name: str, start: float, stop: float, **args: Any) -> None:
         """Add a span given perf_counter() readings."""
-        self.spans.append((name, start - self.t0, stop - start, args))
+        self.sums[name] += stop - start
+        if self.spans is not None:
+            self.spans.append((name, start - self.t0, stop - start, args))
         self.mark = stop
 
-    def step_away(self, start: float) -> None:
-        """The caller held control from `start` until now: not part of this rank's wall time."""
-        now = time.perf_counter()
-        self.away += now - start
-        self.mark = now
+    @contextmanager
+    def span(self, name: str, chained: bool = False, **args: Any) -> Iterator[None]:
+        """Record the block as one span (from the end of the last span when chained)."""
+        start = self.mark if chained else time.perf_counter()
+        try:
+            yield
+        finally:
+            self.record(name, start, time.perf_counter(), **args)
 
-    def stop(self) -> None:
-        """Stop the clock (the run's wall time ends here)."""
-        self.end = time.perf_counter()
+    def resume(self) -> None:
+        """Back in the pipeline: the time since the last span was spent away (not wall time)."""
+        if self.paused:
+            now = time.perf_counter()
+            self.away += now - self.mark
+            self.mark, self.paused = now, False
+
+    def pause(self) -> None:
+        """Out of the pipeline from the end of the last span."""
+        self.paused = True
 
     def totals(self) -> dict[str, float]:
-        """Seconds per category, wall seconds, untracked seconds, busy and bubble fractions."""
-        out = {c: 0.0 for c in CATEGORIES}
-        for name, _, dur, _ in self.spans:
-            out[name] = out.get(name, 0.0) + dur
-        wall = (self.end if self.end is not None else time.perf_counter()) - self.t0 - self.away
+        """Seconds per category, wall seconds (to the last span's end), untracked seconds, busy and bubble."""
+        out = dict(self.sums)
+        wall = self.mark - self.t0 - self.away
         out["wall"] = wall
-        out["untracked"] = wall - sum(out[c] for c in CATEGORIES)
+        out["untracked"] = wall - sum(self.sums.values())
         out["busy"] = out["compute"] / wall if wall > 0 else 0.0
         out["bubble"] = out["idle"] / wall if wall > 0 else 0.0
         return out
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain data (sent to rank 0): the spans and their totals."""
-        return {"spans": list(self.spans), "totals": self.totals()}
+        """Plain data (sent to rank 0): the spans (empty when only totals are kept) and the totals."""
+        return {"spans": list(self.spans or ()), "totals": self.totals()}
 
 
 def chrome_trace(reports: list[dict[str, Any]]) -> dict[str, Any]:

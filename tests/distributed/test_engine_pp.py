@@ -8,6 +8,7 @@ import pytest
 
 from meshlm import LLM, SamplingParams
 from meshlm.engine.engine import EngineConfig
+from meshlm.parallel.pipeline import PipelineSpec
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -81,8 +82,9 @@ class TestTwoStages:
         engine = pp2.engine
         reqs = [engine.add_request(p, GREEDY) for p in prompts]
         engine.step()
-        assert len(engine.inflight) == 1 and engine.busy  # one collected, one still in flight
-        victim = next(iter(engine.busy))
+        busy = [r for r in reqs if r.in_flight]
+        assert len(engine.inflight) == 1 and busy  # one collected, one still in flight
+        victim = busy[0]
         assert engine.abort(victim.id)
         while engine.has_unfinished():
             engine.step()
@@ -124,12 +126,19 @@ def test_pp2_preemption_recomputes_exactly(checkpoint, llm):
 
 def test_tp2_x_pp2_engine(checkpoint, llm):
     """tp=2 inside each of 2 stages (4 ranks, uneven heads): greedy batches equal one device, with two steps
-    in flight and with pipeline_depth=1."""
+    in flight (a 150-token prompt in chunks that overlap across stages) and with pipeline_depth=1; every
+    rank's timeline adds up."""
     kind = "llama_odd_heads"
-    prompts = mixed_prompts(8, seed=4)
+    prompts = [*mixed_prompts(7, seed=4), [random.Random(1).randrange(3, 512) for _ in range(150)]]
     alone = [llm(kind).generate([p], GREEDY)[0].token_ids for p in prompts]
-    with LLM(str(checkpoint(kind)), tp=2, pp=2, progress=False) as hybrid:
+    with LLM(str(checkpoint(kind)), tp=2, pp=2, progress=False, pipeline=PipelineSpec(prefill_chunks=4)) as hybrid:
+        hybrid.start_timeline(spans=False)
         assert [o.token_ids for o in hybrid.generate(prompts, GREEDY)] == alone
+        reports = hybrid.stage_reports()
+        assert [r["tp_index"] for r in reports] == [0, 1, 0, 1]
+        for rep in reports:
+            t = rep["timeline"]["totals"]
+            assert abs(t["wall"] - t["compute"] - t["send"] - t["recv"] - t["idle"]) <= 0.05 * t["wall"], t
         hybrid.engine.depth = 1  # what EngineConfig(pipeline_depth=1) sets
         seen = deepest(hybrid.engine)
         assert [o.token_ids for o in hybrid.generate(prompts, GREEDY)] == alone

@@ -1,4 +1,4 @@
-"""Pipeline parallelism over gloo: vs one device; micro-batches, token-level prefill, accounting."""
+"""Pipeline parallelism over gloo on the engine path: vs one device; token-level prefill; accounting; traces."""
 
 from __future__ import annotations
 
@@ -16,14 +16,13 @@ import torch
 from meshlm import LLM, SamplingParams
 from meshlm.errors import ConfigError
 from meshlm.parallel.pipeline import PipelineSpec
-from meshlm.parallel.styles import head_partition
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 NEW_TOKENS = 64
 PROMPTS = [[5, 17, 33, 250, 101, 7, 9], [44, 3, 19, 200], [7] * 3 + [300, 301, 302, 303, 304, 99, 12]]
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
-STATIC = PipelineSpec(schedule="static")  # micro-batches, token-level prefill and traces (not the engine)
+CHUNKED = PipelineSpec(min_chunk=32)  # the auto rule, on prompts short enough for the test models' context
 
 
 def tokens(outs) -> list[list[int]]:
@@ -32,46 +31,43 @@ def tokens(outs) -> list[list[int]]:
 
 
 def mixed_requests(seed: int = 3) -> tuple[list[list[int]], list[SamplingParams]]:
-    """Six ragged prompts: greedy, seeded top-p and top-k sampling, and early stops (17, 25 tokens)."""
+    """Six ragged prompts, two long enough to be cut into chunks: greedy, seeded top-p and top-k sampling,
+    logprobs, early stops (17, 25 tokens)."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (9, 4, 14, 6, 11, 3)]
-    params = [GREEDY, SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
+    prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (150, 4, 14, 6, 11, 70)]
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, logprobs=3),
+              SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
               SamplingParams(max_tokens=17, ignore_eos=True), GREEDY,
               SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, top_k=20, seed=11, ignore_eos=True),
               SamplingParams(max_tokens=25, ignore_eos=True)]
     return prompts, params
 
 
-def assert_micro_batches_match(pipe, solo: list[list[int]], counts: tuple[int, ...]) -> None:
-    """Each sequence of a run in `counts` micro-batches equals its solo run (`solo`, one device)."""
+def overlaps(engine) -> list[int]:
+    """Record, per submit, how many in-flight steps hold a grant of one request (wraps engine._submit)."""
+    seen: list[int] = []
+    submit = engine._submit
+
+    def wrapped(plan):
+        submit(plan)
+        reqs = [item.req for p, _ in engine.inflight for item in p.items]
+        seen.append(max(reqs.count(r) for r in reqs))
+
+    engine._submit = wrapped
+    return seen
+
+
+def assert_same_as_one_device(pipe, one) -> None:
+    """Mixed requests, two of them cut into chunks that overlap across stages: tokens equal one device, and
+    the logprobs (the first from the last chunk's logits) within 1e-4."""
     prompts, params = mixed_requests()
-    for m in counts:
-        pipe.configure_pipeline(micro_batches=m)
-        assert tokens(pipe.generate(prompts, params)) == solo, f"{m} micro-batches"
-        assert {r["micro_batches"] for r in pipe.pipeline_report()} == {m}
-    pipe.configure_pipeline(micro_batches=None)
-
-
-def assert_chunked_prefill_matches(pipe, chunks: int = 5) -> None:
-    """A prompt cut into `chunks` pieces that overlap across stages gives the plain prefill's logits and tokens."""
-    g = torch.Generator().manual_seed(5)
-    long = torch.randint(3, 512, (190,), generator=g).tolist()
-    short = torch.randint(3, 512, (70,), generator=g).tolist()
-    cases = [([long], 1), ([long, short], 1)]  # one prompt; two ragged prompts in one micro-batch
-    sp = SamplingParams(max_tokens=48, ignore_eos=True)
-    for prompts, m in cases:
-        runs = {}
-        for n in (1, chunks):
-            pipe.configure_pipeline(micro_batches=m, prefill_chunks=n, keep_logits=True)
-            outs = tokens(pipe.generate(prompts, sp))
-            reports = pipe.pipeline_report()
-            assert {tuple(r["chunks"]) for r in reports} == {(n,)}
-            lasts = [r["prefill_logits"][0] for r in reports if "prefill_logits" in r]
-            assert lasts, "the last stage kept no logits"
-            runs[n] = outs, lasts[0]
-        assert runs[chunks][0] == runs[1][0]
-        torch.testing.assert_close(runs[chunks][1], runs[1][1], atol=1e-5, rtol=1e-5)
-    pipe.configure_pipeline(micro_batches=None, prefill_chunks=None, keep_logits=False)
+    seen = overlaps(pipe.engine)
+    outs, ref = pipe.generate(prompts, params), one.generate(prompts, params)
+    assert tokens(outs) == tokens(ref)
+    for a, b in zip(outs[0].logprobs, ref[0].logprobs, strict=True):
+        assert a.top.keys() == b.top.keys() and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    assert max(seen) >= 2, "no prompt had two chunks in flight at once"
+    assert pipe.engine.blocks.num_free == pipe.engine.blocks.num_blocks
 
 
 def assert_accounting(reports: list[dict]) -> None:
@@ -89,7 +85,7 @@ class TestTwoStages:
     @pytest.fixture(scope="class")
     def pp2(self, checkpoint):
         """llama_gqa (2 layers) on two pipeline stages, shared by the tests below."""
-        with LLM(str(checkpoint("llama_gqa")), pp=2, progress=False, pipeline=STATIC) as llm:
+        with LLM(str(checkpoint("llama_gqa")), pp=2, progress=False, pipeline=CHUNKED) as llm:
             yield llm
 
     def test_pp2_matches_one_device(self, pp2, llm):
@@ -97,88 +93,46 @@ class TestTwoStages:
         assert tokens(pp2.generate(PROMPTS, GREEDY)) == tokens(llm("llama_gqa").generate(PROMPTS, GREEDY))
         assert [(i["stage"], i["layers"]) for i in pp2.rank_info()] == [(0, (0, 1)), (1, (1, 2))]
 
-    def test_micro_batches_match_solo_runs(self, pp2, llm):
-        """Each sequence of a micro-batched run (greedy, seeded sampling, early stops) equals its solo run."""
-        prompts, params = mixed_requests()
-        pp2.configure_pipeline(micro_batches=1)
-        solo = [tokens(pp2.generate([p], sp))[0] for p, sp in zip(prompts, params)]
-        assert solo == [tokens(llm("llama_gqa").generate([p], sp))[0] for p, sp in zip(prompts, params)]
-        assert_micro_batches_match(pp2, solo, (3, 6))
-
-    def test_token_level_prefill_matches_plain_prefill(self, pp2):
-        """A prompt cut into chunks that overlap across stages gives the plain prefill's logits and tokens."""
-        assert_chunked_prefill_matches(pp2)
-
-    def test_stream_stopped_early_leaves_the_pipeline_usable(self, pp2, llm):
-        """A reader that stops mid-stream: stage 0 drains what is in flight; the next call runs normally."""
-        it = pp2.stream([5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True))
-        for _ in range(3):
-            next(it)
-        it.close()
-        assert tokens(pp2.generate(PROMPTS, GREEDY)) == tokens(llm("llama_gqa").generate(PROMPTS, GREEDY))
+    def test_token_level_prefill_matches_one_device(self, pp2, llm):
+        """Prompts cut into chunks that flow through both stages back to back give one device's results."""
+        assert_same_as_one_device(pp2, llm("llama_gqa"))
 
     def test_accounting_adds_up_and_trace_opens(self, pp2, tmp_path):
         """Per rank compute + send + recv + idle = wall within 5%; the trace has a row per rank."""
+        pp2.start_timeline()
         g = torch.Generator().manual_seed(9)
-        prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (40, 7, 23, 60)]
-        pp2.generate(prompts, GREEDY)
-        reports = pp2.pipeline_report()
+        pp2.generate([torch.randint(3, 512, (n,), generator=g).tolist() for n in (40, 7, 23, 60)], GREEDY)
+        reports = pp2.stage_reports()
         assert_accounting(reports)
         assert reports[0]["timeline"]["totals"]["send"] > 0 and reports[1]["timeline"]["totals"]["recv"] > 0
         path = tmp_path / "trace.json"
         pp2.write_trace(str(path))
-        events = json.loads(path.read_text())["traceEvents"]
-        spans = [e for e in events if e["ph"] == "X"]
+        spans = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
         assert {e["pid"] for e in spans} == {0, 1}
         assert {"compute", "send", "recv", "idle"} <= {e["name"] for e in spans}
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "mistral_window"])
 def test_pp2_other_architectures(kind, checkpoint, llm):
-    """A tied head on the last stage (qwen2) and a sliding window split across stages (mistral): the engine
-    (default) and the static schedule both equal one device."""
-    with LLM(str(checkpoint(kind)), pp=2, progress=False) as pp:
-        expected = tokens(llm(kind).generate(PROMPTS, GREEDY))
-        assert tokens(pp.generate(PROMPTS, GREEDY)) == expected
-        pp.configure_pipeline(schedule="static")
-        assert tokens(pp.generate(PROMPTS, GREEDY)) == expected
+    """A tied head on the last stage (qwen2) and a sliding window split across stages and prompt chunks
+    (mistral, an 8-token window): equal to one device."""
+    prompts = [*PROMPTS, list(range(3, 60))]
+    with LLM(str(checkpoint(kind)), pp=2, progress=False, pipeline=PipelineSpec(prefill_chunks=3)) as pp:
+        assert tokens(pp.generate(prompts, GREEDY)) == tokens(llm(kind).generate(prompts, GREEDY))
 
 
-def test_tp2_x_pp2(checkpoint, llm):
-    """tp=2 inside each of 2 stages on 4 ranks: TP groups are adjacent ranks; tokens equal one device,
-    with micro-batches (each sequence as solo) and with token-level prefill (the plain prefill's logits)."""
-    kind = "llama_odd_heads"  # 9 heads / 3 KV heads: the tp split is uneven (6 + 3)
-    prompts, params = mixed_requests()
-    solo = [tokens(llm(kind).generate([p], sp))[0] for p, sp in zip(prompts, params)]
-    with LLM(str(checkpoint(kind)), tp=2, pp=2, progress=False, pipeline=STATIC) as hybrid:
-        assert tokens(hybrid.generate(PROMPTS, GREEDY)) == tokens(llm(kind).generate(PROMPTS, GREEDY))
-        infos = hybrid.rank_info()
-        reports = hybrid.pipeline_report()
-        assert_accounting(reports)
-        assert_micro_batches_match(hybrid, solo, (3,))
-        assert_chunked_prefill_matches(hybrid)
-    assert [i["stage"] for i in infos] == [0, 0, 1, 1]
-    assert [i["q_heads"] for i in infos] == [h.num_q for h in head_partition(9, 3, 2)] * 2
-    assert [r["tp_index"] for r in reports] == [0, 1, 0, 1]
-    assert all(r["tp_comm_s"] > 0 for r in reports)
-
-
-def test_pp3_micro_batches_and_chunks(checkpoint):
-    """Three stages of a 4-layer random Llama: 64 greedy tokens, micro-batches and token-level prefill
-    each equal one device (every stage in the middle of the pipe receives and sends)."""
+def test_pp3_with_token_level_prefill(checkpoint):
+    """Three stages of a 4-layer random Llama: 64 greedy tokens, and mixed requests with chunked prompts,
+    equal one device (every stage in the middle of the pipe receives and sends); the accounting adds up."""
     path = str(checkpoint("llama_gqa", 4))
-    prompts, params = mixed_requests()
-    with LLM(path, progress=False) as one:
-        expected = tokens(one.generate(PROMPTS, GREEDY))
-        solo = [tokens(one.generate([p], sp))[0] for p, sp in zip(prompts, params)]
-    with LLM(path, pp=3, progress=False, pipeline=STATIC) as pp3:
-        assert tokens(pp3.generate(PROMPTS, GREEDY)) == expected
+    with LLM(path, progress=False) as one, LLM(path, pp=3, progress=False, pipeline=CHUNKED) as pp3:
+        assert tokens(pp3.generate(PROMPTS, GREEDY)) == tokens(one.generate(PROMPTS, GREEDY))
         layers = [i["layers"] for i in pp3.rank_info()]
         assert len(layers) == 3 and layers[0][0] == 0 and layers[-1][1] == 4
         assert all(a[1] == b[0] for a, b in zip(layers, layers[1:]))
-        assert_accounting(pp3.pipeline_report())
-        assert_micro_batches_match(pp3, solo, (3, 6))
-        assert_chunked_prefill_matches(pp3)
+        pp3.start_timeline(spans=False)
+        assert_same_as_one_device(pp3, one)
+        assert_accounting(pp3.stage_reports())
 
 
 def test_pp3_on_smollm2(smollm2):
@@ -186,8 +140,7 @@ def test_pp3_on_smollm2(smollm2):
     tok = smollm2.tokenizer
     prompts = [tok.encode("Once upon a time"), tok.encode("The three laws of robotics are")]
     expected = tokens(smollm2.generate(prompts, GREEDY))
-    # One micro-batch of both prompts: 3 ranks share 2 cores in CI; micro-batching is tested at pp=2 above.
-    with LLM(None, pp=3, progress=False, pipeline=PipelineSpec(micro_batches=1, schedule="static")) as llm:
+    with LLM(None, pp=3, progress=False) as llm:
         assert tokens(llm.generate(prompts, GREEDY)) == expected
         infos = llm.rank_info()
     layers = [i["layers"] for i in infos]
@@ -260,7 +213,8 @@ def test_bad_layouts_refused_before_start(long_model):
 
 def test_cli_trace_writes_a_chrome_trace(long_model, tmp_path):
     """`meshlm generate --pp 2 --trace out.json`: Trace Event Format as Perfetto's JSON importer reads it:
-    a named row per rank, complete events with microsecond start and duration, no overlap within a row."""
+    a named row per rank, complete events with microsecond start and duration, no overlap within a row,
+    compute, transfer and idle spans on every row; the per-rank report lines follow the figures."""
     path = tmp_path / "out.json"
     cmd = [sys.executable, "-m", "meshlm.cli", "generate", "w5. w6. w7. w8.", "--model", str(long_model),
            "--pp", "2", "--max-tokens", "12", "--ignore-eos", "--prefill-chunks", "2", "--trace", str(path)]
@@ -274,6 +228,6 @@ def test_cli_trace_writes_a_chrome_trace(long_model, tmp_path):
     assert sorted(names) == [0, 1] and names[0].startswith("rank 0: stage 0")
     for pid in names:
         spans = sorted((e for e in events if e["ph"] == "X" and e["pid"] == pid), key=lambda e: e["ts"])
-        assert {"compute", "send", "idle"} <= {e["name"] for e in spans}
+        assert {"compute", "send", "recv", "idle"} <= {e["name"] for e in spans}
         assert all(isinstance(e["ts"], float | int) and e["ts"] >= 0 and e["dur"] >= 0 for e in spans)
         assert all(a["ts"] + a["dur"] <= b["ts"] + 1.0 for a, b in zip(spans, spans[1:])), "overlapping spans"

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from meshlm.parallel.launch import free_port
-from meshlm.telemetry.metrics import parse_text
+from meshlm.serve.metrics import parse_samples
 
 API_KEY = "test-key-7f3a"  # given to the server through the environment only
 KEY_ENV = "MESHLM_E2E_KEY"
@@ -108,7 +108,7 @@ class Server:
         """/metrics samples as {"name{labels}": value}."""
         r = httpx.get(self.url + "/metrics", headers=self.headers, timeout=10)
         r.raise_for_status()
-        return parse_text(r.text)
+        return parse_samples(r.text)
 
     def rank_pids(self) -> list[int]:
         """Spawned rank processes (not multiprocessing's resource tracker)."""

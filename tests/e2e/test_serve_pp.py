@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -14,13 +15,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 PROMPTS = ["w5. w6. w7. w8.", "w40. w41.", "w9. w10. w11. w12. w13. w14. w15.", "w300.", "w7. w7. w7."]
 GO = {"ignore_eos": True}
+TRACE_STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def pp_server(serve_model, tmp_path_factory):
     """A server over two pipeline stages (one layer each); stopped with SIGTERM at the end."""
-    srv = Server(serve_model, "--pp", "2", "--kv-cache-mb", "32", tp=1,
-                 log_dir=tmp_path_factory.mktemp("serve-pp")).wait_healthy()
+    logs = tmp_path_factory.mktemp("serve-pp")
+    srv = Server(serve_model, "--pp", "2", "--kv-cache-mb", "32", "--trace", str(logs / "trace.json"),
+                 "--trace-steps", str(TRACE_STEPS), tp=1, log_dir=logs).wait_healthy()
+    srv.trace = logs / "trace.json"
     yield srv
     code = srv.stop()
     assert code == 0, srv.output()
@@ -74,3 +78,16 @@ def test_pp2_bubble_fraction_metric(pp_server):
         if bubble > 0:
             break
     assert 0.0 < bubble < 1.0
+
+
+def test_pp2_trace_window(pp_server):
+    """--trace --trace-steps N: after N engine steps the server writes every rank's spans of those steps."""
+    client = openai.OpenAI(base_url=pp_server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+    client.completions.create(model=pp_server.model_name, prompt=PROMPTS[0], max_tokens=TRACE_STEPS + 2,
+                              temperature=0, extra_body=GO)
+    events = json.loads(pp_server.trace.read_text())["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert {e["pid"] for e in spans} == {0, 1}
+    assert {"compute", "send", "recv", "idle"} <= {e["name"] for e in spans}
+    steps = {e["args"]["step"] for e in spans if e["pid"] == 1 and e["name"] == "compute"}
+    assert TRACE_STEPS <= len(steps) <= TRACE_STEPS + 1  # the window (and a step in flight as it closed)

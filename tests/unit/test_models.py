@@ -45,7 +45,7 @@ def test_logits_match_transformers(kind, llm, reference):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_greedy_matches_transformers(kind, llm, reference):
-    """64 greedy tokens for a ragged batch through the static cache equal HF generate, prompt by prompt."""
+    """64 greedy tokens for a ragged batch through the engine's paged cache equal HF generate, prompt by prompt."""
     ours_llm, ref = llm(kind), reference(kind)
     prompts = make_prompts(ours_llm.cfg.vocab_size)
     outs = ours_llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True))

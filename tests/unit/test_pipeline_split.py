@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
-from meshlm.engine.pipeline_runner import StageKV
 from meshlm.errors import ConfigError
 from meshlm.models.layers import CausalNoCache
 from meshlm.parallel.pipeline import (
@@ -22,6 +21,7 @@ from meshlm.parallel.pipeline import (
     balance,
     chunk_bounds,
     plan_stages,
+    prompt_chunks,
     split_model,
     unit_costs,
 )
@@ -100,17 +100,6 @@ def test_stages_chained_equal_the_whole_model(kind, checkpoint):
         assert torch.equal(x, whole(tokens, positions, CausalNoCache()))
 
 
-def test_stage_cache_maps_global_layer_ids():
-    """A stage holding layers 15..29 stores layer 15 in slot 0 of its own cache."""
-    kv = StageKV(list(range(15, 30)), 1, 8, 2, 4, torch.float32, None)
-    assert kv.cache.k.shape[0] == 15
-    kv.prepare(torch.arange(3)[None])
-    q = torch.randn(1, 3, 2, 4)
-    k = torch.ones(1, 3, 2, 4)
-    kv(15, q, k, k)
-    assert kv.cache.k[0, 0, :3].eq(1).all() and kv.cache.k[1:].eq(0).all()
-
-
 def test_chunks_shrink_along_the_prompt():
     """Equal-cost chunks: later ones (more keys to attend) are shorter; a sliding window caps the effect."""
     chunks = chunk_bounds(2000, 8, ratio=5e-4)
@@ -126,6 +115,20 @@ def test_chunks_shrink_along_the_prompt():
     assert chunk_bounds(3, 8, 0.1) == [(0, 1), (1, 2), (2, 3)]
     assert auto_chunks(2000, 2, 1, 128) == 8 and auto_chunks(100, 2, 1, 128) == 1
     assert auto_chunks(2000, 2, 4, 128) == 2
+    tail = chunk_bounds(2000, 4, ratio=5e-4, start=512)  # a prefill after a 512-token prefix hit
+    assert tail[0][0] == 512 and tail[-1][1] == 2000
+    cost = [(b - a) + 5e-4 * (b * b - a * a) / 2 for a, b in tail]
+    assert max(cost) - min(cost) <= 2 + 5e-4 * 2000
+
+
+def test_prompt_chunks_follow_the_rule():
+    """The engine's cut of a prefill: auto gives 4 x pp chunks of >= min_chunk tokens; a fixed count; off."""
+    smol = open_checkpoint(None, progress=False).cfg
+    ends = prompt_chunks(smol, PipelineSpec(), 2, 0, 2000)
+    assert list(ends) == [b for _, b in chunk_bounds(2000, 8, attention_ratio(smol))]
+    assert prompt_chunks(smol, PipelineSpec(), 2, 0, 200) == (200,)  # under 2 x min_chunk: one piece
+    assert len(prompt_chunks(smol, PipelineSpec(prefill_chunks=5), 2, 0, 200)) == 5
+    assert prompt_chunks(smol, PipelineSpec(prefill_chunks=1), 2, 0, 2000) == (2000,)
 
 
 def test_attention_ratio_of_smollm2():
@@ -144,13 +147,14 @@ def test_bad_attention_speed_names_the_fix():
 
 
 def test_timeline_totals_and_chrome_trace(tmp_path):
-    """Spans add up per category; away time is not wall time; the trace has one row per rank."""
-    tl = Timeline()
-    tl.record("compute", tl.t0, tl.t0 + 0.3, mb=0)
+    """Spans add up per category; time away from the pipeline is not wall time; one trace row per rank;
+    without spans only the totals are kept."""
+    tl = Timeline(spans=True)
+    tl.record("compute", tl.t0, tl.t0 + 0.3, step=0)
     tl.record("idle", tl.t0 + 0.3, tl.t0 + 0.4)
     tl.record("send", tl.t0 + 0.4, tl.t0 + 0.5)
     tl.away = 0.5
-    tl.end = tl.t0 + 1.0
+    tl.mark = tl.t0 + 1.0
     t = tl.totals()
     assert t["wall"] == pytest.approx(0.5) and t["compute"] == pytest.approx(0.3)
     assert t["untracked"] == pytest.approx(0.0, abs=1e-9) and t["bubble"] == pytest.approx(0.2)
@@ -162,3 +166,7 @@ def test_timeline_totals_and_chrome_trace(tmp_path):
     assert xs[0]["ts"] == pytest.approx(0.0) and xs[0]["dur"] == pytest.approx(3e5)
     names = [e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"]
     assert names == ["rank 0: stage 0, tp 0, layers 0..0", "rank 1: stage 1, tp 0, layers 1..1"]
+    quiet = Timeline()
+    quiet.resume()
+    quiet.record("compute", quiet.mark, quiet.mark + 0.25)
+    assert quiet.to_dict()["spans"] == [] and quiet.totals()["compute"] == pytest.approx(0.25)

@@ -47,6 +47,21 @@ def test_yaml_and_the_local_profile(tmp_path, monkeypatch):
     assert same(clusters.resolve(None), c)
 
 
+def test_a_hand_written_yaml_with_bandwidth_per_dtype(tmp_path):
+    """The file a user writes by hand (the format calibration writes): bandwidth per dtype, or one for all."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: box\nnode:\n  devices: 4\n  shared_memory: true\n  device:\n    memory_gib: 64\n"
+                    "    tflops: {float32: 0.05, bfloat16: 0.1}\n    bandwidth_gbs: {float32: 12, bfloat16: 8}\n"
+                    "  links: [{transport: shm, bandwidth_gbs: 2, latency_us: 20}]\n")
+    c = clusters.load_file(path)
+    dev = c.node.device
+    assert c.nodes == 1 and c.node.devices == 4 and c.node.link().latency == pytest.approx(20e-6)
+    assert dev.stream("float32") == pytest.approx(12e9 * 0.8) and dev.stream("bfloat16") == pytest.approx(8e9 * 0.8)
+    assert dev.stream("float16") == dev.stream("float32")  # not listed: the first one
+    assert same(clusters.load_file(clusters.save(c, tmp_path / "again.yaml")), c)
+    assert clusters.resolve("8xH100").node.device.stream("float16") == pytest.approx(3350e9 * 0.8)
+
+
 def test_cpu_host_describes_both_transports():
     """shm and gloo links, chosen by the transport name comm_stats reports ('shm+gloo' when mixed)."""
     c = clusters.resolve("cpu-host")

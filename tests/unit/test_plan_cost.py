@@ -1,4 +1,5 @@
-"""Cost model: rooflines, alpha-beta collectives, pipeline bubbles; calibration's alpha-beta fit."""
+"""Cost model: rooflines, alpha-beta collectives, the engine's pipeline schedule, a CPU host's threads;
+calibration's alpha-beta fit."""
 
 from __future__ import annotations
 
@@ -7,8 +8,13 @@ from dataclasses import replace
 import pytest
 from test_plan_memory import LLAMA3_8B, cfg
 
+from meshlm.calibrate import fit_link
+from meshlm.config import SamplingParams
+from meshlm.engine.kv_cache import BlockManager
+from meshlm.engine.request import Request
+from meshlm.engine.scheduler import Scheduler, SchedulerConfig
+from meshlm.parallel.partition import auto_chunks
 from meshlm.plan import cluster as clusters
-from meshlm.plan.calibrate import fit_link
 from meshlm.plan.cost import Model, Pass, all_gather, all_reduce, broadcast, estimate
 from meshlm.plan.layout import Layout, Workload, rank_shares
 
@@ -29,21 +35,6 @@ def test_alpha_beta_collectives():
     assert all_gather(LINK, 4, n) == pytest.approx(3 * 20e-6 + 3 / 4 * n / 10e9)
     assert broadcast(LINK, 4, n) == pytest.approx(2 * (20e-6 + n / 10e9))
     assert all_reduce(LINK, 1, n) == all_gather(LINK, 1, n) == broadcast(LINK, 1, n) == 0.0
-
-
-def test_collectives_pay_their_in_engine_wait():
-    """Link.wait reads the line through the in-engine points (two points: w = 50 us + 0.1 x segment, on
-    either side of them too); every tp collective of a step pays it."""
-    link = replace(LINK, waits=((0.5e-3, 0.1e-3), (10.5e-3, 1.1e-3)))
-    assert link.wait(0.2e-3) == pytest.approx(0.07e-3) and link.wait(5.5e-3) == pytest.approx(0.6e-3)
-    assert link.wait(50e-3) == pytest.approx(5.05e-3) and LINK.wait(1.0) == 0.0
-    c = ideal(clusters.resolve("8xH100"))
-    skewed = replace(c, node=replace(c.node, links=(replace(c.node.link(), waits=((1e-6, 1e-3),)),)))
-    model = cfg(LLAMA3_8B)
-    work = Workload(prompt_tokens=16, output_tokens=2)
-    plain = estimate(model, Layout(4, 1, 2), c, work, "bfloat16").decode.collectives
-    assert estimate(model, Layout(4, 1, 2), skewed, work, "bfloat16").decode.collectives == pytest.approx(
-        plain + 66 * 1e-3)  # 65 all-reduces and the logits' all-gather, each waiting the full 1 ms
 
 
 def test_decode_streams_the_weights():
@@ -82,30 +73,56 @@ def test_tensor_parallel_collectives_per_step():
     assert est.decode.collectives == pytest.approx(want)
 
 
-def test_pipeline_bubbles():
-    """pp=2, one sequence: TPOT = both stages + both hops (factor 2); two sequences fill the pipe."""
+def test_pipeline_decode_models_the_engines_steps_in_flight():
+    """pp=2: one sequence pays the whole trip (both stages and both hops); four run as two groups of two,
+    one per stage, so TPOT = max(2 x the slowest stage, the trip)."""
     c = ideal(clusters.resolve("8xH100"))
     model = cfg(LLAMA3_8B)
     m = Model(model, Layout(4, 2, 1), c, "bfloat16")
     one = m.decode(Workload(prompt_tokens=16, output_tokens=2, batch=1))
-    t = [m.stage(s, Pass(1, 17, 17, 1)).total for s in range(2)]
-    hops = m.hop(0, 1) + m.hop(1, 1)
-    assert one.total == pytest.approx(sum(t) + hops)
+    t = [m.stage(s, Pass(1, 17, 17, 1), 1).total for s in range(2)]
+    assert one.total == pytest.approx(sum(t) + m.hop(0, 1, 1) + m.hop(1, 1, 1))
     assert one.factor == pytest.approx(sum(t) / max(t)) and one.bubble == pytest.approx(min(t))
-    two = m.decode(Workload(prompt_tokens=16, output_tokens=2, batch=2))
-    assert two.bubble < one.bubble and two.total < 2 * one.total
+    four = m.decode(Workload(prompt_tokens=16, output_tokens=2, batch=4))
+    t4 = [m.stage(s, Pass(2, 34, 34, 2), 2).total for s in range(2)]
+    assert four.total == pytest.approx(max(2 * max(t4), sum(t4) + m.hop(0, 2, 2) + m.hop(1, 2, 2)))
+    assert four.pieces == 2 and four.total < 2 * one.total
+
+
+@pytest.mark.parametrize("pp", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8])
+def test_groups_match_the_schedulers_split(pp, batch):
+    """The model's (groups in flight, rows per group) is what the engine's scheduler plans for a batch
+    arriving together with pp steps in flight."""
+    sched = Scheduler(SchedulerConfig(), BlockManager(256, 16))
+    for i in range(batch):
+        sched.add(Request(f"r{i}", [1, 2, 3], SamplingParams(max_tokens=4), max_new=4))
+    sizes = []
+    for _ in range(pp):
+        plan = sched.schedule(pp)  # the requests of the steps planned before are in flight
+        if not plan.items:
+            break
+        sizes.append(len(plan.items))
+    m = Model(cfg(LLAMA3_8B), Layout(1, pp, 1), clusters.resolve("8xH100"), "bfloat16")
+    assert m.groups(batch) == (len(sizes), max(sizes))
 
 
 def test_pipelined_prefill_follows_the_fill_drain_equation():
-    """n pieces over S stages: sum of stage times + (n - 1) x the slowest + hops."""
+    """n steps over S stages: sum of stage times + (n - 1) x the slowest + hops."""
     c = ideal(clusters.resolve("8xH100"))
     m = Model(cfg(LLAMA3_8B), Layout(4, 2, 1), c, "bfloat16")
     w = Workload(prompt_tokens=1024, output_tokens=1, batch=1, prefill_chunks=4)
     pre = m.prefill(w)
     piece = Pass(256, 1024 * 1025 / 2 / 4, 256, 0.25)
-    t = [m.stage(s, piece).total for s in range(2)]
-    assert pre.total == pytest.approx(sum(t) + 3 * max(t) + m.hop(0, 256) + m.hop(1, 0))
+    t = [m.stage(s, piece, 2).total for s in range(2)]
+    assert pre.total == pytest.approx(sum(t) + 3 * max(t) + m.hop(0, 256, 0.25) + m.hop(1, 256, 0.25))
     assert pre.factor == pytest.approx((sum(t) + 3 * max(t)) / max(t))
+    # two prompts at pp=2, unchunked: one step each (two groups of one), pipelined
+    two = m.prefill(Workload(prompt_tokens=512, output_tokens=1, batch=2, prefill_chunks=1))
+    t2 = [m.stage(s, Pass(512, 512 * 513 / 2, 512, 1), 2).total for s in range(2)]
+    assert two.pieces == 2 and two.total == pytest.approx(sum(t2) + max(t2) + m.hop(0, 512, 1) + m.hop(1, 512, 1))
+    # by default each prompt is cut as the engine cuts it: auto_chunks(512, pp=2) = 4 chunks of >= 128 tokens
+    assert m.prefill(Workload(prompt_tokens=512, output_tokens=1, batch=2)).pieces == 2 * auto_chunks(512, 2, 1, 128)
 
 
 def test_uneven_shards_take_the_slowest_rank():
@@ -116,15 +133,23 @@ def test_uneven_shards_take_the_slowest_rank():
     shares = rank_shares(odd, Layout(4, 1, 2), "bfloat16")
     assert shares[0].q_heads == 18 and shares[1].q_heads == 18  # 12 KV groups split 6 + 6
     m3 = Model(odd, Layout(1, 1, 5), c, "bfloat16")
-    assert m3.stage(0, Pass(1, 1, 1, 1)).compute >= m.stage(0, Pass(1, 1, 1, 1)).compute * 2 / 5
+    assert m3.stage(0, Pass(1, 1, 1, 1), 5).compute >= m.stage(0, Pass(1, 1, 1, 1), 2).compute * 2 / 5
 
 
-def test_cpu_host_bandwidth_is_capped_per_node():
-    """Ranks on one CPU host share its memory bandwidth."""
+def test_cpu_host_ranks_share_cores_and_bandwidth():
+    """A CPU host's rank runs cores // ranks threads: one rank streams with all 16 cores up to the node's
+    cap, 16 ranks get a 16th of it each; 4 ranks on 2 cores time-share them (twice as long)."""
     host = clusters.resolve("cpu-host")
     small = cfg({**LLAMA3_8B, "num_hidden_layers": 2})
-    assert Model(small, Layout(1, 1, 1), host, "float32").rates.bandwidth == pytest.approx(14e9)
-    assert Model(small, Layout(1, 1, 16), host, "float32").rates.bandwidth == pytest.approx(100e9 / 16)
+    one, sixteen = Model(small, Layout(1, 1, 1), host, "float32"), Model(small, Layout(1, 1, 16), host, "float32")
+    assert one.threads == 16 and one.rates(1).bandwidth == pytest.approx(100e9)
+    assert one.rates(1).matmul == pytest.approx(16 * 0.1e12)
+    assert sixteen.threads == 1 and sixteen.rates(16).bandwidth == pytest.approx(100e9 / 16)
+    two = replace(host, node=replace(host.node, devices=2))
+    four = Model(small, Layout(1, 2, 2), two, "float32")
+    assert four.threads == 1 and four.slowdown(4) == 2.0 and four.slowdown(2) == 1.0
+    assert estimate(small, Layout(1, 1, 1), two, Workload(), "float32").per_device == pytest.approx(
+        estimate(small, Layout(1, 1, 1), two, Workload(), "float32").throughput / 2)  # both cores used
 
 
 def test_fit_link_recovers_alpha_and_beta():

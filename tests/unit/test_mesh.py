@@ -1,0 +1,66 @@
+"""ParallelDims without ranks: degrees that are not built are refused, the rank layout, the model checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from meshlm.config import ModelConfig
+from meshlm.engine.worker import WorkerSpec
+from meshlm.errors import ConfigError
+from meshlm.parallel.mesh import ParallelDims
+
+SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 64,
+         "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
+@pytest.mark.parametrize("degree,what", [("ep", "expert parallelism"), ("cp", "context parallelism")])
+def test_unbuilt_degrees_are_refused_at_construction(degree, what):
+    with pytest.raises(ConfigError, match=rf"{what} \({degree}\) is not built yet; use {degree}=1\. Built: "
+                                          r"tensor parallelism \(--tp.*pipeline parallelism \(--pp\)"):
+        ParallelDims(tp=2, **{degree: 2})
+    assert getattr(ParallelDims(tp=2, **{degree: 1}), degree) == 1
+
+
+def test_dp_is_a_plannable_layout_but_not_a_runnable_one():
+    dims = ParallelDims(dp=2, pp=2, tp=2)  # the planner lays out replicas
+    assert dims.world_size == 8
+    with pytest.raises(ConfigError, match=r"data parallelism \(dp=2\) is not built into the engine yet; use "
+                                          r"dp=1 and start one server per replica \(each with --tp 2 --pp 2\)"):
+        dims.check_runnable()
+    with pytest.raises(ConfigError, match="data parallelism"):
+        WorkerSpec(dims=dims)  # what the ranks are started from: refused before any starts
+    ParallelDims(pp=2, tp=2).check_runnable()
+    assert WorkerSpec(dims=ParallelDims(pp=2, tp=2)).dims.world_size == 4
+
+
+@pytest.mark.parametrize("kwargs", [{"tp": 0}, {"pp": -1}, {"dp": 1.5}, {"tp": True}, {"ep": "2"}])
+def test_degrees_must_be_positive_integers(kwargs):
+    with pytest.raises(ConfigError, match="must be a positive integer"):
+        ParallelDims(**kwargs)
+
+
+def test_world_size_must_be_the_product():
+    with pytest.raises(ConfigError, match=r"dp x pp x tp x cp = 1 x 2 x 2 x 1 = 4, but the world size is 3"):
+        ParallelDims(tp=2, pp=2, world_size=3)
+    assert ParallelDims(tp=2, pp=3, world_size=6).world_size == 6
+
+
+def test_rank_layout_is_tp_fastest_then_pp_then_dp():
+    dims = ParallelDims(dp=2, pp=2, tp=2)
+    assert [dims.coords(r) for r in range(8)] == [(d, p, t) for d in range(2) for p in range(2) for t in range(2)]
+    assert all(dims.rank_of(*dims.coords(r)) == r for r in range(8))
+    assert dims.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dims.pp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert dims.dp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    for groups in (dims.tp_groups(), dims.pp_groups(), dims.dp_groups()):  # each kind partitions the ranks
+        assert sorted(r for g in groups for r in g) == list(range(8))
+
+
+def test_check_model_refuses_more_ranks_than_heads_or_layers():
+    cfg = ModelConfig.from_hf(SMALL)
+    ParallelDims(tp=4, pp=3).check_model(cfg)
+    ParallelDims(tp=3).check_model(cfg)  # uneven head splits are fine
+    with pytest.raises(ConfigError, match="tp=5 exceeds the model's 4 attention heads"):
+        ParallelDims(tp=5).check_model(cfg)
+    with pytest.raises(ConfigError, match="pp=4 exceeds the model's 3 layers; use pp <= 3"):
+        ParallelDims(pp=4).check_model(cfg)
