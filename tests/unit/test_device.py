@@ -74,3 +74,31 @@ def test_llm_refuses_cuda_before_opening_the_model(no_cuda, tmp_path):
 
     with pytest.raises(ConfigError, match="--device cuda"):
         LLM(str(tmp_path / "missing"), device="cuda", progress=False)
+
+
+def test_cpu_kernels_are_skipped_off_the_cpu(monkeypatch):
+    """Every CPU kernel call site checks the device first: with tensors elsewhere (meta stands in for cuda)
+    the PyTorch path runs and no kernel is built or called."""
+    from meshlm import kernels
+    from meshlm.engine import paged_decode
+    from meshlm.engine.paged_attention import PagedKVCache
+    from meshlm.kernels import fused, gemv
+
+    def refuse():
+        raise AssertionError("a CPU kernel was asked for off the CPU")
+
+    monkeypatch.setattr(gemv, "kernel", refuse)
+    monkeypatch.setattr(fused, "kernel", refuse)
+    monkeypatch.setattr(paged_decode, "kernel", refuse)
+    monkeypatch.setattr(gemv, "_tried", False)  # as before the first call: linear() must not short-cut
+    meta = torch.device("meta")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.empty(1, 2, 4, 64, dtype=dtype, device=meta)
+        assert kernels.rms_norm(x, torch.empty(64, dtype=dtype, device=meta), 1e-5).device == meta
+        cos = torch.empty(1, 2, 1, 64, dtype=dtype, device=meta)
+        assert kernels.apply_rope(x, cos, cos).device == meta
+        w = [gemv.Linear(64, 32, bias=False, device=meta, dtype=dtype) for _ in range(2)]
+        assert gemv.linear(x[:, :, 0], w[0].weight).shape == (1, 2, 32)
+        assert [o.shape for o in gemv.linear_many(x[:, :, 0], w)] == [(1, 2, 32)] * 2
+        cache = PagedKVCache([0], 4, 16, 2, 64, dtype, device=meta)
+        assert cache.kernel is None and cache.k.device == meta
