@@ -241,4 +241,4 @@ class Executor:
             if comms is not None:
                 comms.close()  # unmap the shared-memory segments
         shutdown_distributed()
-        self.worker = None
+        self.worker = self.groups = self.control = None  # nothing of the destroyed groups stays reachable
