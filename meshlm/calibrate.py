@@ -5,7 +5,8 @@ A device is one core (one thread); the file is the one a user could write by han
                 cycled from a pool larger than the last-level cache (a forward reads each weight once)
   attention     causal SDPA of 12 heads x 256 tokens x 64, as a fraction of the matmul rate
   bandwidth     per dtype: decode-shaped GEMVs (one row) over the pool on one thread; the node's cap:
-                the same GEMVs on every core's thread at once
+                the same GEMVs in one one-thread process per core at once; thread scaling: the same GEMVs
+                on every core as threads of one process, over cores x one thread
   overhead      one tiny decoder layer's forward on one token (hidden 64: almost no arithmetic), the
                 per-layer cost of dispatch and Python; the per-step overhead stays the cpu-host preset's
   links         two ranks all-reduce 3 KB .. 4 MB over each transport (shm, gloo), each call after a GEMV
@@ -64,14 +65,43 @@ def matmul_rate(dtype: str, megabytes: int, seconds: float) -> float:
     return 2 * 256 * 1024 * 3584 * len(mats) / sec
 
 
-def stream_rate(dtype: str, megabytes: int, seconds: float) -> float:
-    """Bytes/s of weights streamed by decode-shaped GEMVs ([1, 2048] x [2048, 4096]) on torch's threads."""
+def stream_rate(dtype: str, megabytes: int, seconds: float, ready: Callable[[], Any] | None = None) -> float:
+    """Bytes/s of weights streamed by decode-shaped GEMVs ([1, 2048] x [2048, 4096]) on torch's threads;
+    `ready` is called once the pool is built, right before the timing."""
     import torch
 
     mats = _pool(4096, 2048, megabytes, dtype)
     x = torch.randn(1, 2048).to(getattr(torch, dtype))
+    if ready is not None:
+        ready()
     sec = _timed(lambda: [torch.nn.functional.linear(x, w) for w in mats], seconds)
     return sum(w.numel() * w.element_size() for w in mats) / sec
+
+
+def _stream_process(megabytes: int, seconds: float, barrier: Any, out: Any) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    out.put(stream_rate("float32", megabytes, seconds, lambda: barrier.wait(timeout=300)))
+
+
+def node_stream_rate(procs: int, megabytes: int, seconds: float) -> float:
+    """Bytes/s the node streams with `procs` one-thread processes reading fp32 weights at once (its cap)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_stream_process, args=(megabytes, seconds, barrier, out), daemon=True)
+               for _ in range(procs)]
+    for w in workers:
+        w.start()
+    try:
+        return sum(out.get(timeout=600) for _ in workers)
+    finally:
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.kill()
 
 
 def attention_fraction(seconds: float) -> float:
@@ -211,10 +241,13 @@ def calibrate(quick: bool = False) -> Cluster:
         attn = attention_fraction(sec / 2)
         per_layer = layer_overhead(sec / 2)
         torch.set_num_threads(cores)
-        node_bw = stream_rate("float32", mb, sec) if cores > 1 else None
-        log.info("attention, layer overhead and node bandwidth measured at %.1f s", time.perf_counter() - t0)
+        threaded = stream_rate("float32", mb, sec) if cores > 1 else streams["float32"]
+        log.info("attention, layer overhead and threaded bandwidth measured at %.1f s", time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
+    scaling = min(1.0, threaded / (cores * streams["float32"]))
+    node_bw = node_stream_rate(cores, max(32, mb // max(1, cores // 2)), sec) if cores > 1 else None
+    log.info("node bandwidth (%d processes) measured at %.1f s", cores, time.perf_counter() - t0)
     links, raw = collective_links(quick) if cores > 1 else (list(base.node.links), {})
     log.info("links measured at %.1f s", time.perf_counter() - t0)
     preset = base.node.device
@@ -226,7 +259,7 @@ def calibrate(quick: bool = False) -> Cluster:
              "step_overhead": "the cpu-host preset's (not measured)",
              "allreduce_median_us": {t: {str(n): round(s * 1e6, 1) for n, s in v.items()} for t, v in raw.items()},
              "seconds": round(time.perf_counter() - t0, 1)}
-    node = Node(cores, dev, tuple(links), shared_memory=True, memory_bandwidth=node_bw)
+    node = Node(cores, dev, tuple(links), shared_memory=True, memory_bandwidth=node_bw, thread_scaling=scaling)
     return Cluster("local", 1, node, None, notes)
 
 
@@ -249,7 +282,8 @@ def summary(c: Cluster, path: Path) -> str:
     cap = f"{c.node.memory_bandwidth / 1e9:.1f} GB/s" if c.node.memory_bandwidth else "n/a"
     return (f"calibrated {c.node.devices} cores in {c.notes.get('seconds')} s, saved to {path}\n"
             f"  matmul per core: {per_dtype(d.flops, 'GFLOP/s', 1e9)}\n"
-            f"  memory bandwidth per core: {per_dtype(d.bandwidth, 'GB/s', 1e9)}; node {cap}\n"
+            f"  memory bandwidth per core: {per_dtype(d.bandwidth, 'GB/s', 1e9)}; node {cap} (a process per "
+            f"core); one process's threads reach {c.node.thread_scaling:.2f} of linear\n"
             f"  attention: {d.attention_eff:.2f} x the matmul rate; {d.layer_overhead * 1e6:.0f} us per layer\n"
             f"  links: {links}")
 

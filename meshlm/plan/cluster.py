@@ -16,7 +16,9 @@ A link is alpha-beta: a message of n bytes takes latency + n / bandwidth. A node
 (one per transport, the first is the default): a CPU host has shared memory (shm) and gloo over TCP.
 On a CPU host (`shared_memory: true`) a "device" is one core: its matmul rate and bandwidth are one
 thread's, the ranks of a layout share the node's memory and its cores (each rank gets cores // ranks
-threads, as meshlm's default), and `memory_bandwidth_gbs` caps the node's total streaming rate.
+threads, as meshlm's default), `memory_bandwidth_gbs` caps the node's total streaming rate (one process
+per core reading at once), and `thread_scaling` is the share of linear bandwidth scaling one process reaches
+with every core as a thread (decode GEMVs; 1.0 when threads scale as processes do).
 `meshlm plan --calibrate` writes this host's file (the "local" cluster) in this same format.
 """
 
@@ -88,6 +90,13 @@ class Node:
     links: tuple[Link, ...]
     shared_memory: bool = False  # ranks of this node share device.memory (a CPU host)
     memory_bandwidth: float | None = None  # bytes/s the whole node streams at most (None: no cap)
+    # One process's streaming rate with all `devices` cores as threads, over `devices` x one thread's (CPU
+    # hosts; 1.0: linear). Threads of one rank share its GEMVs' fork and join; processes do not.
+    thread_scaling: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.thread_scaling <= 1:
+            raise ConfigError(f"node.thread_scaling must be in (0, 1], got {self.thread_scaling}.")
 
     def link(self, transport: str | None = None) -> Link:
         """The named intra-node link, or the default."""
@@ -177,7 +186,8 @@ def from_dict(d: dict[str, Any]) -> Cluster:
             step_overhead=float(dev.get("step_overhead_us", 0)) * 1e-6)
         cap = n.get("memory_bandwidth_gbs")
         node = Node(int(n["devices"]), device, tuple(_link_from(x) for x in n["links"]),
-                    bool(n.get("shared_memory", False)), float(cap) * 1e9 if cap else None)
+                    bool(n.get("shared_memory", False)), float(cap) * 1e9 if cap else None,
+                    float(n.get("thread_scaling", 1.0)))
         inter = _link_from(d["inter"]) if d.get("inter") else None
         return Cluster(str(d.get("name", "cluster")), int(d.get("nodes", 1)), node, inter,
                        dict(d.get("notes", {})))
@@ -203,6 +213,8 @@ def to_dict(c: Cluster) -> dict[str, Any]:
         "links": [_link_dict(ln) for ln in c.node.links]}}
     if c.node.memory_bandwidth:
         out["node"]["memory_bandwidth_gbs"] = c.node.memory_bandwidth / 1e9
+    if c.node.thread_scaling != 1.0:
+        out["node"]["thread_scaling"] = c.node.thread_scaling
     if c.inter is not None:
         out["inter"] = _link_dict(c.inter)
     if c.notes:

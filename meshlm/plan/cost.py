@@ -26,7 +26,8 @@ r = ceil(b / pp) rows:
   throughput = dp x b / TPOT  (tokens/s; per device: / devices used)
 
 A CPU host (node.shared_memory): a device is one core and each rank runs cores // ranks threads (at least
-one), meshlm's default; a rank's matmul rate and bandwidth are its threads' (the node's bandwidth cap
+one), meshlm's default; a rank's matmul rate and bandwidth are its threads' (bandwidth scaled by the
+node's thread_scaling: one process's threads share each GEMV's fork and join; the node's bandwidth cap
 shared by the ranks streaming at once). More ranks computing at once than cores time-share them: compute
 and collectives take (busy ranks x threads) / cores times as long (`slowdown`).
 """
@@ -201,7 +202,9 @@ class Model:
     def rates(self, busy: float) -> Rates:
         """One rank's rates while `busy` ranks of the node compute at once (they share its bandwidth)."""
         dev, node, t = self.cluster.node.device, self.cluster.node, self.threads
-        bw = dev.stream(self.dtype) * t
+        # t threads of one rank reach 1 .. node.thread_scaling of linear scaling (linear in between)
+        eff = 1.0 if t == 1 else 1.0 - (1.0 - node.thread_scaling) * (t - 1) / max(node.devices - 1, 1)
+        bw = dev.stream(self.dtype) * t * eff
         if node.memory_bandwidth:  # the node's cap, shared by the threads (a GPU node: ranks) streaming at once
             bw = min(bw, node.memory_bandwidth * t / max(min(busy * t, node.devices), 1))
         rate = dev.rate(self.dtype) * t

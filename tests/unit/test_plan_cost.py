@@ -152,6 +152,21 @@ def test_cpu_host_ranks_share_cores_and_bandwidth():
         estimate(small, Layout(1, 1, 1), two, Workload(), "float32").throughput / 2)  # both cores used
 
 
+def test_threads_of_one_rank_stream_as_the_node_measured():
+    """thread_scaling < 1: one rank's 2 threads stream less than 2 one-thread ranks, whose share of the node's
+    cap (one process per core) is what bounds them; the file keeps the figure."""
+    host = clusters.resolve("cpu-host")
+    two = replace(host, node=replace(host.node, devices=2, memory_bandwidth=28e9, thread_scaling=0.5))
+    small = cfg({**LLAMA3_8B, "num_hidden_layers": 2})
+    per_core = two.node.device.stream("float32")
+    tp1, tp2 = Model(small, Layout(1, 1, 1), two, "float32"), Model(small, Layout(1, 1, 2), two, "float32")
+    assert tp1.threads == 2 and tp1.rates(1).bandwidth == pytest.approx(min(2 * per_core * 0.5, 28e9))
+    assert tp2.threads == 1 and tp2.rates(2).bandwidth == pytest.approx(min(per_core, 14e9))
+    assert clusters.from_dict(clusters.to_dict(two)).node.thread_scaling == 0.5
+    with pytest.raises(clusters.ConfigError, match="thread_scaling"):
+        replace(two.node, thread_scaling=0.0)
+
+
 def test_fit_link_recovers_alpha_and_beta():
     """Timings made from a = 2 alpha, b = 1 / beta (p = 2) give alpha and beta back."""
     alpha, beta = 80e-6, 2e9
