@@ -7,13 +7,13 @@ the extension off.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
+
+from meshlm.kernels.build import load_extension
 
 log = logging.getLogger(__name__)
 
@@ -24,25 +24,9 @@ _tried = False
 
 
 def _build():
-    from torch.utils.cpp_extension import _get_build_directory, load
-
     cap = torch.backends.cpu.get_cpu_capability()
     cflags = ["-O3", "-fopenmp", *_FLAGS.get("AVX512" if cap.startswith("AVX512") else cap, [])]
-    key = _SOURCE.read_bytes() + " ".join(cflags).encode() + torch.__version__.encode()
-    name = "meshlm_paged_" + hashlib.sha1(key).hexdigest()[:10]  # new source, flags or torch: a new build
-    lib = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
-    cached = lib.exists()  # named by a hash of source, flags and torch: an existing build is current
-    if not cached:
-        log.warning("meshlm: compiling the paged decode attention kernel (once, ~20 s)")
-    t0 = time.perf_counter()
-    if cached:  # load() would re-run the build system's checks (seconds per rank on a busy host)
-        try:
-            torch.ops.load_library(str(lib))
-        except OSError:  # another process is still linking it: build (or wait for that build) as usual
-            cached = False
-    if not cached:
-        load(name=name, sources=[str(_SOURCE)], extra_cflags=cflags, is_python_module=False, verbose=False)
-    log.info("meshlm: paged decode kernel %s in %.1f s", "loaded" if cached else "built", time.perf_counter() - t0)
+    load_extension("meshlm_paged_", [_SOURCE], cflags, "paged decode attention kernel")
     return torch.ops.meshlm_paged.paged_decode
 
 

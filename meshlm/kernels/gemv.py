@@ -9,15 +9,15 @@ the plain PyTorch expression when the extension cannot be built.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from meshlm.kernels.build import load_extension
 
 log = logging.getLogger(__name__)
 
@@ -41,26 +41,7 @@ def _build():
     if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16"):
         log.info("meshlm.kernels: no AVX-512 on this CPU; linear layers use F.linear")
         return None
-    from torch.utils.cpp_extension import _get_build_directory, load
-
-    text = b"".join(p.read_bytes() for p in _SOURCES) + " ".join(_CFLAGS).encode() + torch.__version__.encode()
-    name = "meshlm_gemv_" + hashlib.sha1(text).hexdigest()[:10]  # a new source or torch builds anew
-    build_dir = _get_build_directory(name, verbose=False)
-    lib = Path(build_dir) / f"{name}.so"
-    cached = lib.exists()  # named by a hash of sources, flags and torch: an existing build is current
-    if not cached:
-        log.warning("meshlm.kernels: compiling the decode kernels (once, ~30 s) into %s", build_dir)
-    t0 = time.perf_counter()
-    if cached:  # load() would re-run the build system's checks (seconds per rank on a busy host)
-        try:
-            torch.ops.load_library(str(lib))
-        except OSError:  # another process is still linking it: build (or wait for that build) as usual
-            cached = False
-    if not cached:
-        load(name=name, sources=[str(p) for p in _SOURCES], extra_cflags=_CFLAGS, is_python_module=False,
-             verbose=False)
-    log.info("meshlm.kernels: decode kernels %s in %.1f s", "loaded" if cached else "built",
-             time.perf_counter() - t0)
+    load_extension("meshlm_gemv_", _SOURCES, _CFLAGS, "decode kernels")
     return torch.ops.meshlm_kernels
 
 

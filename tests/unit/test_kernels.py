@@ -126,3 +126,29 @@ def test_tensor_parallel_linears_take_the_kernel(op):
         ran = {e.name for e in prof.events()}
         assert "meshlm_kernels::small_m_linear" in ran and "aten::mm" not in ran, (cls.__name__, sorted(ran))
         torch.testing.assert_close(got.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=2**-7, atol=1e-2)
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build killed midway leaves torch's lock file; an old one must not make every later build wait
+    forever, while a lock young enough to be a build in progress is left to torch's own wait."""
+    import os
+    import time
+
+    import torch.utils.cpp_extension as ext
+
+    from meshlm.kernels import build
+
+    src = tmp_path / "k.cpp"
+    src.write_text("// nothing")
+    monkeypatch.setattr(ext, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    seen = []
+    monkeypatch.setattr(ext, "load", lambda **kw: seen.append((tmp_path / "lock").exists()))
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - build.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    build.load_extension("t_", [src], [], "test kernel")
+    assert seen == [False]  # removed before the build started
+    lock.touch()  # a build in progress
+    build.load_extension("t_", [src], [], "test kernel")
+    assert seen == [False, True]
