@@ -159,8 +159,13 @@ def _link_from(d: dict[str, Any]) -> Link:
     return Link(str(d.get("transport", "link")), float(d["bandwidth_gbs"]) * 1e9, float(d["latency_us"]) * 1e-6)
 
 
+def _sig(x: float) -> float:
+    """x to 5 significant digits: a file a person reads, and saving what was loaded changes nothing."""
+    return float(f"{x:.5g}")
+
+
 def _link_dict(ln: Link) -> dict[str, Any]:
-    return {"transport": ln.transport, "bandwidth_gbs": ln.bandwidth / 1e9, "latency_us": ln.latency * 1e6}
+    return {"transport": ln.transport, "bandwidth_gbs": _sig(ln.bandwidth / 1e9), "latency_us": _sig(ln.latency * 1e6)}
 
 
 def _per_dtype(value: Any) -> dict[str, float]:
@@ -200,21 +205,21 @@ def from_dict(d: dict[str, Any]) -> Cluster:
 def to_dict(c: Cluster) -> dict[str, Any]:
     """The file format of a Cluster (human units)."""
     dev = c.node.device
-    gbs = {k: v / 1e9 for k, v in dev.bandwidth.items()}
+    gbs = {k: _sig(v / 1e9) for k, v in dev.bandwidth.items()}
     out: dict[str, Any] = {"name": c.name, "nodes": c.nodes, "node": {
         "devices": c.node.devices, "shared_memory": c.node.shared_memory,
-        "device": {"name": dev.name, "memory_gib": dev.memory / GIB,
-                   "tflops": {k: v / 1e12 for k, v in dev.flops.items()},
+        "device": {"name": dev.name, "memory_gib": _sig(dev.memory / GIB),
+                   "tflops": {k: _sig(v / 1e12) for k, v in dev.flops.items()},
                    "bandwidth_gbs": next(iter(gbs.values())) if len(set(gbs.values())) == 1 else gbs,
                    "compute_eff": dev.compute_eff, "bandwidth_eff": dev.bandwidth_eff,
-                   "attention_eff": dev.attention_eff, "memory_utilization": dev.memory_utilization,
-                   "reserved_gib": dev.reserved / GIB, "layer_overhead_us": dev.layer_overhead * 1e6,
-                   "step_overhead_us": dev.step_overhead * 1e6},
+                   "attention_eff": _sig(dev.attention_eff), "memory_utilization": dev.memory_utilization,
+                   "reserved_gib": _sig(dev.reserved / GIB), "layer_overhead_us": _sig(dev.layer_overhead * 1e6),
+                   "step_overhead_us": _sig(dev.step_overhead * 1e6)},
         "links": [_link_dict(ln) for ln in c.node.links]}}
     if c.node.memory_bandwidth:
-        out["node"]["memory_bandwidth_gbs"] = c.node.memory_bandwidth / 1e9
+        out["node"]["memory_bandwidth_gbs"] = _sig(c.node.memory_bandwidth / 1e9)
     if c.node.thread_scaling != 1.0:
-        out["node"]["thread_scaling"] = c.node.thread_scaling
+        out["node"]["thread_scaling"] = _sig(c.node.thread_scaling)
     if c.inter is not None:
         out["inter"] = _link_dict(c.inter)
     if c.notes:
