@@ -164,10 +164,10 @@ def cmd_plan_or_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """--dry-run of generate or serve: the planner's check against the KV pool the engine would size."""
-    from meshlm.engine.engine import EngineConfig, available_memory_bytes
+    from meshlm.engine.engine import EngineConfig, host_kv_budget_bytes
 
     world = args.tp * (getattr(args, "pp", 1) or 1)
-    return cmd_dry_run(args, EngineConfig().kv_cache_fraction * available_memory_bytes() / world)
+    return cmd_dry_run(args, host_kv_budget_bytes(EngineConfig().kv_cache_fraction, world))
 
 
 COMMANDS = {"generate": cmd_generate, "serve": cmd_serve, "plan": cmd_plan_or_calibrate, "bench": cmd_bench}

@@ -76,6 +76,11 @@ def available_memory_bytes() -> int:
     return 4 << 30
 
 
+def host_kv_budget_bytes(fraction: float, ranks_here: int) -> int:
+    """The default KV pool of a CPU rank: `fraction` of the host's available memory, shared by its ranks."""
+    return int(fraction * available_memory_bytes() / max(1, ranks_here))
+
+
 class _Live:
     """Driver-side extras of a running request: sampler RNG, detokenizer, stop ids."""
 

@@ -113,10 +113,7 @@ class Executor:
     @property
     def failure(self) -> RankFailure | None:
         """Why the spawned ranks are gone (a rank died or raised), or None while every one lives."""
-        if self.local is None or self.local.failure is None:
-            return None
-        rank, msg = self.local.failure
-        return RankFailure(f"rank {rank} failed: {msg}")
+        return self.local.failed() if self.local is not None else None
 
     def ping(self) -> None:
         """One cheap call on every rank: an idle rank's wait restarts, and a dead one raises RankFailure."""

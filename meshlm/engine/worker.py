@@ -11,7 +11,7 @@ import torch
 
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
-from meshlm.engine.engine import available_memory_bytes
+from meshlm.engine.engine import host_kv_budget_bytes
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.pipeline_stage import StageDriver
@@ -124,7 +124,7 @@ class Worker:
         """fraction of this rank's free memory: its GPU's, or its share of the host's among the ranks here."""
         if self.device.type == "cuda":
             return int(fraction * torch.cuda.mem_get_info(self.device)[0])
-        return int(fraction * available_memory_bytes() / max(1, self.ranks_here))
+        return host_kv_budget_bytes(fraction, self.ranks_here)
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         """Allocate the paged KV pool (this stage's layers) on this rank's device; pages are touched as written."""

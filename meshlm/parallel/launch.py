@@ -170,8 +170,7 @@ class LocalRanks:
 
     def _hard_exit(self) -> None:
         if self.failure is not None and not self.stopping:
-            rank, msg = self.failure
-            print(f"meshlm: error: rank {rank} failed: {msg}", file=sys.stderr, flush=True)
+            print(f"meshlm: error: {self.failed()}", file=sys.stderr, flush=True)
             os._exit(1)
 
     def error(self, exc: BaseException | None = None) -> RankFailure:
@@ -179,8 +178,12 @@ class LocalRanks:
         deadline = time.time() + 3.0
         while self.failure is None and time.time() < deadline:
             time.sleep(0.05)
+        return self.failed() or RankFailure(f"a collective failed: {exc}")
+
+    def failed(self) -> RankFailure | None:
+        """The watchdog's finding as the error to raise, or None while every rank lives."""
         if self.failure is None:
-            return RankFailure(f"a collective failed: {exc}")
+            return None
         rank, msg = self.failure
         return RankFailure(f"rank {rank} failed: {msg}")
 

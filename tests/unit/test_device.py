@@ -10,20 +10,22 @@ from meshlm.errors import ConfigError
 from meshlm.parallel.device import DeviceChoice, rank_device, resolve_device
 
 
-@pytest.fixture
-def no_cuda(monkeypatch):
+def visible_gpus(monkeypatch, n: int) -> None:
+    """This process sees n CUDA GPUs (the device choice reads nothing else), no device from the environment."""
     monkeypatch.delenv("MESHLM_DEVICE", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    visible_gpus(monkeypatch, 0)
 
 
 @pytest.fixture
 def two_gpus(monkeypatch):
-    monkeypatch.delenv("MESHLM_DEVICE", raising=False)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    visible_gpus(monkeypatch, 2)
 
 
 def test_without_cuda_ranks_run_on_the_cpu(no_cuda):
