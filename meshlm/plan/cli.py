@@ -71,7 +71,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine (matmul rate and memory bandwidth per dtype, collective latency "
-                        "and bandwidth over shm and gloo, per-layer overhead; about a minute) and save it as "
+                        "and bandwidth over shm and gloo, per-layer overhead; about 20 s) and save it as "
                         "the local cluster file")
     p.add_argument("--quick", action="store_true", help="with --calibrate: shorter, rougher measurements")
     p.add_argument("--out", default=None,
