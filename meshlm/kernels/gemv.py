@@ -9,6 +9,7 @@ the plain PyTorch expression when the extension cannot be built.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.kernels.build import load_extension
+from meshlm.kernels.quant import qlinear, qlinear_many
 
 log = logging.getLogger(__name__)
 
 MAX_M = 8  # rows of x (tokens) the kernel takes; prefill and larger batches go to F.linear
-_SOURCES = [Path(__file__).with_name("gemv.cpp"), Path(__file__).with_name("fused.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("gemv.cpp", "fused.cpp", "quant.cpp")]
 # -ffp-contract=off: a * b + c stays two roundings, as in the reference's separate ops
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-ffp-contract=off"]
 _op = None  # torch.ops.meshlm_kernels once loaded
@@ -60,6 +62,15 @@ def kernel():
     return _op
 
 
+@functools.cache
+def vnni() -> bool:
+    """Whether this CPU has AVX-512 VNNI (int8 dot products), which the quantized kernel needs."""
+    try:
+        return " avx512_vnni" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
 def _gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether x @ weight.T is a decode-sized bf16 CPU product the kernel takes."""
     k = x.shape[-1]
@@ -75,7 +86,10 @@ def _gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; bf16 x [..., K] of at most MAX_M rows on the CPU goes through the AVX-512 kernel."""
+    """F.linear; bf16 x [..., K] of at most MAX_M rows on the CPU goes through the AVX-512 kernel, and a
+    packed quantized weight (uint8, see qformat.py) through the quantized one."""
+    if weight.dtype is torch.uint8:
+        return qlinear(x, weight, bias)
     if x.dtype is not torch.bfloat16 or (_op is None and _tried):  # fp32, or no kernel: one check
         return F.linear(x, weight, bias)
     if _gemv_ok(x, weight):
@@ -89,7 +103,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> list[torch.Tensor]:
     """[layer(x) for layer in layers]; decode-sized bf16 products of plain Linear layers in one kernel call
-    (x is read and widened once, and one parallel region covers every weight)."""
+    (x is read and widened once, and one parallel region covers every weight); quantized ones likewise."""
+    if all(type(m) is Linear and m.weight.dtype is torch.uint8 for m in layers):
+        return qlinear_many(x, [m.weight for m in layers], [m.bias for m in layers])
     if (
         x.dtype is torch.bfloat16
         and not (_op is None and _tried)
