@@ -10,13 +10,17 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
+#include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
 #include <tuple>
+
+extern "C" __m512 Sleef_expf16_u10(__m512);  // libtorch_cpu's SLEEF, the exp of ATen's AVX-512 kernels
 
 namespace {
 
@@ -57,8 +61,8 @@ void add_rms_norm_rows(const T* x, const T* y, const T* w, T* h, T* out, int64_t
   });
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous(), "rms_norm: x and w must be contiguous");
+at::Tensor rms_norm(const at::Tensor& x_, const at::Tensor& w_, double eps) {
+  const at::Tensor x = x_.contiguous(), w = w_.contiguous();  // no copy when contiguous already
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "rms_norm: x and w must share a dtype");
   const int64_t K = x.size(-1);
   TORCH_CHECK(w.numel() == K, "rms_norm: w must have x's last dimension");
@@ -75,9 +79,9 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& y, const at::Tensor& w,
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_, const at::Tensor& y_, const at::Tensor& w_,
                                                  double eps) {
-  TORCH_CHECK(x.is_contiguous() && y.is_contiguous() && w.is_contiguous(), "add_rms_norm: contiguous inputs");
+  const at::Tensor x = x_.contiguous(), y = y_.contiguous(), w = w_.contiguous();
   TORCH_CHECK(x.sizes() == y.sizes(), "add_rms_norm: x and y must have one shape");
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && x.scalar_type() == w.scalar_type(),
               "add_rms_norm: x, y and w must share a dtype");
@@ -97,20 +101,28 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return {h, out};
 }
 
-// out = (silu(g).to(T) * u).to(T), silu(g) = g / (1 + exp(-g)) in fp32 as ATen computes it.
+// out = (silu(g).to(T) * u).to(T), silu(g) = g / (1 + exp(-g)) in fp32 as ATen's vector kernel computes it,
+// with the same exp (SLEEF's expf16_u10, exported by libtorch_cpu) on every element, a row's tail included:
+// ATen takes std::exp for its tail elements, so at widths that are not a multiple of 64 the two may differ
+// in exp's last bit there; this op gives an element the same value wherever it sits in the batch.
 template <typename T>
 void silu_mul_elems(const T* g, const T* u, T* out, int64_t n) {
-  at::parallel_for(0, n, 8192, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      const float x = f(g[i]);
-      out[i] = static_cast<T>(r<T>(x / (1.f + std::exp(-x))) * f(u[i]));
+  at::parallel_for(0, (n + 15) / 16, 256, [&](int64_t a, int64_t b) {
+    alignas(64) float x[16], s[16];
+    for (int64_t blk = a; blk < b; ++blk) {
+      const int64_t i0 = blk * 16, len = std::min<int64_t>(16, n - i0);
+      for (int64_t j = 0; j < 16; ++j) x[j] = j < len ? f(g[i0 + j]) : 0.f;
+      const __m512 xv = _mm512_load_ps(x);
+      const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(_mm512_set1_ps(-0.f), xv));  // exp(-x)
+      _mm512_store_ps(s, _mm512_div_ps(xv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+      for (int64_t j = 0; j < len; ++j) out[i0 + j] = static_cast<T>(r<T>(s[j]) * f(u[i0 + j]));
     }
   });
 }
 
-at::Tensor silu_mul(const at::Tensor& g, const at::Tensor& u) {
-  TORCH_CHECK(g.is_contiguous() && u.is_contiguous() && g.sizes() == u.sizes(),
-              "silu_mul: gate and up must be contiguous and of one shape");
+at::Tensor silu_mul(const at::Tensor& g_, const at::Tensor& u_) {
+  const at::Tensor g = g_.contiguous(), u = u_.contiguous();
+  TORCH_CHECK(g.sizes() == u.sizes(), "silu_mul: gate and up must have one shape");
   TORCH_CHECK(g.scalar_type() == u.scalar_type(), "silu_mul: gate and up must share a dtype");
   at::Tensor out = at::empty_like(g);
   if (g.scalar_type() == at::kBFloat16)
@@ -176,11 +188,11 @@ void rope_store_rows(T* q, T* k, const T* v, const T* cos, const T* sin, T* kp, 
   }
 }
 
-void rope_store_(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& cos, const at::Tensor& sin,
-                 at::Tensor& kp, at::Tensor& vp, const at::Tensor& slots) {
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && cos.is_contiguous() &&
-                  sin.is_contiguous() && kp.is_contiguous() && vp.is_contiguous() && slots.is_contiguous(),
-              "rope_store_: contiguous inputs");
+void rope_store_(at::Tensor& q, at::Tensor& k, const at::Tensor& v_, const at::Tensor& cos_, const at::Tensor& sin_,
+                 at::Tensor& kp, at::Tensor& vp, const at::Tensor& slots_) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && kp.is_contiguous() && vp.is_contiguous(),
+              "rope_store_: q, k and the pools (written in place) must be contiguous");
+  const at::Tensor v = v_.contiguous(), cos = cos_.contiguous(), sin = sin_.contiguous(), slots = slots_.contiguous();
   TORCH_CHECK(kp.dim() == 3 && kp.sizes() == vp.sizes(), "rope_store_: pools [S, Hkv, D] of one shape");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1, "rope_store_: slots [T] int64");
   const int64_t T_ = slots.numel(), S = kp.size(0), Hkv = kp.size(1), D = kp.size(2);

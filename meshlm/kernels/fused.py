@@ -17,11 +17,12 @@ _DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _fused_ok(x: torch.Tensor, *others: torch.Tensor) -> bool:
-    """CPU fp32/bf16 contiguous tensors of one dtype, outside autograd, with the extension loaded."""
-    if x.device.type != "cpu" or x.dtype not in _DTYPES or not x.is_contiguous() or kernel() is None:
+    """CPU fp32/bf16 tensors of one dtype, outside autograd, with the extension loaded (the ops make their
+    inputs contiguous themselves; one call costs a few attribute reads: it runs several times per layer)."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or kernel() is None:
         return False
     for t in others:
-        if t.dtype is not x.dtype or not t.is_contiguous():
+        if t.dtype is not x.dtype:
             return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)))
 
@@ -39,7 +40,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, rms_norm(h)) with h = residual + x: a layer's residual add and the next norm in one call."""
-    if x.numel() and _fused_ok(x, residual, weight) and x.shape == residual.shape:
+    if x.numel() and _fused_ok(x, residual, weight):  # one shape, checked by the op
         return kernel().add_rms_norm(x, residual, weight, eps)
     h = residual + x
     return h, rms_norm(h, weight, eps)
@@ -47,7 +48,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """F.silu(gate) * up, each rounded to the dtype as the two ops round."""
-    if gate.numel() and _fused_ok(gate, up) and gate.shape == up.shape:
+    if gate.numel() and _fused_ok(gate, up):  # one shape, checked by the op
         return kernel().silu_mul(gate, up)
     return F.silu(gate) * up
 
@@ -57,7 +58,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
     The fused path rotates x in place and returns it; callers pass a tensor they own."""
     b, s, h, d = x.shape
-    if x.numel() and cos.shape[:2] == (b, s) and _fused_ok(x, cos, sin) and d <= 1024:
+    if x.numel() and cos.shape[:2] == (b, s) and _fused_ok(x, cos, sin) and d <= 1024 and x.is_contiguous() \
+            and cos.is_contiguous() and sin.is_contiguous():
         kernel().rope_(x.view(b * s, h, d), cos.view(b * s, d), sin.view(b * s, d))
         return x
     half = d // 2
@@ -71,7 +73,8 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     the pools [S, Hkv, D]; returns the rotated q [T, Hq, D] and k [T, Hkv, D] (the fused path rotates the
     callers' q and k in place)."""
     t, d = slots.shape[0], k_pool.shape[-1]
-    if t and _fused_ok(q, k, v, cos, sin, k_pool, v_pool) and slots.is_contiguous() and d <= 1024:
+    if t and d <= 1024 and _fused_ok(q, k, v, cos, sin, k_pool, v_pool) and q.is_contiguous() and k.is_contiguous() \
+            and k_pool.is_contiguous() and v_pool.is_contiguous():
         kernel().rope_store_(q, k, v, cos, sin, k_pool, v_pool, slots)
         return q.view(t, -1, d), k.view(t, -1, d)
     q = apply_rope(q.view(1, t, -1, d), cos, sin)[0]
