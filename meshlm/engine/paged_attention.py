@@ -84,14 +84,15 @@ class PagedKVCache:
         return 0 if self.window is None else max(0, ctx - self.window)
 
     def prepare(self, step: StepInput) -> torch.Tensor:
-        """Plan attention for a step; returns positions [1, T]."""
-        dev = self.device
-        positions, writes = [], []
+        """Plan attention for a step; returns positions [1, T]. Makes a few tensors per step (none per layer)."""
+        dev, bs = self.device, self.block_size
+        positions: list[int] = []
+        writes: list[int] = []  # pool slot of each new token
         self.prefills: list[_Prefill] = []
         dec_idx, dec_tables, dec_first, dec_len = [], [], [], []
         for s in step.seqs:
             positions.extend(range(s.start, s.start + s.n))
-            writes.append(self._slots(s.block_table, s.start, s.start + s.n))
+            writes.extend(s.block_table[p // bs] * bs + p % bs for p in range(s.start, s.start + s.n))
             ctx = s.start + s.n
             if s.n == 1:
                 dec_idx.append(s.offset)
@@ -104,12 +105,13 @@ class PagedKVCache:
                 mask = visible_keys(torch.arange(s.start, ctx, device=dev)[None], ctx, self.window)[0]  # [n, ctx]
             slots = self._slots(s.block_table, 0, ctx).to(dev) if s.start else None
             self.prefills.append(_Prefill(s.offset, s.n, slots, mask))
-        self.write_slots = torch.cat(writes).to(dev)
-        self.dec_idx = torch.tensor(dec_idx, dtype=torch.long, device=dev)
+        self.write_slots = torch.tensor(writes, dtype=torch.long, device=dev)  # [T]
         self.all_decode = len(dec_idx) == len(step.token_ids)
+        if not self.all_decode:
+            self.dec_idx = torch.tensor(dec_idx, dtype=torch.long, device=dev)
         if dec_idx:
             self._plan_decode(dec_tables, dec_first, dec_len)
-        return torch.tensor(positions, dtype=torch.long, device=dev).unsqueeze(0)
+        return torch.tensor([positions], dtype=torch.long, device=dev)
 
     def _plan_decode(self, tables: list[tuple[int, ...]], first: list[int], lens: list[int]) -> None:
         if self.kernel is not None:  # reads tokens [first, len) of each table only: the padding is never read
