@@ -64,9 +64,9 @@ class PagedKVCache:
         shape = (len(layer_ids), num_blocks * block_size, kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)  # untouched until written (see above)
         self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.k_layer, self.v_layer = self.k.unbind(0), self.v.unbind(0)  # views [slots, Hkv, D] per local layer
         self.device = self.k.device
-        self.slot_of_layer = {lid: i for i, lid in enumerate(layer_ids)}
+        # layer id -> its pools' views (k [slots, Hkv, D], v [slots, Hkv, D]), made once
+        self.pools = {lid: (self.k[i], self.v[i]) for i, lid in enumerate(layer_ids)}
         self.block_size = block_size
         self.window = window  # sliding attention window (Mistral), None = global
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -143,8 +143,7 @@ class PagedKVCache:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> torch.Tensor:
         """q [1, T, Hq*D], k/v [1, T, Hkv*D], cos/sin [1, T, 1, D] -> [1, T, Hq*D]; RoPE and the K/V write first."""
-        i = self.slot_of_layer[layer]
-        kp, vp = self.k_layer[i], self.v_layer[i]  # [slots, Hkv, D]
+        kp, vp = self.pools[layer]  # [slots, Hkv, D]
         q0, k0 = rope_store(q, k, v, cos, sin, kp, vp, self.write_slots)  # [T, Hq, D], [T, Hkv, D]
         if self.all_decode:
             return self._decode(q0, kp, vp).reshape(q.shape)

@@ -73,8 +73,8 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     the pools [S, Hkv, D]; returns the rotated q [T, Hq, D] and k [T, Hkv, D] (the fused path rotates the
     callers' q and k in place)."""
     t, d = slots.shape[0], k_pool.shape[-1]
-    if t and d <= 1024 and _fused_ok(q, k, v, cos, sin, k_pool, v_pool) and q.is_contiguous() and k.is_contiguous() \
-            and k_pool.is_contiguous() and v_pool.is_contiguous():
+    # the pools (a cache's own contiguous tensors of its dtype) are checked by the op
+    if t and d <= 1024 and _fused_ok(q, k, v, cos, sin) and q.is_contiguous() and k.is_contiguous():
         kernel().rope_store_(q, k, v, cos, sin, k_pool, v_pool, slots)
         return q.view(t, -1, d), k.view(t, -1, d)
     q = apply_rope(q.view(1, t, -1, d), cos, sin)[0]
