@@ -20,14 +20,17 @@ from meshlm.kernels.qformat import GROUP, QuantInfo
 log = logging.getLogger(__name__)
 
 
+_ops: list = []  # [ops or None] once decided
+
+
 def _kernel():
     """The loaded ops when the CPU kernel is available (built with the decode kernels), else None."""
-    from meshlm.kernels.gemv import kernel, vnni
+    if not _ops:
+        from meshlm.kernels.gemv import kernel, vnni
 
-    if not vnni():
-        return None
-    ops = kernel()
-    return ops if ops is not None and hasattr(ops, "quant_linear_many") else None
+        ops = kernel() if vnni() else None
+        _ops.append(ops if ops is not None and hasattr(ops, "quant_linear_many") else None)
+    return _ops[0]
 
 
 def _pad(x: torch.Tensor, q: QuantInfo) -> torch.Tensor:
