@@ -45,9 +45,11 @@ QTARGET inline __m512 load16(const c10::BFloat16* p) {
 template <typename T>
 QTARGET void quantize_x(const T* x, int64_t M, QX& qx) {
   const int64_t K = qx.K, nb = qx.nb;
-  qx.q.resize(M * K);
-  qx.d.resize(M * nb);
-  qx.s.resize(M * nb);
+  if (static_cast<int64_t>(qx.q.size()) < M * K) qx.q.resize(M * K);
+  if (static_cast<int64_t>(qx.d.size()) < M * nb) {
+    qx.d.resize(M * nb);
+    qx.s.resize(M * nb);
+  }
   at::parallel_for(0, M * nb, 256, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t m = i / nb, b = i % nb;
@@ -75,27 +77,31 @@ inline int32_t load32(const int8_t* p) {
 }
 
 // One group of 16 weight rows against rows m0 .. m0+MT of x: the 16 dot products of each x row in res[m].
+// Each x row keeps P int32 partial sums per block (P * MT independent vpdpbusd chains hide its latency).
 template <int FMT, int MT>
 QTARGET void group_dot(const uint8_t* g, const QX& qx, int64_t m0, __m512* res) {
   constexpr int SB = FMT == kQ4_1 ? 64 : 32;     // scale bytes per packed block
   constexpr int QB = FMT == kQ8_0 ? 512 : 256;   // quant bytes per packed block
+  constexpr int P = MT == 1 ? 4 : 2;
   const int64_t nb = qx.nb, K = qx.K;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int8_t* xrow[MT];
   __m512 acc[MT];
-  for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+  for (int m = 0; m < MT; ++m) {
+    acc[m] = _mm512_setzero_ps();
+    xrow[m] = qx.q.data() + (m0 + m) * K;
+  }
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* blk = g + b * (SB + QB);
     const uint8_t* q = blk + SB;
-    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
-    __m512i isum[MT];
-    for (int m = 0; m < MT; ++m) isum[m] = _mm512_setzero_si512();
+    __m512i isum[MT][P];
+    for (int m = 0; m < MT; ++m)
+      for (int p = 0; p < P; ++p) isum[m][p] = _mm512_setzero_si512();
     if constexpr (FMT == kQ8_0) {
       for (int c = 0; c < 8; ++c) {
         const __m512i w = _mm512_loadu_si512(q + 64 * c);
-        for (int m = 0; m < MT; ++m) {
-          const int8_t* xq = qx.q.data() + (m0 + m) * K + b * kBlock;
-          isum[m] = _mm512_dpbusd_epi32(isum[m], w, _mm512_set1_epi32(load32(xq + 4 * c)));
-        }
+        for (int m = 0; m < MT; ++m)
+          isum[m][c % P] = _mm512_dpbusd_epi32(isum[m][c % P], w, _mm512_set1_epi32(load32(xrow[m] + b * kBlock + 4 * c)));
       }
     } else {
       for (int c = 0; c < 4; ++c) {
@@ -103,17 +109,20 @@ QTARGET void group_dot(const uint8_t* g, const QX& qx, int64_t m0, __m512* res) 
         const __m512i lo = _mm512_and_si512(w, low4);                         // elements 4c .. 4c+3
         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);  // elements 16+4c ..
         for (int m = 0; m < MT; ++m) {
-          const int8_t* xq = qx.q.data() + (m0 + m) * K + b * kBlock;
-          isum[m] = _mm512_dpbusd_epi32(isum[m], lo, _mm512_set1_epi32(load32(xq + 4 * c)));
-          isum[m] = _mm512_dpbusd_epi32(isum[m], hi, _mm512_set1_epi32(load32(xq + 16 + 4 * c)));
+          const int8_t* xq = xrow[m] + b * kBlock;
+          isum[m][(2 * c) % P] = _mm512_dpbusd_epi32(isum[m][(2 * c) % P], lo, _mm512_set1_epi32(load32(xq + 4 * c)));
+          isum[m][(2 * c + 1) % P] =
+              _mm512_dpbusd_epi32(isum[m][(2 * c + 1) % P], hi, _mm512_set1_epi32(load32(xq + 16 + 4 * c)));
         }
       }
     }
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
     for (int m = 0; m < MT; ++m) {
       const int64_t i = (m0 + m) * nb + b;
       const float dx = qx.d[i];
       const int32_t sx = qx.s[i];
-      __m512i v = isum[m];
+      __m512i v = isum[m][0];
+      for (int p = 1; p < P; ++p) v = _mm512_add_epi32(v, isum[m][p]);
       if constexpr (FMT == kQ4_0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(8 * sx));
       if constexpr (FMT == kQ8_0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(128 * sx));
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[m]);
@@ -173,7 +182,7 @@ std::vector<at::Tensor> quant_linear_many(const at::Tensor& x, at::TensorList ws
   TORCH_CHECK(K % kBlock == 0, "quant_linear: K must be a multiple of 32");
   TORCH_CHECK(ws.size() == fmts.size() && ws.size() == ns.size() && ws.size() == bs.size(),
               "quant_linear: one format, row count and bias per weight");
-  QX qx;
+  static thread_local QX qx;  // reused: its vectors only grow
   qx.K = K;
   qx.nb = K / kBlock;
   std::vector<at::Tensor> outs, biases;
