@@ -15,6 +15,7 @@ from meshlm.engine.engine import host_kv_budget_bytes
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.pipeline_stage import StageDriver
+from meshlm.kernels import pack_linears
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.device import DeviceChoice, rank_device
@@ -80,6 +81,7 @@ class Worker:
         part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp)
         self.model = load_weights(model, self.cfg, ckpt.source, self.dtype, part_for=part_for,
                                   progress=spec.progress and rank == 0, device=self.device)
+        pack_linears(self.model)  # on a CPU with the kernel: every Linear weight in its packed layout
         self.max_context = min(spec.max_context or self.cfg.max_position, self.cfg.max_position)
         self.load_s = time.perf_counter() - t0
         keep_freed_memory()  # after loading: the load's temporaries go back to the OS as usual

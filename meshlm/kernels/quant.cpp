@@ -1,6 +1,10 @@
-// Quantized linear layers on AVX-512 VNNI: y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]), w packed by
-// meshlm/kernels/qformat.py: per group of 16 rows and block of 32 columns, 16 float16 scales d (Q4_1: then
-// 16 minimums m), then the quants with row r's 4-byte chunk c at byte 64*c + 4*r (Q8_0 quants + 128).
+// Linear layers over packed weights on AVX-512: y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]). Every format
+// is packed 16 rows together (meshlm/kernels/qformat.py) so that the weights are one linear stream and
+// each of a vector's 16 lanes is one output row (no horizontal sums):
+//   F32  [G, K, 16]: per column k the 16 rows' values; BF16 [G, K/2, 16, 2]: per column pair, row r's pair
+//   in lane r (widened to fp32 exactly); both accumulate x (fp32) * w with FMAs in fp32.
+//   Q8_0 / Q4_0 / Q4_1 (VNNI): per block of 32 columns, 16 float16 scales d (Q4_1: then 16 minimums m),
+//   then the quants with row r's 4-byte chunk c at byte 64*c + 4*r (Q8_0 quants + 128).
 //
 // x is quantized per row and block of 32 to int8 (d_x = max|x| / 127, q_x = round-half-even(x / d_x)),
 // as llama.cpp does; one vpdpbusd multiplies 4 quant bytes of each of 16 rows by 4 int8 of x and adds
@@ -24,7 +28,7 @@
 
 namespace {
 
-constexpr int kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2;
+constexpr int kQ4_0 = 0, kQ4_1 = 1, kQ8_0 = 2, kF32 = 3, kBF16 = 4;
 constexpr int64_t kBlock = 32, kGroup = 16;
 constexpr int kMT = 4;  // rows of x per pass over a group's weights (accumulators: 2 per row)
 
@@ -135,9 +139,63 @@ QTARGET void group_dot(const uint8_t* g, const QX& qx, int64_t m0, __m512* res) 
   for (int m = 0; m < MT; ++m) res[m] = acc[m];
 }
 
+// Float formats: rows m0 .. m0+MT of x (fp32 [M, K]) against one packed group; P partial sums per row.
+// P is the same for every MT: a row's float sums must not depend on how many rows share the pass.
+template <int MT>
+QTARGET void group_dot_f32(const float* g, const float* x, int64_t K, int64_t m0, __m512* res) {
+  constexpr int P = 4;
+  __m512 acc[MT][P];
+  for (int m = 0; m < MT; ++m)
+    for (int p = 0; p < P; ++p) acc[m][p] = _mm512_setzero_ps();
+  const float* xr = x + m0 * K;
+  int64_t k = 0;
+  for (; k + P <= K; k += P)
+    for (int p = 0; p < P; ++p) {
+      const __m512 w = _mm512_loadu_ps(g + 16 * (k + p));
+      for (int m = 0; m < MT; ++m) acc[m][p] = _mm512_fmadd_ps(w, _mm512_set1_ps(xr[m * K + k + p]), acc[m][p]);
+    }
+  for (; k < K; ++k) {
+    const __m512 w = _mm512_loadu_ps(g + 16 * k);
+    for (int m = 0; m < MT; ++m) acc[m][0] = _mm512_fmadd_ps(w, _mm512_set1_ps(xr[m * K + k]), acc[m][0]);
+  }
+  for (int m = 0; m < MT; ++m) {
+    __m512 v = acc[m][0];
+    for (int p = 1; p < P; ++p) v = _mm512_add_ps(v, acc[m][p]);
+    res[m] = v;
+  }
+}
+
+template <int MT>
+QTARGET void group_dot_bf16(const uint16_t* g, const float* x, int64_t K, int64_t m0, __m512* res) {
+  constexpr int P = 2;  // 2P accumulators per row (even and odd columns)
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  __m512 acc[MT][2 * P];
+  for (int m = 0; m < MT; ++m)
+    for (int p = 0; p < 2 * P; ++p) acc[m][p] = _mm512_setzero_ps();
+  const float* xr = x + m0 * K;
+  const int64_t K2 = K / 2;
+  int64_t j = 0;
+  auto pair = [&](int64_t jj, int p) QTARGET {
+    const __m512i v = _mm512_loadu_si512(g + 32 * jj);
+    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+    for (int m = 0; m < MT; ++m) {
+      acc[m][2 * p] = _mm512_fmadd_ps(we, _mm512_set1_ps(xr[m * K + 2 * jj]), acc[m][2 * p]);
+      acc[m][2 * p + 1] = _mm512_fmadd_ps(wo, _mm512_set1_ps(xr[m * K + 2 * jj + 1]), acc[m][2 * p + 1]);
+    }
+  };
+  for (; j + P <= K2; j += P)
+    for (int p = 0; p < P; ++p) pair(j + p, p);
+  for (; j < K2; ++j) pair(j, 0);
+  for (int m = 0; m < MT; ++m) {
+    __m512 v = acc[m][0];
+    for (int p = 1; p < 2 * P; ++p) v = _mm512_add_ps(v, acc[m][p]);
+    res[m] = v;
+  }
+}
+
 // One product of a call: packed weight, format, rows N, bias (fp32) or null, output [M, N].
 struct Job {
-  const uint8_t* w;
+  const void* w;
   int fmt;
   int64_t N;
   const float* bias;
@@ -145,21 +203,33 @@ struct Job {
 };
 
 template <int FMT>
-QTARGET void run_group(const Job& j, int64_t g, const QX& qx, int64_t M, bool bf16) {
-  const int64_t nb = qx.nb;
+QTARGET void run_group(const Job& j, int64_t g, const QX& qx, const float* xf, int64_t M, bool bf16) {
+  const int64_t K = qx.K, nb = qx.nb;
   constexpr int64_t BB = (FMT == kQ4_1 ? 64 : 32) + (FMT == kQ8_0 ? 512 : 256);
-  const uint8_t* gw = j.w + g * nb * BB;
   const int64_t n0 = g * kGroup, lanes = std::min<int64_t>(kGroup, j.N - n0);
   alignas(64) float tmp[kGroup];
   __m512 res[kMT];
   for (int64_t m0 = 0; m0 < M; m0 += kMT) {
     const int64_t mt = std::min<int64_t>(kMT, M - m0);
-    switch (mt) {
-      case 1: group_dot<FMT, 1>(gw, qx, m0, res); break;
-      case 2: group_dot<FMT, 2>(gw, qx, m0, res); break;
-      case 3: group_dot<FMT, 3>(gw, qx, m0, res); break;
-      default: group_dot<FMT, 4>(gw, qx, m0, res); break;
+#define MESHLM_MT(F) \
+  switch (mt) { case 1: F(1); break; case 2: F(2); break; case 3: F(3); break; default: F(4); break; }
+    if constexpr (FMT == kF32) {
+      const float* gw = static_cast<const float*>(j.w) + g * K * kGroup;
+#define MESHLM_CALL(T) group_dot_f32<T>(gw, xf, K, m0, res)
+      MESHLM_MT(MESHLM_CALL)
+#undef MESHLM_CALL
+    } else if constexpr (FMT == kBF16) {
+      const uint16_t* gw = static_cast<const uint16_t*>(j.w) + g * K * kGroup;
+#define MESHLM_CALL(T) group_dot_bf16<T>(gw, xf, K, m0, res)
+      MESHLM_MT(MESHLM_CALL)
+#undef MESHLM_CALL
+    } else {
+      const uint8_t* gw = static_cast<const uint8_t*>(j.w) + g * nb * BB;
+#define MESHLM_CALL(T) group_dot<FMT, T>(gw, qx, m0, res)
+      MESHLM_MT(MESHLM_CALL)
+#undef MESHLM_CALL
     }
+#undef MESHLM_MT
     for (int64_t m = 0; m < mt; ++m) {
       _mm512_store_ps(tmp, res[m]);
       for (int64_t l = 0; l < lanes; ++l) {
@@ -172,52 +242,78 @@ QTARGET void run_group(const Job& j, int64_t g, const QX& qx, int64_t M, bool bf
   }
 }
 
-// x [M, K] fp32 or bf16 contiguous, K % 32 == 0; ws packed uint8 [ceil(N_i/16), K/32, 16*block bytes];
-// fmts the format of each; ns N_i; bs bias [N_i] or None: [x @ w_i.T + b_i] in x's dtype.
+// Widen bf16 x [M, K] to fp32 (exact) into a reused buffer; fp32 x is read in place.
+const float* x_fp32(const at::Tensor& x, std::vector<float>& buf) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>();
+  const int64_t n = x.numel();
+  if (static_cast<int64_t>(buf.size()) < n) buf.resize(n);
+  const c10::BFloat16* src = x.data_ptr<c10::BFloat16>();
+  for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(src[i]);
+  return buf.data();
+}
+
+// The packed shape of a weight of N rows and K columns in format fmt (see qformat.py).
+std::vector<int64_t> packed_shape(int fmt, int64_t N, int64_t K) {
+  const int64_t G = (N + kGroup - 1) / kGroup;
+  if (fmt == kF32) return {G, K, kGroup};
+  if (fmt == kBF16) return {G, K / 2, kGroup, 2};
+  return {G, K / kBlock, kGroup * ((fmt == kQ4_1 ? 4 : 2) + (fmt == kQ8_0 ? 32 : 16))};
+}
+
+// x [M, K] fp32 or bf16 contiguous; ws packed weights (qformat.py) of formats fmts and rows ns; bs bias
+// [N_i] or None: [x @ w_i.T + b_i] in x's dtype. Quantized formats need K % 32 == 0, BF16 an even K.
 std::vector<at::Tensor> quant_linear_many(const at::Tensor& x, at::TensorList ws, at::IntArrayRef fmts,
                                           at::IntArrayRef ns, const c10::List<c10::optional<at::Tensor>>& bs) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quant_linear: x [M, K] contiguous");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "quant_linear: x fp32 or bf16");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "packed_linear: x [M, K] contiguous");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "packed_linear: x fp32 or bf16");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(K % kBlock == 0, "quant_linear: K must be a multiple of 32");
   TORCH_CHECK(ws.size() == fmts.size() && ws.size() == ns.size() && ws.size() == bs.size(),
-              "quant_linear: one format, row count and bias per weight");
-  static thread_local QX qx;  // reused: its vectors only grow
+              "packed_linear: one format, row count and bias per weight");
+  static thread_local QX qx_reused;  // the vectors only grow; named through a reference, because the
+  static thread_local std::vector<float> xbuf;  // worker threads of parallel_for have thread_locals of their own
+  QX& qx = qx_reused;
   qx.K = K;
   qx.nb = K / kBlock;
+  bool quantized = false, floats = false;
   std::vector<at::Tensor> outs, biases;
   std::vector<Job> jobs;
   std::vector<int64_t> first(ws.size() + 1, 0);  // first global group of each job
   for (size_t i = 0; i < ws.size(); ++i) {
     const at::Tensor& w = ws[i];
     const int fmt = static_cast<int>(fmts[i]);
-    TORCH_CHECK(fmt == kQ4_0 || fmt == kQ4_1 || fmt == kQ8_0, "quant_linear: unknown format ", fmt);
-    const int64_t bb = kGroup * ((fmt == kQ4_1 ? 4 : 2) + (fmt == kQ8_0 ? 32 : 16));
-    const int64_t groups = (ns[i] + kGroup - 1) / kGroup;
-    TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous() && w.dim() == 3 && w.size(0) == groups &&
-                    w.size(1) == qx.nb && w.size(2) == bb,
-                "quant_linear: weight ", i, " is not packed for N=", ns[i], " K=", K);
+    TORCH_CHECK(fmt >= kQ4_0 && fmt <= kBF16, "packed_linear: unknown format ", fmt);
+    const auto want = at::ScalarType(fmt == kF32 ? at::kFloat : fmt == kBF16 ? at::kBFloat16 : at::kByte);
+    TORCH_CHECK(fmt == kF32 || K % (fmt == kBF16 ? 2 : kBlock) == 0, "packed_linear: K=", K, " does not fit format ", fmt);
+    TORCH_CHECK(w.scalar_type() == want && w.is_contiguous() && w.sizes() == at::IntArrayRef(packed_shape(fmt, ns[i], K)),
+                "packed_linear: weight ", i, " is not packed for N=", ns[i], " K=", K, " format ", fmt);
+    (fmt >= kF32 ? floats : quantized) = true;
     const c10::optional<at::Tensor> b = bs.get(i);
     biases.push_back(b.has_value() && b->defined() ? b->to(at::kFloat).contiguous() : at::Tensor());
     outs.push_back(at::empty({M, ns[i]}, x.options()));
-    jobs.push_back({w.data_ptr<uint8_t>(), fmt, ns[i],
-                    biases.back().defined() ? biases.back().data_ptr<float>() : nullptr, outs.back().data_ptr()});
-    first[i + 1] = first[i] + groups;
+    jobs.push_back({w.data_ptr(), fmt, ns[i], biases.back().defined() ? biases.back().data_ptr<float>() : nullptr,
+                    outs.back().data_ptr()});
+    first[i + 1] = first[i] + packed_shape(fmt, ns[i], K)[0];
   }
   if (M == 0) return outs;
   const bool bf16 = x.scalar_type() == at::kBFloat16;
-  if (bf16) quantize_x(x.data_ptr<c10::BFloat16>(), M, qx);
-  else quantize_x(x.data_ptr<float>(), M, qx);
+  if (quantized) {
+    if (bf16) quantize_x(x.data_ptr<c10::BFloat16>(), M, qx);
+    else quantize_x(x.data_ptr<float>(), M, qx);
+  }
+  const float* xf = floats ? x_fp32(x, xbuf) : nullptr;
   const int64_t grain = M >= kMT ? 1 : 4;  // groups per task: small for prefill, a few for decode
   at::parallel_for(0, first.back(), grain, [&](int64_t g0, int64_t g1) {
     size_t i = 0;
     for (int64_t g = g0; g < g1; ++g) {
       while (g >= first[i + 1]) ++i;
       const Job& j = jobs[i];
+      const int64_t local = g - first[i];
       switch (j.fmt) {
-        case kQ4_0: run_group<kQ4_0>(j, g - first[i], qx, M, bf16); break;
-        case kQ4_1: run_group<kQ4_1>(j, g - first[i], qx, M, bf16); break;
-        default: run_group<kQ8_0>(j, g - first[i], qx, M, bf16); break;
+        case kQ4_0: run_group<kQ4_0>(j, local, qx, xf, M, bf16); break;
+        case kQ4_1: run_group<kQ4_1>(j, local, qx, xf, M, bf16); break;
+        case kQ8_0: run_group<kQ8_0>(j, local, qx, xf, M, bf16); break;
+        case kF32: run_group<kF32>(j, local, qx, xf, M, bf16); break;
+        default: run_group<kBF16>(j, local, qx, xf, M, bf16); break;
       }
     }
   });

@@ -125,3 +125,54 @@ def test_embedding_rows(fmt):
     ids = torch.tensor([[0, 15, 16], [49, 33, 0]])
     got = quant.embedding(ids, qf.quant_weight(rows, fmt, 64), torch.float32)
     assert torch.equal(got, ref[ids])
+
+
+@settings(max_examples=40, deadline=None)
+@given(wdtype=st.sampled_from([torch.float32, torch.bfloat16]), xdtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       m=st.sampled_from([1, 2, 3, 4, 5, 9]), n=st.integers(1, 70), k=st.integers(1, 200), bias=st.booleans(),
+       seed=st.integers(0, 999))
+def test_float_kernel_matches_linear(ops, wdtype, xdtype, m, n, k, bias, seed):
+    """Packed float32/bfloat16 weights: the kernel equals x @ w.T + b in float64 up to fp32 summation order
+    (then one rounding to x's dtype)."""
+    k += k % 2 if wdtype is torch.bfloat16 else 0
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(wdtype)
+    x = torch.randn(m, k, generator=g).to(xdtype)
+    b = torch.randn(n, generator=g) if bias else None
+    p = qf.float_weight(w)
+    assert torch.equal(qf.dequantize_weight(p), w.float())
+    out = ops.quant_linear_many(x, [p], [p.quant.fmt.code], [n], [b])[0]
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    tol = 1e-6 * (x.double().abs() @ w.double().abs().T + 1) + (2**-8 * ref.abs() if xdtype is torch.bfloat16 else 0)
+    assert out.dtype == xdtype and ((out.double() - ref).abs() <= tol).all()
+    alone = ops.quant_linear_many(x[-1:].contiguous(), [p], [p.quant.fmt.code], [n], [b])[0]
+    assert torch.equal(alone[0], out[-1])  # batch invariant
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_embedding_rows(dtype):
+    """A packed float table (a tied head's) gives back its rows exactly."""
+    w = torch.randn(40, 64).to(dtype)
+    ids = torch.tensor([3, 39, 16, 0])
+    assert torch.equal(quant.embedding(ids, qf.float_weight(w), dtype), w[ids])
+
+
+@pytest.mark.parametrize("fmt", [*FMTS, qf.F32, qf.BF16], ids=lambda f: f.name)
+def test_two_threads_give_what_one_gives(ops, fmt):
+    """Rows split over threads (several groups per weight, several weights per call) change nothing."""
+    w = torch.randn(200, 128)
+    if fmt in qf.FLOATS.values():
+        p = qf.float_weight(w.to(next(d for d, f in qf.FLOATS.items() if f is fmt)))
+    else:
+        p = qf.quant_weight(qf.quantize_rows(w, fmt), fmt, 128)
+    x = torch.randn(5, 128)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(quant.qlinear_many(x, [p, p], [None, None]))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    torch.testing.assert_close(outs[0][0], x @ qf.dequantize_weight(p).T, rtol=0.05, atol=0.5)
