@@ -234,6 +234,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.set_xlabel("concurrent streams (guidellm)")
         ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)
     r0 = rows[0]["meshlm"]
     fig.suptitle(f"SmolLM2-135M GGUF served on {common.machine().split(',')[0]}: about {r0['prompt_tokens_p50']:.0f}"
