@@ -5,26 +5,22 @@
                                     [--requests-per-stream 4] [--json out.json] [--plot docs/img/serve_gguf.png]
     python benchmarks/serve_gguf.py --report out.json [--plot ...]     # the table and chart again
 
-The weights: the bundled SmolLM2-135M-Instruct Q4_1 GGUF, and its F32 requantization by llama.cpp's own
-`llama-quantize` (decode_gguf.gguf_file, made once into ~/.cache/meshlm/bench/gguf). Each engine reads the
-file as it is (`meshlm serve --model FILE`; `llama-server -m FILE`), with T threads (`--threads T`;
-`-t T -tb T`), at least max(levels) requests computed at once (`--max-num-seqs`; `--parallel` slots, each
-with a context of prompt + output + 128 tokens), on 127.0.0.1.
-The load: guidellm (https://github.com/vllm-project/guidellm, `guidellm run`), the same for both engines:
-streaming /v1/completions requests of synthetic text, --prompt-tokens long by the model's tokenizer, asking
-for exactly --output-tokens (guidellm sends max_tokens and ignore_eos), the same seeded prompts for both;
-its `concurrent` profile keeps c streams busy (the next request as soon as one ends), c in --levels, for
-max(8, --requests-per-stream x c) requests per level. Per level: output tokens/s (all output tokens over
-the level's wall time), TTFT p50 / p95 and inter-token latency p50 as guidellm measures them. Every request
-must finish without error with exactly --output-tokens tokens by the server's own count, or the run stops.
-Each engine is started, health-checked and warmed up (max(levels) concurrent short requests) before its
-levels and stopped (its process group killed) after; the engine going first alternates between formats.
-Each level holds the benchmarks' lock and waits for the machine to quieten (common.quiet_run); "other
-load" is the largest share of the CPUs that processes outside this one's tree used during a level. The
-load generator runs on the same host and takes its share of the cores from both engines alike.
-guidellm lives in its own virtual environment (its dependencies pin other versions than meshlm's):
-`python -m venv ~/guidellm-venv && ~/guidellm-venv/bin/pip install guidellm`, then --guidellm
-~/guidellm-venv/bin/guidellm. It reads the tokenizer from a local folder (no network).
+The weights: the bundled SmolLM2-135M-Instruct Q4_1 GGUF and its F32 requantization by llama.cpp's own
+`llama-quantize` (decode_gguf.gguf_file). Each engine reads the file as it is (`meshlm serve --model FILE`;
+`llama-server -m FILE`) with T threads (`--threads T`; `-t T -tb T`), at least max(levels) requests at once
+(`--max-num-seqs`; `--parallel` slots of prompt + output + 128 tokens each), on 127.0.0.1.
+The load: guidellm (`guidellm run`), the same for both: streaming /v1/completions requests of seeded
+synthetic text (the same prompts for both), --prompt-tokens long by the model's tokenizer, asking for exactly
+--output-tokens (guidellm sends max_tokens and ignore_eos); its `concurrent` profile keeps c streams busy,
+c in --levels, for max(8, --requests-per-stream x c) requests per level. Per level: output tokens/s (all
+output tokens over the level's wall time), TTFT p50 / p95 and inter-token latency p50, as guidellm measures
+them. Every request must finish with exactly --output-tokens tokens by the server's own count, or the run
+stops. Each engine is started, health-checked and warmed up (max(levels) concurrent short requests) before
+its levels and stopped (its process group killed) after; the engine going first alternates between formats.
+Each level holds the benchmarks' lock and waits for quiet (common.quiet_run); "other load" is the largest
+share of the CPUs that processes outside this one's tree used during a level. guidellm shares the host's
+cores with both engines alike; it lives in its own venv (see INSTALL) and reads the tokenizer from a local
+folder (no network).
 """
 
 from __future__ import annotations
