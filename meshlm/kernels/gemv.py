@@ -124,5 +124,7 @@ def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> list[torch.Tensor]:
 class Linear(nn.Linear):
     """nn.Linear whose decode-sized bf16 products run the GEMV kernel (same parameters, fp32 sums)."""
 
+    quantizable = True  # the loader may assign a packed quantized weight (linear() routes it)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

@@ -16,12 +16,11 @@ import fnmatch
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshlm.checkpoint.source import Slice
 from meshlm.config import ModelConfig
-from meshlm.kernels.gemv import linear
+from meshlm.kernels import Embedding, embedding, linear
 from meshlm.models.mixtral import Experts
 from meshlm.parallel.comm import Comm
 from meshlm.parallel.partition import HeadShard, even_partition, head_partition  # noqa: F401 (re-exported)
@@ -50,25 +49,28 @@ class ShardLayout:
 
 
 class RowParallelLinear(nn.Linear):
-    """y = all_reduce(x_shard @ W_shard^T); the bias is added once (rank 0)."""
+    """y = all_reduce(x_shard @ W_shard^T); the bias is added once (rank 0). A packed quantized shard holds
+    the whole 32-blocks over its columns and pads x with zeros where the range cuts a block (exact)."""
 
     comm: Comm
+    quantizable = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.comm.index == 0 else None
         return self.comm.all_reduce(linear(x, self.weight, bias))  # decode-sized bf16: the GEMV kernel
 
 
-class VocabParallelEmbedding(nn.Embedding):
-    """Rows [vocab_start, vocab_start + n) of the table; others contribute zeros; summed over ranks."""
+class VocabParallelEmbedding(Embedding):
+    """Rows [vocab_start, vocab_start + n) of the table (float or packed); others contribute zeros; summed
+    over ranks."""
 
     comm: Comm
     vocab_start: int
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # [B, S, H]
+        outside = (local < 0) | (local >= self.num_embeddings)
+        out = embedding(local.masked_fill(outside, 0), self.weight, self.out_dtype)  # [B, S, H]
         return self.comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
@@ -77,6 +79,7 @@ class VocabParallelHead(nn.Linear):
 
     comm: Comm
     sizes: list[int]
+    quantizable = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.comm.all_gather(linear(x, self.weight), dim=-1, sizes=self.sizes)
