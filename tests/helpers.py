@@ -198,9 +198,10 @@ def write_gguf_model(path: str | Path, qtype: str = "Q8_0", hidden: int = 128, i
 
 
 # Activations: the CPU quantized kernel rounds x to int8 per block of 32 (step max|x| / 127, error <= step / 2,
-# about 0.5% RMS of a block), as llama.cpp does; through the layers that moves logits by well under 3% of
-# their RMS. (The PyTorch path, dequantize then F.linear, rounds nothing: 0.)
-ACTIVATION_ROUNDING = 0.03
+# about 0.5% RMS of a block), as llama.cpp does. Through SmolLM2's 30 layers that moved the logits by 2.0-3.3%
+# of their RMS (measured against the same weights in float32; greedy near-ties it flipped were 0.06-0.16 apart
+# at a logit RMS of 5-13); the bound is 6%. (The PyTorch path, dequantize then F.linear, rounds nothing: 0.)
+ACTIVATION_ROUNDING = 0.06
 
 
 def assert_greedy_agrees(got: list[list[int]], ref: list[list[int]], prompts: list[list[int]],

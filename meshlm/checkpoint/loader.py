@@ -14,6 +14,7 @@ from meshlm.checkpoint.quantized import Conversions, Precision, load_quantized
 from meshlm.checkpoint.source import Slice, TensorSource
 from meshlm.config import ModelConfig
 from meshlm.errors import CheckpointError
+from meshlm.kernels.gemv import Embedding, Linear
 from meshlm.kernels.qformat import info
 from meshlm.models.registry import model_class
 
@@ -34,8 +35,8 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
                  device: torch.device | str = "cpu", conversions: Conversions | None = None) -> nn.Module:
     """Assign every parameter of `model` (on meta) from `source`, reading only the owned slices.
 
-    dtype: float weights in that dtype, or a Precision: linear and embedding weights of layers that take
-    packed ones (`quantizable`) may load quantized (a GGUF's own blocks, or --quantize)."""
+    dtype: float weights in that dtype, or a Precision: the weights of kernels.Linear / kernels.Embedding
+    layers may load quantized (a GGUF's own blocks, or --quantize)."""
     p = dtype if isinstance(dtype, Precision) else Precision(dtype, keep=False)
     conversions = conversions if conversions is not None else Conversions()
     available = set(source.names())
@@ -82,10 +83,11 @@ def _tied_head(model: nn.Module, cfg: ModelConfig, name: str) -> bool:
 
 
 def _quantizable(model: nn.Module, name: str) -> bool:
-    """Whether `name` is the weight of a layer whose forward takes a packed quantized weight."""
+    """Whether `name` is the weight of a layer whose forward takes a packed weight (kernels.Linear and
+    kernels.Embedding, their parallel subclasses included)."""
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    return attr == "weight" and getattr(owner, "quantizable", False)
+    return attr == "weight" and isinstance(owner, (Linear, Embedding))
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:

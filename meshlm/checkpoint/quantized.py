@@ -157,8 +157,8 @@ def describe_bytes(model: nn.Module) -> dict[str, int]:
 
     out: dict[str, int] = {}
     for p in model.parameters():  # parameters() yields a tied parameter once
-        q = info(p)
-        key = q.fmt.name if q is not None else str(p.dtype).removeprefix("torch.")
+        q = info(p)  # float weights packed for the kernel keep their dtype's name
+        key = q.fmt.name if q is not None and p.dtype is torch.uint8 else str(p.dtype).removeprefix("torch.")
         out[key] = out.get(key, 0) + p.numel() * p.element_size()
     return out
 

@@ -16,6 +16,7 @@ from meshlm.engine.engine import host_kv_budget_bytes
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.pipeline_stage import StageDriver
+from meshlm.kernels import pack_linears
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.device import DeviceChoice, rank_device
@@ -84,6 +85,7 @@ class Worker:
         conversions = Conversions()
         self.model = load_weights(model, self.cfg, ckpt.source, self.precision, part_for=part_for,
                                   progress=spec.progress and rank == 0, device=self.device, conversions=conversions)
+        pack_linears(self.model)  # on a CPU with the kernel: every float Linear weight in its packed layout
         self.conversion_error = conversions.report()  # {"Q6_K->Q8_0": relative RMS error} of this rank's share
         if self.conversion_error and rank == 0:
             log.warning("%s: converted at load to kept formats, relative RMS error against the file's own "

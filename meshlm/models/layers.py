@@ -11,7 +11,7 @@ from torch import nn
 
 from meshlm import kernels
 from meshlm.config import RopeConfig
-from meshlm.kernels import Embedding, Linear, apply_rope  # noqa: F401  (the models' layers and RoPE)
+from meshlm.kernels import Linear, apply_rope  # noqa: F401  (the models' linear layer and RoPE)
 
 
 class RMSNorm(nn.Module):

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.config import ModelConfig
-from meshlm.kernels import linear_many
-from meshlm.models.layers import AttentionBackend, Embedding, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
+from meshlm.kernels import Embedding, linear_many
+from meshlm.models.layers import AttentionBackend, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 class Attention(nn.Module):

@@ -20,7 +20,7 @@ from torch import nn
 
 from meshlm.checkpoint.source import Slice
 from meshlm.config import ModelConfig
-from meshlm.kernels import Embedding, embedding, linear
+from meshlm.kernels.gemv import Embedding, Linear, embed, linear
 from meshlm.models.mixtral import Experts
 from meshlm.parallel.comm import Comm
 from meshlm.parallel.partition import HeadShard, even_partition, head_partition  # noqa: F401 (re-exported)
@@ -48,12 +48,11 @@ class ShardLayout:
         return self.heads[self.index]
 
 
-class RowParallelLinear(nn.Linear):
+class RowParallelLinear(Linear):
     """y = all_reduce(x_shard @ W_shard^T); the bias is added once (rank 0). A packed quantized shard holds
     the whole 32-blocks over its columns and pads x with zeros where the range cuts a block (exact)."""
 
     comm: Comm
-    quantizable = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias if self.comm.index == 0 else None
@@ -61,25 +60,23 @@ class RowParallelLinear(nn.Linear):
 
 
 class VocabParallelEmbedding(Embedding):
-    """Rows [vocab_start, vocab_start + n) of the table (float or packed); others contribute zeros; summed
-    over ranks."""
+    """Rows [vocab_start, vocab_start + n) of the table; others contribute zeros; summed over ranks."""
 
     comm: Comm
     vocab_start: int
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
-        outside = (local < 0) | (local >= self.num_embeddings)
-        out = embedding(local.masked_fill(outside, 0), self.weight, self.out_dtype)  # [B, S, H]
+        outside = (local < 0) | (local >= self.num_embeddings)  # this rank's rows (the loader sets it)
+        out = embed(local.masked_fill(outside, 0), self.weight, self.out_dtype)  # [B, S, H]
         return self.comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
-class VocabParallelHead(nn.Linear):
+class VocabParallelHead(Linear):
     """Local logits for this rank's vocabulary rows, all-gathered into the full [.., V] logits."""
 
     comm: Comm
     sizes: list[int]
-    quantizable = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.comm.all_gather(linear(x, self.weight), dim=-1, sizes=self.sizes)

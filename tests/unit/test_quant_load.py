@@ -11,11 +11,24 @@ from meshlm import LLM
 from meshlm.checkpoint.gguf import GGUFSource
 from meshlm.checkpoint.source import Slice
 from meshlm.errors import CheckpointError, ConfigError
-from meshlm.kernels.qformat import FORMATS, QUANTIZE, dequantize_rows_reference, dequantize_weight, info, unpack
+from meshlm.kernels.qformat import (
+    FORMATS,
+    QUANTIZE,
+    dequantize_rows_reference,
+    dequantize_weight,
+    info,
+    pack_float,
+    unpack,
+)
 
 pytest.importorskip("gguf")
 PROMPTS = [[5, 6, 7, 8, 9], [17, 3, 250, 499]]
 K_DIMS = dict(hidden=256, inter=512, heads=4, kv_heads=2, head_dim=64)  # K-quant rows are 256-blocks
+
+
+def _dense(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter as a plain float32 tensor (float weights may be packed for the CPU kernel)."""
+    return {n: dequantize_weight(p) if info(p) is not None else p for n, p in model.named_parameters()}
 
 
 def _close(ours: torch.Tensor, ref: torch.Tensor, rel: float) -> None:
@@ -37,7 +50,7 @@ def test_kept_types_load_quantized(files, qtype):
     byte rows; norms stay float; logits match the dequantized-float32 load of the same file."""
     path = files(qtype)
     with LLM(str(path), progress=False) as q, LLM(str(path), dtype="float32", progress=False) as f:
-        floats = dict(f.model.named_parameters())
+        floats = _dense(f.model)
         packed = 0
         for name, p in q.model.named_parameters():
             if "norm" in name:
@@ -72,7 +85,7 @@ def test_k_quants_convert_with_the_error_reported(files, qtype, kept, caplog):
     logged once and reported by describe()."""
     path = files(qtype, **K_DIMS)
     with LLM(str(path), progress=False) as q, LLM(str(path), dtype="float32", progress=False) as f:
-        floats = dict(f.model.named_parameters())
+        floats = _dense(f.model)
         err = ref = 0.0
         for name, p in q.model.named_parameters():
             if info(p) is not None:
@@ -97,6 +110,7 @@ def test_unsupported_type_is_refused(files, qtype):
 def test_float_dtype_dequantizes_everything(files):
     with LLM(str(files("Q4_1")), dtype="bfloat16", progress=False) as b:
         assert {p.dtype for p in b.model.parameters()} == {torch.bfloat16}
+        assert {info(p).fmt.name for p in b.model.parameters() if info(p) is not None} <= {"BF16"}
 
 
 def test_stored_column_slice_reads_whole_blocks(files):
@@ -120,7 +134,7 @@ def test_quantize_float_model(checkpoint, mode):
     with LLM(path, quantize=mode, progress=False) as q, LLM(path, progress=False) as f:
         ref = f.logits(PROMPTS)
         err = total = 0.0
-        floats = dict(f.model.named_parameters())
+        floats, params = _dense(f.model), dict(f.model.named_parameters())
         for name, p in q.model.named_parameters():
             assert ("norm" in name) == (info(p) is None), name
             if info(p) is not None:
@@ -128,7 +142,7 @@ def test_quantize_float_model(checkpoint, mode):
                 rounded = dequantize_weight(p)
                 err += (rounded - floats[name]).square().sum().item()
                 total += floats[name].square().sum().item()
-                floats[name].data.copy_(rounded)  # f now holds the same rounded weights in float32
+                params[name].data.copy_(pack_float(rounded) if info(params[name]) else rounded)  # f: same weights
         weight_err = (err / total) ** 0.5
         assert weight_err <= (0.01 if mode == "int8" else 0.12)
         ours = q.logits(PROMPTS)
@@ -139,8 +153,9 @@ def test_quantize_float_model(checkpoint, mode):
 def test_quantize_keeps_odd_k_float(checkpoint, caplog):
     """A layer whose K is not a multiple of 32 stays float, with a note (llama_odd_heads: hidden 144)."""
     with caplog.at_level("INFO"), LLM(str(checkpoint("llama_odd_heads")), quantize="int8", progress=False) as q:
-        assert info(q.model.layers["0"].self_attn.q_proj.weight) is None  # K = hidden = 144
-        assert info(q.model.layers["0"].mlp.down_proj.weight) is not None  # K = intermediate = 192
+        kept = lambda w: info(w) is not None and info(w).fmt.name in FORMATS  # noqa: E731
+        assert not kept(q.model.layers["0"].self_attn.q_proj.weight)  # K = hidden = 144: float
+        assert kept(q.model.layers["0"].mlp.down_proj.weight)  # K = intermediate = 192
     assert any("stays float" in r.message for r in caplog.records)
 
 
