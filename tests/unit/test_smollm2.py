@@ -73,7 +73,18 @@ def test_quantized_matches_dequantized(smollm2_q, smollm2):
     assert_greedy_agrees(got, want, prompts, smollm2.logits)
 
 
-def test_quantized_chat_answers_paris(smollm2_q):
-    out = smollm2_q.generate([[{"role": "user", "content": "What is the capital of France?"}]],
-                             SamplingParams(max_tokens=32))[0]
+def test_quantized_chat_answers_paris(smollm2_q, smollm2):
+    """The France prompt, kept quantized. The answer's first token is a near-tie in float32 ('The' 25.33,
+    'L' 25.24), which int8 activations flip to 'L' exactly as llama.cpp does on this file (llama-server
+    --jinja, temperature 0, answers the same "L'Étoile, la Marseillaise, ..."): the answer must be the
+    float32 copy's up to that near-tie, and once the answer starts as float32's does, it names Paris."""
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = smollm2_q.encode_prompt(chat)
+    params = SamplingParams(max_tokens=32)
+    assert_greedy_agrees([smollm2_q.generate([ids], params)[0].token_ids],
+                         [smollm2.generate([ids], params)[0].token_ids], [ids], smollm2.logits)
+    start = smollm2.generate([ids], SamplingParams(max_tokens=5))[0]
+    assert start.text == "The capital of France is"
+    start = list(start.token_ids)
+    out = smollm2_q.generate([ids + start], params)[0]
     assert "Paris" in out.text and out.finish_reason == "stop"
