@@ -59,14 +59,16 @@ def test_quantize_tp2_matches_tp1(checkpoint):
 
 def test_smollm2_quantized_tp2(smollm2):
     """The bundled Q4_1 model kept quantized at tp=2 (6 + 3 heads): the float32 copy's greedy tokens (near-ties
-    forgiven), and Paris."""
+    forgiven) on three prompts and the France chat prompt, and Paris (see test_smollm2's France test)."""
     tok = smollm2.tokenizer
     prompts = [tok.encode(t) for t in ("Once upon a time", "The theory of relativity states that",
                                        "def fibonacci(n):")]
+    prompts.append(smollm2.encode_prompt([{"role": "user", "content": "What is the capital of France?"}]))
     want = _tokens(smollm2, prompts)
+    start = smollm2.generate([prompts[-1]], SamplingParams(max_tokens=5))[0]
+    assert start.text == "The capital of France is"
     with LLM(None, tp=2, progress=False) as two:
         assert [i["q_heads"] for i in two.rank_info()] == [6, 3]
         assert_greedy_agrees(_tokens(two, prompts), want, prompts, smollm2.logits)
-        out = two.generate([[{"role": "user", "content": "What is the capital of France?"}]],
-                           SamplingParams(max_tokens=32))[0]
+        out = two.generate([prompts[-1] + list(start.token_ids)], SamplingParams(max_tokens=8))[0]
         assert "Paris" in out.text
