@@ -72,3 +72,12 @@ def test_smollm2_quantized_tp2(smollm2):
         assert_greedy_agrees(_tokens(two, prompts), want, prompts, smollm2.logits)
         out = two.generate([prompts[-1] + list(start.token_ids)], SamplingParams(max_tokens=8))[0]
         assert "Paris" in out.text
+
+
+def test_smollm2_quantized_pp2(smollm2_q):
+    """Kept quantized over 2 pipeline stages: the last stage's tied head reads the packed Q8_0 embedding
+    table without the embedding beside it; the same greedy tokens as one process."""
+    prompts = [smollm2_q.tokenizer.encode(t) for t in ("Once upon a time", "def fibonacci(n):")]
+    with LLM(None, pp=2, progress=False) as two:
+        assert_greedy_agrees(_tokens(two, prompts), _tokens(smollm2_q, prompts), prompts, smollm2_q.logits)
+        assert sum(i["weight_mb"] for i in two.rank_info()) < 1.5 * smollm2_q.rank_info()[0]["weight_mb"]
