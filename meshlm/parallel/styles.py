@@ -49,7 +49,8 @@ class ShardLayout:
 
 
 class RowParallelLinear(Linear):
-    """y = all_reduce(x_shard @ W_shard^T); the bias is added once (rank 0)."""
+    """y = all_reduce(x_shard @ W_shard^T); the bias is added once (rank 0). A packed quantized shard holds
+    the whole 32-blocks over its columns and pads x with zeros where the range cuts a block (exact)."""
 
     comm: Comm
 
@@ -66,7 +67,7 @@ class VocabParallelEmbedding(Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
-        outside = (local < 0) | (local >= self.weight.shape[0])
+        outside = (local < 0) | (local >= self.num_embeddings)  # this rank's rows (the loader sets it)
         out = embed(local.masked_fill(outside, 0), self.weight, self.out_dtype)  # [B, S, H]
         return self.comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
 

@@ -19,7 +19,7 @@ def model_config(model: str | None) -> tuple[ModelConfig, str]:
     if model is None:
         from meshlm.checkpoint import open_checkpoint
 
-        return open_checkpoint(None, progress=False).cfg, "SmolLM2-135M-Instruct (bundled)"
+        return open_checkpoint(None).cfg, "SmolLM2-135M-Instruct (bundled)"
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"
@@ -119,6 +119,7 @@ def cmd_dry_run(args: argparse.Namespace, kv_default: float) -> int:
     else:
         work = Workload(prompt_tokens=max(1, context - 1), output_tokens=1, batch=1)
     kv_mb = getattr(args, "kv_cache_mb", None)
-    ok, text = dry_run(cfg, layout, c, work, args.dtype, kv_mb * 2**20 if kv_mb else kv_default)
+    dtype = "float32" if args.dtype == "auto" else args.dtype  # priced as float weights of the compute dtype
+    ok, text = dry_run(cfg, layout, c, work, dtype, kv_mb * 2**20 if kv_mb else kv_default)
     print(text, file=sys.stdout)
     return 0 if ok else 1
