@@ -12,7 +12,8 @@ import torch
 from meshlm.quality import TEXT, perplexity, text_ids
 
 # llama.cpp on the same text and weights, measured 2026-12-06 (llama.cpp vendored in llama-cpp-python 0.3.36):
-#   llama-quantize --allow-requantize SmolLM2-135M-Instruct.Q4_1.gguf f32.gguf F32; llama-quantize f32.gguf q4_0.gguf Q4_0
+#   llama-quantize --allow-requantize SmolLM2-135M-Instruct.Q4_1.gguf f32.gguf F32
+#   llama-quantize f32.gguf q4_0.gguf Q4_0
 #   llama-perplexity -m {f32,q4_0}.gguf -f meshlm/data/alice.txt -c 512 -t 2      (11 chunks)
 # (python benchmarks/quality.py --llama-bin DIR prints both.) The Q4_0 file keeps the tied embedding/head at Q8_0.
 LLAMA_F32_PPL = None  # TODO(lead): fill from the run above if still None
