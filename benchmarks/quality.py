@@ -5,9 +5,11 @@
                                  [--llama-bin DIR] [--llama-threads 1] [--json out.json]
 
 Rows, all from the same weights (default: the bundled SmolLM2-135M-Instruct Q4_1 GGUF):
-  float32 / bfloat16   the file dequantized (LLM(folder, dtype=...))
+  float32 / bfloat16   the file dequantized (LLM(file, dtype=...))
   file                 the file's own formats kept quantized (LLM(file, dtype="auto"))
-  int8 / int4 / int4-min   the float32 weights quantized at load (LLM(folder, quantize=...): Q8_0, Q4_0, Q4_1)
+  int8 / int4 / int4-min   the float32 weights quantized at load: LLM(f32 copy, dtype="float32", quantize=...)
+                       (Q8_0, Q4_0, Q4_1); the f32 copy is the file dequantized (meshlm.quality.float_gguf,
+                       cached under ~/.cache/meshlm/quality), since --quantize refuses a quantized file
 Perplexity is meshlm.quality.perplexity: llama-perplexity's scheme (non-overlapping ctx-token chunks, the
 second half of each scored) on meshlm/data/alice.txt; "vs f32" is the ratio to the float32 row's.
 Greedy: --new-tokens greedy tokens on each of PROMPTS against the float32 model's: prompts identical, the
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import common
 
-from meshlm.quality import TEXT, greedy_agreement, perplexity, text_ids
+from meshlm.quality import TEXT, float_gguf, greedy_agreement, perplexity, text_ids
 
 PROMPTS = ("The capital of France is", "Once upon a time", "The theory of relativity states that",
            "def fibonacci(n):", "The best way to learn a new language is")
@@ -50,6 +52,7 @@ ROWS = {
     "int4-min": ({"dtype": "float32", "quantize": "int4-min"}, "Q4_1"),
 }
 LLAMA_CACHE = Path.home() / ".cache" / "meshlm" / "llamacpp"
+F32_CACHE = Path.home() / ".cache" / "meshlm" / "quality"
 
 
 def weight_formats(model) -> str:
@@ -69,16 +72,29 @@ def gguf_formats(path: Path) -> str:
     return ", ".join(f"{k} x{v}" for k, v in c.most_common())
 
 
-def open_llm(row: str, file: Path | None, folder: Path):
-    """The row's LLM, or (None, why) when this meshlm cannot build it."""
+def float_copy(file: Path) -> Path:
+    """The float32 copy of a GGUF file (made once, cached by name, size and mtime)."""
+    st = file.stat()
+    dst = F32_CACHE / f"{file.stem}-{st.st_size}-{st.st_mtime_ns}.F32.gguf"
+    if not dst.exists():
+        F32_CACHE.mkdir(parents=True, exist_ok=True)
+        common.log(f"writing the float32 copy of {file.name} to {dst}")
+        float_gguf(file, dst)
+    return dst
+
+
+def open_llm(row: str, model: Path, file: Path | None):
+    """The row's LLM, or (None, why) when this meshlm cannot build it. model: the checkpoint; file: the
+    GGUF file when it is one."""
     from meshlm import LLM
     from meshlm.errors import ConfigError
 
     kwargs, _ = ROWS[row]
     if row == "file" and file is None:
         return None, "the model is not a GGUF file"
+    path = float_copy(file) if "quantize" in kwargs and file is not None else model
     try:
-        return LLM(str(file if row == "file" else folder), progress=False, **kwargs), ""
+        return LLM(str(path), progress=False, **kwargs), ""
     except (TypeError, ConfigError) as e:  # a meshlm without quantize= / dtype="auto"
         return None, f"{type(e).__name__}: {e}"
 
@@ -119,7 +135,8 @@ def llama_perplexity(bin_dir: Path, gguf: Path, ctx: int, threads: int, chunks: 
 def main() -> int:
     """Run the rows, print the markdown table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=None, help="a .gguf file (default: the bundled SmolLM2 Q4_1)")
+    ap.add_argument("--model", default=None,
+                    help="a .gguf file or a float model folder (default: the bundled SmolLM2 Q4_1 GGUF)")
     ap.add_argument("--ctx", type=int, default=512, help="tokens per chunk (llama-perplexity -c)")
     ap.add_argument("--chunks", type=int, default=None, help="score only the first N chunks (both engines)")
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt")
@@ -131,17 +148,15 @@ def main() -> int:
     args = ap.parse_args()
 
     from meshlm import SamplingParams
-    from meshlm.checkpoint import resolve_folder
     from meshlm.checkpoint.cache import default_gguf_path
 
-    file = Path(args.model) if args.model else default_gguf_path()
-    file = file if file.suffix.lower() == ".gguf" else None
-    folder = resolve_folder(args.model, progress=True)
+    model = Path(args.model).expanduser() if args.model else default_gguf_path()
+    file = model if model.suffix.lower() == ".gguf" else None
     greedy = SamplingParams(max_tokens=args.new_tokens, ignore_eos=True)
     results: dict[str, dict] = {}
     ref_tokens = prompts = None
     for row in ["float32"] + [r for r in args.precisions if r != "float32"]:
-        llm, why = open_llm(row, file, folder)
+        llm, why = open_llm(row, model, file)
         if llm is None:
             common.log(f"{row}: skipped ({why})")
             results[row] = {"skipped": why}

@@ -7,7 +7,8 @@ tokenizer adds one), and only its second half is scored: the logits at positions
 tokens ctx/2+1 .. ctx-1, so every scored token sees at least ctx/2 tokens of context.
     PPL = exp(mean NLL), NLL in nats, accumulated in float64;
     +/- = PPL x sqrt(var(NLL) / (n - 1)), llama.cpp's uncertainty.
-The text ships in the package (meshlm/data/alice.txt; its source in data/README.md).
+The text ships in the package (meshlm/data/alice.txt; its source in data/README.md). float_gguf writes the
+float32 copy of a quantized GGUF that `--quantize` takes (it refuses an already quantized file).
 """
 
 from __future__ import annotations
@@ -44,6 +45,31 @@ class Agreement:
     identical: int  # prompts whose every token matches the reference's
     prefix: float  # mean count of leading tokens that match
     forced: float  # fed the reference's tokens, the fraction of positions whose argmax is the reference's token
+
+
+def float_gguf(src: str | Path, dst: str | Path) -> Path:
+    """Write a copy of GGUF file src with every tensor dequantized to float32 (metadata unchanged): the
+    weights `--dtype float32` loads from src, as a float model that `--quantize` accepts."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(src))
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    out = gguf.GGUFWriter(str(tmp), reader.fields["general.architecture"].contents())
+    for f in reader.fields.values():
+        if f.name == "general.architecture" or f.name.startswith("GGUF."):
+            continue  # the writer adds these itself
+        kind, sub = f.types[0], f.types[-1]
+        out.add_key_value(f.name, f.contents(), kind, sub_type=sub if kind == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        out.add_tensor(t.name, np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32))
+    out.write_header_to_file()
+    out.write_kv_data_to_file()
+    out.write_tensors_to_file()
+    out.close()
+    tmp.rename(dst)
+    return dst
 
 
 def text_ids(tokenizer: Any, limit: int | None = None) -> list[int]:

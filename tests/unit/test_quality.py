@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from meshlm.quality import TEXT, perplexity, text_ids
+from meshlm.quality import TEXT, float_gguf, perplexity, text_ids
 
 # llama.cpp on the same text and weights, measured 2026-12-06 (llama.cpp vendored in llama-cpp-python 0.3.36):
 #   llama-quantize --allow-requantize SmolLM2-135M-Instruct.Q4_1.gguf f32.gguf F32
@@ -21,6 +21,7 @@ from meshlm.quality import TEXT, perplexity, text_ids
 LLAMA_F32_PPL = 19.2592
 LLAMA_Q4_0_PPL = 23.1514
 CTX = 512
+BATCH = 6  # chunks per forward: 2 forwards for the 11 chunks (the PyTorch quantized path dequantizes per forward)
 
 
 class _HF:
@@ -77,20 +78,26 @@ def test_shipped_text_is_a_few_thousand_tokens(smollm2):
     assert 5_632 <= len(text_ids(smollm2.tokenizer)) < 6_500
 
 
-def _quantized(name: str):
-    """The bundled model's float32 weights quantized at load (--quantize name)."""
-    from meshlm import LLM
-    from meshlm.checkpoint import resolve_folder
+@pytest.fixture(scope="module")
+def smollm2_f32(tmp_path_factory):
+    """The bundled GGUF dequantized to a float32 GGUF: the float weights --quantize takes."""
+    from meshlm.checkpoint.cache import default_gguf_path
 
-    folder = str(resolve_folder(None, progress=False))
+    return float_gguf(default_gguf_path(), tmp_path_factory.mktemp("quality") / "smollm2-f32.gguf")
+
+
+def _quantized(path, name: str):
+    """The float32 weights at `path` quantized at load (--quantize name)."""
+    from meshlm import LLM
+
     if "quantize" in inspect.signature(LLM).parameters:
-        return LLM(folder, dtype="float32", quantize=name, progress=False)
+        return LLM(str(path), dtype="float32", quantize=name, progress=False)
     # TODO(lead): delete this branch once LLM(quantize=) is merged: it swaps the decoder layers' Linear
-    # weights for kept ones by hand (qformat), the embedding/head stay float32.
+    # weights for kept ones by hand (qformat); the embedding/head stay float32.
     from meshlm.kernels.gemv import Linear
     from meshlm.kernels.qformat import QUANTIZE, quant_weight, quantize_rows
 
-    out = LLM(folder, dtype="float32", progress=False)
+    out = LLM(str(path), dtype="float32", progress=False)
     for mod_name, mod in out.model.named_modules():
         if isinstance(mod, Linear) and mod_name.startswith("layers."):
             w = mod.weight.detach().float()
@@ -98,15 +105,32 @@ def _quantized(name: str):
     return out
 
 
+def test_the_float_copy_is_the_files_weights(smollm2, smollm2_f32):
+    """float_gguf's copy loads to the very logits of the file dequantized at load, tokenizer included."""
+    from meshlm import LLM
+
+    ids = [text_ids(smollm2.tokenizer, 64)]
+    with LLM(str(smollm2_f32), dtype="float32", progress=False) as copy:
+        assert copy.tokenizer.encode(TEXT.read_text()[:2000]) == smollm2.tokenizer.encode(TEXT.read_text()[:2000])
+        assert torch.equal(copy.logits(ids), smollm2.logits(ids))
+
+
 @pytest.mark.slow
-def test_quantized_perplexity_against_float32(smollm2):
+def test_quantized_perplexity_against_float32(smollm2, smollm2_f32):
     """Bundled SmolLM2 (float32 = its Q4_1 dequantized), full shipped text at ctx 512: int8 (Q8_0) within 1%
-    of float32; int4 (Q4_0) no further from float32 than llama.cpp's Q4_0 file is from its F32 file."""
+    of float32; int4 (Q4_0) no further from float32 than llama.cpp's Q4_0 file is from its F32 file; the
+    file kept quantized (Q4_1 blocks, the same weights) within 1%."""
     ids = text_ids(smollm2.tokenizer)
-    f32 = perplexity(smollm2, ids, CTX)
-    with _quantized("int8") as m:
-        int8 = perplexity(m, ids, CTX)
+    f32 = perplexity(smollm2, ids, CTX, BATCH)
+    with _quantized(smollm2_f32, "int8") as m:
+        int8 = perplexity(m, ids, CTX, BATCH)
     assert abs(int8.ppl / f32.ppl - 1) <= 0.01, (int8.ppl, f32.ppl)
-    with _quantized("int4") as m:
-        int4 = perplexity(m, ids, CTX)
+    with _quantized(smollm2_f32, "int4") as m:
+        int4 = perplexity(m, ids, CTX, BATCH)
     assert int4.ppl / f32.ppl <= LLAMA_Q4_0_PPL / LLAMA_F32_PPL, (int4.ppl, f32.ppl, LLAMA_Q4_0_PPL, LLAMA_F32_PPL)
+    from meshlm import LLM
+
+    if "quantize" in inspect.signature(LLM).parameters:  # TODO(lead): always, once dtype="auto" is merged
+        with LLM(None, dtype="auto", progress=False) as m:
+            kept = perplexity(m, ids, CTX, BATCH)
+        assert abs(kept.ppl / f32.ppl - 1) <= 0.01, (kept.ppl, f32.ppl)
