@@ -12,6 +12,7 @@ from meshlm.config import ModelConfig
 from meshlm.errors import ConfigError
 from meshlm.plan import cluster as clusters
 from meshlm.plan.layout import OBJECTIVES, Layout, Workload
+from meshlm.plan.weights import QUANTIZE, WeightFormat, gguf_format
 
 
 def model_config(model: str | None) -> tuple[ModelConfig, str]:
@@ -36,6 +37,22 @@ def model_config(model: str | None) -> tuple[ModelConfig, str]:
         raise ConfigError(f"{path} is not valid JSON ({e}).") from None
     name = raw.get("_name_or_path") or (path.parent.name if path.name == "config.json" else path.stem)
     return ModelConfig.from_hf(raw), str(name)
+
+
+def weight_format(model: str | None, dequantize: bool, quantize: str | None) -> WeightFormat:
+    """How the engine will store --model's weights: --quantize's format; else a GGUF's kept formats (the
+    bundled model is a Q4_1 GGUF) unless an explicit float dtype dequantizes it; else the compute dtype."""
+    if quantize:
+        return WeightFormat.quantized(quantize)
+    if dequantize:
+        return WeightFormat()
+    if model is None:
+        from meshlm.checkpoint.cache import default_gguf_path
+
+        path = default_gguf_path()
+    else:
+        path = Path(model).expanduser()
+    return gguf_format(path) if path.suffix.lower() == ".gguf" and path.is_file() else WeightFormat()
 
 
 def _workload_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +83,12 @@ def add_parser(sub: Any) -> None:
                    help=f"preset ({', '.join(clusters.PRESETS)}), a JSON/YAML file, or local (default: this "
                         "machine's calibrated profile)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weight and compute dtype (default: float32 on CPU hosts, bfloat16 otherwise)")
+                   help="compute dtype (default: float32 on CPU hosts, bfloat16 otherwise); given with a .gguf "
+                        "model, its weights are planned dequantized to it, as generate/serve --dtype do")
+    p.add_argument("--quantize", default=None, choices=list(QUANTIZE),
+                   help="plan the decoder layers' weights quantized at load: int8 (Q8_0, 34/32 bytes a weight), "
+                        "int4 (Q4_0, 18/32), int4-min (Q4_1, 20/32). Default: a .gguf model's own formats "
+                        "(the bundled SmolLM2: Q4_1 layers, Q8_0 embedding), else the dtype")
     _workload_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--calibrate", action="store_true",
@@ -98,7 +120,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cfg, name = model_config(args.model)
     c = clusters.resolve(args.cluster)
     dtype = args.dtype or ("float32" if c.node.shared_memory else "bfloat16")
-    plan = search(cfg, c, workload_from(args), dtype, name)
+    weights = weight_format(args.model, args.dtype is not None, args.quantize)
+    plan = search(cfg, c, workload_from(args), dtype, name, weights)
     print(json.dumps(plan_json(plan), indent=1) if args.json else format_plan(plan, cfg, c))
     return 0 if plan.chosen is not None else 1
 
@@ -119,7 +142,8 @@ def cmd_dry_run(args: argparse.Namespace, kv_default: float) -> int:
     else:
         work = Workload(prompt_tokens=max(1, context - 1), output_tokens=1, batch=1)
     kv_mb = getattr(args, "kv_cache_mb", None)
-    dtype = "float32" if args.dtype == "auto" else args.dtype  # priced as float weights of the compute dtype
-    ok, text = dry_run(cfg, layout, c, work, dtype, kv_mb * 2**20 if kv_mb else kv_default)
+    dtype = "float32" if args.dtype == "auto" else args.dtype  # auto: the file's formats, float32 compute
+    weights = weight_format(args.model, args.dtype != "auto", getattr(args, "quantize", None))
+    ok, text = dry_run(cfg, layout, c, work, dtype, kv_mb * 2**20 if kv_mb else kv_default, weights)
     print(text, file=sys.stdout)
     return 0 if ok else 1

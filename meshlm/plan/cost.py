@@ -5,7 +5,9 @@ One forward of T tokens on a rank is a sum of rooflines, max(FLOPs / rate, bytes
 parts (the layers' matmuls, attention over the cached keys at the attention kernels' rate, the vocab head
 for sampled rows), plus the elementwise traffic of activations (norms, rotary, SiLU, residuals: passes
 over [T, H], [T, I] and [T, q/k/v] at memory bandwidth), plus a software overhead per layer and per step.
-Prefill is compute-bound, decode bandwidth-bound: a decode step streams every weight of the stage once.
+Prefill is compute-bound, decode bandwidth-bound: a decode step streams every weight of the stage once,
+each at its storage format's bytes (plan/weights.py: Q4_0 18/32 bytes a weight, F32 4), read at the
+device's streaming rate for the compute dtype; matmul FLOPs run at the compute dtype's rate.
 A tensor-parallel stage adds, per forward, an all-reduce of the [T, H] embedding output on the first
 stage, two per layer (after o_proj and down_proj), and the all-gather of the sampled rows' fp32 logits on
 the last stage: ring all-reduce 2(p-1)a + 2(p-1)/p n/b, all-gather (p-1)a + (p-1)/p n/b on the link the
@@ -41,6 +43,7 @@ from meshlm.config import ModelConfig
 from meshlm.parallel.partition import MIN_CHUNK, auto_chunks
 from meshlm.plan.cluster import Cluster, Link
 from meshlm.plan.layout import BYTES, Layout, RankShare, Workload, rank_shares
+from meshlm.plan.weights import WeightFormat
 
 # Elementwise passes per layer (each reads or writes the tensor once), counted from meshlm's Llama layer:
 ACT_H = 18  # over [T, H]: two RMSNorms (~6 passes each), two residual adds
@@ -124,7 +127,7 @@ class Pass:
 
 @dataclass(frozen=True)
 class Rates:
-    """What one rank achieves: matmul and attention FLOP/s, streaming bytes/s; bytes per element."""
+    """What one rank achieves: matmul and attention FLOP/s, streaming bytes/s; bytes per activation element."""
 
     matmul: float
     attention: float
@@ -146,10 +149,11 @@ def forward_seconds(cfg: ModelConfig, share: RankShare, work: Pass, r: Rates) ->
     mlp_active = 3 * h * share.inter * (cfg.num_experts_per_tok if cfg.is_moe else 1)
     mlp_read = 3 * h * share.inter * touched + h * cfg.num_experts
     linear, lb = _roof(2 * work.tokens * (attn_w + mlp_active) * share.layers,
-                       (attn_w + mlp_read) * share.layers * elem, r.matmul, r.bandwidth)
+                       (attn_w + mlp_read) * share.layers * share.matmul_bytes, r.matmul, r.bandwidth)
     attn, ab = _roof(4 * share.q_heads * d * work.pairs * share.layers,
                      2 * share.kv_heads * d * work.kv_read * share.layers * elem, r.attention, r.bandwidth)
-    head, _ = _roof(2 * work.rows * share.head_params, share.head_params * elem, r.matmul, r.bandwidth)
+    head, _ = _roof(2 * work.rows * share.head_params, share.head_params * share.head_bytes, r.matmul,
+                    r.bandwidth)
     passes = ACT_H * h + ACT_I * share.inter + ACT_QKV * (share.q_heads + 2 * share.kv_heads) * d
     act = work.tokens * passes * share.layers * elem / r.bandwidth
     compute_bound = lb if linear >= attn else ab
@@ -182,11 +186,12 @@ def threads_per_rank(cluster: Cluster, layout: Layout) -> int:
 class Model:
     """Costs of a (model, layout, cluster, dtype): stage times, hops and the two phases."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout, cluster: Cluster, dtype: str) -> None:
+    def __init__(self, cfg: ModelConfig, layout: Layout, cluster: Cluster, dtype: str,
+                 weights: WeightFormat | None = None) -> None:
         self.cfg, self.layout, self.cluster, self.dtype = cfg, layout, cluster, dtype
         self.elem = BYTES[dtype]
         self.threads = threads_per_rank(cluster, layout)
-        self.shares = rank_shares(cfg, layout, dtype)
+        self.shares = rank_shares(cfg, layout, dtype, weights)
         node, tp, pp, world = cluster.node, layout.tp, layout.pp, layout.world
         # Stage hops go through torch.distributed (gloo, NCCL), never shared memory; the per-step control
         # message takes the transport the tensor-parallel group takes.
@@ -310,9 +315,10 @@ class Model:
                      m, crit.bound)
 
 
-def estimate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dtype: str) -> Estimate:
-    """Predicted TTFT and TPOT terms and throughput of `layout` serving `work`."""
-    model = Model(cfg, layout, cluster, dtype)
+def estimate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dtype: str,
+             weights: WeightFormat | None = None) -> Estimate:
+    """Predicted TTFT and TPOT terms and throughput of `layout` serving `work` (weights: their storage)."""
+    model = Model(cfg, layout, cluster, dtype, weights)
     pre, dec = model.prefill(work), model.decode(work)
     tput = layout.dp * work.batch / dec.total
     return Estimate(layout, pre, dec, tput, tput / (layout.world * model.threads))

@@ -16,8 +16,9 @@ from typing import Any
 from meshlm.config import ModelConfig
 from meshlm.errors import ConfigError
 from meshlm.parallel.partition import even_partition, head_partition, plan_stages
+from meshlm.plan.weights import FLOAT_BYTES, WeightFormat
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BYTES = FLOAT_BYTES  # per element of the compute dtype: activations, KV cache, float weights
 OBJECTIVES = ("throughput", "ttft", "tpot")
 
 
@@ -127,6 +128,9 @@ class RankShare:
     layer_params: int  # of which in one decoder layer (the matmul weights a token streams)
     head_params: int  # the vocab-parallel head on the last stage (0 elsewhere)
     kv_bytes_per_token: int
+    weight_bytes: float  # bytes of every weight stored on this rank, each in its format
+    matmul_bytes: float  # bytes per weight of the decoder layers' matmuls (what a decode step streams)
+    head_bytes: float  # bytes per weight of the embedding / output head
 
 
 def stage_sizes(cfg: ModelConfig, pp: int) -> list[int]:
@@ -134,9 +138,13 @@ def stage_sizes(cfg: ModelConfig, pp: int) -> list[int]:
     return [p.stop - p.start for p in plan_stages(cfg, pp)]
 
 
-def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str) -> list[RankShare]:
-    """Every (stage, tp index) share of one replica, exact under meshlm's uneven splits."""
+def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str,
+                weights: WeightFormat | None = None) -> list[RankShare]:
+    """Every (stage, tp index) share of one replica, exact under meshlm's uneven splits; weights in
+    `weights`' formats (default: all in dtype), norms, biases and routers in dtype."""
     h, d, tp, elem = cfg.hidden_size, cfg.head_dim, layout.tp, BYTES[dtype]
+    weights = weights or WeightFormat()
+    wb, eb = weights.layer_bytes(dtype), weights.embed_bytes(dtype)
     heads = head_partition(cfg.num_heads, cfg.num_kv_heads, tp)
     inter = even_partition(cfg.intermediate_size, tp)
     vocab = even_partition(cfg.vocab_size, tp)
@@ -151,16 +159,18 @@ def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str) -> list[RankShare]
             bias = (q + 2 * kv) * d if cfg.attention_bias else 0
             bias += h if cfg.attention_out_bias else 0
             bias += 2 * i_local + h if cfg.mlp_bias else 0
-            mlp = 3 * h * i_local * max(1, cfg.num_experts) + h * cfg.num_experts
-            layer = attn + bias + mlp + 2 * h
+            matmul = attn + 3 * h * i_local * max(1, cfg.num_experts)
+            small = bias + h * cfg.num_experts + 2 * h  # biases, MoE router, two norms
+            layer = matmul + small
             head = v_local * h if last else 0
             embed = v_local * h if first and not (last and cfg.tie_word_embeddings) else 0
             params = n_layers * layer + embed + head + (h if last else 0)
+            nbytes = n_layers * (matmul * wb + small * elem) + (embed + head) * eb + (h * elem if last else 0)
             out.append(RankShare(s, i, n_layers, q, kv, i_local, params, layer, head,
-                                 2 * n_layers * kv * d * elem))
+                                 2 * n_layers * kv * d * elem, nbytes, wb, eb))
     return out
 
 
-def largest_share(cfg: ModelConfig, layout: Layout, dtype: str) -> RankShare:
+def largest_share(cfg: ModelConfig, layout: Layout, dtype: str, weights: WeightFormat | None = None) -> RankShare:
     """The rank that holds the most bytes (weights, then KV per token): memory is sized for it."""
-    return max(rank_shares(cfg, layout, dtype), key=lambda r: (r.params, r.kv_bytes_per_token))
+    return max(rank_shares(cfg, layout, dtype, weights), key=lambda r: (r.weight_bytes, r.kv_bytes_per_token))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from meshlm.config import ModelConfig
 from meshlm.plan.cluster import GIB, Cluster
 from meshlm.plan.layout import BYTES, Layout, RankShare, Workload, rank_shares
+from meshlm.plan.weights import WeightFormat
 
 GB = 1e9
 
@@ -62,23 +63,24 @@ def activation_bytes(cfg: ModelConfig, share: RankShare, work: Workload, dtype: 
 
 
 def check(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dtype: str,
-          kv_budget: float | None = None) -> MemoryReport:
-    """The memory report of the neediest rank; kv_budget (bytes per rank) fixes the KV pool's size."""
+          kv_budget: float | None = None, weights: WeightFormat | None = None) -> MemoryReport:
+    """The memory report of the neediest rank; kv_budget (bytes per rank) fixes the KV pool's size;
+    weights: how the weights are stored (default: in dtype)."""
     dev = cluster.node.device
     usable = usable_bytes(cluster, layout)
-    shares = rank_shares(cfg, layout, dtype)
+    shares = rank_shares(cfg, layout, dtype, weights)
     last = layout.pp - 1
     per_seq = min(work.context, cfg.max_position)
     need = work.batch * per_seq
     worst: tuple[float, MemoryReport] | None = None
     for s in shares:
-        weights = s.params * BYTES[dtype]
+        wbytes = s.weight_bytes
         act = activation_bytes(cfg, s, work, dtype, s.stage == last)
-        fixed = weights + act + dev.reserved
+        fixed = wbytes + act + dev.reserved
         pool = (usable - fixed) if kv_budget is None else min(kv_budget, usable - fixed)
         tokens = max(0, int(pool // s.kv_bytes_per_token)) if s.kv_bytes_per_token else 10**12
         used = fixed + (need * s.kv_bytes_per_token if kv_budget is None else kv_budget)
-        rep = MemoryReport(f"stage {s.stage} / tp {s.tp_index}", weights, s.kv_bytes_per_token, act,
+        rep = MemoryReport(f"stage {s.stage} / tp {s.tp_index}", wbytes, s.kv_bytes_per_token, act,
                            dev.reserved, usable, tokens, need, per_seq, tokens >= need and fixed <= usable,
                            (usable - used) / usable)
         key = used - usable if rep.ok else (1e30 + used - usable)
@@ -100,7 +102,7 @@ def _why(rep: MemoryReport, work: Workload, cluster: Cluster, layout: Layout, fi
         return (f"memory: rank {rep.rank} needs {rep.weights / GB:.1f} GB of weights + "
                 f"{rep.activations / GB:.2f} GB of activations + {rep.reserved / GB:.1f} GB runtime = "
                 f"{fixed / GB:.1f} GB, over its {where}. Fix: spread the model over more ranks (raise tp "
-                "inside a node, pp across nodes) or use a smaller dtype.")
+                "inside a node, pp across nodes), a smaller dtype or --quantize int8 / int4.")
     per_seq = rep.per_seq
     if rep.kv_tokens < per_seq:
         pool = "the KV pool (--kv-cache-mb)" if fixed_pool else "the memory left after weights"

@@ -13,6 +13,7 @@ from meshlm.plan.cost import Estimate, Terms, estimate
 from meshlm.plan.layout import Layout, Workload, rank_shares
 from meshlm.plan.memory import GB, MemoryReport, check
 from meshlm.plan.search import Candidate, Plan, spans_nodes
+from meshlm.plan.weights import WeightFormat
 
 TERMS = (("compute", "compute"), ("collectives", "tp collectives"), ("control", "control messages"),
          ("p2p", "pipeline transfers"), ("bubble", "pipeline bubble"))
@@ -65,7 +66,8 @@ def placement(layout: Layout, cluster: Cluster) -> str:
 def format_plan(plan: Plan, cfg: ModelConfig, cluster: Cluster) -> str:
     """The human table: chosen layout, binding constraint, each term, ranked and rejected layouts."""
     w, dev = plan.workload, cluster.node.device
-    out = [f"model {plan.model}: {cfg.num_params() / 1e9:.2f} B parameters, {plan.dtype}; cluster "
+    out = [f"model {plan.model}: {cfg.num_params() / 1e9:.2f} B parameters, {plan.dtype} compute, weights "
+           f"{plan.weights.describe(plan.dtype)}; cluster "
            f"{cluster.name}: {cluster.nodes} node(s) x {cluster.node.devices} {dev.name}",
            f"workload: batch {w.batch}, prompt {w.prompt_tokens} + output {w.output_tokens} tokens, "
            f"objective {w.objective}" + (f", TTFT <= {w.slo_ttft_s * 1e3:.0f} ms" if w.slo_ttft_s else "")
@@ -108,6 +110,7 @@ def candidate_json(c: Candidate) -> dict[str, Any]:
 def plan_json(plan: Plan) -> dict[str, Any]:
     """The plan as plain data, for machines (`meshlm plan --json`)."""
     return {"model": plan.model, "cluster": plan.cluster, "dtype": plan.dtype,
+            "weights": plan.weights.describe(plan.dtype),
             "workload": asdict(plan.workload),
             "chosen": candidate_json(plan.chosen) if plan.chosen else None, "binding": plan.binding,
             "fix": plan.fix, "ranked": [candidate_json(c) for c in plan.ranked],
@@ -115,9 +118,11 @@ def plan_json(plan: Plan) -> dict[str, Any]:
 
 
 def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dtype: str,
-            kv_budget: float | None = None) -> tuple[bool, str]:
+            kv_budget: float | None = None, weights: WeightFormat | None = None) -> tuple[bool, str]:
     """Check a layout before any process starts: heads, memory, KV against the longest request; the fix."""
-    lines = [f"dry run: {layout} on {cluster.name}, {dtype}; no process started, no weights loaded"]
+    weights = weights or WeightFormat()
+    lines = [f"dry run: {layout} on {cluster.name}, {dtype} compute, weights {weights.describe(dtype)}; "
+             "no process started, no weights loaded"]
     if layout.world > cluster.devices:
         lines.append(f"note: {layout.world} ranks on {cluster.devices} devices: ranks share devices"
                      + (f" (cores); the cost model gives each rank its share of the cores while more than "
@@ -132,11 +137,11 @@ def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, 
     lines.append(f"heads per tp rank: q {'+'.join(str(s.q_heads) for s in first)} of {cfg.num_heads}, "
                  f"kv {'+'.join(str(s.kv_heads) for s in first)} of {cfg.num_kv_heads}"
                  + (" (uneven split)" if len({s.q_heads for s in first}) > 1 else ""))
-    mem = check(cfg, layout, cluster, work, dtype, kv_budget)
+    mem = check(cfg, layout, cluster, work, dtype, kv_budget, weights)
     lines.append(memory_line(mem))
     if mem.ok:
         try:
-            e = estimate(cfg, layout, cluster, work, dtype)
+            e = estimate(cfg, layout, cluster, work, dtype, weights)
             guess = (f"; predicted TTFT {ms(e.prefill.total)} ms, TPOT {ms(e.decode.total)} ms on "
                      f"{cluster.name}")
         except ConfigError as err:  # the profile lacks this dtype's rate: the check stands without timings
@@ -144,7 +149,7 @@ def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, 
         lines.append(f"OK: KV holds {mem.kv_tokens:,} tokens >= {mem.kv_needed:,} needed{guess}")
         return True, "\n".join(lines)
     lines.append(f"FAIL {mem.reason}")
-    fits = fitting_layout(cfg, cluster, work, dtype, kv_budget)
+    fits = fitting_layout(cfg, cluster, work, dtype, kv_budget, weights)
     if fits is not None and fits != layout:
         lines.append(f"the smallest layout of this machine that fits: {fits} (run with --tp {fits.tp} "
                      f"--pp {fits.pp})")
@@ -152,7 +157,7 @@ def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, 
 
 
 def fitting_layout(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: str,
-                   kv_budget: float | None = None) -> Layout | None:
+                   kv_budget: float | None = None, weights: WeightFormat | None = None) -> Layout | None:
     """The one-replica layout with the fewest ranks (then the most tp) whose heads and memory fit."""
     for lay in sorted((Layout(1, pp, tp) for tp in range(1, cluster.devices + 1)
                        for pp in range(1, cluster.devices // tp + 1)), key=lambda x: (x.model_ranks, x.pp)):
@@ -160,6 +165,6 @@ def fitting_layout(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: st
             ParallelDims(pp=lay.pp, tp=lay.tp).check_model(cfg)
         except ConfigError:
             continue
-        if not spans_nodes(lay, cluster) and check(cfg, lay, cluster, work, dtype, kv_budget).ok:
+        if not spans_nodes(lay, cluster) and check(cfg, lay, cluster, work, dtype, kv_budget, weights).ok:
             return lay
     return None

@@ -16,8 +16,9 @@ from meshlm.errors import ConfigError
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.plan.cluster import Cluster
 from meshlm.plan.cost import Estimate, all_reduce, estimate
-from meshlm.plan.layout import BYTES, Layout, Workload
+from meshlm.plan.layout import BYTES, Layout, Workload, rank_shares
 from meshlm.plan.memory import GB, MemoryReport, check
+from meshlm.plan.weights import WeightFormat
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Plan:
     dtype: str
     workload: Workload
     chosen: Candidate | None
+    weights: WeightFormat = WeightFormat()  # how the weights are stored (None fields: in dtype)
     ranked: list[Candidate] = field(default_factory=list)  # accepted, best first
     rejected: list[Candidate] = field(default_factory=list)
     binding: str = ""  # what decided the choice
@@ -73,7 +75,8 @@ def _link_reason(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workl
             "put pp across nodes.")
 
 
-def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dtype: str) -> Candidate:
+def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dtype: str,
+             weights: WeightFormat | None = None) -> Candidate:
     """One layout's fate: rejected with a reason, or its memory report and estimate."""
     try:
         ParallelDims(dp=layout.dp, pp=layout.pp, tp=layout.tp).check_model(cfg)
@@ -82,10 +85,10 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload,
         return Candidate(layout, rejected=kind, reason=f"{kind}: {e}")
     if spans_nodes(layout, cluster):
         return Candidate(layout, rejected="link", reason=_link_reason(cfg, layout, cluster, work, dtype))
-    mem = check(cfg, layout, cluster, work, dtype)
+    mem = check(cfg, layout, cluster, work, dtype, weights=weights)
     if not mem.ok:
         return Candidate(layout, mem, rejected="memory", reason=mem.reason)
-    est = estimate(cfg, layout, cluster, work, dtype)
+    est = estimate(cfg, layout, cluster, work, dtype, weights)
     for name, limit, value in (("TTFT", work.slo_ttft_s, est.prefill.total),
                                ("TPOT", work.slo_tpot_s, est.decode.total)):
         if limit is not None and value > limit:
@@ -94,14 +97,16 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload,
     return Candidate(layout, mem, est)
 
 
-def search(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: str, name: str = "") -> Plan:
-    """Evaluate every layout of the cluster and choose by the workload's objective."""
-    cands = [evaluate(cfg, lay, cluster, work, dtype) for lay in layouts(cluster)]
+def search(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: str, name: str = "",
+           weights: WeightFormat | None = None) -> Plan:
+    """Evaluate every layout of the cluster and choose by the workload's objective (weights: their storage)."""
+    weights = weights or WeightFormat()
+    cands = [evaluate(cfg, lay, cluster, work, dtype, weights) for lay in layouts(cluster)]
     ok = sorted((c for c in cands if not c.rejected),
                 key=lambda c: (round(c.estimate.metric(work.objective), 12), c.layout.model_ranks, c.layout))
     bad = sorted((c for c in cands if c.rejected), key=lambda c: c.layout.model_ranks)
     plan = Plan(name or cfg.name or cfg.architecture, cluster.name, dtype, work, ok[0] if ok else None,
-                ok, bad)
+                weights, ok, bad)
     if not ok:
         return _no_fit(plan, cfg, cluster, work, dtype)
     return Plan(**{**plan.__dict__, "binding": binding(plan)})
@@ -131,14 +136,14 @@ def binding(plan: Plan) -> str:
 
 def _no_fit(plan: Plan, cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: str) -> Plan:
     """Nothing fits: say how many devices of this kind the weights alone need, and other levers."""
-    weights = cfg.num_params() * BYTES[dtype]
+    weights = rank_shares(cfg, Layout(), dtype, plan.weights)[0].weight_bytes
     dev = cluster.node.device
     per = dev.memory * dev.memory_utilization - dev.reserved
     need = -(-int(weights) // int(max(per, 1)))
     kinds = sorted({c.rejected for c in plan.rejected})
     fix = (f"no layout of {cluster.name} ({cluster.devices} x {dev.name}) fits: rejected for "
-           f"{', '.join(kinds)}. The {dtype} weights alone are {weights / GB:.1f} GB: at least {need} "
-           f"devices of {per / GB:.0f} GB usable each, before KV cache. Fix: add devices (nodes of "
-           f"{cluster.node.devices}: {-(-need // cluster.node.devices)}), use a smaller dtype, or lower the "
-           "batch or context.")
+           f"{', '.join(kinds)}. The {plan.weights.describe(dtype)} weights alone are {weights / GB:.1f} GB: "
+           f"at least {need} devices of {per / GB:.0f} GB usable each, before KV cache. Fix: add devices "
+           f"(nodes of {cluster.node.devices}: {-(-need // cluster.node.devices)}), use a smaller dtype or "
+           "--quantize, or lower the batch or context.")
     return Plan(**{**plan.__dict__, "fix": fix})

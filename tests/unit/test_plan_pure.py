@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-MODULES = ("cluster", "layout", "memory", "cost", "search", "report", "cli")
+MODULES = ("cluster", "layout", "memory", "cost", "search", "report", "cli", "weights")
 
 
 def test_plan_imports_no_torch_and_no_engine():
