@@ -54,8 +54,7 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
         full = source.shape(sources[0])
         part = part_for(name, full) if part_for else None
         if len(sources) == 1 and _quantizable(model, name):
-            head = name == "lm_head.weight" or (cfg.tie_word_embeddings and name == "embed_tokens.weight")
-            packed = load_quantized(source, sources[0], part, prec, device, conversions, head)
+            packed = load_quantized(source, sources[0], part, prec, device, conversions)
             if packed is not None:
                 _assign(model, name, packed, prec.dtype)
                 continue

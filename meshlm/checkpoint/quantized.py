@@ -46,11 +46,6 @@ class Precision:
     keep: bool  # GGUF quantized tensors stay quantized (--dtype auto)
     quantize: QFormat | None = None  # quantize float linear/embedding weights at load
 
-    def format_for(self, head: bool) -> QFormat | None:
-        """--quantize's format for a weight; the LM head (and an embedding tied to it) gets Q8_0 under the
-        4-bit formats, as llama-quantize keeps the output tensor at Q6_K (Q8_0: the nearest kept format)."""
-        return Q8_0 if head and self.quantize is not None else self.quantize
-
 
 def precision(dtype: str, quantize: str | None, dtypes: dict[str, torch.dtype]) -> Precision:
     """The Precision for --dtype (auto or a name in dtypes) and --quantize; a bad name fails naming the fix."""
@@ -143,9 +138,8 @@ def quantized_float(source: TensorSource, name: str, part: Slice | None, fmt: QF
 
 
 def load_quantized(source: TensorSource, name: str, part: Slice | None, p: Precision, device,
-                   conversions: Conversions, head: bool = False) -> nn.Parameter | None:
-    """The packed weight `name` (checkpoint naming) loads as under p, or None when it loads as float.
-    head: the LM head's matrix (the head, or an embedding tied to it)."""
+                   conversions: Conversions) -> nn.Parameter | None:
+    """The packed weight `name` (checkpoint naming) loads as under p, or None when it loads as float."""
     if len(source.shape(name)) != 2:
         return None
     if p.keep and hasattr(source, "tensor_type"):
@@ -153,7 +147,7 @@ def load_quantized(source: TensorSource, name: str, part: Slice | None, p: Preci
         if w is not None:
             return w
     if p.quantize is not None:
-        return quantized_float(source, name, part, p.format_for(head), device)
+        return quantized_float(source, name, part, p.quantize, device)
     return None
 
 
