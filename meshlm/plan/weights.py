@@ -58,10 +58,10 @@ class WeightFormat:
 
     @classmethod
     def quantized(cls, name: str) -> WeightFormat:
-        """--quantize NAME: the decoder layers' matmuls in its format (the embedding / head stay float)."""
+        """--quantize NAME: the loader quantizes the layers' matmuls and the embedding / head to its format."""
         if name not in QUANTIZE:
             raise ConfigError(f"--quantize {name!r} is unknown; use one of {', '.join(QUANTIZE)}.")
-        return cls(layers=QUANTIZE[name])
+        return cls(layers=QUANTIZE[name], embed=QUANTIZE[name])
 
 
 def kept(gguf_type: str) -> str | None:

@@ -116,7 +116,7 @@ def test_plan_cli_takes_quantize_and_the_files_formats(capsys):
         return data["weights"], data["chosen"]["memory"]["weights"]
 
     kept, q8, f32 = weights(), weights("--quantize", "int8"), weights("--dtype", "float32")
-    assert kept[0] == "Q4_1 layers, Q8_0 embedding" and q8[0] == "Q8_0 layers, float32 embedding"
+    assert kept[0] == "Q4_1 layers, Q8_0 embedding" and q8[0] == "Q8_0"
     assert f32[0] == "float32"
     assert kept[1] < q8[1] < f32[1]
-    assert pw.WeightFormat.quantized("int4") == pw.WeightFormat("Q4_0", None)
+    assert pw.WeightFormat.quantized("int4") == pw.WeightFormat("Q4_0", "Q4_0")
