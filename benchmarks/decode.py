@@ -42,11 +42,12 @@ RETRIES = 6
 
 
 def model_path(name: str) -> Path:
-    """Checkpoint folder: a random benchmark Llama, or the bundled SmolLM2-135M-Instruct (dequantized)."""
+    """Checkpoint folder: a random benchmark Llama, or the bundled SmolLM2-135M-Instruct (dequantized into a
+    cached Hugging Face folder, which transformers and meshlm both load)."""
     if name == "smollm2":
-        from meshlm.checkpoint import resolve_folder
+        from meshlm.checkpoint.cache import converted_folder, default_gguf_path
 
-        return resolve_folder(None, progress=False)
+        return converted_folder(default_gguf_path(), progress=False)
     return common.random_llama(name)
 
 

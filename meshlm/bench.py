@@ -90,7 +90,8 @@ def median(figs: list[Figures]) -> Figures:
 
 
 def run_layout(model: str | None, layout: Layout, cluster: Cluster, work: Workload, runs: int = 3,
-               dtype: str = "float32", transport: str | None = None, threads: int | None = None) -> BenchResult:
+               dtype: str = "float32", transport: str | None = None, threads: int | None = None,
+               quantize: str | None = None) -> BenchResult:
     """Load `model` at `layout` on the engine path, measure `work`, and pair it with the prediction."""
     from meshlm import LLM
     from meshlm.engine.engine import EngineConfig
@@ -102,7 +103,7 @@ def run_layout(model: str | None, layout: Layout, cluster: Cluster, work: Worklo
         res.skipped = "dp > 1: replicas do not talk to each other; bench one replica (dp=1)."
         return res
     try:
-        llm = LLM(model, tp=layout.tp, pp=layout.pp, threads=threads, dtype=dtype, progress=False,
+        llm = LLM(model, tp=layout.tp, pp=layout.pp, threads=threads, dtype=dtype, quantize=quantize, progress=False,
                   engine=EngineConfig(kv_cache_mb=KV_MB), transport=transport, comm_timeout_s=300.0)
     except MeshlmError as e:
         res.skipped = f"LLM(tp={layout.tp}, pp={layout.pp}) failed to start: {e}"
@@ -113,7 +114,8 @@ def run_layout(model: str | None, layout: Layout, cluster: Cluster, work: Worklo
             res.transport = llm.rank_info()[0].get("transport", t) or t
         cfg = llm.cfg
     res.measured = median(res.runs)
-    res.predicted = predict(cfg, layout, cluster, work, dtype, res.transport)
+    # The prediction prices float weights of the compute dtype (auto computes in float32).
+    res.predicted = predict(cfg, layout, cluster, work, "float32" if dtype == "auto" else dtype, res.transport)
     return res
 
 
@@ -142,7 +144,11 @@ def add_parser(sub: Any) -> None:
                    help="layout to run (repeatable)")
     b.add_argument("--model", default=None, help="HF folder or .gguf (default: the bundled SmolLM2-135M)")
     b.add_argument("--cluster", default=None, help="profile to predict with (default: local)")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    b.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="float32 (default: what the prediction prices), or auto: a GGUF's quantized weights as "
+                        "stored, float32 activations")
+    b.add_argument("--quantize", default=None, choices=["int8", "int4", "int4-min"],
+                   help="quantize a float model's linear and embedding weights at load (see meshlm generate)")
     b.add_argument("--threads", type=int, default=None, help="threads per rank (default: cores // ranks)")
     b.add_argument("--transport", default=None, choices=["auto", "shm", "gloo"],
                    help="the tp collectives' transport (default auto)")
@@ -157,7 +163,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Run each --layout and print predicted against measured."""
     c = clusters.resolve(args.cluster)
     work = Workload(prompt_tokens=args.prompt_tokens, output_tokens=args.new_tokens, batch=args.batch)
-    results = [run_layout(args.model, Layout.parse(t), c, work, args.runs, args.dtype, args.transport, args.threads)
+    results = [run_layout(args.model, Layout.parse(t), c, work, args.runs, args.dtype, args.transport, args.threads,
+                          args.quantize)
                for t in args.layout]
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=1))

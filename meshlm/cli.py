@@ -9,6 +9,7 @@ import sys
 from meshlm.bench import add_parser as add_bench_parser
 from meshlm.bench import cmd_bench
 from meshlm.errors import MeshlmError
+from meshlm.kernels.qformat import QUANTIZE
 from meshlm.plan.cli import add_parser as add_plan_parser
 from meshlm.plan.cli import cmd_dry_run, cmd_plan
 from meshlm.serve.cli import add_parser as add_serve_parser
@@ -27,8 +28,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="Hugging Face folder (config.json + *.safetensors) or .gguf file "
                         "(default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="compute and weight dtype (default float32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto (default): a GGUF's Q8_0/Q4_0/Q4_1 weights run as stored (other quantized types "
+                        "convert to those), everything else in float32; a dtype: every weight dequantized to it")
+    p.add_argument("--quantize", default=None, choices=list(QUANTIZE),
+                   help="quantize a float model's linear and embedding weights at load: int8 (Q8_0), int4 "
+                        "(Q4_0), int4-min (Q4_1); blocks of 32, activations in --dtype")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads per process (default: this host's cores shared evenly among its ranks, "
                         "measured fastest here; env MESHLM_THREADS)")
@@ -102,7 +107,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos)
-    with LLM(args.model, dtype=args.dtype, threads=args.threads, max_context=args.max_context, tp=args.tp,
+    with LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
+             max_context=args.max_context, tp=args.tp,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
              device=args.device,
              pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks)) as llm:
@@ -148,8 +154,9 @@ def _print_ranks(llm, wall_s: float) -> None:
         comm_s = sum(v["seconds"] for k, v in st.items() if k.startswith("tp/"))
         comm = (f" | collectives {comm_s * 1000:.0f} ms over {info.get('transport', '?')} "
                 f"({100 * comm_s / max(wall_s, 1e-9):.0f}% of generation)") if len(stats) > 1 else ""
+        formats = ", ".join(f"{k} {v:.0f}" for k, v in info.get("weight_mb_by_format", {}).items())
         print(f"  rank {info['rank']}: {info['q_heads']} q heads / {info['kv_heads']} kv heads | "
-              f"weights {info['weight_mb']:.0f} MB | peak RSS {info['peak_rss_mb']:.0f} MB | "
+              f"weights {info['weight_mb']:.0f} MB ({formats}) | peak RSS {info['peak_rss_mb']:.0f} MB | "
               f"{info['device']}{comm}", file=sys.stderr)
 
 

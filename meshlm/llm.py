@@ -11,6 +11,7 @@ from dataclasses import replace
 import torch
 
 from meshlm.checkpoint import open_checkpoint
+from meshlm.checkpoint.quantized import check_quantize, precision
 from meshlm.config import SamplingParams
 from meshlm.engine.engine import EngineConfig, LLMEngine
 from meshlm.engine.executor import Executor
@@ -25,27 +26,23 @@ from meshlm.parallel.pipeline import PipelineSpec, plan_stages
 log = logging.getLogger(__name__)
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """torch dtype for a CLI name."""
-    if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}.")
-    return DTYPES[name]
-
-
 class LLM:
     """Load a model once (on one process, or split over tp ranks) and generate from it.
 
     The ranks live until close(), the end of a `with` block, the last reference going away, or interpreter
     exit, whichever comes first. device: "auto" (CUDA when present), "cpu" or "cuda" (rank r on cuda:r).
+    dtype: "auto" (a GGUF's Q8_0/Q4_0/Q4_1 weights run as stored, other quantized types convert to those,
+    everything else float32), or "float32" / "bfloat16" / "float16" (every weight dequantized to it).
+    quantize: "int8" / "int4" / "int4-min" quantizes a float model's linear and embedding weights at load.
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "float32", threads: int | None = None,
+    def __init__(self, model: str | None = None, dtype: str = "auto", threads: int | None = None,
                  max_context: int | None = None, tp: int = 1, pp: int = 1, progress: bool = True,
-                 comm_timeout_s: float = 60.0, backend: str | None = None, gguf_direct: bool = False,
+                 comm_timeout_s: float = 60.0, backend: str | None = None, quantize: str | None = None,
                  engine: EngineConfig | None = None, pp_layers: Sequence[int] | None = None,
                  pipeline: PipelineSpec | None = None, transport: str | None = None,
                  device: str | None = None) -> None:
-        parse_dtype(dtype)
+        prec = precision(dtype, quantize, DTYPES)  # a bad name fails before any process starts
         dims = ParallelDims(tp=tp, pp=pp)
         choice = resolve_device(device, backend, dims.world_size)
         transport = resolve_transport(transport)  # auto | shm | gloo; a typo fails before any process starts
@@ -53,11 +50,13 @@ class LLM:
         if pp_layers is not None:
             pipeline = replace(pipeline, layers=tuple(pp_layers))
         # Refuse a layout the model cannot take before any process starts or any weight loads.
-        cfg = open_checkpoint(model, progress=progress, gguf_direct=gguf_direct).cfg
+        ckpt = open_checkpoint(model)
+        check_quantize(ckpt.source, ckpt.path, prec)
+        cfg = ckpt.cfg
         dims.check_model(cfg)
         plan_stages(cfg, pp, pipeline)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
-                          progress=progress, gguf_direct=gguf_direct, pipeline=pipeline,
+                          quantize=quantize, progress=progress, pipeline=pipeline,
                           transport=transport, device=choice)
         self.executor = Executor(spec, timeout_s=comm_timeout_s)
         # Closes the ranks once: on close(), when this object is collected, or at interpreter exit. It holds

@@ -86,7 +86,16 @@ def smollm2_hf():
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """meshlm's single-process LLM on the bundled SmolLM2 (default model), loaded once."""
+    """meshlm's single-process LLM on the bundled SmolLM2 (default model) dequantized to float32, as
+    transformers loads it; loaded once."""
+    from meshlm import LLM
+
+    return LLM(None, dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_q():
+    """The bundled SmolLM2 as `meshlm generate` runs it by default: its Q4_1/Q8_0 blocks kept; loaded once."""
     from meshlm import LLM
 
     return LLM(None, progress=False)

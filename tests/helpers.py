@@ -118,3 +118,103 @@ def load_reference(path: str | Path):
 
 if __name__ == "__main__":
     make_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
+
+
+# GGUF models written by the gguf package (llama.cpp's layout: reversed dims, q/k rows permuted per head).
+GGUF_K_SCALES = {"Q6_K": (208,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q3_K": (108,), "Q2_K": (80, 82)}  # fp16 fields
+
+
+def _gguf_permute(w, n_head: int):
+    """llama.cpp's convert_hf_to_gguf row order for q/k: per head, (2, r/2) -> (r/2, 2)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf_model(path: str | Path, qtype: str = "Q8_0", hidden: int = 128, inter: int = 256, heads: int = 4,
+                     kv_heads: int = 2, head_dim: int = 32, layers: int = 2, vocab: int = 500,
+                     raw: dict[str, str] | None = None) -> Path:
+    """A random llama GGUF whose 2-D weights are stored as qtype (norms F32), tokens 'w<i>.'; raw maps a
+    GGUF tensor name to another type written as random bytes (for unsupported-type errors)."""
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q
+
+    rng = np.random.default_rng(zlib.crc32(f"{qtype}{hidden}{head_dim}".encode()))
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_context_length(256)
+    w.add_vocab_size(vocab)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([BOS, EOS, UNK] + [token_text(i) for i in range(3, vocab)])
+    w.add_bos_token_id(BOS_ID)
+    w.add_eos_token_id(EOS_ID)
+
+    def matrix(name: str, rows: int, cols: int, n_head: int = 0) -> None:
+        x = (WEIGHT_STD * rng.standard_normal((rows, cols))).astype(np.float32)
+        if n_head:
+            x = _gguf_permute(x, n_head)
+        kind = (raw or {}).get(name, qtype)
+        t = Q[kind]
+        if kind == "F32":
+            w.add_tensor(name, x)
+        elif kind in GGUF_K_SCALES or name in (raw or {}):  # random blocks with small fp16 scales
+            block, size = gguf.GGML_QUANT_SIZES[t]
+            data = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+            for at in GGUF_K_SCALES.get(kind, ()):
+                data[..., at:at + 2] = np.frombuffer(np.float16(1e-4).tobytes(), np.uint8)
+            w.add_tensor(name, data.reshape(rows, -1), raw_dtype=t)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(x, t), raw_dtype=t)
+
+    def norm(name: str) -> None:
+        w.add_tensor(name, (1.0 + 0.2 * rng.standard_normal(hidden)).astype(np.float32))
+
+    matrix("token_embd.weight", vocab, hidden)
+    for i in range(layers):
+        norm(f"blk.{i}.attn_norm.weight")
+        matrix(f"blk.{i}.attn_q.weight", heads * head_dim, hidden, heads)
+        matrix(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden, kv_heads)
+        matrix(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
+        matrix(f"blk.{i}.attn_output.weight", hidden, heads * head_dim)
+        norm(f"blk.{i}.ffn_norm.weight")
+        matrix(f"blk.{i}.ffn_gate.weight", inter, hidden)
+        matrix(f"blk.{i}.ffn_up.weight", inter, hidden)
+        matrix(f"blk.{i}.ffn_down.weight", hidden, inter)
+    norm("output_norm.weight")
+    matrix("output.weight", vocab, hidden)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
+
+
+# Activations: the CPU quantized kernel rounds x to int8 per block of 32 (step max|x| / 127, error <= step / 2,
+# about 0.5% RMS of a block), as llama.cpp does. Through SmolLM2's 30 layers that moved the logits by 2.0-3.3%
+# of their RMS (measured against the same weights in float32; greedy near-ties it flipped were 0.06-0.16 apart
+# at a logit RMS of 5-13); the bound is 6%. (The PyTorch path, dequantize then F.linear, rounds nothing: 0.)
+ACTIVATION_ROUNDING = 0.06
+
+
+def assert_greedy_agrees(got: list[list[int]], ref: list[list[int]], prompts: list[list[int]],
+                         ref_logits, rel: float = ACTIVATION_ROUNDING) -> None:
+    """Greedy tokens equal the reference's, except at a near-tie: where a sequence first differs, the
+    reference's own logits there must rank its token above ours by less than 2 x rel x their RMS (what
+    activation rounding can move); the rest of that sequence is not compared. ref_logits: ids -> [B, S, V]."""
+    for p, g, r in zip(prompts, got, ref):
+        i = next((j for j, (a, b) in enumerate(zip(g, r)) if a != b), None)
+        if i is None:
+            assert len(g) == len(r)
+            continue
+        logits = ref_logits([p + r[:i]])[0, -1]
+        gap = (logits[r[i]] - logits[g[i]]).item()
+        assert gap < 2 * rel * logits.square().mean().sqrt().item(), \
+            f"token {i} differs ({g[i]} vs {r[i]}) and is no near-tie: the reference prefers its own by {gap:.3f}"

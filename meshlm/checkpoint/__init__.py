@@ -22,37 +22,8 @@ class Checkpoint:
     tokenizer: Tokenizer
 
 
-def resolve_folder(model: str | Path | None, progress: bool = True) -> Path:
-    """The Hugging Face folder for `model`: GGUF files (and the default) convert once into the cache."""
-    if model is None:
-        from meshlm.checkpoint.cache import converted_folder, default_gguf_path
-
-        return converted_folder(default_gguf_path(), progress=progress)
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise CheckpointError(
-            f"Model path {str(path)!r} does not exist. Pass a Hugging Face folder (config.json + "
-            "*.safetensors), a .gguf file, or omit --model to use the bundled SmolLM2-135M-Instruct."
-        )
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise CheckpointError(
-                f"{path} is a file but not a .gguf file. meshlm loads GGUF files or Hugging Face "
-                "safetensors folders (never pickle checkpoints); pass the folder that holds config.json."
-            )
-        from meshlm.checkpoint.cache import converted_folder
-
-        return converted_folder(path, progress=progress)
-    if not (path / "config.json").exists():
-        raise CheckpointError(
-            f"{path} has no config.json, so it is not a Hugging Face model folder. Point --model at the "
-            "folder that holds config.json and the .safetensors files, or at a .gguf file."
-        )
-    return path
-
-
-def open_gguf_direct(path: Path) -> Checkpoint:
-    """Read a GGUF file in place: each rank dequantizes only the rows it owns (no conversion cache)."""
+def gguf_checkpoint(path: Path) -> Checkpoint:
+    """Read a GGUF file in place: each rank reads only the rows (and blocks) it owns."""
     from meshlm.checkpoint.gguf import GGUFSource, gguf_tokenizer
 
     source = GGUFSource(path)
@@ -79,19 +50,34 @@ def _stop_ids(folder: Path, from_config: tuple[int, ...], tokenizer_eos: int | N
     return tuple(ids)
 
 
-def open_checkpoint(model: str | Path | None = None, progress: bool = True,
-                    gguf_direct: bool = False) -> Checkpoint:
+def open_checkpoint(model: str | Path | None = None) -> Checkpoint:
     """Open a checkpoint (folder, .gguf file, or None for the bundled default) without reading weights.
 
-    GGUF files convert once into a cached safetensors folder, unless gguf_direct reads them in place.
+    A GGUF file is read in place (its quantized tensors can stay quantized); a folder is Hugging Face's.
     """
-    if gguf_direct:
+    if model is None:
         from meshlm.checkpoint.cache import default_gguf_path
 
-        path = default_gguf_path() if model is None else Path(model).expanduser()
-        if path.suffix.lower() == ".gguf":
-            return open_gguf_direct(path)
-    folder = resolve_folder(model, progress=progress)
+        return gguf_checkpoint(default_gguf_path())
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"Model path {str(path)!r} does not exist. Pass a Hugging Face folder (config.json + "
+            "*.safetensors), a .gguf file, or omit --model to use the bundled SmolLM2-135M-Instruct."
+        )
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise CheckpointError(
+                f"{path} is a file but not a .gguf file. meshlm loads GGUF files or Hugging Face "
+                "safetensors folders (never pickle checkpoints); pass the folder that holds config.json."
+            )
+        return gguf_checkpoint(path)
+    if not (path / "config.json").exists():
+        raise CheckpointError(
+            f"{path} has no config.json, so it is not a Hugging Face model folder. Point --model at the "
+            "folder that holds config.json and the .safetensors files, or at a .gguf file."
+        )
+    folder = path
     try:
         raw = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as e:

@@ -1,4 +1,6 @@
-"""The bundled default GGUF, and GGUF -> Hugging Face folder conversion cached on disk."""
+"""The bundled default GGUF, and a GGUF's float32 Hugging Face folder cached on disk: the engine reads GGUF
+files in place; the folder is for what needs transformers' format (benchmarks/decode.py runs transformers
+and meshlm on the same float32 weights)."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader
 from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -149,7 +149,8 @@ class _Entry:
 
 
 class GGUFSource:
-    """TensorSource over a .gguf file: Hugging Face names and shapes, float32 values."""
+    """TensorSource over a .gguf file: Hugging Face names and shapes; read() gives float32 values, stored()
+    the file's own rows (meshlm/checkpoint/quantized.py keeps quantized ones as they are)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -185,22 +186,40 @@ class GGUFSource:
         dims = tuple(int(d) for d in reversed(e.tensor.shape.tolist()))
         return dims[1:] if e.expert is not None else dims
 
-    def read(self, name: str, part: Slice | None = None) -> torch.Tensor:
+    def tensor_type(self, name: str) -> Q:
+        """The GGML type a tensor is stored in."""
+        return self._entry(name).tensor.tensor_type
+
+    def stored(self, name: str, part: Slice | None = None) -> tuple[torch.Tensor, int]:
+        """The stored rows of `part` as in the file (GGUF bytes for quantized types; q/k rows in Hugging
+        Face order) and the first column they hold: a column slice widens to whole blocks of the type,
+        and only those bytes are read."""
         e = self._entry(name)
-        shape = self.shape(name)
         data = e.tensor.data if e.expert is None else e.tensor.data[e.expert]  # rows x (bytes or elements)
-        lo = 0
-        if part is not None and part.dim == 0 and data.shape[0] == shape[0]:
-            # Quantized blocks run along the last dim, so a row range dequantizes alone. Widen it to
-            # whole heads: the q/k permutation mixes rows within each head.
+        c0 = lo = 0
+        if part is not None and part.dim == 1:
+            bs, ts = GGML_QUANT_SIZES[e.tensor.tensor_type]
+            c0, c1 = part.start // bs * bs, -(-part.stop // bs) * bs
+            raw = data.dtype == np.uint8  # quantized (and BF16) rows are bytes; F32/F16 rows are values
+            data = data[:, c0 // bs * ts:c1 // bs * ts] if raw else data[:, c0:c1]
+        elif part is not None and part.dim == 0:
+            # Rows are independent in every type, so a row range reads alone. Widen it to whole heads:
+            # the q/k permutation mixes rows within each head.
             h = e.head_rows or 1
             lo, hi = part.start // h * h, -(-part.stop // h) * h
             data = data[lo:hi]
-        x = self._dequantize(name, e.tensor, data)
+        rows = torch.from_numpy(np.array(data))  # the copy reads these bytes of the mapping, no others
         if e.head_rows:
-            x = _unpermute(x, e.head_rows)
-        if part is not None:
-            x = x.narrow(part.dim, part.start - (lo if part.dim == 0 else 0), part.stop - part.start)
+            rows = _unpermute(rows, e.head_rows)
+        if part is not None and part.dim == 0:
+            rows = rows[part.start - lo:part.stop - lo]
+        return rows, c0
+
+    def read(self, name: str, part: Slice | None = None) -> torch.Tensor:
+        rows, c0 = self.stored(name, part)
+        x = self._dequantize(name, self._entry(name).tensor, rows.numpy())
+        if part is not None and part.dim == 1:
+            x = x[:, part.start - c0:part.stop - c0]
         return x.contiguous()
 
     def _entry(self, name: str) -> _Entry:
@@ -214,8 +233,9 @@ class GGUFSource:
         if t.tensor_type not in SUPPORTED_TYPES:
             raise CheckpointError(
                 f"GGUF tensor {t.name!r} ({name}) in {self.path} is {t.tensor_type.name}, which meshlm "
-                f"cannot dequantize (supported: {', '.join(q.name for q in SUPPORTED_TYPES)}). Re-quantize "
-                "the model to a supported type, e.g. `llama-quantize in-f16.gguf out.gguf Q4_K_M` (or Q8_0)."
+                f"cannot load (supported: {', '.join(q.name for q in SUPPORTED_TYPES)}; Q8_0, Q4_0 and Q4_1 run "
+                "as stored, other quantized types convert at load). Re-quantize the model to a supported type, "
+                "e.g. `llama-quantize in-f16.gguf out.gguf Q8_0` (or Q4_0, Q4_K_M)."
             )
         out = dequantize(np.asarray(data), t.tensor_type).astype(np.float32, copy=False)
         return torch.from_numpy(out if out.flags.writeable else out.copy())

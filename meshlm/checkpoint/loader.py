@@ -10,9 +10,12 @@ from torch import nn
 from tqdm import tqdm
 
 from meshlm.checkpoint.names import hf_names
+from meshlm.checkpoint.quantized import Conversions, Precision, load_quantized
 from meshlm.checkpoint.source import Slice, TensorSource
 from meshlm.config import ModelConfig
 from meshlm.errors import CheckpointError
+from meshlm.kernels.gemv import Embedding, Linear
+from meshlm.kernels.qformat import info
 from meshlm.models.registry import model_class
 
 log = logging.getLogger(__name__)
@@ -27,10 +30,15 @@ def build_meta(cfg: ModelConfig) -> nn.Module:
         return model_class(cfg)(cfg)
 
 
-def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype: torch.dtype,
+def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype: torch.dtype | Precision,
                  part_for: PartFn | None = None, progress: bool = False,
-                 device: torch.device | str = "cpu") -> nn.Module:
-    """Assign every parameter of `model` (on meta) from `source`, reading only the owned slices."""
+                 device: torch.device | str = "cpu", conversions: Conversions | None = None) -> nn.Module:
+    """Assign every parameter of `model` (on meta) from `source`, reading only the owned slices.
+
+    dtype: float weights in that dtype, or a Precision: the weights of kernels.Linear / kernels.Embedding
+    layers may load quantized (a GGUF's own blocks, or --quantize)."""
+    p = dtype if isinstance(dtype, Precision) else Precision(dtype, keep=False)
+    conversions = conversions if conversions is not None else Conversions()
     available = set(source.names())
     params = [(n, p) for n, p in model.named_parameters() if not _tied_head(model, cfg, n)]
     bar = tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False)
@@ -45,9 +53,14 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
             )
         full = source.shape(sources[0])
         part = part_for(name, full) if part_for else None
+        if len(sources) == 1 and _quantizable(model, name):
+            packed = load_quantized(source, sources[0], part, p, device, conversions)
+            if packed is not None:
+                _assign(model, name, packed, p.dtype)
+                continue
         tensors = [source.read(s, part) for s in sources]
         t = tensors[0] if len(tensors) == 1 else torch.stack(tensors)
-        _assign(model, name, t.to(device=device, dtype=dtype))
+        _assign(model, name, t.to(device=device, dtype=p.dtype), p.dtype)
     # Buffers computed at init (rotary frequencies) were built on meta: rebuild them on the device.
     for mod in model.modules():
         if hasattr(mod, "inv_freq") and mod.inv_freq.is_meta:
@@ -69,9 +82,24 @@ def _tied_head(model: nn.Module, cfg: ModelConfig, name: str) -> bool:
     return _tied(cfg, name) and getattr(model, "embed_tokens", None) is not None
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _quantizable(model: nn.Module, name: str) -> bool:
+    """Whether `name` is the weight of a layer whose forward takes a packed weight (kernels.Linear and
+    kernels.Embedding, their parallel subclasses included)."""
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    return attr == "weight" and isinstance(owner, (Linear, Embedding))
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+    owner._parameters[attr] = param  # a packed one keeps its .quant (qformat.quant_weight)
+    q = info(param)
+    rows, cols = (q.n, q.k - sum(q.pad)) if q is not None else tuple(param.shape[-2:]) if param.dim() > 1 \
+        else (0, 0)
     if isinstance(owner, nn.Linear) and attr == "weight":
-        owner.out_features, owner.in_features = tensor.shape
+        owner.out_features, owner.in_features = rows, cols
+    if isinstance(owner, nn.Embedding) and attr == "weight":
+        owner.num_embeddings, owner.embedding_dim = rows, cols
+        owner.out_dtype = dtype  # a packed table's rows come out in the compute dtype

@@ -11,10 +11,12 @@ import torch
 
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
+from meshlm.checkpoint.quantized import Conversions, check_quantize, describe_bytes, precision
 from meshlm.engine.engine import host_kv_budget_bytes
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.pipeline_stage import StageDriver
+from meshlm.kernels import pack_linears
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.device import DeviceChoice, rank_device
@@ -33,12 +35,12 @@ class WorkerSpec:
     """What every rank needs to build its part of the model (sent to spawned ranks)."""
 
     model: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"  # auto: a GGUF's quantized tensors stay quantized, the rest float32; else all float
+    quantize: str | None = None  # int8 | int4 | int4-min: quantize float linear/embedding weights at load
     threads: int | None = None
     max_context: int | None = None
     dims: ParallelDims = field(default_factory=ParallelDims)
     progress: bool = False
-    gguf_direct: bool = False  # read .gguf in place (each rank dequantizes its rows) instead of the cache
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)  # stage split and prompt chunks when pp > 1
     transport: str | None = None  # collectives: auto | shm | gloo (None: $MESHLM_TRANSPORT, else auto)
     device: DeviceChoice = field(default_factory=DeviceChoice)  # cpu (gloo) or cuda:<local rank> (nccl)
@@ -69,22 +71,32 @@ class Worker:
         self.ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or spec.dims.world_size)  # torchrun sets it
         self.threads = set_threads(spec.threads, self.ranks_here)
         self.anon_before_mb = memory_mb()["RssAnon"]
-        self.dtype = DTYPES[spec.dtype]
+        self.precision = precision(spec.dtype, spec.quantize, DTYPES)
+        self.dtype = self.precision.dtype
         t0 = time.perf_counter()
-        ckpt = open_checkpoint(spec.model, progress=spec.progress and rank == 0, gguf_direct=spec.gguf_direct)
+        ckpt = open_checkpoint(spec.model)
         self.cfg, self.tokenizer, self.path = ckpt.cfg, ckpt.tokenizer, ckpt.path
+        check_quantize(ckpt.source, self.path, self.precision)
         spec.dims.check_model(self.cfg)
         model = build_meta(self.cfg)
         self.stage = plan_stages(self.cfg, spec.dims.pp, spec.pipeline)[groups.pp.index]
         split_model(model, self.stage)  # a pipeline stage keeps (and loads) only its own modules
         part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp)
-        self.model = load_weights(model, self.cfg, ckpt.source, self.dtype, part_for=part_for,
-                                  progress=spec.progress and rank == 0, device=self.device)
+        conversions = Conversions()
+        self.model = load_weights(model, self.cfg, ckpt.source, self.precision, part_for=part_for,
+                                  progress=spec.progress and rank == 0, device=self.device, conversions=conversions)
+        pack_linears(self.model)  # on a CPU with the kernel: every float Linear weight in its packed layout
+        self.conversion_error = conversions.report()  # {"Q6_K->Q8_0": relative RMS error} of this rank's share
+        if self.conversion_error and rank == 0:
+            log.warning("%s: converted at load to kept formats, relative RMS error against the file's own "
+                        "values: %s", self.path.name, ", ".join(f"{k} {v:.2%}" for k, v in
+                                                                self.conversion_error.items()))
         self.max_context = min(spec.max_context or self.cfg.max_position, self.cfg.max_position)
         self.load_s = time.perf_counter() - t0
         keep_freed_memory()  # after loading: the load's temporaries go back to the OS as usual
         self.layout = ShardLayout.for_model(self.cfg, groups.tp.index, groups.tp.size)
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.format_bytes = describe_bytes(self.model)  # {"Q4_1": bytes, "float32": bytes}: packed as stored
+        self.weight_bytes = sum(self.format_bytes.values())
         log.info("rank %d: loaded %s (%.1f MB of weights, heads %s) in %.2fs", rank, self.path,
                  self.weight_bytes / 1e6, self.layout.mine, self.load_s)
 
@@ -94,6 +106,8 @@ class Worker:
         return {"rank": self.rank, "q_heads": self.layout.mine.num_q,
                 "kv_heads": self.layout.mine.kv_end - self.layout.mine.kv_start,
                 "weight_mb": self.weight_bytes / 1e6, "peak_rss_mb": mem["VmHWM"],
+                "weight_mb_by_format": {k: v / 1e6 for k, v in self.format_bytes.items()},
+                "conversion_error": self.conversion_error,
                 "anon_added_mb": mem["RssAnon"] - self.anon_before_mb,
                 "load_s": self.load_s, "threads": self.threads, "transport": self.groups.tp.transport,
                 "device": str(self.device),

@@ -49,7 +49,10 @@ class QFormat:
 Q4_0 = QFormat("Q4_0", 0, 2, 16)
 Q4_1 = QFormat("Q4_1", 1, 4, 16)
 Q8_0 = QFormat("Q8_0", 2, 2, 32)
-FORMATS = {f.name: f for f in (Q8_0, Q4_0, Q4_1)}
+F32 = QFormat("F32", 3, 0, 4 * BLOCK)  # float weights packed for the same kernel (no blocks, no scales)
+BF16 = QFormat("BF16", 4, 0, 2 * BLOCK)
+FORMATS = {f.name: f for f in (Q8_0, Q4_0, Q4_1)}  # the kept quantized formats
+FLOATS = {torch.float32: F32, torch.bfloat16: BF16}
 QUANTIZE = {"int8": Q8_0, "int4": Q4_0, "int4-min": Q4_1}  # --quantize names -> kept format
 
 
@@ -142,12 +145,52 @@ def quant_weight(rows: torch.Tensor, fmt: QFormat, k: int, pad: tuple[int, int] 
     return p
 
 
+def pack_float(w: torch.Tensor) -> torch.Tensor:
+    """Kernel layout of a float32 [N, K] (-> [G, K, 16]) or bfloat16 [N, K even] (-> [G, K/2, 16, 2]) weight."""
+    n, k = w.shape
+    g = -(-n // GROUP)
+    if g * GROUP != n:
+        w = torch.cat((w, w.new_zeros(g * GROUP - n, k)))
+    if w.dtype is torch.bfloat16:
+        return w.reshape(g, GROUP, k // 2, 2).transpose(1, 2).contiguous()
+    return w.reshape(g, GROUP, k).transpose(1, 2).contiguous()
+
+
+def float_weight(w: torch.Tensor) -> nn.Parameter:
+    """The layer parameter for a float32/bfloat16 weight [N, K] packed for the kernel, tagged."""
+    p = nn.Parameter(pack_float(w), requires_grad=False)
+    p.quant = QuantInfo(FLOATS[w.dtype], w.shape[0], w.shape[1])
+    return p
+
+
 def info(weight: torch.Tensor) -> QuantInfo | None:
-    """The QuantInfo of a packed weight, None for a plain float one."""
-    return getattr(weight, "quant", None) if weight.dtype is torch.uint8 else None
+    """The QuantInfo of a packed weight, None for a plain [N, K] one."""
+    return getattr(weight, "quant", None)
+
+
+def rows_of(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """float32 rows ids [T] of a packed weight: [T, K]."""
+    q = info(weight)
+    g, lane = ids // GROUP, ids % GROUP
+    if q.fmt is F32:
+        return weight[g, :, lane].float()
+    if q.fmt is BF16:
+        return weight[g, :, lane, :].reshape(len(ids), q.k).float()
+    fmt, cols = q.fmt, []
+    for i in range(fmt.scale_bytes // 2):  # scale array i (d, then m) starts at byte 32 * i
+        cols += [2 * GROUP * i + 2 * lane, 2 * GROUP * i + 2 * lane + 1]
+    s = fmt.scale_bytes * GROUP
+    for c in range(fmt.quant_bytes // 4):
+        cols += [s + 64 * c + 4 * lane + j for j in range(4)]
+    idx = torch.stack(cols, dim=-1)  # [T, block bytes]: where each GGUF byte of row `id` sits in its group
+    blocks = weight[g]  # [T, nb, 16 * block bytes]
+    rows = torch.gather(blocks, 2, idx[:, None, :].expand(-1, blocks.shape[1], -1))  # [T, nb, block bytes]
+    if fmt is Q8_0:
+        rows[..., fmt.scale_bytes:] ^= 0x80
+    return dequantize_rows(rows.reshape(len(ids), -1), fmt)
 
 
 def dequantize_weight(weight: torch.Tensor) -> torch.Tensor:
     """float32 [N, K] of a packed weight (K as stored, pads included)."""
     q = info(weight)
-    return dequantize_rows(unpack(weight, q.fmt, q.n), q.fmt)
+    return rows_of(weight, torch.arange(q.n, device=weight.device))

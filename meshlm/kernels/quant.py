@@ -1,7 +1,9 @@
-"""Linear layers and embeddings over packed quantized weights (qformat.py): the AVX-512 VNNI kernel in
-quant.cpp on CPUs that have it, plain PyTorch (dequantize, then F.linear) elsewhere and on CUDA.
+"""Linear layers and embeddings over packed weights (qformat.py): the AVX-512 kernel in quant.cpp on CPUs
+that have it (VNNI for the quantized formats), plain PyTorch (unpack or dequantize, then F.linear)
+elsewhere and on CUDA.
 
-The kernel quantizes each row of x to int8 per block of 32 (d = max|x| / 127, q = round-half-even(x / d)),
+For the quantized formats the kernel quantizes each row of x to int8 per block of 32
+(d = max|x| / 127, q = round-half-even(x / d)),
 as llama.cpp does for its Q8_0/Q4_0/Q4_1 dot products, and sums the int8 x int4/int8 products exactly in
 int32 per block; each block's sum is scaled in fp32. A row's result depends only on that row and the
 weight (never on the batch around it), for every M: decode, batched decode and prefill take one path.
@@ -15,28 +17,33 @@ import torch
 import torch.nn.functional as F
 
 from meshlm.kernels import qformat
-from meshlm.kernels.qformat import GROUP, QuantInfo
+from meshlm.kernels.qformat import QuantInfo
 
 log = logging.getLogger(__name__)
 
 
-def _kernel():
-    """The loaded ops when the CPU kernel is available (built with the decode kernels), else None."""
-    from meshlm.kernels.gemv import kernel, vnni
+_ops: list = []  # [ops or None] once decided
 
-    if not vnni():
-        return None
-    ops = kernel()
-    return ops if ops is not None and hasattr(ops, "quant_linear_many") else None
+
+def _kernel():
+    """The loaded ops when the CPU kernel is available (built with the other CPU kernels), else None."""
+    if not _ops:
+        from meshlm.kernels.gemv import kernel
+
+        _ops.append(kernel())
+    return _ops[0]
 
 
 def _pad(x: torch.Tensor, q: QuantInfo) -> torch.Tensor:
     return F.pad(x, q.pad) if q.pad != (0, 0) else x
 
 
-def _kernel_ok(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+def _kernel_ok(x: torch.Tensor, weights: list[torch.Tensor], infos: list[QuantInfo]) -> bool:
+    from meshlm.kernels.gemv import vnni
+
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and all(w.device.type == "cpu" for w in weights) and _kernel() is not None)
+            and all(w.device.type == "cpu" for w in weights) and _kernel() is not None
+            and (vnni() or all(q.fmt in qformat.FLOATS.values() for q in infos)))
 
 
 def qlinear_many(x: torch.Tensor, weights: list[torch.Tensor],
@@ -44,7 +51,7 @@ def qlinear_many(x: torch.Tensor, weights: list[torch.Tensor],
     """[x @ dequant(w).T + b] for packed weights sharing one input x [..., K] (one kernel call on CPU)."""
     infos = [qformat.info(w) for w in weights]
     shape = x.shape[:-1]
-    if _kernel_ok(x, weights) and len({q.pad for q in infos}) == 1:
+    if _kernel_ok(x, weights, infos) and len({q.pad for q in infos}) == 1:
         xp = _pad(x, infos[0]).reshape(-1, infos[0].k).contiguous()
         outs = _kernel().quant_linear_many(xp, weights, [q.fmt.code for q in infos], [q.n for q in infos],
                                            biases)
@@ -60,20 +67,4 @@ def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows `ids` [...] of a packed [V, H] table, dequantized: [..., H] in dtype."""
-    q = qformat.info(weight)
-    flat = ids.reshape(-1)
-    lane = flat % GROUP  # [T]
-    fmt = q.fmt
-    s = fmt.scale_bytes * GROUP
-    cols = []
-    for i in range(fmt.scale_bytes // 2):  # scale array i (d, then m) starts at byte 32 * i
-        cols += [2 * GROUP * i + 2 * lane, 2 * GROUP * i + 2 * lane + 1]
-    for c in range(fmt.quant_bytes // 4):
-        cols += [s + 64 * c + 4 * lane + j for j in range(4)]
-    idx = torch.stack(cols, dim=-1)  # [T, block bytes]: where each GGUF byte of row `id` sits in its group
-    blocks = weight[flat // GROUP]  # [T, nb, 16 * block bytes]
-    rows = torch.gather(blocks, 2, idx[:, None, :].expand(-1, blocks.shape[1], -1))  # [T, nb, block bytes]
-    if fmt is qformat.Q8_0:
-        rows[..., fmt.scale_bytes:] ^= 0x80
-    out = qformat.dequantize_rows(rows.reshape(len(flat), -1), fmt).to(dtype)
-    return out.view(*ids.shape, q.k)
+    return qformat.rows_of(weight, ids.reshape(-1)).to(dtype).view(*ids.shape, -1)

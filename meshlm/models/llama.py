@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.config import ModelConfig
-from meshlm.kernels import linear_many
+from meshlm.kernels import Embedding, linear_many
 from meshlm.models.layers import AttentionBackend, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -73,7 +73,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens: nn.Embedding | None = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleDict({str(i): self.make_block(cfg, i) for i in range(cfg.num_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head: nn.Linear | None = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.config import ModelConfig
+from meshlm.models.layers import Linear
 from meshlm.models.llama import PLAN as DENSE_PLAN
 from meshlm.models.llama import Block, Transformer
 
@@ -38,7 +39,7 @@ class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.top_k = cfg.num_experts_per_tok
-        self.router = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.router = Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,12 +16,11 @@ import fnmatch
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from meshlm.checkpoint.source import Slice
 from meshlm.config import ModelConfig
-from meshlm.kernels.gemv import linear
+from meshlm.kernels.gemv import Embedding, Linear, embed, linear
 from meshlm.models.mixtral import Experts
 from meshlm.parallel.comm import Comm
 from meshlm.parallel.partition import HeadShard, even_partition, head_partition  # noqa: F401 (re-exported)
@@ -49,8 +48,9 @@ class ShardLayout:
         return self.heads[self.index]
 
 
-class RowParallelLinear(nn.Linear):
-    """y = all_reduce(x_shard @ W_shard^T); the bias is added once (rank 0)."""
+class RowParallelLinear(Linear):
+    """y = all_reduce(x_shard @ W_shard^T); the bias is added once (rank 0). A packed quantized shard holds
+    the whole 32-blocks over its columns and pads x with zeros where the range cuts a block (exact)."""
 
     comm: Comm
 
@@ -59,7 +59,7 @@ class RowParallelLinear(nn.Linear):
         return self.comm.all_reduce(linear(x, self.weight, bias))  # decode-sized bf16: the GEMV kernel
 
 
-class VocabParallelEmbedding(nn.Embedding):
+class VocabParallelEmbedding(Embedding):
     """Rows [vocab_start, vocab_start + n) of the table; others contribute zeros; summed over ranks."""
 
     comm: Comm
@@ -67,12 +67,12 @@ class VocabParallelEmbedding(nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.vocab_start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)  # [B, S, H]
+        outside = (local < 0) | (local >= self.num_embeddings)  # this rank's rows (the loader sets it)
+        out = embed(local.masked_fill(outside, 0), self.weight, self.out_dtype)  # [B, S, H]
         return self.comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))
 
 
-class VocabParallelHead(nn.Linear):
+class VocabParallelHead(Linear):
     """Local logits for this rank's vocabulary rows, all-gathered into the full [.., V] logits."""
 
     comm: Comm

@@ -20,7 +20,7 @@ def model_config(model: str | None) -> tuple[ModelConfig, str]:
     if model is None:
         from meshlm.checkpoint import open_checkpoint
 
-        return open_checkpoint(None, progress=False).cfg, "SmolLM2-135M-Instruct (bundled)"
+        return open_checkpoint(None).cfg, "SmolLM2-135M-Instruct (bundled)"
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"

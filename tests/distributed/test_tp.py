@@ -81,14 +81,15 @@ def test_communication_bytes_match_analysis(checkpoint):
     assert both["tp/all_gather"]["bytes"] == 3 * (cfg.vocab_size // 2) * 4
 
 
-@pytest.mark.parametrize("tp,gguf_direct", [(2, False), (3, True)])
-def test_tp_on_smollm2(tp, gguf_direct, smollm2, smollm2_hf):
-    """SmolLM2 (9 heads, 3 KV heads) at tp=2 (6 + 3 heads) and tp=3, from the cache or the GGUF itself."""
+@pytest.mark.parametrize("tp", [2, 3])
+def test_tp_on_smollm2(tp, smollm2, smollm2_hf):
+    """SmolLM2 (9 heads, 3 KV heads) dequantized to float32 at tp=2 (6 + 3 heads) and tp=3, each rank reading
+    its rows of the GGUF in place (the quantized default: test_quant_tp.py)."""
     tok = smollm2.tokenizer
     prompts = [tok.encode("Once upon a time"), tok.encode("The three laws of robotics are")]
     params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
     expected = [o.token_ids for o in smollm2.generate(prompts, params)]
-    with LLM(None, tp=tp, progress=False, gguf_direct=gguf_direct) as llm:
+    with LLM(None, tp=tp, dtype="float32", progress=False) as llm:
         assert [o.token_ids for o in llm.generate(prompts, params)] == expected
         logits = llm.logits(prompts)
         infos = llm.rank_info()

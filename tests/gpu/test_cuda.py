@@ -104,8 +104,9 @@ def test_chunked_prefill_matches_transformers(checkpoint, reference):
 
 
 def test_smollm2_matches_transformers(smollm2_hf):
-    """The bundled SmolLM2 on the GPU: logits within tolerance and the same 32 greedy tokens."""
-    with LLM(None, device="cuda", progress=False, engine=EngineConfig(kv_cache_mb=256)) as llm:
+    """The bundled SmolLM2 on the GPU, dequantized to float32: logits within tolerance and the same 32 greedy
+    tokens."""
+    with LLM(None, dtype="float32", device="cuda", progress=False, engine=EngineConfig(kv_cache_mb=256)) as llm:
         prompts = [llm.tokenizer.encode(t) for t in ("Once upon a time", "The theory of relativity states that",
                                                       "def fibonacci(n):")]
         ours = llm.logits(prompts)
@@ -118,6 +119,24 @@ def test_smollm2_matches_transformers(smollm2_hf):
         assert out.token_ids == hf_greedy(smollm2_hf, p, NEW_TOKENS, pad=2)
 
 
+def test_smollm2_quantized_on_cuda():
+    """The bundled model kept quantized on the GPU (packed weights on cuda, PyTorch path): the greedy tokens of
+    its float32 copy on the GPU, near-ties forgiven."""
+    from helpers import assert_greedy_agrees
+
+    from meshlm.kernels.qformat import info
+
+    kv = EngineConfig(kv_cache_mb=256)
+    with LLM(None, device="cuda", progress=False, engine=kv) as q, \
+            LLM(None, dtype="float32", device="cuda", progress=False, engine=kv) as f:
+        w = q.model.layers["0"].mlp.down_proj.weight
+        assert w.device.type == "cuda" and info(w).fmt.name == "Q4_1"
+        prompts = [q.tokenizer.encode(t) for t in ("Once upon a time", "def fibonacci(n):")]
+        params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+        assert_greedy_agrees([o.token_ids for o in q.generate(prompts, params)],
+                             [o.token_ids for o in f.generate(prompts, params)], prompts, f.logits)
+
+
 def check_serve_on_cuda(smollm2_hf, tmp_path, tp: int) -> None:
     """`meshlm serve --tp tp --device cuda` on the bundled model: a greedy completion is transformers'
     continuation (its tokens checked in-process on the GPU first, then the server's text against that run's)."""
@@ -126,11 +145,12 @@ def check_serve_on_cuda(smollm2_hf, tmp_path, tp: int) -> None:
     from e2e.serve_harness import Server
 
     prompt, params = "Once upon a time", SamplingParams(max_tokens=24, ignore_eos=True)
-    with LLM(None, tp=tp, device="cuda", progress=False, engine=EngineConfig(kv_cache_mb=256)) as llm:
+    with LLM(None, tp=tp, dtype="float32", device="cuda", progress=False,
+             engine=EngineConfig(kv_cache_mb=256)) as llm:
         ids = llm.encode_prompt(prompt)
         out = llm.generate(prompt, params)[0]
     assert out.token_ids == hf_greedy(smollm2_hf, ids, 24, pad=2)
-    srv = Server(None, "--device", "cuda", "--kv-cache-mb", "256", tp=tp, api_key=None,
+    srv = Server(None, "--device", "cuda", "--dtype", "float32", "--kv-cache-mb", "256", tp=tp, api_key=None,
                  log_dir=tmp_path).wait_healthy(timeout=300)
     try:
         with srv.client(timeout=120) as http:

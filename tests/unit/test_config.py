@@ -162,11 +162,11 @@ def test_generation_config_eos_ids_stop_generation(checkpoint, tmp_path):
     prompt = [3, 17, 29, 41]
     with LLM(str(tmp_path), progress=False) as llm:
         free = llm.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0].token_ids
-    base = open_checkpoint(tmp_path, progress=False).cfg.eos_token_ids
+    base = open_checkpoint(tmp_path).cfg.eos_token_ids
     stop_at = next(i for i, t in enumerate(free) if i >= 2 and t not in free[:i] and t not in base)
     assert not set(free[:stop_at + 1]) & set(base), "the random model emitted config.json's eos; pick a prompt"
     GenerationConfig(eos_token_id=[free[stop_at]]).save_pretrained(tmp_path)
-    cfg = open_checkpoint(tmp_path, progress=False).cfg
+    cfg = open_checkpoint(tmp_path).cfg
     assert cfg.eos_token_ids[-1] == free[stop_at] and len(cfg.eos_token_ids) >= 2  # config.json's kept
     with LLM(str(tmp_path), progress=False) as llm:
         out = llm.generate([prompt], SamplingParams(max_tokens=12))[0]

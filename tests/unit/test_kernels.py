@@ -1,5 +1,5 @@
-"""meshlm.kernels: the AVX-512 bf16 GEMV against F.linear, the fused norm / RoPE against the reference's
-op-by-op PyTorch, and the fallbacks that must stay exact."""
+"""meshlm.kernels: packed Linear layers dispatching to the kernel (its arithmetic: test_quant_kernels.py),
+the fused norm / RoPE against the reference's op-by-op PyTorch, and the fallbacks that must stay exact."""
 
 from __future__ import annotations
 
@@ -10,58 +10,43 @@ import torch.nn.functional as F
 from meshlm import kernels
 from meshlm.models.layers import Linear
 
-SHAPES = [(1, 2), (5, 18), (7, 100), (37, 34), (256, 768), (768, 2048), (2048, 576)]  # (N, K)
-
 
 @pytest.fixture(scope="module")
 def op():
-    """The compiled op (built on first use, cached afterwards), or skip where it cannot be built."""
+    """The compiled ops (built on first use, cached afterwards), or skip where they cannot be built."""
     got = kernels.kernel()
     if got is None:
-        pytest.skip("the GEMV kernel is unavailable here (no AVX-512, no compiler, or MESHLM_KERNELS=0)")
-    return got.small_m_linear
+        pytest.skip("the CPU kernels are unavailable here (no AVX-512, no compiler, or MESHLM_KERNELS=0)")
+    return got
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 5, 8])
-@pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("bias", [False, True])
-def test_bf16_matches_f_linear(op, m, n, k, bias):
-    """Within one bf16 rounding of F.linear: both sum in fp32, only the order differs."""
-    g = torch.Generator().manual_seed(n * 1000 + k + m)
-    x = torch.randn(m, k, generator=g).bfloat16()
-    w = (0.05 * torch.randn(n, k, generator=g)).bfloat16()
-    b = torch.randn(n, generator=g).bfloat16() if bias else None
-    ours, ref = op(x, w, b).float(), F.linear(x, w, b).float()
-    assert ours.dtype == ref.dtype and ours.shape == ref.shape
-    tol = 2**-7 * ref.abs() + 1e-3 * ref.abs().max()
-    assert ((ours - ref).abs() <= tol).all(), f"max |err| {(ours - ref).abs().max():.3e}"
+def _packed(layer: torch.nn.Linear) -> torch.nn.Linear:
+    kernels.pack_linears(layer)
+    return layer
 
 
-def test_linear_dispatch_and_fallbacks(op):
-    """bf16 decode rows use the kernel; fp32, prefill-sized inputs and autograd take F.linear bit for bit."""
-    layer = Linear(64, 48, bias=True)
-    x32 = torch.randn(3, 1, 64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_dispatch_and_fallbacks(op, dtype):
+    """A packed Linear runs the kernel for decode and prefill rows alike; a plain one is F.linear bit for bit."""
+    plain = Linear(64, 48, bias=True).to(dtype)
+    ref_w, ref_b = plain.weight.detach().clone(), plain.bias.detach().clone()
+    x = torch.randn(2, 9, 64).to(dtype)
     with torch.inference_mode():
-        assert torch.equal(layer(x32), F.linear(x32, layer.weight, layer.bias))  # fp32 always F.linear
-        big = torch.randn(2, 9, 64)  # 18 rows > MAX_M (8)
-        assert torch.equal(layer(big), F.linear(big, layer.weight, layer.bias))
-    layer = layer.bfloat16()
-    with torch.inference_mode():
-        x = torch.randn(1, 1, 64).bfloat16()
-        out = layer(x)
-        assert out.shape == (1, 1, 48) and out.dtype == torch.bfloat16
-        torch.testing.assert_close(out.float(), F.linear(x, layer.weight, layer.bias).float(),
-                                   rtol=2**-7, atol=1e-2)
-    xg = torch.randn(1, 64, dtype=torch.bfloat16, requires_grad=True)
-    layer(xg).sum().backward()  # the op has no autograd formula, so training-mode calls must fall back
-    assert xg.grad is not None and xg.grad.shape == xg.shape
+        assert torch.equal(plain(x), F.linear(x, ref_w, ref_b))
+        layer = _packed(plain)
+        assert layer.weight.quant.n == 48 and layer.weight.quant.k == 64
+        with torch.profiler.profile() as prof:
+            out = layer(x)
+        assert "meshlm_kernels::quant_linear_many" in {e.name for e in prof.events()}
+        torch.testing.assert_close(out.float(), F.linear(x, ref_w, ref_b).float(),
+                                   rtol=2**-7 if dtype is torch.bfloat16 else 1e-5, atol=1e-2)
 
 
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_linear_many_equals_each_linear(op, m):
     """q/k/v (or gate/up) in one call give exactly what each layer gives alone, biases included."""
     g = torch.Generator().manual_seed(m)
-    layers = [Linear(96, n, bias=b).bfloat16() for n, b in ((96, True), (32, True), (32, False))]
+    layers = [_packed(Linear(96, n, bias=b).bfloat16()) for n, b in ((96, True), (32, True), (32, False))]
     x = torch.randn(1, m, 96, generator=g).bfloat16()
     with torch.inference_mode():
         many = kernels.linear_many(x, layers)
@@ -108,8 +93,8 @@ def test_disabled_by_env(monkeypatch):
 
 
 def test_tensor_parallel_linears_take_the_kernel(op):
-    """The row-parallel projections (o_proj, down_proj) and the vocab-parallel head run decode-sized bf16
-    rows through the kernel too (they once called F.linear: oneDNN, at half the bandwidth, at tp > 1)."""
+    """The row-parallel projections (o_proj, down_proj) and the vocab-parallel head run packed weights
+    through the kernel too."""
     from meshlm.parallel.comm import Comm
     from meshlm.parallel.styles import RowParallelLinear, VocabParallelHead
 
@@ -117,15 +102,17 @@ def test_tensor_parallel_linears_take_the_kernel(op):
     x = torch.randn(1, 1, 2048, generator=g).bfloat16()
     one = Comm("single", [0], None, 0)  # a group of one: the collective is the identity
     for cls, bias in ((RowParallelLinear, True), (VocabParallelHead, False)):
-        layer = torch.nn.Linear(2048, 96, bias=bias).bfloat16()
+        layer = Linear(2048, 96, bias=bias).bfloat16()
+        ref = F.linear(x, layer.weight, layer.bias).float()
         layer.__class__, layer.comm = cls, one
         if cls is VocabParallelHead:
             layer.sizes = [96]
+        kernels.pack_linears(layer)
         with torch.inference_mode(), torch.profiler.profile() as prof:
             got = layer(x)
         ran = {e.name for e in prof.events()}
-        assert "meshlm_kernels::small_m_linear" in ran and "aten::mm" not in ran, (cls.__name__, sorted(ran))
-        torch.testing.assert_close(got.float(), F.linear(x, layer.weight, layer.bias).float(), rtol=2**-7, atol=1e-2)
+        assert "meshlm_kernels::quant_linear_many" in ran and "aten::mm" not in ran, (cls.__name__, sorted(ran))
+        torch.testing.assert_close(got.float(), ref, rtol=2**-7, atol=1e-2)
 
 
 def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ def test_balance_is_contiguous_complete_and_optimal(layers, embed, head, pp):
 def test_split_of_real_configs(checkpoint):
     """Uniform layers split evenly; a head as large as several layers leaves the last stage fewer layers."""
     assert balance([0.0] + [1.0] * 12 + [0.0], 3) == [4, 4, 4]
-    smol = open_checkpoint(None, progress=False).cfg  # 30 layers, a 49152 x 576 tied head
+    smol = open_checkpoint(None).cfg  # 30 layers, a 49152 x 576 tied head
     costs = unit_costs(smol)
     assert costs[-1] > 4 * costs[1], "in decode the head streams ~8 layers' worth of weights"
     sizes = balance(costs, 3)
@@ -74,7 +74,7 @@ def test_split_of_real_configs(checkpoint):
                                           ((0, 15, 15), "at least one layer")])
 def test_bad_pp_layers_name_the_fix(layers, match):
     """--pp-layers must give one positive count per stage, summing to the model's layers."""
-    smol = open_checkpoint(None, progress=False).cfg
+    smol = open_checkpoint(None).cfg
     with pytest.raises(ConfigError, match=match):
         plan_stages(smol, 3, PipelineSpec(layers=layers))
 
@@ -82,7 +82,7 @@ def test_bad_pp_layers_name_the_fix(layers, match):
 @pytest.mark.parametrize("kind", ["llama_gqa", "qwen2", "mixtral"])
 def test_stages_chained_equal_the_whole_model(kind, checkpoint):
     """Split, load each stage alone (a tied head reads the embedding), chain them: bit-identical logits."""
-    ckpt = open_checkpoint(str(checkpoint(kind, 4)), progress=False)
+    ckpt = open_checkpoint(str(checkpoint(kind, 4)))
     whole = load_weights(build_meta(ckpt.cfg), ckpt.cfg, ckpt.source, torch.float32)
     plans = plan_stages(ckpt.cfg, 3, PipelineSpec(layers=(1, 2, 1)))
     stages = [load_weights(split_model(build_meta(ckpt.cfg), p), ckpt.cfg, ckpt.source, torch.float32)
@@ -123,7 +123,7 @@ def test_chunks_shrink_along_the_prompt():
 
 def test_prompt_chunks_follow_the_rule():
     """The engine's cut of a prefill: auto gives 4 x pp chunks of >= min_chunk tokens; a fixed count; off."""
-    smol = open_checkpoint(None, progress=False).cfg
+    smol = open_checkpoint(None).cfg
     ends = prompt_chunks(smol, PipelineSpec(), 2, 0, 2000)
     assert list(ends) == [b for _, b in chunk_bounds(2000, 8, attention_ratio(smol))]
     assert prompt_chunks(smol, PipelineSpec(), 2, 0, 200) == (200,)  # under 2 x min_chunk: one piece
@@ -133,7 +133,7 @@ def test_prompt_chunks_follow_the_rule():
 
 def test_attention_ratio_of_smollm2():
     """4 * heads * head_dim attention FLOPs per key over 2 x the layer's weights; slower attention costs more."""
-    smol = open_checkpoint(None, progress=False).cfg
+    smol = open_checkpoint(None).cfg
     assert attention_ratio(smol) == pytest.approx(4 * 9 * 64 / (2 * (576 * 64 * 2 * 12 + 3 * 576 * 1536)))
     assert attention_ratio(smol, 0.25) == pytest.approx(4 * attention_ratio(smol))
     flops, timed = chunk_bounds(2000, 8, attention_ratio(smol)), chunk_bounds(2000, 8, attention_ratio(smol, 0.25))
