@@ -36,6 +36,11 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 # GGUF types converted at load -> the kept format of at least their precision (bits per weight in brackets):
 # Q6_K (6.6), Q5_K (5.5), Q5_0/Q5_1 (5.5/6) -> Q8_0 (8.5); Q4_K (4.5), Q3_K (3.4), Q2_K (2.6) -> Q4_1 (5).
 CONVERT = {"Q6_K": Q8_0, "Q5_K": Q8_0, "Q5_0": Q8_0, "Q5_1": Q8_0, "Q4_K": Q4_1, "Q3_K": Q4_1, "Q2_K": Q4_1}
+# --quantize int4 / int4-min store the vocabulary matrices (embedding, LM head) at Q8_0, as llama-quantize keeps
+# its output tensor at 6 bits or more: on SmolLM2 (tied head) and the shipped text, int4 costs 1.20x float32's
+# perplexity with a Q8_0 vocabulary, 1.35x with a Q4_0 one, against llama.cpp's Q4_0 file's 1.20x (test_quality).
+VOCAB_WEIGHTS = ("embed_tokens.weight", "lm_head.weight")
+VOCAB_MIN = Q8_0
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,10 @@ def gguf_weight(source, name: str, part: Slice | None, device, conversions: Conv
 
 def quantized_float(source: TensorSource, name: str, part: Slice | None, fmt: QFormat,
                     device) -> nn.Parameter | None:
-    """A float weight quantized to fmt (--quantize), or None when its K is no multiple of 32 (stays float)."""
+    """A float weight quantized to fmt (--quantize; the vocabulary matrices to at least VOCAB_MIN), or None
+    when its K is no multiple of 32 (stays float)."""
+    if name.endswith(VOCAB_WEIGHTS) and fmt.bits_per_weight < VOCAB_MIN.bits_per_weight:
+        fmt = VOCAB_MIN
     k = source.shape(name)[1]
     if k % BLOCK:
         log.info("%s stays float: --quantize needs K a multiple of %d, it has %d", name, BLOCK, k)
@@ -135,9 +143,6 @@ def quantized_float(source: TensorSource, name: str, part: Slice | None, fmt: QF
     a, b = _cover(part, k)
     w = source.read(name, Slice(1, a, b) if part is not None and part.dim == 1 else part)
     return quant_weight(quantize_rows(w, fmt), fmt, b - a, _pad(part, a, b), device)
-
-
-_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def load_quantized(source: TensorSource, name: str, part: Slice | None, p: Precision, device,
@@ -150,11 +155,7 @@ def load_quantized(source: TensorSource, name: str, part: Slice | None, p: Preci
         if w is not None:
             return w
     if p.quantize is not None:
-        # The vocabulary matrices (the embedding, and the head that reads every row of it per token) keep
-        # 8 bits under a 4-bit --quantize, as llama-quantize keeps its output tensor (Q6_K, else Q8_0):
-        # on SmolLM2, Q4_0 there too costs 35% perplexity instead of 20% (tests/unit/test_quality.py).
-        fmt = Q8_0 if name in _VOCAB and p.quantize.bits_per_weight < 8 else p.quantize
-        return quantized_float(source, name, part, fmt, device)
+        return quantized_float(source, name, part, p.quantize, device)
     return None
 
 

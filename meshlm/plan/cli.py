@@ -86,7 +86,7 @@ def add_parser(sub: Any) -> None:
                    help="compute dtype (default: float32 on CPU hosts, bfloat16 otherwise); given with a .gguf "
                         "model, its weights are planned dequantized to it, as generate/serve --dtype do")
     p.add_argument("--quantize", default=None, choices=list(QUANTIZE),
-                   help="plan the decoder layers' weights quantized at load: int8 (Q8_0, 34/32 bytes a weight), "
+                   help="plan the weights quantized at load: int8 (Q8_0, 34/32 bytes a weight), "
                         "int4 (Q4_0, 18/32), int4-min (Q4_1, 20/32). Default: a .gguf model's own formats "
                         "(the bundled SmolLM2: Q4_1 layers, Q8_0 embedding), else the dtype")
     _workload_args(p)

@@ -58,10 +58,12 @@ class WeightFormat:
 
     @classmethod
     def quantized(cls, name: str) -> WeightFormat:
-        """--quantize NAME: the decoder layers' matmuls in its format (the embedding / head stay float)."""
+        """--quantize NAME as the loader applies it: the layers' matmuls in its format, the embedding / head
+        in it too but never under Q8_0 (checkpoint/quantized.py VOCAB_MIN)."""
         if name not in QUANTIZE:
             raise ConfigError(f"--quantize {name!r} is unknown; use one of {', '.join(QUANTIZE)}.")
-        return cls(layers=QUANTIZE[name])
+        fmt = QUANTIZE[name]
+        return cls(layers=fmt, embed=fmt if bytes_per_weight(fmt) >= bytes_per_weight("Q8_0") else "Q8_0")
 
 
 def kept(gguf_type: str) -> str | None:

@@ -116,7 +116,24 @@ def test_plan_cli_takes_quantize_and_the_files_formats(capsys):
         return data["weights"], data["chosen"]["memory"]["weights"]
 
     kept, q8, f32 = weights(), weights("--quantize", "int8"), weights("--dtype", "float32")
-    assert kept[0] == "Q4_1 layers, Q8_0 embedding" and q8[0] == "Q8_0 layers, float32 embedding"
+    assert kept[0] == "Q4_1 layers, Q8_0 embedding" and q8[0] == "Q8_0"
     assert f32[0] == "float32"
     assert kept[1] < q8[1] < f32[1]
-    assert pw.WeightFormat.quantized("int4") == pw.WeightFormat("Q4_0", None)
+    assert pw.WeightFormat.quantized("int4") == pw.WeightFormat("Q4_0", "Q8_0")
+    assert pw.WeightFormat.quantized("int8") == pw.WeightFormat("Q8_0", "Q8_0")
+
+
+@pytest.mark.parametrize("mode", list(pw.QUANTIZE))
+def test_planned_bytes_are_what_quantize_loads(checkpoint, mode):
+    """--quantize on a float model: the planner's weight bytes are the bytes of the parameters the loader
+    builds (packed blocks, the vocabulary at Q8_0 or more, norms float32)."""
+    from meshlm import LLM
+    from meshlm.plan.cli import model_config
+
+    path = checkpoint("llama_gqa")
+    model, _ = model_config(str(path))
+    planned = check(model, Layout(), clusters.resolve("cpu-host"), WORK, "float32",
+                    weights=pw.WeightFormat.quantized(mode)).weights
+    with LLM(str(path), quantize=mode, progress=False) as q:
+        loaded = sum(p.numel() * p.element_size() for p in q.model.parameters())
+    assert planned == loaded

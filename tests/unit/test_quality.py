@@ -20,6 +20,11 @@ from meshlm.quality import TEXT, float_gguf, perplexity, text_ids
 # llama.cpp's Q4_0 file keeps the tied embedding/head at Q8_0 and quantizes activations to 8 bits.
 LLAMA_F32_PPL = 19.2592
 LLAMA_Q4_0_PPL = 23.1514
+# Two engines round activations differently (llama.cpp to 8 bits per block for its quantized products, meshlm's
+# kernel likewise, its PyTorch path not at all): that alone moves PPL by about 0.5% (llama.cpp's own Q4_1 file
+# against its F32 copy of the very same weights: 19.3493 / 19.2592 = 1.0047), so int4's ratio may exceed
+# llama.cpp's by that much.
+ROUNDING = 0.005
 CTX = 512
 BATCH = 6  # chunks per forward: 2 forwards for the 11 chunks (the PyTorch quantized path dequantizes per forward)
 
@@ -118,8 +123,8 @@ def test_the_float_copy_is_the_files_weights(smollm2, smollm2_f32):
 @pytest.mark.slow
 def test_quantized_perplexity_against_float32(smollm2, smollm2_f32):
     """Bundled SmolLM2 (float32 = its Q4_1 dequantized), full shipped text at ctx 512: int8 (Q8_0) within 1%
-    of float32; int4 (Q4_0) no further from float32 than llama.cpp's Q4_0 file is from its F32 file; the
-    file kept quantized (Q4_1 blocks, the same weights) within 1%."""
+    of float32; int4 (Q4_0) no further from float32 than llama.cpp's Q4_0 file is from its F32 file (up to
+    activation rounding); the file kept quantized (Q4_1 blocks, the same weights) within 1%."""
     ids = text_ids(smollm2.tokenizer)
     f32 = perplexity(smollm2, ids, CTX, BATCH)
     with _quantized(smollm2_f32, "int8") as m:
@@ -127,10 +132,8 @@ def test_quantized_perplexity_against_float32(smollm2, smollm2_f32):
     assert abs(int8.ppl / f32.ppl - 1) <= 0.01, (int8.ppl, f32.ppl)
     with _quantized(smollm2_f32, "int4") as m:
         int4 = perplexity(m, ids, CTX, BATCH)
-    # Within llama.cpp's own Q4_0 gap, to 1% of it: the two differ in how activations round (fp32 vs fp16
-    # block scales) and in summation order, far below these perplexities' ~5% standard error.
-    gap = LLAMA_Q4_0_PPL / LLAMA_F32_PPL
-    assert int4.ppl / f32.ppl <= gap * 1.01, (int4.ppl, f32.ppl, LLAMA_Q4_0_PPL, LLAMA_F32_PPL)
+    llama_gap = LLAMA_Q4_0_PPL / LLAMA_F32_PPL  # 1.2021
+    assert int4.ppl / f32.ppl <= llama_gap * (1 + ROUNDING), (int4.ppl, f32.ppl, llama_gap)
     from meshlm import LLM
 
     if "quantize" in inspect.signature(LLM).parameters:  # TODO(lead): always, once dtype="auto" is merged
