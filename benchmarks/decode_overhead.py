@@ -1,6 +1,6 @@
 """How much of a batch-1 decode step is not its weight stream: the step against its linear products alone.
 
-    python benchmarks/decode_overhead.py [--model PATH] [--dtype bfloat16] [--threads 1] [--new 32] [--runs 5]
+    python benchmarks/decode_overhead.py [--model PATH] [--dtype auto] [--threads 1] [--new 32] [--runs 5]
 
 One rank of meshlm.LLM (the bundled SmolLM2-135M unless --model). Measured per decode step:
   step        (a --new-token run - a 1-token run) / (new - 1), as benchmarks/decode_parts.py measures it
@@ -114,7 +114,7 @@ def main() -> int:
     """Measure and print a decode step against its weight stream."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="a checkpoint or .gguf (default: the bundled SmolLM2)")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="auto", help="auto (a GGUF's own precision), float32 or bfloat16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--runs", type=int, default=5)
@@ -128,7 +128,7 @@ def main() -> int:
         model = llm.executor.worker.runner.model
         step_seconds(llm, 4, 1)  # warm-up (and the kernels' first build)
         step = step_seconds(llm, args.new, args.runs)
-        lin = linears_seconds(model, getattr(torch, args.dtype), 2 * args.runs)
+        lin = linears_seconds(model, llm.executor.worker.dtype, 2 * args.runs)  # the compute dtype
         stub = stubbed_seconds(llm, args.new, args.runs)
         ops = ops_per_step(llm, min(args.new, 9))
         layers = len(model.layers)
@@ -141,7 +141,8 @@ def main() -> int:
     print(f"  linears   {lin * 1e3:8.3f} ms  (the weight stream alone)")
     print(f"  overhead  {(step - lin) * 1e3:8.3f} ms  ({100 * (step - lin) / step:.0f}% of the step)")
     print(f"  stubbed   {stub * 1e3:8.3f} ms  (the step with its products memoized)")
-    print(f"  ops       {out['ops_per_step']:8.0f}     torch calls from Python ({out['ops_per_layer']:.1f} per layer)")
+    print(f"  ops       {out['ops_per_step']:8.0f}     torch calls from Python "
+          f"({out['ops_per_layer']:.1f} per layer on average)")
     for name, n in ops.most_common(12):
         print(f"    {name:40s} {n:7.1f}")
     if args.json:
