@@ -4,7 +4,7 @@
 
 One rank (tp=1, 1 thread) of meshlm.LLM on a benchmark model. Measured per decode step (batch 1):
   step       (a --new-token run - a 1-token run) / (new - 1), the planner benchmark's measure
-  parts      the same runs with forward hooks timing every Linear (by projection), the attention core
+  parts      the same runs with wrapped forwards timing every Linear (by projection), the attention core
              (self_attn less its linears), RMSNorms, the MLP's elementwise, the head, and the step
              outside the model forward (engine, sampling, argmax); the hooks' own cost is the hooked
              step less the plain step
@@ -48,22 +48,23 @@ def step_seconds(llm, vocab: int, new: int, runs: int, rng: random.Random) -> fl
 
 
 class Clock:
-    """Forward hooks that add each module's wall seconds to a named bucket."""
+    """Wraps modules' forward methods to add their wall seconds to a named bucket (a decoder layer calls its
+    parts' .forward directly, so module hooks would not fire)."""
 
     def __init__(self) -> None:
         self.total: dict[str, float] = defaultdict(float)
-        self._start: dict[int, float] = {}
 
     def watch(self, module: torch.nn.Module, name: str) -> None:
         """Time `module`'s forward into bucket `name`."""
-        def pre(m, *_):
-            self._start[id(m)] = time.perf_counter()
+        forward = module.forward
 
-        def post(m, *_):
-            self.total[name] += time.perf_counter() - self._start.pop(id(m))
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = forward(*args, **kwargs)
+            self.total[name] += time.perf_counter() - t0
+            return out
 
-        module.register_forward_pre_hook(pre)
-        module.register_forward_hook(post)
+        module.forward = timed
 
 
 def parts(llm, vocab: int, new: int, runs: int, rng: random.Random) -> dict[str, float]:
@@ -173,13 +174,15 @@ def main() -> int:
         hooked = parts(llm, vocab, args.new, args.runs, rng)
         sec, nbytes = streaming(llm.executor.worker.runner.model)
     pred = predicted(llm.cfg, cluster, 16 + args.new / 2)
+    bw = cluster.node.device.bandwidth  # {dtype: bytes/s}; the runs here are fp32
+    profile_bw = bw.get("float32", next(iter(bw.values())))
     out = {"model": args.model, "plain step": plain, "measured": hooked, "predicted": pred,
            "stream_s": sec, "stream_gbs": nbytes / sec / 1e9,
-           "profile_gbs": cluster.node.device.bandwidth / 1e9}
+           "profile_gbs": profile_bw / 1e9}
     for k, v in sorted(hooked.items(), key=lambda kv: -kv[1]):
         print(f"{k:24s} {v * 1e3:8.2f} ms")
     print(f"plain step {plain * 1e3:.2f} ms; weights streamed alone {sec * 1e3:.2f} ms "
-          f"({nbytes / sec / 1e9:.1f} GB/s; profile {cluster.node.device.bandwidth / 1e9:.1f} GB/s)")
+          f"({nbytes / sec / 1e9:.1f} GB/s; profile {profile_bw / 1e9:.1f} GB/s)")
     for k, v in pred.items():
         print(f"predicted {k:20s} {v * 1e3:8.2f} ms")
     if args.json:

@@ -121,7 +121,7 @@ def layer_overhead(seconds: float, keys: int = 16) -> float:
     import torch
 
     from meshlm.config import ModelConfig
-    from meshlm.models.layers import rope_cos_sin, rope_inv_freq, sdpa
+    from meshlm.models.layers import apply_rope, rope_cos_sin, rope_inv_freq, sdpa
     from meshlm.models.llama import Block
 
     cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
@@ -130,11 +130,16 @@ def layer_overhead(seconds: float, keys: int = 16) -> float:
                                "rms_norm_eps": 1e-5})
     block = Block(cfg, 0).eval()
     kv = torch.randn(2, 1, cfg.num_kv_heads, keys, cfg.head_dim)  # [2, B, Hkv, T, D]
-    attn = lambda _, q, k, v: sdpa(q.transpose(1, 2), kv[0], kv[1], None).transpose(1, 2)
+    d = cfg.head_dim
+
+    def attn(_, q, k, v, cos, sin):  # q [1, 1, Hq*D] -> [1, 1, Hq*D] over the cached keys
+        q = apply_rope(q.view(1, 1, -1, d), cos, sin)
+        return sdpa(q.transpose(1, 2), kv[0], kv[1], None).transpose(1, 2).reshape(1, 1, -1)
+
     x = torch.randn(1, 1, cfg.hidden_size)  # [B, S, H]
     cos, sin = rope_cos_sin(rope_inv_freq(cfg.rope, cfg.head_dim), torch.tensor([[keys]]), x.dtype)
     with torch.inference_mode():
-        return _timed(lambda: block(x, cos, sin, attn), seconds, min_reps=20)
+        return _timed(lambda: block(x, x, cos, sin, attn), seconds, min_reps=20)
 
 
 def fit_link(transport: str, times: dict[int, float], p: int = 2) -> Link:

@@ -37,7 +37,7 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
 
     dtype: float weights in that dtype, or a Precision: the weights of kernels.Linear / kernels.Embedding
     layers may load quantized (a GGUF's own blocks, or --quantize)."""
-    p = dtype if isinstance(dtype, Precision) else Precision(dtype, keep=False)
+    prec = dtype if isinstance(dtype, Precision) else Precision(dtype, keep=False)
     conversions = conversions if conversions is not None else Conversions()
     available = set(source.names())
     params = [(n, p) for n, p in model.named_parameters() if not _tied_head(model, cfg, n)]
@@ -54,13 +54,13 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
         full = source.shape(sources[0])
         part = part_for(name, full) if part_for else None
         if len(sources) == 1 and _quantizable(model, name):
-            packed = load_quantized(source, sources[0], part, p, device, conversions)
+            packed = load_quantized(source, sources[0], part, prec, device, conversions)
             if packed is not None:
-                _assign(model, name, packed, p.dtype)
+                _assign(model, name, packed, prec.dtype)
                 continue
         tensors = [source.read(s, part) for s in sources]
         t = tensors[0] if len(tensors) == 1 else torch.stack(tensors)
-        _assign(model, name, t.to(device=device, dtype=p.dtype), p.dtype)
+        _assign(model, name, t.to(device=device, dtype=prec.dtype), prec.dtype)
     # Buffers computed at init (rotary frequencies) were built on meta: rebuild them on the device.
     for mod in model.modules():
         if hasattr(mod, "inv_freq") and mod.inv_freq.is_meta:
@@ -84,10 +84,10 @@ def _tied_head(model: nn.Module, cfg: ModelConfig, name: str) -> bool:
 
 def _quantizable(model: nn.Module, name: str) -> bool:
     """Whether `name` is the weight of a layer whose forward takes a packed weight (kernels.Linear and
-    kernels.Embedding, their parallel subclasses included)."""
+    kernels.Embedding, their parallel subclasses included); a MoE router stays float, as llama.cpp keeps it."""
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    return attr == "weight" and isinstance(owner, (Linear, Embedding))
+    return attr == "weight" and isinstance(owner, (Linear, Embedding)) and not owner_name.endswith(".router")
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype) -> None:
@@ -95,11 +95,12 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtyp
     owner = model.get_submodule(owner_name) if owner_name else model
     param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
     owner._parameters[attr] = param  # a packed one keeps its .quant (qformat.quant_weight)
+    if attr != "weight" or not isinstance(owner, (nn.Linear, nn.Embedding)):
+        return
     q = info(param)
-    rows, cols = (q.n, q.k - sum(q.pad)) if q is not None else tuple(param.shape[-2:]) if param.dim() > 1 \
-        else (0, 0)
-    if isinstance(owner, nn.Linear) and attr == "weight":
+    rows, cols = (q.n, q.k - sum(q.pad)) if q is not None else param.shape  # the logical [N, K] this rank holds
+    if isinstance(owner, nn.Linear):
         owner.out_features, owner.in_features = rows, cols
-    if isinstance(owner, nn.Embedding) and attr == "weight":
+    else:
         owner.num_embeddings, owner.embedding_dim = rows, cols
         owner.out_dtype = dtype  # a packed table's rows come out in the compute dtype

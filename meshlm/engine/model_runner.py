@@ -54,9 +54,9 @@ class ModelRunner:
         """
         assert self.cache is not None, "allocate() the KV cache first"
         positions = self.cache.prepare(step)  # [1, T]
-        x = torch.tensor(step.token_ids, dtype=torch.long, device=self.device).unsqueeze(0) \
+        x = torch.tensor([step.token_ids], dtype=torch.long, device=self.device) \
             if hidden is None else hidden  # [1, T] tokens, or [1, T, H] hidden states
-        index = torch.tensor(step.sample_offsets, dtype=torch.long, device=self.device).unsqueeze(0)  # [1, K]
+        index = torch.tensor([step.sample_offsets], dtype=torch.long, device=self.device)  # [1, K]
         out = self.model(x, positions, self.cache, logits_index=index)  # [1, K, V] or [1, T, H]
         return out[0].float() if self.model.lm_head is not None else out
 

@@ -1,10 +1,11 @@
 """Paged attention for mixed batches (prefill chunks and decodes in one step).
 
-The step's tokens are flattened into one row [1, T]. Each layer writes this step's K/V into the pool
-slots of its block table (index_copy_), then attends. Decodes (one new token each) go together to the C++
-kernel of paged_decode.cpp (CPU only), which reads each sequence's K/V in place in the pool; on CUDA, or
-without the kernel, they are gathered (index_select) into one padded batch for SDPA. A prompt's first
-chunk attends to its own K/V from this step; a later chunk gathers its earlier context from the pool.
+The step's tokens are flattened into one row [1, T]. Each layer rotates q and k (RoPE) and writes this
+step's K/V into the pool slots of its block table, in one call (kernels.rope_store), then attends.
+Decodes (one new token each) go together to the C++ kernel of paged_decode.cpp (CPU only), which reads
+each sequence's K/V in place in the pool; on CUDA, or without the kernel, they are gathered
+(index_select) into one padded batch for SDPA. A prompt's first chunk attends to its own K/V from this
+step; a later chunk gathers its earlier context from the pool.
 
 The pools are torch.empty: a page of memory is touched (and counted in the rank's RSS) only when a block
 on it is first written. Invariant: every slot attention reads was written, in this step or an earlier
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from meshlm.engine import paged_decode
+from meshlm.kernels import rope_store
 from meshlm.models.layers import sdpa, visible_keys
 
 
@@ -63,7 +65,8 @@ class PagedKVCache:
         self.k = torch.empty(shape, dtype=dtype, device=device)  # untouched until written (see above)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.device = self.k.device
-        self.slot_of_layer = {lid: i for i, lid in enumerate(layer_ids)}
+        # layer id -> its pools' views (k [slots, Hkv, D], v [slots, Hkv, D]), made once
+        self.pools = {lid: (self.k[i], self.v[i]) for i, lid in enumerate(layer_ids)}
         self.block_size = block_size
         self.window = window  # sliding attention window (Mistral), None = global
         self.scale = 1.0 / math.sqrt(head_dim)
@@ -81,14 +84,15 @@ class PagedKVCache:
         return 0 if self.window is None else max(0, ctx - self.window)
 
     def prepare(self, step: StepInput) -> torch.Tensor:
-        """Plan attention for a step; returns positions [1, T]."""
-        dev = self.device
-        positions, writes = [], []
+        """Plan attention for a step; returns positions [1, T]. Makes a few tensors per step (none per layer)."""
+        dev, bs = self.device, self.block_size
+        positions: list[int] = []
+        writes: list[int] = []  # pool slot of each new token
         self.prefills: list[_Prefill] = []
         dec_idx, dec_tables, dec_first, dec_len = [], [], [], []
         for s in step.seqs:
             positions.extend(range(s.start, s.start + s.n))
-            writes.append(self._slots(s.block_table, s.start, s.start + s.n))
+            writes.extend(s.block_table[p // bs] * bs + p % bs for p in range(s.start, s.start + s.n))
             ctx = s.start + s.n
             if s.n == 1:
                 dec_idx.append(s.offset)
@@ -101,12 +105,13 @@ class PagedKVCache:
                 mask = visible_keys(torch.arange(s.start, ctx, device=dev)[None], ctx, self.window)[0]  # [n, ctx]
             slots = self._slots(s.block_table, 0, ctx).to(dev) if s.start else None
             self.prefills.append(_Prefill(s.offset, s.n, slots, mask))
-        self.write_slots = torch.cat(writes).to(dev)
-        self.dec_idx = torch.tensor(dec_idx, dtype=torch.long, device=dev)
+        self.write_slots = torch.tensor(writes, dtype=torch.long, device=dev)  # [T]
         self.all_decode = len(dec_idx) == len(step.token_ids)
+        if not self.all_decode:
+            self.dec_idx = torch.tensor(dec_idx, dtype=torch.long, device=dev)
         if dec_idx:
             self._plan_decode(dec_tables, dec_first, dec_len)
-        return torch.tensor(positions, dtype=torch.long, device=dev).unsqueeze(0)
+        return torch.tensor([positions], dtype=torch.long, device=dev)
 
     def _plan_decode(self, tables: list[tuple[int, ...]], first: list[int], lens: list[int]) -> None:
         if self.kernel is not None:  # reads tokens [first, len) of each table only: the padding is never read
@@ -135,25 +140,23 @@ class PagedKVCache:
         vd = vp.index_select(0, flat).view(bd, tmax, *vp.shape[1:]).transpose(1, 2)
         return sdpa(q.unsqueeze(2), kd, vd, self.dec_mask).squeeze(2)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [1, T, Hq, D], k/v [1, T, Hkv, D] -> [1, T, Hq, D]."""
-        i = self.slot_of_layer[layer]
-        kp, vp = self.k[i], self.v[i]  # [slots, Hkv, D]
-        kp.index_copy_(0, self.write_slots, k[0])
-        vp.index_copy_(0, self.write_slots, v[0])
-        q0 = q[0]
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
+        """q [1, T, Hq*D], k/v [1, T, Hkv*D], cos/sin [1, T, 1, D] -> [1, T, Hq*D]; RoPE and the K/V write first."""
+        kp, vp = self.pools[layer]  # [slots, Hkv, D]
+        q0, k0 = rope_store(q, k, v, cos, sin, kp, vp, self.write_slots)  # [T, Hq, D], [T, Hkv, D]
         if self.all_decode:
-            return self._decode(q0, kp, vp).unsqueeze(0)
+            return self._decode(q0, kp, vp).reshape(q.shape)
         out = torch.empty_like(q0)  # [T, Hq, D]
         if len(self.dec_idx):
             out.index_copy_(0, self.dec_idx, self._decode(q0.index_select(0, self.dec_idx), kp, vp))
         for p in self.prefills:
             qp = q0[p.offset:p.offset + p.n].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
             if p.slots is None:  # the first chunk: its keys are this step's
-                kk, vv = k[0, p.offset:p.offset + p.n], v[0, p.offset:p.offset + p.n]
+                kk, vv = k0[p.offset:p.offset + p.n], v[0, p.offset:p.offset + p.n].view(p.n, -1, k0.shape[-1])
             else:
                 kk, vv = kp.index_select(0, p.slots), vp.index_select(0, p.slots)  # [ctx, Hkv, D]
             o = sdpa(qp, kk.transpose(0, 1).unsqueeze(0), vv.transpose(0, 1).unsqueeze(0), p.mask,
                      causal=p.mask is None)
             out[p.offset:p.offset + p.n] = o[0].transpose(0, 1)
-        return out.unsqueeze(0)
+        return out.view(q.shape)

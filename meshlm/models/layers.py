@@ -11,7 +11,7 @@ from torch import nn
 
 from meshlm import kernels
 from meshlm.config import RopeConfig
-from meshlm.kernels import Linear, apply_rope  # noqa: F401  (the models' linear layer and RoPE)
+from meshlm.kernels import Linear, apply_rope  # noqa: F401  (Linear: the models' linear layer)
 
 
 class RMSNorm(nn.Module):
@@ -22,8 +22,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.rms_norm(x, self.weight, self.eps)  # the reference's ops, fused where it can
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with a residual, (h, norm(h)) for h = residual + x (the add and the norm in one call)."""
+        if residual is None:
+            return kernels.rms_norm(x, self.weight, self.eps)  # the reference's ops, fused where it can
+        return kernels.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -53,10 +56,12 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 class AttentionBackend(Protocol):
-    """Stores this step's keys/values for a layer and attends over everything cached so far."""
+    """Rotates q and k (RoPE), stores this step's keys/values for a layer, attends over everything cached."""
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [B, S, Hq, D], k/v [B, S, Hkv, D] -> out [B, S, Hq, D]."""
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
+        """q [B, S, Hq*D], k/v [B, S, Hkv*D] (the projections' outputs, which it may overwrite), cos/sin
+        [B, S, 1, D] -> out [B, S, Hq*D]."""
         ...
 
 
@@ -85,9 +90,11 @@ class CausalNoCache:
         self.pad_mask = pad_mask  # [B, S] True where a real token sits, or None
         self.window = window  # sliding attention window in tokens, or None for global attention
 
-    def __call__(self, layer: int, q, k, v):
+    def __call__(self, layer: int, q, k, v, cos, sin):
+        b, s, d = q.shape[0], q.shape[1], cos.shape[-1]
+        q, k, v = q.view(b, s, -1, d), k.view(b, s, -1, d), v.view(b, s, -1, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        s = q.shape[2]
         if self.pad_mask is None and (self.window is None or s <= self.window):
             out = sdpa(q, k, v, None, causal=True)
         else:
@@ -96,4 +103,4 @@ class CausalNoCache:
             if self.pad_mask is not None:
                 mask = mask & self.pad_mask[:, None, None, :]
             out = sdpa(q, k, v, mask)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2).reshape(b, s, -1)

@@ -1,0 +1,153 @@
+"""How much of a batch-1 decode step is not its weight stream: the step against its linear products alone.
+
+    python benchmarks/decode_overhead.py [--model PATH] [--dtype bfloat16] [--threads 1] [--new 32] [--runs 5]
+
+One rank of meshlm.LLM (the bundled SmolLM2-135M unless --model). Measured per decode step:
+  step        (a --new-token run - a 1-token run) / (new - 1), as benchmarks/decode_parts.py measures it
+  linears     the step's linear products alone (q/k/v, o, gate/up, down of every layer, then the head),
+              called back to back through the same kernels.linear / linear_many on one row: the weight
+              stream, with the wrappers' own Python cost
+  overhead    step - linears: norms, RoPE, the KV write, attention, the engine, sampling, Python
+  stubbed     the step with every linear product replaced by its memoized output: the same overhead
+              measured directly (the stub costs a dict lookup per product)
+  ops         torch calls made from Python per decode step (profiler; views included), and per layer
+The machine must be otherwise idle for the times to mean anything (holds the benchmarks' lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import common
+import torch
+
+
+def step_seconds(llm, new: int, runs: int) -> float:
+    """Median seconds per decode step over `runs` (new-token run - 1-token run) / (new - 1)."""
+    from meshlm import SamplingParams
+
+    ids = [[1] + list(range(100, 131))]
+    steps = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        llm.generate(ids, SamplingParams(max_tokens=1, ignore_eos=True))
+        a = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        llm.generate(ids, SamplingParams(max_tokens=new, ignore_eos=True))
+        steps.append((time.perf_counter() - t0 - a) / (new - 1))
+    return statistics.median(steps)
+
+
+def linears_seconds(model, dtype: torch.dtype, reps: int) -> float:
+    """Median seconds of one row through every linear product of a decode step, as the model calls them."""
+    from meshlm.kernels import linear_many
+
+    h = model.cfg.hidden_size
+    x = torch.randn(1, 1, h, dtype=dtype)
+    calls = []
+    for layer in model.layers.values():
+        a, m = layer.self_attn, layer.mlp
+        xo = torch.randn(1, 1, a.o_proj.in_features, dtype=dtype)
+        xi = torch.randn(1, 1, m.down_proj.in_features, dtype=dtype)
+        calls += [(linear_many, (x, [a.q_proj, a.k_proj, a.v_proj])), (a.o_proj, (xo,)),
+                  (linear_many, (x, [m.gate_proj, m.up_proj])), (m.down_proj, (xi,))]
+    if model.lm_head is not None:
+        calls.append((model.lm_head, (x,)))
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            for fn, args in calls:
+                fn(*args)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def stubbed_seconds(llm, new: int, runs: int) -> float:
+    """step_seconds with every linear product memoized (computed once per module and input shape)."""
+    from meshlm.kernels import gemv
+    from meshlm.models import llama
+
+    memo: dict = {}
+    forward, many = gemv.Linear.forward, llama.linear_many
+
+    def stub_forward(self, x):
+        key = (id(self), x.shape)
+        if key not in memo:
+            memo[key] = forward(self, x)
+        return memo[key]
+
+    def stub_many(x, layers):
+        key = (tuple(map(id, layers)), x.shape)
+        if key not in memo:
+            memo[key] = many(x, layers)
+        return memo[key]
+
+    gemv.Linear.forward, llama.linear_many = stub_forward, stub_many
+    try:
+        step_seconds(llm, 4, 1)  # fill the memo
+        return step_seconds(llm, new, runs)
+    finally:
+        gemv.Linear.forward, llama.linear_many = forward, many
+
+
+def ops_per_step(llm, new: int) -> collections.Counter:
+    """Torch calls made from Python (top-level profiler events) per decode step, by name."""
+    from meshlm import SamplingParams
+
+    def count(n: int) -> collections.Counter:
+        with torch.profiler.profile() as prof:
+            llm.generate([[1] + list(range(100, 131))], SamplingParams(max_tokens=n, ignore_eos=True))
+        return collections.Counter(e.name for e in prof.events() if e.cpu_parent is None)
+
+    a, b = count(1), count(new)
+    return collections.Counter({k: (b[k] - a.get(k, 0)) / (new - 1) for k in b})
+
+
+def main() -> int:
+    """Measure and print a decode step against its weight stream."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=None, help="a checkpoint or .gguf (default: the bundled SmolLM2)")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--wait", type=float, default=120.0, help="seconds to wait for an idle machine first")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from meshlm import LLM
+
+    with common.quiet_run(args.wait), LLM(args.model, dtype=args.dtype, threads=args.threads, progress=False) as llm:
+        torch.set_num_threads(args.threads)
+        model = llm.executor.worker.runner.model
+        step_seconds(llm, 4, 1)  # warm-up (and the kernels' first build)
+        step = step_seconds(llm, args.new, args.runs)
+        lin = linears_seconds(model, getattr(torch, args.dtype), 2 * args.runs)
+        stub = stubbed_seconds(llm, args.new, args.runs)
+        ops = ops_per_step(llm, min(args.new, 9))
+        layers = len(model.layers)
+    out = {"model": args.model or "smollm2", "dtype": args.dtype, "threads": args.threads, "step_s": step,
+           "linears_s": lin, "overhead_s": step - lin, "stubbed_s": stub, "ops_per_step": sum(ops.values()),
+           "ops_per_layer": sum(ops.values()) / layers, "ops": dict(ops.most_common())}
+    print(f"{common.machine()}")
+    print(f"{out['model']} {args.dtype}, {args.threads} thread(s), {layers} layers, per decode step:")
+    print(f"  step      {step * 1e3:8.3f} ms  ({1 / step:.1f} tok/s)")
+    print(f"  linears   {lin * 1e3:8.3f} ms  (the weight stream alone)")
+    print(f"  overhead  {(step - lin) * 1e3:8.3f} ms  ({100 * (step - lin) / step:.0f}% of the step)")
+    print(f"  stubbed   {stub * 1e3:8.3f} ms  (the step with its products memoized)")
+    print(f"  ops       {out['ops_per_step']:8.0f}     torch calls from Python ({out['ops_per_layer']:.1f} per layer)")
+    for name, n in ops.most_common(12):
+        print(f"    {name:40s} {n:7.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
