@@ -19,7 +19,9 @@ BLOCK = 32  # weights per quantization block, every kept format
 BLOCK_BYTES = {"Q8_0": 2 + 32, "Q4_0": 2 + 16, "Q4_1": 4 + 16}  # scale(s) + quants per block
 FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 QUANTIZE = {"int8": "Q8_0", "int4": "Q4_0", "int4-min": "Q4_1"}  # --quantize name -> kept format
-GGUF_FLOATS = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# GGUF types the loader converts at load (checkpoint/quantized.py CONVERT) -> the kept format they become
+CONVERT = {"Q6_K": "Q8_0", "Q5_K": "Q8_0", "Q5_0": "Q8_0", "Q5_1": "Q8_0", "Q4_K": "Q4_1", "Q3_K": "Q4_1",
+           "Q2_K": "Q4_1"}
 
 
 def bytes_per_weight(fmt: str) -> float:
@@ -67,14 +69,15 @@ class WeightFormat:
 
 
 def kept(gguf_type: str) -> str | None:
-    """The format meshlm keeps a GGUF tensor type in: a kept block format, a float dtype, or None (dequantized)."""
-    return gguf_type if gguf_type in BLOCK_BYTES else GGUF_FLOATS.get(gguf_type)
+    """The format a GGUF tensor type loads as under --dtype auto: a kept block format as stored, the others
+    converted (CONVERT); None for float types (they load in the compute dtype)."""
+    return gguf_type if gguf_type in BLOCK_BYTES else CONVERT.get(gguf_type)
 
 
 def gguf_format(path: str | Path) -> WeightFormat:
-    """The formats a GGUF file's weights are kept in: its layers' commonest matmul type, its embedding's
-    (token_embd, or output when the head is separate, the larger of the two). Types meshlm does not keep
-    count as the compute dtype (dequantized at load)."""
+    """The formats a GGUF file's weights load as under --dtype auto: its layers' commonest matmul type, its
+    embedding's (token_embd, or output when the head is separate, the larger of the two); float types count
+    as the compute dtype."""
     from gguf import GGUFReader
 
     layers: Counter[str] = Counter()

@@ -30,6 +30,10 @@ def test_bytes_per_weight_are_the_kernels_formats():
     for name, fmt in qformat.FORMATS.items():
         assert pw.bytes_per_weight(name) == fmt.block_bytes / qformat.BLOCK == fmt.bits_per_weight / 8
     assert pw.QUANTIZE == {k: f.name for k, f in qformat.QUANTIZE.items()}
+    from meshlm.checkpoint.quantized import CONVERT, VOCAB_MIN
+
+    assert pw.CONVERT == {k: f.name for k, f in CONVERT.items()}
+    assert VOCAB_MIN.name == "Q8_0"  # WeightFormat.quantized's floor for the vocabulary
     assert [pw.bytes_per_weight(f) for f in ("float32", "bfloat16", "float16", "Q8_0", "Q4_0", "Q4_1")] == \
         [4, 2, 2, 34 / 32, 18 / 32, 20 / 32]
     with pytest.raises(ConfigError, match="Q8_0"):
@@ -79,7 +83,8 @@ def test_the_bundled_gguf_is_planned_at_its_file_size():
 
 
 def test_gguf_format_reads_a_written_file(tmp_path):
-    """A file the gguf package writes: Q4_0 layers, a Q8_0 embedding; an unkept layer type plans as float."""
+    """A file the gguf package writes: Q4_0 layers, a Q8_0 embedding; Q6_K layers plan as the Q8_0 they
+    convert to, F32 ones as the compute dtype."""
     from gguf import GGMLQuantizationType as T
     from gguf import GGUFWriter
     from gguf.quants import quantize
@@ -103,8 +108,8 @@ def test_gguf_format_reads_a_written_file(tmp_path):
         return str(tmp_path / name)
 
     assert pw.gguf_format(write("q4.gguf", T.Q4_0)) == pw.WeightFormat("Q4_0", "Q8_0")
-    assert pw.gguf_format(write("k.gguf", T.Q6_K)) == pw.WeightFormat(None, "Q8_0")
-    assert pw.gguf_format(write("f.gguf", T.F32)) == pw.WeightFormat("float32", "Q8_0")
+    assert pw.gguf_format(write("k.gguf", T.Q6_K)) == pw.WeightFormat("Q8_0", "Q8_0")
+    assert pw.gguf_format(write("f.gguf", T.F32)) == pw.WeightFormat(None, "Q8_0")
 
 
 def test_plan_cli_takes_quantize_and_the_files_formats(capsys):

@@ -3,7 +3,6 @@ bundled SmolLM2 against float32 of the same weights (int8 within 1%, int4 within
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
@@ -95,19 +94,7 @@ def _quantized(path, name: str):
     """The float32 weights at `path` quantized at load (--quantize name)."""
     from meshlm import LLM
 
-    if "quantize" in inspect.signature(LLM).parameters:
-        return LLM(str(path), dtype="float32", quantize=name, progress=False)
-    # TODO(lead): delete this branch once LLM(quantize=) is merged: it swaps the decoder layers' Linear
-    # weights for kept ones by hand (qformat); the embedding/head stay float32.
-    from meshlm.kernels.gemv import Linear
-    from meshlm.kernels.qformat import QUANTIZE, quant_weight, quantize_rows
-
-    out = LLM(str(path), dtype="float32", progress=False)
-    for mod_name, mod in out.model.named_modules():
-        if isinstance(mod, Linear) and mod_name.startswith("layers."):
-            w = mod.weight.detach().float()
-            mod.weight = quant_weight(quantize_rows(w, QUANTIZE[name]), QUANTIZE[name], w.shape[1])
-    return out
+    return LLM(str(path), dtype="float32", quantize=name, progress=False)
 
 
 def test_the_float_copy_is_the_files_weights(smollm2, smollm2_f32):
@@ -136,7 +123,6 @@ def test_quantized_perplexity_against_float32(smollm2, smollm2_f32):
     assert int4.ppl / f32.ppl <= llama_gap * (1 + ROUNDING), (int4.ppl, f32.ppl, llama_gap)
     from meshlm import LLM
 
-    if "quantize" in inspect.signature(LLM).parameters:  # TODO(lead): always, once dtype="auto" is merged
-        with LLM(None, dtype="auto", progress=False) as m:
-            kept = perplexity(m, ids, CTX, BATCH)
-        assert abs(kept.ppl / f32.ppl - 1) <= 0.01, (kept.ppl, f32.ppl)
+    with LLM(None, dtype="auto", progress=False) as m:
+        kept = perplexity(m, ids, CTX, BATCH)
+    assert abs(kept.ppl / f32.ppl - 1) <= 0.01, (kept.ppl, f32.ppl)
