@@ -20,7 +20,9 @@
 #include <initializer_list>
 #include <tuple>
 
-extern "C" __m512 Sleef_expf16_u10(__m512);  // libtorch_cpu's SLEEF, the exp of ATen's AVX-512 kernels
+// libtorch_cpu's SLEEF, the exp of ATen's AVX-512 kernels; weak, so a torch that stops exporting it still
+// loads these ops (silu_mul then takes std::exp, within one rounding of ATen's).
+extern "C" __attribute__((weak)) __m512 Sleef_expf16_u10(__m512);
 
 namespace {
 
@@ -113,8 +115,12 @@ void silu_mul_elems(const T* g, const T* u, T* out, int64_t n) {
       const int64_t i0 = blk * 16, len = std::min<int64_t>(16, n - i0);
       for (int64_t j = 0; j < 16; ++j) x[j] = j < len ? f(g[i0 + j]) : 0.f;
       const __m512 xv = _mm512_load_ps(x);
-      const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(_mm512_set1_ps(-0.f), xv));  // exp(-x)
-      _mm512_store_ps(s, _mm512_div_ps(xv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+      if (Sleef_expf16_u10 != nullptr) {
+        const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(_mm512_set1_ps(-0.f), xv));  // exp(-x)
+        _mm512_store_ps(s, _mm512_div_ps(xv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
+      } else {
+        for (int64_t j = 0; j < 16; ++j) s[j] = x[j] / (1.f + std::exp(-x[j]));
+      }
       for (int64_t j = 0; j < len; ++j) out[i0 + j] = static_cast<T>(r<T>(s[j]) * f(u[i0 + j]));
     }
   });
