@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.kernels.build import load_extension
-from meshlm.kernels.quant import embedding, qlinear, qlinear_many
+from meshlm.kernels.quant import call_args, embedding, qlinear, qlinear_many
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def linear_many(x: torch.Tensor, layers: list[nn.Linear]) -> list[torch.Tensor]:
     """[layer(x) for layer in layers]; packed plain Linear layers in one kernel call (x is read, widened
-    or quantized once, and one parallel region covers every weight)."""
-    if all(type(m) is Linear and hasattr(m.weight, "quant") for m in layers):
-        return qlinear_many(x, [m.weight for m in layers], [m.bias for m in layers])
+    or quantized once, and one parallel region covers every weight). The call's arguments are worked out
+    once and kept on the first layer (a decode step makes two such calls per layer)."""
+    first = layers[0]
+    kept = first.__dict__.get("_many")
+    if kept is None or kept[0] is not first._parameters["weight"] or len(kept[1]) != len(layers):
+        ws = [m.weight for m in layers]
+        packed = all(type(m) is Linear and hasattr(m.weight, "quant") for m in layers)
+        kept = (ws[0], ws, [m.bias for m in layers], call_args(ws) if packed else None, packed)
+        first.__dict__["_many"] = kept
+    if kept[4]:
+        return qlinear_many(x, kept[1], kept[2], kept[3])
     return [m(x) for m in layers]
 
 

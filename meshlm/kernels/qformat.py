@@ -16,6 +16,7 @@ attribute (format, logical shape, and the zero columns a tensor-parallel shard p
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +169,19 @@ def info(weight: torch.Tensor) -> QuantInfo | None:
     return getattr(weight, "quant", None)
 
 
+@functools.cache
+def _byte_index(fmt: QFormat, device: torch.device) -> torch.Tensor:
+    """[16, block bytes]: where byte j of row r's GGUF block sits in its packed group's block."""
+    lane = torch.arange(GROUP)
+    cols = []
+    for i in range(fmt.scale_bytes // 2):  # scale array i (d, then m) starts at byte 32 * i
+        cols += [2 * GROUP * i + 2 * lane, 2 * GROUP * i + 2 * lane + 1]
+    s = fmt.scale_bytes * GROUP
+    for c in range(fmt.quant_bytes // 4):
+        cols += [s + 64 * c + 4 * lane + j for j in range(4)]
+    return torch.stack(cols, dim=-1).to(device)
+
+
 def rows_of(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """float32 rows ids [T] of a packed weight: [T, K]."""
     q = info(weight)
@@ -176,18 +190,12 @@ def rows_of(weight: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return weight[g, :, lane].float()
     if q.fmt is BF16:
         return weight[g, :, lane, :].reshape(len(ids), q.k).float()
-    fmt, cols = q.fmt, []
-    for i in range(fmt.scale_bytes // 2):  # scale array i (d, then m) starts at byte 32 * i
-        cols += [2 * GROUP * i + 2 * lane, 2 * GROUP * i + 2 * lane + 1]
-    s = fmt.scale_bytes * GROUP
-    for c in range(fmt.quant_bytes // 4):
-        cols += [s + 64 * c + 4 * lane + j for j in range(4)]
-    idx = torch.stack(cols, dim=-1)  # [T, block bytes]: where each GGUF byte of row `id` sits in its group
+    idx = _byte_index(q.fmt, weight.device)[lane]  # [T, block bytes]: each GGUF byte's place in the group
     blocks = weight[g]  # [T, nb, 16 * block bytes]
     rows = torch.gather(blocks, 2, idx[:, None, :].expand(-1, blocks.shape[1], -1))  # [T, nb, block bytes]
-    if fmt is Q8_0:
-        rows[..., fmt.scale_bytes:] ^= 0x80
-    return dequantize_rows(rows.reshape(len(ids), -1), fmt)
+    if q.fmt is Q8_0:
+        rows[..., q.fmt.scale_bytes:] ^= 0x80
+    return dequantize_rows(rows.reshape(len(ids), -1), q.fmt)
 
 
 def dequantize_weight(weight: torch.Tensor) -> torch.Tensor:

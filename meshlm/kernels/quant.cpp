@@ -260,13 +260,15 @@ std::vector<int64_t> packed_shape(int fmt, int64_t N, int64_t K) {
   return {G, K / kBlock, kGroup * ((fmt == kQ4_1 ? 4 : 2) + (fmt == kQ8_0 ? 32 : 16))};
 }
 
-// x [M, K] fp32 or bf16 contiguous; ws packed weights (qformat.py) of formats fmts and rows ns; bs bias
-// [N_i] or None: [x @ w_i.T + b_i] in x's dtype. Quantized formats need K % 32 == 0, BF16 an even K.
-std::vector<at::Tensor> quant_linear_many(const at::Tensor& x, at::TensorList ws, at::IntArrayRef fmts,
+// x [..., K] fp32 or bf16; ws packed weights (qformat.py) of formats fmts and rows ns; bs bias [N_i] or
+// None: [x @ w_i.T + b_i] as [..., N_i] in x's dtype. Quantized formats need K % 32 == 0, BF16 an even K.
+std::vector<at::Tensor> quant_linear_many(const at::Tensor& x_in, at::TensorList ws, at::IntArrayRef fmts,
                                           at::IntArrayRef ns, const c10::List<c10::optional<at::Tensor>>& bs) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "packed_linear: x [M, K] contiguous");
+  TORCH_CHECK(x_in.dim() >= 1, "packed_linear: x [..., K]");
+  const at::Tensor x = x_in.contiguous();
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "packed_linear: x fp32 or bf16");
-  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0;
+  std::vector<int64_t> out_shape = x.sizes().vec();
   TORCH_CHECK(ws.size() == fmts.size() && ws.size() == ns.size() && ws.size() == bs.size(),
               "packed_linear: one format, row count and bias per weight");
   static thread_local QX qx_reused;  // the vectors only grow; named through a reference, because the
@@ -289,7 +291,8 @@ std::vector<at::Tensor> quant_linear_many(const at::Tensor& x, at::TensorList ws
     (fmt >= kF32 ? floats : quantized) = true;
     const c10::optional<at::Tensor> b = bs.get(i);
     biases.push_back(b.has_value() && b->defined() ? b->to(at::kFloat).contiguous() : at::Tensor());
-    outs.push_back(at::empty({M, ns[i]}, x.options()));
+    out_shape.back() = ns[i];
+    outs.push_back(at::empty(out_shape, x.options()));
     jobs.push_back({w.data_ptr(), fmt, ns[i], biases.back().defined() ? biases.back().data_ptr<float>() : nullptr,
                     outs.back().data_ptr()});
     first[i + 1] = first[i] + packed_shape(fmt, ns[i], K)[0];

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from meshlm.kernels import qformat
-from meshlm.kernels.qformat import QuantInfo
 
 log = logging.getLogger(__name__)
 
@@ -34,30 +33,36 @@ def _kernel():
     return _ops[0]
 
 
-def _pad(x: torch.Tensor, q: QuantInfo) -> torch.Tensor:
-    return F.pad(x, q.pad) if q.pad != (0, 0) else x
+_XDTYPES = (torch.float32, torch.bfloat16)
 
 
-def _kernel_ok(x: torch.Tensor, weights: list[torch.Tensor], infos: list[QuantInfo]) -> bool:
+def call_args(weights: list[torch.Tensor]) -> tuple | None:
+    """(format codes, row counts, input pad) for one kernel call over these packed weights, or None when
+    the kernel cannot take them (not built, off the CPU, a quantized format without VNNI, mixed pads)."""
     from meshlm.kernels.gemv import vnni
 
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-            and all(w.device.type == "cpu" for w in weights) and _kernel() is not None
-            and (vnni() or all(q.fmt in qformat.FLOATS.values() for q in infos)))
-
-
-def qlinear_many(x: torch.Tensor, weights: list[torch.Tensor],
-                 biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """[x @ dequant(w).T + b] for packed weights sharing one input x [..., K] (one kernel call on CPU)."""
     infos = [qformat.info(w) for w in weights]
-    shape = x.shape[:-1]
-    if _kernel_ok(x, weights, infos) and len({q.pad for q in infos}) == 1:
-        xp = _pad(x, infos[0]).reshape(-1, infos[0].k).contiguous()
-        outs = _kernel().quant_linear_many(xp, weights, [q.fmt.code for q in infos], [q.n for q in infos],
-                                           biases)
-        return [o.view(*shape, q.n) for o, q in zip(outs, infos)]
-    return [F.linear(_pad(x, q), qformat.dequantize_weight(w).to(x.dtype), b)
-            for w, q, b in zip(weights, infos, biases)]
+    if (_kernel() is None or any(w.device.type != "cpu" for w in weights) or len({q.pad for q in infos}) != 1
+            or not (vnni() or all(q.fmt in qformat.FLOATS.values() for q in infos))):
+        return None
+    return [q.fmt.code for q in infos], [q.n for q in infos], infos[0].pad
+
+
+def qlinear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                 args: tuple | None | bool = False) -> list[torch.Tensor]:
+    """[x @ dequant(w).T + b] for packed weights sharing one input x [..., K] (one kernel call on CPU);
+    args: call_args(weights) when the caller keeps them (False: work them out here)."""
+    if args is False:
+        args = call_args(weights)
+    if args is not None and x.dtype in _XDTYPES and x.device.type == "cpu":
+        codes, ns, pad = args
+        return _kernel().quant_linear_many(F.pad(x, pad) if pad != (0, 0) else x, weights, codes, ns, biases)
+    out = []
+    for w, b in zip(weights, biases):
+        q = qformat.info(w)
+        xp = F.pad(x, q.pad) if q.pad != (0, 0) else x
+        out.append(F.linear(xp, qformat.dequantize_weight(w).to(x.dtype), b))
+    return out
 
 
 def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
