@@ -11,7 +11,7 @@ there (QuantInfo.pad): the product is exact, and every rank holds blocks quantiz
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -61,6 +61,15 @@ def precision(dtype: str, quantize: str | None, dtypes: dict[str, torch.dtype]) 
                           "(Q8_0, Q4_0 and Q4_1 blocks of 32), or leave it out for float weights.")
     return Precision(torch.float32 if dtype == "auto" else dtypes[dtype], dtype == "auto",
                      QUANTIZE[quantize] if quantize else None)
+
+
+def file_precision(p: Precision, source: TensorSource) -> Precision:
+    """--dtype auto keeps a GGUF's precision: a file whose float matrices are all BF16 computes in bfloat16
+    (weights read as stored); any other file (F32, F16 or quantized) computes in float32."""
+    if not p.keep or not hasattr(source, "tensor_type"):
+        return p
+    kinds = {source.tensor_type(n).name for n in source.names() if len(source.shape(n)) == 2} & set(FLOAT_TYPES)
+    return replace(p, dtype=torch.bfloat16) if kinds == {"BF16"} else p
 
 
 def quantized_types(source: TensorSource) -> set[str]:

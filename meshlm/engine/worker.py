@@ -11,7 +11,7 @@ import torch
 
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
-from meshlm.checkpoint.quantized import Conversions, check_quantize, describe_bytes, precision
+from meshlm.checkpoint.quantized import Conversions, check_quantize, describe_bytes, file_precision, precision
 from meshlm.engine.engine import host_kv_budget_bytes
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
@@ -71,11 +71,11 @@ class Worker:
         self.ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE") or spec.dims.world_size)  # torchrun sets it
         self.threads = set_threads(spec.threads, self.ranks_here)
         self.anon_before_mb = memory_mb()["RssAnon"]
-        self.precision = precision(spec.dtype, spec.quantize, DTYPES)
-        self.dtype = self.precision.dtype
         t0 = time.perf_counter()
         ckpt = open_checkpoint(spec.model)
         self.cfg, self.tokenizer, self.path = ckpt.cfg, ckpt.tokenizer, ckpt.path
+        self.precision = file_precision(precision(spec.dtype, spec.quantize, DTYPES), ckpt.source)
+        self.dtype = self.precision.dtype
         check_quantize(ckpt.source, self.path, self.precision)
         spec.dims.check_model(self.cfg)
         model = build_meta(self.cfg)

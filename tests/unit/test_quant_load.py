@@ -168,3 +168,15 @@ def test_bad_combinations_are_refused(files, checkpoint):
         LLM(str(checkpoint("llama_gqa")), quantize="int3", progress=False)
     with pytest.raises(ConfigError, match="use auto or one of"):
         LLM(str(checkpoint("llama_gqa")), dtype="int8", progress=False)
+
+
+@pytest.mark.parametrize("qtype,dtype", [("BF16", torch.bfloat16), ("F32", torch.float32)])
+def test_auto_keeps_a_float_files_precision(files, qtype, dtype):
+    """--dtype auto on a float GGUF computes in the file's precision (a BF16 file is not widened to float32),
+    giving what an explicit --dtype of that precision gives."""
+    path = files(qtype)
+    with LLM(str(path), progress=False) as auto, LLM(str(path), dtype=str(dtype)[6:], progress=False) as named:
+        assert auto.dtype is dtype
+        assert {p.dtype for n, p in auto.model.named_parameters() if "norm" not in n} == {dtype}
+        ids = [[3, 17, 42, 99, 7]]
+        assert torch.equal(auto.logits(ids), named.logits(ids))
