@@ -280,9 +280,9 @@ def main() -> None:
                  "llama-quantize, built from the llama-cpp-python sdist (see docs/benchmarks.md).")
     args.guidellm = find_guidellm(args.guidellm)
     if args.tokenizer is None:
-        from meshlm.checkpoint import resolve_folder
+        from meshlm.checkpoint.cache import converted_folder, default_gguf_path
 
-        args.tokenizer = resolve_folder(None, progress=False)
+        args.tokenizer = converted_folder(default_gguf_path(), progress=False)
     common.log(common.machine())
     res = dict(machine=common.machine(), args={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                rows=[])
