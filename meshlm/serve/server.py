@@ -26,6 +26,9 @@ from meshlm.serve.validation import ModelContext
 log = logging.getLogger(__name__)
 
 
+SWITCH_INTERVAL_S = 0.0002  # how long a thread may hold the GIL while another waits for it
+
+
 def serve(llm: Any, cfg: ServerConfig, aliases: tuple[str, ...] = (), log_level: str = "warning",
           key_env: str | None = None, comm_timeout_s: float = 60.0) -> int:
     """Serve an already-built LLM until a signal or a fatal engine error; the exit code."""
@@ -45,6 +48,9 @@ def serve(llm: Any, cfg: ServerConfig, aliases: tuple[str, ...] = (), log_level:
     config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level=log_level,
                             access_log=False, lifespan="off", timeout_graceful_shutdown=3)
     server = holder["server"] = DrainingServer(config, state)
+    # The engine thread and the event loop share the GIL; at Python's default 5 ms switch interval the
+    # engine waits up to 5 ms each time the loop holds it (streaming a token), several times per step.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     loop.start()
     auth = f" -H \"Authorization: Bearer ${key_env or 'KEY'}\"" if cfg.api_key else ""
     body = json.dumps({"model": cfg.model_name, "max_tokens": 32,
