@@ -71,11 +71,13 @@ def assert_same_as_one_device(pipe, one) -> None:
 
 
 def assert_accounting(reports: list[dict]) -> None:
-    """Per rank: compute + send + recv + idle = wall within 5%; some compute, weights and KV on every rank."""
+    """Per rank: compute + send + recv + idle = wall within 5% (+ 20 ms: the per-step bookkeeping between
+    spans, which a scheduler hiccup on a loaded 2-core host can stretch); some compute, weights and KV on
+    every rank."""
     for rep in reports:
         t = rep["timeline"]["totals"]
         parts = t["compute"] + t["send"] + t["recv"] + t["idle"]
-        assert abs(t["wall"] - parts) <= 0.05 * t["wall"], (rep["rank"], t)
+        assert abs(t["wall"] - parts) <= 0.05 * t["wall"] + 0.02, (rep["rank"], t)
         assert 0 <= t["bubble"] < 1 and t["compute"] > 0 and rep["kv_mb"] > 0 and rep["weight_mb"] > 0
 
 
