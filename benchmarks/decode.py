@@ -265,31 +265,36 @@ def table(rows: list[dict]) -> str:
     return head + "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """Grouped bars (HF, meshlm, roofline) per configuration, saved as a PNG."""
+def peer_bars(rows: list[dict], path: str, peer: str, peer_label: str, labels: list[str], title: str) -> None:
+    """Grouped bars (the peer's rows[peer], meshlm, roofline) per row, meshlm/peer over meshlm's, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['model']}\n{r['dtype']}\n{r['threads']} thr" for r in rows]
     x = range(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4.5))
     w = 0.28
-    ax.bar([i - w for i in x], [r["hf"] for r in rows], w, label="HF transformers generate")
+    ax.bar([i - w for i in x], [r[peer] for r in rows], w, label=peer_label)
     ax.bar(list(x), [r["meshlm"] for r in rows], w, label="meshlm")
     ax.bar([i + w for i in x], [r["roofline"] for r in rows], w, label="bandwidth roofline",
            color="lightgray", edgecolor="gray", hatch="//")
     for i, r in enumerate(rows):
-        ax.annotate(f"{r['meshlm'] / r['hf']:.2f}x", (i, r["meshlm"]), ha="center", va="bottom", fontsize=8)
+        ax.annotate(f"{r['meshlm'] / r[peer]:.2f}x", (i, r["meshlm"]), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_ylabel("decode tokens/s (batch 1)")
-    ax.set_title("Batch-1 decode on " + common.machine().split(",")[0], fontsize=9)
+    ax.set_title(title + common.machine().split(",")[0], fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     common.log(f"wrote {path}")
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Grouped bars (HF, meshlm, roofline) per configuration, saved as a PNG."""
+    peer_bars(rows, path, "hf", "HF transformers generate",
+              [f"{r['model']}\n{r['dtype']}\n{r['threads']} thr" for r in rows], "Batch-1 decode on ")
 
 
 def main() -> None:

@@ -125,28 +125,10 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: str) -> None:
     """Grouped bars (llama.cpp, meshlm, roofline) per (format, threads), saved as a PNG."""
-    import matplotlib
+    import decode
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(rows)), 4.5))
-    w = 0.28
-    ax.bar([i - w for i in x], [r["llama"] for r in rows], w, label="llama.cpp (llama-bench)")
-    ax.bar(list(x), [r["meshlm"] for r in rows], w, label="meshlm")
-    ax.bar([i + w for i in x], [r["roofline"] for r in rows], w, label="bandwidth roofline", color="lightgray",
-           edgecolor="gray", hatch="//")
-    for i, r in enumerate(rows):
-        ax.annotate(f"{r['meshlm'] / r['llama']:.2f}x", (i, r["meshlm"]), ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(x), [f"{r['format']}\n{r['threads']} thr" for r in rows], fontsize=8)
-    ax.set_ylabel("decode tokens/s (batch 1)")
-    ax.set_title("SmolLM2-135M GGUF, batch-1 decode on " + common.machine().split(",")[0], fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    common.log(f"wrote {path}")
+    decode.peer_bars(rows, path, "llama", "llama.cpp (llama-bench)",
+                     [f"{r['format']}\n{r['threads']} thr" for r in rows], "SmolLM2-135M GGUF, batch-1 decode on ")
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import random
 import statistics
 import sys
 import time
@@ -26,22 +27,12 @@ from pathlib import Path
 
 import common
 import torch
+from decode_parts import step_seconds
 
 
-def step_seconds(llm, new: int, runs: int) -> float:
-    """Median seconds per decode step over `runs` (new-token run - 1-token run) / (new - 1)."""
-    from meshlm import SamplingParams
-
-    ids = [[1] + list(range(100, 131))]
-    steps = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        llm.generate(ids, SamplingParams(max_tokens=1, ignore_eos=True))
-        a = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        llm.generate(ids, SamplingParams(max_tokens=new, ignore_eos=True))
-        steps.append((time.perf_counter() - t0 - a) / (new - 1))
-    return statistics.median(steps)
+def steps(llm, new: int, runs: int) -> float:
+    """Median seconds per decode step (decode_parts.step_seconds: fresh random 16-token prompts)."""
+    return step_seconds(llm, llm.cfg.vocab_size, new, runs, random.Random(0))
 
 
 def linears_seconds(model, dtype: torch.dtype, reps: int) -> float:
@@ -70,7 +61,7 @@ def linears_seconds(model, dtype: torch.dtype, reps: int) -> float:
 
 
 def stubbed_seconds(llm, new: int, runs: int) -> float:
-    """step_seconds with every linear product memoized (computed once per module and input shape)."""
+    """steps() with every linear product memoized (computed once per module and input shape)."""
     from meshlm.kernels import gemv
     from meshlm.models import llama
 
@@ -91,8 +82,8 @@ def stubbed_seconds(llm, new: int, runs: int) -> float:
 
     gemv.Linear.forward, llama.linear_many = stub_forward, stub_many
     try:
-        step_seconds(llm, 4, 1)  # fill the memo
-        return step_seconds(llm, new, runs)
+        steps(llm, 4, 1)  # fill the memo
+        return steps(llm, new, runs)
     finally:
         gemv.Linear.forward, llama.linear_many = forward, many
 
@@ -126,8 +117,8 @@ def main() -> int:
     with common.quiet_run(args.wait), LLM(args.model, dtype=args.dtype, threads=args.threads, progress=False) as llm:
         torch.set_num_threads(args.threads)
         model = llm.executor.worker.runner.model
-        step_seconds(llm, 4, 1)  # warm-up (and the kernels' first build)
-        step = step_seconds(llm, args.new, args.runs)
+        steps(llm, 4, 1)  # warm-up (and the kernels' first build)
+        step = steps(llm, args.new, args.runs)
         lin = linears_seconds(model, llm.executor.worker.dtype, 2 * args.runs)  # the compute dtype
         stub = stubbed_seconds(llm, args.new, args.runs)
         ops = ops_per_step(llm, min(args.new, 9))
