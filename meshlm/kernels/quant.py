@@ -66,8 +66,12 @@ def qlinear_many(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torc
 
 
 def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ dequant(weight).T + bias for one packed weight."""
-    return qlinear_many(x, [weight], [bias])[0]
+    """x @ dequant(weight).T + bias for one packed weight (its call arguments worked out once, kept on it:
+    o_proj, down_proj and the head come here every decode step)."""
+    args = weight.__dict__.get("_call_args", False)
+    if args is False:
+        args = weight.__dict__["_call_args"] = call_args([weight])
+    return qlinear_many(x, [weight], [bias], args)[0]
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
