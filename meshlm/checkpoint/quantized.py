@@ -66,17 +66,21 @@ def precision(dtype: str, quantize: str | None, dtypes: dict[str, torch.dtype]) 
 def file_precision(p: Precision, source: TensorSource) -> Precision:
     """--dtype auto keeps a GGUF's precision: a file whose float matrices are all BF16 computes in bfloat16
     (weights read as stored); any other file (F32, F16 or quantized) computes in float32."""
-    if not p.keep or not hasattr(source, "tensor_type"):
+    if not p.keep:
         return p
-    kinds = {source.tensor_type(n).name for n in source.names() if len(source.shape(n)) == 2} & set(FLOAT_TYPES)
-    return replace(p, dtype=torch.bfloat16) if kinds == {"BF16"} else p
+    return replace(p, dtype=torch.bfloat16) if matrix_types(source) & set(FLOAT_TYPES) == {"BF16"} else p
+
+
+def matrix_types(source: TensorSource) -> set[str]:
+    """The GGUF types of a source's 2-D tensors (empty for safetensors)."""
+    if not hasattr(source, "tensor_type"):
+        return set()
+    return {source.tensor_type(n).name for n in source.names() if len(source.shape(n)) == 2}
 
 
 def quantized_types(source: TensorSource) -> set[str]:
     """GGUF types other than float among a source's 2-D tensors (empty for safetensors)."""
-    if not hasattr(source, "tensor_type"):
-        return set()
-    return {source.tensor_type(n).name for n in source.names() if len(source.shape(n)) == 2} - set(FLOAT_TYPES)
+    return matrix_types(source) - set(FLOAT_TYPES)
 
 
 def check_quantize(source: TensorSource, path: object, p: Precision) -> None:
