@@ -24,7 +24,20 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # top alternatives per token; None = no logprobs
-    timeout_s: float | None = None  # this request's own limit (the server's applies when lower)
+    deadline: Deadline | None = None  # fixed at arrival; bounds queueing, retries and the run
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a request must be done: `at` on the time.monotonic() clock, from a budget fixed at its arrival."""
+
+    at: float
+    budget_s: float  # seconds from arrival to `at`
+    source: str  # what set the budget: "X-Request-Timeout" or "--request-timeout"
+
+    def remaining(self) -> float:
+        """Seconds left (negative once missed)."""
+        return self.at - time.monotonic()
 
     @property
     def num_choices(self) -> int:
