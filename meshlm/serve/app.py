@@ -131,7 +131,8 @@ class SSEResponse(StreamingResponse):
 
                 tg.start_soon(stream)
                 await self.listen_for_disconnect(receive)  # cancelled when the stream ends first
-                self.on_disconnect()
+                if not self.gen.finished:  # not a client closing just after the last event
+                    self.on_disconnect()
                 tg.cancel_scope.cancel()
         finally:
             self.gen.close()

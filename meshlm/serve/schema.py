@@ -133,6 +133,7 @@ class _Generation(_Body):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] = ()
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
+    timeout: _refused("timeout is not a body field; send the X-Request-Timeout header (seconds).") = None
     stream: bool = False
     stream_options: StreamOptions = StreamOptions()
     user: str | None = None
