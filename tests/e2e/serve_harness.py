@@ -139,3 +139,12 @@ class Server:
 def completion(model: str, **kw) -> dict:
     """A small valid /v1/completions body."""
     return {"model": model, "prompt": "w5. w6. w7.", "max_tokens": 4, "temperature": 0, **kw}
+
+
+def check_error(r: httpx.Response, status: int) -> dict:
+    """The status and the exact OpenAI error shape; the error object."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
