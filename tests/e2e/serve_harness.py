@@ -101,8 +101,9 @@ class Server:
         return Path(self.log.name).read_text()
 
     def client(self, **kw) -> httpx.Client:
-        """An httpx client with the base URL and the API key."""
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=kw.pop("timeout", 60), **kw)
+        """An httpx client with the base URL and the API key (plus any `headers` given)."""
+        headers = {**self.headers, **kw.pop("headers", {})}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 60), **kw)
 
     def metrics(self) -> dict[str, float]:
         """/metrics samples as {"name{labels}": value}."""

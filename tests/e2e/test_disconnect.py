@@ -90,7 +90,7 @@ def test_request_timeout(server):
     body = completion(server.model_name, max_tokens=1800, ignore_eos=True)
     key = 'meshlm_deadline_exceeded_total{stage="run"}'
     before = server.metrics().get(key, 0)
-    with server.client(headers={**server.headers, "X-Request-Timeout": "0.3"}) as c:
+    with server.client(headers={"X-Request-Timeout": "0.3"}) as c:
         r = c.post("/v1/completions", json=body)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
         assert "deadline of 0.3 s (set by X-Request-Timeout) after" in r.json()["error"]["message"]
