@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
@@ -117,7 +117,7 @@ class Guard:
 class SSEResponse(StreamingResponse):
     """Streams events while watching for the client to go away; on disconnect the stream is cancelled."""
 
-    def __init__(self, gen: Generation, on_disconnect: Any) -> None:
+    def __init__(self, gen: Generation, on_disconnect: Callable[[], None]) -> None:
         super().__init__(gen.stream(), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.gen, self.on_disconnect = gen, on_disconnect

@@ -66,9 +66,13 @@ class RefusingH11Protocol(H11Protocol):
         body = json.dumps(error_body(status, message, None, code)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                    (b"connection", b"close")]
-        for event in (h11.Response(status_code=status, headers=headers, reason=STATUS_PHRASES[status]),
-                      h11.Data(data=body), h11.EndOfMessage()):
-            self.transport.write(self.conn.send(event))
+        try:
+            for event in (h11.Response(status_code=status, headers=headers, reason=STATUS_PHRASES[status]),
+                          h11.Data(data=body), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:  # a response had already begun: nothing more can be said
+            self.transport.close()
+            return
         self.on_refused(code)
         self._refused = True
         if self.transport.can_write_eof():
