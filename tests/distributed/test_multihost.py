@@ -1,0 +1,144 @@
+"""Multi-host runs on emulated hosts: each rank in its own network namespace, torchrun across a switch.
+
+Two hosts (tests/emulated_hosts.py), one torchrun node each, c10d rendezvous on host 0's address. The
+reference is one process on one host. Skipped where namespaces cannot be made (not root, no iproute2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from emulated_hosts import EmulatedHosts, unavailable_reason
+
+from meshlm.parallel import shm
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+PROMPT = "w5. w6. w7."
+RDZV_PORT = 29511
+
+
+@pytest.fixture
+def hosts(request):
+    """Two emulated hosts (own hostnames unless the test is parametrized with own_hostname=False)."""
+    why = unavailable_reason()
+    if why:
+        pytest.skip(f"cannot emulate hosts with network namespaces: {why}")
+    with EmulatedHosts(2, own_hostname=getattr(request, "param", True)) as h:
+        yield h
+
+
+@pytest.fixture(scope="module")
+def one_host(checkpoint) -> str:
+    """Greedy text of one process on one host: the reference every layout must print."""
+    r = subprocess.run([sys.executable, "-m", "meshlm.cli", *generate_args(checkpoint, 16)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def generate_args(checkpoint, max_tokens: int) -> list[str]:
+    """`meshlm generate` arguments on the tiny GQA fixture."""
+    return ["generate", PROMPT, "--model", str(checkpoint("llama_gqa")), "--max-tokens", str(max_tokens),
+            "--ignore-eos"]
+
+
+def torchrun_nodes(hosts: EmulatedHosts, args: list[str]) -> list[subprocess.Popen]:
+    """One single-process torchrun node per host, meeting at host 0's address."""
+    return [hosts.popen(h.index, [TORCHRUN, "--nnodes", str(len(hosts.hosts)), "--nproc-per-node", "1",
+                                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts.hosts[0].addr}:{RDZV_PORT}",
+                                  "--rdzv-id", hosts.run_id, "--max-restarts", "0", "--local-addr", h.addr,
+                                  "-m", "meshlm.launch", *args],
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for h in hosts.hosts]
+
+
+@pytest.mark.parametrize(("layout", "hosts", "transport"), [
+    (["--tp", "2"], True, "gloo"),  # own hostnames: two hosts, so the tp group talks over the links
+    (["--tp", "2"], False, "shm"),  # one hostname: one host to meshlm; /dev/shm is shared, so shm is correct
+    (["--pp", "2"], True, None),
+], indirect=["hosts"], ids=["tp2", "tp2-same-hostname", "pp2"])
+def test_two_hosts_match_one_host(hosts, checkpoint, one_host, layout, transport):
+    """tp=2 or pp=2 with one rank per emulated host prints the same greedy text as one process."""
+    nodes = torchrun_nodes(hosts, generate_args(checkpoint, 16) + layout)
+    results = [n.communicate(timeout=240) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [err[-3000:] for _, err in results]
+    printed = [(out, err) for out, err in results if out.strip()]
+    assert len(printed) == 1, "exactly one host runs rank 0 and prints"
+    out, err = printed[0]
+    assert out == one_host
+    if transport:
+        assert re.findall(r"collectives \d+ ms over (\w+)", err) == [transport, transport], err
+
+
+def test_link_cut_fails_the_run_within_the_comm_timeout(hosts, checkpoint):
+    """Unplugging the host of rank 1 mid-generation: rank 0 names the rank and host it lost within the
+    collective timeout, every rank and launcher exits (the far launcher once the link is back), no segment
+    stays in /dev/shm."""
+    timeout_s = 5.0
+    nodes = torchrun_nodes(hosts, generate_args(checkpoint, 240) + ["--tp", "2", "--comm-timeout", str(timeout_s)])
+    first_out: list[tuple[int, float]] = []  # (host, time) of the first generated text
+    errors: dict[int, list[tuple[float, str]]] = {0: [], 1: []}
+
+    def read(i: int) -> None:
+        for line in nodes[i].stderr:
+            errors[i].append((time.monotonic(), line))
+
+    def watch_out(i: int) -> None:
+        text = nodes[i].stdout.read(len(PROMPT) + 20)  # the prompt, then a few generated tokens
+        if len(text) > len(PROMPT):
+            first_out.append((i, time.monotonic()))
+        nodes[i].stdout.read()
+
+    threads = [threading.Thread(target=f, args=(i,), daemon=True) for i in (0, 1) for f in (read, watch_out)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 180
+    while not first_out and time.monotonic() < deadline and all(n.poll() is None for n in nodes):
+        time.sleep(0.02)
+    assert first_out, [e[-5:] for e in errors.values()]
+    rank0_host = first_out[0][0]
+    far = 1 - rank0_host
+    pids = set(hosts.pids())
+    hosts.cut(far)
+    cut_at = time.monotonic()
+    nodes[rank0_host].wait(timeout=timeout_s + 60)
+    ended_s = time.monotonic() - cut_at
+    assert nodes[rank0_host].returncode != 0
+    said = [(t, line) for t, line in errors[rank0_host] if "meshlm: error" in line]
+    assert said, "".join(line for _, line in errors[rank0_host])[-3000:]
+    detected_s = said[0][0] - cut_at
+    message = said[0][1]
+    far_host = hosts.hosts[far]
+    assert "rank 1" in message and far_host.hostname in message, message
+    assert timeout_s - 0.5 < detected_s < timeout_s + 10, detected_s
+    print(f"\nlink cut: rank 0 reported it after {detected_s:.1f} s (comm timeout {timeout_s:.0f} s), "
+          f"its launcher exited after {ended_s:.1f} s: {message.strip()}")
+    hosts.restore(far)  # torchrun's agent on the far host waits on the rendezvous store until it can reach it
+    nodes[far].wait(timeout=90)
+    assert nodes[far].returncode != 0
+    left = _wait_empty(hosts, 20)
+    assert not left, f"processes left in the emulated hosts: {left}"
+    stale = [p for p in os.listdir(shm.SHM_DIR) if p.startswith(shm.PREFIX) and _creator(p) in pids]
+    assert not stale, stale
+
+
+def _wait_empty(hosts: EmulatedHosts, within_s: float) -> list[int]:
+    deadline = time.monotonic() + within_s
+    while (left := hosts.pids()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def _creator(name: str) -> int:
+    try:
+        return int(name[len(shm.PREFIX):].split("-", 1)[0])
+    except ValueError:
+        return -1
