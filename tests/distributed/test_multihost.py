@@ -50,14 +50,17 @@ def generate_args(checkpoint, max_tokens: int) -> list[str]:
             "--ignore-eos"]
 
 
+def _torchrun_argv(hosts: EmulatedHosts, args: list[str]) -> list[list[str]]:
+    """Each host's torchrun command: one single-process node per host, meeting at host 0's address."""
+    return [[TORCHRUN, "--nnodes", str(len(hosts.hosts)), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+             "--rdzv-endpoint", f"{hosts.hosts[0].addr}:{RDZV_PORT}", "--rdzv-id", hosts.run_id,
+             "--max-restarts", "0", "--local-addr", h.addr, "-m", "meshlm.launch", *args] for h in hosts.hosts]
+
+
 def torchrun_nodes(hosts: EmulatedHosts, args: list[str]) -> list[subprocess.Popen]:
-    """One single-process torchrun node per host, meeting at host 0's address."""
-    return [hosts.popen(h.index, [TORCHRUN, "--nnodes", str(len(hosts.hosts)), "--nproc-per-node", "1",
-                                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{hosts.hosts[0].addr}:{RDZV_PORT}",
-                                  "--rdzv-id", hosts.run_id, "--max-restarts", "0", "--local-addr", h.addr,
-                                  "-m", "meshlm.launch", *args],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for h in hosts.hosts]
+    """Start every host's torchrun node, output piped as text."""
+    return [hosts.popen(h.index, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for h, argv in zip(hosts.hosts, _torchrun_argv(hosts, args))]
 
 
 @pytest.mark.parametrize(("layout", "hosts", "transport"), [
@@ -85,11 +88,7 @@ def test_link_cut_fails_the_run_within_the_comm_timeout(hosts, checkpoint):
     timeout_s = 5.0
     nodes = torchrun_nodes(hosts, generate_args(checkpoint, 240) + ["--tp", "2", "--comm-timeout", str(timeout_s)])
     first_out: list[tuple[int, float]] = []  # (host, time) of the first generated text
-    errors: dict[int, list[tuple[float, str]]] = {0: [], 1: []}
-
-    def read(i: int) -> None:
-        for line in nodes[i].stderr:
-            errors[i].append((time.monotonic(), line))
+    errors = _timestamped_stderr(nodes)
 
     def watch_out(i: int) -> None:
         text = nodes[i].stdout.read(len(PROMPT) + 20)  # the prompt, then a few generated tokens
@@ -97,13 +96,12 @@ def test_link_cut_fails_the_run_within_the_comm_timeout(hosts, checkpoint):
             first_out.append((i, time.monotonic()))
         nodes[i].stdout.read()
 
-    threads = [threading.Thread(target=f, args=(i,), daemon=True) for i in (0, 1) for f in (read, watch_out)]
-    for t in threads:
-        t.start()
+    for i in (0, 1):
+        threading.Thread(target=watch_out, args=(i,), daemon=True).start()
     deadline = time.monotonic() + 180
     while not first_out and time.monotonic() < deadline and all(n.poll() is None for n in nodes):
         time.sleep(0.02)
-    assert first_out, [e[-5:] for e in errors.values()]
+    assert first_out, [e[-5:] for e in errors]
     rank0_host = first_out[0][0]
     far = 1 - rank0_host
     pids = set(hosts.pids())
@@ -128,6 +126,73 @@ def test_link_cut_fails_the_run_within_the_comm_timeout(hosts, checkpoint):
     assert not left, f"processes left in the emulated hosts: {left}"
     stale = [p for p in os.listdir(shm.SHM_DIR) if p.startswith(shm.PREFIX) and _creator(p) in pids]
     assert not stale, stale
+
+
+HEALTH = """import json, sys, urllib.request, urllib.error
+try:
+    r = urllib.request.urlopen("http://127.0.0.1:%d/health", timeout=2)
+    print(r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code, e.read().decode())
+except Exception as e:
+    print(0, e)
+"""
+
+
+def _health(hosts: EmulatedHosts, i: int, port: int) -> tuple[int, str]:
+    out = hosts.run(i, [sys.executable, "-c", HEALTH % port], timeout=10).stdout.strip()
+    code, _, body = out.partition(" ")
+    return int(code or 0), body
+
+
+def test_idle_server_notices_a_link_cut(hosts, checkpoint):
+    """`meshlm serve --tp 2` across two hosts, idle: after the far host's link is cut, the rank keep-alive
+    fails within keep-alive + comm timeout, /health stops answering 200, the server exits with an error
+    naming the lost rank and host, and once the link is back nothing is left."""
+    timeout_s, port = 4.0, 8431
+    argv = _torchrun_argv(hosts, ["serve", "--model", str(checkpoint("llama_gqa")), "--tp", "2",
+                                  "--comm-timeout", str(timeout_s), "--port", str(port)])
+    nodes = [hosts.popen(h.index, cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for h, cmd in zip(hosts.hosts, argv)]
+    errors = _timestamped_stderr(nodes)
+    deadline, rank0_host = time.monotonic() + 180, None
+    while rank0_host is None and time.monotonic() < deadline and all(n.poll() is None for n in nodes):
+        rank0_host = next((i for i in (0, 1) if _health(hosts, i, port)[0] == 200), None)
+        time.sleep(0.5)
+    assert rank0_host is not None, [n.poll() for n in nodes]
+    far = 1 - rank0_host
+    hosts.cut(far)
+    cut_at = time.monotonic()
+    while (health := _health(hosts, rank0_host, port))[0] == 200 and time.monotonic() - cut_at < 60:
+        time.sleep(0.2)
+    assert health[0] != 200
+    nodes[rank0_host].wait(timeout=60)
+    assert nodes[rank0_host].returncode != 0
+    said = [(t, line) for t, line in errors[rank0_host] if "meshlm: error" in line]
+    assert said, "".join(line for _, line in errors[rank0_host])[-3000:]
+    detected_s, message = said[0][0] - cut_at, said[0][1]
+    assert "rank 1" in message and hosts.hosts[far].hostname in message, message
+    keepalive_s = max(0.5, min(10.0, timeout_s / 4))  # serve/server.py's ping period
+    assert detected_s < keepalive_s + timeout_s + 5, detected_s
+    print(f"\nidle server, link cut: error after {detected_s:.1f} s (keep-alive {keepalive_s:g} s + comm "
+          f"timeout {timeout_s:g} s), /health answered {health}: {message.strip()}")
+    hosts.restore(far)  # the far rank waits for its next call, and its launcher on the rendezvous store
+    nodes[far].wait(timeout=90)
+    left = _wait_empty(hosts, 20)
+    assert not left, f"processes left in the emulated hosts: {left}"
+
+
+def _timestamped_stderr(nodes: list[subprocess.Popen]) -> list[list[tuple[float, str]]]:
+    """Each node's stderr lines with the time they arrived, filled by reader threads."""
+    lines: list[list[tuple[float, str]]] = [[] for _ in nodes]
+
+    def read(i: int) -> None:
+        for line in nodes[i].stderr:
+            lines[i].append((time.monotonic(), line))
+
+    for i in range(len(nodes)):
+        threading.Thread(target=read, args=(i,), daemon=True).start()
+    return lines
 
 
 def _wait_empty(hosts: EmulatedHosts, within_s: float) -> list[int]:
