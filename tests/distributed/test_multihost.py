@@ -128,6 +128,39 @@ def test_link_cut_fails_the_run_within_the_comm_timeout(hosts, checkpoint):
     assert not stale, stale
 
 
+SINK = """import socket, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("0.0.0.0", 5001)); s.listen()
+for _ in range(2):
+    c, n = s.accept()[0], 0
+    b = c.recv(1 << 20); t0 = time.monotonic()
+    while b:
+        n += len(b); b = c.recv(1 << 20)
+    print(n, time.monotonic() - t0, flush=True)
+"""
+SOURCE = """import socket, time
+for _ in range(50):
+    try:
+        s = socket.create_connection(("%s", 5001), timeout=2); break
+    except OSError:
+        time.sleep(0.1)
+s.sendall(bytes(4 << 20)); s.close()
+"""
+
+
+def test_shaped_link_limits_throughput(hosts):
+    """tbf on host 1's link holds 4 MiB to about its rate; removing the shaping lifts the limit."""
+    sink = hosts.popen(1, [sys.executable, "-c", SINK], stdout=subprocess.PIPE, text=True)
+    seconds = []
+    for rate in ("40mbit", None):
+        hosts.shape(1, rate)
+        assert hosts.run(0, [sys.executable, "-c", SOURCE % hosts.hosts[1].addr]).returncode == 0
+        n, s = sink.stdout.readline().split()
+        assert int(n) == 4 << 20
+        seconds.append(float(s))
+    expected = (4 << 20) * 8 / 40e6  # 0.84 s
+    assert seconds[0] > 0.7 * expected and seconds[1] < seconds[0] / 3, seconds
+
+
 HEALTH = """import json, sys, urllib.request, urllib.error
 try:
     r = urllib.request.urlopen("http://127.0.0.1:%d/health", timeout=2)
