@@ -12,8 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import emulated_hosts
 import pytest
 from emulated_hosts import EmulatedHosts, unavailable_reason
 
@@ -122,10 +124,36 @@ def test_link_cut_fails_the_run_within_the_comm_timeout(hosts, checkpoint):
     hosts.restore(far)  # torchrun's agent on the far host waits on the rendezvous store until it can reach it
     nodes[far].wait(timeout=90)
     assert nodes[far].returncode != 0
+    far_said = "".join(line for _, line in errors[far])
+    assert f"rank 0 on {hosts.hosts[rank0_host].hostname}" in far_said, far_said[-3000:]
     left = _wait_empty(hosts, 20)
     assert not left, f"processes left in the emulated hosts: {left}"
     stale = [p for p in os.listdir(shm.SHM_DIR) if p.startswith(shm.PREFIX) and _creator(p) in pids]
     assert not stale, stale
+
+
+def test_cleanup_after_a_failure_and_of_stale_runs():
+    """An exception inside the hosts kills what runs there and removes every namespace; a run whose creator
+    died (its namespaces and a process inside them left behind) is swept by the next one."""
+    why = unavailable_reason()
+    if why:
+        pytest.skip(f"cannot emulate hosts with network namespaces: {why}")
+    with pytest.raises(RuntimeError, match="a failing test"), EmulatedHosts(2) as hosts:
+        inside = hosts.popen(1, ["sleep", "300"])
+        raise RuntimeError("a failing test")
+    assert inside.poll() is not None
+    assert not [ns for ns in emulated_hosts._netns_names() if ns.startswith(hosts.run_id)]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = EmulatedHosts(1)
+    orphan.run_id = f"{emulated_hosts.PREFIX}{dead.pid}x0bad"  # as if made by a process that is gone
+    orphan.switch, orphan.hosts = f"{orphan.run_id}-sw", [replace(orphan.hosts[0], netns=f"{orphan.run_id}-h0")]
+    orphan._build()
+    stray = subprocess.Popen(orphan.command(0, ["sleep", "300"]), start_new_session=True)
+    with EmulatedHosts(1):
+        assert stray.wait(timeout=10) != 0
+        assert not [ns for ns in emulated_hosts._netns_names() if ns.startswith(orphan.run_id)]
+        assert not os.path.exists(os.path.join(emulated_hosts.ETC_NETNS, f"{orphan.run_id}-h0"))
 
 
 SINK = """import socket, time
