@@ -27,12 +27,17 @@ PROMPT = "w5. w6. w7."
 RDZV_PORT = 29511
 
 
-@pytest.fixture
-def hosts(request):
-    """Two emulated hosts (own hostnames unless the test is parametrized with own_hostname=False)."""
+@pytest.fixture(scope="module", autouse=True)
+def _namespaces() -> None:
+    """Skip the module, saying why, where network namespaces cannot be made."""
     why = unavailable_reason()
     if why:
         pytest.skip(f"cannot emulate hosts with network namespaces: {why}")
+
+
+@pytest.fixture
+def hosts(request):
+    """Two emulated hosts (own hostnames unless the test is parametrized with own_hostname=False)."""
     with EmulatedHosts(2, own_hostname=getattr(request, "param", True)) as h:
         yield h
 
@@ -135,9 +140,6 @@ def test_link_cut_fails_the_run_within_the_comm_timeout(hosts, checkpoint):
 def test_cleanup_after_a_failure_and_of_stale_runs():
     """An exception inside the hosts kills what runs there and removes every namespace; a run whose creator
     died (its namespaces and a process inside them left behind) is swept by the next one."""
-    why = unavailable_reason()
-    if why:
-        pytest.skip(f"cannot emulate hosts with network namespaces: {why}")
     with pytest.raises(RuntimeError, match="a failing test"), EmulatedHosts(2) as hosts:
         inside = hosts.popen(1, ["sleep", "300"])
         raise RuntimeError("a failing test")
