@@ -242,10 +242,10 @@ class LLMEngine:
                 self.check_positions()
         return changed
 
-    def check_positions(self) -> None:
+    def check_positions(self) -> int:
         """Debug: every rank ran every step at the positions the driver planned, and each request's next step
         starts where the previous one's accepted tokens end (so all stages agree on every accepted count).
-        Needs nothing in flight; raises AssertionError naming the first disagreement."""
+        Needs nothing in flight; returns the steps checked, raises AssertionError naming the first disagreement."""
         assert self.ledger is not None and not self.inflight, "needs MESHLM_CHECK_POSITIONS=1 and nothing in flight"
         for rank, theirs in enumerate(self.executor.call_all("take_position_ledger")):
             assert theirs == self.ledger, f"rank {rank} ran other positions than the driver planned"
@@ -256,8 +256,10 @@ class LLMEngine:
                     assert start == last_end[rid], (f"step {step}: {rid} starts at {start}, but its accepted "
                                                     f"tokens end at {last_end[rid]}")
             last_end.update(after)
+        checked = len(self.ledger)
         self.ledger.clear()
         self.computed_after.clear()
+        return checked
 
     def record_trace(self, path: str, steps: int) -> None:
         """pp > 1: record every rank's timeline over the next `steps` steps, then write it to path (Chrome trace)."""

@@ -7,10 +7,11 @@ import random
 from dataclasses import replace
 
 import pytest
+from helpers import Oracle
 
 from meshlm import LLM, SamplingParams
 from meshlm.engine.engine import EngineConfig
-from meshlm.engine.speculative import Proposal, SpeculativeConfig
+from meshlm.engine.speculative import SpeculativeConfig
 
 KIND = "llama_gqa"
 GREEDY = SamplingParams(max_tokens=64, ignore_eos=True)
@@ -25,34 +26,6 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
         p = [rng.randrange(3, 512) for _ in range(rng.randrange(3, 30))]
         out.append(p + p[: rng.randrange(1, len(p) + 1)])
     return out
-
-
-class Oracle:
-    """Proposes the reference continuation, with one wrong token in every third proposal (so accepts, partial
-    accepts, corrections and bonus tokens all happen)."""
-
-    name = "oracle"
-
-    def __init__(self, refs: dict[tuple[int, ...], list[int]]) -> None:
-        self.seqs = [list(p) + list(r) for p, r in refs.items()]  # prompt + reference output
-        self.calls, self.released = 0, []
-
-    def propose(self, reqs, ks):
-        """The next ks[i] reference tokens of each request, one of them wrong now and then."""
-        out = []
-        for r, k in zip(reqs, ks):
-            n = len(r.tokens)
-            toks = next((s[n:n + k] for s in self.seqs if s[:n] == r.tokens), [])
-            self.calls += 1
-            if toks and self.calls % 3 == 0:
-                i = self.calls % len(toks)
-                toks[i] = 3 + (toks[i] + 1) % 500
-            out.append(Proposal(tuple(toks)))
-        return out
-
-    def release(self, request_id):
-        """Remember who was released."""
-        self.released.append(request_id)
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +134,20 @@ def test_preemption_and_abort_mid_speculation(checkpoint, reference, monkeypatch
         stream.close()  # aborts the request mid-stream
         assert not tight.engine.has_unfinished() and tight.engine.blocks.num_free == 14
         assert tight.generate([ps[1]], GREEDY)[0].token_ids == ref[1].token_ids
+
+
+def test_position_check_catches_a_disagreement(spec, reference):
+    """The debug ledger check fails when a request's next step would not start where its accepted tokens end."""
+    ps, ref = reference
+    with_proposer(spec, Oracle(dict(zip(map(tuple, ps), (r.token_ids for r in ref)))))
+    engine = spec.engine
+    req = engine.add_request(ps[0], GREEDY)
+    for _ in range(4):
+        engine.step()
+    engine.computed_after[1][req.id] += 1  # as if one stage had kept a rejected proposal's KV
+    with pytest.raises(AssertionError, match="accepted tokens end"):
+        engine.check_positions()
+    engine.ledger.clear()
+    engine.computed_after.clear()
+    engine.abort(req.id)
+    assert not engine.has_unfinished()
