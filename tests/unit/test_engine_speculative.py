@@ -144,10 +144,10 @@ def test_position_check_catches_a_disagreement(spec, reference):
     req = engine.add_request(ps[0], GREEDY)
     for _ in range(4):
         engine.step()
-    engine.computed_after[1][req.id] += 1  # as if one stage had kept a rejected proposal's KV
+    engine.ledger.computed_after[1][req.id] += 1  # as if one stage had kept a rejected proposal's KV
     with pytest.raises(AssertionError, match="accepted tokens end"):
         engine.check_positions()
-    engine.ledger.clear()
-    engine.computed_after.clear()
+    engine.ledger.steps.clear()
+    engine.ledger.computed_after.clear()
     engine.abort(req.id)
     assert not engine.has_unfinished()
