@@ -163,3 +163,22 @@ def test_config_errors_name_the_fix():
         SpeculativeConfig("draft:")
     with pytest.raises(ConfigError, match="num-speculative-tokens"):
         SpeculativeConfig("ngram", num_tokens=0)
+
+
+def test_metrics_show_speculation():
+    """/metrics carries drafts, proposed and accepted tokens, acceptance rate, mean length and per position."""
+    from meshlm.engine.engine import EngineStats
+    from meshlm.serve.engine_loop import Snapshot
+    from meshlm.serve.metrics import ServerMetrics, parse_samples
+
+    c = SpecCounters()
+    c.record(4, 4)
+    c.record(4, 1)
+    s = parse_samples(ServerMetrics(lambda: Snapshot(EngineStats(speculative=c))).render().decode())
+    p = "meshlm_spec_decode"
+    assert (s[f"{p}_num_drafts_total"], s[f"{p}_num_draft_tokens_total"], s[f"{p}_num_accepted_tokens_total"]) \
+        == (2, 8, 5)
+    assert s[f"{p}_acceptance_rate"] == pytest.approx(5 / 8) and s[f"{p}_mean_accepted_length"] == 3.5
+    assert [s[f'{p}_acceptance_rate_per_pos{{position="{i}"}}'] for i in range(4)] == [1.0, 0.5, 0.5, 0.5]
+    assert s[f'{p}_num_accepted_tokens_per_pos_total{{position="0"}}'] == 2
+    assert "meshlm_spec_decode" not in ServerMetrics(lambda: Snapshot()).render().decode()  # off: no series
