@@ -182,3 +182,20 @@ def test_metrics_show_speculation():
     assert [s[f'{p}_acceptance_rate_per_pos{{position="{i}"}}'] for i in range(4)] == [1.0, 0.5, 0.5, 0.5]
     assert s[f'{p}_num_accepted_tokens_per_pos_total{{position="0"}}'] == 2
     assert "meshlm_spec_decode" not in ServerMetrics(lambda: Snapshot()).render().decode()  # off: no series
+
+
+def test_cli_flags_build_the_config():
+    """generate, serve and bench take --speculative / --num-speculative-tokens / --speculative-policy."""
+    from meshlm.cli import build_parser, speculative_config
+
+    parser = build_parser()
+    g = parser.parse_args(["generate", "hi", "--speculative", "ngram", "--num-speculative-tokens", "6"])
+    assert speculative_config(g) == SpeculativeConfig("ngram", 6, adaptive=True)
+    s = parser.parse_args(["serve", "--speculative", "draft:/m", "--speculative-policy", "always"])
+    assert speculative_config(s) == SpeculativeConfig("draft:/m", 4, adaptive=False)
+    b = parser.parse_args(["bench", "--layout", "tp=1", "--speculative", "self-int4"])
+    assert speculative_config(b).method == "self-int4"
+    assert speculative_config(parser.parse_args(["generate", "hi"])) is None
+    with pytest.raises(ConfigError, match="num-speculative-tokens"):
+        speculative_config(parser.parse_args(["generate", "hi", "--speculative", "ngram",
+                                              "--num-speculative-tokens", "0"]))
