@@ -218,3 +218,14 @@ def test_bundled_model_quantized_greedy_is_bit_exact(smollm2_q):
         got = spec_q.generate([ids], params)[0].token_ids
         assert spec_q.engine.stats().speculative.accepted > 10
     assert got == want
+
+
+def test_sliding_window_model(checkpoint, llm):
+    """An 8-token sliding window (Mistral): each verified row sees only its own window; outputs stay exact."""
+    kind = "mistral_window"
+    ps = prompts(3, seed=5)
+    want = [llm(kind).generate([p], GREEDY)[0].token_ids for p in ps]
+    with LLM(str(checkpoint(kind)), progress=False, speculative=ALWAYS) as spec_w:
+        with_proposer(spec_w, Oracle(dict(zip(map(tuple, ps), want))))
+        assert [o.token_ids for o in spec_w.generate(ps, GREEDY)] == want
+        assert spec_w.engine.stats().speculative.accepted > 0
