@@ -17,11 +17,18 @@ def make_generator(seed: int | None) -> torch.Generator | None:
 
 
 def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """The distribution a sampled request draws from: logits [..., V] -> probabilities [..., V] (fp32) after
+    """The distribution a request's token is drawn from: logits [..., V] -> probabilities [..., V] (fp32) after
     temperature, top-k and top-p; each row sums to 1. Greedy params give the one-hot row of the argmax."""
     logits = logits.float()
     if params.greedy:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    w = _weights(logits, params)
+    return w / w.sum(-1, keepdim=True)
+
+
+def _weights(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Unnormalised sampling weights [..., V] (fp32 logits in): softmax after temperature and top-k, top-p's
+    tail zeroed; multinomial draws from them as they are."""
     logits = logits / params.temperature
     if params.top_k > 0:
         kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[..., -1:]  # [..., 1]
@@ -40,4 +47,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token id from logits [V] (fp32 math)."""
     if params.greedy:
         return int(torch.argmax(logits.float()))
-    return int(torch.multinomial(probs(logits, params), 1, generator=generator))
+    return int(torch.multinomial(_weights(logits.float(), params), 1, generator=generator))
