@@ -9,9 +9,12 @@ row, the step-cost arithmetic that explains its speedup.
 Target: SmolLM2-135M-Instruct, the bundled GGUF's weights dequantized to float32 (--target float32, the
 default), or the bundled Q4_1 file as `meshlm generate` runs it (--target gguf; self-int4 then drafts with
 that same file, so a draft step costs a target step and the script says so). Proposers: ngram (prompt
-lookup), draft (--draft PATH; by default the target's first --draft-layers layers with its final norm and
-tied head: no trained SmolLM2 draft exists offline, so this shows the machinery and its costs, not what a
-trained draft would accept), self-int4 (the target's weights quantized to Q4_0 at load).
+lookup); self-int4 (the target's weights quantized to Q4_0 at load); draft (--draft PATH). SmolLM2-135M is
+the smallest model with this tokenizer and no other is at hand offline, so the default draft is the bundled
+Q4_1 GGUF of the same model drafting for the float32 target: through the draft:PATH entry point it is the
+self-draft case again, not a smaller model. --draft first:N drafts with the target's first N layers (with its
+final norm and tied head), a same-tokenizer draft that is smaller but was never trained to draft: its
+proposals are almost never accepted (the table shows what that costs).
 Tasks: "grounded" edits or summarises an excerpt of meshlm/data/alice.txt given in the prompt (the answer
 repeats its words: n-gram lookup finds them); "chat" answers open questions (nothing to look up).
 Every (layout, proposer, policy) runs in a fresh process. Batch-1: each prompt alone, greedy, --new tokens
@@ -334,8 +337,8 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     ap.add_argument("--proposers", nargs="+", default=list(PROPOSERS), choices=list(PROPOSERS))
     ap.add_argument("--target", default="float32", choices=("float32", "gguf"))
-    ap.add_argument("--draft", help="draft checkpoint (same tokenizer); default: the target's first layers")
-    ap.add_argument("--draft-layers", type=int, default=8)
+    ap.add_argument("--draft", help="draft checkpoint with the target's tokenizer, or first:N (the target's first N "
+                    "layers); default: the bundled Q4_1 GGUF")
     ap.add_argument("--k", type=int, default=4, help="--num-speculative-tokens")
     ap.add_argument("--new", type=int, default=128, help="tokens generated per batch-1 request")
     ap.add_argument("--tp-new", type=int, default=64, help="tokens generated per request in the throughput runs")
@@ -360,7 +363,9 @@ def main() -> None:
         args.new, args.tp_new, args.prompts, args.concurrency, args.runs, args.wait = 8, 4, 1, [2], 1, 0.0
     t0 = time.time()
     target = target_path(args.target)
-    draft = args.draft or str(draft_checkpoint(Path(target_path("float32")), args.draft_layers))
+    draft = args.draft or target_path("gguf")
+    if draft.startswith("first:"):
+        draft = str(draft_checkpoint(Path(target_path("float32")), int(draft[len("first:"):])))
     base = {"target": target, "draft": draft, "k": args.k, "new": args.new, "tp_new": args.tp_new,
             "prompts": args.prompts, "runs": args.runs, "threads": args.threads, "kv_mb": args.kv_mb,
             "wait": args.wait, "concurrency": args.concurrency}
