@@ -25,7 +25,7 @@ from meshlm.config import SamplingParams
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.paged_attention import SeqInput, StepInput
 from meshlm.engine.request import Request
-from meshlm.engine.sampler import make_generator, probs
+from meshlm.engine.sampler import make_generator, target_probs
 from meshlm.engine.speculative import Proposal
 from meshlm.errors import ConfigError
 from meshlm.parallel.comm import single_process_groups
@@ -47,11 +47,9 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def fit_vocab(p: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-    """Probabilities [V_draft] over the target's vocabulary [vocab_size]: zero-padded, or cut and renormalised
-    (None when the draft put all its mass on ids the target lacks)."""
-    if p.shape[-1] < vocab_size:
-        return torch.nn.functional.pad(p, (0, vocab_size - p.shape[-1]))
-    p = p[:vocab_size]
+    """Weights [V_draft] as probabilities over the target's vocabulary [vocab_size]: zero-padded or cut, then
+    normalised to sum 1 (None when the draft put all its mass on ids the target lacks)."""
+    p = torch.nn.functional.pad(p, (0, vocab_size - p.shape[-1])) if p.shape[-1] < vocab_size else p[:vocab_size]
     total = float(p.sum())
     return p / total if total > 0 else None
 
@@ -200,7 +198,7 @@ class DraftProposer:
 
     def _draw(self, logits: torch.Tensor, params: SamplingParams, s: _Seq, rows: list[torch.Tensor]) -> int | None:
         """A token drawn from the draft's distribution over the target vocabulary; its row goes to rows."""
-        p = fit_vocab(probs(logits.cpu(), params), self.vocab_size)  # [vocab_size] fp32
+        p = fit_vocab(target_probs(logits.cpu(), params), self.vocab_size)  # [vocab_size] fp32
         if p is None:
             return None
         rows.append(p)

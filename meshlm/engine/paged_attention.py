@@ -44,6 +44,7 @@ class StepInput:
     seqs: tuple[SeqInput, ...]
     sample_offsets: tuple[int, ...]  # flat indices whose next token is wanted
     full_rows: tuple[int, ...] = ()  # indices into sample_offsets whose whole logits row comes back too
+    seq_ids: tuple[str, ...] = ()  # debug (MESHLM_CHECK_POSITIONS=1): each seq's request id, for the ledger
 
 
 @dataclass

@@ -12,7 +12,7 @@ from meshlm import LLM
 from meshlm.config import SamplingParams
 from meshlm.engine.draft import DraftProposer, check_same_tokenizer
 from meshlm.engine.request import Request
-from meshlm.engine.sampler import probs
+from meshlm.engine.sampler import target_probs
 from meshlm.errors import ConfigError
 
 VOCAB = 512  # llama_gqa's (and mistral's: same tokenizer)
@@ -91,7 +91,8 @@ def test_sampled_proposals_reproduce_and_carry_their_distribution(draft_path, dr
     # each row is the draft model's distribution after the request's temperature / top-k / top-p
     logits = draft_llm.executor.worker.logits([PROMPTS[0] + list(a.tokens[:-1])])[0]  # [S, V]
     n = len(PROMPTS[0])
-    ref = probs(logits[n - 1:n - 1 + 5], params)
+    ref = target_probs(logits[n - 1:n - 1 + 5], params)
+    ref = ref / ref.sum(-1, keepdim=True)
     assert torch.allclose(a.probs[:, :VOCAB], ref, atol=1e-5)
 
 
