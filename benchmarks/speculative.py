@@ -111,7 +111,7 @@ def open_llm(job: dict, adaptive: bool):
     method = {"draft": f"draft:{job['draft']}"}.get(job["proposer"], job["proposer"])
     spec = None if method == "none" else SpeculativeConfig(method, num_tokens=job["k"], adaptive=adaptive)
     return LLM(job["target"], threads=job["threads"], progress=False, **LAYOUTS[job["layout"]],
-               engine=EngineConfig(kv_cache_mb=job["kv_mb"], speculative=spec))
+               engine=EngineConfig(kv_cache_mb=job["kv_mb"]), speculative=spec)
 
 
 def counters(llm) -> dict:

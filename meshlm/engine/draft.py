@@ -37,7 +37,17 @@ BLOCK_SIZE = 16
 KV_FRACTION = 0.05  # of this process's free memory (its GPU's, or its share of the host's) for the draft's pool
 MAX_BLOCKS = 4096  # 65,536 token slots: plenty of room for a batch of drafts
 FOUR_BIT = {"Q4_0", "Q4_1", "Q4_K"}  # GGUF types a self-int4 draft runs as stored (Q4_K loads as Q4_1)
-SEED_MIX = 0x9E3779B97F4A7C15  # the draft's stream differs from the target sampler's, seeded with the same seed
+MASK64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, position: int) -> int:
+    """The seed of a sampled request's draft draw at a token position (splitmix64 of both): a draft token is a
+    function of the request's seed and its context only, never of how many draws came before (the policy's k
+    varies with measured timings), and the draft's draws are independent of the target sampler's stream."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 0x632BE59BD9B4E019) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return (z ^ (z >> 31)) >> 1  # 63 bits
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -104,7 +114,6 @@ class _Seq:
 
     tokens: list[int] = field(default_factory=list)  # KV computed for these, at positions 0..len-1
     table: list[int] = field(default_factory=list)  # the draft pool's blocks holding them
-    generator: torch.Generator | None = None  # sampled requests: the draft's own seeded stream
 
 
 class DraftProposer:
@@ -139,14 +148,6 @@ class DraftProposer:
         if s is not None:
             self.blocks.release(s.table)
 
-    def _state(self, req: Request) -> _Seq:
-        s = self.seqs.get(req.id)
-        if s is None:
-            seed = req.params.seed
-            s = self.seqs[req.id] = _Seq(generator=make_generator(None if seed is None else
-                                                                  (seed ^ SEED_MIX) % 2**63))
-        return s
-
     def _rollback(self, s: _Seq, keep: int) -> None:
         """Keep the KV of s.tokens[:keep]; blocks past it go back to the pool."""
         del s.tokens[keep:]
@@ -156,7 +157,7 @@ class DraftProposer:
 
     def _plan(self, req: Request, k: int) -> tuple[_Seq, list[int], int]:
         """Roll back to req.tokens, reserve slots; -> (state, tokens to feed first, tokens it may propose)."""
-        s = self._state(req)
+        s = self.seqs.setdefault(req.id, _Seq())
         n = len(req.tokens)
         self._rollback(s, common_prefix(s.tokens, req.tokens[:-1]))  # the last token is always fed
         k = min(k, self.max_context - n)  # the target verifies up to position n + k - 1
@@ -188,7 +189,7 @@ class DraftProposer:
             for row, i in enumerate(order):
                 s, params = plans[i][0], reqs[i].params
                 s.tokens.extend(feeds.pop(i))
-                token = best[row] if params.greedy else self._draw(logits[row], params, s, rows[i])
+                token = best[row] if params.greedy else self._draw(logits[row], params, len(s.tokens), rows[i])
                 if token is None:
                     continue
                 drafted[i].append(token)
@@ -196,10 +197,14 @@ class DraftProposer:
                     feeds[i] = [token]
         return [Proposal(tuple(d), torch.stack(r) if r else None) for d, r in zip(drafted, rows)]
 
-    def _draw(self, logits: torch.Tensor, params: SamplingParams, s: _Seq, rows: list[torch.Tensor]) -> int | None:
-        """A token drawn from the draft's distribution over the target vocabulary; its row goes to rows."""
+    def _draw(self, logits: torch.Tensor, params: SamplingParams, position: int,
+              rows: list[torch.Tensor]) -> int | None:
+        """The token at `position` drawn from the draft's distribution over the target vocabulary (logits [V]);
+        its row goes to rows."""
         p = fit_vocab(target_probs(logits.cpu(), params), self.vocab_size)  # [vocab_size] fp32
         if p is None:
             return None
         rows.append(p)
-        return int(torch.multinomial(p, 1, generator=s.generator))
+        seed = params.seed  # None: the global RNG (meshlm.LLM seeds every sampled request)
+        return int(torch.multinomial(p, 1, generator=None if seed is None else
+                                     make_generator(draw_seed(seed, position))))

@@ -96,6 +96,19 @@ def test_sampled_proposals_reproduce_and_carry_their_distribution(draft_path, dr
     assert torch.allclose(a.probs[:, :VOCAB], ref, atol=1e-5)
 
 
+def test_sampled_proposals_depend_on_seed_and_context_only(draft_path):
+    """A draft token is a function of the request's seed and tokens, not of how many draws came before."""
+    params = SamplingParams(max_tokens=64, temperature=1.0, seed=99)
+    a, b = DraftProposer(draft_path, None, VOCAB), DraftProposer(draft_path, None, VOCAB)
+    short = a.propose([req("s", PROMPTS[1], params)], [2])[0]
+    again = a.propose([req("s", PROMPTS[1], params)], [5])[0]  # same context, after two draws
+    fresh = b.propose([req("t", PROMPTS[1], params)], [5])[0]
+    assert again.tokens == fresh.tokens and again.tokens[:2] == short.tokens
+    assert torch.allclose(again.probs, fresh.probs, atol=1e-6)  # KV reused vs recomputed: rounding only
+    other = b.propose([req("u", PROMPTS[1], SamplingParams(max_tokens=64, temperature=1.0, seed=100))], [5])[0]
+    assert other.tokens != fresh.tokens  # another seed draws otherwise (5 tokens from a 512-token vocabulary)
+
+
 def test_a_full_pool_proposes_fewer_tokens(draft_path, draft_llm):
     p = DraftProposer(draft_path, None, VOCAB, num_blocks=2)  # 32 slots
     prompt = PROMPTS[1]  # 19 tokens: room for 32 - 19 + 1 = 14 drafts
