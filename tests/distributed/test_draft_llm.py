@@ -1,5 +1,5 @@
 """Draft-model and self-int4 speculation through meshlm.LLM: greedy output equals greedy without speculation,
-at tp=1 and pp=2, and the draft's KV pool is empty once every request has ended."""
+at tp=1, pp=2 and tp=2, and the draft's KV pool is empty once every request has ended."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 KIND = "llama_gqa"
 GREEDY = SamplingParams(max_tokens=64, ignore_eos=True)
-LAYOUTS = [pytest.param(1, id="tp1"), pytest.param(2, id="pp2")]
+# tp=2: the target's ranks own this process's default group while the draft runs beside them without one
+LAYOUTS = [pytest.param((1, 1), id="tp1"), pytest.param((1, 2), id="pp2"), pytest.param((2, 1), id="tp2")]
 
 
 def prompts(n: int, seed: int = 0) -> list[list[int]]:
@@ -37,11 +38,12 @@ def methods(checkpoint) -> dict[str, str]:
     return {"same": f"draft:{checkpoint(KIND)}", "other": f"draft:{checkpoint('mistral')}", "self-int4": "self-int4"}
 
 
-@pytest.mark.parametrize("pp", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("which", ["same", "other", "self-int4"])
-def test_greedy_with_a_draft_equals_greedy_without(checkpoint, baseline, pp, which):
+def test_greedy_with_a_draft_equals_greedy_without(checkpoint, baseline, layout, which):
     spec = SpeculativeConfig(methods(checkpoint)[which], num_tokens=4, adaptive=False)
-    with LLM(str(checkpoint(KIND)), dtype="float32", pp=pp, progress=False, speculative=spec) as llm:
+    tp, pp = layout
+    with LLM(str(checkpoint(KIND)), dtype="float32", tp=tp, pp=pp, progress=False, speculative=spec) as llm:
         one = [llm.generate([p], GREEDY)[0].token_ids for p in prompts(4)[:2]]  # alone
         batch = [o.token_ids for o in llm.generate(prompts(4), GREEDY)]  # together
         stats = llm.engine.stats().speculative
