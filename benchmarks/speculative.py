@@ -132,10 +132,12 @@ def delta(after: dict, before: dict) -> dict:
 
 
 class ProposerClock:
-    """Wraps the engine's proposer to add up the seconds its propose() takes (rank 0's process)."""
+    """Wraps the engine's proposer to add up the seconds its propose() takes (rank 0's process); first_s: of
+    those, the calls that brought a new request (a draft model's catch-up on the whole prompt)."""
 
     def __init__(self, llm) -> None:
-        self.seconds = 0.0
+        self.seconds = self.first_s = 0.0
+        self.seen: set[str] = set()
         spec = llm.engine.spec
         self.inner = spec.proposer if spec is not None else None
         if self.inner is not None:
@@ -147,17 +149,20 @@ class ProposerClock:
     def propose(self, reqs, ks):
         """The wrapped propose(), timed."""
         t0 = time.perf_counter()
+        new = any(r.id not in self.seen for r in reqs)
+        self.seen.update(r.id for r in reqs)
         try:
             return self.inner.propose(reqs, ks)
         finally:
             self.seconds += time.perf_counter() - t0
+            self.first_s += (time.perf_counter() - t0) * new
 
 
 def batch1(llm, prompts: list[list[int]], new: int, clock: ProposerClock) -> dict:
     """Each prompt alone: pooled decode tokens/s, decode steps, proposer seconds and speculative counters."""
     from meshlm import SamplingParams
 
-    c0, p0 = counters(llm), clock.seconds
+    c0, p0, f0 = counters(llm), clock.seconds, clock.first_s
     tokens = seconds = 0.0
     outs = []
     for ids in prompts:
@@ -168,7 +173,7 @@ def batch1(llm, prompts: list[list[int]], new: int, clock: ProposerClock) -> dic
     c = delta(counters(llm), c0)
     steps = tokens - c["accepted"]  # every decode step emits one token plus the proposals it accepted
     return {"tps": tokens / seconds, "decode_s": seconds, "tokens": tokens, "steps": steps,
-            "propose_s": clock.seconds - p0, "spec": c, "outputs": outs}
+            "propose_s": clock.seconds - p0, "first_propose_s": clock.first_s - f0, "spec": c, "outputs": outs}
 
 
 def throughput(llm, prompts: list[list[int]], new: int) -> dict:
@@ -193,14 +198,19 @@ def median_of(runs: int, wait: float, fn, key: str = "tps") -> dict:
 
 
 def measure(job: dict) -> dict:
-    """One (layout, proposer, policy) in this process: batch-1 per task (policy on), then throughput."""
+    """One (layout, proposer, policy) in this process: batch 1 on job["tasks"], then throughput at each
+    job["concurrency"]. The policy's acceptance estimate is the engine's, across requests, so a proposer's
+    batch-1 task runs in its own process (a task it fails at would otherwise turn speculation off for the next)."""
+    from meshlm import SamplingParams
+
     out: dict = {"batch1": {}, "throughput": {}}
     with open_llm(job, job["adaptive"]) as llm:
         clock = ProposerClock(llm)
         prompts = {t: task_prompts(llm, t, job["prompts"]) for t in TASKS}
-        llm.generate([prompts["chat"][0]])  # warm-up
-        if job["batch1"]:
-            for t in TASKS:
+        warm = prompts[(job["tasks"] or ["chat"])[0]][0]
+        llm.generate([warm], SamplingParams(max_tokens=16, ignore_eos=True))  # warm-up
+        if job["tasks"]:
+            for t in job["tasks"]:
                 out["batch1"][t] = median_of(job["runs"], job["wait"],
                                              lambda t=t: batch1(llm, prompts[t], job["new"], clock))
                 common.log(f"  {job['name']} {t}: {out['batch1'][t]['tps']:.1f} tok/s")
@@ -248,6 +258,7 @@ def arithmetic(row: dict, base: dict, k: int) -> dict:
     need = 2 * (draft + verify)
     need_alpha = next((a / 100 for a in range(101) if expected_tokens(a / 100, k) >= need), None)
     return {"plain_ms": plain * 1e3, "draft": draft, "verify": verify, "tokens_per_step": per_step,
+            "catch_up": row["first_propose_s"] / steps / plain,
             "alpha": alpha, "predicted": step_cost_speedup(per_step, draft, verify),
             "iid_tokens": expected_tokens(alpha, k), "need_tokens_2x": need, "need_alpha_2x": need_alpha}
 
@@ -255,7 +266,8 @@ def arithmetic(row: dict, base: dict, k: int) -> dict:
 def tables(res: dict, args) -> str:
     """Markdown: batch-1 rows with their arithmetic, then throughput with the policy on and off."""
     lines = ["| Layout | Task | Proposer | tok/s | Speedup | Acceptance | Mean accepted length | Tokens / step "
-             "| Draft cost | Verify cost | Step-cost speedup | Needed for 2x: tokens / step (alpha at k) |",
+             "| Draft cost (prompt catch-up) | Verify cost | Step-cost speedup "
+             "| Needed for 2x: tokens / step (alpha at k) |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lay in args.layouts:
         base = res[f"{lay} none"]["batch1"]
@@ -269,8 +281,8 @@ def tables(res: dict, args) -> str:
                 mal = 1 + s["accepted"] / s["drafts"] if s["drafts"] else 0.0
                 na = "unreachable" if a["need_alpha_2x"] is None else f"{a['need_alpha_2x']:.2f}"
                 lines.append(f"| {lay} | {task} | {p} | {r['tps']:.1f} | {r['tps'] / b['tps']:.2f}x | {a['alpha']:.0%} "
-                             f"| {mal:.2f} | {a['tokens_per_step']:.2f} | {a['draft']:.2f} | {a['verify']:.2f} "
-                             f"| {a['predicted']:.2f}x | {a['need_tokens_2x']:.2f} ({na}) |")
+                             f"| {mal:.2f} | {a['tokens_per_step']:.2f} | {a['draft']:.2f} ({a['catch_up']:.2f}) "
+                             f"| {a['verify']:.2f} | {a['predicted']:.2f}x | {a['need_tokens_2x']:.2f} ({na}) |")
     lines += ["", "| Layout | Requests | none tok/s | " + " | ".join(f"{p} policy on | {p} policy off"
                                                                for p in args.proposers) + " |",
               "|---|---:|---:|" + "---:|---:|" * len(args.proposers)]
@@ -285,7 +297,8 @@ def tables(res: dict, args) -> str:
             lines.append(f"| {lay} | {n} | {base:.1f} | " + " | ".join(cells) + " |")
     others = [x["other"] for r in res.values() for part in ("batch1", "throughput") for x in r[part].values()]
     lines += ["", "Costs are in units of one plain target decode step (batch 1, same layout and task). Draft cost: "
-              "the proposer's seconds per decode step; verify cost: the target step that scores the proposals; "
+              "the proposer's seconds per decode step (in brackets: the share of its first call per request, a draft "
+              "model's pass over the prompt); verify cost: the target step that scores the proposals; "
               "step-cost speedup = tokens per step / (draft + verify), the same figure as the measured one "
               "(a check on the decomposition). Needed for 2x: the tokens per step 2x takes at these costs, and "
               "the per-token acceptance alpha that gives them with k proposals (1 + alpha + ... + alpha^k).",
@@ -372,12 +385,20 @@ def main() -> None:
     jobs = []
     for lay in args.layouts:
         jobs.append({**base, "name": f"{lay} none", "layout": lay, "proposer": "none", "adaptive": True,
-                     "batch1": True})
+                     "tasks": list(TASKS)})
         for p in args.proposers:
+            for t in TASKS:
+                jobs.append({**base, "name": f"{lay} {p} policy-on", "layout": lay, "proposer": p, "adaptive": True,
+                             "tasks": [t], "concurrency": []})
             for pol in ("on", "off"):
                 jobs.append({**base, "name": f"{lay} {p} policy-{pol}", "layout": lay, "proposer": p,
-                             "adaptive": pol == "on", "batch1": pol == "on"})
-    res = json.loads(json.dumps({j["name"]: run_child(j) for j in jobs}))  # JSON keys: str(n)
+                             "adaptive": pol == "on", "tasks": []})
+    res: dict = {}
+    for j in jobs:
+        r = json.loads(json.dumps(run_child(j)))  # JSON keys: str(n)
+        mine = res.setdefault(j["name"], {"batch1": {}, "throughput": {}})
+        mine["batch1"].update(r["batch1"])
+        mine["throughput"].update(r["throughput"])
     if args.json:
         args.json.write_text(json.dumps(res))
     print(f"Machine: {common.machine()}; SmolLM2-135M-Instruct ({args.target}) target, draft {Path(draft).name}, "
