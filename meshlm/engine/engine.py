@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -15,8 +14,10 @@ import torch
 
 from meshlm.checkpoint.tokenizer import IncrementalDecoder, Tokenizer
 from meshlm.config import ModelConfig, SamplingParams
+from meshlm.engine import positions
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.paged_attention import SeqInput, StepInput
+from meshlm.engine.positions import PositionLedger
 from meshlm.engine.request import Request, RequestOutput, Status, TokenLogprob
 from meshlm.engine.sampler import make_generator
 from meshlm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -141,11 +142,7 @@ class LLMEngine:
             raise ConfigError("Speculative decoding needs both EngineConfig.speculative and a proposer "
                               "(meshlm.LLM(speculative=...) builds them together).")
         self.spec = Speculator(proposer, spec) if proposer is not None else None
-        # Debug (MESHLM_CHECK_POSITIONS=1): every rank records the positions it ran; check_positions compares.
-        self.ledger: list[tuple[tuple[str, int, int], ...]] | None = \
-            [] if os.environ.get("MESHLM_CHECK_POSITIONS") == "1" else None
-        self.computed_after: list[dict[str, int]] = []  # debug: num_computed of each request after each step
-        self.preempted_ids: set[str] = set()
+        self.ledger = PositionLedger() if positions.enabled() else None  # debug: engine/positions.py
 
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
                     timeout_s: float | None = None) -> Request:
@@ -215,8 +212,7 @@ class LLMEngine:
         changed: list[RequestOutput] = []
         while len(self.inflight) < self.depth:
             if self.spec is not None:
-                s = self.scheduler
-                self.spec.propose(s.running, -(-(len(s.running) + len(s.waiting)) // self.depth))
+                self.spec.propose(self.scheduler, self.depth)
             plan = self.scheduler.schedule(self.depth)
             for r in plan.timed_out:
                 changed.append(r.out)
@@ -224,7 +220,8 @@ class LLMEngine:
                 self._release(r.id)
             for r in plan.preempted:
                 self._release(r.id)
-                self.preempted_ids.add(r.id)  # debug ledger: it restarts from a cached prefix
+                if self.ledger is not None:
+                    self.ledger.preempted.add(r.id)
             if not plan.items:
                 break
             self._submit(plan)
@@ -236,28 +233,16 @@ class LLMEngine:
             changed += self._write_trace()
         if not self.inflight and not self.scheduler.has_work():
             self.executor.pause()  # idle ranks wait in the control loop
-            if self.spec is not None:
-                self.spec.last_done = None  # the idle time until the next step is no step's cost
             if self.ledger is not None:
                 self.check_positions()
         return changed
 
-    def check_positions(self) -> None:
+    def check_positions(self) -> int:
         """Debug: every rank ran every step at the positions the driver planned, and each request's next step
         starts where the previous one's accepted tokens end (so all stages agree on every accepted count).
-        Needs nothing in flight; raises AssertionError naming the first disagreement."""
+        Needs nothing in flight; returns the steps checked, raises AssertionError naming the first disagreement."""
         assert self.ledger is not None and not self.inflight, "needs MESHLM_CHECK_POSITIONS=1 and nothing in flight"
-        for rank, theirs in enumerate(self.executor.call_all("take_position_ledger")):
-            assert theirs == self.ledger, f"rank {rank} ran other positions than the driver planned"
-        last_end: dict[str, int] = {}
-        for step, (entries, after) in enumerate(zip(self.ledger, self.computed_after)):
-            for rid, start, _ in entries:
-                if rid in last_end and rid not in self.preempted_ids:
-                    assert start == last_end[rid], (f"step {step}: {rid} starts at {start}, but its accepted "
-                                                    f"tokens end at {last_end[rid]}")
-            last_end.update(after)
-        self.ledger.clear()
-        self.computed_after.clear()
+        return self.ledger.check(self.executor.call_all("take_position_ledger"))
 
     def record_trace(self, path: str, steps: int) -> None:
         """pp > 1: record every rank's timeline over the next `steps` steps, then write it to path (Chrome trace)."""
@@ -324,7 +309,7 @@ class LLMEngine:
                     self.scheduler.computed(item, len(emitted) - 1)
             changed.append(req.out)
         if self.ledger is not None:
-            self.computed_after.append({it.req.id: it.req.num_computed for it in plan.items})
+            self.ledger.collected(plan)
         if self.spec is not None:
             self.spec.step_done(step, decode, busy=bool(self.inflight) or self.scheduler.has_work())
         return changed
@@ -344,7 +329,7 @@ class LLMEngine:
         ids = tuple(item.req.id for item in plan.items) if self.ledger is not None else ()
         step = StepInput(tuple(tokens), tuple(seqs), tuple(samples), tuple(full), ids)
         if self.ledger is not None:
-            self.ledger.append(tuple((i, s.start, s.n) for i, s in zip(ids, seqs)))
+            self.ledger.submitted(step)
         self.executor.submit(step)
         self.inflight.append((plan, step))
 

@@ -29,7 +29,7 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         cum = torch.cumsum(sorted_probs, dim=-1)
         drop = cum - sorted_probs > params.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs / sorted_probs.sum(-1, keepdim=True))
     return probs
 
 

@@ -10,13 +10,12 @@ distribution for the tokens actually granted, and reports the outcome with `reco
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 
 import torch
 
 from meshlm.engine.paged_attention import StepInput
-from meshlm.engine.request import Request, Status
-from meshlm.engine.scheduler import Scheduled
+from meshlm.engine.request import Status
+from meshlm.engine.scheduler import Scheduled, Scheduler
 from meshlm.engine.spec_policy import SpecCounters, SpecPolicy
 from meshlm.engine.speculative import Proposer, SpeculativeConfig
 
@@ -32,8 +31,12 @@ class Speculator:
         self.last_done: float | None = None  # perf_counter of the previous step's end in this busy period
         self.propose_seconds = 0.0
 
-    def propose(self, running: Iterable[Request], seats: int) -> None:
-        """Set req.draft on the decoding requests (at most `seats` of them, in the scheduler's order)."""
+    def propose(self, scheduler: Scheduler, depth: int) -> None:
+        """Set req.draft on the decoding requests of the coming step (its share of the running requests)."""
+        running = scheduler.running
+        seats = -(-(len(running) + len(scheduler.waiting)) // depth)  # as Scheduler.schedule counts them
+        for r in running:
+            r.draft = ()  # a proposal the scheduler didn't reach last step: the policy decides afresh
         reqs = [r for r in running if r.status is Status.RUNNING and not r.in_flight
                 and r.num_computed == len(r.tokens) - 1 and r.num_generated < r.max_new - 1][:seats]
         k = self.policy.choose_k(len(reqs)) if reqs else 0

@@ -1,0 +1,153 @@
+"""Speculative decoding through the engine at tp=1: exactly the tokens of no speculation, alone and in
+batches, with prefix-cache hits, preemption, aborts, stops and logprobs; every position checked."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+from helpers import Oracle
+
+from meshlm import LLM, SamplingParams
+from meshlm.engine.engine import EngineConfig
+from meshlm.engine.speculative import SpeculativeConfig
+
+KIND = "llama_gqa"
+GREEDY = SamplingParams(max_tokens=64, ignore_eos=True)
+ALWAYS = SpeculativeConfig("ngram", num_tokens=4, adaptive=False)  # propose every step: test every path
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of 3..40 tokens, each with a repeated stretch (so the n-gram lookup finds matches)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = [rng.randrange(3, 512) for _ in range(rng.randrange(3, 30))]
+        out.append(p + p[: rng.randrange(1, len(p) + 1)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    """Greedy outputs of 12 prompts without speculation, one at a time."""
+    base = llm(KIND)
+    ps = prompts(12)
+    return ps, [base.generate([p], GREEDY)[0] for p in ps]
+
+
+@pytest.fixture(scope="module")
+def spec(checkpoint, monkeypatch_module):
+    """KIND with n-gram speculation always on, and the position ledger checked whenever the engine idles."""
+    monkeypatch_module.setenv("MESHLM_CHECK_POSITIONS", "1")
+    with LLM(str(checkpoint(KIND)), progress=False, speculative=ALWAYS) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    """A module-scoped monkeypatch."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def with_proposer(llm, proposer):
+    """Swap the engine's proposer (driver side only)."""
+    llm.engine.spec.proposer = proposer
+    return llm
+
+
+@pytest.mark.parametrize("proposer", ["ngram", "oracle"])
+def test_greedy_equals_no_speculation_alone_and_batched(spec, reference, proposer):
+    """64 greedy tokens each, one at a time and 12 at once: identical to no speculation; proposals accepted."""
+    ps, ref = reference
+    from meshlm.engine.speculative import NgramProposer
+
+    with_proposer(spec, NgramProposer() if proposer == "ngram" else Oracle(dict(zip(map(tuple, ps), (
+        r.token_ids for r in ref)))))
+    before = spec.engine.stats().speculative.accepted
+    alone = [spec.generate([p], GREEDY)[0].token_ids for p in ps[:4]]
+    batch = [o.token_ids for o in spec.generate(ps, GREEDY)]
+    assert alone == [r.token_ids for r in ref[:4]]
+    assert batch == [r.token_ids for r in ref]
+    assert spec.engine.stats().speculative.accepted > before
+    assert spec.engine.blocks.num_free == spec.engine.blocks.num_blocks
+
+
+def test_stops_max_tokens_and_logprobs_inside_accepted_runs(spec, llm, reference):
+    """Stop ids, stop strings and max_tokens that fall inside a run of accepted tokens end the request there;
+    logprobs come for every emitted token and equal no speculation's."""
+    ps, ref = reference
+    refs = dict(zip(map(tuple, ps), (r.token_ids for r in ref)))
+    with_proposer(spec, Oracle(refs))
+    tok = spec.tokenizer
+    params = [replace(GREEDY, max_tokens=13), replace(GREEDY, stop_token_ids=(ref[1].token_ids[10],)),
+              replace(GREEDY, ignore_eos=True, stop=(tok.decode(ref[2].token_ids[7:9]),)),
+              replace(GREEDY, max_tokens=20, logprobs=3)]
+    got = spec.generate(ps[:4], params)
+    want = llm(KIND).generate(ps[:4], params)
+    for g, w in zip(got, want):
+        assert (g.token_ids, g.text, g.finish_reason) == (w.token_ids, w.text, w.finish_reason)
+    assert len(got[0].token_ids) == 13
+    assert [t.token_id for t in got[3].logprobs] == got[3].token_ids
+    for a, b in zip(got[3].logprobs, want[3].logprobs):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4) and a.top.keys() == b.top.keys()
+
+
+def test_prefix_cache_hits_and_seeded_sampling(spec, reference):
+    """A repeated prompt reuses cached blocks (hashes of accepted tokens only) and decodes the same tokens;
+    a seeded sampled request reproduces with speculation on."""
+    ps, ref = reference
+    with_proposer(spec, Oracle(dict(zip(map(tuple, ps), (r.token_ids for r in ref)))))
+    blocks = spec.engine.blocks
+    long = ps[0] + ref[0].token_ids[:40]  # a prompt whose blocks the first run computed and registered
+    first = spec.generate([ps[0]], GREEDY)[0]
+    hits = blocks.stats.prefix_hits
+    second = spec.generate([long], replace(GREEDY, max_tokens=16))[0]
+    assert blocks.stats.prefix_hits > hits and second.num_cached_tokens > 0
+    assert second.token_ids == first.token_ids[40:56]
+    sampled = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
+    from meshlm.engine.speculative import NgramProposer
+
+    with_proposer(spec, NgramProposer())
+    a, b = (spec.generate([ps[3]], sampled)[0].token_ids for _ in range(2))
+    assert a == b and len(a) == 40
+
+
+def test_preemption_and_abort_mid_speculation(checkpoint, reference, monkeypatch):
+    """A pool far smaller than the batch preempts requests between speculative steps: outputs stay exact,
+    released proposals are forgotten and every block comes back; an abort mid-stream frees everything."""
+    ps, ref = reference
+    monkeypatch.setenv("MESHLM_CHECK_POSITIONS", "1")
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K+V x layers x block x kv heads x head_dim x fp32
+    cfg = EngineConfig(kv_cache_mb=14 * block_bytes / 2**20)  # 14 blocks = 224 tokens for 12 requests
+    with LLM(str(checkpoint(KIND)), progress=False, engine=cfg, speculative=ALWAYS) as tight:
+        oracle = with_proposer(tight, Oracle(dict(zip(map(tuple, ps), (r.token_ids for r in ref))))).engine.spec
+        outs = tight.generate(ps, GREEDY)
+        assert tight.engine.scheduler.num_preemptions > 0
+        assert [o.token_ids for o in outs] == [r.token_ids for r in ref]
+        assert tight.engine.blocks.num_free == 14
+        assert len(oracle.proposer.released) >= len(ps) + tight.engine.scheduler.num_preemptions
+        stream = tight.stream(ps[0], GREEDY)
+        for _ in range(5):
+            next(stream)
+        stream.close()  # aborts the request mid-stream
+        assert not tight.engine.has_unfinished() and tight.engine.blocks.num_free == 14
+        assert tight.generate([ps[1]], GREEDY)[0].token_ids == ref[1].token_ids
+
+
+def test_position_check_catches_a_disagreement(spec, reference):
+    """The debug ledger check fails when a request's next step would not start where its accepted tokens end."""
+    ps, ref = reference
+    with_proposer(spec, Oracle(dict(zip(map(tuple, ps), (r.token_ids for r in ref)))))
+    engine = spec.engine
+    req = engine.add_request(ps[0], GREEDY)
+    for _ in range(4):
+        engine.step()
+    engine.ledger.computed_after[1][req.id] += 1  # as if one stage had kept a rejected proposal's KV
+    with pytest.raises(AssertionError, match="accepted tokens end"):
+        engine.check_positions()
+    engine.ledger.steps.clear()
+    engine.ledger.computed_after.clear()
+    engine.abort(req.id)
+    assert not engine.has_unfinished()
