@@ -5,6 +5,7 @@ row, the step-cost arithmetic that explains its speedup.
     python benchmarks/speculative.py [--layouts tp1 pp2] [--proposers ngram draft self-int4] [--k 4]
                                      [--new 128] [--runs 2] [--json out.json] [--plot docs/img/speculative.png]
     python benchmarks/speculative.py --quick      # smoke run: one prompt per task, 8 tokens, 2 requests
+    python benchmarks/speculative.py --report out.json [--plot ...]   # the tables of a saved run again
 
 Target: SmolLM2-135M-Instruct, the bundled GGUF's weights dequantized to float32 (--target float32, the
 default), or the bundled Q4_1 file as `meshlm generate` runs it (--target gguf; self-int4 then drafts with
@@ -209,6 +210,10 @@ def measure(job: dict) -> dict:
         prompts = {t: task_prompts(llm, t, job["prompts"]) for t in TASKS}
         warm = prompts[(job["tasks"] or ["chat"])[0]][0]
         llm.generate([warm], SamplingParams(max_tokens=16, ignore_eos=True))  # warm-up
+        if llm.engine.spec is not None:  # the measured runs start from the policy's prior, as a new engine does
+            from meshlm.engine.spec_policy import SpecPolicy
+
+            llm.engine.spec.policy = SpecPolicy(llm.engine.spec.cfg.num_tokens, llm.engine.spec.cfg.adaptive)
         if job["tasks"]:
             for t in job["tasks"]:
                 out["batch1"][t] = median_of(job["runs"], job["wait"],
@@ -344,6 +349,20 @@ def plot(res: dict, args, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def render(data: dict, plot_path: Path | None) -> None:
+    """Print the header, tables and exactness check of a run's data (and draw its chart)."""
+    args, res = argparse.Namespace(**data["args"]), data["results"]
+    print(f"Machine: {data['machine']}; SmolLM2-135M-Instruct ({args.target}) target, draft {data['draft']}, "
+          f"k={args.k}; batch 1: {args.prompts} prompts per task, {args.new} new tokens; throughput: "
+          f"{args.tp_new} new tokens per request; median of {args.runs}\n")
+    print(tables(res, args))
+    bad = check_exact(res, args)
+    print("\nGreedy outputs with speculation equal the baseline's: " +
+          ("yes, every row" if not bad else f"NO: {', '.join(bad)}"))
+    if plot_path:
+        plot(res, args, plot_path)
+
+
 def main() -> None:
     """Run every (layout, proposer, policy) in its own process and print the tables."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -364,6 +383,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: 1 prompt per task, 8 tokens, 2 requests")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
     ap.add_argument("--plot", type=Path, help="write a PNG bar chart of the batch-1 speedups here")
+    ap.add_argument("--report", type=Path, help="print the tables (and --plot) of a --json file again; run nothing")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -371,6 +391,9 @@ def main() -> None:
 
         die_with_parent()
         print(json.dumps(measure(json.loads(args.child))))
+        return
+    if args.report:
+        render(json.loads(args.report.read_text()), args.plot)
         return
     if args.quick:
         args.new, args.tp_new, args.prompts, args.concurrency, args.runs, args.wait = 8, 4, 1, [2], 1, 0.0
@@ -399,17 +422,12 @@ def main() -> None:
         mine = res.setdefault(j["name"], {"batch1": {}, "throughput": {}})
         mine["batch1"].update(r["batch1"])
         mine["throughput"].update(r["throughput"])
+    keep = ("layouts", "proposers", "target", "k", "new", "tp_new", "prompts", "concurrency", "runs")
+    data = {"machine": common.machine(), "draft": Path(draft).name, "args": {k: getattr(args, k) for k in keep},
+            "results": res}
     if args.json:
-        args.json.write_text(json.dumps(res))
-    print(f"Machine: {common.machine()}; SmolLM2-135M-Instruct ({args.target}) target, draft {Path(draft).name}, "
-          f"k={args.k}; batch 1: {args.prompts} prompts per task, {args.new} new tokens; throughput: "
-          f"{args.tp_new} new tokens per request; median of {args.runs}\n")
-    print(tables(res, args))
-    bad = check_exact(res, args)
-    print("\nGreedy outputs with speculation equal the baseline's: " +
-          ("yes, every row" if not bad else f"NO: {', '.join(bad)}"))
-    if args.plot:
-        plot(res, args, args.plot)
+        args.json.write_text(json.dumps(data))
+    render(data, args.plot)
     common.log(f"done in {time.time() - t0:.0f}s")
 
 
