@@ -16,7 +16,7 @@ from meshlm.config import SamplingParams
 from meshlm.engine.engine import EngineConfig, LLMEngine
 from meshlm.engine.executor import Executor
 from meshlm.engine.request import RequestOutput
-from meshlm.engine.speculative import SpeculativeConfig, make_proposer
+from meshlm.engine.speculative import SpeculativeConfig, check_proposer, make_proposer
 from meshlm.engine.worker import DTYPES, WorkerSpec
 from meshlm.errors import ConfigError, RequestError
 from meshlm.parallel.comm import resolve_transport
@@ -63,6 +63,8 @@ class LLM:
         cfg = ckpt.cfg
         dims.check_model(cfg)
         plan_stages(cfg, pp, pipeline)
+        if speculative is not None:
+            check_proposer(speculative, model)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           quantize=quantize, progress=progress, pipeline=pipeline,
                           transport=transport, device=choice)

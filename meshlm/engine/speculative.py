@@ -119,6 +119,14 @@ class NgramProposer:
         """Nothing to forget: the lookup keeps no state."""
 
 
+def check_proposer(cfg: SpeculativeConfig, target_model: str | None) -> None:
+    """Refuse a draft whose tokenizer differs from the target's, before any process starts or weight loads."""
+    if cfg.method.startswith("draft:"):
+        from meshlm.engine.draft import check_same_tokenizer
+
+        check_same_tokenizer(target_model, cfg.method[len("draft:"):])
+
+
 def make_proposer(cfg: SpeculativeConfig, *, target_model: str | None, vocab_size: int,
                   threads: int | None = None, device: str | None = None) -> Proposer:
     """The proposer cfg.method names; a draft model loads here, on the driver's process."""

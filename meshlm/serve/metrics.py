@@ -106,6 +106,11 @@ class ServerMetrics:
                                 registry=r)
         self.http = Counter(f"{p}_http_requests_total", "HTTP responses, by route and status.",
                             ("route", "status"), registry=r)
+        self.disconnects = Counter(f"{p}_client_disconnects_total", "Clients that left before their answer, by "
+                                   "stage: body (mid-upload), response (waiting), stream (mid-stream).",
+                                   ("stage",), registry=r)
+        self.deadline = Counter(f"{p}_deadline_exceeded_total", "HTTP requests that missed their deadline, by "
+                                "stage: queue (before the first token) or run.", ("stage",), registry=r)
         r.register(EngineCollector(snapshot))
 
     def observe_finish(self, stats: FinalStats | None, reason: str) -> None:

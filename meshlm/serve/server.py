@@ -20,6 +20,7 @@ import uvicorn
 from meshlm.serve.app import ServerState, create_app
 from meshlm.serve.config import ServerConfig
 from meshlm.serve.engine_loop import EngineLoop
+from meshlm.serve.h11_protocol import MAX_HEADER_BYTES, protocol_class
 from meshlm.serve.metrics import ServerMetrics
 from meshlm.serve.validation import ModelContext
 
@@ -41,12 +42,15 @@ def serve(llm: Any, cfg: ServerConfig, aliases: tuple[str, ...] = (), log_level:
     loop.on_finish = metrics.observe_finish
     ctx = ModelContext(frozenset({cfg.model_name, *aliases}), llm.cfg.vocab_size, llm.max_context,
                        engine.capacity_tokens, cfg.max_n, tok.encode,
-                       lambda msgs: tok.encode(tok.apply_chat_template(msgs), add_special=False))
+                       lambda msgs: tok.encode(tok.apply_chat_template(msgs), add_special=False),
+                       cfg.default_max_tokens)
     token_str = functools.lru_cache(maxsize=1 << 16)(lambda t: tok.decode([t], skip_special=False))
     probe = tok.bos_id if tok.bos_id is not None and tok.bos_id < llm.cfg.vocab_size else 0
     state = ServerState(cfg, ctx, loop, metrics, token_str, probe)
     config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level=log_level,
-                            access_log=False, lifespan="off", timeout_graceful_shutdown=3)
+                            access_log=False, lifespan="off", timeout_graceful_shutdown=3,
+                            http=protocol_class(lambda code: metrics.rejected.labels(reason=code).inc()),
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     server = holder["server"] = DrainingServer(config, state)
     # The engine thread and the event loop share the GIL; at Python's default 5 ms switch interval the
     # engine waits up to 5 ms each time the loop holds it (streaming a token), several times per step.

@@ -4,14 +4,17 @@ batches, with prefix-cache hits, preemption, aborts, stops and logprobs; every p
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import replace
 
 import pytest
+import torch
 from helpers import Oracle
 
 from meshlm import LLM, SamplingParams
 from meshlm.engine.engine import EngineConfig
-from meshlm.engine.speculative import SpeculativeConfig
+from meshlm.engine.sampler import target_probs
+from meshlm.engine.speculative import Proposal, SpeculativeConfig
 
 KIND = "llama_gqa"
 GREEDY = SamplingParams(max_tokens=64, ignore_eos=True)
@@ -151,3 +154,52 @@ def test_position_check_catches_a_disagreement(spec, reference):
     engine.ledger.computed_after.clear()
     engine.abort(req.id)
     assert not engine.has_unfinished()
+
+
+class Sampler:
+    """Draws proposals from q = the target's own next-token distribution at another temperature and top-k (so
+    q overlaps p but differs from it: acceptance and the residual draw both matter), and returns q with them."""
+
+    name = "fixed-q"
+
+    def __init__(self, llm) -> None:
+        self.llm, self.g = llm, torch.Generator().manual_seed(99)
+        self.qs: dict[tuple[int, ...], torch.Tensor] = {}  # context -> q [V]
+
+    def propose(self, reqs, ks):
+        """Proposal of ks[i] (here 1) tokens drawn from q, with q as their probs."""
+        out = []
+        for r, k in zip(reqs, ks):
+            key = tuple(r.tokens)
+            if key not in self.qs:
+                self.qs[key] = target_probs(self.llm.logits([r.tokens])[0, -1], SamplingParams(temperature=1.6,
+                                                                                              top_k=10))
+            q = self.qs[key]  # [V]
+            x = torch.multinomial(q, k, replacement=True, generator=self.g)
+            out.append(Proposal(tuple(x.tolist()), q.expand(k, -1).clone()))
+        return out
+
+    def release(self, request_id):
+        """Nothing kept."""
+
+
+@pytest.mark.slow
+def test_sampled_tokens_follow_the_target_through_the_engine(spec):
+    """End to end with a draft distribution q (the probs path a draft model takes): 3000 seeded requests propose
+    for their second token; grouped by the first token, the second token's frequencies match the target's
+    p(. | prompt, first) after temperature and top-k."""
+    vocab = spec.cfg.vocab_size
+    with_proposer(spec, Sampler(spec))
+    prompt = [5, 17, 300, 42, 9]
+    n = 3000
+    params = [SamplingParams(max_tokens=3, temperature=0.8, top_k=6, seed=i, ignore_eos=True) for i in range(n)]
+    before = spec.engine.stats().speculative.drafts
+    outs = [o for i in range(0, n, 1000) for o in spec.generate([prompt] * 1000, params[i:i + 1000])]
+    assert spec.engine.stats().speculative.drafts - before == n  # every second token went through verification
+    firsts = Counter(o.token_ids[0] for o in outs)
+    first, count = firsts.most_common(1)[0]
+    seconds = torch.bincount(torch.tensor([o.token_ids[1] for o in outs if o.token_ids[0] == first]),
+                             minlength=vocab).float()
+    p = target_probs(spec.logits([prompt + [first]])[0, -1], params[0])
+    assert count > 500 and seconds[p == 0].sum() == 0  # never a token top-k excludes
+    assert 0.5 * float((seconds / seconds.sum() - p).abs().sum()) < 0.06
