@@ -148,3 +148,8 @@ def test_self_int4_takes_a_4bit_gguf_as_is_and_refuses_other_quantized_files(tmp
     assert q4.name == "self-int4" and "Q4_0" in q4.worker.format_bytes
     with pytest.raises(ConfigError, match="self-int4 needs float weights"):
         DraftProposer(str(write_gguf_model(tmp_path / "q8.gguf", "Q8_0")), "int4", 500)
+
+
+def test_llm_refuses_a_draft_with_another_tokenizer(checkpoint):
+    with pytest.raises(ConfigError, match="does not share the tokenizer"):
+        LLM(str(checkpoint("llama_gqa")), progress=False, speculative=f"draft:{checkpoint('qwen2')}")
