@@ -55,7 +55,7 @@ class Speculator:
     def q(self, item: Scheduled) -> torch.Tensor | None:
         """The proposer's distribution [len(item.draft), V] for the granted draft, None when one-hot."""
         probs = self.probs.pop(item.req.id, None)
-        return None if probs is None else probs[:len(item.draft)]
+        return None if probs is None else probs[:len(item.draft)].float().cpu()  # verification runs on the CPU
 
     def record(self, item: Scheduled, accepted: int) -> None:
         """A verification of item's draft kept `accepted` tokens."""
