@@ -9,9 +9,10 @@ import torch
 from meshlm.config import SamplingParams
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.request import Request
-from meshlm.engine.sampler import target_probs
+from meshlm.engine.sampler import (ACCEPT, DRAFT, RESIDUAL, SAMPLE, mix_seed, position_generator, sample,
+                                   target_probs, uniform)
 from meshlm.engine.scheduler import Scheduler, SchedulerConfig
-from meshlm.engine.spec_policy import SpecCounters, SpecPolicy
+from meshlm.engine.spec_policy import PROBE_EVERY, SpecCounters, SpecPolicy
 from meshlm.engine.speculative import NgramProposer, SpeculativeConfig
 from meshlm.engine.verify import accept_or_resample, verify, verify_greedy, verify_sampled
 from meshlm.errors import ConfigError
@@ -51,7 +52,8 @@ def test_rejection_sampling_preserves_the_target_distribution(kind, proposer):
         qs = q.expand(N, V)
     else:
         x, qs = torch.full((N,), 1, dtype=torch.long), None  # always propose token 1
-    accepted, replacement = accept_or_resample(p.expand(N, V), x, qs, g)
+    accepted, residual = accept_or_resample(p.expand(N, V), x, qs, torch.rand(N, generator=g))
+    replacement = torch.multinomial(residual, 1, generator=g)[:, 0]
     emitted = torch.where(accepted, x, replacement)
     counts = torch.bincount(emitted, minlength=V).float()
     assert tv(counts, p) < 0.01
@@ -60,16 +62,14 @@ def test_rejection_sampling_preserves_the_target_distribution(kind, proposer):
 
 def test_verify_sampled_two_positions_joint_distribution():
     """Over two proposed positions the emitted (first, second) pairs follow p1(a) * p2(b | a): the second row
-    is only used after the first proposal is accepted (20k seeded runs of the engine's own function)."""
-    params = SamplingParams(temperature=1.0)
+    is only used after the first proposal is accepted (20k runs of the engine's own function, seeds 0..19999)."""
     logits = torch.stack([LOGITS, LOGITS.flip(0), LOGITS.roll(3)])  # [3, V]: rows after t, d1, d2
-    p = target_probs(logits, params)
-    g = torch.Generator().manual_seed(7)
+    p = target_probs(logits, SamplingParams(temperature=1.0))
     draft = (7, 0)  # likely under p[0], p[1]: both paths (accept, reject) are taken often
     firsts = torch.zeros(V)
     seconds_after_accept = torch.zeros(V)
-    for _ in range(20_000):
-        out = verify_sampled(logits, params, draft, None, g)
+    for seed in range(20_000):
+        out = verify_sampled(logits, SamplingParams(temperature=1.0, seed=seed), draft, None, 11)
         firsts[out[0]] += 1
         if out[0] == draft[0]:
             seconds_after_accept[out[1]] += 1
@@ -77,13 +77,31 @@ def test_verify_sampled_two_positions_joint_distribution():
     assert tv(seconds_after_accept, p[1]) < 0.03
 
 
-def test_seeded_verification_reproduces():
-    """The same seed gives the same emitted tokens."""
+def test_seeded_verification_reproduces_and_is_keyed_by_position():
+    """The same seed and position give the same tokens, whatever was drawn before; without a draft,
+    verification is the plain sampler's draw at that position, and the bonus after k acceptances is too."""
     params = SamplingParams(temperature=0.9, top_p=0.9, seed=3)
     logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
-    runs = [[verify(params, (1, 2, 3, 4), None, [0] * 5, logits, torch.Generator().manual_seed(3))
-             for _ in range(5)] for _ in range(2)]
+    runs = [[verify(params, (1, 2, 3, 4), None, [0] * 5, logits, 40 + i) for i in range(5)] for _ in range(2)]
     assert runs[0] == runs[1]
+    assert len({tuple(r) for r in runs[0]}) > 1  # positions draw differently
+    torch.rand(7)  # the global RNG moves: keyed draws don't
+    assert [verify(params, (1, 2, 3, 4), None, [0] * 5, logits, 40 + i) for i in range(5)] == runs[0]
+    plain = verify(params, (), None, [0], logits[4:], 44)
+    assert plain == [sample(logits[4], params, position_generator(3, 44, SAMPLE))]
+    sure = target_probs(logits, params).argmax(-1).tolist()  # a draft the target accepts with certainty
+    certain = logits.clone()
+    certain[torch.arange(4), torch.tensor(sure[:4])] = 1e4
+    assert verify(params, tuple(sure[:4]), None, [0] * 5, certain, 40) == [*sure[:4], plain[0]]
+
+
+def test_keyed_seeds_differ_by_seed_position_and_purpose():
+    """mix_seed separates (seed, position, purpose) triples and is a pure function of them."""
+    keys = {mix_seed(s, t, k) for s in (0, 1, 2**63 - 1, -5) for t in range(64) for k in (SAMPLE, ACCEPT, RESIDUAL,
+                                                                                            DRAFT)}
+    assert len(keys) == 4 * 64 * 4 and all(0 <= x < 2**63 for x in keys)
+    assert mix_seed(9, 3, SAMPLE) == mix_seed(9, 3, SAMPLE) and mix_seed(9, 3, SAMPLE) != mix_seed(3, 9, SAMPLE)
+    assert uniform(9, 3, ACCEPT) == uniform(9, 3, ACCEPT) != uniform(9, 4, ACCEPT)
 
 
 def test_verify_greedy_takes_the_matching_prefix_and_the_targets_next():
@@ -132,17 +150,83 @@ def test_scheduler_grants_drafts_under_the_budget_and_rolls_back():
     assert (req.num_computed, req.num_scheduled, len(req.block_table)) == (5, 5, 3)
 
 
-def test_policy_speculates_when_steps_cost_the_same_and_stops_when_tokens_cost():
-    """Flat step cost (weight-bound): propose k_max; cost proportional to tokens: don't speculate."""
-    flat, linear = SpecPolicy(4), SpecPolicy(4)
+def policy(step: tuple[float, float], proposer: tuple[float, float] = (0.0, 0.0), k_max: int = 4) -> SpecPolicy:
+    """A policy whose measured costs are injected: step seconds = a + b*T and proposer seconds = c + d*n, each
+    from exact samples at several sizes."""
+    pol = SpecPolicy(k_max)
     for t in (1, 5, 1, 5, 9, 1):
-        flat.observe_step(t, 0.010)
-        linear.observe_step(t, 0.001 * t)
-    for i in range(20):
-        for pol in (flat, linear):
-            pol.observe_verify(4, 4 if i % 2 else 1)
-    assert flat.choose_k(1) == 4
-    assert linear.choose_k(64) == 0
+        pol.observe_step(t, step[0] + step[1] * t)
+        pol.observe_propose(t, proposer[0] + proposer[1] * t)
+    return pol
+
+
+def accept(pol: SpecPolicy, rid: str, rate: float, n: int = 40) -> None:
+    """n verifications of 4 proposals for request rid, each position accepted with probability about `rate`."""
+    for i in range(n):
+        kept = 0
+        while kept < 4 and (i * 7 + kept * 3) % 10 < rate * 10:
+            kept += 1
+        pol.observe_verify(rid, 4, kept)
+
+
+def test_policy_fits_the_injected_costs():
+    """The fits recover the step's and the proposer's (a, b) from their own samples."""
+    pol = policy((0.010, 0.0002), (0.0005, 0.003))
+    assert pol.cost() == pytest.approx((0.010, 0.0002))
+    assert pol.proposer_cost() == pytest.approx((0.0005, 0.003))
+    one = SpecPolicy(4)
+    one.observe_propose(4, 0.008)  # one call size only: all of its cost is per proposed token
+    assert one.proposer_cost() == pytest.approx((0.0, 0.002))
+
+
+def test_policy_speculates_when_steps_cost_the_same_and_stops_when_tokens_cost():
+    """Flat step cost (weight-bound): propose k_max; cost proportional to tokens at batch 64: don't speculate,
+    and don't probe either (a sure acceptance would not pay)."""
+    flat, linear = policy((0.010, 0.0)), policy((0.0, 0.001))
+    for pol in (flat, linear):
+        accept(pol, "r", 0.7)
+    assert flat.choose(["r"], [4], [False]) == [4]
+    ids = [f"b{i}" for i in range(64)]
+    for _ in range(40):  # past any probe
+        assert linear.choose(ids, [4] * 64, [False] * 64) == [0] * 64
+
+
+def test_policy_charges_the_proposers_cost():
+    """With the same flat target step and acceptance, a free proposer gets k_max, one costing a target step per
+    proposed token gets none; one in between gets a shorter k."""
+    free, dear, mid = policy((0.010, 0.0)), policy((0.010, 0.0), (0.0, 0.010)), policy((0.010, 0.0), (0.0, 0.004))
+    for pol in (free, dear, mid):
+        accept(pol, "r", 0.6)
+    assert free.choose(["r"], [4], [False]) == [4]
+    assert dear.choose(["r"], [4], [False]) == [0]
+    assert 0 < mid.choose(["r"], [4], [False])[0] < 4
+    a = mid.alphas("r")  # the choice maximises tokens per second over k
+    rates = [mid.expected_tokens(k, "r") / (0.010 + (0.004 * k if k else 0)) for k in range(5)]
+    assert mid.choose(["r"], [4], [False])[0] == max(range(5), key=rates.__getitem__), a
+
+
+def test_policy_tracks_acceptance_per_request():
+    """A chat request with low acceptance does not keep a grounded one from speculating in the same batch, and a
+    new request probes at its first decode step even after the engine-wide estimate fell."""
+    pol = policy((0.010, 0.0), (0.0, 0.001))
+    accept(pol, "chat", 0.0)
+    accept(pol, "grounded", 1.0, n=10)
+    assert pol.choose(["chat", "grounded"], [4, 4], [False, False]) == [0, 4]
+    accept(pol, "chat", 0.0, n=200)  # the engine-wide estimate is now low
+    assert pol.choose(["new"], [4], [False]) == [4]  # a probe
+    accept(pol, "new", 1.0, n=10)
+    assert pol.choose(["new", "chat"], [4, 4], [False, False]) == [4, 0]
+    pol.release("new")
+    assert "new" not in pol.reqs
+
+
+def test_policy_fixed_requests_keep_their_k_and_count_in_the_cost():
+    """A fixed request (seeded sampled) proposes its cap even where the policy would not speculate."""
+    linear = policy((0.0, 0.001))
+    ids = [f"b{i}" for i in range(8)]
+    linear.choose(ids, [3] * 8, [True] + [False] * 7)  # new requests may probe at their first step
+    for _ in range(PROBE_EVERY):  # (then the others probe again: a sure acceptance would pay at this rate)
+        assert linear.choose(ids, [3] * 8, [True] + [False] * 7) == [3] + [0] * 7
 
 
 def test_counters_per_position():
