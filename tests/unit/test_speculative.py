@@ -3,17 +3,21 @@ the n-gram lookup, block truncation, the scheduler's draft grants, the policy an
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from meshlm.config import SamplingParams
 from meshlm.engine.kv_cache import BlockManager
-from meshlm.engine.request import Request
+from meshlm.engine.paged_attention import StepInput
+from meshlm.engine.request import Request, Status
 from meshlm.engine.sampler import (ACCEPT, DRAFT, RESIDUAL, SAMPLE, mix_seed, position_generator, sample,
                                    target_probs, uniform)
-from meshlm.engine.scheduler import Scheduler, SchedulerConfig
+from meshlm.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
+from meshlm.engine.spec_engine import Speculator
 from meshlm.engine.spec_policy import PROBE_EVERY, SpecCounters, SpecPolicy
-from meshlm.engine.speculative import NgramProposer, SpeculativeConfig
+from meshlm.engine.speculative import NgramProposer, Proposal, SpeculativeConfig
 from meshlm.engine.verify import accept_or_resample, verify, verify_greedy, verify_sampled
 from meshlm.errors import ConfigError
 
@@ -283,3 +287,84 @@ def test_cli_flags_build_the_config():
     with pytest.raises(ConfigError, match="num-speculative-tokens"):
         speculative_config(parser.parse_args(["generate", "hi", "--speculative", "ngram",
                                               "--num-speculative-tokens", "0"]))
+
+
+class _Clock:
+    """A perf_counter the test advances: injected timings."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _SlowProposer:
+    """Proposes token 1 k times; each call costs `per_token` seconds a proposed token plus `per_fed` a token it
+    catches up on (its first pass over a prompt), on the injected clock."""
+
+    name = "slow"
+
+    def __init__(self, clock: _Clock, per_token: float, per_fed: float) -> None:
+        self.clock, self.per_token, self.per_fed = clock, per_token, per_fed
+        self.seen: dict[str, int] = {}
+
+    def propose(self, reqs, ks):
+        out = []
+        for r, k in zip(reqs, ks):
+            fed = len(r.tokens) - self.seen.get(r.id, 0)
+            self.seen[r.id] = len(r.tokens)
+            self.clock.now += self.per_token * k + self.per_fed * fed
+            out.append(Proposal((1,) * k, None, fed))
+        return out
+
+    def release(self, request_id):
+        self.seen.pop(request_id, None)
+
+
+def decoding(rid: str, prompt_len: int, params: SamplingParams = SamplingParams(temperature=0.8)) -> Request:
+    """A running request that is decoding: every token but the last computed, nothing in flight."""
+    req = Request(rid, list(range(3, 3 + prompt_len)), params, max_new=1000)
+    req.tokens.append(7)
+    req.num_computed = req.num_scheduled = len(req.tokens) - 1
+    req.status = Status.RUNNING
+    return req
+
+
+def test_speculator_times_the_proposer_apart_and_leaves_catch_up_out(monkeypatch):
+    """The proposer's seconds are its own cost term (not the target step's), and a draft's first pass over a
+    long prompt is not charged as per-token cost: speculation stays on after it."""
+    import meshlm.engine.spec_engine as spec_engine
+
+    clock = _Clock()
+    monkeypatch.setattr(spec_engine.time, "perf_counter", clock)
+    sp = Speculator(_SlowProposer(clock, per_token=0.0005, per_fed=0.001), SpeculativeConfig("ngram", 4))
+    req = decoding("r", prompt_len=500)  # catching up on 501 tokens costs 0.5 s: 50 target steps
+    sched = SimpleNamespace(running=[req], waiting=[])
+    for step in range(30):
+        sp.propose(sched, 1)
+        assert len(req.draft) == 4, step  # never turned off by the catch-up
+        clock.now += 0.010  # the target step: flat 10 ms
+        sp.step_done(StepInput(tuple(range(1 + len(req.draft))), (), ()), decode=True, busy=True)
+        sp.record(Scheduled(req, len(req.tokens) - 1, 1, req.draft), 4)
+        req.tokens += [1, 1, 1, 1, 5]
+        req.num_computed = req.num_scheduled = len(req.tokens) - 1
+        req.draft = ()
+    assert sp.catch_up_seconds == pytest.approx(0.501 + 0.002)  # the first call only
+    assert sp.policy.cost() == pytest.approx((0.010, 0.0), abs=1e-9)  # the target's step without the proposer
+    # one call size (4 proposed, 5 caught up on): all of it per proposed token, the steady catch-up included
+    assert sp.policy.proposer_cost() == pytest.approx((0.0, 0.0005 + 0.001 * 5 / 4), rel=1e-6)
+
+
+def test_seeded_sampled_requests_propose_the_configured_k():
+    """A seeded sampled request gets the configured k where the policy gives an unseeded one none."""
+    sp = Speculator(_SlowProposer(_Clock(), 0.0, 0.0), SpeculativeConfig("ngram", 3))
+    for t in (1, 5, 1, 5, 9, 1):
+        sp.policy.observe_step(t, 0.001 * t)  # tokens cost: speculation loses throughput
+    seeded = decoding("s", 10, SamplingParams(temperature=0.8, seed=1))
+    unseeded, greedy = decoding("u", 10), decoding("g", 10, SamplingParams())
+    others = [decoding(f"o{i}", 10) for i in range(30)]
+    for r in [unseeded, greedy, *others]:  # past their first-step probe
+        sp.policy.observe_verify(r.id, 3, 0)
+    sp.propose(SimpleNamespace(running=[seeded, unseeded, greedy, *others], waiting=[]), 1)
+    assert (seeded.draft, unseeded.draft, greedy.draft) == ((1, 1, 1), (), ())
