@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from meshlm.config import SamplingParams
+from meshlm.engine import sampler
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.request import Request, Status
-from meshlm.engine.sampler import (ACCEPT, DRAFT, RESIDUAL, SAMPLE, mix_seed, position_generator, sample,
-                                   target_probs, uniform)
+from meshlm.engine.sampler import ACCEPT, DRAFT, RESIDUAL, SAMPLE, mix_seed, position_generator, sample, uniform
 from meshlm.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from meshlm.engine.spec_engine import Speculator
 from meshlm.engine.spec_policy import PROBE_EVERY, SpecCounters, SpecPolicy
@@ -49,7 +49,7 @@ def test_rejection_sampling_preserves_the_target_distribution(kind, proposer):
     """The first emitted token of N independent verifications is distributed as the target's p (after
     temperature / top-k / top-p), whether the proposal was drawn from a draft q or is a fixed token."""
     g = torch.Generator().manual_seed(1234)
-    p = target_probs(LOGITS, PARAMS[kind])  # [V]
+    p = sampler.target_probs(LOGITS, PARAMS[kind])  # [V]
     if proposer == "draft":
         q = torch.softmax(torch.tensor([0.0, 2.0, 0.5, 1.0, -1.0, 0.0, 1.5, -2.0]), -1)  # unlike p
         x = torch.multinomial(q, N, replacement=True, generator=g)
@@ -68,7 +68,7 @@ def test_verify_sampled_two_positions_joint_distribution():
     """Over two proposed positions the emitted (first, second) pairs follow p1(a) * p2(b | a): the second row
     is only used after the first proposal is accepted (20k runs of the engine's own function, seeds 0..19999)."""
     logits = torch.stack([LOGITS, LOGITS.flip(0), LOGITS.roll(3)])  # [3, V]: rows after t, d1, d2
-    p = target_probs(logits, SamplingParams(temperature=1.0))
+    p = sampler.target_probs(logits, SamplingParams(temperature=1.0))
     draft = (7, 0)  # likely under p[0], p[1]: both paths (accept, reject) are taken often
     firsts = torch.zeros(V)
     seconds_after_accept = torch.zeros(V)
@@ -93,7 +93,7 @@ def test_seeded_verification_reproduces_and_is_keyed_by_position():
     assert [verify(params, (1, 2, 3, 4), None, [0] * 5, logits, 40 + i) for i in range(5)] == runs[0]
     plain = verify(params, (), None, [0], logits[4:], 44)
     assert plain == [sample(logits[4], params, position_generator(3, 44, SAMPLE))]
-    sure = target_probs(logits, params).argmax(-1).tolist()  # a draft the target accepts with certainty
+    sure = sampler.target_probs(logits, params).argmax(-1).tolist()  # a draft the target accepts with certainty
     certain = logits.clone()
     certain[torch.arange(4), torch.tensor(sure[:4])] = 1e4
     assert verify(params, tuple(sure[:4]), None, [0] * 5, certain, 40) == [*sure[:4], plain[0]]
@@ -322,7 +322,10 @@ class _SlowProposer:
         self.seen.pop(request_id, None)
 
 
-def decoding(rid: str, prompt_len: int, params: SamplingParams = SamplingParams(temperature=0.8)) -> Request:
+HOT = SamplingParams(temperature=0.8)
+
+
+def decoding(rid: str, prompt_len: int, params: SamplingParams = HOT) -> Request:
     """A running request that is decoding: every token but the last computed, nothing in flight."""
     req = Request(rid, list(range(3, 3 + prompt_len)), params, max_new=1000)
     req.tokens.append(7)
