@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,8 +21,18 @@ from meshlm.models.registry import model_class
 
 log = logging.getLogger(__name__)
 
+
+
+@dataclass(frozen=True)
+class ExpertPick:
+    """The experts of a stacked expert tensor one rank reads (ids in its local slot order), each sliced by part."""
+
+    ids: tuple[int, ...]
+    part: Slice | None = None
+
+
 # (meshlm parameter name, full checkpoint shape) -> the slice this process owns, or None for all of it.
-PartFn = Callable[[str, tuple[int, ...]], "Slice | None"]
+PartFn = Callable[[str, tuple[int, ...]], "Slice | ExpertPick | None"]
 
 
 def build_meta(cfg: ModelConfig) -> nn.Module:
@@ -44,7 +55,8 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
     bar = tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for name, _ in bar:
         # A tied head without the embedding beside it (the last pipeline stage) reads the embedding matrix.
-        sources = hf_names("embed_tokens.weight" if _tied(cfg, name) else name, cfg.num_experts)
+        sources = hf_names("embed_tokens.weight" if _tied(cfg, name) else name, cfg.architecture,
+                           range(cfg.num_experts))
         missing = [s for s in sources if s not in available]
         if missing:
             raise CheckpointError(
@@ -53,6 +65,8 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
             )
         full = source.shape(sources[0])
         part = part_for(name, full) if part_for else None
+        if isinstance(part, ExpertPick):  # expert parallelism: only this rank's experts, in its slot order
+            sources, part = [sources[e] for e in part.ids], part.part
         if len(sources) == 1 and _quantizable(model, name):
             packed = load_quantized(source, sources[0], part, prec, device, conversions)
             if packed is not None:
