@@ -41,9 +41,9 @@ class LLM:
                  comm_timeout_s: float = 60.0, backend: str | None = None, quantize: str | None = None,
                  engine: EngineConfig | None = None, pp_layers: Sequence[int] | None = None,
                  pipeline: PipelineSpec | None = None, transport: str | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, ep: int = 1, expert_capacity: float | None = None) -> None:
         prec = precision(dtype, quantize, DTYPES)  # a bad name fails before any process starts
-        dims = ParallelDims(tp=tp, pp=pp)
+        dims = ParallelDims(tp=tp, pp=pp, ep=ep)  # ep=N alone implies tp=N (mesh.py)
         choice = resolve_device(device, backend, dims.world_size)
         transport = resolve_transport(transport)  # auto | shm | gloo; a typo fails before any process starts
         pipeline = pipeline or PipelineSpec()
@@ -57,7 +57,7 @@ class LLM:
         plan_stages(cfg, pp, pipeline)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           quantize=quantize, progress=progress, pipeline=pipeline,
-                          transport=transport, device=choice)
+                          transport=transport, device=choice, expert_capacity=expert_capacity)
         self.executor = Executor(spec, timeout_s=comm_timeout_s)
         # Closes the ranks once: on close(), when this object is collected, or at interpreter exit. It holds
         # the executor, never self, so an LLM that is dropped can be collected.
@@ -153,6 +153,10 @@ class LLM:
     def comm_stats(self) -> list[dict]:
         """Per-rank collective totals."""
         return self.executor.call_all("comm_stats")
+
+    def expert_stats(self) -> list[dict]:
+        """Per-rank experts held and tokens routed (before dispatch) / dropped per MoE layer (ep > 1)."""
+        return self.executor.call_all("expert_stats")
 
     def start_timeline(self, spans: bool = True) -> None:
         """pp > 1: restart every rank's pipeline timeline together; spans=True records a trace, else totals only."""

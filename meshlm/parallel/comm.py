@@ -159,6 +159,29 @@ class Comm:
                     group=self.group)
         return out
 
+    def all_to_all_v(self, t: torch.Tensor, matrix: list[list[int]]) -> torch.Tensor:
+        """Rows t [M, ...] grouped by destination member -> the rows sent here [R, ...] grouped by source.
+
+        matrix[i][j] = rows member i sends member j; every member passes the same matrix (all-gather the
+        counts first), so bytes moved follow the rows actually sent. Counted per link too, as op
+        "all_to_all_v r->s" (global ranks, bytes this rank sent that link)."""
+        if self.size == 1:
+            return t
+        me, row_bytes = self.index, t.element_size() * math.prod(t.shape[1:])
+        sent = [n * row_bytes for n in matrix[me]]
+        nbytes = sum(sent) - sent[me]
+        if self._use_shm(max(sum(r) for r in matrix) * row_bytes):
+            out = self._timed_shm("all_to_all_v", nbytes, self.shm.all_to_all_v, t, matrix)
+        else:
+            out = t.new_empty((sum(r[me] for r in matrix), *t.shape[1:]))
+            self._timed("all_to_all_v", nbytes, dist.all_to_all_single, out, t.contiguous(),
+                        [r[me] for r in matrix], list(matrix[me]), group=self.group)
+        for j, b in enumerate(sent):
+            if b and j != me:
+                self.stats.record(self.name, f"all_to_all_v {self.ranks[me]}->{self.ranks[j]}", b, 0.0,
+                                  self.transport)
+        return out
+
     def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:
         """Copy t from group member src_index to all members, in place."""
         if self.size == 1:
