@@ -45,6 +45,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline stages: contiguous layers each, the embedding on the first, the norm and "
                         "head on the last; meshlm starts pp x tp ranks, tp ranks adjacent (default 1)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert parallelism for MoE models: the stage's tp ranks hold whole experts (ep must equal "
+                        "tp; --ep N alone implies --tp N), tokens move to them by all-to-all (default 1: each "
+                        "expert split over the tp ranks)")
+    p.add_argument("--expert-capacity", type=float, default=None, metavar="FACTOR",
+                   help="with --ep: an expert takes at most ceil(FACTOR x routed tokens / experts) per step, the "
+                        "rest are dropped and counted (default: dropless)")
     p.add_argument("--pp-layers", type=_layer_counts, default=None, metavar="N,N,...",
                    help="layers per pipeline stage, e.g. 16,14 (default: balanced by an estimated cost)")
     p.add_argument("--comm-timeout", type=float, default=60.0,
@@ -108,7 +115,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
-             max_context=args.max_context, tp=args.tp,
+             max_context=args.max_context, tp=args.tp, ep=args.ep, expert_capacity=args.expert_capacity,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
              device=args.device,
              pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks)) as llm:
@@ -173,7 +180,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """--dry-run of generate or serve: the planner's check against the KV pool the engine would size."""
     from meshlm.engine.engine import EngineConfig, host_kv_budget_bytes
 
-    world = args.tp * (getattr(args, "pp", 1) or 1)
+    world = max(args.tp, getattr(args, "ep", 1) or 1) * (getattr(args, "pp", 1) or 1)
     return cmd_dry_run(args, host_kv_budget_bytes(EngineConfig().kv_cache_fraction, world))
 
 

@@ -13,10 +13,10 @@ from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
 from meshlm.checkpoint.quantized import Conversions, check_quantize, describe_bytes, file_precision, precision
 from meshlm.engine.engine import host_kv_budget_bytes
-from meshlm.errors import ConfigError
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.pipeline_stage import StageDriver
+from meshlm.errors import ConfigError
 from meshlm.kernels import pack_linears
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups

@@ -10,8 +10,8 @@ one replica are tp apart, and data-parallel replicas are pp * tp apart.
 Built: tp, pp and ep. Expert parallelism spans the tensor-parallel ranks of a stage (ep = tp: attention
 stays tensor-parallel, each rank holds whole experts; parallel/expert.py), so ep adds no ranks: `ep=N`
 alone implies tp=N, and ep with another tp > 1 is refused naming the fix. Context parallelism (cp) is
-declared for what comes next and refused above 1 at construction. dp > 1 lays out independent replicas, which the planner reasons about but one
-engine does not run: `check_runnable` refuses it before any rank starts.
+declared for what comes next and refused above 1 at construction. dp > 1 lays out independent replicas,
+which the planner reasons about but one engine does not run: `check_runnable` refuses it before any rank starts.
 """
 
 from __future__ import annotations

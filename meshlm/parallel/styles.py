@@ -8,8 +8,9 @@ query heads). When tp exceeds the KV head count, each rank holds one KV head (re
 ranks that share it) and a share of that group's query heads. The MLP splits its intermediate size
 evenly on its own. MoE experts either split each expert's intermediate size the same way (ep = 1, an
 all-reduce after) or, at ep = tp, each rank holds whole experts (expert.py: all-to-all dispatch and combine).
-OLMoE's q/k norms span all heads: each rank normalizes its heads with the sum of squares all-reduced. The vocabulary splits evenly; the head's logits are all-gathered so every rank
-samples from the same full distribution (simple and exact; costs V x 4 bytes per token).
+OLMoE's q/k norms span all heads: each rank normalizes its heads with the sum of squares all-reduced.
+The vocabulary splits evenly; the head's logits are all-gathered so every rank samples from the same full
+distribution (simple and exact; costs V x 4 bytes per token).
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from meshlm.checkpoint.loader import ExpertPick
 from meshlm.checkpoint.source import Slice
 from meshlm.config import ModelConfig
-from meshlm.checkpoint.loader import ExpertPick
 from meshlm.kernels.gemv import Embedding, Linear, embed, linear
 from meshlm.models.layers import RMSNorm
 from meshlm.models.mixtral import Experts
