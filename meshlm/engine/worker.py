@@ -21,7 +21,7 @@ from meshlm.kernels import pack_linears
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.device import DeviceChoice, rank_device
-from meshlm.parallel.expert import LOAD, ExpertParallelExperts
+from meshlm.parallel.expert import ExpertLoad, ExpertParallelExperts
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.parallel.pipeline import PipelineSpec, plan_stages, split_model
 from meshlm.parallel.styles import ShardLayout, apply_plan
@@ -87,7 +87,9 @@ class Worker:
         model = build_meta(self.cfg)
         self.stage = plan_stages(self.cfg, spec.dims.pp, spec.pipeline)[groups.pp.index]
         split_model(model, self.stage)  # a pipeline stage keeps (and loads) only its own modules
-        part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp, spec.dims.ep, spec.expert_capacity)
+        self.expert_load = ExpertLoad()  # ep > 1: tokens routed to each expert (counted before dispatch), dropped
+        part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp, spec.dims.ep, spec.expert_capacity,
+                              self.expert_load)
         conversions = Conversions()
         self.model = load_weights(model, self.cfg, ckpt.source, self.precision, part_for=part_for,
                                   progress=spec.progress and rank == 0, device=self.device, conversions=conversions)
@@ -180,10 +182,10 @@ class Worker:
     def reset_stats(self) -> None:
         """Zero the collective and expert-load totals."""
         STATS.reset()
-        LOAD.reset()
+        self.expert_load.reset()
 
     def expert_stats(self) -> dict:
         """This rank's experts (per MoE layer's placement) and its routed / dropped token totals (expert.py)."""
         held = {name.split(".")[1]: list(m.placement.slots[m.comm.index]) for name, m in self.model.named_modules()
                 if isinstance(m, ExpertParallelExperts)}
-        return {"rank": self.rank, "experts": held, **LOAD.snapshot()}
+        return {"rank": self.rank, "experts": held, **self.expert_load.snapshot()}

@@ -108,9 +108,6 @@ class ExpertLoad:
         self.dropped.clear()
 
 
-LOAD = ExpertLoad()
-
-
 class ExpertParallelExperts(Experts):
     """This rank's experts (w1/w3 [S, I, H], w2 [S, H, I] in placement slot order) behind all-to-all."""
 
@@ -179,7 +176,7 @@ class ExpertParallelExperts(Experts):
 
 
 def make_expert_parallel(module: Experts, comm: Comm, placement: Placement, layer_id: int,
-                         capacity_factor: float | None = None, load: ExpertLoad = LOAD) -> None:
+                         load: ExpertLoad, capacity_factor: float | None = None) -> None:
     """Turn a (meta) Experts module into this rank's ExpertParallelExperts."""
     module.__class__ = ExpertParallelExperts
     module.comm, module.layer_id, module.capacity_factor, module.load = comm, layer_id, capacity_factor, load

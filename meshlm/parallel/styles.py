@@ -28,7 +28,7 @@ from meshlm.kernels.gemv import Embedding, Linear, embed, linear
 from meshlm.models.layers import RMSNorm
 from meshlm.models.mixtral import Experts
 from meshlm.parallel.comm import Comm
-from meshlm.parallel.expert import Placement, make_expert_parallel
+from meshlm.parallel.expert import ExpertLoad, Placement, make_expert_parallel
 from meshlm.parallel.partition import HeadShard, even_partition, head_partition  # noqa: F401 (re-exported)
 
 
@@ -162,10 +162,11 @@ def _swap(module: nn.Module, style: str, layout: ShardLayout, comm: Comm, cfg: M
 
 
 def apply_plan(model: nn.Module, plan: dict[str, str], cfg: ModelConfig, comm: Comm, ep: int = 1,
-               capacity_factor: float | None = None):
+               capacity_factor: float | None = None, load: ExpertLoad | None = None):
     """Swap planned modules to their parallel classes; return part_for(param_name, shape) for loading.
 
-    ep == comm.size > 1: each rank holds whole experts (Placement.contiguous) behind all-to-all (expert.py)."""
+    ep == comm.size > 1: each rank holds whole experts (Placement.contiguous) behind all-to-all (expert.py),
+    counting its routing decisions into `load`."""
     layout = ShardLayout.for_model(cfg, comm.index, comm.size)
     parts: dict[str, Slice | ExpertPick | None] = {}
     if comm.size == 1:
@@ -178,7 +179,8 @@ def apply_plan(model: nn.Module, plan: dict[str, str], cfg: ModelConfig, comm: C
         if style == "expert" and placement is not None:
             pick = ExpertPick(placement.slots[comm.index])
             parts.update({f"{mod_name}.{w}": pick for w in ("w1", "w2", "w3")})
-            make_expert_parallel(module, comm, placement, int(mod_name.split(".")[1]), capacity_factor)
+            make_expert_parallel(module, comm, placement, int(mod_name.split(".")[1]),
+                                 load if load is not None else ExpertLoad(), capacity_factor)
             continue
         for attr, sl in _slices(style, layout, cfg).items():
             parts[f"{mod_name}.{attr}"] = sl
