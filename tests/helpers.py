@@ -68,7 +68,7 @@ def _hf_config(kind: str, num_layers: int | None):
                               num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
                               mlp_only_layers=[1] if (num_layers or 3) > 1 else [])
     if kind == "olmoe":  # 8 experts top-2, unnormalized; RMSNorm over the whole q and k projections
-        return OlmoeConfig(**common, hidden_size=64, intermediate_size=48, num_attention_heads=4,
+        return OlmoeConfig(**common, hidden_size=128, intermediate_size=64, num_attention_heads=4,
                            num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)
     raise ValueError(f"unknown checkpoint kind {kind!r}; pick one of {KINDS}")
 
