@@ -97,7 +97,8 @@ def format_plan(plan: Plan, cfg: ModelConfig, cluster: Cluster) -> str:
 
 def candidate_json(c: Candidate) -> dict[str, Any]:
     """A candidate as plain data (bytes and seconds)."""
-    out: dict[str, Any] = {"layout": asdict(c.layout), "rejected": c.rejected, "reason": c.reason}
+    layout = {k: v for k, v in asdict(c.layout).items() if k != "ep" or v > 1}  # ep only where experts move
+    out: dict[str, Any] = {"layout": layout, "rejected": c.rejected, "reason": c.reason}
     if c.memory is not None:
         out["memory"] = {**asdict(c.memory), "max_batch": c.memory.max_batch}
     if c.estimate is not None:
