@@ -19,7 +19,7 @@ from meshlm.plan.cost import estimate
 from meshlm.plan.layout import Layout, Workload, rank_shares
 from meshlm.plan.search import layouts
 
-H, I, E, K, N = 16, 24, 6, 2, 37
+H, INTER, E, K, N = 16, 24, 6, 2, 37
 
 
 def test_contiguous_placement_and_tables():
@@ -46,10 +46,10 @@ def test_placement_refuses_lost_experts_and_doubled_replicas():
 def _layer(capacity: float | None = None):
     """A random Experts layer and its expert-parallel twin on a group of one (the same weights)."""
     g = torch.Generator().manual_seed(3)
-    ref = Experts(E, H, I)
+    ref = Experts(E, H, INTER)
     for p in ref.parameters():
         p.data = torch.randn(p.shape, generator=g)
-    ep = Experts(E, H, I)
+    ep = Experts(E, H, INTER)
     ep.load_state_dict(ref.state_dict())
     load = ExpertLoad()
     make_expert_parallel(ep, single_process_groups().tp, Placement.contiguous(E, 1), 0, load, capacity)
