@@ -132,10 +132,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         assert out is not None
         print(f"[prompt {len(out.prompt_token_ids)} tokens | generated {len(out.token_ids)} tokens | "
               f"TTFT {out.ttft_s * 1000:.1f} ms | decode {out.decode_tokens_per_s:.1f} tok/s | "
-              f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {args.tp} "
-              f"| pp {args.pp}]",
+              f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {llm.dims.tp} "
+              + (f"| ep {llm.dims.ep} " if llm.dims.ep > 1 else "") + f"| pp {args.pp}]",
               file=sys.stderr)
-        if args.tp > 1 or args.pp == 1:  # with pp > 1 the stage lines below give each rank's memory
+        if llm.dims.tp > 1 or args.pp == 1:  # with pp > 1 the stage lines below give each rank's memory
             _print_ranks(llm, out.ttft_s + out.decode_s)
         if args.pp > 1:
             _print_stages(llm, args.trace)
