@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from tqdm import tqdm
 
 from meshlm.checkpoint.names import hf_names
 from meshlm.checkpoint.quantized import Conversions, Precision, load_quantized
-from meshlm.checkpoint.source import Slice, TensorSource
+from meshlm.checkpoint.source import ExpertPick, Slice, TensorSource
 from meshlm.config import ModelConfig
 from meshlm.errors import CheckpointError
 from meshlm.kernels.gemv import Embedding, Linear
@@ -21,14 +20,6 @@ from meshlm.models.registry import model_class
 
 log = logging.getLogger(__name__)
 
-
-
-@dataclass(frozen=True)
-class ExpertPick:
-    """The experts of a stacked expert tensor one rank reads (ids in its local slot order), each sliced by part."""
-
-    ids: tuple[int, ...]
-    part: Slice | None = None
 
 
 # (meshlm parameter name, full checkpoint shape) -> the slice this process owns, or None for all of it.

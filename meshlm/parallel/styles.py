@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from meshlm.checkpoint.loader import ExpertPick
-from meshlm.checkpoint.source import Slice
+from meshlm.checkpoint.source import ExpertPick, Slice
 from meshlm.config import ModelConfig
 from meshlm.kernels.gemv import Embedding, Linear, embed, linear
 from meshlm.models.layers import RMSNorm

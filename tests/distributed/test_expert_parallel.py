@@ -37,7 +37,7 @@ def test_ep_matches_one_device_and_transformers(kind, ep, pp, checkpoint, single
     with LLM(str(checkpoint(kind)), ep=ep, pp=pp, progress=False) as llm:
         assert llm.dims.tp == ep  # --ep N alone implies tp = N
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == single(kind)
-        stats = llm.expert_stats()
+        stats, infos = llm.expert_stats(), llm.rank_info()
         if pp == 1:
             logits = llm.logits(PROMPTS)
             ref = reference(kind)
@@ -46,6 +46,7 @@ def test_ep_matches_one_device_and_transformers(kind, ep, pp, checkpoint, single
                     expected = ref(torch.tensor([p])).logits[0]
                     torch.testing.assert_close(logits[i, : len(p)], expected, atol=2e-4, rtol=2e-4)
     cfg = llm.cfg
+    assert max(i["weight_mb"] for i in infos) * 1e6 < 0.75 * cfg.num_params() * 4  # a share, never the whole
     placement = Placement.contiguous(cfg.num_experts, ep)
     sparse = [str(i) for i in range(cfg.num_layers) if cfg.is_sparse(i)]
     for st in stats:
