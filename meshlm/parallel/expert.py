@@ -3,10 +3,11 @@
 Layout (ep = tp within a pipeline stage): attention stays tensor-parallel, so after it every rank of the
 group holds the same hidden states [N, H] and computes the same routing. Each MoE layer then runs:
 
-    1. rank r takes its share of the tokens (even_partition(N, ep)[r]) and counts, per expert, the tokens
-       its routing sends there (ExpertLoad: counted where routing decides, before any token moves);
-    2. the per-(destination rank, local slot) row counts are all-gathered (ep x ep x slots int64), so every
-       rank knows what each link carries;
+    1. rank r takes its share of the tokens (even_partition(N, ep)[r]) and counts the rows its routing sends
+       to each (destination rank, local slot);
+    2. those counts are all-gathered (ep x ep x slots int64), so every rank knows what each link carries and
+       the whole group's rows per expert: ExpertLoad records them there, where routing decided and before
+       any row moves, identically on every rank (rank 0's copy is the group's);
     3. dispatch: all-to-all-v of the routed rows, grouped by destination, then slot, then token;
     4. each rank runs its experts on the rows it received (rows of one expert in global token order, so the
        products equal one device's), keeping at most `capacity` rows per expert when a capacity factor is
@@ -85,27 +86,39 @@ class Placement:
 
 @dataclass
 class ExpertLoad:
-    """Per-layer totals on this rank: tokens routed to each expert (this rank's token share, counted before
-    dispatch; summed over ranks they are the global counts) and tokens dropped by the capacity factor."""
+    """Per-layer totals, the same on every rank of the group (taken from the exchanged row counts, i.e. the
+    routing decisions of every rank, before any row moves): rows routed to each expert, rows past the capacity
+    (dropped), and the rows this rank sent each rank (its own share of the dispatch)."""
 
-    routed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] int64
-    dropped: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    steps: int = 0
+    routed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] int64, whole group
+    dropped: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # layer -> rows, whole group
+    sent: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [ep] int64 rows, this rank's
 
-    def count(self, layer: int, ids: torch.Tensor, num_experts: int) -> None:
-        """Add the routing decisions ids [n, K] of one layer."""
-        c = torch.bincount(ids.flatten().cpu(), minlength=num_experts)
-        self.routed[layer] = self.routed[layer] + c if layer in self.routed else c
+    def record(self, layer: int, every: torch.Tensor, me: int, expert_of: torch.Tensor, num_experts: int,
+               capacity: int | None) -> None:
+        """Add one step: every [src, dst, slot] rows; expert_of [dst, slot] the expert there (num_experts: none)."""
+        rows = every.sum(0)  # [dst, slot]
+        per = torch.zeros(num_experts + 1, dtype=torch.long).index_add_(0, expert_of.flatten(), rows.flatten())
+        self.routed[layer] = self.routed[layer] + per[:num_experts] if layer in self.routed else per[:num_experts]
+        self.sent[layer] = self.sent[layer] + every[me].sum(-1) if layer in self.sent else every[me].sum(-1)
+        if capacity is not None:
+            self.dropped[layer] += int((rows - capacity).clamp(min=0).sum())
+
+    def total_dropped(self) -> int:
+        """Rows dropped by the capacity factor, over all layers."""
+        return sum(self.dropped.values())
 
     def snapshot(self) -> dict:
-        """{"routed": {layer: [per-expert tokens]}, "dropped": {layer: tokens}} (a copy)."""
+        """{"routed": {layer: [rows per expert]}, "sent": {layer: [rows per rank]}, "dropped": {layer: rows}}."""
         return {"routed": {k: v.tolist() for k, v in sorted(self.routed.items())},
+                "sent": {k: v.tolist() for k, v in sorted(self.sent.items())},
                 "dropped": dict(sorted(self.dropped.items()))}
 
     def reset(self) -> None:
         """Forget all totals."""
         self.routed.clear()
         self.dropped.clear()
+        self.sent.clear()
 
 
 class ExpertParallelExperts(Experts):
@@ -121,6 +134,9 @@ class ExpertParallelExperts(Experts):
         """Use `placement` from the next step on (its weights for this rank must already be in w1/w2/w3)."""
         self.placement = placement
         self._tables = placement.tables()
+        e = placement.num_experts
+        self._expert_of = torch.tensor([list(s) + [e] * (placement.slots_per_rank - len(s)) for s in placement.slots],
+                                       dtype=torch.long)  # [rank, slot] -> expert (e: an empty slot)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H] and routing [N, K], identical on every rank -> [N, H] on every rank."""
@@ -129,7 +145,6 @@ class ExpertParallelExperts(Experts):
         shares = even_partition(n, ep)
         a, b = shares[me]
         ids, w = expert_ids[a:b], weights[a:b]  # [n_me, K]: the tokens this rank routes
-        self.load.count(self.layer_id, ids, self.placement.num_experts)
         rank_t, slot_t, copies = (t.to(ids.device) for t in self._tables)
         pick = (torch.arange(a, b, device=ids.device)[:, None] % copies[ids])  # replica per (token, k)
         dest, slot = rank_t[ids, pick], slot_t[ids, pick]  # [n_me, K]
@@ -139,9 +154,11 @@ class ExpertParallelExperts(Experts):
         tok = order // k
         counts = torch.bincount(key, minlength=ep * per)
         every = comm.all_gather(counts, dim=0).view(ep, ep, per).cpu()  # [src, dst, slot] rows
+        capacity = self._capacity(n * k)
+        self.load.record(self.layer_id, every, me, self._expert_of, self.placement.num_experts, capacity)
         matrix = every.sum(-1).tolist()
         recv = comm.all_to_all_v(x[a:b][tok], matrix)  # [R, H] by source, slot, token
-        y = self._run(recv, every[:, me, :], self._capacity(n * k))
+        y = self._run(recv, every[:, me, :], capacity)
         back = comm.all_to_all_v(y, [list(r) for r in zip(*matrix)])  # [n_me * K, H] in sent order
         experts, w = ids.flatten()[order], w.flatten()[order]
         out = torch.zeros(b - a, x.shape[1], dtype=x.dtype, device=x.device)
@@ -167,8 +184,6 @@ class ExpertParallelExperts(Experts):
             keep = c if capacity is None else min(c, capacity)
             if keep:
                 ys[start: start + keep] = expert_ffn(xs[start: start + keep], self.w1[s], self.w3[s], self.w2[s])
-            if c > keep:
-                self.load.dropped[self.layer_id] += c - keep
             start += c
         out = torch.empty_like(rows)
         out[order] = ys

@@ -54,17 +54,18 @@ def test_ep_matches_one_device_and_transformers(kind, ep, pp, checkpoint, single
         assert st["experts"] and set(st["experts"]) <= set(sparse)
         assert all(held == list(placement.slots[index]) for held in st["experts"].values())
         assert not st["dropped"]
-    # Routing is counted before dispatch, each token by the one rank that routes it: over a stage's ranks,
-    # every sparse layer saw every token K times.
-    first = [st for st in stats if str(cfg.num_layers - 1) in st["experts"] or "0" in st["experts"]][:ep]
-    layer = next(iter(first[0]["experts"]))
-    totals = [sum(st["routed"][int(layer)]) for st in first]
-    assert sum(totals) % cfg.num_experts_per_tok == 0 and sum(totals) > 0
+    # Routing is counted from the exchanged counts, before any row moves: every rank of a stage holds the
+    # group's totals, the same on each; every token was routed K times.
+    for stage in range(pp):
+        group = stats[stage * ep: (stage + 1) * ep]
+        assert all(st["routed"] == group[0]["routed"] for st in group)
+        for layer, routed in group[0]["routed"].items():
+            assert str(layer) in group[0]["experts"] and sum(routed) % cfg.num_experts_per_tok == 0 and sum(routed)
 
 
 def test_all_to_all_bytes_follow_routed_tokens(checkpoint):
     """Dispatch + combine bytes = 2 x (rows whose expert sits on another rank) x H x 4, from the counts taken
-    where routing decides; the counts exchanged first make zero-row links cost nothing."""
+    where routing decides; the rows each rank receives are the rows routed to its experts."""
     with LLM(str(checkpoint("mixtral")), ep=2, progress=False) as llm:
         llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2, ignore_eos=True))  # warm
         llm.reset_comm_stats()
@@ -72,10 +73,11 @@ def test_all_to_all_bytes_follow_routed_tokens(checkpoint):
         comm, experts = llm.comm_stats(), llm.expert_stats()
         cfg = llm.cfg
     placement = Placement.contiguous(cfg.num_experts, 2)
-    remote = 0
-    for st in experts:
-        mine = set(placement.slots[st["rank"]])
-        remote += sum(n for routed in st["routed"].values() for e, n in enumerate(routed) if e not in mine)
+    routed = experts[0]["routed"]  # the group's rows per expert, the same on each rank
+    assert all(st["routed"] == routed for st in experts)
+    inbound = [sum(routed[layer][e] for layer in routed for e in placement.slots[r]) for r in range(2)]
+    assert inbound == [sum(st["sent"][layer][r] for st in experts for layer in routed) for r in range(2)]
+    remote = sum(n for st in experts for sent in st["sent"].values() for r, n in enumerate(sent) if r != st["rank"])
     sent = sum(c.get("tp/all_to_all_v", {}).get("bytes", 0) for c in comm)
     assert remote > 0 and sent == 2 * remote * cfg.hidden_size * 4
     links = sum(v["bytes"] for c in comm for k, v in c.items() if k.startswith("tp/all_to_all_v "))
@@ -87,10 +89,11 @@ def test_capacity_factor_drops_and_counts(checkpoint, single):
     path = str(checkpoint("mixtral"))
     with LLM(path, ep=2, expert_capacity=float(8), progress=False) as llm:
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == single("mixtral")
-        assert not any(st["dropped"] for st in llm.expert_stats())
+        assert all(sum(st["dropped"].values()) == 0 for st in llm.expert_stats())
     with LLM(path, ep=2, expert_capacity=0.5, progress=False) as llm:
         llm.generate(PROMPTS, SamplingParams(max_tokens=4, ignore_eos=True))
         stats = llm.expert_stats()
-    dropped = sum(n for st in stats for n in st["dropped"].values())
-    routed = sum(sum(r) for st in stats for r in st["routed"].values())
+    assert stats[0]["dropped"] == stats[1]["dropped"]  # the group's count, on every rank
+    dropped = sum(stats[0]["dropped"].values())
+    routed = sum(sum(r) for r in stats[0]["routed"].values())
     assert 0 < dropped < routed
