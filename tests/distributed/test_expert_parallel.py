@@ -8,6 +8,8 @@ import torch
 
 from meshlm import LLM, SamplingParams
 from meshlm.parallel.expert import Placement
+from meshlm.serve.engine_loop import Snapshot
+from meshlm.serve.metrics import ServerMetrics, parse_samples
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -92,8 +94,11 @@ def test_capacity_factor_drops_and_counts(checkpoint, single):
         assert all(sum(st["dropped"].values()) == 0 for st in llm.expert_stats())
     with LLM(path, ep=2, expert_capacity=0.5, progress=False) as llm:
         llm.generate(PROMPTS, SamplingParams(max_tokens=4, ignore_eos=True))
-        stats = llm.expert_stats()
+        stats, engine = llm.expert_stats(), llm.engine.stats()
     assert stats[0]["dropped"] == stats[1]["dropped"]  # the group's count, on every rank
     dropped = sum(stats[0]["dropped"].values())
     routed = sum(sum(r) for r in stats[0]["routed"].values())
     assert 0 < dropped < routed
+    # Exported: the engine's stats and the server's /metrics carry the count.
+    metrics = parse_samples(ServerMetrics(lambda: Snapshot(engine)).render().decode())
+    assert engine.expert_tokens_dropped == dropped == metrics["meshlm_expert_tokens_dropped_total"]
