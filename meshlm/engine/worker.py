@@ -185,7 +185,8 @@ class Worker:
         self.expert_load.reset()
 
     def expert_stats(self) -> dict:
-        """This rank's experts (per MoE layer's placement) and its routed / dropped token totals (expert.py)."""
+        """This rank's experts (per MoE layer's placement), the group's routed / dropped rows (expert.py), and the
+        all-to-all bytes this rank sent each other rank ("links": {"tp/0->1": bytes})."""
         held = {name.split(".")[1]: list(m.placement.slots[m.comm.index]) for name, m in self.model.named_modules()
                 if isinstance(m, ExpertParallelExperts)}
-        return {"rank": self.rank, "experts": held, **self.expert_load.snapshot()}
+        return {"rank": self.rank, "experts": held, **self.expert_load.snapshot(), "links": STATS.link_snapshot()}

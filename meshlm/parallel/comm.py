@@ -47,6 +47,7 @@ class CommStats:
     """Per-(group, op) totals for this process."""
 
     ops: dict[tuple[str, str], OpStats] = field(default_factory=lambda: defaultdict(OpStats))
+    links: dict[tuple[str, int, int], int] = field(default_factory=lambda: defaultdict(int))  # bytes src -> dst
 
     def record(self, group: str, op: str, nbytes: int, seconds: float, transport: str = "gloo") -> None:
         """Add one call."""
@@ -55,6 +56,14 @@ class CommStats:
         s.bytes += nbytes
         s.seconds += seconds
         s.transports.add(transport)
+
+    def record_link(self, group: str, src: int, dst: int, nbytes: int) -> None:
+        """Add nbytes this process sent from global rank src to dst (all-to-all-v, per link)."""
+        self.links[(group, src, dst)] += nbytes
+
+    def link_snapshot(self) -> dict[str, int]:
+        """{"group/src->dst": bytes} (a copy)."""
+        return {f"{g}/{s}->{d}": b for (g, s, d), b in sorted(self.links.items())}
 
     def total_seconds(self) -> float:
         """Seconds spent in all collectives."""
@@ -69,6 +78,7 @@ class CommStats:
     def reset(self) -> None:
         """Forget all totals."""
         self.ops.clear()
+        self.links.clear()
 
 
 STATS = CommStats()
@@ -163,8 +173,8 @@ class Comm:
         """Rows t [M, ...] grouped by destination member -> the rows sent here [R, ...] grouped by source.
 
         matrix[i][j] = rows member i sends member j; every member passes the same matrix (all-gather the
-        counts first), so bytes moved follow the rows actually sent. Counted per link too, as op
-        "all_to_all_v r->s" (global ranks, bytes this rank sent that link)."""
+        counts first), so bytes moved follow the rows actually sent. Counted per link too (stats.links: bytes
+        this rank sent each other member, by global rank)."""
         if self.size == 1:
             return t
         me, row_bytes = self.index, t.element_size() * math.prod(t.shape[1:])
@@ -178,8 +188,7 @@ class Comm:
                         [r[me] for r in matrix], list(matrix[me]), group=self.group)
         for j, b in enumerate(sent):
             if b and j != me:
-                self.stats.record(self.name, f"all_to_all_v {self.ranks[me]}->{self.ranks[j]}", b, 0.0,
-                                  self.transport)
+                self.stats.record_link(self.name, self.ranks[me], self.ranks[j], b)
         return out
 
     def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:

@@ -82,8 +82,8 @@ def test_all_to_all_bytes_follow_routed_tokens(checkpoint):
     remote = sum(n for st in experts for sent in st["sent"].values() for r, n in enumerate(sent) if r != st["rank"])
     sent = sum(c.get("tp/all_to_all_v", {}).get("bytes", 0) for c in comm)
     assert remote > 0 and sent == 2 * remote * cfg.hidden_size * 4
-    links = sum(v["bytes"] for c in comm for k, v in c.items() if k.startswith("tp/all_to_all_v "))
-    assert links == sent  # per-link counts add up to the op's
+    assert sum(b for st in experts for b in st["links"].values()) == sent  # per-link counts add up to the op's
+    assert set(experts[0]["links"]) == {"tp/0->1"} and set(experts[1]["links"]) == {"tp/1->0"}
 
 
 def test_capacity_factor_drops_and_counts(checkpoint, single):
