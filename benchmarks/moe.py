@@ -8,8 +8,9 @@ Models: "upcycled" is the bundled SmolLM2 upcycled into 4 experts, top-2 (python
 bf16 storage, run in float32); "moe-16x" a random Mixtral with 16 experts, top-2. Each also runs as top-1 (the
 same weights, num_experts_per_tok 1). Prefill: one 256-token prompt, max_tokens=1, tokens/s = 256 / TTFT.
 Decode: batch 1, a 16-token prompt then 64 new tokens; tokens/s = decode_tokens_per_s. MoE bytes per decode
-step: rank 0's tp/all_to_all_v bytes (ep) or its tp/all_reduce bytes minus attention's (tp), over the steps;
-routed per step: tokens x k routed by rank 0's share (expert_stats). The planner's predicted TPOT for each
+step, per rank: the ranks' tp/all_to_all_v bytes over ep (ep), or rank 0's tp/all_reduce bytes minus attention's
+(tp), over the steps; rows routed per step: the group's (token, expert) rows (expert_stats, counted before
+dispatch). The planner's predicted TPOT for each
 layout stands beside the measured one (meshlm.bench.predict on the local profile). Medians of --runs after a
 warm-up, each under the benchmarks' lock (common.quiet_run). Markdown to stdout, progress to stderr.
 """
@@ -74,12 +75,14 @@ def with_top_k(path: Path, k: int) -> Path:
     return out
 
 
-def moe_bytes(stats: dict, cfg, tokens: int, ep: bool) -> int:
-    """Bytes rank 0 handed to the MoE layers' collectives: all-to-all-v, or the all-reduces after the experts."""
+def moe_bytes(ranks: list[dict], cfg, tokens: int, ep: bool) -> float:
+    """Bytes a rank handed to the MoE layers' collectives: all-to-all-v (mean over ranks), or the all-reduces
+    after the experts (rank 0's; every rank sends the same)."""
+    stats = ranks[0]
     if "tp/all_reduce" not in stats:  # one rank: nothing moves
         return 0
     if ep:
-        return int(stats.get("tp/all_to_all_v", {}).get("bytes", 0))
+        return sum(r.get("tp/all_to_all_v", {}).get("bytes", 0) for r in ranks) / len(ranks)
     ar = int(stats.get("tp/all_reduce", {}).get("bytes", 0))
     return ar - (cfg.num_layers + 1) * tokens * cfg.hidden_size * 4  # minus o_proj's and the embedding's
 
@@ -109,7 +112,7 @@ def run(model: Path, layout: str, runs: int, wait: float) -> dict:
             dec.append(out.decode_tokens_per_s)
             steps = len(out.token_ids)  # the prompt pass and NEW - 1 decode steps, one token each after it
             tokens = DECODE_PROMPT + steps - 1
-            moved.append(moe_bytes(llm.comm_stats()[0], cfg, tokens, lay.ep > 1) / steps)
+            moved.append(moe_bytes(llm.comm_stats(), cfg, tokens, lay.ep > 1) / steps)
             if lay.ep > 1:
                 st = llm.expert_stats()[0]
                 routed.append(sum(sum(v) for v in st["routed"].values()) / steps)
@@ -123,8 +126,8 @@ def run(model: Path, layout: str, runs: int, wait: float) -> dict:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of the results."""
-    out = ["| model | top-k | layout | prefill tok/s | decode tok/s | planner decode tok/s | MoE bytes / step "
-           "| rows routed / step (rank 0) |", "|---|---|---|---|---|---|---|---|"]
+    out = ["| model | top-k | layout | prefill tok/s | decode tok/s | planner decode tok/s | MoE bytes / step / rank "
+           "| rows routed / step |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         routed = f"{r['routed_per_step']:.1f}" if r["routed_per_step"] is not None else "-"
         out.append(f"| {r['model']} | {r['top_k']} | {r['layout']} | {r['prefill_tok_s']:.0f} | "
