@@ -131,3 +131,34 @@ def test_planner_prices_the_all_to_all_and_searches_ep():
     assert ep.decode.collectives != tp.decode.collectives and ep.decode.collectives > 0
     assert any(lay.ep > 1 for lay in layouts(h100, moe=True))
     assert not any(lay.ep > 1 for lay in layouts(h100, moe=False))
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_loader_reads_only_the_experts_a_rank_owns(kind, checkpoint):
+    """Rank 1 of ep=2 asks the checkpoint for its experts' tensors and no other expert's."""
+    from meshlm.checkpoint import open_checkpoint
+    from meshlm.checkpoint.loader import build_meta, load_weights
+    from meshlm.models.registry import sharding_plan
+    from meshlm.parallel.comm import Comm
+    from meshlm.parallel.styles import apply_plan
+
+    ckpt = open_checkpoint(str(checkpoint(kind)))
+    read: list[str] = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(ckpt.source, name)
+
+        def read(self, name, part=None):
+            read.append(name)
+            return ckpt.source.read(name, part)
+
+    cfg = ckpt.cfg
+    model = build_meta(cfg)
+    part_for = apply_plan(model, sharding_plan(cfg), cfg, Comm("tp", [0, 1], None, 1), ep=2)
+    load_weights(model, cfg, Recording(), torch.float32, part_for=part_for)
+    mine = set(Placement.contiguous(cfg.num_experts, 2).slots[1])
+    experts = [n for n in read if ".experts." in n]
+    assert experts and {int(n.split(".experts.")[1].split(".")[0]) for n in experts} == mine
+    w1 = model.get_submodule(f"layers.{next(i for i in range(cfg.num_layers) if cfg.is_sparse(i))}.mlp.experts").w1
+    assert w1.shape == (len(mine), cfg.expert_inter, cfg.hidden_size)
