@@ -34,6 +34,8 @@ class LLM:
     dtype: "auto" (a GGUF's Q8_0/Q4_0/Q4_1 weights run as stored, other quantized types convert to those,
     everything else float32), or "float32" / "bfloat16" / "float16" (every weight dequantized to it).
     quantize: "int8" / "int4" / "int4-min" quantizes a float model's linear and embedding weights at load.
+    ep: expert parallelism for MoE models, whole experts on each of the tp ranks (ep=N implies tp=N);
+    expert_capacity: with ep > 1, the capacity factor (None: dropless). See docs/expert_parallelism.md.
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", threads: int | None = None,
