@@ -91,9 +91,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     extra = {k: getattr(args, k) for k in ("transport", "pp_layers", "device", "ep", "expert_capacity")
              if getattr(args, k, None) is not None}
     # With --pp the engine keeps one step in flight per stage (engine/pipeline_stage.py).
+    from meshlm.cli import speculative_config
+
     llm = LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
               max_context=args.max_context, tp=args.tp,
-              pp=args.pp, comm_timeout_s=args.comm_timeout, backend=args.backend, engine=ecfg, **extra)
+              pp=args.pp, comm_timeout_s=args.comm_timeout, backend=args.backend, engine=ecfg,
+              speculative=speculative_config(args), **extra)
     from meshlm.serve.server import serve
 
     try:
