@@ -16,8 +16,10 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 NEW_TOKENS = 64
 PROMPTS = [[5, 17, 33, 250, 101, 7, 9], [44, 3, 19, 200], [7] * 3 + [300, 301, 302, 303, 304, 99, 12]]
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
-# ep=4 and ep=2 x pp=2 start 4 ranks each: one of each.
-CASES = [("mixtral", 2, 1), ("qwen2_moe", 2, 1), ("olmoe", 2, 1), ("qwen2_moe", 4, 1), ("mixtral", 2, 2)]
+# ep=4 and ep=2 x pp=2 start 4 ranks each: one of each. Same-host ranks exchange over shared memory; one case
+# over gloo (torch.distributed's all_to_all_single with split sizes).
+CASES = [("mixtral", 2, 1, "auto"), ("mixtral", 2, 1, "gloo"), ("qwen2_moe", 2, 1, "auto"), ("olmoe", 2, 1, "auto"),
+         ("qwen2_moe", 4, 1, "auto"), ("mixtral", 2, 2, "auto")]
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +35,12 @@ def single(llm):
     return get
 
 
-@pytest.mark.parametrize("kind,ep,pp", CASES)
-def test_ep_matches_one_device_and_transformers(kind, ep, pp, checkpoint, single, reference):
+@pytest.mark.parametrize("kind,ep,pp,transport", CASES)
+def test_ep_matches_one_device_and_transformers(kind, ep, pp, transport, checkpoint, single, reference):
     """64 greedy tokens identical to ep=1; logits within tolerance of HF; each rank loads only its experts."""
-    with LLM(str(checkpoint(kind)), ep=ep, pp=pp, progress=False) as llm:
+    with LLM(str(checkpoint(kind)), ep=ep, pp=pp, transport=transport, progress=False) as llm:
         assert llm.dims.tp == ep  # --ep N alone implies tp = N
+        assert llm.rank_info()[0]["transport"] == ("gloo" if transport == "gloo" else "shm")
         assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == single(kind)
         stats, infos = llm.expert_stats(), llm.rank_info()
         if pp == 1:
