@@ -144,7 +144,8 @@ class LLMEngine:
                                                    list(c.accepted_at))
         return EngineStats(len(s.running), len(s.waiting), s.cfg.max_waiting, self.blocks.usage(), s.num_preemptions,
                            self.total_prompt_tokens, self.total_generated_tokens,
-                           self.executor.collective_seconds(), self.executor.bubble_fraction(), spec)
+                           self.executor.collective_seconds(), self.executor.bubble_fraction(), spec,
+                           self.executor.experts_dropped())
 
     def failure(self) -> RankFailure | None:
         """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""

@@ -49,3 +49,4 @@ class EngineStats:
     collective_seconds: Mapping[str, float] = field(default_factory=dict)  # "group/op" -> seconds (rank 0)
     bubble_fraction: float = 0.0  # pp > 1: stage 0's share of pipelined time waiting for the later stages
     speculative: SpecCounters | None = None  # proposed / accepted tokens (a copy), None without speculation
+    expert_tokens_dropped: int = 0  # ep > 1 with --expert-capacity: routed rows past an expert's capacity
