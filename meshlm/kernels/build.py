@@ -1,9 +1,10 @@
 """Build a C++ extension at first use (torch.utils.cpp_extension) and load it; later processes load the
 cached library directly.
 
-The build is named by a hash of its sources (and the headers they include by a relative path), flags and torch version, so a cached library is current. A
-build killed midway (a rank killed while compiling) leaves torch's lock file behind, and torch waits on it
-forever; a lock older than STALE_LOCK_S, far longer than a build takes, is removed with a warning.
+The build is named by a hash of its sources (and the headers they include by a relative path), flags and
+torch version, so a cached library is current. A build killed midway (a rank killed while compiling) leaves
+torch's lock file behind, and torch waits on it forever; a lock older than STALE_LOCK_S, far longer than a
+build takes, is removed with a warning.
 """
 
 from __future__ import annotations
