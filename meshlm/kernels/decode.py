@@ -50,7 +50,7 @@ class DecodeStack:
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
                  tables: torch.Tensor, starts: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
         """x [1, M, H] (M decode rows), cos/sin [1, M, 1, D] -> the stage's output [1, M, H] (residual added)."""
-        return self.op.run(x.view(x.shape[1], -1), cos.view(cos.shape[1], -1), sin.view(sin.shape[1], -1),
+        return self.op.run(x.reshape(x.shape[1], -1), cos.reshape(cos.shape[1], -1), sin.reshape(sin.shape[1], -1),
                            slots, tables, starts, lens).view(x.shape)
 
 
