@@ -34,6 +34,8 @@ namespace {
 using namespace meshlm_quant;
 using meshlm_fused::f;
 
+constexpr int64_t kSharedRows = 8;  // from this many rows on, the elementwise work is shared out by rows
+
 struct Layer {
   const void* ln1;  // input_layernorm weight [H], T
   const void* ln2;  // post_attention_layernorm weight [H], T
@@ -42,12 +44,26 @@ struct Layer {
   void* vp;
 };
 
-// A thread's private buffers (identical contents on every thread for the redundant phases).
+// The residual stream and the next product's input: every thread's own (each computes every row) or one
+// shared set (each computes its rows, then a barrier).
 template <typename T>
-struct Priv {
+struct Rows {
   std::vector<T> res, xin;  // residual stream [M, H]; the next product's input [M, K]
-  QX qx;
-  std::vector<float> xf, qf, of;  // x widened; one row's q and attention out [Hq, D] in fp32
+  QX qx[3];  // xin quantized, for K = H, Hq * D, I
+  std::vector<float> xf;  // xin widened to fp32 (bf16 models with float weights)
+
+  void reserve(const T* x, int64_t M, int64_t H, int64_t QD, int64_t I) {
+    res.assign(x, x + M * H);
+    xin.resize(M * std::max({H, QD, I}));
+    if (std::is_same<T, c10::BFloat16>::value) xf.resize(xin.size());
+    qx_reserve(qx[0], M, H);
+    qx_reserve(qx[1], M, QD);
+    qx_reserve(qx[2], M, I);
+  }
+  const float* widened() const {
+    if constexpr (std::is_same<T, float>::value) return xin.data();
+    else return xf.data();
+  }
 };
 
 class DecodeStack : public torch::CustomClassHolder {
@@ -139,26 +155,35 @@ class DecodeStack : public torch::CustomClassHolder {
   }
 
  private:
-  // Every thread: xin [M, K] (its own copy) quantized and/or widened as the jobs' formats need, then its
-  // share of the jobs' 16-row groups.
+  // Rows [r0, r1) of xin [M, K] made ready for the jobs: quantized into qx and/or widened, as their
+  // formats need; then, with shared rows, a barrier.
   template <typename T>
-  void products(Priv<T>& p, int64_t M, int64_t K, std::initializer_list<Job> jobs, int tid, int nt) {
+  static void prepare(Rows<T>& p, QX& qx, int64_t K, int64_t r0, int64_t r1, std::initializer_list<Job> jobs,
+                      bool shared) {
     bool quantized = false, floats = false;
-    int64_t total = 0;
-    for (const Job& j : jobs) {
-      (j.fmt >= kF32 ? floats : quantized) = true;
-      total += (j.N + kGroup - 1) / kGroup;
-    }
-    qx_reserve(p.qx, M, K);
+    for (const Job& j : jobs) (j.fmt >= kF32 ? floats : quantized) = true;
     if (quantized)
-      for (int64_t i = 0; i < M * p.qx.nb; ++i) quantize_block(p.xin.data(), i / p.qx.nb, i % p.qx.nb, p.qx);
-    const float* xf = floats ? widen(p.xin.data(), M * K, p.xf) : nullptr;
+      for (int64_t m = r0; m < r1; ++m)
+        for (int64_t b = 0; b < qx.nb; ++b) quantize_block(p.xin.data(), m, b, qx);
+    if constexpr (std::is_same<T, c10::BFloat16>::value)
+      if (floats)
+        for (int64_t i = r0 * K; i < r1 * K; ++i) p.xf[i] = static_cast<float>(p.xin[i]);
+    if (shared) {
+#pragma omp barrier
+    }
+  }
+
+  // This thread's share of the jobs' 16-row groups (one run over all of them, split evenly).
+  template <typename T>
+  static void products(const Rows<T>& p, const QX& qx, int64_t M, std::initializer_list<Job> jobs, int tid, int nt) {
+    int64_t total = 0;
+    for (const Job& j : jobs) total += (j.N + kGroup - 1) / kGroup;
     const int64_t g0 = total * tid / nt, g1 = total * (tid + 1) / nt;
     int64_t base = 0;
     for (const Job& j : jobs) {
       const int64_t G = (j.N + kGroup - 1) / kGroup;
       for (int64_t g = std::max(g0, base); g < std::min(g1, base + G); ++g)
-        run_group_any(j, g - base, p.qx, xf, M, std::is_same<T, c10::BFloat16>::value);
+        run_group_any(j, g - base, qx, p.widened(), M, std::is_same<T, c10::BFloat16>::value);
       base += G;
     }
   }
@@ -170,27 +195,31 @@ class DecodeStack : public torch::CustomClassHolder {
     // shared: the products' outputs (each written by the groups' owners, read by all after a barrier)
     std::vector<T> q(M * QD), k(M * KD), v(M * KD), att(M * QD), o(M * H), gate(M * I), up(M * I), down(M * H);
     const int nt = std::max(1, at::get_num_threads());
-    const int64_t kmax = std::max({H, QD, I});
+    // A few rows: every thread does the elementwise work of every row (no barrier); many: each its rows.
+    const bool shared = nt > 1 && M >= kSharedRows;
+    Rows<T> common;
+    if (shared) common.reserve(x, M, H, QD, I);
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-      Priv<T> p;
-      p.res.assign(x, x + M * H);
-      p.xin.resize(M * kmax);
-      p.qf.resize(QD);
-      p.of.resize(QD);
+      Rows<T> own;
+      if (!shared) own.reserve(x, M, H, QD, I);
+      Rows<T>& p = shared ? common : own;
+      const int64_t r0 = shared ? M * tid / n : 0, r1 = shared ? M * (tid + 1) / n : M;
+      std::vector<float> qf(QD), of(QD);  // one row's q and attention output [Hq, D] in fp32
       for (int64_t l = 0; l < L_; ++l) {
         Layer lay = layers_[l];
         const T* ln1 = static_cast<const T*>(lay.ln1);
         // residual (+ the last layer's down), then input_layernorm, into xin
-        for (int64_t m = 0; m < M; ++m) {
+        for (int64_t m = r0; m < r1; ++m) {
           T* r = p.res.data() + m * H;
           if (l)
             for (int64_t c = 0; c < H; ++c) r[c] = static_cast<T>(f(down[m * H + c]) + f(r[c]));
           meshlm_fused::norm_row(r, ln1, p.xin.data() + m * H, H, eps_);
         }
         lay.q.out = q.data(), lay.k.out = k.data(), lay.v.out = v.data();
-        products(p, M, H, {lay.q, lay.k, lay.v}, tid, n);
+        prepare(p, p.qx[0], H, r0, r1, {lay.q, lay.k, lay.v}, shared);
+        products(p, p.qx[0], M, {lay.q, lay.k, lay.v}, tid, n);
 #pragma omp barrier
         // (row, KV head) tasks: RoPE of k and the group's q heads, the K/V write, then attention
         for (int64_t task = tid; task < M * Hkv; task += n) {
@@ -205,36 +234,39 @@ class DecodeStack : public torch::CustomClassHolder {
           for (int64_t g = h * G; g < (h + 1) * G; ++g) {
             T* qh = q.data() + m * QD + g * D;
             meshlm_fused::rope_one(qh, c, s, D);
-            for (int64_t d = 0; d < D; ++d) p.qf[g * D + d] = f(qh[d]);
+            for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f(qh[d]);
           }
-          meshlm_attend::attend_any(p.qf.data(), static_cast<const T*>(lay.kp), static_cast<const T*>(lay.vp),
-                                    tb + m * W, st[m], ln[m], bs_, Hkv, h, h + 1, G, D, scale_, p.of.data());
-          for (int64_t i = h * G * D; i < (h + 1) * G * D; ++i) att[m * QD + i] = static_cast<T>(p.of[i]);
+          meshlm_attend::attend_any(qf.data(), static_cast<const T*>(lay.kp), static_cast<const T*>(lay.vp),
+                                    tb + m * W, st[m], ln[m], bs_, Hkv, h, h + 1, G, D, scale_, of.data());
+          for (int64_t i = h * G * D; i < (h + 1) * G * D; ++i) att[m * QD + i] = static_cast<T>(of[i]);
         }
 #pragma omp barrier
-        std::copy(att.begin(), att.end(), p.xin.begin());
+        std::copy(att.begin() + r0 * QD, att.begin() + r1 * QD, p.xin.begin() + r0 * QD);
         lay.o.out = o.data();
-        products(p, M, QD, {lay.o}, tid, n);
+        prepare(p, p.qx[1], QD, r0, r1, {lay.o}, shared);
+        products(p, p.qx[1], M, {lay.o}, tid, n);
 #pragma omp barrier
         const T* ln2 = static_cast<const T*>(lay.ln2);
-        for (int64_t m = 0; m < M; ++m) {
+        for (int64_t m = r0; m < r1; ++m) {
           T* r = p.res.data() + m * H;
           for (int64_t c = 0; c < H; ++c) r[c] = static_cast<T>(f(o[m * H + c]) + f(r[c]));
           meshlm_fused::norm_row(r, ln2, p.xin.data() + m * H, H, eps_);
         }
         lay.gate.out = gate.data(), lay.up.out = up.data();
-        products(p, M, H, {lay.gate, lay.up}, tid, n);
+        prepare(p, p.qx[0], H, r0, r1, {lay.gate, lay.up}, shared);
+        products(p, p.qx[0], M, {lay.gate, lay.up}, tid, n);
 #pragma omp barrier
-        for (int64_t m = 0; m < M; ++m)
+        for (int64_t m = r0; m < r1; ++m)
           for (int64_t i0 = 0; i0 < I; i0 += 16)
             meshlm_fused::silu_mul_block(gate.data() + m * I, up.data() + m * I, p.xin.data() + m * I, i0,
                                          std::min<int64_t>(16, I - i0));
         lay.down.out = down.data();
-        products(p, M, I, {lay.down}, tid, n);
+        prepare(p, p.qx[2], I, r0, r1, {lay.down}, shared);
+        products(p, p.qx[2], M, {lay.down}, tid, n);
 #pragma omp barrier
       }
-      if (tid == 0)
-        for (int64_t i = 0; i < M * H; ++i) out[i] = static_cast<T>(f(p.res[i]) + f(down[i]));
+      for (int64_t i = r0 * H; i < r1 * H; ++i)
+        if (shared || tid == 0) out[i] = static_cast<T>(f(p.res[i]) + f(down[i]));
     }
   }
 
