@@ -10,9 +10,11 @@
 //
 // Threads: ONE OpenMP parallel region for the whole step. Inside it the products' 16-row groups are split
 // across threads, attention by (row, KV head); a barrier separates dependent phases (5 per layer). The
-// elementwise work between products (norms, x quantized for the next product, SiLU * up) is small and each
-// thread does it for every row into its own buffers, which saves a barrier per phase; the residual stream
-// is kept per thread the same way. A row's result never depends on the other rows or the thread count.
+// elementwise work between products (norms, x quantized for the next product, SiLU * up) is small: below
+// kSharedRows rows each thread does it for every row into its own buffers (the residual stream too), which
+// saves a barrier per phase; from kSharedRows rows on the rows are shared out, with a barrier after each
+// such phase. A row's result never depends on the other rows or the thread count (attention keeps a
+// sequence in one task, in the per-op kernel's order; splitting its context would change its sums).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
