@@ -3,14 +3,15 @@
     python benchmarks/decode_overhead.py [--model PATH] [--dtype auto] [--threads 1] [--new 32] [--runs 5]
 
 One rank of meshlm.LLM (the bundled SmolLM2-135M unless --model). Measured per decode step:
-  step        (a --new-token run - a 1-token run) / (new - 1), as benchmarks/decode_parts.py measures it
+  step        (a --new-token run - a 1-token run) / (new - 1), as benchmarks/decode_parts.py measures it:
+              every layer in one call of the whole-stack decode op (meshlm/kernels/decode.py) where it applies
+  per-op      the same with the stack op turned off: the layers op by op, one kernel call per product
   linears     the step's linear products alone (q/k/v, o, gate/up, down of every layer, then the head),
               called back to back through the same kernels.linear / linear_many on one row: the weight
-              stream, with the wrappers' own Python cost
+              stream, with the wrappers' own Python cost and one parallel region per call
   overhead    step - linears: norms, RoPE, the KV write, attention, the engine, sampling, Python
-  stubbed     the step with every linear product replaced by its memoized output: the same overhead
-              measured directly (the stub costs a dict lookup per product)
-  ops         torch calls made from Python per decode step (profiler; views included), and per layer
+  ops         torch calls made from Python per decode step (profiler; views included), and per layer, both
+              paths (the stack op's own call, a TorchScript class method, is not a profiler event)
 The machine must be otherwise idle for the times to mean anything (holds the benchmarks' lock).
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import random
 import statistics
@@ -60,32 +62,15 @@ def linears_seconds(model, dtype: torch.dtype, reps: int) -> float:
     return statistics.median(times[1:])
 
 
-def stubbed_seconds(llm, new: int, runs: int) -> float:
-    """steps() with every linear product memoized (computed once per module and input shape)."""
-    from meshlm.kernels import gemv
-    from meshlm.models import llama
-
-    memo: dict = {}
-    forward, many = gemv.Linear.forward, llama.linear_many
-
-    def stub_forward(self, x):
-        key = (id(self), x.shape)
-        if key not in memo:
-            memo[key] = forward(self, x)
-        return memo[key]
-
-    def stub_many(x, layers):
-        key = (tuple(map(id, layers)), x.shape)
-        if key not in memo:
-            memo[key] = many(x, layers)
-        return memo[key]
-
-    gemv.Linear.forward, llama.linear_many = stub_forward, stub_many
+@contextlib.contextmanager
+def per_op(llm):
+    """The layers op by op inside the block: the whole-stack decode op turned off."""
+    cache = llm.executor.worker.runner.cache
+    stack, cache.stack = cache.stack, None
     try:
-        steps(llm, 4, 1)  # fill the memo
-        return steps(llm, new, runs)
+        yield
     finally:
-        gemv.Linear.forward, llama.linear_many = forward, many
+        cache.stack = stack
 
 
 def ops_per_step(llm, new: int) -> collections.Counter:
@@ -120,20 +105,24 @@ def main() -> int:
         steps(llm, 4, 1)  # warm-up (and the kernels' first build)
         step = steps(llm, args.new, args.runs)
         lin = linears_seconds(model, llm.executor.worker.dtype, 2 * args.runs)  # the compute dtype
-        stub = stubbed_seconds(llm, args.new, args.runs)
+        stacked = llm.executor.worker.runner.cache.stack is not None
         ops = ops_per_step(llm, min(args.new, 9))
+        with per_op(llm):
+            op_step = steps(llm, args.new, args.runs)
+            op_ops = ops_per_step(llm, min(args.new, 9))
         layers = len(model.layers)
-    out = {"model": args.model or "smollm2", "dtype": args.dtype, "threads": args.threads, "step_s": step,
-           "linears_s": lin, "overhead_s": step - lin, "stubbed_s": stub, "ops_per_step": sum(ops.values()),
-           "ops_per_layer": sum(ops.values()) / layers, "ops": dict(ops.most_common())}
+    out = {"model": args.model or "smollm2", "dtype": args.dtype, "threads": args.threads, "stack_op": stacked,
+           "step_s": step, "per_op_step_s": op_step, "linears_s": lin, "overhead_s": step - lin,
+           "ops_per_step": sum(ops.values()), "ops_per_layer": sum(ops.values()) / layers,
+           "per_op_ops_per_step": sum(op_ops.values()), "ops": dict(ops.most_common())}
     print(f"{common.machine()}")
     print(f"{out['model']} {args.dtype}, {args.threads} thread(s), {layers} layers, per decode step:")
-    print(f"  step      {step * 1e3:8.3f} ms  ({1 / step:.1f} tok/s)")
+    print(f"  step      {step * 1e3:8.3f} ms  ({1 / step:.1f} tok/s; whole-stack op: {'yes' if stacked else 'no'})")
+    print(f"  per-op    {op_step * 1e3:8.3f} ms  ({1 / op_step:.1f} tok/s; the layers op by op)")
     print(f"  linears   {lin * 1e3:8.3f} ms  (the weight stream alone)")
     print(f"  overhead  {(step - lin) * 1e3:8.3f} ms  ({100 * (step - lin) / step:.0f}% of the step)")
-    print(f"  stubbed   {stub * 1e3:8.3f} ms  (the step with its products memoized)")
     print(f"  ops       {out['ops_per_step']:8.0f}     torch calls from Python "
-          f"({out['ops_per_layer']:.1f} per layer on average)")
+          f"({out['ops_per_layer']:.1f} per layer on average; op by op: {out['per_op_ops_per_step']:.0f})")
     for name, n in ops.most_common(12):
         print(f"    {name:40s} {n:7.1f}")
     if args.json:

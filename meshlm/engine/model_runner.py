@@ -46,6 +46,8 @@ class ModelRunner:
         layer_ids = [int(k) for k in self.model.layers.keys()]
         self.cache = PagedKVCache(layer_ids, num_blocks, block_size, local_kv_heads(self.model, self.cfg),
                                   self.cfg.head_dim, self.dtype, self.device, window=self.cfg.sliding_window)
+        layers = [getattr(b, "decode_weights", lambda: None)() for b in self.model.layers.values()]
+        self.cache.use_stack(layers, self.cfg.rms_norm_eps)
 
     @torch.inference_mode()
     def forward(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from meshlm.engine import paged_decode
 from meshlm.kernels import rope_store
+from meshlm.kernels.decode import DecodeStack, LayerWeights, decode_stack
 from meshlm.models.layers import sdpa, visible_keys
 
 DECODE_ROWS = 17  # new tokens after cached context taken row by row as decodes: 1 + up to 16 proposals
@@ -83,6 +84,8 @@ class PagedKVCache:
         # it is as close as through SDPA: tests/unit/test_models.py::test_bfloat16_close_to_float32).
         use_kernel = self.k.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
         self.kernel = paged_decode.kernel() if use_kernel else None
+        self.stack: DecodeStack | None = None  # the whole-stack decode op (set by the runner where it applies)
+        self.layers_op = None  # the model's hook for this step: run_stack on an all-decode step with a stack
 
     def _slots(self, table: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
         pos = torch.arange(start, stop)
@@ -117,6 +120,7 @@ class PagedKVCache:
             self.prefills.append(_Prefill(s.offset, s.n, slots, mask))
         self.write_slots = torch.tensor(writes, dtype=torch.long, device=dev)  # [T]
         self.all_decode = len(dec_idx) == len(step.token_ids)
+        self.layers_op = self.run_stack if self.all_decode and self.stack is not None else None
         if not self.all_decode:
             self.dec_idx = torch.tensor(dec_idx, dtype=torch.long, device=dev)
         if dec_idx:
@@ -138,6 +142,16 @@ class PagedKVCache:
         n = torch.tensor([len(x) for x in slots])
         self.dec_mask = None if int(n.min()) == longest else (
             torch.arange(longest)[None, :] < n[:, None])[:, None, None, :].to(self.device)  # [Bd, 1, 1, Tmax]
+
+    def use_stack(self, layers: list[LayerWeights | None], eps: float) -> None:
+        """Take all-decode steps through the whole-stack op over these layers (one per pool, in order)
+        where it applies (kernels/decode.py says when); the per-op path otherwise."""
+        if self.kernel is not None:  # the paged decode kernel plans the decode tables the op reads
+            self.stack = decode_stack(layers, self.k, self.v, self.k.shape[-1], self.block_size, eps, self.scale)
+
+    def run_stack(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Every layer over an all-decode step: h [1, T, H], cos/sin [1, T, 1, D] -> [1, T, H]."""
+        return self.stack(h, cos, sin, self.write_slots, self.dec_tables, self.dec_first, self.dec_len)
 
     def _decode(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
         """q [Bd, Hq, D] -> [Bd, Hq, D] over each decode's cached context."""

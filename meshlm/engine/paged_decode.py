@@ -17,7 +17,7 @@ from meshlm.kernels.build import load_extension
 
 log = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("paged_decode.cpp")
+_SOURCE = Path(__file__).with_name("paged_decode.cpp")  # includes ../kernels/attend.h
 _FLAGS = {"AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"], "AVX2": ["-mavx2", "-mfma"]}
 _op = None
 _tried = False
@@ -25,7 +25,8 @@ _tried = False
 
 def _build():
     cap = torch.backends.cpu.get_cpu_capability()
-    cflags = ["-O3", "-fopenmp", *_FLAGS.get("AVX512" if cap.startswith("AVX512") else cap, [])]
+    # -ffp-contract=off, as the kernels of meshlm/kernels (attend.h is compiled into both: same bits)
+    cflags = ["-O3", "-fopenmp", "-ffp-contract=off", *_FLAGS.get("AVX512" if cap.startswith("AVX512") else cap, [])]
     load_extension("meshlm_paged_", [_SOURCE], cflags, "paged decode attention kernel")
     return torch.ops.meshlm_paged.paged_decode
 

@@ -1,15 +1,17 @@
 """Build a C++ extension at first use (torch.utils.cpp_extension) and load it; later processes load the
 cached library directly.
 
-The build is named by a hash of its sources, flags and torch version, so a cached library is current. A
-build killed midway (a rank killed while compiling) leaves torch's lock file behind, and torch waits on it
-forever; a lock older than STALE_LOCK_S, far longer than a build takes, is removed with a warning.
+The build is named by a hash of its sources (and the headers they include by a relative path), flags and
+torch version, so a cached library is current. A build killed midway (a rank killed while compiling) leaves
+torch's lock file behind, and torch waits on it forever; a lock older than STALE_LOCK_S, far longer than a
+build takes, is removed with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([^"]+)"', re.M)  # headers beside a source: part of the key
 STALE_LOCK_S = 600.0  # seconds; building the kernels takes ~30 s
 
 
@@ -24,7 +27,8 @@ def load_extension(prefix: str, sources: list[Path], cflags: list[str], what: st
     """Build (once per source, flags and torch) and load the ops of `sources`; raises when it cannot."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    key = b"".join(p.read_bytes() for p in sources) + " ".join(cflags).encode() + torch.__version__.encode()
+    files = sources + sorted({p.parent / h for p in sources for h in _LOCAL_INCLUDE.findall(p.read_text())})
+    key = b"".join(p.read_bytes() for p in files) + " ".join(cflags).encode() + torch.__version__.encode()
     name = prefix + hashlib.sha1(key).hexdigest()[:10]
     build_dir = Path(_get_build_directory(name, verbose=False))
     lib = build_dir / f"{name}.so"

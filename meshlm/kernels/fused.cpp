@@ -20,29 +20,11 @@
 #include <initializer_list>
 #include <tuple>
 
-// libtorch_cpu's SLEEF, the exp of ATen's AVX-512 kernels; weak, so a torch that stops exporting it still
-// loads these ops (silu_mul then takes std::exp, within one rounding of ATen's).
-extern "C" __attribute__((weak)) __m512 Sleef_expf16_u10(__m512);
+#include "fused.h"
 
 namespace {
 
-template <typename T>
-inline float f(T v) { return static_cast<float>(v); }
-
-// Rounds to T (identity for float): what storing an fp32 result into a T tensor does.
-template <typename T>
-inline float r(float v) { return static_cast<float>(static_cast<T>(v)); }
-
-// oi = w * (xi * rsqrt(mean(xi^2) + eps)).to(T), the normalization in fp32, one row of K.
-template <typename T>
-inline void norm_row(const T* xi, const T* w, T* oi, int64_t K, float eps) {
-  float acc[16] = {0.f};
-  for (int64_t k = 0; k < K; ++k) acc[k & 15] += f(xi[k]) * f(xi[k]);
-  float ss = 0.f;
-  for (float a : acc) ss += a;
-  const float inv = 1.f / std::sqrt(ss / static_cast<float>(K) + eps);
-  for (int64_t k = 0; k < K; ++k) oi[k] = static_cast<T>(f(w[k]) * r<T>(f(xi[k]) * inv));
-}
+using namespace meshlm_fused;
 
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t K, float eps) {
@@ -103,26 +85,10 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x_, const at::
   return {h, out};
 }
 
-// out = (silu(g).to(T) * u).to(T), silu(g) = g / (1 + exp(-g)) in fp32 as ATen's vector kernel computes it,
-// with the same exp (SLEEF's expf16_u10, exported by libtorch_cpu) on every element, a row's tail included:
-// ATen takes std::exp for its tail elements, so at widths that are not a multiple of 64 the two may differ
-// in exp's last bit there; this op gives an element the same value wherever it sits in the batch.
 template <typename T>
 void silu_mul_elems(const T* g, const T* u, T* out, int64_t n) {
   at::parallel_for(0, (n + 15) / 16, 256, [&](int64_t a, int64_t b) {
-    alignas(64) float x[16], s[16];
-    for (int64_t blk = a; blk < b; ++blk) {
-      const int64_t i0 = blk * 16, len = std::min<int64_t>(16, n - i0);
-      for (int64_t j = 0; j < 16; ++j) x[j] = j < len ? f(g[i0 + j]) : 0.f;
-      const __m512 xv = _mm512_load_ps(x);
-      if (Sleef_expf16_u10 != nullptr) {
-        const __m512 e = Sleef_expf16_u10(_mm512_xor_ps(_mm512_set1_ps(-0.f), xv));  // exp(-x)
-        _mm512_store_ps(s, _mm512_div_ps(xv, _mm512_add_ps(_mm512_set1_ps(1.f), e)));
-      } else {
-        for (int64_t j = 0; j < 16; ++j) s[j] = x[j] / (1.f + std::exp(-x[j]));
-      }
-      for (int64_t j = 0; j < len; ++j) out[i0 + j] = static_cast<T>(r<T>(s[j]) * f(u[i0 + j]));
-    }
+    for (int64_t blk = a; blk < b; ++blk) silu_mul_block(g, u, out, blk * 16, std::min<int64_t>(16, n - blk * 16));
   });
 }
 
@@ -141,26 +107,11 @@ at::Tensor silu_mul(const at::Tensor& g_, const at::Tensor& u_) {
   return out;
 }
 
-// In place, rotate-half RoPE: x = x * cos + cat(-x2, x1) * sin, per token t and head, cos/sin [T, D].
+// In place, rotate-half RoPE per token t and head, cos/sin [T, D].
 template <typename T>
 void rope_rows(T* x, const T* cos, const T* sin, int64_t T_, int64_t H, int64_t D) {
-  const int64_t half = D / 2;
   at::parallel_for(0, T_ * H, 64, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) {
-      T* xi = x + i * D;
-      const T* c = cos + (i / H) * D;
-      const T* s = sin + (i / H) * D;
-      float lo[512], hi[512];  // D <= 1024, checked by the caller
-      for (int64_t d = 0; d < half; ++d) {
-        lo[d] = f(xi[d]);
-        hi[d] = f(xi[d + half]);
-      }
-      for (int64_t d = 0; d < half; ++d) {
-        // first half: x1 * cos - x2 * sin; second: x2 * cos + x1 * sin (-x2 is exact in any dtype)
-        xi[d] = static_cast<T>(r<T>(lo[d] * f(c[d])) + r<T>(-hi[d] * f(s[d])));
-        xi[d + half] = static_cast<T>(r<T>(hi[d] * f(c[d + half])) + r<T>(lo[d] * f(s[d + half])));
-      }
-    }
+    for (int64_t i = a; i < b; ++i) rope_one(x + i * D, cos + (i / H) * D, sin + (i / H) * D, D);
   });
 }
 

@@ -24,7 +24,7 @@ from meshlm.kernels.quant import call_args, embedding, qlinear, qlinear_many
 
 log = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name(n) for n in ("fused.cpp", "quant.cpp")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("fused.cpp", "quant.cpp", "decode.cpp")]
 # -ffp-contract=off: a * b + c stays two roundings, as in the reference's separate ops
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fopenmp", "-ffp-contract=off"]
 _op = None  # torch.ops.meshlm_kernels once loaded

@@ -56,7 +56,10 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.d
 
 
 class AttentionBackend(Protocol):
-    """Rotates q and k (RoPE), stores this step's keys/values for a layer, attends over everything cached."""
+    """Rotates q and k (RoPE), stores this step's keys/values for a layer, attends over everything cached.
+
+    A backend may also offer `layers_op(h, cos, sin) -> h` for the step (None when not): every layer of the
+    model in one call, residual added (the paged cache's whole-stack CPU decode, kernels/decode.py)."""
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from torch import nn
 
 from meshlm.config import ModelConfig
 from meshlm.kernels import Embedding, linear_many, silu_mul
+from meshlm.kernels.decode import LayerWeights
 from meshlm.models.layers import AttentionBackend, Linear, RMSNorm, rope_cos_sin, rope_inv_freq
 
 
@@ -69,6 +70,15 @@ class Block(nn.Module):
         residual, h = self.post_attention_layernorm.forward(a, residual)
         return self.mlp.forward(h), residual
 
+    def decode_weights(self) -> LayerWeights | None:
+        """This layer's parameters for the whole-stack decode op (kernels/decode.py); None when its MLP is
+        not the SwiGLU one (the op checks the linears themselves)."""
+        a, m = self.self_attn, self.mlp
+        if type(m) is not MLP:
+            return None
+        return LayerWeights(self.input_layernorm.weight, self.post_attention_layernorm.weight,
+                            (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj))
+
 
 class Transformer(nn.Module):
     """Decoder-only transformer. A pipeline stage may set embed_tokens / norm / lm_head to None."""
@@ -101,11 +111,15 @@ class Transformer(nn.Module):
         """
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens  # [B, S, H]
         cos, sin = rope_cos_sin(self.inv_freq, positions, h.dtype)
-        residual = None
-        for layer in self.layers.values():
-            h, residual = layer(h, residual, cos, sin, attn)
-        if residual is not None:
-            h = residual + h
+        stack = getattr(attn, "layers_op", None)  # the backend's whole-stack op for this step, if it has one
+        if stack is not None:
+            h = stack(h, cos, sin)  # every layer in one call, residual added: [B, S, H]
+        else:
+            residual = None
+            for layer in self.layers.values():
+                h, residual = layer(h, residual, cos, sin, attn)
+            if residual is not None:
+                h = residual + h
         if self.norm is None:
             return h
         if logits_index is not None:
