@@ -41,9 +41,9 @@ class LLM:
                  comm_timeout_s: float = 60.0, backend: str | None = None, quantize: str | None = None,
                  engine: EngineConfig | None = None, pp_layers: Sequence[int] | None = None,
                  pipeline: PipelineSpec | None = None, transport: str | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, cp: int = 1, cp_ring: str = "auto") -> None:
         prec = precision(dtype, quantize, DTYPES)  # a bad name fails before any process starts
-        dims = ParallelDims(tp=tp, pp=pp)
+        dims = ParallelDims(tp=tp, pp=pp, cp=cp)
         choice = resolve_device(device, backend, dims.world_size)
         transport = resolve_transport(transport)  # auto | shm | gloo; a typo fails before any process starts
         pipeline = pipeline or PipelineSpec()
@@ -57,7 +57,7 @@ class LLM:
         plan_stages(cfg, pp, pipeline)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           quantize=quantize, progress=progress, pipeline=pipeline,
-                          transport=transport, device=choice)
+                          transport=transport, device=choice, cp_ring=cp_ring)
         self.executor = Executor(spec, timeout_s=comm_timeout_s)
         # Closes the ranks once: on close(), when this object is collected, or at interpreter exit. It holds
         # the executor, never self, so an LLM that is dropped can be collected.

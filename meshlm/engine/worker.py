@@ -16,9 +16,11 @@ from meshlm.engine.engine import host_kv_budget_bytes
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.pipeline_stage import StageDriver
+from meshlm.errors import ConfigError
 from meshlm.kernels import pack_linears
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
+from meshlm.parallel.context import RING_CHOICES
 from meshlm.parallel.device import DeviceChoice, rank_device
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.parallel.pipeline import PipelineSpec, plan_stages, split_model
@@ -44,9 +46,12 @@ class WorkerSpec:
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)  # stage split and prompt chunks when pp > 1
     transport: str | None = None  # collectives: auto | shm | gloo (None: $MESHLM_TRANSPORT, else auto)
     device: DeviceChoice = field(default_factory=DeviceChoice)  # cpu (gloo) or cuda:<local rank> (nccl)
+    cp_ring: str = "auto"  # context parallelism's prefill ring: auto | pass-kv | pass-q
 
     def __post_init__(self) -> None:
         self.dims.check_runnable()  # a layout the engine cannot run fails before any rank starts
+        if self.cp_ring not in RING_CHOICES:
+            raise ConfigError(f"--cp-ring {self.cp_ring!r} is unknown; use one of {', '.join(RING_CHOICES)}.")
 
 
 def memory_mb() -> dict[str, float]:
@@ -142,8 +147,8 @@ class Worker:
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         """Allocate the paged KV pool (this stage's layers) on this rank's device; pages are touched as written."""
-        self.runner = ModelRunner(self.model, self.cfg, self.dtype, self.device)
-        self.runner.allocate(num_blocks, block_size)
+        self.runner = ModelRunner(self.model, self.cfg, self.dtype, self.device, self.groups.cp, self.spec.cp_ring)
+        self.runner.allocate(num_blocks, block_size, announce=self.rank == 0)
         self.kv_pool_bytes = num_blocks * self.kv_block_bytes(block_size)
         self.stages = StageDriver(self.runner, self.groups, self.stage, self.cfg.hidden_size, self.dtype) \
             if self.spec.dims.pp > 1 else None
@@ -166,6 +171,10 @@ class Worker:
                 "layers": (self.stage.start, self.stage.stop), "weight_mb": self.weight_bytes / 1e6,
                 "kv_mb": self.kv_pool_bytes / 1e6, "peak_rss_mb": memory_mb()["VmHWM"],
                 "timeline": self.stages.timeline.to_dict()}
+
+    def cp_ring_choices(self) -> dict[str, int]:
+        """Prefill ring choices of this rank so far ({} at cp == 1)."""
+        return dict(getattr(getattr(self, "runner", None) and self.runner.cache, "choices", {}))
 
     def comm_stats(self) -> dict:
         """This rank's collective totals."""

@@ -1,15 +1,16 @@
 """ParallelDims: validate the layout, map ranks to coordinates, build named process groups.
 
-Rank layout (row-major over (dp, pp, tp), tp fastest):
+Rank layout (row-major over (dp, pp, cp, tp), tp fastest):
 
-    rank = (dp_idx * pp + pp_idx) * tp + tp_idx
+    rank = ((dp_idx * pp + pp_idx) * cp + cp_idx) * tp + tp_idx
 
-so the ranks of one tensor-parallel group are adjacent (same host, fastest links), pipeline stages of
-one replica are tp apart, and data-parallel replicas are pp * tp apart.
+so the ranks of one tensor-parallel group are adjacent (same host, fastest links), the context-parallel
+ranks of one stage are tp apart, pipeline stages of one replica are cp * tp apart, and data-parallel
+replicas are pp * cp * tp apart.
 
-Built: tp and pp. Expert (ep) and context (cp) parallelism are declared for what comes next and refused
-above 1 at construction. dp > 1 lays out independent replicas, which the planner reasons about but one
-engine does not run: `check_runnable` refuses it before any rank starts.
+Built: tp, pp and cp (context parallelism, not yet with pp). Expert parallelism (ep) is declared for what
+comes next and refused above 1 at construction. dp > 1 lays out independent replicas, which the planner
+reasons about but one engine does not run: `check_runnable` refuses it before any rank starts.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
     from meshlm.config import ModelConfig
 
 
-BUILT = "Built: tensor parallelism (--tp, which also splits every MoE expert) and pipeline parallelism (--pp)."
+BUILT = ("Built: tensor parallelism (--tp, which also splits every MoE expert), pipeline parallelism (--pp) and "
+         "context parallelism (--cp).")
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ class ParallelDims:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"--{name} must be a positive integer, got {v!r}.")
-        for name, what in (("ep", "expert parallelism"), ("cp", "context parallelism")):
+        for name, what in (("ep", "expert parallelism"),):
             if getattr(self, name) != 1:
                 raise ConfigError(f"{what} ({name}) is not built yet; use {name}=1. {BUILT}")
         product = self.dp * self.pp * self.tp * self.cp
@@ -56,7 +58,10 @@ class ParallelDims:
             )
 
     def check_runnable(self) -> None:
-        """Refuse a layout the engine cannot run (dp > 1: one engine drives one replica)."""
+        """Refuse a layout the engine cannot run (dp > 1: one engine drives one replica; cp with pp)."""
+        if self.cp > 1 and self.pp > 1:
+            raise ConfigError(f"context parallelism (cp={self.cp}) does not combine with pipeline parallelism "
+                              f"(pp={self.pp}) yet; use --cp with --tp, or --pp without --cp.")
         if self.dp != 1:
             raise ConfigError(
                 f"data parallelism (dp={self.dp}) is not built into the engine yet; use dp=1 and start one "
@@ -79,13 +84,17 @@ class ParallelDims:
     def coords(self, rank: int) -> tuple[int, int, int]:
         """(dp_idx, pp_idx, tp_idx) of a global rank."""
         tp_idx = rank % self.tp
-        pp_idx = (rank // self.tp) % self.pp
-        dp_idx = rank // (self.tp * self.pp)
+        pp_idx = (rank // (self.tp * self.cp)) % self.pp
+        dp_idx = rank // (self.tp * self.cp * self.pp)
         return dp_idx, pp_idx, tp_idx
 
-    def rank_of(self, dp_idx: int, pp_idx: int, tp_idx: int) -> int:
+    def cp_index(self, rank: int) -> int:
+        """The context-parallel index of a global rank."""
+        return (rank // self.tp) % self.cp
+
+    def rank_of(self, dp_idx: int, pp_idx: int, tp_idx: int, cp_idx: int = 0) -> int:
         """Global rank at the given coordinates."""
-        return (dp_idx * self.pp + pp_idx) * self.tp + tp_idx
+        return ((dp_idx * self.pp + pp_idx) * self.cp + cp_idx) * self.tp + tp_idx
 
     def tp_groups(self) -> list[list[int]]:
         """Ranks of each tensor-parallel group (adjacent ranks)."""
@@ -93,8 +102,15 @@ class ParallelDims:
 
     def pp_groups(self) -> list[list[int]]:
         """Ranks of each pipeline (one per dp replica and tp index), in stage order."""
-        return [[self.rank_of(d, p, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+        return [[self.rank_of(d, p, t, c) for p in range(self.pp)]
+                for d in range(self.dp) for c in range(self.cp) for t in range(self.tp)]
 
     def dp_groups(self) -> list[list[int]]:
         """Ranks holding the same shard in different replicas."""
-        return [[self.rank_of(d, p, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+        return [[self.rank_of(d, p, t, c) for d in range(self.dp)]
+                for p in range(self.pp) for c in range(self.cp) for t in range(self.tp)]
+
+    def cp_groups(self) -> list[list[int]]:
+        """Ranks that split one stage's context (same dp, pp and tp index), in cp order."""
+        return [[self.rank_of(d, p, t, c) for c in range(self.cp)]
+                for d in range(self.dp) for p in range(self.pp) for t in range(self.tp)]

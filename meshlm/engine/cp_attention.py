@@ -1,0 +1,194 @@
+"""The attention backend of a context-parallel rank: the step's tokens split across cp ranks, KV sharded.
+
+Every cp rank receives the same StepInput and derives its share (parallel/context.py): a sequence with several
+new tokens (a prompt or a chunk of one) is sharded, rank i computing chunks i and 2N-1-i of it; a sequence
+with one new token (a decode) is replicated, every rank computing it. K/V are stored round-robin by position
+(p on rank p % N, kv_slot), whichever rank computed them. Per layer:
+
+  replicated rows  the owner writes the new token; every rank attends to its shard; partials all-gathered
+                   and merged by LSE.
+  sharded rows     pass-KV: each rank's block (its cached shard and its new K/V) travels the ring, every
+                   rank storing the tokens it owns as blocks pass; or pass-Q: new K/V go to their owners
+                   (all-to-all), queries travel the ring, partial outputs come home (all-to-all) and merge.
+
+The ring is chosen per step (parallel/context.choose_ring) from the step's new and cached prompt tokens and
+the link figures measured at allocation; every rank computes the same choice. The sampled rows (the last
+token of each sequence) are always on cp rank 0, which alone computes logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import torch
+
+from meshlm.engine.paged_attention import PagedKVCache, StepInput
+from meshlm.kernels import apply_rope
+from meshlm.parallel.comm import Comm
+from meshlm.parallel.context import LinkFigures, choose_ring, kv_slot, owned_positions, shard_offsets, visible_mask
+from meshlm.parallel.ring import all_to_all_v, merge_replicated, ring_pass_kv, ring_pass_q
+
+log = logging.getLogger(__name__)
+
+
+def _long(x: list[int], dev: torch.device) -> torch.Tensor:
+    return torch.tensor(x, dtype=torch.long, device=dev)
+
+
+class ContextParallelKVCache(PagedKVCache):
+    """This cp rank's K/V pools (its shard of every sequence) and the per-step plan of its rows."""
+
+    def __init__(self, layer_ids: list[int], num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, window: int | None, comm: Comm, ring: str,
+                 link: LinkFigures | None, q_heads: int, announce: bool = False) -> None:
+        super().__init__(layer_ids, num_blocks, block_size, kv_heads, head_dim, dtype, device, window)
+        self.comm, self.ring, self.link, self.q_heads, self.kv_heads = comm, ring, link, q_heads, kv_heads
+        self.head_dim, self.elem = head_dim, self.k.element_size()
+        self.announce = announce  # log each choice (one rank of the group)
+        self.choices: Counter[str] = Counter()  # ring choices of the prefills so far
+
+    def rows(self, step: StepInput) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """This rank's token ids and the local rows to sample (rank 0 holds them all; the others none)."""
+        return self.token_ids, self.sample_rows
+
+    def prepare(self, step: StepInput) -> torch.Tensor:
+        """Plan this rank's rows, writes, ring blocks and masks for a step; returns positions [1, T_local]."""
+        n, r, bs, dev = self.comm.size, self.comm.index, self.block_size, self.device
+        tokens, pos, local_of = [], [], {}
+        rep = {"rows": [], "pos": [], "seq": [], "wrows": [], "wslots": [], "kslots": [], "kpos": [], "kseq": []}
+        new_pos, new_seq = [[] for _ in range(n)], [[] for _ in range(n)]  # rank j's sharded tokens, its order
+        cached_pos, cached_seq = [[] for _ in range(n)], [[] for _ in range(n)]  # rank j's shard of cached context
+        slot_of: dict[tuple[int, int], int] = {}  # (seq, position) -> slot, for positions this rank owns
+        cached_slots, shard_slots, shard_pos, shard_seq, sh_rows = [], [], [], [], []
+        new_total = cached_total = 0
+        for si, s in enumerate(step.seqs):
+            ctx = s.start + s.n
+            for p in owned_positions(0, ctx, n, r):
+                slot_of[(si, p)] = kv_slot(p, s.block_table, bs, n)
+            if s.n == 1:
+                local_of[s.offset] = len(tokens)
+                rep["rows"].append(len(tokens))
+                tokens.append(step.token_ids[s.offset])
+                pos.append(s.start)
+                rep["pos"].append(s.start)
+                rep["seq"].append(si)
+                if s.start % n == r:
+                    rep["wrows"].append(rep["rows"][-1])
+                    rep["wslots"].append(slot_of[(si, s.start)])
+                for p in owned_positions(0, ctx, n, r):
+                    rep["kslots"].append(slot_of[(si, p)])
+                    rep["kpos"].append(p)
+                    rep["kseq"].append(si)
+                continue
+            new_total += s.n
+            cached_total += s.start
+            for j in range(n):
+                offs = shard_offsets(s.n, n, j)
+                new_pos[j].extend(s.start + o for o in offs)
+                new_seq[j].extend([si] * len(offs))
+                held = owned_positions(0, s.start, n, j)
+                cached_pos[j].extend(held)
+                cached_seq[j].extend([si] * len(held))
+                if j == r:
+                    cached_slots.extend(slot_of[(si, p)] for p in held)
+                    for o in offs:
+                        local_of[s.offset + o] = len(tokens)
+                        sh_rows.append(len(tokens))
+                        tokens.append(step.token_ids[s.offset + o])
+                        pos.append(s.start + o)
+            for p in owned_positions(0, ctx, n, r):
+                shard_slots.append(slot_of[(si, p)])
+                shard_pos.append(p)
+                shard_seq.append(si)
+        self.token_ids = tuple(tokens)
+        if r == 0:
+            missing = [o for o in step.sample_offsets if o not in local_of]
+            assert not missing, f"sampled rows {missing} are not on cp rank 0 (one sampled row per sequence)"
+            self.sample_rows = tuple(local_of[o] for o in step.sample_offsets)
+        else:
+            self.sample_rows = ()
+        self.rep = {k: _long(v, dev) for k, v in rep.items()} if rep["rows"] else None
+        if self.rep is not None:
+            self.rep_mask = visible_mask(self.rep["pos"], self.rep["seq"], self.rep["kpos"], self.rep["kseq"],
+                                         self.window)
+        self.mode = None
+        if new_total:
+            self._plan_sharded(step, new_pos, new_seq, cached_pos, cached_seq, cached_slots, slot_of,
+                               (shard_slots, shard_pos, shard_seq), sh_rows, new_total, cached_total)
+        return torch.tensor([pos], dtype=torch.long, device=dev)
+
+    def _plan_sharded(self, step, new_pos, new_seq, cached_pos, cached_seq, cached_slots, slot_of, shard, sh_rows,
+                      new_total: int, cached_total: int) -> None:
+        n, r, dev = self.comm.size, self.comm.index, self.device
+        self.mode = self.ring if self.ring != "auto" else choose_ring(
+            new_total, cached_total, n, self.q_heads, self.kv_heads, self.head_dim, self.elem, self.link)
+        self.choices[self.mode] += 1
+        if self.announce:
+            log.info("cp=%d prefill of %d new tokens over %d cached: %s%s", n, new_total, cached_total, self.mode,
+                     "" if self.ring == "auto" else " (--cp-ring)")
+        self.sh_rows = _long(sh_rows, dev)
+        qpos, qseq = _long(new_pos[r], dev), _long(new_seq[r], dev)
+        # (index into rank j's new tokens, slot) of those this rank owns: stored as j's block passes (pass-KV)
+        # or when they arrive (pass-Q).
+        self.store = []
+        for j in range(n):
+            idx = [i for i, p in enumerate(new_pos[j]) if p % n == r]
+            seqs = [new_seq[j][i] for i in idx]
+            slots = [slot_of[(s, new_pos[j][i])] for s, i in zip(seqs, idx)]
+            self.store.append((_long(idx, dev), _long(slots, dev)))
+        if self.mode == "pass-kv":
+            self.cached_slots = _long(cached_slots, dev)
+            self.sizes = [len(cached_pos[j]) + len(new_pos[j]) for j in range(n)]
+            self.store = [(i + len(cached_pos[j]), s) for j, (i, s) in enumerate(self.store)]  # index in block j
+            self.masks = [visible_mask(qpos, qseq, _long(cached_pos[j] + new_pos[j], dev),
+                                       _long(cached_seq[j] + new_seq[j], dev), self.window) for j in range(n)]
+        else:
+            self.send_idx = [_long([i for i, p in enumerate(new_pos[r]) if p % n == o], dev) for o in range(n)]
+            self.recv_rows = [len(i) for i, _ in self.store]
+            self.q_rows = [len(new_pos[j]) for j in range(n)]
+            slots, spos, sseq = shard
+            self.shard_slots = _long(slots, dev)
+            kp, ks = _long(spos, dev), _long(sseq, dev)
+            self.masks = [visible_mask(_long(new_pos[j], dev), _long(new_seq[j], dev), kp, ks, self.window)
+                          for j in range(n)]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> torch.Tensor:
+        """q [1, T, Hq*D], k/v [1, T, Hkv*D] of this rank's rows -> [1, T, Hq*D]; stores the K/V it owns."""
+        kp, vp = self.pools[layer]  # [slots, Hkv, D]
+        t, d = q.shape[1], self.head_dim
+        q0 = apply_rope(q.reshape(1, t, -1, d).contiguous(), cos, sin)[0]  # [T, Hq, D]
+        k0 = apply_rope(k.reshape(1, t, -1, d).contiguous(), cos, sin)[0]  # [T, Hkv, D]
+        v0 = v.reshape(t, -1, d)
+        out = torch.empty_like(q0)
+        rep = self.rep
+        if rep is not None and len(rep["wrows"]):
+            kp.index_copy_(0, rep["wslots"], k0.index_select(0, rep["wrows"]))
+            vp.index_copy_(0, rep["wslots"], v0.index_select(0, rep["wrows"]))
+        if self.mode is not None:
+            qs, ks, vs = (x.index_select(0, self.sh_rows) for x in (q0, k0, v0))
+            if self.mode == "pass-kv":
+                own = torch.stack([torch.cat([kp.index_select(0, self.cached_slots), ks]),
+                                   torch.cat([vp.index_select(0, self.cached_slots), vs])])  # [2, M_r, Hkv, D]
+
+                def keep(j: int, block: torch.Tensor) -> None:
+                    idx, slots = self.store[j]
+                    kp.index_copy_(0, slots, block[0].index_select(0, idx))
+                    vp.index_copy_(0, slots, block[1].index_select(0, idx))
+
+                o, _ = ring_pass_kv(self.comm, qs, own, self.sizes, self.masks.__getitem__, self.scale, keep)
+            else:
+                sends = [torch.stack([ks.index_select(0, i), vs.index_select(0, i)], dim=1) for i in self.send_idx]
+                got = all_to_all_v(self.comm, sends, self.recv_rows, op="kv_to_owner")  # [rows, 2, Hkv, D] each
+                for (_, slots), kv in zip(self.store, got):
+                    kp.index_copy_(0, slots, kv[:, 0])
+                    vp.index_copy_(0, slots, kv[:, 1])
+                kk, vv = kp.index_select(0, self.shard_slots), vp.index_select(0, self.shard_slots)
+                o, _ = ring_pass_q(self.comm, qs, self.q_rows, kk, vv, self.masks.__getitem__, self.scale)
+            out.index_copy_(0, self.sh_rows, o.to(out.dtype))
+        if rep is not None:
+            kk, vv = kp.index_select(0, rep["kslots"]), vp.index_select(0, rep["kslots"])
+            o = merge_replicated(self.comm, q0.index_select(0, rep["rows"]), kk, vv, self.rep_mask, self.scale)
+            out.index_copy_(0, rep["rows"], o.to(out.dtype))
+        return out.view(1, t, -1)
