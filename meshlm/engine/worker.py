@@ -172,6 +172,13 @@ class Worker:
                 "kv_mb": self.kv_pool_bytes / 1e6, "peak_rss_mb": memory_mb()["VmHWM"],
                 "timeline": self.stages.timeline.to_dict()}
 
+    def set_cp_ring(self, ring: str) -> None:
+        """Choose the prefill ring from now on (auto | pass-kv | pass-q); every rank of the cp group together."""
+        if ring not in RING_CHOICES:
+            raise ConfigError(f"cp ring {ring!r} is unknown; use one of {', '.join(RING_CHOICES)}.")
+        if hasattr(self.runner.cache, "ring"):
+            self.runner.cache.ring = ring
+
     def cp_ring_choices(self) -> dict[str, int]:
         """Prefill ring choices of this rank so far ({} at cp == 1)."""
         return dict(getattr(getattr(self, "runner", None) and self.runner.cache, "choices", {}))

@@ -91,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     extra = {k: getattr(args, k) for k in ("transport", "pp_layers", "device") if getattr(args, k, None) is not None}
     # With --pp the engine keeps one step in flight per stage (engine/pipeline_stage.py).
     llm = LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
-              max_context=args.max_context, tp=args.tp,
+              max_context=args.max_context, tp=args.tp, cp=args.cp, cp_ring=args.cp_ring,
               pp=args.pp, comm_timeout_s=args.comm_timeout, backend=args.backend, engine=ecfg, **extra)
     from meshlm.serve.server import serve
 

@@ -1,0 +1,104 @@
+"""Context parallelism end to end: cp=2 and cp=4 ranks give cp=1's greedy tokens and logits (and
+transformers'), through pass-KV, pass-Q and the automatic choice, chunked prefill and prefix-cache hits."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from meshlm import LLM, SamplingParams
+from meshlm.engine.engine import EngineConfig
+from meshlm.engine.scheduler import SchedulerConfig
+from meshlm.errors import RequestError
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+GREEDY = SamplingParams(max_tokens=64, ignore_eos=True, logprobs=0)
+# 1: one new token (computed on every rank); 2, 3, 5: shorter than the 2N chunks; the rest divide unevenly.
+LENGTHS = (1, 2, 3, 5, 17, 40, 61, 100)
+
+
+def prompts(seed: int, lengths=LENGTHS) -> list[list[int]]:
+    """Random prompts of the given lengths (token ids of the test vocabulary)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
+
+
+def logprobs(out) -> torch.Tensor:
+    """The chosen tokens' log-probabilities of one output."""
+    return torch.tensor([t.logprob for t in out.logprobs])
+
+
+def assert_same(got, want, atol: float = 1e-4) -> None:
+    """Same greedy tokens, chosen-token log-probabilities within atol."""
+    for g, w in zip(got, want):
+        assert g.token_ids == w.token_ids
+        torch.testing.assert_close(logprobs(g), logprobs(w), atol=atol, rtol=0)
+
+
+def hf_logprobs(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
+    """transformers' log-probabilities of `tokens` generated after `prompt`."""
+    ids = torch.tensor([prompt + tokens[:-1]])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(ids).logits[0].float(), -1)
+    return lp[len(prompt) - 1:].gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+def test_cp2_rings_prefix_cache_and_transformers(checkpoint, llm, reference):
+    """cp=2: pass-KV, pass-Q and auto on fresh prompts, then the same prompts again (a prefix hit), all equal to
+    cp=1; the logits match transformers."""
+    kind = "llama_gqa"
+    sets = {ring: prompts(i) for i, ring in enumerate(("pass-kv", "pass-q", "auto"))}
+    base = {ring: llm(kind).generate(ps, GREEDY) for ring, ps in sets.items()}
+    with LLM(str(checkpoint(kind)), cp=2, progress=False) as two:
+        for ring, ps in sets.items():
+            two.executor.call("set_cp_ring", ring)
+            outs = two.generate(ps, GREEDY)
+            assert_same(outs, base[ring])
+            assert all(o.num_cached_tokens == 0 for o in outs)
+        two.executor.call("set_cp_ring", "pass-q")
+        again = two.generate(sets["pass-kv"], GREEDY)  # prompts whose first 32-token blocks are cached
+        assert [o.num_cached_tokens for o in again] == [0] * 5 + [32, 32, 96]
+        assert_same(again, base["pass-kv"])
+        choices = two.executor.call_all("cp_ring_choices")
+    assert choices[0] == choices[1] and set(choices[0]) == {"pass-kv", "pass-q"}
+    model = reference(kind)
+    for p, o in zip(sets["pass-kv"], again):
+        torch.testing.assert_close(logprobs(o), hf_logprobs(model, p, o.token_ids), atol=2e-4, rtol=0)
+
+
+def test_cp4_chunked_prefill_both_rings(checkpoint, llm):
+    """cp=4 (odd head counts), prompts cut into 24-token chunks so later chunks ring over a cached context."""
+    kind = "llama_odd_heads"
+    engine = EngineConfig(scheduler=SchedulerConfig(max_num_batched_tokens=24))
+    sets = {ring: prompts(10 + i, (2, 7, 9, 61, 100)) for i, ring in enumerate(("pass-kv", "pass-q"))}
+    with LLM(str(checkpoint(kind)), cp=4, progress=False, engine=engine) as four:
+        for ring, ps in sets.items():
+            four.executor.call("set_cp_ring", ring)
+            assert_same(four.generate(ps, GREEDY), llm(kind).generate(ps, GREEDY))
+
+
+def test_cp2_tp2(checkpoint, llm):
+    """cp=2 x tp=2 (4 ranks): each cp rank's heads split over 2 tp ranks; chunked prefill, automatic ring."""
+    kind = "llama_gqa"
+    ps = prompts(20, (3, 40, 61))
+    engine = EngineConfig(scheduler=SchedulerConfig(max_num_batched_tokens=32))
+    with LLM(str(checkpoint(kind)), cp=2, tp=2, progress=False, engine=engine) as both:
+        assert [i["kv_heads"] for i in both.rank_info()] == [1, 1, 1, 1]
+        assert_same(both.generate(ps, GREEDY), llm(kind).generate(ps, GREEDY))
+
+
+def test_prompt_refused_at_cp1_is_served_at_cp2(checkpoint, llm):
+    """The same per-rank KV budget holds 128 tokens at cp=1 and 256 at cp=2: a 150-token prompt fits only there."""
+    kind = "llama_gqa"
+    block_bytes = 2 * 2 * 16 * 2 * 16 * 4  # K+V x layers x block x KV heads x dim x fp32
+    engine = EngineConfig(kv_cache_mb=8 * block_bytes / 2**20)
+    (p,) = prompts(30, (150,))
+    with LLM(str(checkpoint(kind)), progress=False, engine=engine) as one:
+        with pytest.raises(RequestError, match="needs 214 tokens of KV cache but the whole pool holds 128"):
+            one.generate([p], GREEDY)
+    with LLM(str(checkpoint(kind)), cp=2, progress=False, engine=engine) as two:
+        assert two.engine.capacity_tokens == 256
+        assert_same(two.generate([p], GREEDY), llm(kind).generate([p], GREEDY))
