@@ -102,3 +102,52 @@ def test_prompt_refused_at_cp1_is_served_at_cp2(checkpoint, llm):
     with LLM(str(checkpoint(kind)), cp=2, progress=False, engine=engine) as two:
         assert two.engine.capacity_tokens == 256
         assert_same(two.generate([p], GREEDY), llm(kind).generate([p], GREEDY))
+
+
+def test_rank_killed_during_the_ring(tmp_path):
+    """kill -9 of cp rank 1 during a long prefill's ring: the launch fails within seconds, naming rank 1."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_faults import alive, children, meshlm_cmd
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from helpers import _write_tokenizer
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384)
+    LlamaForCausalLM(cfg).save_pretrained(str(tmp_path))
+    _write_tokenizer(tmp_path, 512)
+    prompt = " ".join(f"w{3 + i % 500}." for i in range(8000))
+    proc = subprocess.Popen(meshlm_cmd("-v", "generate", prompt, "--model", str(tmp_path), "--cp", "2",
+                                       "--cp-ring", "pass-kv", "--max-tokens", "1", "--comm-timeout", "20"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        seen = ""
+        while time.time() < deadline and "over 2048 cached" not in seen:  # the second 2048-token chunk's ring
+            seen += proc.stderr.readline()
+        assert "pass-kv" in seen, seen
+        ranks = [k for k in children(proc.pid)
+                 if "resource_tracker" not in Path(f"/proc/{k}/cmdline").read_bytes().decode(errors="ignore")]
+        assert len(ranks) == 1
+        time.sleep(0.5)
+        t0 = time.time()
+        os.kill(ranks[0], signal.SIGKILL)
+        code = proc.wait(timeout=40)
+        elapsed = time.time() - t0
+        err = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code != 0
+    assert "generated" not in err  # it never finished the prompt
+    assert elapsed < 25, f"{elapsed:.1f}s to notice the dead rank"
+    assert "rank 1" in err, err
+    assert "Traceback" not in err, err
+    assert not alive(ranks[0])
