@@ -114,10 +114,9 @@ def test_rank_killed_during_the_ring(tmp_path):
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
+    from helpers import _write_tokenizer
     from test_faults import alive, children, meshlm_cmd
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from helpers import _write_tokenizer
 
     cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16384)

@@ -130,3 +130,33 @@ def test_ring_rule_latency_free_matches_paper(t):
     paper = t >= n * link.attention_flops_per_s * nkv * e / (2 * nh * link.bandwidth_bytes_per_s)
     got = choose_ring(t, 100 * t, n, nh, nkv, 128, e, link)
     assert (got == "pass-kv") == paper
+
+
+def test_planner_divides_kv_by_cp_and_plans_a_long_prompt_at_cp2():
+    """The planner's KV per token per rank is 1/cp; a prompt whose KV exceeds one rank's pool is planned at
+    cp = 2 (the smallest layout that fits: with one KV head, tp replicates the KV and cannot help), and its
+    prefill cost carries the ring's transfers."""
+    from meshlm.config import ModelConfig
+    from meshlm.plan import cluster as clusters
+    from meshlm.plan.cost import Model
+    from meshlm.plan.layout import Layout, Workload, rank_shares
+    from meshlm.plan.memory import check
+    from meshlm.plan.report import dry_run, fitting_layout
+
+    cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+                               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                               "num_key_value_heads": 1, "vocab_size": 128256, "max_position_embeddings": 131072})
+    h100 = clusters.resolve("8xH100")
+    one = rank_shares(cfg, Layout(), "bfloat16")[0].kv_bytes_per_token
+    assert one == 2 * 32 * 1 * 128 * 2  # K+V x layers x KV heads x dim x bf16
+    assert rank_shares(cfg, Layout(cp=4), "bfloat16")[0].kv_bytes_per_token == one // 4
+    work = Workload(prompt_tokens=100_000, output_tokens=100, batch=1)
+    budget = 60_000 * one  # a per-rank KV pool of 60k tokens
+    assert not check(cfg, Layout(), h100, work, "bfloat16", budget).ok
+    assert check(cfg, Layout(cp=2), h100, work, "bfloat16", budget).ok
+    assert fitting_layout(cfg, h100, work, "bfloat16", budget) == Layout(cp=2)
+    ok, text = dry_run(cfg, Layout(), h100, work, "bfloat16", budget)
+    assert not ok and "--cp 2" in text
+    m1, m2 = Model(cfg, Layout(), h100, "bfloat16"), Model(cfg, Layout(cp=2), h100, "bfloat16")
+    assert m1.ring(2048, work.prompt_tokens) == 0 < m2.ring(2048, work.prompt_tokens)
+    assert m2.prefill(work).compute < m1.prefill(work).compute  # half the tokens per rank
