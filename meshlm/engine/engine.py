@@ -63,6 +63,7 @@ class EngineStats:
     generation_tokens: int = 0
     collective_seconds: Mapping[str, float] = field(default_factory=dict)  # "group/op" -> seconds (rank 0)
     bubble_fraction: float = 0.0  # pp > 1: stage 0's share of pipelined time waiting for the later stages
+    cp_ring_choices: Mapping[str, int] = field(default_factory=dict)  # cp > 1: prefills by ring (pass-kv, pass-q)
 
 
 def available_memory_bytes() -> int:
@@ -173,7 +174,8 @@ class LLMEngine:
         s = self.scheduler
         return EngineStats(len(s.running), len(s.waiting), s.cfg.max_waiting, self.blocks.usage(), s.num_preemptions,
                            self.total_prompt_tokens, self.total_generated_tokens,
-                           self.executor.collective_seconds(), self.executor.bubble_fraction())
+                           self.executor.collective_seconds(), self.executor.bubble_fraction(),
+                           self.executor.cp_ring_choices())
 
     def failure(self) -> RankFailure | None:
         """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""

@@ -124,6 +124,10 @@ class Executor:
         """Rank 0's seconds inside collectives, by "group/op" (none once closed)."""
         return {} if self.worker is None else {k: v["seconds"] for k, v in self.worker.comm_stats().items()}
 
+    def cp_ring_choices(self) -> dict[str, int]:
+        """cp > 1: rank 0's prefill ring choices so far, by ring ({} otherwise or once closed)."""
+        return {} if self.worker is None else self.worker.cp_ring_choices()
+
     def bubble_fraction(self) -> float:
         """Rank 0's share of pipelined time spent waiting for the later stages (0 when pp == 1)."""
         stages = getattr(self.worker, "stages", None)

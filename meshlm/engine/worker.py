@@ -181,7 +181,8 @@ class Worker:
 
     def cp_ring_choices(self) -> dict[str, int]:
         """Prefill ring choices of this rank so far ({} at cp == 1)."""
-        return dict(getattr(getattr(self, "runner", None) and self.runner.cache, "choices", {}))
+        runner = getattr(self, "runner", None)
+        return dict(getattr(runner.cache, "choices", {})) if runner is not None else {}
 
     def comm_stats(self) -> dict:
         """This rank's collective totals."""

@@ -63,6 +63,7 @@ def test_cp2_rings_prefix_cache_and_transformers(checkpoint, llm, reference):
         assert [o.num_cached_tokens for o in again] == [0] * 5 + [32, 32, 96]
         assert_same(again, base["pass-kv"])
         choices = two.executor.call_all("cp_ring_choices")
+        assert two.engine.stats().cp_ring_choices == choices[0]  # exported as meshlm_cp_ring_choices_total
     assert choices[0] == choices[1] and set(choices[0]) == {"pass-kv", "pass-q"}
     model = reference(kind)
     for p, o in zip(sets["pass-kv"], again):

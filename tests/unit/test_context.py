@@ -160,3 +160,15 @@ def test_planner_divides_kv_by_cp_and_plans_a_long_prompt_at_cp2():
     m1, m2 = Model(cfg, Layout(), h100, "bfloat16"), Model(cfg, Layout(cp=2), h100, "bfloat16")
     assert m1.ring(2048, work.prompt_tokens) == 0 < m2.ring(2048, work.prompt_tokens)
     assert m2.prefill(work).compute < m1.prefill(work).compute  # half the tokens per rank
+
+
+def test_ring_choices_are_exported_to_prometheus():
+    """/metrics counts the context-parallel prefills by the ring chosen."""
+    from meshlm.engine.engine import EngineStats
+    from meshlm.serve.engine_loop import Snapshot
+    from meshlm.serve.metrics import ServerMetrics, parse_samples
+
+    snap = Snapshot(EngineStats(cp_ring_choices={"pass-kv": 3, "pass-q": 2}))
+    s = parse_samples(ServerMetrics(lambda: snap).render().decode())
+    assert s['meshlm_cp_ring_choices_total{ring="pass-kv"}'] == 3
+    assert s['meshlm_cp_ring_choices_total{ring="pass-q"}'] == 2
