@@ -2,7 +2,8 @@
 
 Every cp rank receives the same StepInput and derives its share (parallel/context.py): a sequence with several
 new tokens (a prompt or a chunk of one) is sharded, rank i computing chunks i and 2N-1-i of it; a sequence
-with one new token (a decode) is replicated, every rank computing it. K/V are stored round-robin by position
+with one new token (a decode), or with several of which more than the last is sampled (a speculative
+verification), is replicated, every rank computing all of it. K/V are stored round-robin by position
 (p on rank p % N, kv_slot), whichever rank computed them. Per layer:
 
   replicated rows  the owner writes the new token; every rank attends to its shard; partials all-gathered
@@ -62,20 +63,23 @@ class ContextParallelKVCache(PagedKVCache):
         slot_of: dict[tuple[int, int], int] = {}  # (seq, position) -> slot, for positions this rank owns
         cached_slots, shard_slots, shard_pos, shard_seq, sh_rows = [], [], [], [], []
         new_total = cached_total = 0
+        sampled = set(step.sample_offsets)
         for si, s in enumerate(step.seqs):
             ctx = s.start + s.n
             for p in owned_positions(0, ctx, n, r):
                 slot_of[(si, p)] = kv_slot(p, s.block_table, bs, n)
-            if s.n == 1:
-                local_of[s.offset] = len(tokens)
-                rep["rows"].append(len(tokens))
-                tokens.append(step.token_ids[s.offset])
-                pos.append(s.start)
-                rep["pos"].append(s.start)
-                rep["seq"].append(si)
-                if s.start % n == r:
-                    rep["wrows"].append(rep["rows"][-1])
-                    rep["wslots"].append(slot_of[(si, s.start)])
+            # Replicated: one new token, or several of which more than the last is sampled (a verification).
+            if s.n == 1 or any(o in sampled for o in range(s.offset, s.offset + s.n - 1)):
+                for i in range(s.n):
+                    local_of[s.offset + i] = len(tokens)
+                    rep["rows"].append(len(tokens))
+                    tokens.append(step.token_ids[s.offset + i])
+                    pos.append(s.start + i)
+                    rep["pos"].append(s.start + i)
+                    rep["seq"].append(si)
+                    if (s.start + i) % n == r:
+                        rep["wrows"].append(rep["rows"][-1])
+                        rep["wslots"].append(slot_of[(si, s.start + i)])
                 for p in owned_positions(0, ctx, n, r):
                     rep["kslots"].append(slot_of[(si, p)])
                     rep["kpos"].append(p)

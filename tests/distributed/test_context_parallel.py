@@ -10,6 +10,7 @@ import torch
 
 from meshlm import LLM, SamplingParams
 from meshlm.engine.engine import EngineConfig
+from meshlm.engine.paged_attention import SeqInput, StepInput
 from meshlm.engine.scheduler import SchedulerConfig
 from meshlm.errors import RequestError
 
@@ -64,10 +65,29 @@ def test_cp2_rings_prefix_cache_and_transformers(checkpoint, llm, reference):
         assert_same(again, base["pass-kv"])
         choices = two.executor.call_all("cp_ring_choices")
         assert two.engine.stats().cp_ring_choices == choices[0]  # exported as meshlm_cp_ring_choices_total
+        # A sequence with several sampled rows (a speculative verification) is computed on every rank.
+        table: list[int] = []
+        assert two.engine.blocks.allocate(table, [], 40)
+        (toks,) = prompts(40, (40,))
+        step = StepInput(tuple(toks), (SeqInput(0, 0, 40, tuple(table)),), tuple(range(30, 40)))
+        verified = two.executor.call("execute", step).best
+        two.engine.blocks.release(table)
     assert choices[0] == choices[1] and set(choices[0]) == {"pass-kv", "pass-q"}
     model = reference(kind)
+    with torch.no_grad():
+        assert verified == model(torch.tensor([toks])).logits[0, 30:40].argmax(-1).tolist()
     for p, o in zip(sets["pass-kv"], again):
         torch.testing.assert_close(logprobs(o), hf_logprobs(model, p, o.token_ids), atol=2e-4, rtol=0)
+
+
+def test_cp2_sliding_window(checkpoint, llm):
+    """Mistral's 8-token window: prompts and generations far past it, each ring, equal to cp=1."""
+    kind = "mistral_window"
+    sets = {ring: prompts(40 + i, (5, 30, 61)) for i, ring in enumerate(("pass-kv", "pass-q"))}
+    with LLM(str(checkpoint(kind)), cp=2, progress=False) as two:
+        for ring, ps in sets.items():
+            two.executor.call("set_cp_ring", ring)
+            assert_same(two.generate(ps, GREEDY), llm(kind).generate(ps, GREEDY))
 
 
 def test_cp4_chunked_prefill_both_rings(checkpoint, llm):
