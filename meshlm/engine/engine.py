@@ -105,7 +105,7 @@ class LLMEngine:
         budget = (self.ecfg.kv_cache_mb * 2**20 if self.ecfg.kv_cache_mb is not None
                   else min(executor.call_all("kv_budget_bytes", self.ecfg.kv_cache_fraction)))
         # At cp > 1 a block id covers bs tokens on each of the cp ranks (parallel/context.py: kv_slot).
-        cp = executor.spec.dims.cp
+        cp = executor.cp
         # No point in more blocks than max_num_seqs full contexts.
         cap = self.ecfg.scheduler.max_num_seqs * -(-max_context // (bs * cp))
         num_blocks = min(int(budget // per_block), cap)

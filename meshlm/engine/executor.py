@@ -140,6 +140,11 @@ class Executor:
         return err
 
     @property
+    def cp(self) -> int:
+        """Context-parallel ranks: each KV block id covers block_size tokens on every one of them."""
+        return self.spec.dims.cp
+
+    @property
     def depth(self) -> int:
         """Engine steps that may be in flight at once: one per pipeline stage."""
         return self.spec.dims.pp
