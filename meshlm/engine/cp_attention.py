@@ -27,7 +27,14 @@ import torch
 from meshlm.engine.paged_attention import PagedKVCache, StepInput
 from meshlm.kernels import apply_rope
 from meshlm.parallel.comm import Comm
-from meshlm.parallel.context import LinkFigures, choose_ring, kv_slot, owned_positions, shard_offsets, visible_mask
+from meshlm.parallel.context import (
+    LinkFigures,
+    choose_ring,
+    kv_slot,
+    owned_slots,
+    shard_offsets,
+    visible_mask,
+)
 from meshlm.parallel.ring import all_to_all_v, merge_replicated, ring_pass_kv, ring_pass_q
 
 log = logging.getLogger(__name__)
@@ -53,21 +60,22 @@ class ContextParallelKVCache(PagedKVCache):
         """This rank's token ids and the local rows to sample (rank 0 holds them all; the others none)."""
         return self.token_ids, self.sample_rows
 
+    def _owned(self, table: tuple[int, ...], stop: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return owned_slots(table, stop, self.block_size, self.comm.size, rank)
+
     def prepare(self, step: StepInput) -> torch.Tensor:
         """Plan this rank's rows, writes, ring blocks and masks for a step; returns positions [1, T_local]."""
         n, r, bs, dev = self.comm.size, self.comm.index, self.block_size, self.device
         tokens, pos, local_of = [], [], {}
-        rep = {"rows": [], "pos": [], "seq": [], "wrows": [], "wslots": [], "kslots": [], "kpos": [], "kseq": []}
+        rep = {"rows": [], "pos": [], "seq": [], "wrows": [], "wslots": []}
+        rep_keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (slots, positions, seq) per sequence
         new_pos, new_seq = [[] for _ in range(n)], [[] for _ in range(n)]  # rank j's sharded tokens, its order
-        cached_pos, cached_seq = [[] for _ in range(n)], [[] for _ in range(n)]  # rank j's shard of cached context
-        slot_of: dict[tuple[int, int], int] = {}  # (seq, position) -> slot, for positions this rank owns
-        cached_slots, shard_slots, shard_pos, shard_seq, sh_rows = [], [], [], [], []
+        cached: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]  # rank j's cached (pos, seq)
+        cached_slots, shard, sh_rows = [], [], []
         new_total = cached_total = 0
         sampled = set(step.sample_offsets)
         for si, s in enumerate(step.seqs):
             ctx = s.start + s.n
-            for p in owned_positions(0, ctx, n, r):
-                slot_of[(si, p)] = kv_slot(p, s.block_table, bs, n)
             # Replicated: one new token, or several of which more than the last is sampled (a verification).
             if s.n == 1 or any(o in sampled for o in range(s.offset, s.offset + s.n - 1)):
                 for i in range(s.n):
@@ -79,11 +87,9 @@ class ContextParallelKVCache(PagedKVCache):
                     rep["seq"].append(si)
                     if (s.start + i) % n == r:
                         rep["wrows"].append(rep["rows"][-1])
-                        rep["wslots"].append(slot_of[(si, s.start + i)])
-                for p in owned_positions(0, ctx, n, r):
-                    rep["kslots"].append(slot_of[(si, p)])
-                    rep["kpos"].append(p)
-                    rep["kseq"].append(si)
+                        rep["wslots"].append(kv_slot(s.start + i, s.block_table, bs, n))
+                p, slots = self._owned(s.block_table, ctx, r)
+                rep_keys.append((slots, p, torch.full_like(p, si)))
                 continue
             new_total += s.n
             cached_total += s.start
@@ -91,20 +97,17 @@ class ContextParallelKVCache(PagedKVCache):
                 offs = shard_offsets(s.n, n, j)
                 new_pos[j].extend(s.start + o for o in offs)
                 new_seq[j].extend([si] * len(offs))
-                held = owned_positions(0, s.start, n, j)
-                cached_pos[j].extend(held)
-                cached_seq[j].extend([si] * len(held))
+                p, slots = self._owned(s.block_table, s.start, j)
+                cached[j].append((p, torch.full_like(p, si)))
                 if j == r:
-                    cached_slots.extend(slot_of[(si, p)] for p in held)
+                    cached_slots.append(slots)
                     for o in offs:
                         local_of[s.offset + o] = len(tokens)
                         sh_rows.append(len(tokens))
                         tokens.append(step.token_ids[s.offset + o])
                         pos.append(s.start + o)
-            for p in owned_positions(0, ctx, n, r):
-                shard_slots.append(slot_of[(si, p)])
-                shard_pos.append(p)
-                shard_seq.append(si)
+            p, slots = self._owned(s.block_table, ctx, r)
+            shard.append((slots, p, torch.full_like(p, si)))
         self.token_ids = tuple(tokens)
         if r == 0:
             missing = [o for o in step.sample_offsets if o not in local_of]
@@ -112,19 +115,24 @@ class ContextParallelKVCache(PagedKVCache):
             self.sample_rows = tuple(local_of[o] for o in step.sample_offsets)
         else:
             self.sample_rows = ()
-        self.rep = {k: _long(v, dev) for k, v in rep.items()} if rep["rows"] else None
-        if self.rep is not None:
-            self.rep_mask = visible_mask(self.rep["pos"], self.rep["seq"], self.rep["kpos"], self.rep["kseq"],
-                                         self.window)
+        self.rep = None
+        if rep["rows"]:
+            self.rep = {k: _long(v, dev) for k, v in rep.items()}
+            kslots, kpos, kseq = (torch.cat(x).to(dev) for x in zip(*rep_keys))
+            self.rep["kslots"] = kslots
+            self.rep_mask = visible_mask(self.rep["pos"], self.rep["seq"], kpos, kseq.to(dev), self.window)
         self.mode = None
         if new_total:
-            self._plan_sharded(step, new_pos, new_seq, cached_pos, cached_seq, cached_slots, slot_of,
-                               (shard_slots, shard_pos, shard_seq), sh_rows, new_total, cached_total)
+            cat = [tuple(torch.cat(x).to(dev) for x in zip(*c)) for c in cached]  # per rank: (pos, seq)
+            self._plan_sharded(step, new_pos, new_seq, cat, torch.cat(cached_slots).to(dev),
+                               tuple(torch.cat(x).to(dev) for x in zip(*shard)), sh_rows, new_total, cached_total)
         return torch.tensor([pos], dtype=torch.long, device=dev)
 
-    def _plan_sharded(self, step, new_pos, new_seq, cached_pos, cached_seq, cached_slots, slot_of, shard, sh_rows,
+    def _plan_sharded(self, step: StepInput, new_pos: list[list[int]], new_seq: list[list[int]],
+                      cached: list[tuple[torch.Tensor, torch.Tensor]], cached_slots: torch.Tensor,
+                      shard: tuple[torch.Tensor, torch.Tensor, torch.Tensor], sh_rows: list[int],
                       new_total: int, cached_total: int) -> None:
-        n, r, dev = self.comm.size, self.comm.index, self.device
+        n, r, bs, dev = self.comm.size, self.comm.index, self.block_size, self.device
         self.mode = self.ring if self.ring != "auto" else choose_ring(
             new_total, cached_total, n, self.q_heads, self.kv_heads, self.head_dim, self.elem, self.link)
         self.choices[self.mode] += 1
@@ -138,22 +146,20 @@ class ContextParallelKVCache(PagedKVCache):
         self.store = []
         for j in range(n):
             idx = [i for i, p in enumerate(new_pos[j]) if p % n == r]
-            seqs = [new_seq[j][i] for i in idx]
-            slots = [slot_of[(s, new_pos[j][i])] for s, i in zip(seqs, idx)]
+            slots = [kv_slot(new_pos[j][i], step.seqs[new_seq[j][i]].block_table, bs, n) for i in idx]
             self.store.append((_long(idx, dev), _long(slots, dev)))
         if self.mode == "pass-kv":
-            self.cached_slots = _long(cached_slots, dev)
-            self.sizes = [len(cached_pos[j]) + len(new_pos[j]) for j in range(n)]
-            self.store = [(i + len(cached_pos[j]), s) for j, (i, s) in enumerate(self.store)]  # index in block j
-            self.masks = [visible_mask(qpos, qseq, _long(cached_pos[j] + new_pos[j], dev),
-                                       _long(cached_seq[j] + new_seq[j], dev), self.window) for j in range(n)]
+            self.cached_slots = cached_slots
+            self.sizes = [len(cached[j][0]) + len(new_pos[j]) for j in range(n)]
+            self.store = [(i + len(cached[j][0]), s) for j, (i, s) in enumerate(self.store)]  # index in block j
+            self.masks = [visible_mask(qpos, qseq, torch.cat([cached[j][0], _long(new_pos[j], dev)]),
+                                       torch.cat([cached[j][1], _long(new_seq[j], dev)]), self.window)
+                          for j in range(n)]
         else:
             self.send_idx = [_long([i for i, p in enumerate(new_pos[r]) if p % n == o], dev) for o in range(n)]
             self.recv_rows = [len(i) for i, _ in self.store]
             self.q_rows = [len(new_pos[j]) for j in range(n)]
-            slots, spos, sseq = shard
-            self.shard_slots = _long(slots, dev)
-            kp, ks = _long(spos, dev), _long(sseq, dev)
+            self.shard_slots, kp, ks = shard
             self.masks = [visible_mask(_long(new_pos[j], dev), _long(new_seq[j], dev), kp, ks, self.window)
                           for j in range(n)]
 

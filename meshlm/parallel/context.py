@@ -54,10 +54,11 @@ def kv_slot(pos: int, table: tuple[int, ...] | list[int], block_size: int, cp: i
     return table[pos // (block_size * cp)] * block_size + (pos // cp) % block_size
 
 
-def owned_positions(start: int, stop: int, cp: int, rank: int) -> range:
-    """Positions in [start, stop) whose K/V `rank` stores."""
-    first = start + (rank - start) % cp
-    return range(first, stop, cp)
+def owned_slots(table: tuple[int, ...] | list[int], stop: int, block_size: int, cp: int,
+                rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions [0, stop) whose K/V `rank` stores, and their slots in its pool (kv_slot, vectorized)."""
+    p = torch.arange(rank, max(rank, stop), cp)
+    return p, torch.tensor(table, dtype=torch.long)[p // (block_size * cp)] * block_size + (p // cp) % block_size
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,

@@ -17,7 +17,7 @@ from meshlm.parallel.context import (
     kv_owner,
     kv_slot,
     merge_partials,
-    owned_positions,
+    owned_slots,
     partial_attention,
     shard_offsets,
     visible_mask,
@@ -52,12 +52,11 @@ def test_storage_mapping_is_a_bijection_per_rank(cp, bs, n):
     nblocks = -(-n // (bs * cp))
     table = list(range(10, 10 + nblocks))[::-1]
     for r in range(cp):
-        mine = list(owned_positions(0, n, cp, r))
-        assert mine == [p for p in range(n) if kv_owner(p, cp) == r]
-        slots = [kv_slot(p, table, bs, cp) for p in mine]
-        assert len(set(slots)) == len(slots)
-        assert all(s // bs in table for s in slots)
-        assert list(owned_positions(5, n, cp, r)) == [p for p in mine if p >= 5]
+        pos, slots = owned_slots(table, n, bs, cp, r)
+        assert pos.tolist() == [p for p in range(n) if kv_owner(p, cp) == r]
+        assert slots.tolist() == [kv_slot(p, table, bs, cp) for p in pos.tolist()]
+        assert len(set(slots.tolist())) == len(slots)
+        assert all(s // bs in table for s in slots.tolist())
 
 
 def reference(q, k, v, visible, scale):
