@@ -53,7 +53,7 @@ class ModelRunner:
                                       self.device, window=self.cfg.sliding_window)
             return
         q_heads = kv_heads * (self.cfg.num_heads // self.cfg.num_kv_heads)
-        link = measure_link(self.cp, q_heads, kv_heads, self.cfg.head_dim, self.dtype)
+        link = measure_link(self.cp, q_heads, kv_heads, self.cfg.head_dim, self.dtype, self.device)
         self.cache = ContextParallelKVCache(layer_ids, num_blocks, block_size, kv_heads, self.cfg.head_dim,
                                             self.dtype, self.device, self.cfg.sliding_window, self.cp,
                                             self.cp_ring, link, q_heads, announce)

@@ -102,29 +102,39 @@ def merge_replicated(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return merge_partials(every[..., :d], every[..., d])[0]
 
 
-def measure_link(comm: Comm, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> LinkFigures:
-    """Latency and bandwidth of one ring hop and this rank's partial-attention throughput; cp rank 0's figures
-    go to every rank, so every rank makes the same ring choice."""
+def measure_link(comm: Comm, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> LinkFigures:
+    """Latency and bandwidth of one ring hop and this rank's partial-attention throughput (tensors on `device`);
+    cp rank 0's figures go to every rank, so every rank makes the same ring choice."""
     n, r = comm.size, comm.index
+    device = torch.device(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     def hop(numel: int, reps: int) -> float:
-        send, recv = torch.zeros(numel, dtype=dtype), torch.empty(numel, dtype=dtype)
+        send, recv = torch.zeros(numel, dtype=dtype, device=device), torch.empty(numel, dtype=dtype, device=device)
         comm.barrier()
         t0 = time.perf_counter()
         for _ in range(reps):
             comm.exchange(send, (r + 1) % n, recv, (r - 1) % n, op="measure").wait()
+        sync()
         return (time.perf_counter() - t0) / reps
 
     small = hop(1, 8)
     big_bytes = 4 << 20
     big = hop(big_bytes // torch.empty((), dtype=dtype).element_size(), 3)
     tq, m = 128, 1024
-    q = torch.randn(tq, q_heads, head_dim, dtype=dtype)
-    k, v = torch.randn(m, kv_heads, head_dim, dtype=dtype), torch.randn(m, kv_heads, head_dim, dtype=dtype)
-    visible = torch.ones(tq, m, dtype=torch.bool)
+    q = torch.randn(tq, q_heads, head_dim, dtype=dtype, device=device)
+    k = torch.randn(m, kv_heads, head_dim, dtype=dtype, device=device)
+    v = torch.randn(m, kv_heads, head_dim, dtype=dtype, device=device)
+    visible = torch.ones(tq, m, dtype=torch.bool, device=device)
     partial_attention(q, k, v, visible, 1.0)
+    sync()
     t0 = time.perf_counter()
     partial_attention(q, k, v, visible, 1.0)
+    sync()
     flops = 4 * tq * m * q_heads * head_dim / max(time.perf_counter() - t0, 1e-9)
     mine = LinkFigures(small, big_bytes / max(big - small, 1e-9), flops)
     return comm.broadcast_object(mine, 0)
