@@ -16,6 +16,7 @@ from meshlm.config import SamplingParams
 from meshlm.engine.engine import EngineConfig, LLMEngine
 from meshlm.engine.executor import Executor
 from meshlm.engine.request import RequestOutput
+from meshlm.engine.speculative import SpeculativeConfig, check_proposer, make_proposer
 from meshlm.engine.worker import DTYPES, WorkerSpec
 from meshlm.errors import ConfigError, RequestError
 from meshlm.parallel.comm import resolve_transport
@@ -34,6 +35,10 @@ class LLM:
     dtype: "auto" (a GGUF's Q8_0/Q4_0/Q4_1 weights run as stored, other quantized types convert to those,
     everything else float32), or "float32" / "bfloat16" / "float16" (every weight dequantized to it).
     quantize: "int8" / "int4" / "int4-min" quantizes a float model's linear and embedding weights at load.
+    ep: expert parallelism for MoE models, whole experts on each of the tp ranks (ep=N implies tp=N);
+    expert_capacity: with ep > 1, the capacity factor (None: dropless). See docs/expert_parallelism.md.
+    speculative: "ngram" | "draft:PATH" | "self-int4" (or a SpeculativeConfig) turns on speculative decoding
+    with up to num_speculative_tokens proposals per step (docs/speculative.md); outputs stay exact.
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", threads: int | None = None,
@@ -41,9 +46,15 @@ class LLM:
                  comm_timeout_s: float = 60.0, backend: str | None = None, quantize: str | None = None,
                  engine: EngineConfig | None = None, pp_layers: Sequence[int] | None = None,
                  pipeline: PipelineSpec | None = None, transport: str | None = None,
-                 device: str | None = None, cp: int = 1, cp_ring: str = "auto") -> None:
+                 device: str | None = None, speculative: str | SpeculativeConfig | None = None,
+                 num_speculative_tokens: int = 4, ep: int = 1, expert_capacity: float | None = None, cp: int = 1,
+                 cp_ring: str = "auto") -> None:
         prec = precision(dtype, quantize, DTYPES)  # a bad name fails before any process starts
-        dims = ParallelDims(tp=tp, pp=pp, cp=cp)
+        if isinstance(speculative, str):
+            speculative = SpeculativeConfig(speculative, num_speculative_tokens)
+        if speculative is not None:
+            engine = replace(engine or EngineConfig(), speculative=speculative)
+        dims = ParallelDims(tp=tp, pp=pp, ep=ep, cp=cp)  # ep=N alone implies tp=N (mesh.py)
         choice = resolve_device(device, backend, dims.world_size)
         transport = resolve_transport(transport)  # auto | shm | gloo; a typo fails before any process starts
         pipeline = pipeline or PipelineSpec()
@@ -55,9 +66,11 @@ class LLM:
         cfg = ckpt.cfg
         dims.check_model(cfg)
         plan_stages(cfg, pp, pipeline)
+        if speculative is not None:
+            check_proposer(speculative, model)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           quantize=quantize, progress=progress, pipeline=pipeline,
-                          transport=transport, device=choice, cp_ring=cp_ring)
+                          transport=transport, device=choice, expert_capacity=expert_capacity, cp_ring=cp_ring)
         self.executor = Executor(spec, timeout_s=comm_timeout_s)
         # Closes the ranks once: on close(), when this object is collected, or at interpreter exit. It holds
         # the executor, never self, so an LLM that is dropped can be collected.
@@ -69,8 +82,11 @@ class LLM:
             self.device = w.device
             self.dims = dims
             self.pipeline = pipeline
+            proposer = None if speculative is None else make_proposer(
+                speculative, target_model=model, vocab_size=self.cfg.vocab_size, threads=self.threads,
+                device=choice.kind)
             self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine,
-                                    pipeline)
+                                    pipeline, proposer)
         except BaseException:
             self._finalizer()
             raise
@@ -153,6 +169,10 @@ class LLM:
     def comm_stats(self) -> list[dict]:
         """Per-rank collective totals."""
         return self.executor.call_all("comm_stats")
+
+    def expert_stats(self) -> list[dict]:
+        """Per-rank experts held and tokens routed (before dispatch) / dropped per MoE layer (ep > 1)."""
+        return self.executor.call_all("expert_stats")
 
     def start_timeline(self, spans: bool = True) -> None:
         """pp > 1: restart every rank's pipeline timeline together; spans=True records a trace, else totals only."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 KINDS = ("llama_gqa", "llama_odd_heads", "llama3_rope", "llama_bias", "qwen2", "mistral", "mistral_window",
-         "mixtral")
+         "mixtral", "qwen2_moe", "olmoe")
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 BOS_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -28,7 +28,7 @@ def token_text(i: int) -> str:
 
 
 def _hf_config(kind: str, num_layers: int | None):
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, OlmoeConfig, Qwen2Config, Qwen2MoeConfig
 
     common = dict(vocab_size=512, num_hidden_layers=num_layers or 2, max_position_embeddings=256,
                   bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=None, tie_word_embeddings=False)
@@ -61,6 +61,15 @@ def _hf_config(kind: str, num_layers: int | None):
     if kind == "mixtral":  # 4 experts, top-2
         return MixtralConfig(**common, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    if kind == "qwen2_moe":  # 8 experts top-2, unnormalized; a gated shared expert; layer 1 dense
+        common["num_hidden_layers"] = num_layers or 3
+        return Qwen2MoeConfig(**common, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                              shared_expert_intermediate_size=80, num_attention_heads=4, num_key_value_heads=2,
+                              num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                              mlp_only_layers=[1] if (num_layers or 3) > 1 else [])
+    if kind == "olmoe":  # 8 experts top-2, unnormalized; RMSNorm over the whole q and k projections
+        return OlmoeConfig(**common, hidden_size=128, intermediate_size=64, num_attention_heads=4,
+                           num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)
     raise ValueError(f"unknown checkpoint kind {kind!r}; pick one of {KINDS}")
 
 
@@ -114,6 +123,36 @@ def load_reference(path: str | Path):
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="eager")
     model.generation_config.eos_token_id = None  # compare with meshlm's ignore_eos=True
     return model.eval()
+
+
+class Oracle:
+    """Proposes the reference continuation, with one wrong token in every third proposal (so accepts, partial
+    accepts, corrections and bonus tokens all happen)."""
+
+    name = "oracle"
+
+    def __init__(self, refs: dict[tuple[int, ...], list[int]]) -> None:
+        self.seqs = [list(p) + list(r) for p, r in refs.items()]  # prompt + reference output
+        self.calls, self.released = 0, []
+
+    def propose(self, reqs, ks):
+        """The next ks[i] reference tokens of each request, one of them wrong now and then."""
+        from meshlm.engine.speculative import Proposal
+
+        out = []
+        for r, k in zip(reqs, ks):
+            n = len(r.tokens)
+            toks = next((s[n:n + k] for s in self.seqs if s[:n] == r.tokens), [])
+            self.calls += 1
+            if toks and self.calls % 3 == 0:
+                i = self.calls % len(toks)
+                toks[i] = 3 + (toks[i] + 1) % 500
+            out.append(Proposal(tuple(toks)))
+        return out
+
+    def release(self, request_id):
+        """Remember who was released."""
+        self.released.append(request_id)
 
 
 if __name__ == "__main__":

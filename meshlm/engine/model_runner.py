@@ -42,6 +42,7 @@ class ModelRunner:
         self.model, self.cfg, self.dtype, self.device = model, cfg, dtype, torch.device(device)
         self.cp, self.cp_ring = cp, cp_ring  # context-parallel group (size > 1: the KV sharded over it)
         self.cache: PagedKVCache | None = None
+        self.ledger: list[tuple[tuple[str, int, int], ...]] = []  # debug: (request, start, n) of each step run
 
     def allocate(self, num_blocks: int, block_size: int, announce: bool = False) -> None:
         """Allocate the KV pool (every rank gets the same block count); at cp > 1 measure the ring's link."""
@@ -66,6 +67,10 @@ class ModelRunner:
         """
         assert self.cache is not None, "allocate() the KV cache first"
         positions = self.cache.prepare(step)  # [1, T]; at cp > 1 T is this rank's share
+        # the positions this stage computed, per request (engine.check_positions compares); cp > 1: rows are local
+        if step.seq_ids and (self.cp is None or self.cp.size == 1):
+            pos = positions[0].tolist()
+            self.ledger.append(tuple((i, pos[s.offset], s.n) for i, s in zip(step.seq_ids, step.seqs)))
         token_ids, sample_offsets = self.cache.rows(step)
         x = torch.tensor([token_ids], dtype=torch.long, device=self.device) \
             if hidden is None else hidden  # [1, T] tokens, or [1, T, H] hidden states

@@ -22,6 +22,7 @@ from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.context import RING_CHOICES
 from meshlm.parallel.device import DeviceChoice, rank_device
+from meshlm.parallel.expert import ExpertLoad, ExpertParallelExperts
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.parallel.pipeline import PipelineSpec, plan_stages, split_model
 from meshlm.parallel.styles import ShardLayout, apply_plan
@@ -46,10 +47,14 @@ class WorkerSpec:
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)  # stage split and prompt chunks when pp > 1
     transport: str | None = None  # collectives: auto | shm | gloo (None: $MESHLM_TRANSPORT, else auto)
     device: DeviceChoice = field(default_factory=DeviceChoice)  # cpu (gloo) or cuda:<local rank> (nccl)
+    expert_capacity: float | None = None  # ep > 1: rows per expert <= ceil(factor x routed / experts); None: dropless
     cp_ring: str = "auto"  # context parallelism's prefill ring: auto | pass-kv | pass-q
 
     def __post_init__(self) -> None:
         self.dims.check_runnable()  # a layout the engine cannot run fails before any rank starts
+        if self.expert_capacity is not None and (self.dims.ep == 1 or not self.expert_capacity > 0):
+            raise ConfigError(f"--expert-capacity {self.expert_capacity} needs --ep > 1 and a factor > 0 (1.0: "
+                              "each expert takes its even share of the routed tokens); omit it to drop nothing.")
         if self.cp_ring not in RING_CHOICES:
             raise ConfigError(f"--cp-ring {self.cp_ring!r} is unknown; use one of {', '.join(RING_CHOICES)}.")
 
@@ -86,7 +91,9 @@ class Worker:
         model = build_meta(self.cfg)
         self.stage = plan_stages(self.cfg, spec.dims.pp, spec.pipeline)[groups.pp.index]
         split_model(model, self.stage)  # a pipeline stage keeps (and loads) only its own modules
-        part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp)
+        self.expert_load = ExpertLoad()  # ep > 1: tokens routed to each expert (counted before dispatch), dropped
+        part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp, spec.dims.ep, spec.expert_capacity,
+                              self.expert_load)
         conversions = Conversions()
         self.model = load_weights(model, self.cfg, ckpt.source, self.precision, part_for=part_for,
                                   progress=spec.progress and rank == 0, device=self.device, conversions=conversions)
@@ -172,6 +179,11 @@ class Worker:
                 "kv_mb": self.kv_pool_bytes / 1e6, "peak_rss_mb": memory_mb()["VmHWM"],
                 "timeline": self.stages.timeline.to_dict()}
 
+    def take_position_ledger(self) -> list:
+        """Debug: (request id, first position, tokens) of every sequence of every step this rank ran since
+        the last call; starts a new ledger."""
+        ledger, self.runner.ledger = self.runner.ledger, []
+        return ledger
     def set_cp_ring(self, ring: str) -> None:
         """Choose the prefill ring from now on (auto | pass-kv | pass-q); every rank of the cp group together."""
         if ring not in RING_CHOICES:
@@ -189,5 +201,13 @@ class Worker:
         return STATS.snapshot()
 
     def reset_stats(self) -> None:
-        """Zero the collective totals."""
+        """Zero the collective and expert-load totals."""
         STATS.reset()
+        self.expert_load.reset()
+
+    def expert_stats(self) -> dict:
+        """This rank's experts (per MoE layer's placement), the group's routed / dropped rows (expert.py), and the
+        all-to-all bytes this rank sent each other rank ("links": {"tp/0->1": bytes})."""
+        held = {name.split(".")[1]: list(m.placement.slots[m.comm.index]) for name, m in self.model.named_modules()
+                if isinstance(m, ExpertParallelExperts)}
+        return {"rank": self.rank, "experts": held, **self.expert_load.snapshot(), "links": STATS.link_snapshot()}

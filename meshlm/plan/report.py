@@ -97,7 +97,8 @@ def format_plan(plan: Plan, cfg: ModelConfig, cluster: Cluster) -> str:
 
 def candidate_json(c: Candidate) -> dict[str, Any]:
     """A candidate as plain data (bytes and seconds)."""
-    out: dict[str, Any] = {"layout": asdict(c.layout), "rejected": c.rejected, "reason": c.reason}
+    layout = {k: v for k, v in asdict(c.layout).items() if k not in ("ep", "cp") or v > 1}  # ep, cp only when used
+    out: dict[str, Any] = {"layout": layout, "rejected": c.rejected, "reason": c.reason}
     if c.memory is not None:
         out["memory"] = {**asdict(c.memory), "max_batch": c.memory.max_batch}
     if c.estimate is not None:
@@ -130,9 +131,9 @@ def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, 
                         f"{cluster.devices} times as long)" if cluster.node.shared_memory and cluster.nodes == 1
                         else ", and the predicted timings assume a device each"))
     try:
-        ParallelDims(dp=layout.dp, pp=layout.pp, tp=layout.tp).check_model(cfg)
+        ParallelDims(dp=layout.dp, pp=layout.pp, tp=layout.tp, ep=layout.ep).check_model(cfg)
     except ConfigError as e:
-        return False, "\n".join(lines + [f"FAIL heads/layers: {e}"])
+        return False, "\n".join(lines + [f"FAIL heads/layers/experts: {e}"])
     first = [s for s in rank_shares(cfg, layout, dtype) if s.stage == 0]
     lines.append(f"heads per tp rank: q {'+'.join(str(s.q_heads) for s in first)} of {cfg.num_heads}, "
                  f"kv {'+'.join(str(s.kv_heads) for s in first)} of {cfg.num_kv_heads}"
@@ -161,7 +162,7 @@ def fitting_layout(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: st
     """The one-replica layout with the fewest ranks (then the fewest stages, the most tp) whose heads and memory
     fit; cp before pp, since a context whose KV does not fit one rank also prefills faster split by cp."""
     n = cluster.devices
-    candidates = [Layout(1, pp, tp, cp) for tp in range(1, n + 1) for pp in range(1, n // tp + 1)
+    candidates = [Layout(1, pp, tp, cp=cp) for tp in range(1, n + 1) for pp in range(1, n // tp + 1)
                   for cp in range(1, n // (tp * pp) + 1) if cp == 1 or pp == 1]
     for lay in sorted(candidates, key=lambda x: (x.model_ranks, x.pp, x.cp)):
         try:

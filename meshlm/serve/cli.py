@@ -88,11 +88,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     ecfg = EngineConfig(kv_cache_mb=args.kv_cache_mb, scheduler=SchedulerConfig(
         args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting))
-    extra = {k: getattr(args, k) for k in ("transport", "pp_layers", "device") if getattr(args, k, None) is not None}
+    extra = {k: getattr(args, k) for k in ("transport", "pp_layers", "device", "ep", "expert_capacity")
+             if getattr(args, k, None) is not None}
     # With --pp the engine keeps one step in flight per stage (engine/pipeline_stage.py).
+    from meshlm.cli import speculative_config
+
     llm = LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
               max_context=args.max_context, tp=args.tp, cp=args.cp, cp_ring=args.cp_ring,
-              pp=args.pp, comm_timeout_s=args.comm_timeout, backend=args.backend, engine=ecfg, **extra)
+              pp=args.pp, comm_timeout_s=args.comm_timeout, backend=args.backend, engine=ecfg,
+              speculative=speculative_config(args), **extra)
     from meshlm.serve.server import serve
 
     try:

@@ -183,11 +183,11 @@ def test_plan_search_at_a_cp_degree():
     from meshlm.plan.search import layouts, search
 
     h100 = clusters.resolve("8xH100")
-    assert {(x.dp * x.tp, x.pp, x.cp) for x in layouts(h100, 2)} == {(4, 1, 2)}
+    assert {(x.dp * x.tp, x.pp, x.cp) for x in layouts(h100, cp=2)} == {(4, 1, 2)}
     cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 512, "intermediate_size": 1024,
                                "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
                                "vocab_size": 1000, "max_position_embeddings": 65536})
     plan = search(cfg, h100, Workload(prompt_tokens=60000, output_tokens=100), "bfloat16", cp=2)
     assert plan.chosen is not None and all(c.layout.cp == 2 for c in plan.ranked + plan.rejected)
     with pytest.raises(ConfigError, match="--cp 3 does not divide the cluster's 8 devices"):
-        layouts(h100, 3)
+        layouts(h100, cp=3)

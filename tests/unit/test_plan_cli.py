@@ -44,7 +44,7 @@ def test_plan_prints_the_table_and_json(tmp_path, capsys):
     assert "chosen: dp=1 pp=2 tp=8" in text and "binding constraint: memory" in text
     assert main(args + ["--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["chosen"]["layout"] == {"dp": 1, "pp": 2, "tp": 8, "cp": 1}
+    assert data["chosen"]["layout"] == {"dp": 1, "pp": 2, "tp": 8}
 
 
 def test_plan_exits_nonzero_when_nothing_fits(tmp_path, capsys):

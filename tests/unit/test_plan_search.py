@@ -93,7 +93,7 @@ def test_json_output_is_plain_data():
 
     plan = search(cfg(LLAMA3_70B), clusters.resolve("8xH100"), SERVING, "bfloat16")
     data = json.loads(json.dumps(plan_json(plan)))
-    assert data["chosen"]["layout"] == {"dp": 2, "pp": 1, "tp": 4, "cp": 1}  # tp=2 holds only 8 of the 16 sequences
+    assert data["chosen"]["layout"] == {"dp": 2, "pp": 1, "tp": 4}  # tp=2 holds only 8 of the 16 sequences
     terms = data["chosen"]["estimate"]["decode"]
     assert set(terms) >= {"compute", "collectives", "control", "p2p", "bubble", "total"}
     assert terms["total"] == pytest.approx(sum(terms[k] for k in ("compute", "collectives", "control", "p2p",
