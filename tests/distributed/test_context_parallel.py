@@ -171,3 +171,18 @@ def test_rank_killed_during_the_ring(tmp_path):
     assert "rank 1" in err, err
     assert "Traceback" not in err, err
     assert not alive(ranks[0])
+
+
+def test_cp2_with_speculative_decoding(checkpoint, llm):
+    """n-gram speculation at cp=2: verification steps (several sampled rows per sequence) are computed on every
+    rank, drafts are proposed and some accepted, and the tokens stay cp=1's."""
+    kind = "llama_gqa"
+    rng = random.Random(1)
+    loop = [rng.randrange(3, 500) for _ in range(12)]
+    ps = [loop * 4, prompts(50, (37,))[0]]  # a repetitive prompt gives the n-gram proposer drafts
+    sp = SamplingParams(max_tokens=24, ignore_eos=True)
+    with LLM(str(checkpoint(kind)), cp=2, progress=False, speculative="ngram") as two:
+        got = [o.token_ids for o in two.generate(ps, sp)]
+        spec = two.engine.stats().speculative
+    assert spec is not None and spec.proposed > 0
+    assert got == [o.token_ids for o in llm(kind).generate(ps, sp)]
