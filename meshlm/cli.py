@@ -52,6 +52,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-capacity", type=float, default=None, metavar="FACTOR",
                    help="with --ep: an expert takes at most ceil(FACTOR x routed tokens / experts) per step, the "
                         "rest are dropped and counted (default: dropless)")
+    p.add_argument("--cp", type=int, default=1,
+                   help="context-parallel ranks: a prompt's tokens split across them (ring attention) and the KV "
+                        "cache sharded round-robin by token, so a context cp times longer fits; combines with "
+                        "--tp (cp x tp ranks), not yet with --pp (default 1)")
+    p.add_argument("--cp-ring", default="auto", choices=["auto", "pass-kv", "pass-q"],
+                   help="the prefill ring at --cp > 1: auto (default) chooses per prefill from the new and cached "
+                        "tokens, the head counts and the measured link (docs/context_parallel.md)")
     p.add_argument("--pp-layers", type=_layer_counts, default=None, metavar="N,N,...",
                    help="layers per pipeline stage, e.g. 16,14 (default: balanced by an estimated cost)")
     p.add_argument("--comm-timeout", type=float, default=60.0,
@@ -149,6 +156,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
              max_context=args.max_context, tp=args.tp, ep=args.ep, expert_capacity=args.expert_capacity,
+             cp=args.cp, cp_ring=args.cp_ring,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
              device=args.device,
              pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks),
@@ -167,7 +175,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[prompt {len(out.prompt_token_ids)} tokens | generated {len(out.token_ids)} tokens | "
               f"TTFT {out.ttft_s * 1000:.1f} ms | decode {out.decode_tokens_per_s:.1f} tok/s | "
               f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {llm.dims.tp} "
-              + (f"| ep {llm.dims.ep} " if llm.dims.ep > 1 else "")
+              + (f"| ep {llm.dims.ep} " if llm.dims.ep > 1 else "") + (f"| cp {args.cp} " if args.cp > 1 else "")
               + f"| pp {args.pp}{spec_figures(llm.engine.stats())}]",
               file=sys.stderr)
         if llm.dims.tp > 1 or args.pp == 1:  # with pp > 1 the stage lines below give each rank's memory
@@ -193,7 +201,7 @@ def _print_ranks(llm, wall_s: float) -> None:
     """One line per rank: heads owned (uneven splits show here), weights, memory, collective time."""
     stats = llm.comm_stats()
     for info, st in zip(llm.rank_info(), stats):
-        comm_s = sum(v["seconds"] for k, v in st.items() if k.startswith("tp/"))
+        comm_s = sum(v["seconds"] for k, v in st.items() if k.startswith(("tp/", "cp/")))
         comm = (f" | collectives {comm_s * 1000:.0f} ms over {info.get('transport', '?')} "
                 f"({100 * comm_s / max(wall_s, 1e-9):.0f}% of generation)") if len(stats) > 1 else ""
         formats = ", ".join(f"{k} {v:.0f}" for k, v in info.get("weight_mb_by_format", {}).items())
@@ -215,7 +223,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """--dry-run of generate or serve: the planner's check against the KV pool the engine would size."""
     from meshlm.engine.engine import EngineConfig, host_kv_budget_bytes
 
-    world = max(args.tp, getattr(args, "ep", 1) or 1) * (getattr(args, "pp", 1) or 1)
+    world = max(args.tp, getattr(args, "ep", 1) or 1) * (getattr(args, "pp", 1) or 1) * (getattr(args, "cp", 1) or 1)
     return cmd_dry_run(args, host_kv_budget_bytes(EngineConfig().kv_cache_fraction, world))
 
 

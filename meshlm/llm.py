@@ -46,13 +46,14 @@ class LLM:
                  engine: EngineConfig | None = None, pp_layers: Sequence[int] | None = None,
                  pipeline: PipelineSpec | None = None, transport: str | None = None,
                  device: str | None = None, speculative: str | SpeculativeConfig | None = None,
-                 num_speculative_tokens: int = 4, ep: int = 1, expert_capacity: float | None = None) -> None:
+                 num_speculative_tokens: int = 4, ep: int = 1, expert_capacity: float | None = None, cp: int = 1,
+                 cp_ring: str = "auto") -> None:
         prec = precision(dtype, quantize, DTYPES)  # a bad name fails before any process starts
         if isinstance(speculative, str):
             speculative = SpeculativeConfig(speculative, num_speculative_tokens)
         if speculative is not None:
             engine = replace(engine or EngineConfig(), speculative=speculative)
-        dims = ParallelDims(tp=tp, pp=pp, ep=ep)  # ep=N alone implies tp=N (mesh.py)
+        dims = ParallelDims(tp=tp, pp=pp, ep=ep, cp=cp)  # ep=N alone implies tp=N (mesh.py)
         choice = resolve_device(device, backend, dims.world_size)
         transport = resolve_transport(transport)  # auto | shm | gloo; a typo fails before any process starts
         pipeline = pipeline or PipelineSpec()
@@ -68,7 +69,7 @@ class LLM:
             check_proposer(speculative, model)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           quantize=quantize, progress=progress, pipeline=pipeline,
-                          transport=transport, device=choice, expert_capacity=expert_capacity)
+                          transport=transport, device=choice, expert_capacity=expert_capacity, cp_ring=cp_ring)
         self.executor = Executor(spec, timeout_s=comm_timeout_s)
         # Closes the ranks once: on close(), when this object is collected, or at interpreter exit. It holds
         # the executor, never self, so an LLM that is dropped can be collected.

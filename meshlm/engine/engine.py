@@ -62,8 +62,10 @@ class LLMEngine:
         per_block = max(executor.call_all("kv_block_bytes", bs))
         budget = (self.ecfg.kv_cache_mb * 2**20 if self.ecfg.kv_cache_mb is not None
                   else min(executor.call_all("kv_budget_bytes", self.ecfg.kv_cache_fraction)))
+        # At cp > 1 a block id covers bs tokens on each of the cp ranks (parallel/context.py: kv_slot).
+        cp = executor.cp
         # No point in more blocks than max_num_seqs full contexts.
-        cap = self.ecfg.scheduler.max_num_seqs * -(-max_context // bs)
+        cap = self.ecfg.scheduler.max_num_seqs * -(-max_context // (bs * cp))
         num_blocks = min(int(budget // per_block), cap)
         if num_blocks < 1:
             raise ConfigError(
@@ -71,13 +73,13 @@ class LLMEngine:
                 f"({per_block / 2**20:.2f} MiB); raise --kv-cache-mb."
             )
         executor.call("allocate_kv", num_blocks, bs)
-        self.blocks = BlockManager(num_blocks, bs)
+        self.blocks = BlockManager(num_blocks, bs * cp)
         self.depth = min(executor.depth, self.ecfg.pipeline_depth or executor.depth)  # steps in flight at most
         # Token-level pipelining: with steps in flight on several stages, a long prompt goes in chunks.
         chunks = partial(prompt_chunks, cfg, pipeline or PipelineSpec(), self.depth) if self.depth > 1 else None
         self.scheduler = Scheduler(self.ecfg.scheduler, self.blocks, chunks)
-        self.capacity_tokens = num_blocks * bs
-        log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB per rank)", num_blocks, bs,
+        self.capacity_tokens = num_blocks * bs * cp
+        log.info("KV cache: %d blocks x %d tokens x cp %d = %d tokens (%.1f MiB per rank)", num_blocks, bs, cp,
                  self.capacity_tokens, num_blocks * per_block / 2**20)
         self.eos = set(cfg.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
         self.live: dict[str, LiveRequest] = {}
@@ -145,7 +147,7 @@ class LLMEngine:
         return EngineStats(len(s.running), len(s.waiting), s.cfg.max_waiting, self.blocks.usage(), s.num_preemptions,
                            self.total_prompt_tokens, self.total_generated_tokens,
                            self.executor.collective_seconds(), self.executor.bubble_fraction(), spec,
-                           self.executor.experts_dropped())
+                           self.executor.experts_dropped(), self.executor.cp_ring_choices())
 
     def failure(self) -> RankFailure | None:
         """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""

@@ -50,3 +50,4 @@ class EngineStats:
     bubble_fraction: float = 0.0  # pp > 1: stage 0's share of pipelined time waiting for the later stages
     speculative: SpecCounters | None = None  # proposed / accepted tokens (a copy), None without speculation
     expert_tokens_dropped: int = 0  # ep > 1 with --expert-capacity: routed rows past an expert's capacity
+    cp_ring_choices: Mapping[str, int] = field(default_factory=dict)  # cp > 1: prefills by ring (pass-kv, pass-q)

@@ -133,6 +133,9 @@ class Executor:
         """Rows the expert capacity factor dropped, over the group (rank 0 holds the group's count; ep > 1)."""
         load = getattr(self.worker, "expert_load", None)
         return load.total_dropped() if load is not None else 0
+    def cp_ring_choices(self) -> dict[str, int]:
+        """cp > 1: rank 0's prefill ring choices so far, by ring ({} otherwise or once closed)."""
+        return {} if self.worker is None else self.worker.cp_ring_choices()
 
     def bubble_fraction(self) -> float:
         """Rank 0's share of pipelined time spent waiting for the later stages (0 when pp == 1)."""
@@ -145,6 +148,11 @@ class Executor:
         self.broken, self.in_flight, self.pipelining = True, 0, False
         self.close(graceful=False)
         return err
+
+    @property
+    def cp(self) -> int:
+        """Context-parallel ranks: each KV block id covers block_size tokens on every one of them."""
+        return self.spec.dims.cp
 
     @property
     def depth(self) -> int:

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 from meshlm.config import ModelConfig
+from meshlm.engine.cp_attention import ContextParallelKVCache
 from meshlm.engine.paged_attention import PagedKVCache, StepInput
+from meshlm.parallel.comm import Comm
+from meshlm.parallel.ring import measure_link
 
 
 @dataclass
@@ -35,19 +38,28 @@ class ModelRunner:
     """Owns the KV pool of one rank (its stage's layers only) and executes StepInputs."""
 
     def __init__(self, model: nn.Module, cfg: ModelConfig, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", cp: Comm | None = None, cp_ring: str = "auto") -> None:
         self.model, self.cfg, self.dtype, self.device = model, cfg, dtype, torch.device(device)
+        self.cp, self.cp_ring = cp, cp_ring  # context-parallel group (size > 1: the KV sharded over it)
         self.cache: PagedKVCache | None = None
         self.ledger: list[tuple[tuple[str, int, int], ...]] = []  # debug: (request, start, n) of each step run
 
-    def allocate(self, num_blocks: int, block_size: int) -> None:
-        """Allocate the KV pool (every rank gets the same block count)."""
+    def allocate(self, num_blocks: int, block_size: int, announce: bool = False) -> None:
+        """Allocate the KV pool (every rank gets the same block count); at cp > 1 measure the ring's link."""
         self.cache = None
         layer_ids = [int(k) for k in self.model.layers.keys()]
-        self.cache = PagedKVCache(layer_ids, num_blocks, block_size, local_kv_heads(self.model, self.cfg),
-                                  self.cfg.head_dim, self.dtype, self.device, window=self.cfg.sliding_window)
-        layers = [getattr(b, "decode_weights", lambda: None)() for b in self.model.layers.values()]
-        self.cache.use_stack(layers, self.cfg.rms_norm_eps)
+        kv_heads = local_kv_heads(self.model, self.cfg)
+        if self.cp is None or self.cp.size == 1:
+            self.cache = PagedKVCache(layer_ids, num_blocks, block_size, kv_heads, self.cfg.head_dim, self.dtype,
+                                      self.device, window=self.cfg.sliding_window)
+            layers = [getattr(b, "decode_weights", lambda: None)() for b in self.model.layers.values()]
+            self.cache.use_stack(layers, self.cfg.rms_norm_eps)  # CPU decode steps: the whole-stack op
+            return
+        q_heads = kv_heads * (self.cfg.num_heads // self.cfg.num_kv_heads)
+        link = measure_link(self.cp, q_heads, kv_heads, self.cfg.head_dim, self.dtype, self.device)
+        self.cache = ContextParallelKVCache(layer_ids, num_blocks, block_size, kv_heads, self.cfg.head_dim,
+                                            self.dtype, self.device, self.cfg.sliding_window, self.cp,
+                                            self.cp_ring, link, q_heads, announce)
 
     @torch.inference_mode()
     def forward(self, step: StepInput, hidden: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,19 +68,24 @@ class ModelRunner:
         hidden: the previous stage's output; None on the first stage, which embeds step.token_ids.
         """
         assert self.cache is not None, "allocate() the KV cache first"
-        positions = self.cache.prepare(step)  # [1, T]
-        if step.seq_ids:  # the positions this stage computed, per request (engine.check_positions compares)
+        positions = self.cache.prepare(step)  # [1, T]; at cp > 1 T is this rank's share
+        # the positions this stage computed, per request (engine.check_positions compares); cp > 1: rows are local
+        if step.seq_ids and (self.cp is None or self.cp.size == 1):
             pos = positions[0].tolist()
             self.ledger.append(tuple((i, pos[s.offset], s.n) for i, s in zip(step.seq_ids, step.seqs)))
-        x = torch.tensor([step.token_ids], dtype=torch.long, device=self.device) \
+        token_ids, sample_offsets = self.cache.rows(step)
+        x = torch.tensor([token_ids], dtype=torch.long, device=self.device) \
             if hidden is None else hidden  # [1, T] tokens, or [1, T, H] hidden states
-        index = torch.tensor([step.sample_offsets], dtype=torch.long, device=self.device)  # [1, K]
+        index = torch.tensor([sample_offsets], dtype=torch.long, device=self.device)  # [1, K]
         out = self.model(x, positions, self.cache, logits_index=index)  # [1, K, V] or [1, T, H]
         return out[0].float() if self.model.lm_head is not None else out
 
     def execute(self, step: StepInput, hidden: torch.Tensor | None = None) -> StepOutput:
         """Run one step on the last (or only) stage: its argmax tokens and the logits asked for."""
-        return finish(self.forward(step, hidden), step)
+        logits = self.forward(step, hidden)
+        if len(logits) != len(step.sample_offsets):  # a cp rank other than 0: it samples nothing
+            return StepOutput([], torch.zeros(0, logits.shape[-1]))
+        return finish(logits, step)
 
 
 def finish(logits: torch.Tensor, step: StepInput) -> StepOutput:

@@ -95,6 +95,10 @@ class PagedKVCache:
     def _first_visible(self, ctx: int) -> int:
         return 0 if self.window is None else max(0, ctx - self.window)
 
+    def rows(self, step: StepInput) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The token ids this rank computes and the flat rows it samples: the whole step."""
+        return step.token_ids, step.sample_offsets
+
     def prepare(self, step: StepInput) -> torch.Tensor:
         """Plan attention for a step; returns positions [1, T]. Makes a few tensors per step (none per layer)."""
         dev, bs = self.device, self.block_size

@@ -20,6 +20,7 @@ from meshlm.errors import ConfigError
 from meshlm.kernels import pack_linears
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
+from meshlm.parallel.context import RING_CHOICES
 from meshlm.parallel.device import DeviceChoice, rank_device
 from meshlm.parallel.expert import ExpertLoad, ExpertParallelExperts
 from meshlm.parallel.mesh import ParallelDims
@@ -47,12 +48,15 @@ class WorkerSpec:
     transport: str | None = None  # collectives: auto | shm | gloo (None: $MESHLM_TRANSPORT, else auto)
     device: DeviceChoice = field(default_factory=DeviceChoice)  # cpu (gloo) or cuda:<local rank> (nccl)
     expert_capacity: float | None = None  # ep > 1: rows per expert <= ceil(factor x routed / experts); None: dropless
+    cp_ring: str = "auto"  # context parallelism's prefill ring: auto | pass-kv | pass-q
 
     def __post_init__(self) -> None:
         self.dims.check_runnable()  # a layout the engine cannot run fails before any rank starts
         if self.expert_capacity is not None and (self.dims.ep == 1 or not self.expert_capacity > 0):
             raise ConfigError(f"--expert-capacity {self.expert_capacity} needs --ep > 1 and a factor > 0 (1.0: "
                               "each expert takes its even share of the routed tokens); omit it to drop nothing.")
+        if self.cp_ring not in RING_CHOICES:
+            raise ConfigError(f"--cp-ring {self.cp_ring!r} is unknown; use one of {', '.join(RING_CHOICES)}.")
 
 
 def memory_mb() -> dict[str, float]:
@@ -150,8 +154,8 @@ class Worker:
 
     def allocate_kv(self, num_blocks: int, block_size: int) -> None:
         """Allocate the paged KV pool (this stage's layers) on this rank's device; pages are touched as written."""
-        self.runner = ModelRunner(self.model, self.cfg, self.dtype, self.device)
-        self.runner.allocate(num_blocks, block_size)
+        self.runner = ModelRunner(self.model, self.cfg, self.dtype, self.device, self.groups.cp, self.spec.cp_ring)
+        self.runner.allocate(num_blocks, block_size, announce=self.rank == 0)
         self.kv_pool_bytes = num_blocks * self.kv_block_bytes(block_size)
         self.stages = StageDriver(self.runner, self.groups, self.stage, self.cfg.hidden_size, self.dtype) \
             if self.spec.dims.pp > 1 else None
@@ -180,6 +184,17 @@ class Worker:
         the last call; starts a new ledger."""
         ledger, self.runner.ledger = self.runner.ledger, []
         return ledger
+    def set_cp_ring(self, ring: str) -> None:
+        """Choose the prefill ring from now on (auto | pass-kv | pass-q); every rank of the cp group together."""
+        if ring not in RING_CHOICES:
+            raise ConfigError(f"cp ring {ring!r} is unknown; use one of {', '.join(RING_CHOICES)}.")
+        if hasattr(self.runner.cache, "ring"):
+            self.runner.cache.ring = ring
+
+    def cp_ring_choices(self) -> dict[str, int]:
+        """Prefill ring choices of this rank so far ({} at cp == 1)."""
+        runner = getattr(self, "runner", None)
+        return dict(getattr(runner.cache, "choices", {})) if runner is not None else {}
 
     def comm_stats(self) -> dict:
         """This rank's collective totals."""

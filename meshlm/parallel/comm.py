@@ -281,6 +281,19 @@ class Comm:
             work.wait()
         self._posted.clear()
 
+    def exchange(self, send: torch.Tensor | None, dst_index: int, recv: torch.Tensor | None,
+                 src_index: int, op: str = "exchange") -> Exchange:
+        """Post a send to dst_index and a receive into `recv` from src_index (empty or None: skipped) over the
+        process group; both proceed while the caller computes; Exchange.wait() finishes them."""
+        works, nbytes = [], 0
+        if send is not None and send.numel():
+            send = send.contiguous()
+            nbytes = send.numel() * send.element_size()
+            works.append(dist.isend(send, dst=self.ranks[dst_index], group=self.group))
+        if recv is not None and recv.numel():
+            works.append(dist.irecv(recv, src=self.ranks[src_index], group=self.group))
+        return Exchange(self, op, nbytes, works, send)
+
     def gather_object(self, obj: Any, dst_index: int = 0) -> list[Any] | None:
         """Every member's obj, by member, on dst_index (None elsewhere)."""
         if self.size == 1:
@@ -303,6 +316,25 @@ class Comm:
 
 
 @dataclass
+class Exchange:
+    """Posted point-to-point transfers; wait() blocks until they are done and records the time it blocked
+    (the part of the transfer not hidden under the caller's compute)."""
+
+    comm: Comm
+    op: str
+    nbytes: int
+    works: list
+    keep: torch.Tensor | None  # the send buffer, alive until done
+
+    def wait(self) -> None:
+        """Finish the posted send and receive."""
+        t0 = time.perf_counter()
+        for w in self.works:
+            w.wait()
+        self.comm.stats.record(self.comm.name, self.op, self.nbytes, time.perf_counter() - t0, self.comm.base)
+
+
+@dataclass
 class Groups:
     """The communicators one rank takes part in."""
 
@@ -310,17 +342,19 @@ class Groups:
     tp: Comm
     pp: Comm
     dp: Comm
+    cp: Comm | None = None  # context parallelism; None: a group of one
 
     def close(self) -> None:
         """Unmap every group's shared-memory segment."""
-        for c in (self.world, self.tp, self.pp, self.dp):
-            c.close()
+        for c in (self.world, self.tp, self.pp, self.dp, self.cp):
+            if c is not None:
+                c.close()
 
 
 def single_process_groups() -> Groups:
     """Groups of one, for running without torch.distributed."""
     one = Comm("single", [0], None, 0)
-    return Groups(world=one, tp=one, pp=one, dp=one)
+    return Groups(world=one, tp=one, pp=one, dp=one, cp=one)
 
 
 def attach_shm(group: Any, ranks: list[int], index: int, name: str, timeout_s: float,
@@ -417,7 +451,7 @@ def build_groups(dims, rank: int, backend: str, timeout_s: float, transport: str
         return use_transport(mine, transport, timeout_s)
 
     return Groups(world=world, tp=make("tp", dims.tp_groups()), pp=make("pp", dims.pp_groups()),
-                  dp=make("dp", dims.dp_groups()))
+                  dp=make("dp", dims.dp_groups()), cp=make("cp", dims.cp_groups()))
 
 
 # Ranks wait for the next control call on their own group with a long timeout: an idle server is not a stalled

@@ -1,17 +1,19 @@
 """ParallelDims: validate the layout, map ranks to coordinates, build named process groups.
 
-Rank layout (row-major over (dp, pp, tp), tp fastest):
+Rank layout (row-major over (dp, pp, cp, tp), tp fastest):
 
-    rank = (dp_idx * pp + pp_idx) * tp + tp_idx
+    rank = ((dp_idx * pp + pp_idx) * cp + cp_idx) * tp + tp_idx
 
-so the ranks of one tensor-parallel group are adjacent (same host, fastest links), pipeline stages of
-one replica are tp apart, and data-parallel replicas are pp * tp apart.
+so the ranks of one tensor-parallel group are adjacent (same host, fastest links), the context-parallel
+ranks of one stage are tp apart, pipeline stages of one replica are cp * tp apart, and data-parallel
+replicas are pp * cp * tp apart.
 
-Built: tp, pp and ep. Expert parallelism spans the tensor-parallel ranks of a stage (ep = tp: attention
+Built: tp, pp, ep and cp. Expert parallelism spans the tensor-parallel ranks of a stage (ep = tp: attention
 stays tensor-parallel, each rank holds whole experts; parallel/expert.py), so ep adds no ranks: `ep=N`
-alone implies tp=N, and ep with another tp > 1 is refused naming the fix. Context parallelism (cp) is
-declared for what comes next and refused above 1 at construction. dp > 1 lays out independent replicas,
-which the planner reasons about but one engine does not run: `check_runnable` refuses it before any rank starts.
+alone implies tp=N, and ep with another tp > 1 is refused naming the fix. Context parallelism (cp; not yet
+with pp) splits a prompt's tokens and the KV cache over cp ranks (parallel/context.py). dp > 1 lays out
+independent replicas, which the planner reasons about but one engine does not run: `check_runnable`
+refuses it before any rank starts.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
 
 BUILT = ("Built: tensor parallelism (--tp, which also splits every MoE expert), expert parallelism (--ep, whole "
-         "experts per tp rank) and pipeline parallelism (--pp).")
+         "experts per tp rank), pipeline parallelism (--pp) and context parallelism (--cp).")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,6 @@ class ParallelDims:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"--{name} must be a positive integer, got {v!r}.")
-        if self.cp != 1:
-            raise ConfigError(f"context parallelism (cp) is not built yet; use cp=1. {BUILT}")
         if self.ep > 1 and self.tp == 1:
             object.__setattr__(self, "tp", self.ep)  # --ep N alone: the stage's N tp ranks hold the experts
         if self.ep > 1 and self.tp != self.ep:
@@ -66,7 +66,10 @@ class ParallelDims:
             )
 
     def check_runnable(self) -> None:
-        """Refuse a layout the engine cannot run (dp > 1: one engine drives one replica)."""
+        """Refuse a layout the engine cannot run (dp > 1: one engine drives one replica; cp with pp)."""
+        if self.cp > 1 and self.pp > 1:
+            raise ConfigError(f"context parallelism (cp={self.cp}) does not combine with pipeline parallelism "
+                              f"(pp={self.pp}) yet; use --cp with --tp, or --pp without --cp.")
         if self.dp != 1:
             raise ConfigError(
                 f"data parallelism (dp={self.dp}) is not built into the engine yet; use dp=1 and start one "
@@ -95,13 +98,17 @@ class ParallelDims:
     def coords(self, rank: int) -> tuple[int, int, int]:
         """(dp_idx, pp_idx, tp_idx) of a global rank."""
         tp_idx = rank % self.tp
-        pp_idx = (rank // self.tp) % self.pp
-        dp_idx = rank // (self.tp * self.pp)
+        pp_idx = (rank // (self.tp * self.cp)) % self.pp
+        dp_idx = rank // (self.tp * self.cp * self.pp)
         return dp_idx, pp_idx, tp_idx
 
-    def rank_of(self, dp_idx: int, pp_idx: int, tp_idx: int) -> int:
+    def cp_index(self, rank: int) -> int:
+        """The context-parallel index of a global rank."""
+        return (rank // self.tp) % self.cp
+
+    def rank_of(self, dp_idx: int, pp_idx: int, tp_idx: int, cp_idx: int = 0) -> int:
         """Global rank at the given coordinates."""
-        return (dp_idx * self.pp + pp_idx) * self.tp + tp_idx
+        return ((dp_idx * self.pp + pp_idx) * self.cp + cp_idx) * self.tp + tp_idx
 
     def tp_groups(self) -> list[list[int]]:
         """Ranks of each tensor-parallel group (adjacent ranks)."""
@@ -109,8 +116,15 @@ class ParallelDims:
 
     def pp_groups(self) -> list[list[int]]:
         """Ranks of each pipeline (one per dp replica and tp index), in stage order."""
-        return [[self.rank_of(d, p, t) for p in range(self.pp)] for d in range(self.dp) for t in range(self.tp)]
+        return [[self.rank_of(d, p, t, c) for p in range(self.pp)]
+                for d in range(self.dp) for c in range(self.cp) for t in range(self.tp)]
 
     def dp_groups(self) -> list[list[int]]:
         """Ranks holding the same shard in different replicas."""
-        return [[self.rank_of(d, p, t) for d in range(self.dp)] for p in range(self.pp) for t in range(self.tp)]
+        return [[self.rank_of(d, p, t, c) for d in range(self.dp)]
+                for p in range(self.pp) for c in range(self.cp) for t in range(self.tp)]
+
+    def cp_groups(self) -> list[list[int]]:
+        """Ranks that split one stage's context (same dp, pp and tp index), in cp order."""
+        return [[self.rank_of(d, p, t, c) for c in range(self.cp)]
+                for d in range(self.dp) for p in range(self.pp) for t in range(self.tp)]

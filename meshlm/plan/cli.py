@@ -90,6 +90,9 @@ def add_parser(sub: Any) -> None:
                         "int4 (Q4_0, 18/32), int4-min (Q4_1, 20/32). Default: a .gguf model's own formats "
                         "(the bundled SmolLM2: Q4_1 layers, Q8_0 embedding), else the dtype")
     _workload_args(p)
+    p.add_argument("--cp", type=int, default=1,
+                   help="context-parallel degree of every layout (KV per rank / cp, the ring in the prefill "
+                        "cost); the search then spans dp x tp over the devices / cp (default 1)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine (matmul rate and memory bandwidth per dtype, collective latency "
@@ -121,7 +124,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     c = clusters.resolve(args.cluster)
     dtype = args.dtype or ("float32" if c.node.shared_memory else "bfloat16")
     weights = weight_format(args.model, args.dtype is not None, args.quantize)
-    plan = search(cfg, c, workload_from(args), dtype, name, weights)
+    plan = search(cfg, c, workload_from(args), dtype, name, weights, cp=args.cp)
     print(json.dumps(plan_json(plan), indent=1) if args.json else format_plan(plan, cfg, c))
     return 0 if plan.chosen is not None else 1
 
@@ -133,7 +136,8 @@ def cmd_dry_run(args: argparse.Namespace, kv_default: float) -> int:
 
     cfg, _ = model_config(args.model)
     c = clusters.resolve("local")
-    layout = Layout(1, getattr(args, "pp", 1) or 1, args.tp, ep=getattr(args, "ep", 1) or 1)
+    layout = Layout(1, getattr(args, "pp", 1) or 1, args.tp, ep=getattr(args, "ep", 1) or 1,
+                    cp=getattr(args, "cp", 1) or 1)
     context = min(args.max_context or cfg.max_position, cfg.max_position)
     if args.command == "generate":
         prompt = max(1, len(args.prompt) // 3)  # ~3 characters a token; the tokenizer is not loaded

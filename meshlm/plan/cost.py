@@ -287,15 +287,29 @@ class Model:
         hops = sum(self.hop(s, piece.tokens, piece.rows) for s in range(self.layout.pp))
         return stages, hops
 
+    def ring(self, tokens: float, context: float) -> float:
+        """cp > 1: seconds of one forward's pass-KV ring, all of it counted (no overlap assumed): per layer
+        cp - 1 hops, each a KV block of context / cp tokens."""
+        cp = self.layout.cp
+        if cp == 1:
+            return 0.0
+        share = max(self.shares, key=lambda r: r.kv_bytes_per_token)
+        block = context / cp * share.kv_bytes_per_token * cp / share.layers  # one layer's K/V of context / cp
+        ln = self.cluster.link_between([0, self.layout.tp])
+        return share.layers * (cp - 1) * ln.time(block)
+
     def prefill(self, work: Workload) -> Terms:
-        """TTFT of the workload's batch of prompts, arriving together."""
-        b, p, pp = work.batch, work.prompt_tokens, self.layout.pp
+        """TTFT of the workload's batch of prompts, arriving together (at cp > 1 each rank computes 1/cp of
+        every chunk and the K/V blocks travel the ring)."""
+        b, p, pp, cp = work.batch, work.prompt_tokens, self.layout.pp, self.layout.cp
         pairs = p * (p + 1) / 2
         if pp == 1:
             n = math.ceil(b * p / work.max_batched_tokens)
-            st = self.stage(0, Pass(b * p / n, b * pairs / n, b * p / n, b / n), self.layout.tp * self.layout.dp)
+            piece = Pass(b * p / n / cp, b * pairs / n / cp, b * p / n, b / n)
+            st = self.stage(0, piece, self.layout.tp * self.layout.dp * cp)
             ctl = self.control(b * p / n)
-            return Terms(n * st.compute, n * st.collectives, n * ctl, 0.0, 0.0, st.total, n, st.bound)
+            ring = n * self.ring(b * p / n, b * p)
+            return Terms(n * st.compute, n * st.collectives + ring, n * ctl, 0.0, 0.0, st.total, n, st.bound)
         m, rows = self.groups(b)
         # The engine cuts each prompt into auto_chunks pieces (equal cost; parallel/pipeline.prompt_chunks),
         # and a step holds at most max_batched_tokens tokens.
@@ -314,9 +328,13 @@ class Model:
         b, pp = work.batch, self.layout.pp
         ctx = work.prompt_tokens + work.output_tokens / 2  # keys per sequence, on average
         if pp == 1:
-            st = self.stage(0, Pass(b, b * ctx, b * ctx, b), self.layout.tp * self.layout.dp)
+            cp = self.layout.cp  # every cp rank attends to its 1/cp of the keys; partials all-gathered per layer
+            st = self.stage(0, Pass(b, b * ctx / cp, b * ctx / cp, b), self.layout.tp * self.layout.dp * cp)
             ctl = self.control(b)
-            return Terms(st.compute, st.collectives, ctl, 0.0, 0.0, st.total, 1.0, st.bound)
+            share = self.shares[0]
+            merge = share.layers * all_gather(self.cluster.link_between([0, self.layout.tp]), cp,
+                                              cp * b * share.q_heads * (self.cfg.head_dim + 1) * 4)
+            return Terms(st.compute, st.collectives + merge, ctl, 0.0, 0.0, st.total, 1.0, st.bound)
         m, rows = self.groups(b)
         stages, hops = self._pipeline(Pass(rows, rows * ctx, rows * ctx, rows), m)
         crit = max(stages, key=lambda x: x.total)

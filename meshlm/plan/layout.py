@@ -25,12 +25,13 @@ OBJECTIVES = ("throughput", "ttft", "tpot")
 
 @dataclass(frozen=True, order=True)
 class Layout:
-    """Degrees of data, pipeline and tensor parallelism; ranks are laid out tp fastest (mesh.py)."""
+    """Degrees of data, pipeline, tensor and context parallelism; ranks are laid out tp fastest (mesh.py)."""
 
     dp: int = 1
     pp: int = 1
     tp: int = 1
     ep: int = 1  # expert parallelism over the tp ranks of a stage (mesh.py): ep > 1 means ep == tp
+    cp: int = 1  # context parallelism: each rank holds 1/cp of every sequence's KV
 
     def __post_init__(self) -> None:
         from meshlm.parallel.mesh import ParallelDims
@@ -39,16 +40,17 @@ class Layout:
 
     @property
     def model_ranks(self) -> int:
-        """Ranks holding one copy of the model (pp x tp)."""
-        return self.pp * self.tp
+        """Ranks serving one replica (pp x cp x tp)."""
+        return self.pp * self.cp * self.tp
 
     @property
     def world(self) -> int:
         """All ranks."""
-        return self.dp * self.pp * self.tp
+        return self.dp * self.pp * self.cp * self.tp
 
     def __str__(self) -> str:
-        return f"dp={self.dp} pp={self.pp} tp={self.tp}" + (f" ep={self.ep}" if self.ep > 1 else "")
+        return (f"dp={self.dp} pp={self.pp} tp={self.tp}" + (f" ep={self.ep}" if self.ep > 1 else "")
+                + (f" cp={self.cp}" if self.cp > 1 else ""))
 
     @classmethod
     def parse(cls, text: str) -> Layout:
@@ -58,8 +60,8 @@ class Layout:
             if not part:
                 continue
             key, _, value = part.partition("=")
-            if key not in ("dp", "pp", "tp", "ep") or not value.isdigit() or int(value) < 1:
-                raise ConfigError(f"--layout {text!r}: expected degrees like tp=2,pp=1 (dp, pp, tp, ep >= 1).")
+            if key not in ("dp", "pp", "tp", "ep", "cp") or not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--layout {text!r}: expected degrees like tp=2,pp=1 (dp, pp, tp, ep, cp >= 1).")
             degrees[key] = int(value)
         return cls(**degrees)
 
@@ -134,7 +136,7 @@ class RankShare:
     params: int  # parameters stored on this rank
     layer_params: int  # of which in one decoder layer (the matmul weights a token streams)
     head_params: int  # the vocab-parallel head on the last stage (0 elsewhere)
-    kv_bytes_per_token: int
+    kv_bytes_per_token: int  # per token of context: at cp > 1 the rank holds 1/cp of the tokens
     weight_bytes: float  # bytes of every weight stored on this rank, each in its format
     matmul_bytes: float  # bytes per weight of the decoder layers' matmuls (what a decode step streams)
     head_bytes: float  # bytes per weight of the embedding / output head
@@ -186,7 +188,7 @@ def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str,
             params = n_layers * layer + embed + head + (h if last else 0)
             nbytes = n_layers * (matmul * wb + small * elem) + (embed + head) * eb + (h * elem if last else 0)
             out.append(RankShare(s, i, n_layers, q, kv, i_local, params, layer, head,
-                                 2 * n_layers * kv * d * elem, nbytes, wb, eb))
+                                 -(-2 * n_layers * kv * d * elem // layout.cp), nbytes, wb, eb))
     return out
 
 

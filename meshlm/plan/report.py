@@ -97,7 +97,7 @@ def format_plan(plan: Plan, cfg: ModelConfig, cluster: Cluster) -> str:
 
 def candidate_json(c: Candidate) -> dict[str, Any]:
     """A candidate as plain data (bytes and seconds)."""
-    layout = {k: v for k, v in asdict(c.layout).items() if k != "ep" or v > 1}  # ep only where experts move
+    layout = {k: v for k, v in asdict(c.layout).items() if k not in ("ep", "cp") or v > 1}  # ep, cp only when used
     out: dict[str, Any] = {"layout": layout, "rejected": c.rejected, "reason": c.reason}
     if c.memory is not None:
         out["memory"] = {**asdict(c.memory), "max_batch": c.memory.max_batch}
@@ -153,15 +153,18 @@ def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, 
     fits = fitting_layout(cfg, cluster, work, dtype, kv_budget, weights)
     if fits is not None and fits != layout:
         lines.append(f"the smallest layout of this machine that fits: {fits} (run with --tp {fits.tp} "
-                     f"--pp {fits.pp})")
+                     f"--pp {fits.pp}" + (f" --cp {fits.cp}" if fits.cp > 1 else "") + ")")
     return False, "\n".join(lines)
 
 
 def fitting_layout(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: str,
                    kv_budget: float | None = None, weights: WeightFormat | None = None) -> Layout | None:
-    """The one-replica layout with the fewest ranks (then the most tp) whose heads and memory fit."""
-    for lay in sorted((Layout(1, pp, tp) for tp in range(1, cluster.devices + 1)
-                       for pp in range(1, cluster.devices // tp + 1)), key=lambda x: (x.model_ranks, x.pp)):
+    """The one-replica layout with the fewest ranks (then the fewest stages, the most tp) whose heads and memory
+    fit; cp before pp, since a context whose KV does not fit one rank also prefills faster split by cp."""
+    n = cluster.devices
+    candidates = [Layout(1, pp, tp, cp=cp) for tp in range(1, n + 1) for pp in range(1, n // tp + 1)
+                  for cp in range(1, n // (tp * pp) + 1) if cp == 1 or pp == 1]
+    for lay in sorted(candidates, key=lambda x: (x.model_ranks, x.pp, x.cp)):
         try:
             ParallelDims(pp=lay.pp, tp=lay.tp).check_model(cfg)
         except ConfigError:

@@ -48,13 +48,15 @@ class Plan:
     fix: str = ""  # when nothing fits: what to change
 
 
-def layouts(cluster: Cluster, moe: bool = False) -> list[Layout]:
-    """Every (dp, pp, tp) whose product is the cluster's device count; for an MoE model each tp > 1 also with
-    ep = tp (whole experts per rank)."""
-    n = cluster.devices
-    base = [Layout(n // (tp * pp), pp, tp) for tp in range(1, n + 1) for pp in range(1, n // tp + 1)
-            if n % (tp * pp) == 0]
-    return base + ([Layout(x.dp, x.pp, x.tp, ep=x.tp) for x in base if x.tp > 1] if moe else [])
+def layouts(cluster: Cluster, moe: bool = False, cp: int = 1) -> list[Layout]:
+    """Every (dp, pp, tp) whose product with cp is the cluster's device count (pp = 1 when cp > 1); for an MoE
+    model each tp > 1 also with ep = tp (whole experts per rank)."""
+    if cp < 1 or cluster.devices % cp:
+        raise ConfigError(f"--cp {cp} does not divide the cluster's {cluster.devices} devices; choose a divisor.")
+    n = cluster.devices // cp
+    base = [Layout(n // (tp * pp), pp, tp, cp=cp) for tp in range(1, n + 1) for pp in range(1, n // tp + 1)
+            if n % (tp * pp) == 0 and (cp == 1 or pp == 1)]
+    return base + ([Layout(x.dp, x.pp, x.tp, ep=x.tp, cp=cp) for x in base if x.tp > 1] if moe else [])
 
 
 def spans_nodes(layout: Layout, cluster: Cluster) -> bool:
@@ -100,10 +102,11 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload,
 
 
 def search(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: str, name: str = "",
-           weights: WeightFormat | None = None) -> Plan:
-    """Evaluate every layout of the cluster and choose by the workload's objective (weights: their storage)."""
+           weights: WeightFormat | None = None, cp: int = 1) -> Plan:
+    """Evaluate every layout of the cluster (at context-parallel degree cp) and choose by the workload's
+    objective (weights: their storage)."""
     weights = weights or WeightFormat()
-    cands = [evaluate(cfg, lay, cluster, work, dtype, weights) for lay in layouts(cluster, cfg.is_moe)]
+    cands = [evaluate(cfg, lay, cluster, work, dtype, weights) for lay in layouts(cluster, cfg.is_moe, cp)]
     ok = sorted((c for c in cands if not c.rejected),
                 key=lambda c: (round(c.estimate.metric(work.objective), 12), c.layout.model_ranks, c.layout))
     bad = sorted((c for c in cands if c.rejected), key=lambda c: c.layout.model_ranks)

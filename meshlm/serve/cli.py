@@ -94,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from meshlm.cli import speculative_config
 
     llm = LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
-              max_context=args.max_context, tp=args.tp,
+              max_context=args.max_context, tp=args.tp, cp=args.cp, cp_ring=args.cp_ring,
               pp=args.pp, comm_timeout_s=args.comm_timeout, backend=args.backend, engine=ecfg,
               speculative=speculative_config(args), **extra)
     from meshlm.serve.server import serve

@@ -53,6 +53,11 @@ class EngineCollector:
             group, _, op = key.partition("/")
             comm.add_metric((group, op), seconds)
         yield comm
+        rings = CounterMetricFamily(f"{p}_cp_ring_choices_total",
+                                    "Context-parallel prefill steps, by the ring chosen.", labels=("ring",))
+        for ring, n in sorted(s.cp_ring_choices.items()):
+            rings.add_metric([ring], n)
+        yield rings
         ratio = sum(s.collective_seconds.values()) / snap.step_seconds if snap.step_seconds > 0 else 0.0
         yield GaugeMetricFamily(f"{p}_communication_overhead_ratio",
                                 "Collective seconds over engine step seconds (rank 0).", ratio)

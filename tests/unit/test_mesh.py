@@ -13,14 +13,6 @@ SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_si
          "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-def test_unbuilt_degrees_are_refused_at_construction():
-    with pytest.raises(ConfigError, match=r"context parallelism \(cp\) is not built yet; use cp=1\. Built: "
-                                          r"tensor parallelism \(--tp.*expert parallelism \(--ep.*pipeline "
-                                          r"parallelism \(--pp\)"):
-        ParallelDims(tp=2, cp=2)
-    assert ParallelDims(tp=2, cp=1).cp == 1
-
-
 def test_ep_spans_the_tp_ranks():
     """--ep N alone implies tp = N and adds no ranks; another tp is refused naming the fix."""
     dims = ParallelDims(ep=4)
@@ -76,6 +68,19 @@ def test_rank_layout_is_tp_fastest_then_pp_then_dp():
     assert dims.dp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     for groups in (dims.tp_groups(), dims.pp_groups(), dims.dp_groups()):  # each kind partitions the ranks
         assert sorted(r for g in groups for r in g) == list(range(8))
+
+
+def test_cp_layout_sits_between_pp_and_tp():
+    """cp ranks of one stage are tp apart; tp stays adjacent; every kind partitions the ranks."""
+    dims = ParallelDims(pp=2, cp=2, tp=2)
+    assert dims.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert dims.cp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert dims.pp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert [dims.cp_index(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert all(dims.rank_of(*dims.coords(r), dims.cp_index(r)) == r for r in range(8))
+    with pytest.raises(ConfigError, match=r"context parallelism \(cp=2\) does not combine with pipeline"):
+        dims.check_runnable()
+    ParallelDims(cp=2, tp=2).check_runnable()
 
 
 def test_check_model_refuses_more_ranks_than_heads_or_layers():

@@ -198,7 +198,7 @@ def test_add_refuses_a_request_larger_than_the_pool():
 class StubExecutor:
     """Just enough of an Executor for LLMEngine to size its pool: no ranks, no weights."""
 
-    depth, world_size, broken = 1, 1, False
+    depth, world_size, broken, cp = 1, 1, False, 1
 
     def call_all(self, method: str, *args):
         """kv_block_bytes: 1 MiB a block."""
