@@ -9,7 +9,7 @@
 // across a step taken here and a mixed step taken op by op).
 //
 // Threads: ONE OpenMP parallel region for the whole step. Inside it the products' 16-row groups are split
-// across threads, attention by (row, KV head); a barrier separates dependent phases (5 per layer). The
+// across threads, attention by (row, KV head); a barrier separates dependent phases (6 per layer). The
 // elementwise work between products (norms, x quantized for the next product, SiLU * up) is small: below
 // kSharedRows rows each thread does it for every row into its own buffers (the residual stream too), which
 // saves a barrier per phase; from kSharedRows rows on the rows are shared out, with a barrier after each
@@ -223,7 +223,8 @@ class DecodeStack : public torch::CustomClassHolder {
         prepare(p, p.qx[0], H, r0, r1, {lay.q, lay.k, lay.v}, shared);
         products(p, p.qx[0], M, {lay.q, lay.k, lay.v}, tid, n);
 #pragma omp barrier
-        // (row, KV head) tasks: RoPE of k and the group's q heads, the K/V write, then attention
+        // (row, KV head) tasks: RoPE of k and the group's q heads and the K/V write; a barrier; then attention.
+        // Two passes: rows of one sequence (a speculative verification step) attend to each other's new K/V.
         for (int64_t task = tid; task < M * Hkv; task += n) {
           const int64_t m = task / Hkv, h = task % Hkv;
           const T *c = cos + m * D, *s = sin + m * D;
@@ -233,9 +234,13 @@ class DecodeStack : public torch::CustomClassHolder {
           T* vp = static_cast<T*>(lay.vp) + (sl[m] * Hkv + h) * D;
           std::memcpy(kp, kh, D * sizeof(T));
           std::memcpy(vp, v.data() + m * KD + h * D, D * sizeof(T));
+          for (int64_t g = h * G; g < (h + 1) * G; ++g) meshlm_fused::rope_one(q.data() + m * QD + g * D, c, s, D);
+        }
+#pragma omp barrier
+        for (int64_t task = tid; task < M * Hkv; task += n) {
+          const int64_t m = task / Hkv, h = task % Hkv;
           for (int64_t g = h * G; g < (h + 1) * G; ++g) {
-            T* qh = q.data() + m * QD + g * D;
-            meshlm_fused::rope_one(qh, c, s, D);
+            const T* qh = q.data() + m * QD + g * D;
             for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f(qh[d]);
           }
           meshlm_attend::attend_any(qf.data(), static_cast<const T*>(lay.kp), static_cast<const T*>(lay.vp),
