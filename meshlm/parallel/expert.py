@@ -26,7 +26,7 @@ replicas (an expert listed on several ranks); a token goes to replica (token ind
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +93,8 @@ class ExpertLoad:
     routed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] int64, whole group
     dropped: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # layer -> rows, whole group
     sent: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [ep] int64 rows, this rank's
+    window: int = 64  # steps the balancer looks back over (window_routed)
+    steps: deque = field(default_factory=deque)  # the last `window` steps' {layer: [E] rows}, newest last
 
     def record(self, layer: int, every: torch.Tensor, me: int, expert_of: torch.Tensor, num_experts: int,
                capacity: int | None) -> None:
@@ -100,9 +102,22 @@ class ExpertLoad:
         rows = every.sum(0)  # [dst, slot]
         per = torch.zeros(num_experts + 1, dtype=torch.long).index_add_(0, expert_of.flatten(), rows.flatten())
         self.routed[layer] = self.routed[layer] + per[:num_experts] if layer in self.routed else per[:num_experts]
+        if not self.steps or layer in self.steps[-1]:  # a forward records each layer once: a repeat starts a step
+            self.steps.append({})
+            while len(self.steps) > self.window:
+                self.steps.popleft()
+        self.steps[-1][layer] = per[:num_experts]
         self.sent[layer] = self.sent[layer] + every[me].sum(-1) if layer in self.sent else every[me].sum(-1)
         if capacity is not None:
             self.dropped[layer] += int((rows - capacity).clamp(min=0).sum())
+
+    def window_routed(self) -> dict[int, torch.Tensor]:
+        """Rows routed to each expert per layer over the last `window` steps ({layer: [E] int64})."""
+        out: dict[int, torch.Tensor] = {}
+        for step in self.steps:
+            for layer, per in step.items():
+                out[layer] = out[layer] + per if layer in out else per.clone()
+        return out
 
     def total_dropped(self) -> int:
         """Rows dropped by the capacity factor, over all layers."""
@@ -115,7 +130,7 @@ class ExpertLoad:
                 "dropped": dict(sorted(self.dropped.items()))}
 
     def reset(self) -> None:
-        """Forget all totals."""
+        """Forget all totals (the balancer's window stays)."""
         self.routed.clear()
         self.dropped.clear()
         self.sent.clear()
