@@ -26,6 +26,7 @@ from meshlm.engine.spec_policy import SpecCounters
 from meshlm.engine.speculative import Proposer, SpeculativeConfig
 from meshlm.engine.verify import verify
 from meshlm.errors import ConfigError, RequestError
+from meshlm.parallel.eplb import ExpertFigures
 from meshlm.parallel.launch import RankFailure
 from meshlm.parallel.pipeline import PipelineSpec, prompt_chunks
 from meshlm.telemetry.trace import write_chrome_trace
@@ -72,6 +73,7 @@ class EngineStats:
     bubble_fraction: float = 0.0  # pp > 1: stage 0's share of pipelined time waiting for the later stages
     speculative: SpecCounters | None = None  # proposed / accepted tokens (a copy), None without speculation
     expert_tokens_dropped: int = 0  # ep > 1 with --expert-capacity: routed rows past an expert's capacity
+    experts: ExpertFigures | None = None  # ep > 1: balance, per-expert load, per-link bytes (rank 0's stage)
 
 
 def available_memory_bytes() -> int:
@@ -196,7 +198,7 @@ class LLMEngine:
         return EngineStats(len(s.running), len(s.waiting), s.cfg.max_waiting, self.blocks.usage(), s.num_preemptions,
                            self.total_prompt_tokens, self.total_generated_tokens,
                            self.executor.collective_seconds(), self.executor.bubble_fraction(), spec,
-                           self.executor.experts_dropped())
+                           self.executor.experts_dropped(), self.executor.expert_figures())
 
     def failure(self) -> RankFailure | None:
         """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""

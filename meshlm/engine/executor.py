@@ -134,6 +134,10 @@ class Executor:
         load = getattr(self.worker, "expert_load", None)
         return load.total_dropped() if load is not None else 0
 
+    def expert_figures(self):
+        """Rank 0's expert balance, per-expert load and per-link bytes (None without expert parallelism)."""
+        return self.worker.expert_figures() if self.worker is not None else None
+
     def bubble_fraction(self) -> float:
         """Rank 0's share of pipelined time spent waiting for the later stages (0 when pp == 1)."""
         stages = getattr(self.worker, "stages", None)

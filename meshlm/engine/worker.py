@@ -11,6 +11,7 @@ import torch
 
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
+from meshlm.checkpoint.names import hf_names
 from meshlm.checkpoint.quantized import Conversions, check_quantize, describe_bytes, file_precision, precision
 from meshlm.engine.engine import host_kv_budget_bytes
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
@@ -21,6 +22,7 @@ from meshlm.kernels import pack_linears
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.device import DeviceChoice, rank_device
+from meshlm.parallel.eplb import Balancer, BalancerSpec, ExpertFigures
 from meshlm.parallel.expert import ExpertLoad, ExpertParallelExperts
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.parallel.pipeline import PipelineSpec, plan_stages, split_model
@@ -47,12 +49,20 @@ class WorkerSpec:
     transport: str | None = None  # collectives: auto | shm | gloo (None: $MESHLM_TRANSPORT, else auto)
     device: DeviceChoice = field(default_factory=DeviceChoice)  # cpu (gloo) or cuda:<local rank> (nccl)
     expert_capacity: float | None = None  # ep > 1: rows per expert <= ceil(factor x routed / experts); None: dropless
+    balancer: BalancerSpec = field(default_factory=BalancerSpec)  # ep > 1: redundant experts, rebalancing
 
     def __post_init__(self) -> None:
         self.dims.check_runnable()  # a layout the engine cannot run fails before any rank starts
         if self.expert_capacity is not None and (self.dims.ep == 1 or not self.expert_capacity > 0):
             raise ConfigError(f"--expert-capacity {self.expert_capacity} needs --ep > 1 and a factor > 0 (1.0: "
                               "each expert takes its even share of the routed tokens); omit it to drop nothing.")
+        b = self.balancer
+        if (b.interval or b.redundant or b.slots) and self.dims.ep == 1:
+            raise ConfigError("--eplb-interval, --redundant-experts and --expert-slots place whole experts: they need "
+                              "--ep > 1.")
+        if b.interval and self.dims.pp > 1:
+            raise ConfigError(f"--eplb-interval {b.interval} rebalances between steps of one stage: it needs --pp 1; "
+                              "with stages, call LLM.rebalance_experts() between steps.")
 
 
 def memory_mb() -> dict[str, float]:
@@ -87,12 +97,15 @@ class Worker:
         model = build_meta(self.cfg)
         self.stage = plan_stages(self.cfg, spec.dims.pp, spec.pipeline)[groups.pp.index]
         split_model(model, self.stage)  # a pipeline stage keeps (and loads) only its own modules
-        self.expert_load = ExpertLoad()  # ep > 1: tokens routed to each expert (counted before dispatch), dropped
+        # ep > 1: tokens routed to each expert (counted before dispatch), dropped, and the balancer's window
+        self.expert_load = ExpertLoad(window=spec.balancer.window)
         part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp, spec.dims.ep, spec.expert_capacity,
                               self.expert_load)
         conversions = Conversions()
         self.model = load_weights(model, self.cfg, ckpt.source, self.precision, part_for=part_for,
                                   progress=spec.progress and rank == 0, device=self.device, conversions=conversions)
+        self.source = ckpt.source  # memory-mapped: a rebalance reads the experts a rank gains from it
+        self.balancer = Balancer(spec.balancer, self.model, self.expert_load)  # no MoE layers at ep = 1: a no-op
         pack_linears(self.model)  # on a CPU with the kernel: every float Linear weight in its packed layout
         self.conversion_error = conversions.report()  # {"Q6_K->Q8_0": relative RMS error} of this rank's share
         if self.conversion_error and rank == 0:
@@ -157,8 +170,25 @@ class Worker:
             if self.spec.dims.pp > 1 else None
 
     def execute(self, step: StepInput) -> StepOutput:
-        """One engine step on this rank (pp == 1): the sampled rows' argmax and the logits asked for."""
-        return self.runner.execute(step)
+        """One engine step on this rank (pp == 1): the sampled rows' argmax and the logits asked for; every
+        --eplb-interval steps the experts are then rebalanced (between steps, on every rank of the group)."""
+        out = self.runner.execute(step)
+        if self.balancer.layers:
+            self.balancer.after_step(self._fetch_experts)
+        return out
+
+    def rebalance_experts(self) -> dict:
+        """Rebalance this stage's MoE layers now, from the load window (see parallel/eplb.py)."""
+        return {"rank": self.rank, **self.balancer.rebalance(self._fetch_experts)}
+
+    def expert_figures(self) -> ExpertFigures | None:
+        """Balance, per-expert load and per-link bytes of this stage's MoE layers (None without any)."""
+        return self.balancer.figures() if self.balancer.layers else None
+
+    def _fetch_experts(self, name: str, ids: list[int]) -> dict[str, torch.Tensor]:
+        """Experts `ids` of module `name` read from the checkpoint alone, in the compute dtype, on the device."""
+        return {w: torch.stack([self.source.read(n) for n in hf_names(f"{name}.{w}", self.cfg.architecture, ids)])
+                .to(self.device, self.dtype) for w in ("w1", "w3", "w2")}
 
     def serve_pipeline(self) -> None:
         """pp > 1, every rank but 0: run pipelined engine steps until rank 0 ends them (see pipeline_stage)."""

@@ -20,11 +20,17 @@ Experts a rank keeps stay in their slot order; the ones it gains follow, ascendi
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
 
 from meshlm.errors import ConfigError
-from meshlm.parallel.expert import Placement
+from meshlm.parallel.expert import ExpertLoad, ExpertParallelExperts, Placement
 
 EPS = 1e-9
 
@@ -138,3 +144,85 @@ def _placement(current: Placement, held: list[set[int]]) -> Placement:
     for old, new in zip(current.slots, held):
         slots.append(tuple(e for e in old if e in new) + tuple(sorted(new - set(old))))
     return Placement(current.num_experts, tuple(slots))
+
+
+@dataclass(frozen=True)
+class BalancerSpec:
+    """--eplb-interval / --redundant-experts / --eplb-window / --expert-slots (ep > 1)."""
+
+    interval: int = 0  # rebalance every this many engine steps (0: only when asked, LLM.rebalance_experts)
+    redundant: int = 0  # extra expert copies over the group, beyond one of each
+    window: int = 64  # steps of routing counts the balancer looks back over
+    slots: int | None = None  # experts a rank may hold (its memory budget); None: ceil(E / ep) + ceil(redundant / ep)
+
+    def __post_init__(self) -> None:
+        if min(self.interval, self.redundant) < 0 or self.window < 1 or (self.slots is not None and self.slots < 1):
+            raise ConfigError(f"expert balancing: interval {self.interval}, redundant {self.redundant}, window "
+                              f"{self.window}, slots {self.slots}; give counts >= 0, a window >= 1 and slots >= 1.")
+
+
+@dataclass(frozen=True)
+class ExpertFigures:
+    """Rank 0's view of its stage's MoE layers, over the balancer's window (exported to Prometheus)."""
+
+    balance: dict[int, float]  # layer -> max / mean rank load under the current placement
+    load: dict[int, list[int]]  # layer -> rows routed to each expert
+    link_bytes: dict[tuple[int, int], int]  # (src, dst) group index -> all-to-all bytes since start, whole group
+    rebalances: int = 0
+    moved: int = 0  # expert copies loaded by rebalances since start (this rank's group, summed over ranks)
+
+
+Fetch = Callable[[str, list[int]], dict[str, torch.Tensor]]  # (module name, expert ids) -> {"w1": [n, I, H], ..}
+
+
+class Balancer:
+    """A rank's expert balancing: every rank of a group holds the same window (the group's counts), so each
+    decides the same placement alone; each then loads only the experts it gains (fetch) and switches."""
+
+    def __init__(self, spec: BalancerSpec, model: nn.Module, load: ExpertLoad) -> None:
+        self.spec, self.load, self.steps = spec, load, 0
+        self.layers = {m.layer_id: (name, m) for name, m in model.named_modules()
+                       if isinstance(m, ExpertParallelExperts)}
+        self.rebalances, self.moved = 0, 0
+
+    def after_step(self, fetch: Fetch) -> dict | None:
+        """Count an engine step; every `interval` steps, rebalance."""
+        self.steps += 1
+        if self.spec.interval and self.steps % self.spec.interval == 0:
+            return self.rebalance(fetch)
+        return None
+
+    def rebalance(self, fetch: Fetch) -> dict:
+        """Rebalance every MoE layer of this stage from the window; {"moved", "seconds", "balance": {layer:
+        [before, after]}} (moved: experts this rank loaded)."""
+        t0, window, moved_here, report = time.perf_counter(), self.load.window_routed(), 0, {}
+        for layer, (name, m) in sorted(self.layers.items()):
+            load = window.get(layer)
+            if load is None:
+                continue
+            load = load.tolist()
+            current = m.placement
+            slots = self.spec.slots or (-(-current.num_experts // current.ranks) + -(-self.spec.redundant //
+                                                                                        current.ranks))
+            new = rebalance(current, load, slots, self.spec.redundant)
+            report[layer] = [balance(current, load), balance(new, load)]
+            self.moved += moved(current, new)
+            moved_here += m.move_to(new, lambda ids, name=name: fetch(name, ids))
+        self.rebalances += 1
+        return {"moved": moved_here, "seconds": time.perf_counter() - t0, "balance": report}
+
+    def figures(self) -> ExpertFigures:
+        """Balance and per-expert load over the window, the group's per-link bytes (H x itemsize x 2 per row)."""
+        window = self.load.window_routed()
+        bal, load = {}, {}
+        for layer, (_, m) in self.layers.items():
+            if layer in window:
+                load[layer] = window[layer].tolist()
+                bal[layer] = balance(m.placement, load[layer])
+        links = {}
+        if self.layers:
+            m = next(iter(self.layers.values()))[1]
+            row = m.w2.shape[1] * m.w2.element_size() * 2  # dispatch + combine
+            links = {(s, d): int(n) * row for (s, d), n in np.ndenumerate(self.load.link_rows.numpy()) if s != d} \
+                if self.load.link_rows is not None else {}
+        return ExpertFigures(bal, load, links, self.rebalances, self.moved)
