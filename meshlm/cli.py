@@ -52,6 +52,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-capacity", type=float, default=None, metavar="FACTOR",
                    help="with --ep: an expert takes at most ceil(FACTOR x routed tokens / experts) per step, the "
                         "rest are dropped and counted (default: dropless)")
+    p.add_argument("--redundant-experts", type=int, default=0, metavar="N",
+                   help="with --ep: N extra expert copies the balancer places (hottest experts replicated, each rank "
+                        "holding up to ceil(E/ep) + ceil(N/ep) experts; default 0)")
+    p.add_argument("--eplb-interval", type=int, default=0, metavar="STEPS",
+                   help="with --ep: rebalance experts every STEPS engine steps from the last 64 steps' routing "
+                        "(default 0: never)")
     p.add_argument("--pp-layers", type=_layer_counts, default=None, metavar="N,N,...",
                    help="layers per pipeline stage, e.g. 16,14 (default: balanced by an estimated cost)")
     p.add_argument("--comm-timeout", type=float, default=60.0,
@@ -149,6 +155,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
              max_context=args.max_context, tp=args.tp, ep=args.ep, expert_capacity=args.expert_capacity,
+             redundant_experts=args.redundant_experts, eplb_interval=args.eplb_interval,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
              device=args.device,
              pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks),
