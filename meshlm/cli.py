@@ -58,6 +58,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eplb-interval", type=int, default=0, metavar="STEPS",
                    help="with --ep: rebalance experts every STEPS engine steps from the last 64 steps' routing "
                         "(default 0: never)")
+    p.add_argument("--expert-budget", type=int, default=None, metavar="BYTES",
+                   help="MoE at tp 1: keep at most BYTES of experts resident, read the rest from the memory-mapped "
+                        "checkpoint on demand (frequency-aware, next layer prefetched; default: all resident)")
     p.add_argument("--pp-layers", type=_layer_counts, default=None, metavar="N,N,...",
                    help="layers per pipeline stage, e.g. 16,14 (default: balanced by an estimated cost)")
     p.add_argument("--comm-timeout", type=float, default=60.0,
@@ -156,6 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
              max_context=args.max_context, tp=args.tp, ep=args.ep, expert_capacity=args.expert_capacity,
              redundant_experts=args.redundant_experts, eplb_interval=args.eplb_interval,
+             expert_budget=args.expert_budget,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
              device=args.device,
              pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks),

@@ -40,6 +40,7 @@ class LLM:
     expert_capacity: with ep > 1, the capacity factor (None: dropless). See docs/expert_parallelism.md.
     redundant_experts: with ep > 1, extra expert copies the balancer may place (hottest experts replicated);
     eplb_interval: rebalance every this many engine steps (0: only on rebalance_experts()).
+    expert_budget: bytes of resident experts (tp = 1), the rest read from the checkpoint on demand (None: all).
     speculative: "ngram" | "draft:PATH" | "self-int4" (or a SpeculativeConfig) turns on speculative decoding
     with up to num_speculative_tokens proposals per step (docs/speculative.md); outputs stay exact.
     """
@@ -51,7 +52,7 @@ class LLM:
                  pipeline: PipelineSpec | None = None, transport: str | None = None,
                  device: str | None = None, speculative: str | SpeculativeConfig | None = None,
                  num_speculative_tokens: int = 4, ep: int = 1, expert_capacity: float | None = None,
-                 redundant_experts: int = 0, eplb_interval: int = 0) -> None:
+                 redundant_experts: int = 0, eplb_interval: int = 0, expert_budget: int | None = None) -> None:
         prec = precision(dtype, quantize, DTYPES)  # a bad name fails before any process starts
         if isinstance(speculative, str):
             speculative = SpeculativeConfig(speculative, num_speculative_tokens)
@@ -74,7 +75,8 @@ class LLM:
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           quantize=quantize, progress=progress, pipeline=pipeline,
                           transport=transport, device=choice, expert_capacity=expert_capacity,
-                          balancer=BalancerSpec(interval=eplb_interval, redundant=redundant_experts))
+                          balancer=BalancerSpec(interval=eplb_interval, redundant=redundant_experts),
+                          expert_budget=expert_budget)
         self.executor = Executor(spec, timeout_s=comm_timeout_s)
         # Closes the ranks once: on close(), when this object is collected, or at interpreter exit. It holds
         # the executor, never self, so an LLM that is dropped can be collected.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -14,6 +14,7 @@ from meshlm.checkpoint.loader import build_meta, load_weights
 from meshlm.checkpoint.names import hf_names
 from meshlm.checkpoint.quantized import Conversions, check_quantize, describe_bytes, file_precision, precision
 from meshlm.engine.engine import host_kv_budget_bytes
+from meshlm.engine.expert_buffer import make_buffered
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.pipeline_stage import StageDriver
@@ -50,12 +51,16 @@ class WorkerSpec:
     device: DeviceChoice = field(default_factory=DeviceChoice)  # cpu (gloo) or cuda:<local rank> (nccl)
     expert_capacity: float | None = None  # ep > 1: rows per expert <= ceil(factor x routed / experts); None: dropless
     balancer: BalancerSpec = field(default_factory=BalancerSpec)  # ep > 1: redundant experts, rebalancing
+    expert_budget: int | None = None  # bytes of resident experts (the rest read on demand); None: all resident
 
     def __post_init__(self) -> None:
         self.dims.check_runnable()  # a layout the engine cannot run fails before any rank starts
         if self.expert_capacity is not None and (self.dims.ep == 1 or not self.expert_capacity > 0):
             raise ConfigError(f"--expert-capacity {self.expert_capacity} needs --ep > 1 and a factor > 0 (1.0: "
                               "each expert takes its even share of the routed tokens); omit it to drop nothing.")
+        if self.expert_budget is not None and self.dims.tp > 1:
+            raise ConfigError(f"--expert-budget {self.expert_budget} buffers whole experts on one rank per stage: it "
+                              "needs --tp 1 and --ep 1 (drop --tp/--ep, or drop --expert-budget).")
         b = self.balancer
         if (b.interval or b.redundant or b.slots) and self.dims.ep == 1:
             raise ConfigError("--eplb-interval, --redundant-experts and --expert-slots place whole experts: they need "
@@ -101,10 +106,13 @@ class Worker:
         self.expert_load = ExpertLoad(window=spec.balancer.window)
         part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp, spec.dims.ep, spec.expert_capacity,
                               self.expert_load)
+        self.source = ckpt.source  # memory-mapped: a rebalance or a buffer miss reads experts from it alone
+        # --expert-budget: experts leave the parameters (not loaded here) for a cache filled on demand
+        self.expert_cache = make_buffered(model, self.cfg, spec.expert_budget, self.dtype, self._read_expert) \
+            if spec.expert_budget is not None else None
         conversions = Conversions()
         self.model = load_weights(model, self.cfg, ckpt.source, self.precision, part_for=part_for,
                                   progress=spec.progress and rank == 0, device=self.device, conversions=conversions)
-        self.source = ckpt.source  # memory-mapped: a rebalance reads the experts a rank gains from it
         self.balancer = Balancer(spec.balancer, self.model, self.expert_load)  # no MoE layers at ep = 1: a no-op
         pack_linears(self.model)  # on a CPU with the kernel: every float Linear weight in its packed layout
         self.conversion_error = conversions.report()  # {"Q6_K->Q8_0": relative RMS error} of this rank's share
@@ -182,8 +190,19 @@ class Worker:
         return {"rank": self.rank, **self.balancer.rebalance(self._fetch_experts)}
 
     def expert_figures(self) -> ExpertFigures | None:
-        """Balance, per-expert load and per-link bytes of this stage's MoE layers (None without any)."""
-        return self.balancer.figures() if self.balancer.layers else None
+        """Balance, per-expert load and per-link bytes of this stage's MoE layers, and the expert buffer's hits,
+        misses and fetch time (None with neither)."""
+        figures = self.balancer.figures() if self.balancer.layers else None
+        if self.expert_cache is None:
+            return figures
+        c = self.expert_cache
+        return replace(figures or ExpertFigures({}, {}, {}), buffer_hits=c.hits, buffer_misses=c.misses,
+                       buffer_fetch_seconds=c.fetch_seconds)
+
+    def _read_expert(self, name: str, expert: int) -> tuple[torch.Tensor, ...]:
+        """(w1, w3, w2) of one expert from the checkpoint (an expert buffer miss)."""
+        got = self._fetch_experts(name, [expert])
+        return got["w1"][0], got["w3"][0], got["w2"][0]
 
     def _fetch_experts(self, name: str, ids: list[int]) -> dict[str, torch.Tensor]:
         """Experts `ids` of module `name` read from the checkpoint alone, in the compute dtype, on the device."""
@@ -225,4 +244,6 @@ class Worker:
         all-to-all bytes this rank sent each other rank ("links": {"tp/0->1": bytes})."""
         held = {name.split(".")[1]: list(m.placement.slots[m.comm.index]) for name, m in self.model.named_modules()
                 if isinstance(m, ExpertParallelExperts)}
-        return {"rank": self.rank, "experts": held, **self.expert_load.snapshot(), "links": STATS.link_snapshot()}
+        buffer = self.expert_cache.snapshot() if self.expert_cache is not None else None
+        return {"rank": self.rank, "experts": held, **self.expert_load.snapshot(), "links": STATS.link_snapshot(),
+                "buffer": buffer}

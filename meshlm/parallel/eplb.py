@@ -170,6 +170,9 @@ class ExpertFigures:
     link_bytes: dict[tuple[int, int], int]  # (src, dst) group index -> all-to-all bytes since start, whole group
     rebalances: int = 0
     moved: int = 0  # expert copies loaded by rebalances since start (this rank's group, summed over ranks)
+    buffer_hits: int = 0  # --expert-budget: expert uses that found it resident
+    buffer_misses: int = 0  # ... that read it from host memory
+    buffer_fetch_seconds: float = 0.0  # seconds spent reading experts in (misses and prefetches)
 
 
 Fetch = Callable[[str, list[int]], dict[str, torch.Tensor]]  # (module name, expert ids) -> {"w1": [n, I, H], ..}

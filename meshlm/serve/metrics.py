@@ -86,6 +86,13 @@ def expert_families(f: ExpertFigures) -> Iterator[Metric]:
     yield from (bal, load, links)
     yield CounterMetricFamily(f"{p}_rebalances_total", "Expert rebalances applied.", f.rebalances)
     yield CounterMetricFamily(f"{p}_moved_total", "Expert copies loaded by rebalances.", f.moved)
+    total = f.buffer_hits + f.buffer_misses
+    yield CounterMetricFamily(f"{p}_buffer_hits_total", "Expert uses found resident (--expert-budget).", f.buffer_hits)
+    yield CounterMetricFamily(f"{p}_buffer_misses_total", "Expert uses read from host memory.", f.buffer_misses)
+    yield GaugeMetricFamily(f"{p}_buffer_hit_ratio", "Expert buffer hits over uses since start.",
+                            f.buffer_hits / total if total else 0.0)
+    yield CounterMetricFamily(f"{p}_buffer_fetch_seconds_total", "Seconds reading experts into the buffer.",
+                              f.buffer_fetch_seconds)
 
 
 def spec_families(c: SpecCounters) -> Iterator[Metric]:
