@@ -5,9 +5,10 @@
 
 Balance: ep=2 with --redundant-experts 2 under a skewed workload (a batch of 8 prompts of one repeated token, so
 routing concentrates on a few experts); max / mean rank load per MoE layer (meshlm_expert_balance_ratio, mean
-over layers, over the last 64 steps) and tokens/s of the batch (tokens over wall time) before and after LLM.rebalance_experts(),
-with the expert copies it loaded. Buffering: tp=1, --expert-budget of one expert, a quarter, half and all of
-the experts; decode tokens/s (batch 1, 16-token prompt, 64 new tokens), hit rate and seconds reading experts.
+over layers, over the last 64 steps) and tokens/s of the batch (tokens over wall time) before and after
+LLM.rebalance_experts(), with the expert copies it loaded. Buffering: tp=1, --expert-budget of one expert, a
+quarter, half and all of the experts; decode tokens/s (batch 1, 16-token prompt, 64 new tokens), hit rate
+and seconds reading experts.
 Medians of --runs after a warm-up, each under the benchmarks' lock (common.quiet_run). Markdown to stdout.
 """
 
