@@ -6,8 +6,8 @@ layer: capacity = budget // bytes of one expert (w1 + w3 + w2), at least one. Th
 (counts per (layer, expert) kept for cold experts too, halved every `period` accesses, so a hot expert that
 was evicted comes back with its history, and old popularity fades); LRU is here as the baseline it is tested
 against. After layer L's experts run, layer L+1's router is applied to the same hidden states and its top-k
-experts are prefetched (when they fit beside what is resident). The experts run in ascending order on the same
-values as the one-device Experts, so outputs are identical with any budget.
+experts are read ahead on a background thread (when they fit beside what is resident). The experts run in
+ascending order on the same values as the one-device Experts, so outputs are identical with any budget.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, defaultdict
 from collections.abc import Callable, Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -76,23 +77,33 @@ def hit_rate(policy, trace: list[Key]) -> float:
 
 
 class ExpertCache:
-    """The resident experts of every MoE layer, within `capacity` experts; fetch(key) reads a cold one."""
+    """The resident experts of every MoE layer, within `capacity` experts; fetch(key) reads a cold one. Prefetches
+    read on one background thread: their slot holds a Future until the expert is first used."""
 
     def __init__(self, capacity: int, fetch: Callable[[Key], tuple[torch.Tensor, ...]]) -> None:
         self.policy, self.fetch = LFU(capacity), fetch
-        self.store: dict[Key, tuple[torch.Tensor, ...]] = {}
+        self.store: dict[Key, tuple[torch.Tensor, ...] | Future] = {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="expert-prefetch")
         self.hits = self.misses = self.prefetched = 0
-        self.fetch_seconds = 0.0
+        self.fetch_seconds = self.wait_seconds = 0.0
 
     def get(self, key: Key) -> tuple[torch.Tensor, ...]:
-        """(w1, w3, w2) of `key`, read now when cold."""
+        """(w1, w3, w2) of `key`: resident, or prefetched (waiting for the read if it is still running), or read
+        now (a miss)."""
         hit, _ = self._admit(key, use=True)
         self.hits += hit
         self.misses += not hit
-        return self.store[key]
+        got = self.store[key]
+        if isinstance(got, Future):
+            t0 = time.perf_counter()
+            weights, seconds = got.result()
+            self.wait_seconds += time.perf_counter() - t0
+            self.fetch_seconds += seconds
+            got = self.store[key] = weights
+        return got
 
     def prefetch(self, keys: list[Key]) -> None:
-        """Bring cold `keys` in ahead of use, while they fit beside one free slot's worth of what is resident."""
+        """Start reading cold `keys` ahead of use (at most capacity - 1 of them, so the pool never turns over)."""
         for key in keys[: max(0, self.policy.capacity - 1)]:
             if key not in self.store:
                 self._admit(key, use=False)
@@ -101,19 +112,27 @@ class ExpertCache:
     def _admit(self, key: Key, use: bool) -> tuple[bool, Key | None]:
         hit, evicted = self.policy.access(key, use)
         if evicted is not None:
-            del self.store[evicted]
-        if not hit:
-            t0 = time.perf_counter()
-            self.store[key] = self.fetch(key)
-            self.fetch_seconds += time.perf_counter() - t0
+            del self.store[evicted]  # an evicted read still running finishes on its thread and is dropped
+        if not hit and use:
+            weights, seconds = self._read(key)
+            self.store[key] = weights
+            self.fetch_seconds += seconds
+        elif not hit:
+            self.store[key] = self.pool.submit(self._read, key)
         return hit, evicted
 
+    def _read(self, key: Key) -> tuple[tuple[torch.Tensor, ...], float]:
+        t0 = time.perf_counter()
+        weights = self.fetch(key)
+        return weights, time.perf_counter() - t0
+
     def snapshot(self) -> dict:
-        """{"capacity", "resident", "hits", "misses", "hit_rate", "prefetched", "fetch_seconds"}."""
+        """{"capacity", "resident", "hits", "misses", "hit_rate", "prefetched", "fetch_seconds", "wait_seconds"}
+        (wait: time a use waited for its prefetch to finish)."""
         total = self.hits + self.misses
         return {"capacity": self.policy.capacity, "resident": len(self.store), "hits": self.hits,
                 "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
-                "prefetched": self.prefetched, "fetch_seconds": self.fetch_seconds}
+                "prefetched": self.prefetched, "fetch_seconds": self.fetch_seconds, "wait_seconds": self.wait_seconds}
 
 
 class BufferedExperts(Experts):

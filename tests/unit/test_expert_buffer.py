@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meshlm import LLM, SamplingParams
-from meshlm.engine.expert_buffer import LFU, LRU, expert_bytes, hit_rate
+from meshlm.engine.expert_buffer import LFU, LRU, ExpertCache, expert_bytes, hit_rate
 from meshlm.errors import ConfigError
 
 PROMPTS = [[5, 17, 33, 250, 101, 7, 9], [44, 3, 19, 200]]
@@ -74,6 +74,26 @@ def test_outputs_identical_with_any_budget(share, checkpoint, reference_run):
         assert buf["hits"] < buf["misses"]
     if share == "all":
         assert buf["misses"] + buf["prefetched"] <= total  # each expert read once, then resident
+    if share != "one":
+        assert buf["prefetched"] > 0  # the next MoE layer's router, applied early, read experts ahead
+
+
+def test_cache_prefetches_in_the_background_within_capacity():
+    """A prefetched expert is a hit when used; the pool never holds more than its capacity; reads are timed."""
+    reads = []
+
+    def fetch(key):
+        reads.append(key)
+        return (torch.full((2,), float(key[1])),) * 3
+
+    cache = ExpertCache(3, fetch)
+    cache.prefetch([(1, 4), (1, 5), (1, 6)])  # capacity - 1 = 2 of them
+    assert len(cache.store) == 2
+    assert cache.get((1, 4))[0].tolist() == [4.0, 4.0] and cache.hits == 1 and cache.misses == 0
+    cache.get((0, 0))
+    cache.get((0, 1))
+    assert cache.misses == 2 and len(cache.store) == 3 and sorted(reads) == [(0, 0), (0, 1), (1, 4), (1, 5)]
+    assert cache.snapshot()["hit_rate"] == pytest.approx(1 / 3) and cache.fetch_seconds > 0
 
 
 def test_budget_below_one_expert_is_refused(checkpoint):
