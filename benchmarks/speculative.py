@@ -200,8 +200,8 @@ def median_of(runs: int, wait: float, fn, key: str = "tps") -> dict:
 
 def measure(job: dict) -> dict:
     """One (layout, proposer, policy) in this process: batch 1 on job["tasks"], then throughput at each
-    job["concurrency"]. The policy's acceptance estimate is the engine's, across requests, so a proposer's
-    batch-1 task runs in its own process (a task it fails at would otherwise turn speculation off for the next)."""
+    job["concurrency"]. Each request's acceptance starts from the engine-wide estimate, so a proposer's batch-1
+    task runs in its own process (a task it fails at would otherwise lower the next task's starting estimate)."""
     from meshlm import SamplingParams
 
     out: dict = {"batch1": {}, "throughput": {}}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -135,9 +134,6 @@ class LLM:
         plist = list(params) if isinstance(params, Sequence) else [params] * len(ids)
         if len(plist) != len(ids):
             raise RequestError(f"{len(plist)} sampling params for {len(ids)} prompts; pass one or one each.")
-        # Every rank samples on its own from identical logits: unseeded requests get a seed here.
-        plist = [p if p.greedy or p.seed is not None else replace(p, seed=random.getrandbits(63))
-                 for p in plist]
         return ids, plist
 
     def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,

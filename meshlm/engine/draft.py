@@ -25,7 +25,7 @@ from meshlm.config import SamplingParams
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.paged_attention import SeqInput, StepInput
 from meshlm.engine.request import Request
-from meshlm.engine.sampler import make_generator, target_probs
+from meshlm.engine.sampler import DRAFT, position_generator, target_probs
 from meshlm.engine.speculative import Proposal
 from meshlm.errors import ConfigError
 from meshlm.parallel.comm import single_process_groups
@@ -37,17 +37,6 @@ BLOCK_SIZE = 16
 KV_FRACTION = 0.05  # of this process's free memory (its GPU's, or its share of the host's) for the draft's pool
 MAX_BLOCKS = 4096  # 65,536 token slots: plenty of room for a batch of drafts
 FOUR_BIT = {"Q4_0", "Q4_1", "Q4_K"}  # GGUF types a self-int4 draft runs as stored (Q4_K loads as Q4_1)
-MASK64 = (1 << 64) - 1
-
-
-def draw_seed(seed: int, position: int) -> int:
-    """The seed of a sampled request's draft draw at a token position (splitmix64 of both): a draft token is a
-    function of the request's seed and its context only, never of how many draws came before (the policy's k
-    varies with measured timings), and the draft's draws are independent of the target sampler's stream."""
-    z = (seed * 0x9E3779B97F4A7C15 + position + 0x632BE59BD9B4E019) & MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
-    return (z ^ (z >> 31)) >> 1  # 63 bits
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -195,7 +184,8 @@ class DraftProposer:
                 drafted[i].append(token)
                 if len(drafted[i]) < plans[i][2]:
                     feeds[i] = [token]
-        return [Proposal(tuple(d), torch.stack(r) if r else None) for d, r in zip(drafted, rows)]
+        return [Proposal(tuple(d), torch.stack(r) if r else None, len(f)) for d, r, (_, f, _) in
+                zip(drafted, rows, plans)]
 
     def _draw(self, logits: torch.Tensor, params: SamplingParams, position: int,
               rows: list[torch.Tensor]) -> int | None:
@@ -205,6 +195,5 @@ class DraftProposer:
         if p is None:
             return None
         rows.append(p)
-        seed = params.seed  # None: the global RNG (meshlm.LLM seeds every sampled request)
-        return int(torch.multinomial(p, 1, generator=None if seed is None else
-                                     make_generator(draw_seed(seed, position))))
+        # keyed by (seed, position): a draft token is a function of the request's seed and its context only
+        return int(torch.multinomial(p, 1, generator=position_generator(params.seed, position, DRAFT)))

@@ -6,74 +6,31 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from functools import partial
 
 import torch
 
-from meshlm.checkpoint.tokenizer import IncrementalDecoder, Tokenizer
+from meshlm.checkpoint.tokenizer import Tokenizer
 from meshlm.config import ModelConfig, SamplingParams
 from meshlm.engine import positions
+from meshlm.engine.emit import LiveRequest, emit
+from meshlm.engine.engine_config import EngineConfig, EngineStats
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.paged_attention import SeqInput, StepInput
 from meshlm.engine.positions import PositionLedger
-from meshlm.engine.request import Request, RequestOutput, Status, TokenLogprob
-from meshlm.engine.sampler import make_generator
-from meshlm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from meshlm.engine.request import Request, RequestOutput, Status
+from meshlm.engine.scheduler import Scheduler, SchedulerOutput
 from meshlm.engine.spec_engine import Speculator
 from meshlm.engine.spec_policy import SpecCounters
-from meshlm.engine.speculative import Proposer, SpeculativeConfig
+from meshlm.engine.speculative import Proposer
 from meshlm.engine.verify import verify
 from meshlm.errors import ConfigError, RequestError
-from meshlm.parallel.eplb import ExpertFigures
 from meshlm.parallel.launch import RankFailure
 from meshlm.parallel.pipeline import PipelineSpec, prompt_chunks
 from meshlm.telemetry.trace import write_chrome_trace
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """KV cache and scheduling settings."""
-
-    block_size: int = 16
-    kv_cache_mb: float | None = None  # per rank; None = kv_cache_fraction of available memory
-    kv_cache_fraction: float = 0.25
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    # Steps in flight at pp > 1 (None: one per stage). Stages that share one host's memory bandwidth can
-    # do better with 1 (docs/benchmarks.md); stages on separate devices or hosts want pp.
-    pipeline_depth: int | None = None
-    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ConfigError(f"block_size must be >= 1, got {self.block_size}.")
-        if self.kv_cache_mb is not None and self.kv_cache_mb <= 0:
-            raise ConfigError(f"--kv-cache-mb must be positive, got {self.kv_cache_mb}.")
-        if self.pipeline_depth is not None and self.pipeline_depth < 1:
-            raise ConfigError(f"pipeline_depth must be >= 1 (or None: one step per stage), got {self.pipeline_depth}.")
-        if not 0 < self.kv_cache_fraction <= 0.9:
-            raise ConfigError(f"kv_cache_fraction must be in (0, 0.9], got {self.kv_cache_fraction}.")
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """The engine's figures between steps: queues, KV use, token totals, rank 0's collective and pipeline time."""
-
-    running: int = 0
-    waiting: int = 0
-    max_waiting: int = 0  # queued requests before add_request raises QueueFull
-    kv_usage: float = 0.0  # fraction of KV blocks held by live requests
-    num_preemptions: int = 0
-    prompt_tokens: int = 0  # admitted since start
-    generation_tokens: int = 0
-    collective_seconds: Mapping[str, float] = field(default_factory=dict)  # "group/op" -> seconds (rank 0)
-    bubble_fraction: float = 0.0  # pp > 1: stage 0's share of pipelined time waiting for the later stages
-    speculative: SpecCounters | None = None  # proposed / accepted tokens (a copy), None without speculation
-    expert_tokens_dropped: int = 0  # ep > 1 with --expert-capacity: routed rows past an expert's capacity
-    experts: ExpertFigures | None = None  # ep > 1: balance, per-expert load, per-link bytes (rank 0's stage)
 
 
 def available_memory_bytes() -> int:
@@ -90,16 +47,6 @@ def available_memory_bytes() -> int:
 def host_kv_budget_bytes(fraction: float, ranks_here: int) -> int:
     """The default KV pool of a CPU rank: `fraction` of the host's available memory, shared by its ranks."""
     return int(fraction * available_memory_bytes() / max(1, ranks_here))
-
-
-class _Live:
-    """Driver-side extras of a running request: sampler RNG, detokenizer, stop ids."""
-
-    def __init__(self, req: Request, tokenizer: Tokenizer, stop_ids: set[int]) -> None:
-        self.req = req
-        self.generator = make_generator(req.params.seed)
-        self.decoder = IncrementalDecoder(tokenizer)
-        self.stop_ids = stop_ids
 
 
 class LLMEngine:
@@ -133,7 +80,7 @@ class LLMEngine:
         log.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f MiB per rank)", num_blocks, bs,
                  self.capacity_tokens, num_blocks * per_block / 2**20)
         self.eos = set(cfg.eos_token_ids) | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
-        self.live: dict[str, _Live] = {}
+        self.live: dict[str, LiveRequest] = {}
         self.inflight: deque[tuple[SchedulerOutput, StepInput]] = deque()  # submitted, oldest first
         self.steps_done = 0  # steps collected
         self._trace: tuple[str, int] | None = None  # (path, steps_done at which to write it)
@@ -169,7 +116,7 @@ class LLMEngine:
         self.scheduler.add(req)
         self.total_prompt_tokens += len(prompt)
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
-        self.live[rid] = _Live(req, self.tokenizer, stop)
+        self.live[rid] = LiveRequest(req, self.tokenizer, stop)
         return req
 
     def abort(self, request_id: str) -> bool:
@@ -300,8 +247,7 @@ class LLMEngine:
                 continue
             logits = torch.stack([full[i] for i in rows]) if rows.start in full else None  # [k+1, V]
             q = self.spec.q(item) if item.draft else None
-            emitted = verify(req.params, item.draft, q, out.best[rows.start:rows.stop], logits,
-                             self.live[req.id].generator)
+            emitted = verify(req.params, item.draft, q, out.best[rows.start:rows.stop], logits, len(req.tokens))
             if item.draft:
                 self.spec.record(item, len(emitted) - 1)
             for i, token in enumerate(emitted):
@@ -339,34 +285,8 @@ class LLMEngine:
 
     def _accept(self, req: Request, token: int, logits: torch.Tensor | None, now: float) -> None:
         """Emit one verified token: logits [V] its raw row (for logprobs); may finish the request."""
-        live = self.live[req.id]
-        req.tokens.append(token)
-        out = req.out
-        out.token_ids.append(token)
         self.total_generated_tokens += 1
-        if req.first_token is None:
-            req.first_token = now
-            out.ttft_s = now - req.arrival
-        out.decode_s = now - req.first_token
-        if out.logprobs is not None:
-            lp = torch.log_softmax(logits.float(), dim=-1)
-            k = req.params.logprobs or 0
-            top = torch.topk(lp, k) if k else None
-            out.logprobs.append(TokenLogprob(token, float(lp[token]), {} if top is None else dict(
-                zip(top.indices.tolist(), top.values.tolist()))))
-        reason = None
-        if token in live.stop_ids:
-            reason = "stop"
-        else:
-            before = len(out.text)
-            out.text += live.decoder.push(token)
-            for s in req.params.stop:
-                idx = out.text.find(s, max(0, before - len(s) + 1))
-                if idx != -1:
-                    out.text, reason = out.text[:idx], "stop"
-                    break
-        if reason is None and req.num_generated >= req.max_new:
-            reason = "length"
+        reason = emit(self.live[req.id], token, logits, now)
         if reason is not None:
             self.scheduler.finish(req, reason)
             self.live.pop(req.id, None)

@@ -1,10 +1,31 @@
-"""Logits -> tokens: greedy, temperature, top-k, top-p, with a per-request generator."""
+"""Logits -> tokens: greedy, temperature, top-k, top-p; a seeded request's draws keyed by token position.
+
+A sampled request with a seed draws every random number from a generator keyed by (seed, absolute token
+position, purpose): the plain sample (also the bonus token after a verification), the acceptance uniform and
+the residual draw of rejection sampling, and a draft model's proposal. A draw never depends on how many draws
+came before it, so how a request's tokens are split into steps does not move its random numbers. Without a
+seed the draws come from torch's global RNG.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from meshlm.config import SamplingParams
+
+SAMPLE, ACCEPT, RESIDUAL, DRAFT = range(4)  # purposes of a keyed draw
+MASK64 = (1 << 64) - 1
+
+
+def mix_seed(seed: int, position: int, purpose: int) -> int:
+    """A 63-bit seed from (request seed, token position, purpose): splitmix64 over the three."""
+    z = seed & MASK64
+    for v in (position, purpose):
+        z = (z * 0x9E3779B97F4A7C15 + v + 0x632BE59BD9B4E019) & MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+        z ^= z >> 31
+    return z >> 1
 
 
 def make_generator(seed: int | None) -> torch.Generator | None:
@@ -14,6 +35,16 @@ def make_generator(seed: int | None) -> torch.Generator | None:
     g = torch.Generator()
     g.manual_seed(seed)
     return g
+
+
+def position_generator(seed: int | None, position: int, purpose: int) -> torch.Generator | None:
+    """The generator of one keyed draw (None without a seed: the global RNG)."""
+    return None if seed is None else make_generator(mix_seed(seed, position, purpose))
+
+
+def uniform(seed: int | None, position: int, purpose: int) -> float:
+    """One keyed U[0, 1) draw."""
+    return float(torch.rand((), generator=position_generator(seed, position, purpose)))
 
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

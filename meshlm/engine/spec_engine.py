@@ -1,10 +1,15 @@
 """The engine's side of speculative decoding: ask the proposer, hold its proposals, count acceptance.
 
 Each step, before scheduling, `propose` picks the running requests that are decoding (every known token
-but the last computed, nothing in flight), asks the policy for a length k, caps it per request so the step
-can't pass max_tokens, and sets req.draft; the scheduler grants the last token plus the draft under the
+but the last computed, nothing in flight), caps each one's length so the step can't pass max_tokens, asks the
+policy for each request's k and sets req.draft; the scheduler grants the last token plus the draft under the
 token budget. After the step the engine verifies (engine/verify.py) with `q(item)`, the proposer's
 distribution for the tokens actually granted, and reports the outcome with `record`.
+
+A seeded sampled request always proposes the configured k (capped by max_tokens), never the policy's choice:
+rejection sampling's outcome at a position depends on whether a proposal was made there, so only a k that
+does not depend on measured timings makes a seed reproduce (docs/speculative.md). Greedy requests are exact
+at any k and unseeded ones have nothing to reproduce: the policy chooses for them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ class Speculator:
         self.counters = SpecCounters()
         self.probs: dict[str, torch.Tensor] = {}  # request id -> [len(draft), V] of its pending proposal
         self.last_done: float | None = None  # perf_counter of the previous step's end in this busy period
-        self.propose_seconds = 0.0
+        self.propose_seconds = 0.0  # every call, catch-ups included
+        self.catch_up_seconds = 0.0  # of those, calls left out of the policy's per-token proposer cost
+        self.pending = 0.0  # proposer seconds since the last step ended: not the target's time
 
     def propose(self, scheduler: Scheduler, depth: int) -> None:
         """Set req.draft on the decoding requests of the coming step (its share of the running requests)."""
@@ -39,18 +46,29 @@ class Speculator:
             r.draft = ()  # a proposal the scheduler didn't reach last step: the policy decides afresh
         reqs = [r for r in running if r.status is Status.RUNNING and not r.in_flight
                 and r.num_computed == len(r.tokens) - 1 and r.num_generated < r.max_new - 1][:seats]
-        k = self.policy.choose_k(len(reqs)) if reqs else 0
-        if k == 0:
+        if not reqs:
+            return
+        caps = [min(self.cfg.num_tokens, r.max_new - r.num_generated - 1) for r in reqs]
+        fixed = [not r.params.greedy and r.params.seed is not None for r in reqs]
+        ks = self.policy.choose([r.id for r in reqs], caps, fixed)
+        asked = [(r, k) for r, k in zip(reqs, ks) if k > 0]
+        if not asked:
             return
         t0 = time.perf_counter()
-        ks = [min(k, r.max_new - r.num_generated - 1) for r in reqs]
-        for r, n, p in zip(reqs, ks, self.proposer.propose(reqs, ks)):
+        proposals = self.proposer.propose([r for r, _ in asked], [k for _, k in asked])
+        seconds = time.perf_counter() - t0
+        self.propose_seconds += seconds
+        self.pending += seconds
+        if max(p.fed for p in proposals) > self.cfg.num_tokens + 1:  # a prompt's first pass: not per-token cost
+            self.catch_up_seconds += seconds
+        else:
+            self.policy.observe_propose(sum(k for _, k in asked), seconds)
+        for (r, n), p in zip(asked, proposals):
             r.draft = tuple(p.tokens[:n])
             if p.probs is not None and r.draft:
                 self.probs[r.id] = p.probs
             else:
                 self.probs.pop(r.id, None)
-        self.propose_seconds += time.perf_counter() - t0
 
     def q(self, item: Scheduled) -> torch.Tensor | None:
         """The proposer's distribution [len(item.draft), V] for the granted draft, None when one-hot."""
@@ -60,19 +78,22 @@ class Speculator:
     def record(self, item: Scheduled, accepted: int) -> None:
         """A verification of item's draft kept `accepted` tokens."""
         self.counters.record(len(item.draft), accepted)
-        self.policy.observe_verify(len(item.draft), accepted)
+        self.policy.observe_verify(item.req.id, len(item.draft), accepted)
 
     def step_done(self, step: StepInput, decode: bool, busy: bool) -> None:
         """A step finished; busy=False when the engine goes idle (the interval until the next is no step).
 
         Only decode steps (every grant one known token, with or without proposals) feed the cost fit: the
-        policy weighs decode steps with and without proposals, and prefills cost otherwise per token."""
+        policy weighs decode steps with and without proposals, and prefills cost otherwise per token. The
+        proposer's seconds in the interval are its own cost term, not the target's."""
         now = time.perf_counter()
         if self.last_done is not None and decode:
-            self.policy.observe_step(len(step.token_ids), now - self.last_done)
+            self.policy.observe_step(len(step.token_ids), max(now - self.last_done - self.pending, 0.0))
+        self.pending = 0.0
         self.last_done = now if busy else None
 
     def release(self, request_id: str) -> None:
         """The request ended or was preempted: drop its pending proposal and the proposer's state."""
         self.probs.pop(request_id, None)
         self.proposer.release(request_id)
+        self.policy.release(request_id)

@@ -33,10 +33,13 @@ class Proposal:
     probs: [len(tokens), target_vocab] float32, the distribution each token was drawn from (after the
     request's temperature / top-k / top-p), for rejection sampling; None for a deterministic proposer
     (n-gram, or a greedy draft), which rejection sampling treats as one-hot.
+    fed: tokens the proposer took in first (a draft model's catch-up: the accepted and bonus tokens of the last
+    step, the whole prompt the first time); the policy keeps long catch-ups out of its per-token cost.
     """
 
     tokens: tuple[int, ...] = ()
     probs: torch.Tensor | None = None
+    fed: int = 0
 
 
 class Proposer(Protocol):

@@ -10,7 +10,12 @@ Sampled (Leviathan et al. 2023, Chen et al. 2023): accept d_i with probability m
 where p is the target's distribution after the request's temperature / top-k / top-p (sampler.target_probs)
 and q the proposer's (one-hot when the proposer is deterministic); at the first rejection draw from
 norm(max(p_i - q_i, 0)). Every emitted token is then distributed exactly as p, so speculation changes
-speed, never the distribution. The draws come from the request's own generator, so a seed reproduces.
+speed, never the distribution.
+
+Draws are keyed by position (engine/sampler.py): with row 0 deciding the token at absolute position `start`,
+row i's acceptance uniform is keyed (seed, start + i, ACCEPT), a correction at row i (seed, start + i,
+RESIDUAL) and the bonus at row k (seed, start + k, SAMPLE), the plain sampler's key for that position. So a
+seeded request's draws do not depend on how its earlier tokens were split into steps.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from collections.abc import Sequence
 import torch
 
 from meshlm.config import SamplingParams
-from meshlm.engine.sampler import sample, target_probs
+from meshlm.engine.sampler import ACCEPT, RESIDUAL, SAMPLE, position_generator, sample, target_probs, uniform
 
 
 def verify_greedy(draft: Sequence[int], best: Sequence[int]) -> list[int]:
@@ -32,9 +37,9 @@ def verify_greedy(draft: Sequence[int], best: Sequence[int]) -> list[int]:
 
 
 def accept_or_resample(p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None,
-                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent rejection trials: p, q [N, V] probs (q None: one-hot at x), x [N] proposed ids ->
-    (accepted [N] bool, replacement [N] long drawn from norm(max(p - q, 0)) for use where not accepted)."""
+                       u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent rejection trials: p, q [N, V] probs (q None: one-hot at x), x [N] proposed ids, u [N] uniforms
+    -> (accepted [N] bool, residual [N, V]: norm(max(p - q, 0)), the distribution to draw from where rejected)."""
     px = p.gather(1, x[:, None])[:, 0]  # [N]
     if q is None:
         qx = torch.ones_like(px)
@@ -42,34 +47,35 @@ def accept_or_resample(p: torch.Tensor, x: torch.Tensor, q: torch.Tensor | None,
     else:
         qx = q.gather(1, x[:, None])[:, 0]
         residual = (p - q).clamp_(min=0.0)
-    u = torch.rand(px.shape, generator=generator)
     accepted = u * qx < px  # u < p(x) / q(x), without dividing by a q(x) of 0
     mass = residual.sum(-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)  # p == q: never rejected, any row
-    return accepted, torch.multinomial(residual, 1, generator=generator)[:, 0]
+    return accepted, torch.where(mass > 0, residual / mass.clamp(min=1e-30), p)  # p == q: never rejected, any row
 
 
 def verify_sampled(logits: torch.Tensor, params: SamplingParams, draft: Sequence[int], q: torch.Tensor | None,
-                   generator: torch.Generator | None) -> list[int]:
-    """Tokens emitted for a sampled request: logits [k+1, V] of the target, q [k, V] or None (one-hot)."""
-    k = len(draft)
+                   start: int) -> list[int]:
+    """Tokens emitted for a sampled request: logits [k+1, V] of the target, q [k, V] or None (one-hot); row 0
+    decides the token at position start."""
+    k, seed = len(draft), params.seed
     p = target_probs(logits, params)  # [k+1, V]
     if k:
-        accepted, replacement = accept_or_resample(p[:k], torch.tensor(draft, dtype=torch.long), q, generator)
+        u = torch.tensor([uniform(seed, start + i, ACCEPT) for i in range(k)])
+        accepted, residual = accept_or_resample(p[:k], torch.tensor(draft, dtype=torch.long), q, u)
         rejected = (~accepted).nonzero()
         if len(rejected):
             a = int(rejected[0, 0])
-            return [*draft[:a], int(replacement[a])]
-    return [*draft, int(torch.multinomial(p[k], 1, generator=generator))]
+            g = position_generator(seed, start + a, RESIDUAL)
+            return [*draft[:a], int(torch.multinomial(residual[a], 1, generator=g))]
+    return [*draft, int(torch.multinomial(p[k], 1, generator=position_generator(seed, start + k, SAMPLE)))]
 
 
 def verify(params: SamplingParams, draft: Sequence[int], q: torch.Tensor | None, best: Sequence[int],
-           logits: torch.Tensor | None, generator: torch.Generator | None) -> list[int]:
-    """Tokens a step emits for one request: best [k+1] argmaxes, logits [k+1, V] (None when greedy without
-    logprobs); without a draft this is plain sampling, the same draws as without speculation."""
+           logits: torch.Tensor | None, start: int) -> list[int]:
+    """Tokens a step emits for one request whose next token sits at position start: best [k+1] argmaxes, logits
+    [k+1, V] (None when greedy without logprobs); without a draft this is the plain sampler's draw."""
     if params.greedy:
         return verify_greedy(draft, best)
     assert logits is not None
     if not draft:
-        return [sample(logits[0], params, generator)]
-    return verify_sampled(logits, params, draft, q, generator)
+        return [sample(logits[0], params, position_generator(params.seed, start, SAMPLE))]
+    return verify_sampled(logits, params, draft, q, start)

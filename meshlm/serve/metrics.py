@@ -15,7 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
-from meshlm.engine.engine import ExpertFigures  # serve never imports parallel
+from meshlm.engine.engine_config import ExpertFigures  # serve never imports parallel
 from meshlm.engine.spec_policy import SpecCounters
 from meshlm.serve.engine_loop import Snapshot
 from meshlm.serve.protocol import FinalStats

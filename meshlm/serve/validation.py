@@ -6,7 +6,6 @@ A bad field is a 400 whose one-paragraph message names the field and the fix (an
 from __future__ import annotations
 
 import json
-import random
 import re
 from dataclasses import replace
 from typing import Any
@@ -156,8 +155,7 @@ def parse_generation(d: dict[str, Any], chat: bool, ctx: ModelContext) -> Genera
         raise invalid(str(e)) from None
     params = []
     for i in range(len(prompts) * n):
-        s = (body.seed + i) % SEED_MOD if body.seed is not None else (
-            None if base.greedy else random.getrandbits(63))
+        s = (body.seed + i) % SEED_MOD if body.seed is not None else None  # None: the sampler's global RNG
         params.append(replace(base, seed=s))
     return GenerationRequest(chat, body.model, tuple(tuple(p) for p in prompts), tuple(params), n, body.stream,
                              body.stream_options.include_usage, logprobs)

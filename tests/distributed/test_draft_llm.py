@@ -58,13 +58,13 @@ def test_greedy_with_a_draft_equals_greedy_without(checkpoint, baseline, layout,
 
 
 def test_sampled_draft_speculation_reproduces(checkpoint):
-    """A seed reproduces with a fixed k (adaptive=False): the target's verification draws from the request's
-    one stream, so a k the policy picks from measured timings changes which draws land where."""
+    """A seed reproduces with the adaptive policy on: a seeded sampled request proposes the configured k, never
+    one picked from measured timings, and every draw (draft, acceptance, residual, bonus) is keyed by position."""
     params = SamplingParams(max_tokens=32, temperature=0.9, top_p=0.95, seed=5, ignore_eos=True)
     runs = []
     for _ in range(2):
         with LLM(str(checkpoint(KIND)), dtype="float32", progress=False,
-                 speculative=SpeculativeConfig("self-int4", adaptive=False)) as llm:
+                 speculative=SpeculativeConfig("self-int4")) as llm:
             runs.append([o.token_ids for o in llm.generate(prompts(3), params)])
             assert llm.engine.stats().speculative.proposed > 0
     assert runs[0] == runs[1]

@@ -205,6 +205,30 @@ def test_sampled_tokens_follow_the_target_through_the_engine(spec):
     assert 0.5 * float((seconds / seconds.sum() - p).abs().sum()) < 0.06
 
 
+def test_seeded_sampling_reproduces_whatever_k_the_policy_would_pick(checkpoint, reference):
+    """With the adaptive policy, a seeded sampled request gives the same tokens whether the (injected) costs make
+    the policy speculate (flat step cost) or not (cost proportional to tokens): it proposes the configured k
+    either way; a greedy request follows the policy (proposals under the flat cost only)."""
+    ps, _ = reference
+    seeded = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+    runs, proposed = [], []
+    with LLM(str(checkpoint(KIND)), progress=False, speculative=SpeculativeConfig("ngram", 4)) as llm:
+        pol = llm.engine.spec.policy
+        pol.observe_step(1, 0.01)  # measured: the policy decides from here on
+        pol.proposer_cost = lambda: (0.0, 0.0)
+        for costs in [(0.01, 0.0), (0.0, 1.0), (0.01, 0.0)]:  # (a, b) of step seconds = a + b * tokens
+            pol.cost = lambda costs=costs: costs
+            c = llm.engine.stats().speculative
+            llm.generate([ps[1]], GREEDY)
+            mid = llm.engine.stats().speculative
+            runs.append(llm.generate([ps[3]], seeded)[0].token_ids)
+            end = llm.engine.stats().speculative
+            proposed.append((mid.proposed - c.proposed, end.proposed - mid.proposed))
+    assert runs[0] == runs[1] == runs[2] and len(runs[0]) == 40
+    assert proposed[0][0] > 0 and proposed[1][0] == 0  # greedy: the policy's choice
+    assert all(seed > 0 for _, seed in proposed)  # seeded sampled: the configured k under either cost
+
+
 @pytest.mark.slow
 def test_bundled_model_quantized_greedy_is_bit_exact(smollm2_q):
     """The bundled SmolLM2 as `meshlm generate` runs it (Q4_1/Q8_0, int8-rounded activations, which amplify any

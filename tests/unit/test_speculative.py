@@ -3,16 +3,21 @@ the n-gram lookup, block truncation, the scheduler's draft grants, the policy an
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from meshlm.config import SamplingParams
+from meshlm.engine import sampler
 from meshlm.engine.kv_cache import BlockManager
-from meshlm.engine.request import Request
-from meshlm.engine.sampler import target_probs
-from meshlm.engine.scheduler import Scheduler, SchedulerConfig
-from meshlm.engine.spec_policy import SpecCounters, SpecPolicy
-from meshlm.engine.speculative import NgramProposer, SpeculativeConfig
+from meshlm.engine.paged_attention import StepInput
+from meshlm.engine.request import Request, Status
+from meshlm.engine.sampler import ACCEPT, DRAFT, RESIDUAL, SAMPLE, mix_seed, position_generator, sample, uniform
+from meshlm.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
+from meshlm.engine.spec_engine import Speculator
+from meshlm.engine.spec_policy import PROBE_EVERY, SpecCounters, SpecPolicy
+from meshlm.engine.speculative import NgramProposer, Proposal, SpeculativeConfig
 from meshlm.engine.verify import accept_or_resample, verify, verify_greedy, verify_sampled
 from meshlm.errors import ConfigError
 
@@ -44,14 +49,15 @@ def test_rejection_sampling_preserves_the_target_distribution(kind, proposer):
     """The first emitted token of N independent verifications is distributed as the target's p (after
     temperature / top-k / top-p), whether the proposal was drawn from a draft q or is a fixed token."""
     g = torch.Generator().manual_seed(1234)
-    p = target_probs(LOGITS, PARAMS[kind])  # [V]
+    p = sampler.target_probs(LOGITS, PARAMS[kind])  # [V]
     if proposer == "draft":
         q = torch.softmax(torch.tensor([0.0, 2.0, 0.5, 1.0, -1.0, 0.0, 1.5, -2.0]), -1)  # unlike p
         x = torch.multinomial(q, N, replacement=True, generator=g)
         qs = q.expand(N, V)
     else:
         x, qs = torch.full((N,), 1, dtype=torch.long), None  # always propose token 1
-    accepted, replacement = accept_or_resample(p.expand(N, V), x, qs, g)
+    accepted, residual = accept_or_resample(p.expand(N, V), x, qs, torch.rand(N, generator=g))
+    replacement = torch.multinomial(residual, 1, generator=g)[:, 0]
     emitted = torch.where(accepted, x, replacement)
     counts = torch.bincount(emitted, minlength=V).float()
     assert tv(counts, p) < 0.01
@@ -60,16 +66,14 @@ def test_rejection_sampling_preserves_the_target_distribution(kind, proposer):
 
 def test_verify_sampled_two_positions_joint_distribution():
     """Over two proposed positions the emitted (first, second) pairs follow p1(a) * p2(b | a): the second row
-    is only used after the first proposal is accepted (20k seeded runs of the engine's own function)."""
-    params = SamplingParams(temperature=1.0)
+    is only used after the first proposal is accepted (20k runs of the engine's own function, seeds 0..19999)."""
     logits = torch.stack([LOGITS, LOGITS.flip(0), LOGITS.roll(3)])  # [3, V]: rows after t, d1, d2
-    p = target_probs(logits, params)
-    g = torch.Generator().manual_seed(7)
+    p = sampler.target_probs(logits, SamplingParams(temperature=1.0))
     draft = (7, 0)  # likely under p[0], p[1]: both paths (accept, reject) are taken often
     firsts = torch.zeros(V)
     seconds_after_accept = torch.zeros(V)
-    for _ in range(20_000):
-        out = verify_sampled(logits, params, draft, None, g)
+    for seed in range(20_000):
+        out = verify_sampled(logits, SamplingParams(temperature=1.0, seed=seed), draft, None, 11)
         firsts[out[0]] += 1
         if out[0] == draft[0]:
             seconds_after_accept[out[1]] += 1
@@ -77,13 +81,31 @@ def test_verify_sampled_two_positions_joint_distribution():
     assert tv(seconds_after_accept, p[1]) < 0.03
 
 
-def test_seeded_verification_reproduces():
-    """The same seed gives the same emitted tokens."""
+def test_seeded_verification_reproduces_and_is_keyed_by_position():
+    """The same seed and position give the same tokens, whatever was drawn before; without a draft,
+    verification is the plain sampler's draw at that position, and the bonus after k acceptances is too."""
     params = SamplingParams(temperature=0.9, top_p=0.9, seed=3)
     logits = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))
-    runs = [[verify(params, (1, 2, 3, 4), None, [0] * 5, logits, torch.Generator().manual_seed(3))
-             for _ in range(5)] for _ in range(2)]
+    runs = [[verify(params, (1, 2, 3, 4), None, [0] * 5, logits, 40 + i) for i in range(5)] for _ in range(2)]
     assert runs[0] == runs[1]
+    assert len({tuple(r) for r in runs[0]}) > 1  # positions draw differently
+    torch.rand(7)  # the global RNG moves: keyed draws don't
+    assert [verify(params, (1, 2, 3, 4), None, [0] * 5, logits, 40 + i) for i in range(5)] == runs[0]
+    plain = verify(params, (), None, [0], logits[4:], 44)
+    assert plain == [sample(logits[4], params, position_generator(3, 44, SAMPLE))]
+    sure = sampler.target_probs(logits, params).argmax(-1).tolist()  # a draft the target accepts with certainty
+    certain = logits.clone()
+    certain[torch.arange(4), torch.tensor(sure[:4])] = 1e4
+    assert verify(params, tuple(sure[:4]), None, [0] * 5, certain, 40) == [*sure[:4], plain[0]]
+
+
+def test_keyed_seeds_differ_by_seed_position_and_purpose():
+    """mix_seed separates (seed, position, purpose) triples and is a pure function of them."""
+    keys = {mix_seed(s, t, k) for s in (0, 1, 2**63 - 1, -5) for t in range(64) for k in (SAMPLE, ACCEPT, RESIDUAL,
+                                                                                            DRAFT)}
+    assert len(keys) == 4 * 64 * 4 and all(0 <= x < 2**63 for x in keys)
+    assert mix_seed(9, 3, SAMPLE) == mix_seed(9, 3, SAMPLE) and mix_seed(9, 3, SAMPLE) != mix_seed(3, 9, SAMPLE)
+    assert uniform(9, 3, ACCEPT) == uniform(9, 3, ACCEPT) != uniform(9, 4, ACCEPT)
 
 
 def test_verify_greedy_takes_the_matching_prefix_and_the_targets_next():
@@ -132,17 +154,83 @@ def test_scheduler_grants_drafts_under_the_budget_and_rolls_back():
     assert (req.num_computed, req.num_scheduled, len(req.block_table)) == (5, 5, 3)
 
 
-def test_policy_speculates_when_steps_cost_the_same_and_stops_when_tokens_cost():
-    """Flat step cost (weight-bound): propose k_max; cost proportional to tokens: don't speculate."""
-    flat, linear = SpecPolicy(4), SpecPolicy(4)
+def policy(step: tuple[float, float], proposer: tuple[float, float] = (0.0, 0.0), k_max: int = 4) -> SpecPolicy:
+    """A policy whose measured costs are injected: step seconds = a + b*T and proposer seconds = c + d*n, each
+    from exact samples at several sizes."""
+    pol = SpecPolicy(k_max)
     for t in (1, 5, 1, 5, 9, 1):
-        flat.observe_step(t, 0.010)
-        linear.observe_step(t, 0.001 * t)
-    for i in range(20):
-        for pol in (flat, linear):
-            pol.observe_verify(4, 4 if i % 2 else 1)
-    assert flat.choose_k(1) == 4
-    assert linear.choose_k(64) == 0
+        pol.observe_step(t, step[0] + step[1] * t)
+        pol.observe_propose(t, proposer[0] + proposer[1] * t)
+    return pol
+
+
+def accept(pol: SpecPolicy, rid: str, rate: float, n: int = 40) -> None:
+    """n verifications of 4 proposals for request rid, each position accepted with probability about `rate`."""
+    for i in range(n):
+        kept = 0
+        while kept < 4 and (i * 7 + kept * 3) % 10 < rate * 10:
+            kept += 1
+        pol.observe_verify(rid, 4, kept)
+
+
+def test_policy_fits_the_injected_costs():
+    """The fits recover the step's and the proposer's (a, b) from their own samples."""
+    pol = policy((0.010, 0.0002), (0.0005, 0.003))
+    assert pol.cost() == pytest.approx((0.010, 0.0002))
+    assert pol.proposer_cost() == pytest.approx((0.0005, 0.003))
+    one = SpecPolicy(4)
+    one.observe_propose(4, 0.008)  # one call size only: all of its cost is per proposed token
+    assert one.proposer_cost() == pytest.approx((0.0, 0.002))
+
+
+def test_policy_speculates_when_steps_cost_the_same_and_stops_when_tokens_cost():
+    """Flat step cost (weight-bound): propose k_max; cost proportional to tokens at batch 64: don't speculate,
+    and don't probe either (a sure acceptance would not pay)."""
+    flat, linear = policy((0.010, 0.0)), policy((0.0, 0.001))
+    for pol in (flat, linear):
+        accept(pol, "r", 0.7)
+    assert flat.choose(["r"], [4], [False]) == [4]
+    ids = [f"b{i}" for i in range(64)]
+    for _ in range(40):  # past any probe
+        assert linear.choose(ids, [4] * 64, [False] * 64) == [0] * 64
+
+
+def test_policy_charges_the_proposers_cost():
+    """With the same flat target step and acceptance, a free proposer gets k_max, one costing a target step per
+    proposed token gets none; one in between gets a shorter k."""
+    free, dear, mid = policy((0.010, 0.0)), policy((0.010, 0.0), (0.0, 0.010)), policy((0.010, 0.0), (0.0, 0.004))
+    for pol in (free, dear, mid):
+        accept(pol, "r", 0.6)
+    assert free.choose(["r"], [4], [False]) == [4]
+    assert dear.choose(["r"], [4], [False]) == [0]
+    assert 0 < mid.choose(["r"], [4], [False])[0] < 4
+    a = mid.alphas("r")  # the choice maximises tokens per second over k
+    rates = [mid.expected_tokens(k, "r") / (0.010 + (0.004 * k if k else 0)) for k in range(5)]
+    assert mid.choose(["r"], [4], [False])[0] == max(range(5), key=rates.__getitem__), a
+
+
+def test_policy_tracks_acceptance_per_request():
+    """A chat request with low acceptance does not keep a grounded one from speculating in the same batch, and a
+    new request probes at its first decode step even after the engine-wide estimate fell."""
+    pol = policy((0.010, 0.0), (0.0, 0.001))
+    accept(pol, "chat", 0.0)
+    accept(pol, "grounded", 1.0, n=10)
+    assert pol.choose(["chat", "grounded"], [4, 4], [False, False]) == [0, 4]
+    accept(pol, "chat", 0.0, n=200)  # the engine-wide estimate is now low
+    assert pol.choose(["new"], [4], [False]) == [4]  # a probe
+    accept(pol, "new", 1.0, n=10)
+    assert pol.choose(["new", "chat"], [4, 4], [False, False]) == [4, 0]
+    pol.release("new")
+    assert "new" not in pol.reqs
+
+
+def test_policy_fixed_requests_keep_their_k_and_count_in_the_cost():
+    """A fixed request (seeded sampled) proposes its cap even where the policy would not speculate."""
+    linear = policy((0.0, 0.001))
+    ids = [f"b{i}" for i in range(8)]
+    linear.choose(ids, [3] * 8, [True] + [False] * 7)  # new requests may probe at their first step
+    for _ in range(PROBE_EVERY):  # (then the others probe again: a sure acceptance would pay at this rate)
+        assert linear.choose(ids, [3] * 8, [True] + [False] * 7) == [3] + [0] * 7
 
 
 def test_counters_per_position():
@@ -199,3 +287,87 @@ def test_cli_flags_build_the_config():
     with pytest.raises(ConfigError, match="num-speculative-tokens"):
         speculative_config(parser.parse_args(["generate", "hi", "--speculative", "ngram",
                                               "--num-speculative-tokens", "0"]))
+
+
+class _Clock:
+    """A perf_counter the test advances: injected timings."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _SlowProposer:
+    """Proposes token 1 k times; each call costs `per_token` seconds a proposed token plus `per_fed` a token it
+    catches up on (its first pass over a prompt), on the injected clock."""
+
+    name = "slow"
+
+    def __init__(self, clock: _Clock, per_token: float, per_fed: float) -> None:
+        self.clock, self.per_token, self.per_fed = clock, per_token, per_fed
+        self.seen: dict[str, int] = {}
+
+    def propose(self, reqs, ks):
+        out = []
+        for r, k in zip(reqs, ks):
+            fed = len(r.tokens) - self.seen.get(r.id, 0)
+            self.seen[r.id] = len(r.tokens)
+            self.clock.now += self.per_token * k + self.per_fed * fed
+            out.append(Proposal((1,) * k, None, fed))
+        return out
+
+    def release(self, request_id):
+        self.seen.pop(request_id, None)
+
+
+HOT = SamplingParams(temperature=0.8)
+
+
+def decoding(rid: str, prompt_len: int, params: SamplingParams = HOT) -> Request:
+    """A running request that is decoding: every token but the last computed, nothing in flight."""
+    req = Request(rid, list(range(3, 3 + prompt_len)), params, max_new=1000)
+    req.tokens.append(7)
+    req.num_computed = req.num_scheduled = len(req.tokens) - 1
+    req.status = Status.RUNNING
+    return req
+
+
+def test_speculator_times_the_proposer_apart_and_leaves_catch_up_out(monkeypatch):
+    """The proposer's seconds are its own cost term (not the target step's), and a draft's first pass over a
+    long prompt is not charged as per-token cost: speculation stays on after it."""
+    import meshlm.engine.spec_engine as spec_engine
+
+    clock = _Clock()
+    monkeypatch.setattr(spec_engine.time, "perf_counter", clock)
+    sp = Speculator(_SlowProposer(clock, per_token=0.0005, per_fed=0.001), SpeculativeConfig("ngram", 4))
+    req = decoding("r", prompt_len=500)  # catching up on 501 tokens costs 0.5 s: 50 target steps
+    sched = SimpleNamespace(running=[req], waiting=[])
+    for step in range(30):
+        sp.propose(sched, 1)
+        assert len(req.draft) == 4, step  # never turned off by the catch-up
+        clock.now += 0.010  # the target step: flat 10 ms
+        sp.step_done(StepInput(tuple(range(1 + len(req.draft))), (), ()), decode=True, busy=True)
+        sp.record(Scheduled(req, len(req.tokens) - 1, 1, req.draft), 4)
+        req.tokens += [1, 1, 1, 1, 5]
+        req.num_computed = req.num_scheduled = len(req.tokens) - 1
+        req.draft = ()
+    assert sp.catch_up_seconds == pytest.approx(0.501 + 0.002)  # the first call only
+    assert sp.policy.cost() == pytest.approx((0.010, 0.0), abs=1e-9)  # the target's step without the proposer
+    # one call size (4 proposed, 5 caught up on): all of it per proposed token, the steady catch-up included
+    assert sp.policy.proposer_cost() == pytest.approx((0.0, 0.0005 + 0.001 * 5 / 4), rel=1e-6)
+
+
+def test_seeded_sampled_requests_propose_the_configured_k():
+    """A seeded sampled request gets the configured k where the policy gives an unseeded one none."""
+    sp = Speculator(_SlowProposer(_Clock(), 0.0, 0.0), SpeculativeConfig("ngram", 3))
+    for t in (1, 5, 1, 5, 9, 1):
+        sp.policy.observe_step(t, 0.001 * t)  # tokens cost: speculation loses throughput
+    seeded = decoding("s", 10, SamplingParams(temperature=0.8, seed=1))
+    unseeded, greedy = decoding("u", 10), decoding("g", 10, SamplingParams())
+    others = [decoding(f"o{i}", 10) for i in range(30)]
+    for r in [unseeded, greedy, *others]:  # past their first-step probe
+        sp.policy.observe_verify(r.id, 3, 0)
+    sp.propose(SimpleNamespace(running=[seeded, unseeded, greedy, *others], waiting=[]), 1)
+    assert (seeded.draft, unseeded.draft, greedy.draft) == ((1, 1, 1), (), ())
