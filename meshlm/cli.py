@@ -59,6 +59,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cp-ring", default="auto", choices=["auto", "pass-kv", "pass-q"],
                    help="the prefill ring at --cp > 1: auto (default) chooses per prefill from the new and cached "
                         "tokens, the head counts and the measured link (docs/context_parallel.md)")
+    p.add_argument("--redundant-experts", type=int, default=0, metavar="N",
+                   help="with --ep: N extra expert copies the balancer places (hottest experts replicated, each rank "
+                        "holding up to ceil(E/ep) + ceil(N/ep) experts; default 0)")
+    p.add_argument("--eplb-interval", type=int, default=0, metavar="STEPS",
+                   help="with --ep: rebalance experts every STEPS engine steps from the last 64 steps' routing "
+                        "(default 0: never)")
+    p.add_argument("--expert-budget", type=int, default=None, metavar="BYTES",
+                   help="MoE at tp 1: keep at most BYTES of experts resident, read the rest from the memory-mapped "
+                        "checkpoint on demand (frequency-aware, next layer prefetched; default: all resident)")
     p.add_argument("--pp-layers", type=_layer_counts, default=None, metavar="N,N,...",
                    help="layers per pipeline stage, e.g. 16,14 (default: balanced by an estimated cost)")
     p.add_argument("--comm-timeout", type=float, default=60.0,
@@ -157,6 +166,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
              max_context=args.max_context, tp=args.tp, ep=args.ep, expert_capacity=args.expert_capacity,
              cp=args.cp, cp_ring=args.cp_ring,
+             redundant_experts=args.redundant_experts, eplb_interval=args.eplb_interval,
+             expert_budget=args.expert_budget,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
              device=args.device,
              pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks),

@@ -20,6 +20,7 @@ from meshlm.engine.worker import DTYPES, WorkerSpec
 from meshlm.errors import ConfigError, RequestError
 from meshlm.parallel.comm import resolve_transport
 from meshlm.parallel.device import resolve_device
+from meshlm.parallel.eplb import BalancerSpec
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.parallel.pipeline import PipelineSpec, plan_stages
 
@@ -36,6 +37,9 @@ class LLM:
     quantize: "int8" / "int4" / "int4-min" quantizes a float model's linear and embedding weights at load.
     ep: expert parallelism for MoE models, whole experts on each of the tp ranks (ep=N implies tp=N);
     expert_capacity: with ep > 1, the capacity factor (None: dropless). See docs/expert_parallelism.md.
+    redundant_experts: with ep > 1, extra expert copies the balancer may place (hottest experts replicated);
+    eplb_interval: rebalance every this many engine steps (0: only on rebalance_experts()).
+    expert_budget: bytes of resident experts (tp = 1), the rest read from the checkpoint on demand (None: all).
     speculative: "ngram" | "draft:PATH" | "self-int4" (or a SpeculativeConfig) turns on speculative decoding
     with up to num_speculative_tokens proposals per step (docs/speculative.md); outputs stay exact.
     """
@@ -47,7 +51,8 @@ class LLM:
                  pipeline: PipelineSpec | None = None, transport: str | None = None,
                  device: str | None = None, speculative: str | SpeculativeConfig | None = None,
                  num_speculative_tokens: int = 4, ep: int = 1, expert_capacity: float | None = None, cp: int = 1,
-                 cp_ring: str = "auto") -> None:
+                 cp_ring: str = "auto", redundant_experts: int = 0, eplb_interval: int = 0,
+                 expert_budget: int | None = None) -> None:
         prec = precision(dtype, quantize, DTYPES)  # a bad name fails before any process starts
         if isinstance(speculative, str):
             speculative = SpeculativeConfig(speculative, num_speculative_tokens)
@@ -69,7 +74,9 @@ class LLM:
             check_proposer(speculative, model)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           quantize=quantize, progress=progress, pipeline=pipeline,
-                          transport=transport, device=choice, expert_capacity=expert_capacity, cp_ring=cp_ring)
+                          transport=transport, device=choice, expert_capacity=expert_capacity, cp_ring=cp_ring,
+                          balancer=BalancerSpec(interval=eplb_interval, redundant=redundant_experts),
+                          expert_budget=expert_budget)
         self.executor = Executor(spec, timeout_s=comm_timeout_s)
         # Closes the ranks once: on close(), when this object is collected, or at interpreter exit. It holds
         # the executor, never self, so an LLM that is dropped can be collected.
@@ -169,6 +176,13 @@ class LLM:
     def expert_stats(self) -> list[dict]:
         """Per-rank experts held and tokens routed (before dispatch) / dropped per MoE layer (ep > 1)."""
         return self.executor.call_all("expert_stats")
+
+    def rebalance_experts(self) -> list[dict]:
+        """Rebalance every MoE layer now from the last steps' routing (between steps; ep > 1); per rank:
+        {"moved": experts it loaded, "seconds", "balance": {layer: [max/mean before, after]}}."""
+        if self.dims.ep == 1:
+            raise ConfigError("rebalance_experts() places whole experts: build the LLM with ep=2 or more.")
+        return self.executor.call_all("rebalance_experts")
 
     def start_timeline(self, spans: bool = True) -> None:
         """pp > 1: restart every rank's pipeline timeline together; spans=True records a trace, else totals only."""

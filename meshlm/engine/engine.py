@@ -147,7 +147,8 @@ class LLMEngine:
         return EngineStats(len(s.running), len(s.waiting), s.cfg.max_waiting, self.blocks.usage(), s.num_preemptions,
                            self.total_prompt_tokens, self.total_generated_tokens,
                            self.executor.collective_seconds(), self.executor.bubble_fraction(), spec,
-                           self.executor.experts_dropped(), self.executor.cp_ring_choices())
+                           self.executor.experts_dropped(), self.executor.cp_ring_choices(),
+                           self.executor.expert_figures())
 
     def failure(self) -> RankFailure | None:
         """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""

@@ -9,6 +9,7 @@ from meshlm.engine.scheduler import SchedulerConfig
 from meshlm.engine.spec_policy import SpecCounters
 from meshlm.engine.speculative import SpeculativeConfig
 from meshlm.errors import ConfigError
+from meshlm.parallel.eplb import ExpertFigures
 
 
 @dataclass(frozen=True)
@@ -51,3 +52,4 @@ class EngineStats:
     speculative: SpecCounters | None = None  # proposed / accepted tokens (a copy), None without speculation
     expert_tokens_dropped: int = 0  # ep > 1 with --expert-capacity: routed rows past an expert's capacity
     cp_ring_choices: Mapping[str, int] = field(default_factory=dict)  # cp > 1: prefills by ring (pass-kv, pass-q)
+    experts: ExpertFigures | None = None  # ep > 1: balance, load, link bytes (rank 0's stage); --expert-budget hits

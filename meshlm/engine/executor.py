@@ -137,6 +137,10 @@ class Executor:
         """cp > 1: rank 0's prefill ring choices so far, by ring ({} otherwise or once closed)."""
         return {} if self.worker is None else self.worker.cp_ring_choices()
 
+    def expert_figures(self):
+        """Rank 0's expert balance, per-expert load and per-link bytes (None without expert parallelism)."""
+        return self.worker.expert_figures() if self.worker is not None else None
+
     def bubble_fraction(self) -> float:
         """Rank 0's share of pipelined time spent waiting for the later stages (0 when pp == 1)."""
         stages = getattr(self.worker, "stages", None)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from meshlm.checkpoint import open_checkpoint
 from meshlm.checkpoint.loader import build_meta, load_weights
+from meshlm.checkpoint.names import hf_names
 from meshlm.checkpoint.quantized import Conversions, check_quantize, describe_bytes, file_precision, precision
 from meshlm.engine.engine import host_kv_budget_bytes
+from meshlm.engine.expert_buffer import make_buffered
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.pipeline_stage import StageDriver
@@ -22,6 +24,7 @@ from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.context import RING_CHOICES
 from meshlm.parallel.device import DeviceChoice, rank_device
+from meshlm.parallel.eplb import Balancer, BalancerSpec, ExpertFigures
 from meshlm.parallel.expert import ExpertLoad, ExpertParallelExperts
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.parallel.pipeline import PipelineSpec, plan_stages, split_model
@@ -49,6 +52,8 @@ class WorkerSpec:
     device: DeviceChoice = field(default_factory=DeviceChoice)  # cpu (gloo) or cuda:<local rank> (nccl)
     expert_capacity: float | None = None  # ep > 1: rows per expert <= ceil(factor x routed / experts); None: dropless
     cp_ring: str = "auto"  # context parallelism's prefill ring: auto | pass-kv | pass-q
+    balancer: BalancerSpec = field(default_factory=BalancerSpec)  # ep > 1: redundant experts, rebalancing
+    expert_budget: int | None = None  # bytes of resident experts (the rest read on demand); None: all resident
 
     def __post_init__(self) -> None:
         self.dims.check_runnable()  # a layout the engine cannot run fails before any rank starts
@@ -57,6 +62,16 @@ class WorkerSpec:
                               "each expert takes its even share of the routed tokens); omit it to drop nothing.")
         if self.cp_ring not in RING_CHOICES:
             raise ConfigError(f"--cp-ring {self.cp_ring!r} is unknown; use one of {', '.join(RING_CHOICES)}.")
+        if self.expert_budget is not None and self.dims.tp > 1:
+            raise ConfigError(f"--expert-budget {self.expert_budget} buffers whole experts on one rank per stage: it "
+                              "needs --tp 1 and --ep 1 (drop --tp/--ep, or drop --expert-budget).")
+        b = self.balancer
+        if (b.interval or b.redundant or b.slots) and self.dims.ep == 1:
+            raise ConfigError("--eplb-interval, --redundant-experts and --expert-slots place whole experts: they need "
+                              "--ep > 1.")
+        if b.interval and self.dims.pp > 1:
+            raise ConfigError(f"--eplb-interval {b.interval} rebalances between steps of one stage: it needs --pp 1; "
+                              "with stages, call LLM.rebalance_experts() between steps.")
 
 
 def memory_mb() -> dict[str, float]:
@@ -91,12 +106,18 @@ class Worker:
         model = build_meta(self.cfg)
         self.stage = plan_stages(self.cfg, spec.dims.pp, spec.pipeline)[groups.pp.index]
         split_model(model, self.stage)  # a pipeline stage keeps (and loads) only its own modules
-        self.expert_load = ExpertLoad()  # ep > 1: tokens routed to each expert (counted before dispatch), dropped
+        # ep > 1: tokens routed to each expert (counted before dispatch), dropped, and the balancer's window
+        self.expert_load = ExpertLoad(window=spec.balancer.window)
         part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp, spec.dims.ep, spec.expert_capacity,
                               self.expert_load)
+        self.source = ckpt.source  # memory-mapped: a rebalance or a buffer miss reads experts from it alone
+        # --expert-budget: experts leave the parameters (not loaded here) for a cache filled on demand
+        self.expert_cache = make_buffered(model, self.cfg, spec.expert_budget, self.dtype, self._read_expert) \
+            if spec.expert_budget is not None else None
         conversions = Conversions()
         self.model = load_weights(model, self.cfg, ckpt.source, self.precision, part_for=part_for,
                                   progress=spec.progress and rank == 0, device=self.device, conversions=conversions)
+        self.balancer = Balancer(spec.balancer, self.model, self.expert_load)  # no MoE layers at ep = 1: a no-op
         pack_linears(self.model)  # on a CPU with the kernel: every float Linear weight in its packed layout
         self.conversion_error = conversions.report()  # {"Q6_K->Q8_0": relative RMS error} of this rank's share
         if self.conversion_error and rank == 0:
@@ -161,8 +182,36 @@ class Worker:
             if self.spec.dims.pp > 1 else None
 
     def execute(self, step: StepInput) -> StepOutput:
-        """One engine step on this rank (pp == 1): the sampled rows' argmax and the logits asked for."""
-        return self.runner.execute(step)
+        """One engine step on this rank (pp == 1): the sampled rows' argmax and the logits asked for; every
+        --eplb-interval steps the experts are then rebalanced (between steps, on every rank of the group)."""
+        out = self.runner.execute(step)
+        if self.balancer.layers:
+            self.balancer.after_step(self._fetch_experts)
+        return out
+
+    def rebalance_experts(self) -> dict:
+        """Rebalance this stage's MoE layers now, from the load window (see parallel/eplb.py)."""
+        return {"rank": self.rank, **self.balancer.rebalance(self._fetch_experts)}
+
+    def expert_figures(self) -> ExpertFigures | None:
+        """Balance, per-expert load and per-link bytes of this stage's MoE layers, and the expert buffer's hits,
+        misses and fetch time (None with neither)."""
+        figures = self.balancer.figures() if self.balancer.layers else None
+        if self.expert_cache is None:
+            return figures
+        c = self.expert_cache
+        return replace(figures or ExpertFigures({}, {}, {}), buffer_hits=c.hits, buffer_misses=c.misses,
+                       buffer_fetch_seconds=c.fetch_seconds)
+
+    def _read_expert(self, name: str, expert: int) -> tuple[torch.Tensor, ...]:
+        """(w1, w3, w2) of one expert from the checkpoint (an expert buffer miss)."""
+        got = self._fetch_experts(name, [expert])
+        return got["w1"][0], got["w3"][0], got["w2"][0]
+
+    def _fetch_experts(self, name: str, ids: list[int]) -> dict[str, torch.Tensor]:
+        """Experts `ids` of module `name` read from the checkpoint alone, in the compute dtype, on the device."""
+        return {w: torch.stack([self.source.read(n) for n in hf_names(f"{name}.{w}", self.cfg.architecture, ids)])
+                .to(self.device, self.dtype) for w in ("w1", "w3", "w2")}
 
     def serve_pipeline(self) -> None:
         """pp > 1, every rank but 0: run pipelined engine steps until rank 0 ends them (see pipeline_stage)."""
@@ -210,4 +259,6 @@ class Worker:
         all-to-all bytes this rank sent each other rank ("links": {"tp/0->1": bytes})."""
         held = {name.split(".")[1]: list(m.placement.slots[m.comm.index]) for name, m in self.model.named_modules()
                 if isinstance(m, ExpertParallelExperts)}
-        return {"rank": self.rank, "experts": held, **self.expert_load.snapshot(), "links": STATS.link_snapshot()}
+        buffer = self.expert_cache.snapshot() if self.expert_cache is not None else None
+        return {"rank": self.rank, "experts": held, **self.expert_load.snapshot(), "links": STATS.link_snapshot(),
+                "buffer": buffer}

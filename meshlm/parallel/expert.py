@@ -26,10 +26,12 @@ replicas (an expert listed on several ranks); a token goes to replica (token ind
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from meshlm.errors import ConfigError
 from meshlm.models.mixtral import Experts, expert_ffn
@@ -93,6 +95,9 @@ class ExpertLoad:
     routed: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E] int64, whole group
     dropped: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # layer -> rows, whole group
     sent: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [ep] int64 rows, this rank's
+    link_rows: torch.Tensor | None = None  # [src, dst] rows dispatched over each link, whole group, all layers
+    window: int = 64  # steps the balancer looks back over (window_routed)
+    steps: deque = field(default_factory=deque)  # the last `window` steps' {layer: [E] rows}, newest last
 
     def record(self, layer: int, every: torch.Tensor, me: int, expert_of: torch.Tensor, num_experts: int,
                capacity: int | None) -> None:
@@ -100,9 +105,23 @@ class ExpertLoad:
         rows = every.sum(0)  # [dst, slot]
         per = torch.zeros(num_experts + 1, dtype=torch.long).index_add_(0, expert_of.flatten(), rows.flatten())
         self.routed[layer] = self.routed[layer] + per[:num_experts] if layer in self.routed else per[:num_experts]
+        self.link_rows = every.sum(-1) + (self.link_rows if self.link_rows is not None else 0)
+        if not self.steps or layer in self.steps[-1]:  # a forward records each layer once: a repeat starts a step
+            self.steps.append({})
+            while len(self.steps) > self.window:
+                self.steps.popleft()
+        self.steps[-1][layer] = per[:num_experts]
         self.sent[layer] = self.sent[layer] + every[me].sum(-1) if layer in self.sent else every[me].sum(-1)
         if capacity is not None:
             self.dropped[layer] += int((rows - capacity).clamp(min=0).sum())
+
+    def window_routed(self) -> dict[int, torch.Tensor]:
+        """Rows routed to each expert per layer over the last `window` steps ({layer: [E] int64})."""
+        out: dict[int, torch.Tensor] = {}
+        for step in self.steps:
+            for layer, per in step.items():
+                out[layer] = out[layer] + per if layer in out else per.clone()
+        return out
 
     def total_dropped(self) -> int:
         """Rows dropped by the capacity factor, over all layers."""
@@ -115,10 +134,11 @@ class ExpertLoad:
                 "dropped": dict(sorted(self.dropped.items()))}
 
     def reset(self) -> None:
-        """Forget all totals."""
+        """Forget all totals (the balancer's window stays)."""
         self.routed.clear()
         self.dropped.clear()
         self.sent.clear()
+        self.link_rows = None
 
 
 class ExpertParallelExperts(Experts):
@@ -137,6 +157,21 @@ class ExpertParallelExperts(Experts):
         e = placement.num_experts
         self._expert_of = torch.tensor([list(s) + [e] * (placement.slots_per_rank - len(s)) for s in placement.slots],
                                        dtype=torch.long)  # [rank, slot] -> expert (e: an empty slot)
+
+    def move_to(self, placement: Placement, fetch: Callable[[list[int]], dict[str, torch.Tensor]]) -> int:
+        """Hold `placement`'s experts for this rank, then use it: rows it keeps are reused, the experts it gains
+        come from fetch(ids) -> {"w1": [n, I, H], "w3": .., "w2": [n, H, I]}; returns how many it fetched."""
+        old, new = self.placement.slots[self.comm.index], placement.slots[self.comm.index]
+        gained = [e for e in new if e not in old]
+        if new != old:
+            got = fetch(gained) if gained else {}
+            for w in ("w1", "w3", "w2"):
+                cur = getattr(self, w)
+                rows = [cur[old.index(e)] if e in old else got[w][gained.index(e)].to(cur.device, cur.dtype)
+                        for e in new]
+                setattr(self, w, nn.Parameter(torch.stack(rows), requires_grad=False))
+        self.set_placement(placement)
+        return len(gained)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [N, H] and routing [N, K], identical on every rank -> [N, H] on every rank."""

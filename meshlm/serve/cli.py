@@ -88,7 +88,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     ecfg = EngineConfig(kv_cache_mb=args.kv_cache_mb, scheduler=SchedulerConfig(
         args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting))
-    extra = {k: getattr(args, k) for k in ("transport", "pp_layers", "device", "ep", "expert_capacity")
+    extra = {k: getattr(args, k) for k in ("transport", "pp_layers", "device", "ep", "expert_capacity",
+                                               "redundant_experts", "eplb_interval", "expert_budget")
              if getattr(args, k, None) is not None}
     # With --pp the engine keeps one step in flight per stage (engine/pipeline_stage.py).
     from meshlm.cli import speculative_config

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshlm.engine.engine_config import ExpertFigures  # serve never imports parallel
 from meshlm.engine.spec_policy import SpecCounters
 from meshlm.serve.engine_loop import Snapshot
 from meshlm.serve.protocol import FinalStats
@@ -63,11 +64,40 @@ class EngineCollector:
                                 "Collective seconds over engine step seconds (rank 0).", ratio)
         yield CounterMetricFamily(f"{p}_expert_tokens_dropped_total", "Routed (token, expert) rows an expert's "
                                   "capacity dropped (--expert-capacity; 0 when dropless).", s.expert_tokens_dropped)
+        if s.experts is not None:
+            yield from expert_families(s.experts)
         yield GaugeMetricFamily(f"{p}_pipeline_bubble_fraction",
                                 "Fraction of pipelined time stage 0 waits for the later stages (0 without "
                                 "pipelining).", s.bubble_fraction)
         if s.speculative is not None:
             yield from spec_families(s.speculative)
+
+
+def expert_families(f: ExpertFigures) -> Iterator[Metric]:
+    """Expert parallelism over the balancer's window: balance (max / mean rank load) per layer, rows per expert,
+    all-to-all bytes per link (group indices), rebalances and expert copies they loaded."""
+    p = f"{PREFIX}_expert"
+    bal = GaugeMetricFamily(f"{p}_balance_ratio", "Max over mean rank load of a MoE layer's routed rows "
+                            "(1: even).", labels=("layer",))
+    load = GaugeMetricFamily(f"{p}_load_rows", "Rows routed to an expert over the window.", labels=("layer", "expert"))
+    for layer in sorted(f.balance):
+        bal.add_metric((str(layer),), f.balance[layer])
+        for e, n in enumerate(f.load[layer]):
+            load.add_metric((str(layer), str(e)), n)
+    links = CounterMetricFamily(f"{p}_link_bytes_total", "All-to-all bytes (dispatch + combine) per link of the "
+                                "expert-parallel group.", labels=("src", "dst"))
+    for (a, b), n in sorted(f.link_bytes.items()):
+        links.add_metric((str(a), str(b)), n)
+    yield from (bal, load, links)
+    yield CounterMetricFamily(f"{p}_rebalances_total", "Expert rebalances applied.", f.rebalances)
+    yield CounterMetricFamily(f"{p}_moved_total", "Expert copies loaded by rebalances.", f.moved)
+    total = f.buffer_hits + f.buffer_misses
+    yield CounterMetricFamily(f"{p}_buffer_hits_total", "Expert uses found resident (--expert-budget).", f.buffer_hits)
+    yield CounterMetricFamily(f"{p}_buffer_misses_total", "Expert uses read from host memory.", f.buffer_misses)
+    yield GaugeMetricFamily(f"{p}_buffer_hit_ratio", "Expert buffer hits over uses since start.",
+                            f.buffer_hits / total if total else 0.0)
+    yield CounterMetricFamily(f"{p}_buffer_fetch_seconds_total", "Seconds reading experts into the buffer.",
+                              f.buffer_fetch_seconds)
 
 
 def spec_families(c: SpecCounters) -> Iterator[Metric]:
