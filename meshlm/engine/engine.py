@@ -81,6 +81,14 @@ def host_kv_budget_bytes(fraction: float, ranks_here: int) -> int:
     return int(fraction * available_memory_bytes() / max(1, ranks_here))
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a request moved from another engine stands: its generated tokens and its text so far."""
+
+    token_ids: tuple[int, ...] = ()
+    text: str = ""  # the detokenizer's text of token_ids (an unfinished request's text is never cut)
+
+
 class _Live:
     """Driver-side extras of a running request: sampler RNG, detokenizer, stop ids."""
 
@@ -130,8 +138,11 @@ class LLMEngine:
         self.total_generated_tokens = 0
 
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
-                    timeout_s: float | None = None) -> Request:
-        """Queue a request; raises RequestError (never waits) when it can't be served."""
+                    timeout_s: float | None = None, resume: Resume | None = None) -> Request:
+        """Queue a request; raises RequestError (never waits) when it can't be served.
+
+        resume: tokens (and their text) already generated elsewhere; they count against max_tokens, are
+        recomputed as prompt, and are not reported again (a request moved from a failed replica)."""
         if not prompt:
             raise RequestError("The prompt is empty; pass at least one token.")
         if len(prompt) >= self.max_context:
@@ -146,12 +157,19 @@ class LLMEngine:
         if rid in self.live:
             raise RequestError(f"request id {rid!r} is already in use.")
         req = Request(rid, list(prompt), params, max_new=min(params.max_tokens, self.max_context - len(prompt)))
+        live = _Live(req, self.tokenizer, set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos))
+        if resume is not None and resume.token_ids:
+            if len(resume.token_ids) >= req.max_new or len(prompt) + len(resume.token_ids) >= self.max_context:
+                raise RequestError("The resumed request has no tokens left to generate.")
+            req.tokens.extend(resume.token_ids)
+            req.out.token_ids.extend(resume.token_ids)
+            live.decoder.ids, live.decoder.text = list(resume.token_ids), resume.text
+            req.out.text = resume.text
         if timeout_s is not None:
             req.deadline = req.arrival + timeout_s
         self.scheduler.add(req)
         self.total_prompt_tokens += len(prompt)
-        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
-        self.live[rid] = _Live(req, self.tokenizer, stop)
+        self.live[rid] = live
         return req
 
     def abort(self, request_id: str) -> bool:

@@ -42,7 +42,7 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests (default 30)")
     p.add_argument("--health-deadline", type=float, default=10.0,
-                   help="/health is 200 only if the engine progressed (or a probe finished) within this")
+                   help="seconds a restarted replica's probe request may take before it fails (default 10)")
     p.add_argument("--trace", default=None, metavar="OUT.json",
                    help="with --pp: record every rank's compute, transfers and idle time over the first "
                         "--trace-steps engine steps, then write them as a Chrome trace (ui.perfetto.dev)")
@@ -50,6 +50,17 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                    help="engine steps the --trace window holds (default 200)")
     p.add_argument("--allow-origin", action="append", default=[],
                    help="enable CORS for this origin (repeatable; CORS is off by default)")
+    p.add_argument("--dp", type=int, default=1,
+                   help="data-parallel replicas, each with its own tp x pp ranks and engine, behind a router "
+                        "(least outstanding tokens, prefix affinity); a failed one is restarted (default 1)")
+    p.add_argument("--stall-timeout", type=float, default=1.5,
+                   help="seconds a replica may send no heartbeat, or spend in one engine call, before it counts "
+                        "as failed (default 1.5; raise it for models whose longest step takes longer)")
+    p.add_argument("--max-retries", type=int, default=3,
+                   help="replicas a request may be moved off (after a failure) before it fails (default 3)")
+    p.add_argument("--exit-on-failure", action="store_true",
+                   help="a failed replica ends the server (exit 1) instead of being restarted, for supervisors "
+                        "that restart whole servers")
 
 
 def _model_name(model: str | None) -> str:
@@ -69,29 +80,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               "empty; export the key in it (the key is never passed on the command line).")
     if args.trace and args.pp == 1:
         raise ConfigError("--trace shows the pipeline's stages; add --pp 2 (or more).")
+    if args.trace and args.dp > 1:
+        raise ConfigError("--trace records one replica's pipeline; use it with --dp 1.")
+    if args.dp < 1:
+        raise ConfigError(f"--dp must be >= 1, got {args.dp}.")
+    if not args.stall_timeout > 0:
+        raise ConfigError(f"--stall-timeout must be positive, got {args.stall_timeout}.")
+    if args.max_retries < 0:
+        raise ConfigError(f"--max-retries must be >= 0, got {args.max_retries}.")
     name = args.served_model_name or _model_name(args.model)
     cfg = ServerConfig(host=args.host, port=args.port, model_name=name,
                        api_key=key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
                        request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
                        health_deadline_s=args.health_deadline, cors_origins=tuple(args.allow_origin))
+    import logging
+
+    from meshlm.checkpoint import open_checkpoint
     from meshlm.engine.engine import EngineConfig
     from meshlm.engine.scheduler import SchedulerConfig
-    from meshlm.llm import LLM
-
-    ecfg = EngineConfig(kv_cache_mb=args.kv_cache_mb, scheduler=SchedulerConfig(
-        args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting))
-    extra = {k: getattr(args, k) for k in ("transport", "pp_layers", "device") if getattr(args, k, None) is not None}
-    # With --pp the engine keeps one step in flight per stage (engine/pipeline_stage.py).
-    llm = LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
-              max_context=args.max_context, tp=args.tp,
-              pp=args.pp, comm_timeout_s=args.comm_timeout, backend=args.backend, engine=ecfg, **extra)
+    from meshlm.serve.replica import ReplicaSpec
+    from meshlm.serve.router import RetryPolicy, RouterConfig
     from meshlm.serve.server import serve
 
-    try:
-        if args.trace:
-            llm.engine.record_trace(args.trace, args.trace_steps)
-        return serve(llm, cfg, aliases=() if args.model is None else (args.model,),
-                     log_level="info" if args.verbose else "warning", key_env=args.api_key_env,
-                     comm_timeout_s=args.comm_timeout)
-    finally:
-        llm.close()
+    # The default KV pool is a share of this host's memory: the replicas split it.
+    ecfg = EngineConfig(kv_cache_mb=args.kv_cache_mb, kv_cache_fraction=0.25 / args.dp,
+                        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting))
+    extra = {k: getattr(args, k) for k in ("transport", "pp_layers", "device") if getattr(args, k, None) is not None}
+    threads = args.threads
+    if threads is None and args.dp > 1 and "MESHLM_THREADS" not in os.environ:
+        threads = max(1, (os.cpu_count() or 1) // (args.dp * args.tp * args.pp))  # replicas share the cores
+    # With --pp the engine keeps one step in flight per stage (engine/pipeline_stage.py).
+    llm_kwargs = dict(model=args.model, dtype=args.dtype, quantize=args.quantize, threads=threads,
+                      max_context=args.max_context, tp=args.tp, pp=args.pp, comm_timeout_s=args.comm_timeout,
+                      backend=args.backend, engine=ecfg, progress=args.dp == 1, **extra)
+    spec = ReplicaSpec(llm_kwargs, trace=(args.trace, args.trace_steps) if args.trace else None,
+                       log_level=logging.INFO if args.verbose else logging.WARNING)
+    rcfg = RouterConfig(dp=args.dp, stall_s=args.stall_timeout, retry=RetryPolicy(max_attempts=args.max_retries),
+                        probe_timeout_s=args.health_deadline, exit_on_failure=args.exit_on_failure)
+    tokenizer = open_checkpoint(args.model).tokenizer  # a bad --model fails here, before any process starts
+    return serve(spec, tokenizer, cfg, rcfg, aliases=() if args.model is None else (args.model,),
+                 log_level="info" if args.verbose else "warning", key_env=args.api_key_env)

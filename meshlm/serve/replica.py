@@ -1,0 +1,272 @@
+"""One data-parallel replica in its own process: an LLM (its tp x pp ranks) driven by an EngineLoop.
+
+The router process talks to a replica through one pipe carrying the engine loop's own typed messages
+(the transport moved, the types did not): router -> replica `Work` (an EngineLoop Submit without the
+event-loop parts), `Abort`, and None to stop; replica -> router `Ready`, `Accepted`, `Outs` (the loop's
+Updates, keyed by request id), `Heartbeat` every `beat_s`, and `Failed`. The replica's rank 0 is this
+process, so one replica's death (any rank: its ranks die with it, PR_SET_PDEATHSIG) never reaches the
+router. A heartbeat carries the engine thread's own progress counter and how long its current call has
+run (engine_loop.py), so a thread that keeps beating while a rank is stopped still reports the stall.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshlm.config import SamplingParams
+from meshlm.engine.engine import Resume
+from meshlm.errors import MeshlmError
+from meshlm.parallel import shm
+from meshlm.parallel.launch import die_with_parent
+from meshlm.serve.engine_loop import Abort, EngineLoop, Snapshot
+from meshlm.serve.protocol import Update
+from meshlm.serve.routing import Beat
+
+log = logging.getLogger(__name__)
+SWITCH_INTERVAL_S = 0.0002  # how long a thread may hold the GIL while another waits for it
+
+
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """How to build a replica: meshlm.LLM's keyword arguments and the liveness cadence."""
+
+    llm_kwargs: dict[str, Any] = field(default_factory=dict)
+    beat_s: float = 0.1  # heartbeat period
+    keepalive_s: float = 0.5  # an idle engine pings its ranks this often (a hung idle rank is noticed too)
+    trace: tuple[str, int] | None = None  # (path, steps): record a pipeline trace
+    log_level: int = logging.WARNING
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The replica has loaded: what the router needs to validate and route requests."""
+
+    vocab_size: int
+    max_context: int
+    capacity_tokens: int
+    block_size: int
+    rank_pids: tuple[int, ...]  # the ranks this process spawned (killed with it)
+
+
+@dataclass(frozen=True)
+class Work:
+    """Add engine requests, all or none (EngineLoop.submit over the pipe)."""
+
+    key: int
+    request_ids: tuple[str, ...]
+    prompts: tuple[tuple[int, ...], ...]
+    params: tuple[SamplingParams, ...]
+    timeout_s: float | None
+    internal: bool = False
+    resume: tuple[Resume, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Work `key` was added (error None) or refused (QueueFull, RequestError, EngineUnavailable)."""
+
+    key: int
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Outs:
+    """Updates of the replica's engine requests, oldest first."""
+
+    updates: tuple[tuple[str, Update], ...]
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Proof of progress and the engine's latest figures."""
+
+    beat: Beat
+    snapshot: Snapshot
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The replica cannot serve: a rank failed, or it could not load."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Exited:
+    """Router side only: the replica's pipe closed (its process is gone)."""
+
+    exitcode: int | None
+
+
+def replica_main(conn: Any, spec: ReplicaSpec) -> None:
+    """Body of a replica process: load, report Ready, serve Work until told to stop or the router goes."""
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router decides when replicas stop
+    logging.basicConfig(level=spec.log_level)
+    # The engine thread and the event loop share the GIL; at Python's default 5 ms switch interval the
+    # engine waits up to 5 ms each time the loop holds it (streaming a token), several times per step.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    lock = threading.Lock()
+
+    def send(msg: Any) -> None:
+        with lock:
+            conn.send(msg)
+
+    try:
+        from meshlm.llm import LLM
+
+        llm = LLM(**spec.llm_kwargs)
+        if spec.trace:
+            llm.engine.record_trace(*spec.trace)
+    except BaseException as e:
+        send(Failed(str(e) if isinstance(e, MeshlmError) else "".join(traceback.format_exception(e))[-4000:]))
+        os._exit(1)
+    try:
+        asyncio.run(_serve(conn, send, llm, spec))
+    finally:
+        llm.close()
+    os._exit(0)
+
+
+async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: ReplicaSpec) -> None:
+    aloop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    eng = EngineLoop(llm.engine, on_fatal=lambda msg: send(Failed(msg)), keepalive_s=spec.keepalive_s).start()
+    local = llm.executor.local
+    send(Ready(llm.cfg.vocab_size, llm.max_context, llm.engine.capacity_tokens, llm.engine.ecfg.block_size,
+               tuple(p.pid for p in local.procs.values()) if local is not None else ()))
+    tasks: set[asyncio.Task] = set()
+
+    async def work(w: Work) -> None:
+        out: asyncio.Queue[Update] = asyncio.Queue()
+        try:
+            await eng.submit(list(w.request_ids), [list(p) for p in w.prompts], list(w.params), out,
+                             w.timeout_s, w.internal, list(w.resume) if w.resume else None)
+        except Exception as e:
+            send(Accepted(w.key, e))
+            return
+        send(Accepted(w.key))
+        left = len(w.request_ids)
+        while left:
+            batch = [await out.get()]
+            while not out.empty():
+                batch.append(out.get_nowait())
+            left -= sum(u.finish_reason is not None for u in batch)
+            send(Outs(tuple((w.request_ids[u.choice], u) for u in batch)))
+
+    def handle(msg: Any) -> None:
+        if msg is None:
+            stopped.set()
+        elif isinstance(msg, Abort):
+            eng.abort(msg.request_ids)
+        else:
+            task = asyncio.ensure_future(work(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    def reader() -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                msg = None
+            aloop.call_soon_threadsafe(handle, msg)
+            if msg is None:
+                return
+
+    def beats() -> None:
+        while not stopped.is_set():
+            since = eng.busy_since  # read once: the engine thread may reset it meanwhile
+            busy = 0.0 if since is None else max(1e-6, time.monotonic() - since)
+            try:
+                send(Heartbeat(Beat(eng.progress, busy), eng.snapshot))
+            except (OSError, ValueError):
+                aloop.call_soon_threadsafe(stopped.set)
+                return
+            time.sleep(spec.beat_s)
+
+    threading.Thread(target=reader, name="meshlm-replica-reader", daemon=True).start()
+    threading.Thread(target=beats, name="meshlm-heartbeat", daemon=True).start()
+    await stopped.wait()
+    eng.stop(timeout=10.0)
+
+
+class ReplicaProcess:
+    """The router's handle on one replica process: start it, send to it (a writer thread, so a stopped
+    replica never blocks the router), receive from it (a reader thread calling `on_message`), kill it."""
+
+    def __init__(self, spec: ReplicaSpec, name: str, on_message: Callable[[ReplicaProcess, Any], None]) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=replica_main, args=(child, spec), name=name)
+        self.proc.start()
+        child.close()
+        self.pid = self.proc.pid
+        self.rank_pids: tuple[int, ...] = ()
+        self.on_message = on_message
+        self._out: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, name=f"{name}-reader", daemon=True).start()
+        threading.Thread(target=self._write, name=f"{name}-writer", daemon=True).start()
+
+    def send(self, msg: Any) -> None:
+        """Queue a message for the replica (returns at once)."""
+        self._out.put(msg)
+
+    def _write(self) -> None:
+        while True:
+            msg = self._out.get()
+            try:
+                self.conn.send(msg)
+            except (OSError, ValueError):
+                return
+            if msg is None:
+                return
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError, ValueError):
+                self.proc.join(1.0)
+                self.on_message(self, Exited(self.proc.exitcode))
+                return
+            if isinstance(msg, Ready):
+                self.rank_pids = msg.rank_pids
+            self.on_message(self, msg)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the replica to finish (its engine aborts what runs) and wait; kill what is left."""
+        self.send(None)
+        self.proc.join(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL rank 0 and every rank it spawned, reap them, and remove shared-memory leftovers."""
+        pids = [self.pid, *self.rank_pids]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.join(5.0)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and any(shm.pid_alive(p) for p in self.rank_pids):
+            time.sleep(0.02)  # ranks are not our children: their parent (rank 0) reaped them, or init does
+        self._out.put(None)
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        shm.sweep_stale()
