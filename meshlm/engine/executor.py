@@ -23,7 +23,9 @@ from meshlm.parallel.launch import (
     RankFailure,
     RendezvousInfo,
     claim_default_group,
+    die_with_parent,
     init_distributed,
+    kill_processes,
     shutdown_distributed,
     under_torchrun,
 )
@@ -55,6 +57,21 @@ def serve_rank(rv: RendezvousInfo, spec: WorkerSpec) -> None:
         if call.gather:
             groups.world.gather_object(result, 0)
     shutdown_distributed()
+
+
+def process_guard() -> None:
+    """In a process that owns ranks (a serving replica): die with the parent that started it."""
+    die_with_parent()
+
+
+def kill_ranks(pids: list[int]) -> None:
+    """Kill a replica's processes (its rank 0 and the ranks it spawned) and remove their shm segments."""
+    kill_processes(pids)
+
+
+def launched_by_torchrun() -> tuple[bool, int]:
+    """(True, this process's rank) under torchrun, else (False, 0)."""
+    return (True, int(os.environ["RANK"])) if under_torchrun() else (False, 0)
 
 
 class Executor:
@@ -109,6 +126,11 @@ class Executor:
     def world_size(self) -> int:
         """Number of ranks."""
         return self.spec.dims.world_size
+
+    @property
+    def rank_pids(self) -> tuple[int, ...]:
+        """Process ids of the ranks this process spawned (none under torchrun or with one rank)."""
+        return tuple(p.pid for p in self.local.procs.values()) if self.local is not None else ()
 
     @property
     def failure(self) -> RankFailure | None:

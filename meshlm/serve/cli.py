@@ -97,8 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from meshlm.checkpoint import open_checkpoint
     from meshlm.engine.engine import EngineConfig
+    from meshlm.engine.executor import launched_by_torchrun
     from meshlm.engine.scheduler import SchedulerConfig
-    from meshlm.parallel.launch import under_torchrun
     from meshlm.serve.replica import ReplicaSpec
     from meshlm.serve.router import RetryPolicy, RouterConfig
     from meshlm.serve.server import serve
@@ -114,11 +114,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     llm_kwargs = dict(model=args.model, dtype=args.dtype, quantize=args.quantize, threads=threads,
                       max_context=args.max_context, tp=args.tp, pp=args.pp, comm_timeout_s=args.comm_timeout,
                       backend=args.backend, engine=ecfg, progress=args.dp == 1, **extra)
-    if under_torchrun():
+    torchrun, rank = launched_by_torchrun()
+    if torchrun:
         if args.dp > 1:
             raise ConfigError("--dp > 1 under torchrun is not supported: torchrun's world is one replica's "
                               "ranks; start one `meshlm serve` per replica, or run --dp on one host.")
-        if int(os.environ["RANK"]) != 0:
+        if rank != 0:
             from meshlm.llm import LLM
 
             LLM(**llm_kwargs)  # serves rank 0's calls, then exits
@@ -128,7 +129,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Under torchrun the other ranks cannot be restarted from here: a failure ends the server (torchrun restarts).
     rcfg = RouterConfig(dp=args.dp, stall_s=args.stall_timeout, retry=RetryPolicy(max_attempts=args.max_retries),
                         probe_timeout_s=args.health_deadline,
-                        exit_on_failure=args.exit_on_failure or under_torchrun())
+                        exit_on_failure=args.exit_on_failure or torchrun)
     tokenizer = open_checkpoint(args.model).tokenizer  # a bad --model fails here, before any process starts
     return serve(spec, tokenizer, cfg, rcfg, aliases=() if args.model is None else (args.model,),
                  log_level="info" if args.verbose else "warning", key_env=args.api_key_env)

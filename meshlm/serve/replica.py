@@ -27,9 +27,8 @@ from typing import Any
 
 from meshlm.config import SamplingParams
 from meshlm.engine.engine import Resume
+from meshlm.engine.executor import kill_ranks, process_guard
 from meshlm.errors import MeshlmError
-from meshlm.parallel import shm
-from meshlm.parallel.launch import die_with_parent
 from meshlm.serve.engine_loop import Abort, EngineLoop, Snapshot
 from meshlm.serve.protocol import Update
 from meshlm.serve.routing import Beat
@@ -112,7 +111,7 @@ class Exited:
 
 def replica_main(conn: Any, spec: ReplicaSpec) -> None:
     """Body of a replica process: load, report Ready, serve Work until told to stop or the router goes."""
-    die_with_parent()
+    process_guard()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router decides when replicas stop
     logging.basicConfig(level=spec.log_level)
     # The engine thread and the event loop share the GIL; at Python's default 5 ms switch interval the
@@ -144,9 +143,8 @@ async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: Replica
     aloop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     eng = EngineLoop(llm.engine, on_fatal=lambda msg: send(Failed(msg)), keepalive_s=spec.keepalive_s).start()
-    local = llm.executor.local
     send(Ready(llm.cfg.vocab_size, llm.max_context, llm.engine.capacity_tokens, llm.engine.ecfg.block_size,
-               tuple(p.pid for p in local.procs.values()) if local is not None else ()))
+               llm.executor.rank_pids))
     tasks: set[asyncio.Task] = set()
 
     async def work(w: Work) -> None:
@@ -254,19 +252,14 @@ class ReplicaProcess:
 
     def kill(self) -> None:
         """SIGKILL rank 0 and every rank it spawned, reap them, and remove shared-memory leftovers."""
-        pids = [self.pid, *self.rank_pids]
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.join(5.0)
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and any(shm.pid_alive(p) for p in self.rank_pids):
-            time.sleep(0.02)  # ranks are not our children: their parent (rank 0) reaped them, or init does
+        kill_ranks([self.pid, *self.rank_pids])
         self._out.put(None)
         try:
             self.conn.close()
         except OSError:
             pass
-        shm.sweep_stale()
