@@ -207,16 +207,21 @@ class ReplicaProcess:
 
     def __init__(self, spec: ReplicaSpec, name: str, on_message: Callable[[ReplicaProcess, Any], None]) -> None:
         ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=replica_main, args=(child, spec), name=name)
-        self.proc.start()
-        child.close()
-        self.pid = self.proc.pid
+        self.conn, self._child = ctx.Pipe()
+        self.proc = ctx.Process(target=replica_main, args=(self._child, spec), name=name)
+        self.name = name
+        self.pid: int | None = None
         self.rank_pids: tuple[int, ...] = ()
         self.on_message = on_message
         self._out: queue.Queue = queue.Queue()
-        threading.Thread(target=self._read, name=f"{name}-reader", daemon=True).start()
-        threading.Thread(target=self._write, name=f"{name}-writer", daemon=True).start()
+
+    def start(self) -> None:
+        """Start the process and its reader and writer threads (blocks while the interpreter is spawned)."""
+        self.proc.start()
+        self._child.close()
+        self.pid = self.proc.pid
+        threading.Thread(target=self._read, name=f"{self.name}-reader", daemon=True).start()
+        threading.Thread(target=self._write, name=f"{self.name}-writer", daemon=True).start()
 
     def send(self, msg: Any) -> None:
         """Queue a message for the replica (returns at once)."""
@@ -244,14 +249,10 @@ class ReplicaProcess:
                 self.rank_pids = msg.rank_pids
             self.on_message(self, msg)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Ask the replica to finish (its engine aborts what runs) and wait; kill what is left."""
-        self.send(None)
-        self.proc.join(timeout)
-        self.kill()
-
     def kill(self) -> None:
         """SIGKILL rank 0 and every rank it spawned, reap them, and remove shared-memory leftovers."""
+        if self.pid is None:
+            return
         try:
             os.kill(self.pid, signal.SIGKILL)
         except ProcessLookupError:

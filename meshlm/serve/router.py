@@ -161,7 +161,7 @@ class Router:
         self._closing = True
         for t in self._tasks:
             t.cancel()
-        procs = [r.proc for r in self.replicas if r.proc is not None]
+        procs = [r.proc for r in self.replicas if r.proc is not None and r.proc.pid is not None]
         for r in self.replicas:
             r.state = "stopped"
         for p in procs:
@@ -183,6 +183,7 @@ class Router:
         r.state, r.beat = "starting", None
         r.ready = self.loop.create_future()
         r.proc = ReplicaProcess(self.spec, f"meshlm-replica{r.index}", self._receive)
+        await self.loop.run_in_executor(None, r.proc.start)  # spawning takes a while on a busy host
         try:
             r.info = await asyncio.wait_for(asyncio.shield(r.ready), self.cfg.start_timeout_s)
         except TimeoutError:
@@ -200,7 +201,7 @@ class Router:
         r.state, r.reason = "failed", why
         r.breaker.fail(time.monotonic())
         if r.proc is not None:
-            r.proc.kill()
+            self.loop.run_in_executor(None, r.proc.kill)
         return why
 
     async def _probe(self, r: Replica) -> bool:
