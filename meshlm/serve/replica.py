@@ -112,8 +112,14 @@ class Exited:
 def replica_main(conn: Any, spec: ReplicaSpec) -> None:
     """Body of a replica process: load, report Ready, serve Work until told to stop or the router goes."""
     process_guard()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the router decides when replicas stop
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the router decides when replicas stop (inherited by ranks)
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level)
+    # tqdm's default lock is a multiprocessing semaphore, left to the resource tracker when a replica is
+    # killed; a thread lock is all one process needs.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     # The engine thread and the event loop share the GIL; at Python's default 5 ms switch interval the
     # engine waits up to 5 ms each time the loop holds it (streaming a token), several times per step.
     sys.setswitchinterval(SWITCH_INTERVAL_S)

@@ -157,7 +157,9 @@ class Router:
         return min(infos, key=lambda i: i.capacity_tokens)
 
     def close(self) -> None:
-        """Stop every replica (each aborts what it runs), killing what does not stop."""
+        """Stop every replica (each aborts what it runs), killing what does not stop; idempotent."""
+        if self._closing:
+            return
         self._closing = True
         for t in self._tasks:
             t.cancel()
@@ -333,9 +335,14 @@ class Router:
         return next(self._ids)
 
     async def submit(self, request_ids: list[str], prompts: list[list[int]], params: list[SamplingParams],
-                     out: asyncio.Queue, timeout_s: float | None, internal: bool = False) -> None:
-        """Route engine requests (all to one replica); raises QueueFull, RequestError or EngineUnavailable."""
-        deadline = None if timeout_s is None else time.perf_counter() + timeout_s
+                     out: asyncio.Queue, timeout_s: float | None, internal: bool = False,
+                     deadline: float | None = None) -> None:
+        """Route engine requests (all to one replica); raises QueueFull, RequestError or EngineUnavailable.
+
+        deadline: an absolute time.perf_counter() limit set at arrival (else now + timeout_s); it bounds
+        the request's run on every replica it moves to."""
+        if deadline is None and timeout_s is not None:
+            deadline = time.perf_counter() + timeout_s
         recs = [Routed(rid, i, tuple(p), sp, out, deadline, internal)
                 for i, (rid, p, sp) in enumerate(zip(request_ids, prompts, params))]
         tried: set[int] = set()

@@ -83,6 +83,11 @@ class DrainingServer(uvicorn.Server):
             return
         await super().startup(sockets)
 
+    async def shutdown(self, sockets: Any = None) -> None:
+        """Close the connections, then stop the replicas while the threads that spawned them still live."""
+        await super().shutdown(sockets)
+        self.state.engine.close()
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         """First signal: drain; a second one (or one before serving starts): stop now."""
         if self.aloop is None or self.state.draining:
