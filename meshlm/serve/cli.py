@@ -10,6 +10,7 @@ from typing import Any
 
 from meshlm.errors import ConfigError
 from meshlm.serve.config import ServerConfig
+from meshlm.serve.links import KEY_ENV, parse_address, replica_key
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 
@@ -58,6 +59,15 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                         "as failed (default 1.5; raise it for models whose longest step takes longer)")
     p.add_argument("--max-retries", type=int, default=3,
                    help="replicas a request may be moved off (after a failure) before it fails (default 3)")
+    p.add_argument("--remote-replicas", type=int, default=0, metavar="K",
+                   help="of the --dp replicas, K run on other hosts and connect to --replica-listen (start each "
+                        "there with `meshlm serve --join HOST:PORT ...`, under torchrun for several ranks); "
+                        f"both sides need the shared secret in ${KEY_ENV}")
+    p.add_argument("--replica-listen", default=None, metavar="HOST:PORT",
+                   help="address where remote replicas connect (with --remote-replicas)")
+    p.add_argument("--join", default=None, metavar="HOST:PORT",
+                   help="instead of serving HTTP, load the model and serve as a remote replica of the router "
+                        "listening there (its --replica-listen)")
     p.add_argument("--exit-on-failure", action="store_true",
                    help="a failed replica ends the server (exit 1) instead of being restarted, for supervisors "
                         "that restart whole servers")
@@ -88,6 +98,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--stall-timeout must be positive, got {args.stall_timeout}.")
     if args.max_retries < 0:
         raise ConfigError(f"--max-retries must be >= 0, got {args.max_retries}.")
+    if not 0 <= args.remote_replicas <= args.dp:
+        raise ConfigError(f"--remote-replicas must be in 0..--dp ({args.dp}), got {args.remote_replicas}.")
+    if args.remote_replicas and args.replica_listen is None:
+        raise ConfigError("--remote-replicas needs --replica-listen HOST:PORT, where those replicas connect.")
+    listen = parse_address(args.replica_listen, "--replica-listen") if args.remote_replicas else None
+    join = parse_address(args.join, "--join") if args.join else None
+    secret = replica_key() if listen or join else b""
     name = args.served_model_name or _model_name(args.model)
     cfg = ServerConfig(host=args.host, port=args.port, model_name=name,
                        api_key=key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
@@ -116,9 +133,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       backend=args.backend, engine=ecfg, progress=args.dp == 1, **extra)
     torchrun, rank = launched_by_torchrun()
     if torchrun:
-        if args.dp > 1:
-            raise ConfigError("--dp > 1 under torchrun is not supported: torchrun's world is one replica's "
-                              "ranks; start one `meshlm serve` per replica, or run --dp on one host.")
+        if args.dp > 1 and not join:
+            raise ConfigError("--dp > 1 under torchrun: torchrun's world is one replica's ranks. Start the "
+                              "router with --dp N --remote-replicas K --replica-listen HOST:PORT, and each remote "
+                              "replica with `torchrun ... -m meshlm.launch serve --join HOST:PORT ...`.")
         if rank != 0:
             from meshlm.llm import LLM
 
@@ -126,8 +144,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return 0
     spec = ReplicaSpec(llm_kwargs, trace=(args.trace, args.trace_steps) if args.trace else None,
                        log_level=logging.INFO if args.verbose else logging.WARNING)
+    if join:
+        from meshlm.serve.links import connect
+        from meshlm.serve.replica import replica_main
+
+        replica_main(connect(join, secret), spec, remote=True)  # exits
     # Under torchrun the other ranks cannot be restarted from here: a failure ends the server (torchrun restarts).
-    rcfg = RouterConfig(dp=args.dp, stall_s=args.stall_timeout, retry=RetryPolicy(max_attempts=args.max_retries),
+    rcfg = RouterConfig(dp=args.dp, remote=args.remote_replicas, listen=listen, key=secret, stall_s=args.stall_timeout,
+                        retry=RetryPolicy(max_attempts=args.max_retries),
                         probe_timeout_s=args.health_deadline,
                         exit_on_failure=args.exit_on_failure or torchrun)
     tokenizer = open_checkpoint(args.model).tokenizer  # a bad --model fails here, before any process starts

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing as mp
 import os
-import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from typing import Any
 
 from meshlm.config import SamplingParams
 from meshlm.engine.engine import Resume
-from meshlm.engine.executor import kill_ranks, process_guard
+from meshlm.engine.executor import process_guard
 from meshlm.errors import MeshlmError
 from meshlm.serve.engine_loop import Abort, EngineLoop, Snapshot
 from meshlm.serve.protocol import Update
@@ -57,6 +56,8 @@ class Ready:
     capacity_tokens: int
     block_size: int
     rank_pids: tuple[int, ...]  # the ranks this process spawned (killed with it)
+    pid: int = 0  # this replica's rank 0
+    host: str = ""
 
 
 @dataclass(frozen=True)
@@ -104,16 +105,21 @@ class Failed:
 
 @dataclass(frozen=True)
 class Exited:
-    """Router side only: the replica's pipe closed (its process is gone)."""
+    """The other end's connection closed (told to each side by its own reader thread, never sent)."""
 
     exitcode: int | None
 
 
-def replica_main(conn: Any, spec: ReplicaSpec) -> None:
-    """Body of a replica process: load, report Ready, serve Work until told to stop or the router goes."""
-    process_guard()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # the router decides when replicas stop (inherited by ranks)
-        signal.signal(sig, signal.SIG_IGN)
+def replica_main(conn: Any, spec: ReplicaSpec, remote: bool = False) -> None:
+    """Body of a replica process: load, report Ready, serve Work until told to stop or the router goes.
+
+    Exits 0 when told to stop, 1 when the router went away or dropped it (so a launcher restarts it).
+    A local replica dies with the router and leaves signals to it; a remote one (`serve --join`) obeys its own.
+    """
+    if not remote:
+        process_guard()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # the router stops local replicas (inherited by ranks)
+            signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level)
     # tqdm's default lock is a multiprocessing semaphore, left to the resource tracker when a replica is
     # killed; a thread lock is all one process needs.
@@ -139,18 +145,20 @@ def replica_main(conn: Any, spec: ReplicaSpec) -> None:
         send(Failed(str(e) if isinstance(e, MeshlmError) else "".join(traceback.format_exception(e))[-4000:]))
         os._exit(1)
     try:
-        asyncio.run(_serve(conn, send, llm, spec))
+        dropped = asyncio.run(_serve(conn, send, llm, spec))
     finally:
         llm.close()
-    os._exit(0)
+    os._exit(1 if dropped else 0)
 
 
-async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: ReplicaSpec) -> None:
+async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: ReplicaSpec) -> bool:
+    """Serve until told to stop (False) or the connection is lost (True)."""
     aloop = asyncio.get_running_loop()
     stopped = asyncio.Event()
+    lost = [False]
     eng = EngineLoop(llm.engine, on_fatal=lambda msg: send(Failed(msg)), keepalive_s=spec.keepalive_s).start()
     send(Ready(llm.cfg.vocab_size, llm.max_context, llm.engine.capacity_tokens, llm.engine.ecfg.block_size,
-               llm.executor.rank_pids))
+               llm.executor.rank_pids, os.getpid(), socket.gethostname()))
     tasks: set[asyncio.Task] = set()
 
     async def work(w: Work) -> None:
@@ -171,7 +179,8 @@ async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: Replica
             send(Outs(tuple((w.request_ids[u.choice], u) for u in batch)))
 
     def handle(msg: Any) -> None:
-        if msg is None:
+        if msg is None or isinstance(msg, Exited):
+            lost[0] = msg is not None
             stopped.set()
         elif isinstance(msg, Abort):
             eng.abort(msg.request_ids)
@@ -185,9 +194,9 @@ async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: Replica
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
-                msg = None
+                msg = Exited(None)
             aloop.call_soon_threadsafe(handle, msg)
-            if msg is None:
+            if msg is None or isinstance(msg, Exited):
                 return
 
     def beats() -> None:
@@ -197,7 +206,7 @@ async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: Replica
             try:
                 send(Heartbeat(Beat(eng.progress, busy), eng.snapshot))
             except (OSError, ValueError):
-                aloop.call_soon_threadsafe(stopped.set)
+                aloop.call_soon_threadsafe(handle, Exited(None))
                 return
             time.sleep(spec.beat_s)
 
@@ -205,68 +214,4 @@ async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: Replica
     threading.Thread(target=beats, name="meshlm-heartbeat", daemon=True).start()
     await stopped.wait()
     eng.stop(timeout=10.0)
-
-
-class ReplicaProcess:
-    """The router's handle on one replica process: start it, send to it (a writer thread, so a stopped
-    replica never blocks the router), receive from it (a reader thread calling `on_message`), kill it."""
-
-    def __init__(self, spec: ReplicaSpec, name: str, on_message: Callable[[ReplicaProcess, Any], None]) -> None:
-        ctx = mp.get_context("spawn")
-        self.conn, self._child = ctx.Pipe()
-        self.proc = ctx.Process(target=replica_main, args=(self._child, spec), name=name)
-        self.name = name
-        self.pid: int | None = None
-        self.rank_pids: tuple[int, ...] = ()
-        self.on_message = on_message
-        self._out: queue.Queue = queue.Queue()
-
-    def start(self) -> None:
-        """Start the process and its reader and writer threads (blocks while the interpreter is spawned)."""
-        self.proc.start()
-        self._child.close()
-        self.pid = self.proc.pid
-        threading.Thread(target=self._read, name=f"{self.name}-reader", daemon=True).start()
-        threading.Thread(target=self._write, name=f"{self.name}-writer", daemon=True).start()
-
-    def send(self, msg: Any) -> None:
-        """Queue a message for the replica (returns at once)."""
-        self._out.put(msg)
-
-    def _write(self) -> None:
-        while True:
-            msg = self._out.get()
-            try:
-                self.conn.send(msg)
-            except (OSError, ValueError):
-                return
-            if msg is None:
-                return
-
-    def _read(self) -> None:
-        while True:
-            try:
-                msg = self.conn.recv()
-            except (EOFError, OSError, ValueError):
-                self.proc.join(1.0)
-                self.on_message(self, Exited(self.proc.exitcode))
-                return
-            if isinstance(msg, Ready):
-                self.rank_pids = msg.rank_pids
-            self.on_message(self, msg)
-
-    def kill(self) -> None:
-        """SIGKILL rank 0 and every rank it spawned, reap them, and remove shared-memory leftovers."""
-        if self.pid is None:
-            return
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.join(5.0)
-        kill_ranks([self.pid, *self.rank_pids])
-        self._out.put(None)
-        try:
-            self.conn.close()
-        except OSError:
-            pass
+    return lost[0]

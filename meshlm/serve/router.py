@@ -28,8 +28,9 @@ from meshlm.engine.engine import EngineStats, Resume
 from meshlm.engine.scheduler import QueueFull
 from meshlm.errors import RequestError
 from meshlm.serve.engine_loop import Abort, EngineUnavailable, Snapshot
+from meshlm.serve.links import Link, LocalReplica, RemoteReplica, ReplicaListener
 from meshlm.serve.protocol import Update
-from meshlm.serve.replica import Accepted, Exited, Failed, Heartbeat, Outs, Ready, ReplicaProcess, ReplicaSpec, Work
+from meshlm.serve.replica import Accepted, Exited, Failed, Heartbeat, Outs, Ready, ReplicaSpec, Work
 from meshlm.serve.routing import (
     Beat,
     CircuitBreaker,
@@ -53,6 +54,9 @@ class RouterConfig:
     """dp, detection, retries and recovery."""
 
     dp: int = 1
+    remote: int = 0  # of the dp replicas, how many connect from other hosts (`meshlm replica`)
+    listen: tuple[str, int] | None = None  # where remote replicas connect
+    key: bytes = field(default=b"", repr=False)  # their shared secret
     stall_s: float = 1.5  # a replica silent or stuck in one engine call this long has failed
     affinity_slack_tokens: int = 2048  # prefix affinity yields to the least busy replica beyond this
     retry: RetryPolicy = field(default_factory=RetryPolicy)
@@ -88,10 +92,10 @@ class Routed:
 class Replica:
     """The router's state of one replica slot (its process changes with each restart)."""
 
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.proc: ReplicaProcess | None = None
-        self.state = "starting"  # starting | healthy | failed | stopped
+    def __init__(self, index: int, remote: bool = False) -> None:
+        self.index, self.remote = index, remote
+        self.proc: Link | None = None
+        self.state = "waiting" if remote else "starting"  # waiting (remote) | starting | healthy | failed | stopped
         self.reason: str | None = None
         self.breaker = CircuitBreaker()
         self.info: Ready | None = None
@@ -118,6 +122,8 @@ class Replica:
         """This replica's /health entry."""
         entry: dict[str, Any] = {"replica": self.index, "state": self.state, "circuit": self.breaker.state,
                                  "pid": self.proc.pid if self.proc else None, "requests": len(self.records)}
+        if self.remote:
+            entry["host"] = self.proc.host if self.proc else None
         if self.reason and self.state != "healthy":
             entry["reason"] = self.reason
         return entry
@@ -132,7 +138,8 @@ class Router:
         self.spec, self.cfg, self.probe_token = spec, cfg, probe_token
         self.on_fatal, self.observe = on_fatal, observe  # observe("detect" | "recover", replica, seconds)
         self.on_finish = on_finish  # on_finish(FinalStats | None, reason) per client request that ends
-        self.replicas = [Replica(i) for i in range(cfg.dp)]
+        self.replicas = [Replica(i, remote=i >= cfg.dp - cfg.remote) for i in range(cfg.dp)]
+        self.listener: ReplicaListener | None = None
         self.records: dict[str, Routed] = {}
         self.pending = 0  # submits not yet acknowledged
         self.migrated = self.lost = 0
@@ -148,12 +155,19 @@ class Router:
     async def start(self) -> Ready:
         """Start every replica and probe it; raises EngineUnavailable naming the first that cannot load."""
         self.loop = asyncio.get_running_loop()
-        results = await asyncio.gather(*(self._launch(r) for r in self.replicas))
+        if self.cfg.remote:
+            self.listener = ReplicaListener(self.cfg.listen, self.cfg.key, self._connected)
+        results = await asyncio.gather(*(self._launch(r) for r in self.replicas if not r.remote))
         bad = next((why for why in results if why is not None), None)
         if bad is not None:
             raise EngineUnavailable(bad)
         self._spawn(self._monitor())
-        infos = [r.info for r in self.replicas]
+        deadline = time.monotonic() + self.cfg.start_timeout_s
+        while not any(r.routable for r in self.replicas):  # only remote replicas: wait for the first
+            if time.monotonic() > deadline:
+                raise EngineUnavailable(f"no replica connected within {self.cfg.start_timeout_s:g} s")
+            await asyncio.sleep(0.1)
+        infos = [r.info for r in self.replicas if r.info is not None]
         return min(infos, key=lambda i: i.capacity_tokens)
 
     def close(self) -> None:
@@ -163,15 +177,17 @@ class Router:
         self._closing = True
         for t in self._tasks:
             t.cancel()
-        procs = [r.proc for r in self.replicas if r.proc is not None and r.proc.pid is not None]
+        if self.listener is not None:
+            self.listener.close()
+        links = [r.proc for r in self.replicas if r.proc is not None and r.proc.pid is not None]
         for r in self.replicas:
             r.state = "stopped"
-        for p in procs:
-            p.send(None)
+        for link in links:
+            link.send(None)
         deadline = time.monotonic() + 10.0
-        for p in procs:
-            p.proc.join(max(0.1, deadline - time.monotonic()))
-            p.kill()
+        for link in links:
+            link.wait(max(0.1, deadline - time.monotonic()))
+            link.kill()
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -184,7 +200,7 @@ class Router:
         r.breaker.trying()
         r.state, r.beat = "starting", None
         r.ready = self.loop.create_future()
-        r.proc = ReplicaProcess(self.spec, f"meshlm-replica{r.index}", self._receive)
+        r.proc = LocalReplica(self.spec, f"meshlm-replica{r.index}", self._receive)
         await self.loop.run_in_executor(None, r.proc.start)  # spawning takes a while on a busy host
         try:
             r.info = await asyncio.wait_for(asyncio.shield(r.ready), self.cfg.start_timeout_s)
@@ -224,6 +240,9 @@ class Router:
         proc = r.proc
         if proc is not None:
             await asyncio.get_running_loop().run_in_executor(None, proc.kill)
+        if r.remote:  # its host restarts it; it is readmitted when it connects again
+            r.proc, r.state = None, "waiting"
+            return
         while not self._closing:
             await asyncio.sleep(max(0.0, r.breaker.open_until - time.monotonic()))
             r.restarts += 1
@@ -237,7 +256,39 @@ class Router:
 
     # ---- messages from replicas (reader threads -> the event loop) -------------------------------------
 
-    def _receive(self, proc: ReplicaProcess, msg: Any) -> None:
+    def _connected(self, conn: Any) -> None:
+        """A remote replica connected (listener thread): read it; its Ready message gives it a slot."""
+        RemoteReplica(conn, "meshlm-remote", self._receive)
+
+    def _attach(self, link: Link, ready: Ready) -> None:
+        r = next((r for r in self.replicas if r.remote and r.state == "waiting"), None)
+        if r is None:
+            log.warning("replica on %s (pid %s) connected, but every remote slot is taken; dropped", ready.host,
+                        ready.pid)
+            self.loop.run_in_executor(None, link.kill)
+            return
+        r.proc, r.info, r.state = link, ready, "starting"
+        r.restarts += r.failures > 0  # a failed remote replica comes back by connecting again
+        self._spawn(self._admit(r))
+
+    async def _admit(self, r: Replica) -> None:
+        """A connected remote replica: after its breaker's cooldown, probe it and readmit it."""
+        await asyncio.sleep(max(0.0, r.breaker.open_until - time.monotonic()))
+        r.breaker.trying()
+        r.beat_at = time.monotonic()
+        if await self._probe(r):
+            r.breaker.succeed()
+            r.state, r.reason = "healthy", None
+            if r.failed_at:
+                r.recover_s = time.monotonic() - r.failed_at
+                self.observe("recover", r.index, r.recover_s)
+            log.warning("replica %d (%s, pid %s) admitted", r.index, r.proc.host, r.proc.pid)
+            return
+        r.breaker.fail(time.monotonic())
+        self.loop.run_in_executor(None, r.proc.kill)
+        r.proc, r.state, r.reason = None, "waiting", f"replica {r.index} failed its probe request"
+
+    def _receive(self, proc: Link, msg: Any) -> None:
         loop = self.loop
         if loop is not None and not loop.is_closed():
             try:
@@ -245,8 +296,10 @@ class Router:
             except RuntimeError:
                 pass
 
-    def _on_message(self, proc: ReplicaProcess, msg: Any) -> None:
+    def _on_message(self, proc: Link, msg: Any) -> None:
         r = next((r for r in self.replicas if r.proc is proc), None)
+        if r is None and proc.remote and isinstance(msg, Ready) and not self._closing:
+            return self._attach(proc, msg)
         if r is None or r.state in ("failed", "stopped"):
             return  # an earlier incarnation, or one already given up on
         if isinstance(msg, Heartbeat):
@@ -498,6 +551,8 @@ class Router:
 
 
 def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
+    if code is None:
+        return "its connection closed (rank 0 exited, or its host is unreachable)"
+    if code < 0:
         return f"rank 0 was killed by signal {-code}"
     return f"rank 0 exited with code {code}"

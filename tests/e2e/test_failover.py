@@ -12,12 +12,17 @@ import glob
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
 from serve_harness import Server, alive
+
+from meshlm.parallel.launch import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -82,7 +87,8 @@ def health(srv: Server, replica: int) -> httpx.Response:
     return r
 
 
-def hit(srv: Server, replica: int, rank: int, sig: int, want: list[str], dp: int) -> float:
+def hit(srv: Server, replica: int, rank: int, sig: int, want: list[str], dp: int,
+        restart: Callable[[], None] = lambda: None) -> float:
     """Stream every prompt, send `sig` to one rank mid-stream, check the outcome; seconds to detection."""
     pids = srv.rank_pids(replica)
     moved = srv.metrics()["meshlm_requests_migrated_total"]
@@ -110,6 +116,7 @@ def hit(srv: Server, replica: int, rank: int, sig: int, want: list[str], dp: int
     assert all(s.done for s in streams)
     assert got == want, "a moved stream repeated, lost or changed a token"
     # The old replica is gone whole, the new one readmitted.
+    restart()
     assert not [p for p in pids if alive(p)], "a process of the failed replica outlived it"
     assert not [f for p in pids for f in glob.glob(f"/dev/shm/meshlm-{p}-*")], "shared memory left behind"
     deadline = time.monotonic() + 120
@@ -159,3 +166,36 @@ def test_dp1_restarts_its_ranks(serve_model):
         finish(srv)
     finally:
         srv.stop(10)
+
+
+def test_remote_replica_joins_and_fails_over(serve_model, monkeypatch):
+    """--remote-replicas 1: a replica started apart (`serve --join`, as on another host) is admitted; killed, its
+    streams finish on the local replica; a new one that joins is probed and readmitted."""
+    monkeypatch.setenv("MESHLM_REPLICA_KEY", "replica-secret-5d1")
+    listen = f"127.0.0.1:{free_port()}"
+    srv = Server(serve_model, "--dp", "2", "--remote-replicas", "1", "--replica-listen", listen,
+                 "--kv-cache-mb", "16").wait_healthy(180)
+    joined: list[subprocess.Popen] = []
+
+    def join() -> None:
+        cmd = [sys.executable, "-m", "meshlm.cli", "serve", "--join", listen, "--model", str(serve_model), "--tp",
+               "2", "--kv-cache-mb", "16"]
+        joined.append(subprocess.Popen(cmd, stdout=srv.log, stderr=subprocess.STDOUT))
+
+    try:
+        join()
+        deadline = time.monotonic() + 120
+        while health(srv, 1).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert health(srv, 1).json()["host"], srv.output()[-3000:]
+        want = reference(srv)
+        killed = hit(srv, 1, 0, signal.SIGKILL, want, dp=2, restart=join)
+        assert joined[0].wait(10) == -signal.SIGKILL
+        print(f"detected: remote SIGKILL {killed:.2f} s")
+        finish(srv)
+        assert joined[1].wait(30) == 0, "the remote replica should exit 0 when the router stops it"
+    finally:
+        srv.stop(10)
+        for p in joined:
+            p.kill()
+            p.wait()
