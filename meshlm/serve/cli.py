@@ -10,9 +10,9 @@ from typing import Any
 
 from meshlm.errors import ConfigError
 from meshlm.serve.config import ServerConfig
-from meshlm.serve.links import KEY_ENV, parse_address, replica_key
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
+KEY_ENV = "MESHLM_REPLICA_KEY"  # the shared secret remote replicas authenticate with (HMAC challenge)
 
 
 def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -73,6 +73,23 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                         "that restart whole servers")
 
 
+def parse_address(text: str, what: str) -> tuple[str, int]:
+    """'HOST:PORT' -> (host, port), or a ConfigError naming the flag."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{what} must be HOST:PORT (e.g. 10.0.0.1:29600), got {text!r}.")
+    return host, int(port)
+
+
+def replica_key() -> bytes:
+    """The shared secret of remote replicas, from the environment (both sides), or a ConfigError."""
+    key = os.environ.get(KEY_ENV)
+    if not key:
+        raise ConfigError(f"Remote replicas authenticate with a shared secret: export {KEY_ENV} (the same "
+                          "value) on the server and on every replica host.")
+    return key.encode()
+
+
 def _model_name(model: str | None) -> str:
     if model is None:
         return DEFAULT_NAME
@@ -116,8 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from meshlm.engine.engine import EngineConfig
     from meshlm.engine.executor import launched_by_torchrun
     from meshlm.engine.scheduler import SchedulerConfig
+    from meshlm.serve.fleet import RouterConfig
     from meshlm.serve.replica import ReplicaSpec
-    from meshlm.serve.router import RetryPolicy, RouterConfig
+    from meshlm.serve.routing import RetryPolicy
     from meshlm.serve.server import serve
 
     # The default KV pool is a share of this host's memory: the replicas split it.

@@ -20,11 +20,9 @@ from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
 from meshlm.engine.executor import kill_ranks
-from meshlm.errors import ConfigError
 from meshlm.serve.replica import Exited, Ready, ReplicaSpec, replica_main
 
 log = logging.getLogger(__name__)
-KEY_ENV = "MESHLM_REPLICA_KEY"  # the shared secret remote replicas authenticate with (HMAC challenge)
 
 
 class Link:
@@ -134,23 +132,6 @@ class RemoteReplica(Link):
         super().__init__(name, on_message)
         self.conn = conn
         self._run()
-
-
-def parse_address(text: str, what: str) -> tuple[str, int]:
-    """'HOST:PORT' -> (host, port), or a ConfigError naming the flag."""
-    host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{what} must be HOST:PORT (e.g. 10.0.0.1:29600), got {text!r}.")
-    return host, int(port)
-
-
-def replica_key() -> bytes:
-    """The shared secret of remote replicas, from the environment (both sides), or a ConfigError."""
-    key = os.environ.get(KEY_ENV)
-    if not key:
-        raise ConfigError(f"Remote replicas authenticate with a shared secret: export {KEY_ENV} (the same "
-                          "value) on the server and on every replica host.")
-    return key.encode()
 
 
 class ReplicaListener:

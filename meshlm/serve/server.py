@@ -21,9 +21,10 @@ import uvicorn
 from meshlm.errors import MeshlmError
 from meshlm.serve.app import ServerState, create_app
 from meshlm.serve.config import ServerConfig
+from meshlm.serve.fleet import RouterConfig
 from meshlm.serve.metrics import ReplicaCollector, ServerMetrics
 from meshlm.serve.replica import Ready, ReplicaSpec
-from meshlm.serve.router import Router, RouterConfig
+from meshlm.serve.router import Router
 from meshlm.serve.validation import ModelContext
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meshlm.config import SamplingParams
+from meshlm.serve.fleet import ReplicaLost, RouterConfig
 from meshlm.serve.replica import ReplicaSpec
-from meshlm.serve.router import ReplicaLost, Routed, Router, RouterConfig
+from meshlm.serve.router import Routed, Router
 from meshlm.serve.routing import (
     Beat,
     CircuitBreaker,
