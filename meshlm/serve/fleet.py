@@ -35,7 +35,7 @@ class RouterConfig:
     """dp, detection, retries and recovery."""
 
     dp: int = 1
-    remote: int = 0  # of the dp replicas, how many connect from other hosts (`meshlm replica`)
+    remote: int = 0  # of the dp replicas, how many connect from other hosts (`serve --join`)
     listen: tuple[str, int] | None = None  # where remote replicas connect
     key: bytes = field(default=b"", repr=False)  # their shared secret
     stall_s: float = 1.5  # a replica silent or stuck in one engine call this long has failed

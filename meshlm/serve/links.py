@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
@@ -23,6 +24,7 @@ from meshlm.engine.executor import kill_ranks
 from meshlm.serve.replica import Exited, Ready, ReplicaSpec, replica_main
 
 log = logging.getLogger(__name__)
+USER_TIMEOUT_MS = 5000  # TCP_USER_TIMEOUT of remote links: heartbeats flow every 0.1 s, so this only bites a dead link
 
 
 class Link:
@@ -124,7 +126,7 @@ class LocalReplica(Link):
 
 
 class RemoteReplica(Link):
-    """A replica on another host (`meshlm replica --router HOST:PORT`) that connected to the router."""
+    """A replica on another host (`meshlm serve --join HOST:PORT`) that connected to the router."""
 
     remote = True
 
@@ -132,6 +134,31 @@ class RemoteReplica(Link):
         super().__init__(name, on_message)
         self.conn = conn
         self._run()
+
+    def kill(self) -> None:
+        """Drop the connection (shut down first: it wakes this side's threads blocked on a cut link)."""
+        _socket_op(self.conn, lambda s: s.shutdown(socket.SHUT_RDWR))
+        self._close()
+
+
+def _socket_op(conn: Connection, op: Callable[[socket.socket], None]) -> None:
+    """Apply op to the TCP socket under conn (a duplicate of its fd; best effort)."""
+    try:
+        sock = socket.socket(fileno=os.dup(conn.fileno()))
+    except (OSError, ValueError):
+        return
+    try:
+        op(sock)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def _bounded(conn: Connection) -> Connection:
+    """Data unacknowledged for USER_TIMEOUT_MS breaks the connection (a cut link errors, never hangs)."""
+    _socket_op(conn, lambda s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS))
+    return conn
 
 
 class ReplicaListener:
@@ -151,7 +178,7 @@ class ReplicaListener:
                 continue
             except OSError:
                 return  # closed
-            self.on_connect(conn)
+            self.on_connect(_bounded(conn))
 
     def close(self) -> None:
         """Stop accepting."""
@@ -160,4 +187,4 @@ class ReplicaListener:
 
 def connect(address: tuple[str, int], key: bytes) -> Connection:
     """A remote replica's connection to the router."""
-    return Client(address, authkey=key)
+    return _bounded(Client(address, authkey=key))

@@ -35,7 +35,7 @@ def serve(spec: ReplicaSpec, tokenizer: Any, cfg: ServerConfig, rcfg: RouterConf
     """Start rcfg.dp replicas of spec, serve until a signal (or a fatal failure); the exit code."""
     tok = tokenizer
     holder: dict[str, DrainingServer] = {}
-    router = Router(spec, rcfg, on_fatal=lambda msg: holder["server"].fatal(msg))
+    router = Router(spec, rcfg, tok.bos_id or 0, on_fatal=lambda msg: holder["server"].fatal(msg))
     metrics = ServerMetrics(lambda: router.snapshot)
     metrics.registry.register(ReplicaCollector(router))
     router.observe, router.on_finish = metrics.observe_failure, metrics.observe_finish
