@@ -195,6 +195,10 @@ class LLMEngine:
         """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""
         return self.executor.failure
 
+    def progress(self) -> int:
+        """A count the running step advances (rank 0's decoder layers), readable from any thread."""
+        return self.executor.progress()
+
     def ping(self) -> None:
         """Make one cheap call on every rank while idle; raises RankFailure when a rank is gone."""
         self.executor.ping()

@@ -137,6 +137,11 @@ class Executor:
         """Why the spawned ranks are gone (a rank died or raised), or None while every one lives."""
         return self.local.failed() if self.local is not None else None
 
+    def progress(self) -> int:
+        """Decoder layers rank 0 has run (a plain read, safe from any thread; it stops while a peer hangs)."""
+        worker = self.worker
+        return worker.layers_done if worker is not None else 0
+
     def ping(self) -> None:
         """One cheap call on every rank: an idle rank's wait restarts, and a dead one raises RankFailure."""
         if self.distributed:

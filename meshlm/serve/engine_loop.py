@@ -8,7 +8,8 @@ step). A failing step (a dead rank) is fatal: every in-flight request gets an er
 
 Liveness: `progress` counts finished engine calls (steps and idle pings) and `busy_since` is when the
 current one began (None while idle), both written only by this thread, so a reader can tell an engine
-that steps from one stuck in a call (a hung rank) without trusting any thread but this one.
+that steps from one stuck in a call (a hung rank) without trusting any thread but this one; within a
+call, `engine.progress()` (rank 0's decoder layers run) shows that a long step still moves.
 """
 
 from __future__ import annotations

@@ -110,6 +110,48 @@ class Exited:
     exitcode: int | None
 
 
+class _Outbox:
+    """Batches the replica's updates into one Outs message per event-loop turn (about one per engine step)."""
+
+    def __init__(self, send: Callable[[Any], None], aloop: asyncio.AbstractEventLoop) -> None:
+        self.send, self.aloop = send, aloop
+        self.items: list[tuple[str, Update]] = []
+
+    def add(self, rid: str, u: Update) -> None:
+        """Queue one update; the first of a turn schedules the flush."""
+        if not self.items:
+            self.aloop.call_soon(self.flush)
+        self.items.append((rid, u))
+
+    def flush(self) -> None:
+        """Send what was queued."""
+        items, self.items = self.items, []
+        if items:
+            self.send(Outs(tuple(items)))
+
+
+class _WorkQueue:
+    """Stands in for a Work's asyncio.Queue in EngineLoop (only put_nowait is used): tags each update with
+    its request id and holds them until the Work has been acknowledged."""
+
+    def __init__(self, request_ids: tuple[str, ...], outbox: _Outbox) -> None:
+        self.ids, self.outbox = request_ids, outbox
+        self.held: list[Update] | None = []
+
+    def put_nowait(self, u: Update) -> None:
+        """An update of choice u.choice (event-loop thread)."""
+        if self.held is not None:
+            self.held.append(u)
+        else:
+            self.outbox.add(self.ids[u.choice], u)
+
+    def release(self) -> None:
+        """The Work is acknowledged: pass on what was held and everything after."""
+        held, self.held = self.held or [], None
+        for u in held:
+            self.outbox.add(self.ids[u.choice], u)
+
+
 def replica_main(conn: Any, spec: ReplicaSpec, remote: bool = False) -> None:
     """Body of a replica process: load, report Ready, serve Work until told to stop or the router goes.
 
@@ -161,22 +203,18 @@ async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: Replica
                llm.executor.rank_pids, os.getpid(), socket.gethostname()))
     tasks: set[asyncio.Task] = set()
 
+    outbox = _Outbox(send, aloop)
+
     async def work(w: Work) -> None:
-        out: asyncio.Queue[Update] = asyncio.Queue()
+        out = _WorkQueue(w.request_ids, outbox)
         try:
             await eng.submit(list(w.request_ids), [list(p) for p in w.prompts], list(w.params), out,
                              w.timeout_s, w.internal, list(w.resume) if w.resume else None)
         except Exception as e:
             send(Accepted(w.key, e))
             return
-        send(Accepted(w.key))
-        left = len(w.request_ids)
-        while left:
-            batch = [await out.get()]
-            while not out.empty():
-                batch.append(out.get_nowait())
-            left -= sum(u.finish_reason is not None for u in batch)
-            send(Outs(tuple((w.request_ids[u.choice], u) for u in batch)))
+        send(Accepted(w.key))  # before any of its updates: the router moves only acknowledged requests
+        out.release()
 
     def handle(msg: Any) -> None:
         if msg is None or isinstance(msg, Exited):
@@ -200,11 +238,15 @@ async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: Replica
                 return
 
     def beats() -> None:
+        layers, moved = -1, time.monotonic()
         while not stopped.is_set():
+            now, done = time.monotonic(), llm.engine.progress()
+            if done != layers:  # the step itself advanced: a long prefill is not a hang
+                layers, moved = done, now
             since = eng.busy_since  # read once: the engine thread may reset it meanwhile
-            busy = 0.0 if since is None else max(1e-6, time.monotonic() - since)
+            busy = 0.0 if since is None else max(1e-6, now - max(since, moved))
             try:
-                send(Heartbeat(Beat(eng.progress, busy), eng.snapshot))
+                send(Heartbeat(Beat(eng.progress + layers, busy), eng.snapshot))
             except (OSError, ValueError):
                 aloop.call_soon_threadsafe(handle, Exited(None))
                 return

@@ -10,7 +10,7 @@ No processes, no clocks read here (every `now` is passed in), so each rule is un
   inside `window_s` (a replica that fails again waits longer) -> half-open while restarted and probed ->
   closed when the probe passes.
 - stalled(): the failure detector over heartbeats: no heartbeat for `stall_s`, or an engine call running
-  without the engine's own progress counter moving for `stall_s`.
+  without the engine's own progress (calls finished, rank 0's decoder layers run) moving for `stall_s`.
 - retry_delay(): bounded attempts, jittered exponential backoff, never past the request's deadline.
 """
 
@@ -92,10 +92,10 @@ class CircuitBreaker:
 
 @dataclass(frozen=True)
 class Beat:
-    """A replica's heartbeat: the engine's own progress counter and how long its current call has run."""
+    """A replica's heartbeat: the engine's own progress and how long its current call has gone without any."""
 
-    progress: int  # engine calls finished (advanced only by the engine thread)
-    busy_s: float  # seconds the current engine call has run without finishing (0 when idle)
+    progress: int  # engine calls finished + decoder layers rank 0 ran (both advanced by the engine itself)
+    busy_s: float  # seconds the current engine call has gone without progress (0 when idle)
 
 
 def stalled(beat: Beat | None, beat_age_s: float, stall_s: float) -> str | None:

@@ -42,3 +42,11 @@ def test_resume_without_budget_is_refused(llm):
     engine = llm(KIND).engine
     with pytest.raises(RequestError, match="no tokens left"):
         engine.add_request([5, 6], SamplingParams(max_tokens=2), "full", resume=Resume((7, 8), "w7. w8."))
+
+
+def test_progress_counts_layers(llm):
+    """engine.progress() (the heartbeat's proof that a step moves) advances by one per decoder layer run."""
+    model = llm(KIND)
+    before = model.engine.progress()
+    model.engine.generate([[5, 6, 7]], [SamplingParams(max_tokens=4, ignore_eos=True)])
+    assert model.engine.progress() - before == 4 * model.cfg.num_layers  # a prefill step, then 3 decode steps
