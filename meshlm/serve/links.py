@@ -16,6 +16,7 @@ import queue
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
@@ -41,8 +42,10 @@ class Link:
         self._out: queue.Queue = queue.Queue()
 
     def _run(self) -> None:
-        threading.Thread(target=self._read, name=f"{self.name}-reader", daemon=True).start()
-        threading.Thread(target=self._write, name=f"{self.name}-writer", daemon=True).start()
+        self._threads = [threading.Thread(target=self._write, name=f"{self.name}-writer", daemon=True),
+                         threading.Thread(target=self._read, name=f"{self.name}-reader", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     def send(self, msg: Any) -> None:
         """Queue a message for the replica (returns at once); None asks it to stop."""
@@ -80,7 +83,10 @@ class Link:
             pass
 
     def wait(self, timeout: float) -> None:
-        """Wait up to timeout for the replica to exit after it was asked to stop."""
+        """Wait up to timeout for the replica, asked to stop, to close its end (it has sent everything)."""
+        deadline = time.monotonic() + timeout
+        for t in getattr(self, "_threads", ()):
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def kill(self) -> None:
         """End the replica: kill it whole (local) or drop its connection (remote)."""
@@ -111,6 +117,7 @@ class LocalReplica(Link):
         """Wait up to timeout for the process to exit."""
         if self.proc.pid is not None:
             self.proc.join(timeout)
+            super().wait(1.0)
 
     def kill(self) -> None:
         """SIGKILL rank 0 and every rank it spawned (a stopped one too), reap them, remove their shm segments."""
