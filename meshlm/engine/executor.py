@@ -26,6 +26,7 @@ from meshlm.parallel.launch import (
     die_with_parent,
     init_distributed,
     kill_processes,
+    other_hosts,
     shutdown_distributed,
     under_torchrun,
 )
@@ -44,18 +45,21 @@ class Call:
 
 def serve_rank(rv: RendezvousInfo, spec: WorkerSpec) -> None:
     """Body of every rank but 0: build the worker, then execute calls until told to stop."""
-    init_distributed(rv)
-    groups = build_groups(spec.dims, rv.rank, rv.backend, rv.timeout_s, spec.transport)
-    control = build_control_group(rv.world_size, rv.rank, spec.transport)
-    worker = Worker(spec, groups, rv.rank)
-    groups.world.barrier()  # ready
-    while True:
-        call: Call | None = control.broadcast_object(None, 0)
-        if call is None:
-            break
-        result = getattr(worker, call.method)(*call.args)
-        if call.gather:
-            groups.world.gather_object(result, 0)
+    hosts = init_distributed(rv)
+    try:
+        groups = build_groups(spec.dims, rv.rank, rv.backend, rv.timeout_s, spec.transport)
+        control = build_control_group(rv.world_size, rv.rank, rv.timeout_s, spec.transport)
+        worker = Worker(spec, groups, rv.rank)
+        groups.world.barrier()  # ready
+        while True:
+            call: Call | None = control.broadcast_object(None, 0)
+            if call is None:
+                break
+            result = getattr(worker, call.method)(*call.args)
+            if call.gather:
+                groups.world.gather_object(result, 0)
+    except RuntimeError as e:  # a collective failed: a peer died, stopped or cannot be reached
+        raise RankFailure(f"rank {rv.rank}: a collective failed: {e}{other_hosts(hosts, rv.rank)}") from None
     shutdown_distributed()
 
 
@@ -110,10 +114,11 @@ class Executor:
                                     backend, timeout_s)
             rv = self.local.rendezvous(world, backend, timeout_s)
         self.distributed = True
+        self.hosts = [os.uname().nodename]
         try:
-            init_distributed(rv)
+            self.hosts = init_distributed(rv)
             self.groups = build_groups(spec.dims, 0, backend, timeout_s, spec.transport)
-            self.control = build_control_group(world, 0, spec.transport)
+            self.control = build_control_group(world, 0, timeout_s, spec.transport)
             self.worker = Worker(spec, self.groups, 0)
             self.groups.world.barrier()
         except RuntimeError as e:
@@ -157,7 +162,8 @@ class Executor:
         return stages.bubble_fraction() if stages is not None else 0.0
 
     def _failure(self, exc: BaseException) -> RankFailure:
-        err = self.local.error(exc) if self.local else RankFailure(f"a collective failed: {exc}")
+        err = (self.local.error(exc) if self.local
+               else RankFailure(f"a collective failed: {exc}{other_hosts(self.hosts, 0)}"))
         self.broken, self.in_flight, self.pipelining = True, 0, False
         self.close(graceful=False)
         return err

@@ -94,6 +94,10 @@ class Comm:
         self.transport = "shm" if shm_group is not None else transport
         self.base = transport  # what the torch.distributed group runs on
         self._posted: list[tuple[Any, torch.Tensor]] = []  # isend() handles and their tensors, until done
+        # Set on the control group: how long a broadcast_object's source waits for its receivers (gloo hands a
+        # message over only once the receiver has posted for it, so a peer behind a cut link would hold the
+        # source for the group's whole timeout); receivers keep the group's own, long timeout.
+        self.send_timeout_s: float | None = None
 
     def _timed(self, op: str, nbytes: int, fn, *args, **kw):
         t0 = time.perf_counter()
@@ -177,10 +181,33 @@ class Comm:
             data = pickle.dumps(obj) if self.index == src_index else b""
             data = self._timed_shm("broadcast_object", 0, self.shm.broadcast_bytes, data, src_index)
             return obj if self.index == src_index else pickle.loads(data)
+        if self.send_timeout_s is not None:
+            return self._timed("broadcast_object", 0, self._broadcast_pickled, obj, src_index)
         box = [obj]
         self._timed("broadcast_object", 0, dist.broadcast_object_list, box, src=self.ranks[src_index],
                     group=self.group)
         return box[0]
+
+    def _broadcast_pickled(self, obj: Any, src_index: int) -> Any:
+        """broadcast_object over gloo in two CPU broadcasts (size, bytes); the source waits send_timeout_s."""
+        src, mine = self.ranks[src_index], self.index == src_index
+        data = pickle.dumps(obj) if mine else b""
+        size = torch.tensor([len(data)], dtype=torch.int64)
+        self._wait(dist.broadcast(size, src=src, group=self.group, async_op=True), mine)
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if mine else torch.empty(int(size),
+                                                                                            dtype=torch.uint8)
+        self._wait(dist.broadcast(buf, src=src, group=self.group, async_op=True), mine)
+        return obj if mine else pickle.loads(buf.numpy().tobytes())
+
+    def _wait(self, work: Any, bounded: bool) -> None:
+        if not bounded:
+            work.wait()
+            return
+        try:
+            work.wait(timeout=timedelta(seconds=self.send_timeout_s))
+        except RuntimeError as e:
+            raise RuntimeError(f"{self.name} group: a member did not take a message within the "
+                               f"{self.send_timeout_s:g} s comm timeout ({e})") from None
 
     def send(self, t: torch.Tensor, dst_index: int) -> None:
         """Point-to-point send to a group member (blocks until the receiver has taken it)."""
@@ -367,10 +394,16 @@ def build_groups(dims, rank: int, backend: str, timeout_s: float, transport: str
 CONTROL_TIMEOUT_S = 7 * 24 * 3600.0
 
 
-def build_control_group(world_size: int, rank: int, transport: str | None = None) -> Comm:
-    """The group that carries the executor's calls from rank 0 (every rank builds it, after build_groups)."""
+def build_control_group(world_size: int, rank: int, timeout_s: float, transport: str | None = None) -> Comm:
+    """The group that carries the executor's calls from rank 0 (every rank builds it, after build_groups).
+
+    Receivers wait for a call up to CONTROL_TIMEOUT_S; the sender of a call waits up to timeout_s (the comm
+    timeout), so a keep-alive ping to a peer behind a cut link fails in bounded time.
+    """
     ranks = list(range(world_size))
     group = dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
     # Over shared memory when every rank shares this host (a call then costs ~20 us, not ~1 ms of gloo).
     auto = "gloo" if resolve_transport(transport) == "gloo" else "auto"
-    return use_transport(Comm("control", ranks, group, rank), auto, CONTROL_TIMEOUT_S)
+    comm = Comm("control", ranks, group, rank)
+    comm.send_timeout_s = timeout_s
+    return use_transport(comm, auto, CONTROL_TIMEOUT_S)

@@ -92,12 +92,25 @@ def claim_default_group() -> None:
         )
 
 
-def init_distributed(rv: RendezvousInfo) -> None:
-    """init_process_group with the configured timeout."""
+def init_distributed(rv: RendezvousInfo) -> list[str]:
+    """init_process_group with the configured timeout; returns every rank's hostname, by rank."""
     from datetime import timedelta
 
     dist.init_process_group(rv.backend, init_method=rv.init_method, rank=rv.rank,
                             world_size=rv.world_size, timeout=timedelta(seconds=rv.timeout_s))
+    hosts: list[Any] = [None] * rv.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    return hosts
+
+
+def other_hosts(hosts: list[str], rank: int) -> str:
+    """'; ranks on other hosts: rank 1 on h1, ...' as seen from `rank` ('' when every rank shares its host).
+
+    A collective that times out does not say which peer went quiet; across hosts a lost link is the usual
+    cause, so the error names the ranks behind one.
+    """
+    far = [f"rank {r} on {h}" for r, h in enumerate(hosts) if h != hosts[rank]]
+    return f"; ranks on other hosts (one of them failed or is unreachable): {', '.join(far)}" if far else ""
 
 
 def shutdown_distributed() -> None:

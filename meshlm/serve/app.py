@@ -6,15 +6,19 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from meshlm.serve.config import ServerConfig
-from meshlm.serve.errors import APIError, error_body
+from meshlm.serve.errors import APIError, error_body, invalid
+from meshlm.serve.intake import TIMEOUT_HEADER, bearer_token, read_body, request_deadline
 from meshlm.serve.metrics import CONTENT_TYPE, ServerMetrics
 from meshlm.serve.router import Router
 from meshlm.serve.streaming import Generation
@@ -52,7 +56,7 @@ class Guard:
     def __init__(self, app: Any, state: ServerState) -> None:
         self.app, self.state = app, state
         key = state.cfg.api_key
-        self.expected = f"Bearer {key}".encode() if key else None
+        self.expected = key.encode() if key else None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -68,8 +72,7 @@ class Guard:
 
         try:
             if self.expected is not None and not path.startswith("/health"):
-                got = dict(scope.get("headers") or []).get(b"authorization", b"")
-                if not hmac.compare_digest(got, self.expected):
+                if not hmac.compare_digest(bearer_token(scope.get("headers") or []), self.expected):
                     self.state.metrics.rejected.labels(reason="auth").inc()
                     err = APIError(401, "Missing or wrong API key; send 'Authorization: Bearer <key>'.",
                                    code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
@@ -82,10 +85,10 @@ class Guard:
 class SSEResponse(StreamingResponse):
     """Streams events while watching for the client to go away; on disconnect the stream is cancelled."""
 
-    def __init__(self, gen: Generation) -> None:
+    def __init__(self, gen: Generation, on_disconnect: Callable[[], None]) -> None:
         super().__init__(gen.stream(), media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.gen = gen
+        self.gen, self.on_disconnect = gen, on_disconnect
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         try:
@@ -95,7 +98,9 @@ class SSEResponse(StreamingResponse):
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(stream)
-                await self.listen_for_disconnect(receive)
+                await self.listen_for_disconnect(receive)  # cancelled when the stream ends first
+                if not self.gen.finished:  # not a client closing just after the last event
+                    self.on_disconnect()
                 tg.cancel_scope.cancel()
         finally:
             self.gen.close()
@@ -107,60 +112,81 @@ async def _wait_disconnect(receive: Any) -> None:
         pass
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    size = request.headers.get("content-length")
-    if size is not None and size.isdigit() and int(size) > limit:
-        raise APIError(413, f"The body has {size} bytes; the limit is {limit}.", code="body_too_large",
-                       reason="body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"The body exceeds the limit of {limit} bytes.", code="body_too_large",
-                           reason="body_too_large")
-    return bytes(body)
+async def _or_gone(request: Request, work: Awaitable[Any]) -> asyncio.Future | None:
+    """Run work unless the client disconnects first: its finished task, or None (work cancelled)."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_wait_disconnect(request.receive))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return task if task.done() else None
+    finally:
+        gone.cancel()
+        task.cancel()
+
+
+def _gone(state: ServerState, stage: str) -> Response:
+    """Count a client that left before its answer; the 499 nobody reads (it labels the HTTP metric)."""
+    state.metrics.disconnects.labels(stage=stage).inc()
+    return Response(status_code=499)
 
 
 async def _generate(state: ServerState, request: Request, chat: bool) -> Response:
+    arrived = time.monotonic()
+    cfg = state.cfg
     why = state.unavailable()
     if why is not None:
-        raise APIError(503, why, code="unavailable", headers={"Retry-After": str(state.cfg.retry_after_s)},
+        raise APIError(503, why, code="unavailable", headers={"Retry-After": str(cfg.retry_after_s)},
                        reason="draining" if state.draining else "unavailable")
-    data = read_json(await _read_body(request, state.cfg.max_body_bytes), request.headers.get("content-type"))
-    req = parse_generation(data, chat, state.ctx)
+    deadline = request_deadline(request.headers.get(TIMEOUT_HEADER), cfg.request_timeout_s, arrived)
+    try:
+        body = await read_body(request, cfg.max_body_bytes, cfg.body_timeout_s)
+    except ClientDisconnect:
+        log.warning("client %s disconnected while sending the body of %s", _client(request), request.url.path)
+        return _gone(state, "body")
+    req = replace(parse_generation(read_json(body, request.headers.get("content-type")), chat, state.ctx),
+                  deadline=deadline)
     stats = state.engine.snapshot.stats
-    cap = stats.max_waiting
+    cap, each = stats.max_waiting, state.engine.max_waiting_each  # a request's choices go to one replica
+    if req.num_choices > each:
+        raise invalid(f"This request needs {req.num_choices} queue places ({len(req.prompts)} prompt(s) x "
+                      f"n={req.n}) but the server queues at most {each} (--max-waiting); lower n or send fewer "
+                      "prompts per request.", "n" if req.n > 1 else "prompt", "exceeds_queue_cap")
     if stats.waiting + state.engine.pending + req.num_choices > cap:  # fast path; the engine checks exactly
         raise APIError(429, f"{stats.waiting} requests are waiting (the cap is {cap}); retry shortly.",
                        code="queue_full", headers={"Retry-After": str(state.cfg.retry_after_s)},
                        reason="queue_full")
 
-    def release() -> None:
+    def release(g: Generation) -> None:
         state.inflight -= 1
+        if g.missed is not None:
+            state.metrics.deadline.labels(stage=g.missed).inc()
 
-    timeout = min(req.timeout_s or state.cfg.request_timeout_s, state.cfg.request_timeout_s)
-    gen = Generation(state.engine, req, state.token_str, timeout, state.cfg.retry_after_s, release)
+    gen = Generation(state.engine, req, state.token_str, cfg.retry_after_s, release)
     state.inflight += 1
     try:
         await gen.start()
     except BaseException:
         gen.closed = True
         gen.engine.abort(gen.request_ids)  # a cancelled submit may still be applied
-        release()
+        release(gen)
         raise
-    if req.stream:
-        return SSEResponse(gen)
-    collect = asyncio.ensure_future(gen.collect())
-    gone = asyncio.ensure_future(_wait_disconnect(request.receive))
-    try:
-        done, _ = await asyncio.wait({collect, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if collect not in done:
-            return Response(status_code=499)  # the client left: nobody reads this
-        return JSONResponse(collect.result())
+    streaming = False
+    try:  # a stream's headers wait for its first token, so a failure before it gets an HTTP status
+        done = await _or_gone(request, gen.first() if req.stream else gen.collect())
+        if done is None:
+            return _gone(state, "response")
+        result = done.result()
+        if req.stream:
+            streaming = True
+            return SSEResponse(gen, state.metrics.disconnects.labels(stage="stream").inc)
+        return JSONResponse(result)
     finally:
-        gone.cancel()
-        collect.cancel()
-        gen.close()
+        if not streaming:
+            gen.close()
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -239,5 +265,6 @@ def create_app(state: ServerState) -> FastAPI:
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(state.cfg.cors_origins),
-                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", TIMEOUT_HEADER])
     return app

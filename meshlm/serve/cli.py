@@ -39,7 +39,14 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
                                                                     "of free memory)")
     p.add_argument("--max-n", type=int, default=16, help="choices per request at most (default 16)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit (default 1 MiB)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (600)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds from a request's arrival to its last token, queueing included (default 600); "
+                        "a client may ask for less with the X-Request-Timeout header")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client may take to send a request body before it gets 408 (default 30)")
+    p.add_argument("--default-max-tokens", type=int, default=1024,
+                   help="new tokens for a request that sends no max_tokens (default 1024; the context "
+                        "length still bounds it)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for in-flight requests (default 30)")
     p.add_argument("--health-deadline", type=float, default=10.0,
@@ -125,7 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or _model_name(args.model)
     cfg = ServerConfig(host=args.host, port=args.port, model_name=name,
                        api_key=key, max_body_bytes=args.max_body_bytes, max_n=args.max_n,
-                       request_timeout_s=args.request_timeout, drain_timeout_s=args.drain_timeout,
+                       request_timeout_s=args.request_timeout, body_timeout_s=args.body_timeout,
+                       default_max_tokens=args.default_max_tokens, drain_timeout_s=args.drain_timeout,
                        health_deadline_s=args.health_deadline, cors_origins=tuple(args.allow_origin))
     import logging
 

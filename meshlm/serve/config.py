@@ -17,7 +17,9 @@ class ServerConfig:
     api_key: str | None = field(default=None, repr=False)  # never printed
     max_body_bytes: int = 1 << 20
     max_n: int = 16  # choices per request (n x prompts)
-    request_timeout_s: float = 600.0
+    request_timeout_s: float = 600.0  # every request's deadline, from arrival; X-Request-Timeout may lower it
+    body_timeout_s: float = 30.0  # to receive a request's whole body (408 after)
+    default_max_tokens: int = 1024  # new tokens for a request that sends no max_tokens
     drain_timeout_s: float = 30.0
     health_deadline_s: float = 10.0
     retry_after_s: int = 1
@@ -28,9 +30,9 @@ class ServerConfig:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}.")
         if self.api_key is not None and not self.api_key:
             raise ConfigError("The API key is empty; set the environment variable to a non-empty secret.")
-        for name in ("max_body_bytes", "max_n"):
+        for name in ("max_body_bytes", "max_n", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
-        for name in ("request_timeout_s", "drain_timeout_s", "health_deadline_s"):
+        for name in ("request_timeout_s", "body_timeout_s", "drain_timeout_s", "health_deadline_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}.")

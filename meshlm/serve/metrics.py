@@ -127,6 +127,11 @@ class ServerMetrics:
         self.recover = Histogram(f"{p}_failure_recover_seconds", "Seconds from a replica's failure being "
                                  "detected to its readmission.", ("replica",), buckets=LATENCY_BUCKETS,
                                  registry=r)
+        self.disconnects = Counter(f"{p}_client_disconnects_total", "Clients that left before their answer, by "
+                                   "stage: body (mid-upload), response (waiting), stream (mid-stream).",
+                                   ("stage",), registry=r)
+        self.deadline = Counter(f"{p}_deadline_exceeded_total", "HTTP requests that missed their deadline, by "
+                                "stage: queue (before the first token) or run.", ("stage",), registry=r)
         r.register(EngineCollector(snapshot))
 
     def observe_failure(self, kind: str, replica: int, seconds: float) -> None:

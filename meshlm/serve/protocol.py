@@ -13,6 +13,19 @@ from meshlm.engine.request import TokenLogprob
 
 
 @dataclass(frozen=True)
+class Deadline:
+    """When a request must be done: `at` on the time.monotonic() clock, from a budget fixed at its arrival."""
+
+    at: float
+    budget_s: float  # seconds from arrival to `at`
+    source: str  # what set the budget: "X-Request-Timeout" or "--request-timeout"
+
+    def remaining(self) -> float:
+        """Seconds left (negative once missed)."""
+        return self.at - time.monotonic()
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     """A validated /v1/completions or /v1/chat/completions request: token ids and one params per choice."""
 
@@ -24,7 +37,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     logprobs: int | None = None  # top alternatives per token; None = no logprobs
-    timeout_s: float | None = None  # this request's own limit (the server's applies when lower)
+    deadline: Deadline | None = None  # fixed at arrival; bounds queueing, retries and the run
 
     @property
     def num_choices(self) -> int:

@@ -58,6 +58,7 @@ class Ready:
     rank_pids: tuple[int, ...]  # the ranks this process spawned (killed with it)
     pid: int = 0  # this replica's rank 0
     host: str = ""
+    max_waiting: int = 0  # requests its queue holds before it refuses more
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: Replica
     lost = [False]
     eng = EngineLoop(llm.engine, on_fatal=lambda msg: send(Failed(msg)), keepalive_s=spec.keepalive_s).start()
     send(Ready(llm.cfg.vocab_size, llm.max_context, llm.engine.capacity_tokens, llm.engine.ecfg.block_size,
-               llm.executor.rank_pids, os.getpid(), socket.gethostname()))
+               llm.executor.rank_pids, os.getpid(), socket.gethostname(), llm.engine.stats().max_waiting))
     tasks: set[asyncio.Task] = set()
 
     outbox = _Outbox(send, aloop)

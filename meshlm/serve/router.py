@@ -45,7 +45,7 @@ class Routed:
     prompt: tuple[int, ...]
     params: SamplingParams
     out: asyncio.Queue
-    deadline: float | None  # time.perf_counter() after which it times out (None: no limit)
+    deadline: float | None  # time.monotonic() after which it times out (None: no limit)
     internal: bool = False
     token_ids: list[int] = field(default_factory=list)  # generated and sent to the client
     text: str = ""
@@ -159,10 +159,10 @@ class Router(Fleet):
                      deadline: float | None = None) -> None:
         """Route engine requests (all to one replica); raises QueueFull, RequestError or EngineUnavailable.
 
-        deadline: an absolute time.perf_counter() limit set at arrival (else now + timeout_s); it bounds
+        deadline: an absolute time.monotonic() limit set at arrival (else now + timeout_s); it bounds
         the request's run on every replica it moves to."""
         if deadline is None and timeout_s is not None:
-            deadline = time.perf_counter() + timeout_s
+            deadline = time.monotonic() + timeout_s
         recs = [Routed(rid, i, tuple(p), sp, out, deadline, internal)
                 for i, (rid, p, sp) in enumerate(zip(request_ids, prompts, params))]
         tried: set[int] = set()
@@ -200,7 +200,7 @@ class Router(Fleet):
             self.records[rec.id] = rec
         left = None
         if recs[0].deadline is not None:
-            left = recs[0].deadline - time.perf_counter()
+            left = recs[0].deadline - time.monotonic()
             if left <= 0:
                 for rec in recs:
                     self._forget(rec)
@@ -225,9 +225,9 @@ class Router(Fleet):
         self.migrated += 1
         while not rec.done:
             rec.attempts += 1
-            delay = retry_delay(self.cfg.retry, rec.attempts, time.perf_counter(), rec.deadline, self.rng)
+            delay = retry_delay(self.cfg.retry, rec.attempts, time.monotonic(), rec.deadline, self.rng)
             if delay is None:
-                timed_out = rec.deadline is not None and time.perf_counter() >= rec.deadline - 1e-3
+                timed_out = rec.deadline is not None and time.monotonic() >= rec.deadline - 1e-3
                 return self._give_up(rec, "timeout" if timed_out else "error",
                                      f"lost on {rec.attempts - 1} replica(s); no more retries")
             await asyncio.sleep(delay)
@@ -246,10 +246,10 @@ class Router(Fleet):
                 return self._give_up(rec, "error", str(e))
 
     async def _wait_routable(self, rec: Routed) -> Replica | None:
-        until = time.perf_counter() + self.cfg.failover_wait_s
+        until = time.monotonic() + self.cfg.failover_wait_s
         if rec.deadline is not None:
             until = min(until, rec.deadline)
-        while not rec.done and time.perf_counter() < until:
+        while not rec.done and time.monotonic() < until:
             r = self._pick(rec.prompt, set())
             if r is not None:
                 return r
@@ -301,6 +301,11 @@ class Router(Fleet):
         return [r.health() for r in self.replicas]
 
     @property
+    def max_waiting_each(self) -> int:
+        """The largest queue of a routable replica: a request's choices all go to one replica."""
+        return max((r.info.max_waiting for r in self.replicas if r.routable), default=0)
+
+    @property
     def snapshot(self) -> Snapshot:
         """The replicas' latest figures, summed (queue caps of routable replicas only)."""
         snaps = [r.snapshot for r in self.replicas]
@@ -310,7 +315,7 @@ class Router(Fleet):
             for k, v in s.collective_seconds.items():
                 comm[k] = comm.get(k, 0.0) + v
         total = EngineStats(sum(s.running for s in stats), sum(s.waiting for s in stats),
-                            sum(r.snapshot.stats.max_waiting for r in self.replicas if r.routable),
+                            sum(r.info.max_waiting for r in self.replicas if r.routable),
                             sum(s.kv_usage for s in stats) / len(stats), sum(s.num_preemptions for s in stats),
                             sum(s.prompt_tokens for s in stats), sum(s.generation_tokens for s in stats), comm,
                             max(s.bubble_fraction for s in stats))

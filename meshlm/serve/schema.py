@@ -36,6 +36,7 @@ class ModelContext:
     max_n: int
     encode: Callable[[str], list[int]]
     encode_chat: Callable[[list[dict[str, str]]], list[int]]
+    default_max_tokens: int = 1024  # new tokens for a request that sends no max_tokens
 
 
 def _fail(message: str, code: str = "invalid_value") -> PydanticCustomError:
@@ -132,7 +133,7 @@ class _Generation(_Body):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] = ()
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
-    timeout: float | None = None  # extension: this request's limit in seconds
+    timeout: _refused("timeout is not a body field; send the X-Request-Timeout header (seconds).") = None
     stream: bool = False
     stream_options: StreamOptions = StreamOptions()
     user: str | None = None
@@ -186,13 +187,6 @@ class _Generation(_Body):
     def _stop_ids(cls, v: list[int], info: ValidationInfo) -> list[int]:
         if msg := _outside_vocab(v, "stop_token_ids", info.context.vocab_size):
             raise _fail(msg, "invalid_token_id")
-        return v
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, v: float) -> float:
-        if v <= 0:
-            raise _fail(f"timeout must be a positive number of seconds, got {v}.")
         return v
 
 

@@ -22,6 +22,7 @@ from meshlm.errors import MeshlmError
 from meshlm.serve.app import ServerState, create_app
 from meshlm.serve.config import ServerConfig
 from meshlm.serve.fleet import RouterConfig
+from meshlm.serve.h11_protocol import MAX_HEADER_BYTES, protocol_class
 from meshlm.serve.metrics import ReplicaCollector, ServerMetrics
 from meshlm.serve.replica import Ready, ReplicaSpec
 from meshlm.serve.router import Router
@@ -45,7 +46,8 @@ def serve(spec: ReplicaSpec, tokenizer: Any, cfg: ServerConfig, rcfg: RouterConf
     def loaded(info: Ready) -> None:
         state.ctx = ModelContext(frozenset({cfg.model_name, *aliases}), info.vocab_size, info.max_context,
                                  info.capacity_tokens, cfg.max_n, tok.encode,
-                                 lambda msgs: tok.encode(tok.apply_chat_template(msgs), add_special=False))
+                                 lambda msgs: tok.encode(tok.apply_chat_template(msgs), add_special=False),
+                                 cfg.default_max_tokens)
         router.probe_token = tok.bos_id if tok.bos_id is not None and tok.bos_id < info.vocab_size else 0
         auth = f" -H \"Authorization: Bearer ${key_env or 'KEY'}\"" if cfg.api_key else ""
         body = json.dumps({"model": cfg.model_name, "max_tokens": 32,
@@ -55,7 +57,9 @@ def serve(spec: ReplicaSpec, tokenizer: Any, cfg: ServerConfig, rcfg: RouterConf
               f"application/json'{auth} -d '{body}'", file=sys.stderr, flush=True)
 
     config = uvicorn.Config(create_app(state), host=cfg.host, port=cfg.port, log_level=log_level,
-                            access_log=False, lifespan="off", timeout_graceful_shutdown=3)
+                            access_log=False, lifespan="off", timeout_graceful_shutdown=3,
+                            http=protocol_class(lambda code: metrics.rejected.labels(reason=code).inc()),
+                            h11_max_incomplete_event_size=MAX_HEADER_BYTES)
     server = holder["server"] = DrainingServer(config, state, loaded)
     try:
         server.run()

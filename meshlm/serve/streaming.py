@@ -55,15 +55,17 @@ class Generation:
     `engine` is the router (serve/router.py): submit(), abort() and next_id()."""
 
     def __init__(self, engine: Any, req: GenerationRequest, token_str: Callable[[int], str],
-                 timeout_s: float, retry_after_s: int, on_close: Callable[[], None] = lambda: None) -> None:
+                 retry_after_s: int, on_close: Callable[[Generation], None] = lambda g: None) -> None:
         self.engine, self.req, self.token_str = engine, req, token_str
-        self.timeout_s, self.retry_after_s, self.on_close = timeout_s, retry_after_s, on_close
+        self.retry_after_s, self.on_close = retry_after_s, on_close
         self.id, self.created = new_id(req.chat), now_s()
         num = engine.next_id()
         self.request_ids = [f"{self.id}-{num}-{i}" for i in range(req.num_choices)]
         self.queue: asyncio.Queue[Update] = asyncio.Queue()
         self.choices = [ChoiceState() for _ in range(req.num_choices)]
         self.closed = False
+        self.missed: str | None = None  # "queue" or "run" once the deadline passed before / after a token
+        self._ready: list[Update] = []  # updates taken by first() that stream() has not sent yet
 
     @property
     def finished(self) -> bool:
@@ -72,10 +74,14 @@ class Generation:
 
     async def start(self) -> None:
         """Queue the engine requests; engine refusals become API errors (429 when the queue is full)."""
+        timeout_s = None if self.req.deadline is None else self.req.deadline.remaining()
+        if timeout_s is not None and timeout_s <= 0:
+            raise self._missed()
         try:
             await self.engine.submit(self.request_ids, [list(self.req.prompt_of(i)) for i in
                                                         range(self.req.num_choices)],
-                                     list(self.req.params), self.queue, self.timeout_s)
+                                     list(self.req.params), self.queue, timeout_s,
+                                     deadline=None if self.req.deadline is None else self.req.deadline.at)
         except QueueFull as e:
             raise APIError(429, str(e), None, "queue_full", {"Retry-After": str(self.retry_after_s)},
                            reason="queue_full") from None
@@ -92,7 +98,7 @@ class Generation:
         self.closed = True
         if not self.finished:
             self.engine.abort(self.request_ids)
-        self.on_close()
+        self.on_close(self)
 
     async def _next(self) -> list[Update]:
         """The next batch of updates (waits for one, then takes whatever else is ready)."""
@@ -117,12 +123,31 @@ class Generation:
             return APIError(503, "The engine failed while serving this request; retry on a healthy server.",
                             code="engine_failure", reason="engine_failure")
         if "timeout" in reasons:
-            return APIError(504, f"The request did not finish within {self.timeout_s:g} s; lower max_tokens "
-                            "or retry when the server is less busy.", code="timeout", reason="timeout")
+            return self._missed()
         if "abort" in reasons:
             return APIError(503, "The server is shutting down; retry on another server.", code="aborted",
                             reason="aborted")
         return None
+
+    def _missed(self) -> APIError:
+        """The 504 for a missed deadline; notes whether it passed in the queue or while running."""
+        d = self.req.deadline
+        tokens = sum(len(c.token_ids) for c in self.choices)
+        self.missed = "run" if tokens else "queue"
+        when = f"after {tokens} generated token(s)" if tokens else "before its first token (it was queued)"
+        return APIError(504, f"The request missed its deadline of {d.budget_s:g} s (set by {d.source}) {when}; "
+                        "allow more time with the X-Request-Timeout header (up to the server's "
+                        "--request-timeout), lower max_tokens, or retry when the server is less busy.",
+                        code="timeout", reason="timeout")
+
+    async def first(self) -> None:
+        """Wait for the first update (a token or an end); raises the APIError of a request that failed before
+        any token, so a stream that never started is answered with an HTTP status, not an event in a 200."""
+        self._ready = await self._next()
+        if self.finished and not any(c.token_ids for c in self.choices):
+            err = self._failure()
+            if err is not None:
+                raise err
 
     def _usage(self) -> dict[str, int]:
         return usage(sum(len(p) for p in self.req.prompts), sum(len(c.token_ids) for c in self.choices))
@@ -164,8 +189,9 @@ class Generation:
             yield self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                 "finish_reason": None} for i in range(len(self.choices))])
         lp_sent = [0] * len(self.choices)
-        while not self.finished:
-            batch = await self._next()
+        batch, self._ready = self._ready, []
+        while batch or not self.finished:
+            batch = batch or await self._next()
             out = []
             for i in sorted({u.choice for u in batch}):
                 c = self.choices[i]
@@ -185,6 +211,7 @@ class Generation:
                     out.append({"index": i, "text": delta, "logprobs": lp, "finish_reason": reason})
             if out:
                 yield self._chunk(out)
+            batch = []
         err = self._failure()
         if err is not None:
             yield sse(error_body(err.status, err.message, None, err.code))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +20,8 @@ from meshlm.serve.protocol import GenerationRequest
 from meshlm.serve.schema import MAX_STOP, MESSAGES, ROLES, ChatCompletionRequest, CompletionRequest, ModelContext
 
 SEED_MOD = 2**63
+MAX_DEPTH = 32  # JSON nesting a request may have (a chat body with text parts needs 5)
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # how a lone surrogate can enter valid UTF-8 JSON
 CODES = ("invalid_value", "unsupported", "invalid_token_id", "empty_prompt")  # the schema's own error codes
 REQUIRED = {"model": "model is required; GET /v1/models lists the served model.", "prompt": "prompt is required."}
 SHAPES = {"stop": f"stop must be a string or a list of at most {MAX_STOP} strings.",
@@ -45,9 +48,42 @@ def read_json(body: bytes, content_type: str | None) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise invalid(f"The body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}.",
                       code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep() from None
     if not isinstance(data, dict):
         raise invalid(f"The body must be a JSON object, got {type(data).__name__}.", code="invalid_json")
+    if text.count("[") + text.count("{") > MAX_DEPTH or SURROGATE_ESCAPE.search(text):
+        _check_tree(data)
     return data
+
+
+def _too_deep() -> APIError:
+    return invalid(f"The body's JSON nests objects or arrays more than {MAX_DEPTH} levels deep; a request "
+                   "needs only a few levels.", code="invalid_json")
+
+
+def _check_tree(data: dict[str, Any]) -> None:
+    """400 for nesting deeper than MAX_DEPTH or a string holding a lone UTF-16 surrogate (not encodable text)."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                name = path.lstrip(".") or None
+                raise invalid(f"{name or 'A key of the body'} holds a lone UTF-16 surrogate "
+                              f"(\\u{ord(value[e.start]):04x}) at character {e.start}, which is not text; "
+                              "escape astral characters as a surrogate pair or send them as UTF-8.",
+                              name, "invalid_encoding") from None
+            continue
+        if isinstance(value, (list, dict)) and depth > MAX_DEPTH:
+            raise _too_deep()
+        if isinstance(value, dict):
+            stack += [(k, path, depth) for k in value]
+            stack += [(v, f"{path}.{k}", depth + 1) for k, v in value.items()]
+        elif isinstance(value, list):
+            stack += [(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value) if isinstance(v, (str, list, dict))]
 
 
 def _message_error(i: int, where: tuple, data: dict[str, Any]) -> APIError:
@@ -85,13 +121,14 @@ def _api_error(e: ValidationError, data: dict[str, Any]) -> APIError:
 
 
 def _max_tokens(name: str, mt: int | None, longest: int, ctx: ModelContext) -> int:
+    """The request's new-token cap: its own (checked against the context) or the server's default."""
     room = ctx.max_context - longest
     if room < 1:
         raise invalid(f"The prompt has {longest} tokens but the model's context length is {ctx.max_context}; "
                       "shorten the prompt (at least one token must remain for generation).", "prompt",
                       "context_length_exceeded")
-    if mt is None:  # default: what is left of the context (and of the KV pool)
-        return max(1, min(room, ctx.capacity_tokens - longest))
+    if mt is None:  # default: the server's cap, within what is left of the context (and of the KV pool)
+        return max(1, min(room, ctx.capacity_tokens - longest, ctx.default_max_tokens))
     if longest + mt > ctx.max_context:
         raise invalid(f"This model's maximum context length is {ctx.max_context} tokens, but the request "
                       f"asks for {longest + mt} ({longest} in the prompt + {mt} in {name}); lower {name} to "
@@ -123,4 +160,4 @@ def parse_generation(d: dict[str, Any], chat: bool, ctx: ModelContext) -> Genera
             None if base.greedy else random.getrandbits(63))
         params.append(replace(base, seed=s))
     return GenerationRequest(chat, body.model, tuple(tuple(p) for p in prompts), tuple(params), n, body.stream,
-                             body.stream_options.include_usage, logprobs, body.timeout)
+                             body.stream_options.include_usage, logprobs)

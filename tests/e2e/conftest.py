@@ -26,3 +26,13 @@ def server(serve_model):
     code = srv.stop()
     assert code == 0, srv.output()
     assert not srv.leftovers(), "rank processes outlived the server"
+
+
+@pytest.fixture(scope="session")
+def small_server(serve_model):
+    """2 running seats, 4 waiting places, short body and max_tokens defaults: overload, queueing and limits."""
+    srv = Server(serve_model, "--max-num-seqs", "2", "--max-waiting", "4", "--kv-cache-mb", "16",
+                 "--request-timeout", "120", "--body-timeout", "1", "--default-max-tokens", "8").wait_healthy()
+    yield srv
+    assert srv.stop() == 0, srv.output()
+    assert not srv.leftovers()

@@ -101,8 +101,9 @@ class Server:
         return Path(self.log.name).read_text()
 
     def client(self, **kw) -> httpx.Client:
-        """An httpx client with the base URL and the API key."""
-        return httpx.Client(base_url=self.url, headers=self.headers, timeout=kw.pop("timeout", 60), **kw)
+        """An httpx client with the base URL and the API key (plus any `headers` given)."""
+        headers = {**self.headers, **kw.pop("headers", {})}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kw.pop("timeout", 60), **kw)
 
     def metrics(self) -> dict[str, float]:
         """/metrics samples as {"name{labels}": value}."""
@@ -142,3 +143,12 @@ class Server:
 def completion(model: str, **kw) -> dict:
     """A small valid /v1/completions body."""
     return {"model": model, "prompt": "w5. w6. w7.", "max_tokens": 4, "temperature": 0, **kw}
+
+
+def check_error(r: httpx.Response, status: int) -> dict:
+    """The status and the exact OpenAI error shape; the error object."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]

@@ -48,7 +48,8 @@ async def _cut_streams(server, n: int) -> int:
 
 def test_fifty_streams_cut_off(server):
     """50 streams dropped mid-generation: within seconds KV usage is zero and a new request succeeds."""
-    before = aborted(server.metrics())
+    m = server.metrics()
+    before, gone = aborted(m), m.get('meshlm_client_disconnects_total{stage="stream"}', 0)
     assert asyncio.run(_cut_streams(server, 50)) == 50
     t0 = time.time()
     m = wait_idle(server)
@@ -56,6 +57,7 @@ def test_fifty_streams_cut_off(server):
     assert m["meshlm_num_requests_running"] == 0 and m["meshlm_num_requests_waiting"] == 0
     assert time.time() - t0 < 10
     assert aborted(m) - before == 50
+    assert m['meshlm_client_disconnects_total{stage="stream"}'] - gone == 50
     with server.client() as c:
         r = c.post("/v1/completions", json=completion(server.model_name, max_tokens=3))
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
@@ -83,15 +85,22 @@ def test_non_streaming_clients_time_out(server):
 
 
 def test_request_timeout(server):
-    """A request over its timeout ends with 504 (or an error event when streamed) and frees its blocks."""
-    body = completion(server.model_name, max_tokens=1800, ignore_eos=True, timeout=0.3)
-    with server.client() as c:
+    """A request over its X-Request-Timeout ends with 504 (an error event once streaming), frees its blocks
+    and counts as a deadline missed while running."""
+    body = completion(server.model_name, max_tokens=1800, ignore_eos=True)
+    key = 'meshlm_deadline_exceeded_total{stage="run"}'
+    before = server.metrics().get(key, 0)
+    with server.client(headers={"X-Request-Timeout": "0.3"}) as c:
         r = c.post("/v1/completions", json=body)
         assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text
+        assert "deadline of 0.3 s (set by X-Request-Timeout) after" in r.json()["error"]["message"]
         with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as s:
+            assert s.status_code == 200
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert '"code":"timeout"' in events[-2] and events[-1] == "data: [DONE]", events[-2:]
+        assert len(events) > 3  # tokens came before the error event
         m = wait_idle(server)
         assert m["meshlm_kv_cache_usage_ratio"] == 0
         assert m['meshlm_requests_finished_total{finish_reason="timeout"}'] >= 2
+        assert m[key] - before == 2
         assert c.post("/v1/completions", json=completion(server.model_name)).status_code == 200

@@ -14,16 +14,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 BURST, TOKENS = 40, 48
 
 
-@pytest.fixture(scope="module")
-def small_server(serve_model):
-    """2 running seats and 4 waiting places: a burst of 40 must overflow."""
-    srv = Server(serve_model, "--max-num-seqs", "2", "--max-waiting", "4", "--kv-cache-mb", "16",
-                 "--request-timeout", "120").wait_healthy()
-    yield srv
-    assert srv.stop() == 0, srv.output()
-    assert not srv.leftovers()
-
-
 async def _burst(srv: Server) -> list[tuple[int, float, httpx.Response]]:
     body = completion(srv.model_name, max_tokens=TOKENS, ignore_eos=True)
     limits = httpx.Limits(max_connections=BURST + 4)
@@ -38,7 +28,8 @@ async def _burst(srv: Server) -> list[tuple[int, float, httpx.Response]]:
 
 
 def test_burst_beyond_queue_cap(small_server):
-    """Some 429s (with Retry-After, counted in /metrics); all others complete with every token; none lost."""
+    """A burst of 40 on 2 seats and 4 waiting places: some 429s (with Retry-After, counted in /metrics); all
+    others complete with every token; none lost."""
     before = small_server.metrics()
     results = asyncio.run(_burst(small_server))
     codes = [code for code, _, _ in results]

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
-from serve_harness import completion
+from serve_harness import check_error, completion
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -64,16 +63,16 @@ CASES = [
     ("bad-utf8", C, lambda m: b'{"model": "\xff\xfe", "prompt": "w5."}', {}, 400, None, ["UTF-8"]),
     ("bad-message", CHAT, lambda m: chat(m, messages=[{"role": "wizard", "content": "x"}]), {}, 400,
      "messages[0]", []),
+    ("nested-100k", C, lambda m: (f'{{"model": "{m}", "prompt": "w5.", "x": ' + "[" * 100_000 + "]" * 100_000
+                                  + "}").encode(), {}, 400, None, ["levels deep"]),
+    ("lone-surrogate", C, lambda m: f'{{"model": "{m}", "prompt": "w5. \\ud800"}}'.encode(), {}, 400, "prompt",
+     ["surrogate", "\\ud800"]),
+    ("lone-surrogate-chat", CHAT, lambda m: f'{{"model": "{m}", "messages": [{{"role": "user", "content": '
+     '"\\udc00"}]}'.encode(), {}, 400, "messages[0].content", ["surrogate"]),
+    ("timeout-header", C, completion, {"X-Request-Timeout": "soon"}, 400, "X-Request-Timeout", ["'soon'"]),
+    ("timeout-header-0", C, completion, {"X-Request-Timeout": "0"}, 400, "X-Request-Timeout", ["positive"]),
+    ("timeout-body", C, lambda m: completion(m, timeout=5), {}, 400, "timeout", ["X-Request-Timeout"]),
 ]
-
-
-def check_error(r: httpx.Response, status: int) -> dict:
-    """The status and the exact error shape."""
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body["error"]
 
 
 @pytest.fixture(scope="module")

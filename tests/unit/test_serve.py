@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import replace
 
 import pytest
 
 from meshlm.engine.engine import EngineStats
 from meshlm.serve.engine_loop import Snapshot
 from meshlm.serve.errors import APIError
+from meshlm.serve.intake import bearer_token, request_deadline
 from meshlm.serve.metrics import ServerMetrics, parse_samples
 from meshlm.serve.protocol import FinalStats
 from meshlm.serve.streaming import releasable
@@ -67,7 +69,8 @@ CTX = ModelContext(frozenset({"m"}), vocab_size=100, max_context=64, capacity_to
 
 
 def test_parse_defaults_and_seeds():
-    """max_tokens defaults to the rest of the context; n choices get distinct seeds derived from the seed."""
+    """max_tokens defaults to the rest of the context (within the server's default cap); n choices get distinct
+    seeds derived from the seed."""
     body = {"model": "m", "prompt": "a bb ccc", "n": 3, "seed": 10, "temperature": 0.7}
     req = parse_generation(body, False, CTX)
     assert req.prompts == ((6, 7, 8),) and req.num_choices == 3
@@ -76,15 +79,18 @@ def test_parse_defaults_and_seeds():
     chat = parse_generation({"model": "m", "messages": [{"role": "user", "content": "hi there"}],
                              "logprobs": True, "top_logprobs": 3, "max_completion_tokens": 5}, True, CTX)
     assert chat.logprobs == 3 and chat.params[0].max_tokens == 5 and chat.params[0].logprobs == 3
+    capped = replace(CTX, default_max_tokens=10)
+    assert parse_generation(body, False, capped).params[0].max_tokens == 10
+    assert parse_generation({**body, "max_tokens": 50}, False, capped).params[0].max_tokens == 50
 
 
 def test_parse_accepts():
     """null means unset, unknown fields are ignored, no-op values of refused features pass, text parts join."""
     req = parse_generation({"model": "m", "prompt": [[5, 6], "a bb"], "n": None, "stop": None, "seed": 3,
                             "temperature": 0, "logit_bias": {}, "echo": False, "presence_penalty": 0,
-                            "not_a_field": [1], "stream_options": {"include_usage": True, "x": 1}, "timeout": 2},
+                            "not_a_field": [1], "stream_options": {"include_usage": True, "x": 1}},
                            False, CTX)
-    assert req.prompts == ((5, 6), (6, 7)) and req.n == 1 and req.include_usage and req.timeout_s == 2.0
+    assert req.prompts == ((5, 6), (6, 7)) and req.n == 1 and req.include_usage and req.deadline is None
     assert req.params[0].stop == () and [p.seed for p in req.params] == [3, 4]
     msgs = [{"role": "system", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": " b"}]},
             {"role": "assistant", "content": None, "name": "x"}, {"role": "user", "content": "c"}]
@@ -132,8 +138,7 @@ M, CHAT_MSG = {"model": "m", "prompt": "a"}, {"model": "m", "messages": [{"role"
     ({**M, "stream_options": 5}, 400, "stream_options", "an object"),
     ({**M, "stream_options": {"include_usage": "no"}}, 400, "include_usage", "true or false"),
     ({**M, "user": 5}, 400, "user", "must be a string"),
-    ({**M, "timeout": 0}, 400, "timeout", "positive number of seconds"),
-    ({**M, "timeout": "5"}, 400, "timeout", "finite number"),
+    ({**M, "timeout": 5}, 400, "timeout", "X-Request-Timeout header"),
     # OpenAI features meshlm does not implement: refused when set, never silently ignored
     ({**M, "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
     ({**M, "frequency_penalty": -1}, 400, "frequency_penalty", "not supported"),
@@ -175,6 +180,53 @@ def test_read_json():
         with pytest.raises(APIError) as e:
             read_json(body, ctype)
         assert e.value.status == status
+
+
+@pytest.mark.parametrize("body,param,fragment", [
+    ('{"model": "m", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", None, "levels deep"),
+    ('{"model": "m", "x": ' + "[" * 40 + "]" * 40 + "}", None, "more than 32 levels"),
+    ('{"model": "m", "prompt": "a \\ud800"}', "prompt", "lone UTF-16 surrogate (\\ud800) at character 2"),
+    ('{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}]}', "messages[0].content", "\\udfff"),
+    ('{"model": "m", "\\ud800": 1}', None, "surrogate"),
+])
+def test_read_json_refuses_deep_nesting_and_lone_surrogates(body, param, fragment):
+    """A body nested too deep or holding a lone surrogate is a 400 naming the problem (and the field)."""
+    with pytest.raises(APIError) as e:
+        read_json(body.encode(), "application/json")
+    assert (e.value.status, e.value.param) == (400, param) and fragment in e.value.message, e.value.message
+
+
+def test_read_json_keeps_surrogate_pairs_and_shallow_bodies():
+    """An escaped surrogate pair is an astral character, not an error; 32 levels pass."""
+    assert read_json(b'{"prompt": "\\ud83d\\ude00"}', "application/json")["prompt"] == "\U0001f600"
+    assert read_json(('{"x": ' + "[" * 31 + "]" * 31 + "}").encode(), "application/json")
+
+
+@pytest.mark.parametrize("header,budget,source", [
+    (None, 600.0, "--request-timeout"), ("2.5", 2.5, "X-Request-Timeout"), (" 7 ", 7.0, "X-Request-Timeout"),
+    ("900", 600.0, "--request-timeout"),
+])
+def test_request_deadline(header, budget, source):
+    """The deadline is fixed at arrival: the header lowers the server's limit, never raises it."""
+    d = request_deadline(header, 600.0, arrived=100.0)
+    assert (d.at, d.budget_s, d.source) == (100.0 + budget, budget, source)
+
+
+@pytest.mark.parametrize("header", ["abc", "0", "-1", "nan", "inf", ""])
+def test_request_deadline_refuses(header):
+    """A bad X-Request-Timeout is a 400 naming the header."""
+    with pytest.raises(APIError) as e:
+        request_deadline(header, 600.0, 0.0)
+    assert (e.value.status, e.value.param) == (400, "X-Request-Timeout") and repr(header) in e.value.message
+
+
+@pytest.mark.parametrize("value,token", [
+    (b"Bearer k", b"k"), (b"bearer k", b"k"), (b"BEARER  k ", b"k"), (b"Basic k", b""), (b"Bearerk", b""),
+    (b"k", b""), (None, b""),
+])
+def test_bearer_token(value, token):
+    """The scheme is matched in any case (RFC 7235); anything else yields no token."""
+    assert bearer_token([] if value is None else [(b"authorization", value)]) == token
 
 
 def test_engine_loop_updates_and_abort(llm):
