@@ -232,7 +232,9 @@ class EngineLoop:
         self._step_s += time.perf_counter() - t0
         self.progress += 1
         self.last_progress = time.monotonic()
-        self._send([u for u in (self._update(out) for out in changed) if u is not None])
+        batch = [u for u in (self._update(out) for out in changed) if u is not None]
+        self._publish()  # first: a reader that sees these updates sees figures that include them
+        self._send(batch)
 
     def _update(self, out: RequestOutput) -> tuple[_Track, Update] | None:
         tr = self.tracks.get(out.request_id)

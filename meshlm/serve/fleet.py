@@ -67,6 +67,11 @@ class Replica:
         self.failures = self.restarts = 0
         self.detect_s = self.recover_s = 0.0
 
+    def take(self, snap: Snapshot | None) -> None:
+        """Keep the newer of snap and the current figures (heartbeats and updates race on the wire)."""
+        if snap is not None and snap.step_seconds >= self.snapshot.step_seconds:
+            self.snapshot = snap
+
     @property
     def routable(self) -> bool:
         """Healthy with a closed circuit."""
@@ -148,7 +153,7 @@ class Fleet:
     async def _launch(self, r: Replica) -> str | None:
         """Start r's process, wait for Ready, probe it; None when r is healthy, else why not."""
         r.breaker.trying()
-        r.state, r.beat = "starting", None
+        r.state, r.beat, r.snapshot = "starting", None, Snapshot()
         r.ready = self.loop.create_future()
         r.proc = LocalReplica(self.spec, f"meshlm-replica{r.index}", self._receive)
         await self.loop.run_in_executor(None, r.proc.start)  # spawning takes a while on a busy host
@@ -204,7 +209,7 @@ class Fleet:
                         ready.pid)
             self.loop.run_in_executor(None, link.kill)
             return
-        r.proc, r.info, r.state = link, ready, "starting"
+        r.proc, r.info, r.state, r.snapshot = link, ready, "starting", Snapshot()
         r.restarts += r.failures > 0  # a failed remote replica comes back by connecting again
         self._spawn(self._admit(r))
 
@@ -240,8 +245,10 @@ class Fleet:
         if r is None or r.state in ("failed", "stopped"):
             return  # an earlier incarnation, or one already given up on
         if isinstance(msg, Heartbeat):
-            r.beat, r.beat_at, r.snapshot = msg.beat, time.monotonic(), msg.snapshot
+            r.beat, r.beat_at = msg.beat, time.monotonic()
+            r.take(msg.snapshot)
         elif isinstance(msg, Outs):
+            r.take(msg.snapshot)
             self._on_outs(r, msg)
         elif isinstance(msg, Accepted):
             fut = r.acks.pop(msg.key, None)

@@ -84,9 +84,10 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Outs:
-    """Updates of the replica's engine requests, oldest first."""
+    """Updates of the replica's engine requests, oldest first, and the engine's figures that include them."""
 
     updates: tuple[tuple[str, Update], ...]
+    snapshot: Snapshot | None = None
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,9 @@ class Exited:
 class _Outbox:
     """Batches the replica's updates into one Outs message per event-loop turn (about one per engine step)."""
 
-    def __init__(self, send: Callable[[Any], None], aloop: asyncio.AbstractEventLoop) -> None:
-        self.send, self.aloop = send, aloop
+    def __init__(self, send: Callable[[Any], None], aloop: asyncio.AbstractEventLoop,
+                 snapshot: Callable[[], Snapshot]) -> None:
+        self.send, self.aloop, self.snapshot = send, aloop, snapshot
         self.items: list[tuple[str, Update]] = []
 
     def add(self, rid: str, u: Update) -> None:
@@ -128,7 +130,7 @@ class _Outbox:
         """Send what was queued."""
         items, self.items = self.items, []
         if items:
-            self.send(Outs(tuple(items)))
+            self.send(Outs(tuple(items), self.snapshot()))
 
 
 class _WorkQueue:
@@ -204,7 +206,7 @@ async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: Replica
                llm.executor.rank_pids, os.getpid(), socket.gethostname(), llm.engine.stats().max_waiting))
     tasks: set[asyncio.Task] = set()
 
-    outbox = _Outbox(send, aloop)
+    outbox = _Outbox(send, aloop, lambda: eng.snapshot)
 
     async def work(w: Work) -> None:
         out = _WorkQueue(w.request_ids, outbox)
