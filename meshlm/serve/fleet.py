@@ -66,6 +66,7 @@ class Replica:
         self.failed_at = 0.0
         self.failures = self.restarts = 0
         self.detect_s = self.recover_s = 0.0
+        self.named: str | None = None  # a failed replica's own account, when it came after the detection
 
     def take(self, snap: Snapshot | None) -> None:
         """Keep the newer of snap and the current figures (heartbeats and updates race on the wire)."""
@@ -242,6 +243,8 @@ class Fleet:
         r = next((r for r in self.replicas if r.proc is proc), None)
         if r is None and proc.remote and isinstance(msg, Ready) and not self._closing:
             return self._attach(proc, msg)
+        if r is not None and r.state == "failed" and isinstance(msg, (Failed, Exited)):
+            r.named = msg.reason if isinstance(msg, Failed) else r.named or ""  # what the replica said late
         if r is None or r.state in ("failed", "stopped"):
             return  # an earlier incarnation, or one already given up on
         if isinstance(msg, Heartbeat):
@@ -272,9 +275,9 @@ class Fleet:
                 if r.state == "healthy":
                     why = stalled(r.beat, now - r.beat_at, self.cfg.stall_s)
                     if why is not None:
-                        self._fail(r, why)
+                        self._fail(r, why, stall=True)
 
-    def _fail(self, r: Replica, why: str) -> None:
+    def _fail(self, r: Replica, why: str, stall: bool = False) -> None:
         """Stop routing to r, move its requests, and kill and restart it (or end the server)."""
         if r.state in ("failed", "stopped"):
             return
@@ -296,12 +299,22 @@ class Fleet:
         r.acks.clear()
         if self.cfg.exit_on_failure:
             self._evacuate(r, move=False)
-            if r.proc is not None:
-                self.loop.run_in_executor(None, r.proc.kill)
-            self.on_fatal(r.reason)
+            r.named = None
+            self._spawn(self._exit_after(r, stall))
             return
         self._evacuate(r, move=True)
         self._spawn(self._recover(r))
+
+    async def _exit_after(self, r: Replica, stall: bool) -> None:
+        """--exit-on-failure: end the server. After a stall, first give the replica its collective timeout
+        to name the rank (and host) that failed: the message a supervisor's operator reads."""
+        if stall:
+            deadline = time.monotonic() + self.spec.llm_kwargs.get("comm_timeout_s", 60.0) + 1.0
+            while r.named is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        if r.proc is not None:
+            await self.loop.run_in_executor(None, r.proc.kill)
+        self.on_fatal(f"replica {r.index}: {r.named}" if r.named else r.reason)
 
     # ---- what the router provides ------------------------------------------------------------------------
 

@@ -294,7 +294,7 @@ class Router(Fleet):
         if any(r.routable for r in self.replicas):
             return None
         why = "; ".join(f"{r.reason or f'replica {r.index} is {r.state}'}" for r in self.replicas)
-        return f"No healthy replica ({why}); restarting."
+        return f"No healthy replica ({why})" + ("." if self.cfg.exit_on_failure else "; restarting.")
 
     def health(self) -> list[dict[str, Any]]:
         """Every replica's /health entry."""
