@@ -11,8 +11,9 @@ asking for exactly --output-tokens (max_tokens with ignore_eos). Phases, each on
   floor     `synchronous`: one request at a time (8 requests): the latency floor;
   normal    `poisson` at --rate requests/s (4 x rate x 8 requests): normal operation;
   overload  `throughput`: --burst requests at once, beyond the servers' seats: overload (429s are counted);
-  failover  `concurrent` at --streams streams for --requests requests; --kill-after seconds in, --signal goes
-            to rank --rank of replica 0 (rank 0 is the replica's own process; SIGSTOP is a hang).
+  failover  `concurrent` at --streams streams for --requests requests; --kill-after seconds after replica 0
+            starts running requests, --signal goes to rank --rank of replica 0 (rank 0 is the replica's own
+            process; SIGSTOP is a hang).
 For the failover phase: requests lost (guidellm's errored + incomplete requests, and successful ones with
 fewer than --output-tokens tokens), time to detect (signal -> /health/0 answering 503, polled every 20 ms;
 and the server's meshlm_replica_last_detect_seconds), time to recover (signal -> /health/0 answering 200
@@ -111,7 +112,11 @@ def replica_pids(srv: Server, replica: int) -> list[int]:
 
 
 def chaos(srv: Server, args: argparse.Namespace, out: dict) -> None:
-    """After --kill-after s: signal the rank, then time /health/0 going 503 and coming back to 200."""
+    """--kill-after s after the load reaches replica 0: signal the rank, then time /health/0 going 503 and
+    coming back to 200."""
+    key = 'meshlm_replica_num_requests_running{replica="0"}'
+    while parse_samples(httpx.get(srv.url + "/metrics", timeout=10).text).get(key, 0) == 0:
+        time.sleep(0.1)
     time.sleep(args.kill_after)
     pid = replica_pids(srv, 0)[args.rank]
     out["signal_at"] = t0 = time.time()
@@ -144,7 +149,7 @@ def main() -> None:
     ap.add_argument("--burst", type=int, default=64, help="overload phase: requests at once")
     ap.add_argument("--streams", type=int, default=8, help="failover phase: concurrent streams")
     ap.add_argument("--requests", type=int, default=64, help="failover phase: requests")
-    ap.add_argument("--kill-after", type=float, default=5.0)
+    ap.add_argument("--kill-after", type=float, default=5.0, help="seconds after the load reaches replica 0")
     ap.add_argument("--signal", choices=["KILL", "STOP"], default="KILL")
     ap.add_argument("--rank", type=int, default=0, help="which rank of replica 0 gets the signal")
     ap.add_argument("--phases", default="floor,normal,overload,failover")
