@@ -118,36 +118,6 @@ class Router(Fleet):
                     self.on_finish(u.stats, u.finish_reason)
             rec.out.put_nowait(replace(u, choice=rec.choice))
 
-    async def _probe(self, r: Replica) -> bool:
-        out: asyncio.Queue[Update] = asyncio.Queue()
-        rec = Routed(f"probe-{r.index}-{next(self._ids)}", 0, (self.probe_token,),
-                     SamplingParams(max_tokens=1, ignore_eos=True), out, None, internal=True)
-        try:
-            await asyncio.wait_for(self._send(r, [rec], probing=True), self.cfg.probe_timeout_s)
-            u = await asyncio.wait_for(out.get(), self.cfg.probe_timeout_s)
-            return u.finish_reason in ("stop", "length")
-        except (TimeoutError, ReplicaLost, QueueFull, RequestError, EngineUnavailable):
-            return False
-        finally:
-            self._forget(rec)
-
-    def _on_outs(self, r: Replica, msg: Outs) -> None:
-        for rid, u in msg.updates:
-            rec = r.records.get(rid)
-            if rec is None:
-                continue
-            if u.finish_reason == "error":  # the replica's engine failed: this request moves
-                self._fail(r, u.error or "the engine failed")
-                return
-            rec.token_ids.extend(u.token_ids)
-            if u.finish_reason in (None, "stop", "length"):
-                rec.text = u.text
-            if u.finish_reason is not None:
-                self._forget(rec)
-                if not rec.internal:
-                    self.on_finish(u.stats, u.finish_reason)
-            rec.out.put_nowait(replace(u, choice=rec.choice))
-
     # ---- requests ----------------------------------------------------------------------------------------
 
     def next_id(self) -> int:
