@@ -186,6 +186,7 @@ class Router(Fleet):
                 if rec.replica == r.index and not rec.done:
                     r.records.pop(rec.id, None)
                     rec.replica = None
+            r.proc.send(Abort([rec.id for rec in recs]))  # cancelled after all: it may still have been added
             raise
         for rec in recs:
             rec.accepted = True
