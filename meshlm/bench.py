@@ -45,6 +45,7 @@ class BenchResult:
     measured: Figures | None = None
     skipped: str = ""
     runs: list[Figures] = field(default_factory=list)
+    speculative: dict[str, Any] | None = None  # acceptance figures over the timed runs, with --speculative
 
     @property
     def name(self) -> str:
@@ -57,7 +58,7 @@ class BenchResult:
         return {"layout": asdict(self.layout), "name": self.name, "transport": self.transport,
                 "predicted": asdict(self.predicted) if self.predicted else None,
                 "measured": asdict(self.measured) if self.measured else None, "skipped": self.skipped,
-                "runs": [asdict(r) for r in self.runs]}
+                "runs": [asdict(r) for r in self.runs], "speculative": self.speculative}
 
 
 def predict(cfg: Any, layout: Layout, cluster: Cluster, work: Workload, dtype: str, transport: str) -> Figures:
@@ -91,7 +92,7 @@ def median(figs: list[Figures]) -> Figures:
 
 def run_layout(model: str | None, layout: Layout, cluster: Cluster, work: Workload, runs: int = 3,
                dtype: str = "float32", transport: str | None = None, threads: int | None = None,
-               quantize: str | None = None) -> BenchResult:
+               quantize: str | None = None, speculative: Any = None) -> BenchResult:
     """Load `model` at `layout` on the engine path, measure `work`, and pair it with the prediction."""
     from meshlm import LLM
     from meshlm.engine.engine import EngineConfig
@@ -104,12 +105,17 @@ def run_layout(model: str | None, layout: Layout, cluster: Cluster, work: Worklo
         return res
     try:
         llm = LLM(model, tp=layout.tp, pp=layout.pp, threads=threads, dtype=dtype, quantize=quantize, progress=False,
-                  engine=EngineConfig(kv_cache_mb=KV_MB), transport=transport, comm_timeout_s=300.0)
+                  engine=EngineConfig(kv_cache_mb=KV_MB), transport=transport, comm_timeout_s=300.0,
+                  speculative=speculative)
     except MeshlmError as e:
         res.skipped = f"LLM(tp={layout.tp}, pp={layout.pp}) failed to start: {e}"
         return res
     with llm:
         res.runs = measure(llm, work, runs)
+        c = llm.engine.stats().speculative
+        if c is not None:  # warm-up included
+            res.speculative = {"method": speculative.method, "drafts": c.drafts, "acceptance_rate": c.acceptance_rate,
+                               "mean_accepted_length": c.mean_accepted_length, "per_position": c.per_position()}
         if layout.tp > 1:
             res.transport = llm.rank_info()[0].get("transport", t) or t
         cfg = llm.cfg
@@ -131,6 +137,12 @@ def table(results: list[BenchResult]) -> str:
         assert p is not None and m is not None
         rows.append(f"  {r.name:<20}{p.ttft * 1e3:>13.1f}{m.ttft * 1e3:>9.1f}{p.tpot * 1e3:>14.2f}"
                     f"{m.tpot * 1e3:>9.2f}{p.tok_s:>12.1f}{m.tok_s:>9.1f}")
+        if r.speculative:  # the prediction prices no speculation
+            s = r.speculative
+            per = "/".join(f"{100 * x:.0f}" for x in s["per_position"]) or "-"
+            rows.append(f"  {'':<20}speculative {s['method']}: {s['drafts']} drafts, acceptance "
+                        f"{100 * s['acceptance_rate']:.0f}%, mean accepted length {s['mean_accepted_length']:.2f}, "
+                        f"per position {per}%")
     return "\n".join(rows)
 
 
@@ -157,14 +169,20 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--batch", type=int, default=4, help="requests arriving together (default 4)")
     b.add_argument("--runs", type=int, default=3, help="timed runs; medians (default 3)")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
+    from meshlm.cli import add_speculative_args  # cli imports this module first: no cycle at import time
+
+    add_speculative_args(b)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run each --layout and print predicted against measured."""
+    from meshlm.cli import speculative_config
+
     c = clusters.resolve(args.cluster)
+    spec = speculative_config(args)
     work = Workload(prompt_tokens=args.prompt_tokens, output_tokens=args.new_tokens, batch=args.batch)
     results = [run_layout(args.model, Layout.parse(t), c, work, args.runs, args.dtype, args.transport, args.threads,
-                          args.quantize)
+                          args.quantize, spec)
                for t in args.layout]
     if args.json:
         print(json.dumps([r.as_dict() for r in results], indent=1))

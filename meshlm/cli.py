@@ -57,9 +57,42 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transport", default=None, choices=["auto", "shm", "gloo"],
                    help="collectives between ranks on this machine: shared memory or gloo (default auto: "
                         "shm for CPU ranks on one host, else gloo; env MESHLM_TRANSPORT)")
+    add_speculative_args(p)
     p.add_argument("--dry-run", action="store_true",
                    help="check the layout (heads, memory, KV capacity against the longest request) on this "
                         "machine's profile and say what to change; start no process, load no weights")
+
+
+def add_speculative_args(p: argparse.ArgumentParser) -> None:
+    """--speculative, --num-speculative-tokens and --speculative-policy (generate, serve, bench)."""
+    p.add_argument("--speculative", default=None, metavar="ngram|draft:PATH|self-int4",
+                   help="speculative decoding: propose tokens by n-gram lookup in the prompt and output, by a "
+                        "draft checkpoint with the same tokenizer, or by this model quantized to int4; the target "
+                        "verifies them in one step, outputs stay exact (default off; docs/speculative.md)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                   help="tokens proposed per request per step at most (default 4)")
+    p.add_argument("--speculative-policy", default="auto", choices=["auto", "always"],
+                   help="auto (default): speculate only while the measured step cost and acceptance say it "
+                        "raises tokens/s (off at large batch); always: propose K tokens every step")
+
+
+def speculative_config(args: argparse.Namespace):
+    """The SpeculativeConfig the flags ask for, or None (raises ConfigError on a bad value)."""
+    from meshlm.engine.speculative import SpeculativeConfig
+
+    if getattr(args, "speculative", None) is None:
+        return None
+    return SpeculativeConfig(args.speculative, args.num_speculative_tokens, args.speculative_policy == "auto")
+
+
+def spec_figures(stats) -> str:
+    """' | spec: acceptance 62% | mean accepted length 2.40 | per position 80/60/45/30%' or ''."""
+    c = stats.speculative
+    if c is None:
+        return ""
+    per = "/".join(f"{100 * x:.0f}" for x in c.per_position()) or "-"
+    return (f" | spec: {c.drafts} drafts, acceptance {100 * c.acceptance_rate:.0f}% | mean accepted length "
+            f"{c.mean_accepted_length:.2f} | per position {per}%")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +144,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
              max_context=args.max_context, tp=args.tp,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
              device=args.device,
-             pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks)) as llm:
+             pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks),
+             speculative=speculative_config(args)) as llm:
         if args.pp > 1:
             llm.start_timeline(spans=bool(args.trace))
         out = None
@@ -126,7 +160,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[prompt {len(out.prompt_token_ids)} tokens | generated {len(out.token_ids)} tokens | "
               f"TTFT {out.ttft_s * 1000:.1f} ms | decode {out.decode_tokens_per_s:.1f} tok/s | "
               f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {args.tp} "
-              f"| pp {args.pp}]",
+              f"| pp {args.pp}{spec_figures(llm.engine.stats())}]",
               file=sys.stderr)
         if args.tp > 1 or args.pp == 1:  # with pp > 1 the stage lines below give each rank's memory
             _print_ranks(llm, out.ttft_s + out.decode_s)

@@ -16,6 +16,7 @@ from meshlm.config import SamplingParams
 from meshlm.engine.engine import EngineConfig, LLMEngine
 from meshlm.engine.executor import Executor
 from meshlm.engine.request import RequestOutput
+from meshlm.engine.speculative import SpeculativeConfig, check_proposer, make_proposer
 from meshlm.engine.worker import DTYPES, WorkerSpec
 from meshlm.errors import ConfigError, RequestError
 from meshlm.parallel.comm import resolve_transport
@@ -34,6 +35,8 @@ class LLM:
     dtype: "auto" (a GGUF's Q8_0/Q4_0/Q4_1 weights run as stored, other quantized types convert to those,
     everything else float32), or "float32" / "bfloat16" / "float16" (every weight dequantized to it).
     quantize: "int8" / "int4" / "int4-min" quantizes a float model's linear and embedding weights at load.
+    speculative: "ngram" | "draft:PATH" | "self-int4" (or a SpeculativeConfig) turns on speculative decoding
+    with up to num_speculative_tokens proposals per step (docs/speculative.md); outputs stay exact.
     """
 
     def __init__(self, model: str | None = None, dtype: str = "auto", threads: int | None = None,
@@ -41,8 +44,13 @@ class LLM:
                  comm_timeout_s: float = 60.0, backend: str | None = None, quantize: str | None = None,
                  engine: EngineConfig | None = None, pp_layers: Sequence[int] | None = None,
                  pipeline: PipelineSpec | None = None, transport: str | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, speculative: str | SpeculativeConfig | None = None,
+                 num_speculative_tokens: int = 4) -> None:
         prec = precision(dtype, quantize, DTYPES)  # a bad name fails before any process starts
+        if isinstance(speculative, str):
+            speculative = SpeculativeConfig(speculative, num_speculative_tokens)
+        if speculative is not None:
+            engine = replace(engine or EngineConfig(), speculative=speculative)
         dims = ParallelDims(tp=tp, pp=pp)
         choice = resolve_device(device, backend, dims.world_size)
         transport = resolve_transport(transport)  # auto | shm | gloo; a typo fails before any process starts
@@ -55,6 +63,8 @@ class LLM:
         cfg = ckpt.cfg
         dims.check_model(cfg)
         plan_stages(cfg, pp, pipeline)
+        if speculative is not None:
+            check_proposer(speculative, model)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           quantize=quantize, progress=progress, pipeline=pipeline,
                           transport=transport, device=choice)
@@ -69,8 +79,11 @@ class LLM:
             self.device = w.device
             self.dims = dims
             self.pipeline = pipeline
+            proposer = None if speculative is None else make_proposer(
+                speculative, target_model=model, vocab_size=self.cfg.vocab_size, threads=self.threads,
+                device=choice.kind)
             self.engine = LLMEngine(self.executor, self.cfg, self.tokenizer, self.max_context, engine,
-                                    pipeline)
+                                    pipeline, proposer)
         except BaseException:
             self._finalizer()
             raise

@@ -116,6 +116,36 @@ def load_reference(path: str | Path):
     return model.eval()
 
 
+class Oracle:
+    """Proposes the reference continuation, with one wrong token in every third proposal (so accepts, partial
+    accepts, corrections and bonus tokens all happen)."""
+
+    name = "oracle"
+
+    def __init__(self, refs: dict[tuple[int, ...], list[int]]) -> None:
+        self.seqs = [list(p) + list(r) for p, r in refs.items()]  # prompt + reference output
+        self.calls, self.released = 0, []
+
+    def propose(self, reqs, ks):
+        """The next ks[i] reference tokens of each request, one of them wrong now and then."""
+        from meshlm.engine.speculative import Proposal
+
+        out = []
+        for r, k in zip(reqs, ks):
+            n = len(r.tokens)
+            toks = next((s[n:n + k] for s in self.seqs if s[:n] == r.tokens), [])
+            self.calls += 1
+            if toks and self.calls % 3 == 0:
+                i = self.calls % len(toks)
+                toks[i] = 3 + (toks[i] + 1) % 500
+            out.append(Proposal(tuple(toks)))
+        return out
+
+    def release(self, request_id):
+        """Remember who was released."""
+        self.released.append(request_id)
+
+
 if __name__ == "__main__":
     make_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
 

@@ -14,11 +14,17 @@ import torch
 
 from meshlm.checkpoint.tokenizer import IncrementalDecoder, Tokenizer
 from meshlm.config import ModelConfig, SamplingParams
+from meshlm.engine import positions
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.paged_attention import SeqInput, StepInput
+from meshlm.engine.positions import PositionLedger
 from meshlm.engine.request import Request, RequestOutput, Status, TokenLogprob
-from meshlm.engine.sampler import make_generator, sample
+from meshlm.engine.sampler import make_generator
 from meshlm.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from meshlm.engine.spec_engine import Speculator
+from meshlm.engine.spec_policy import SpecCounters
+from meshlm.engine.speculative import Proposer, SpeculativeConfig
+from meshlm.engine.verify import verify
 from meshlm.errors import ConfigError, RequestError
 from meshlm.parallel.launch import RankFailure
 from meshlm.parallel.pipeline import PipelineSpec, prompt_chunks
@@ -38,6 +44,7 @@ class EngineConfig:
     # Steps in flight at pp > 1 (None: one per stage). Stages that share one host's memory bandwidth can
     # do better with 1 (docs/benchmarks.md); stages on separate devices or hosts want pp.
     pipeline_depth: int | None = None
+    speculative: SpeculativeConfig | None = None  # None: no speculative decoding
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -63,6 +70,7 @@ class EngineStats:
     generation_tokens: int = 0
     collective_seconds: Mapping[str, float] = field(default_factory=dict)  # "group/op" -> seconds (rank 0)
     bubble_fraction: float = 0.0  # pp > 1: stage 0's share of pipelined time waiting for the later stages
+    speculative: SpecCounters | None = None  # proposed / accepted tokens (a copy), None without speculation
 
 
 def available_memory_bytes() -> int:
@@ -103,7 +111,8 @@ class LLMEngine:
     """Continuous batching over every rank of an Executor."""
 
     def __init__(self, executor, cfg: ModelConfig, tokenizer: Tokenizer, max_context: int,
-                 engine_cfg: EngineConfig | None = None, pipeline: PipelineSpec | None = None) -> None:
+                 engine_cfg: EngineConfig | None = None, pipeline: PipelineSpec | None = None,
+                 proposer: Proposer | None = None) -> None:
         self.executor, self.cfg, self.tokenizer = executor, cfg, tokenizer
         self.max_context = max_context
         self.ecfg = engine_cfg or EngineConfig()
@@ -136,6 +145,12 @@ class LLMEngine:
         self._ids = itertools.count()
         self.total_prompt_tokens = 0
         self.total_generated_tokens = 0
+        spec = self.ecfg.speculative
+        if (spec is None) != (proposer is None):
+            raise ConfigError("Speculative decoding needs both EngineConfig.speculative and a proposer "
+                              "(meshlm.LLM(speculative=...) builds them together).")
+        self.spec = Speculator(proposer, spec) if proposer is not None else None
+        self.ledger = PositionLedger() if positions.enabled() else None  # debug: engine/positions.py
 
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
                     timeout_s: float | None = None, resume: Resume | None = None) -> Request:
@@ -178,7 +193,12 @@ class LLMEngine:
         if live is None:
             return False
         self.scheduler.finish(live.req, "abort")
+        self._release(request_id)
         return True
+
+    def _release(self, request_id: str) -> None:
+        if self.spec is not None:
+            self.spec.release(request_id)
 
     def has_unfinished(self) -> bool:
         """True while requests wait or run, or a step is in flight."""
@@ -187,9 +207,12 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         """The figures a server reports and admits by (cheap: read after every step)."""
         s = self.scheduler
+        c = self.spec.counters if self.spec is not None else None
+        spec = None if c is None else SpecCounters(c.drafts, c.proposed, c.accepted, list(c.proposed_at),
+                                                   list(c.accepted_at))
         return EngineStats(len(s.running), len(s.waiting), s.cfg.max_waiting, self.blocks.usage(), s.num_preemptions,
                            self.total_prompt_tokens, self.total_generated_tokens,
-                           self.executor.collective_seconds(), self.executor.bubble_fraction())
+                           self.executor.collective_seconds(), self.executor.bubble_fraction(), spec)
 
     def failure(self) -> RankFailure | None:
         """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""
@@ -210,10 +233,17 @@ class LLMEngine:
         """
         changed: list[RequestOutput] = []
         while len(self.inflight) < self.depth:
+            if self.spec is not None:
+                self.spec.propose(self.scheduler, self.depth)
             plan = self.scheduler.schedule(self.depth)
             for r in plan.timed_out:
                 changed.append(r.out)
                 self.live.pop(r.id, None)
+                self._release(r.id)
+            for r in plan.preempted:
+                self._release(r.id)
+                if self.ledger is not None:
+                    self.ledger.preempted.add(r.id)
             if not plan.items:
                 break
             self._submit(plan)
@@ -225,7 +255,16 @@ class LLMEngine:
             changed += self._write_trace()
         if not self.inflight and not self.scheduler.has_work():
             self.executor.pause()  # idle ranks wait in the control loop
+            if self.ledger is not None:
+                self.check_positions()
         return changed
+
+    def check_positions(self) -> int:
+        """Debug: every rank ran every step at the positions the driver planned, and each request's next step
+        starts where the previous one's accepted tokens end (so all stages agree on every accepted count).
+        Needs nothing in flight; returns the steps checked, raises AssertionError naming the first disagreement."""
+        assert self.ledger is not None and not self.inflight, "needs MESHLM_CHECK_POSITIONS=1 and nothing in flight"
+        return self.ledger.check(self.executor.call_all("take_position_ledger"))
 
     def record_trace(self, path: str, steps: int) -> None:
         """pp > 1: record every rank's timeline over the next `steps` steps, then write it to path (Chrome trace)."""
@@ -265,34 +304,60 @@ class LLMEngine:
         now = time.perf_counter()
         row = 0
         self.steps_done += 1
+        decode = all(it.num_new == 1 and it.samples for it in plan.items)  # no prompt (chunk) in this step
         for item in plan.items:
-            live = item.req.status is not Status.FINISHED  # not aborted or timed out while in flight
-            if live:
+            req = item.req
+            live = req.status is not Status.FINISHED  # not aborted or timed out while in flight
+            if live and not item.draft:
                 self.scheduler.computed(item)
-            if item.samples:
-                if live:
-                    self._accept(item.req, full.get(row), out.best[row], now)
-                    changed.append(item.req.out)
-                row += 1
+            if not item.samples:
+                continue
+            rows = range(row, row + 1 + len(item.draft))  # the target's rows after tokens[-1] and each proposal
+            row = rows.stop
+            if not live:
+                continue
+            logits = torch.stack([full[i] for i in rows]) if rows.start in full else None  # [k+1, V]
+            q = self.spec.q(item) if item.draft else None
+            emitted = verify(req.params, item.draft, q, out.best[rows.start:rows.stop], logits,
+                             self.live[req.id].generator)
+            if item.draft:
+                self.spec.record(item, len(emitted) - 1)
+            for i, token in enumerate(emitted):
+                self._accept(req, token, None if logits is None else logits[i], now)
+                if req.status is Status.FINISHED:  # a stop or max_tokens: nothing past it is emitted
+                    break
+            else:
+                if item.draft:
+                    self.scheduler.computed(item, len(emitted) - 1)
+            changed.append(req.out)
+        if self.ledger is not None:
+            self.ledger.collected(plan)
+        if self.spec is not None:
+            self.spec.step_done(step, decode, busy=bool(self.inflight) or self.scheduler.has_work())
         return changed
 
     def _submit(self, plan: SchedulerOutput) -> None:
         tokens: list[int] = []
         seqs, samples, full = [], [], []
         for item in plan.items:
-            seqs.append(SeqInput(len(tokens), item.start, item.num_new, tuple(item.req.block_table)))
+            seqs.append(SeqInput(len(tokens), item.start, item.num_tokens, tuple(item.req.block_table)))
             tokens.extend(item.req.tokens[item.start:item.start + item.num_new])
-            if item.samples:
-                if not item.req.params.greedy or item.req.params.logprobs is not None:
-                    full.append(len(samples))  # the sampler or the logprobs need the whole row
-                samples.append(len(tokens) - 1)
-        step = StepInput(tuple(tokens), tuple(seqs), tuple(samples), tuple(full))
+            tokens.extend(item.draft)
+            if item.samples:  # a row after the last known token and after each proposal
+                for offset in range(len(tokens) - 1 - len(item.draft), len(tokens)):
+                    if not item.req.params.greedy or item.req.params.logprobs is not None:
+                        full.append(len(samples))  # the sampler or the logprobs need the whole row
+                    samples.append(offset)
+        ids = tuple(item.req.id for item in plan.items) if self.ledger is not None else ()
+        step = StepInput(tuple(tokens), tuple(seqs), tuple(samples), tuple(full), ids)
+        if self.ledger is not None:
+            self.ledger.submitted(step)
         self.executor.submit(step)
         self.inflight.append((plan, step))
 
-    def _accept(self, req: Request, logits: torch.Tensor | None, best: int, now: float) -> None:
+    def _accept(self, req: Request, token: int, logits: torch.Tensor | None, now: float) -> None:
+        """Emit one verified token: logits [V] its raw row (for logprobs); may finish the request."""
         live = self.live[req.id]
-        token = best if req.params.greedy else sample(logits, req.params, live.generator)
         req.tokens.append(token)
         out = req.out
         out.token_ids.append(token)
@@ -323,6 +388,7 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(req, reason)
             self.live.pop(req.id, None)
+            self._release(req.id)
 
     def generate(self, prompts: Iterable[list[int]], params: list[SamplingParams]) -> list[RequestOutput]:
         """Run a batch to completion; outputs in input order."""

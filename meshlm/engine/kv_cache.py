@@ -119,6 +119,20 @@ class BlockManager:
                 self.by_hash.setdefault(h, block)
             parent = h
 
+    def truncate(self, table: list[int], num_tokens: int) -> None:
+        """Keep the blocks holding slots [0, num_tokens) of table and free the rest (rejected proposals' KV).
+
+        The freed blocks were never hashed (only computed, accepted tokens are); they go to the front of the
+        free list, so blocks that still hold a cached prefix are handed out after them."""
+        keep = self.blocks_for(num_tokens)
+        for b in reversed(table[keep:]):
+            assert self.hash_of[b] is None, "truncating a registered block"
+            self.ref[b] -= 1
+            if self.ref[b] == 0:
+                self.free[b] = None
+                self.free.move_to_end(b, last=False)
+        del table[keep:]
+
     def release(self, table: list[int]) -> None:
         """Drop one reference to each block of table (a finished, aborted or preempted sequence)."""
         for b in reversed(table):  # tail first: a prefix stays cached longest

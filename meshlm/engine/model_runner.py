@@ -38,6 +38,7 @@ class ModelRunner:
                  device: torch.device | str = "cpu") -> None:
         self.model, self.cfg, self.dtype, self.device = model, cfg, dtype, torch.device(device)
         self.cache: PagedKVCache | None = None
+        self.ledger: list[tuple[tuple[str, int, int], ...]] = []  # debug: (request, start, n) of each step run
 
     def allocate(self, num_blocks: int, block_size: int) -> None:
         """Allocate the KV pool (every rank gets the same block count)."""
@@ -54,6 +55,9 @@ class ModelRunner:
         """
         assert self.cache is not None, "allocate() the KV cache first"
         positions = self.cache.prepare(step)  # [1, T]
+        if step.seq_ids:  # the positions this stage computed, per request (engine.check_positions compares)
+            pos = positions[0].tolist()
+            self.ledger.append(tuple((i, pos[s.offset], s.n) for i, s in zip(step.seq_ids, step.seqs)))
         x = torch.tensor([step.token_ids], dtype=torch.long, device=self.device) \
             if hidden is None else hidden  # [1, T] tokens, or [1, T, H] hidden states
         index = torch.tensor([step.sample_offsets], dtype=torch.long, device=self.device)  # [1, K]

@@ -11,6 +11,12 @@ The pools are torch.empty: a page of memory is touched (and counted in the rank'
 on it is first written. Invariant: every slot attention reads was written, in this step or an earlier
 one; padding of the gathered batch repeats a sequence's own slot, so garbage in unwritten slots never
 reaches a sum (a masked NaN would still poison it: 0 * NaN = NaN).
+
+A short run of new tokens after cached context (at most DECODE_ROWS: a speculative step's last token and its
+proposals) goes row by row through the decode path, each row over the context up to its own position (the
+step's K/V is written before attention). Row i then sees exactly what a decode at that position sees, summed
+by the same kernel, so verifying k proposals gives the logits of k + 1 plain decode steps: greedy speculation
+matches greedy decoding bit for bit, not only up to rounding (which quantized activations would amplify).
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import torch.nn.functional as F
 from meshlm.engine import paged_decode
 from meshlm.kernels import rope_store
 from meshlm.models.layers import sdpa, visible_keys
+
+DECODE_ROWS = 17  # new tokens after cached context taken row by row as decodes: 1 + up to 16 proposals
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class StepInput:
     seqs: tuple[SeqInput, ...]
     sample_offsets: tuple[int, ...]  # flat indices whose next token is wanted
     full_rows: tuple[int, ...] = ()  # indices into sample_offsets whose whole logits row comes back too
+    seq_ids: tuple[str, ...] = ()  # debug (MESHLM_CHECK_POSITIONS=1): each seq's request id, for the ledger
 
 
 @dataclass
@@ -94,11 +103,12 @@ class PagedKVCache:
             positions.extend(range(s.start, s.start + s.n))
             writes.extend(s.block_table[p // bs] * bs + p % bs for p in range(s.start, s.start + s.n))
             ctx = s.start + s.n
-            if s.n == 1:
-                dec_idx.append(s.offset)
-                dec_tables.append(s.block_table)
-                dec_first.append(self._first_visible(ctx))
-                dec_len.append(ctx)
+            if s.n == 1 or (s.start and s.n <= DECODE_ROWS):
+                for i in range(s.n):  # row i attends to positions < s.start + i + 1, as a decode there would
+                    dec_idx.append(s.offset + i)
+                    dec_tables.append(s.block_table)
+                    dec_first.append(self._first_visible(s.start + i + 1))
+                    dec_len.append(s.start + i + 1)
                 continue
             mask = None
             if s.start or (self.window is not None and ctx > self.window):

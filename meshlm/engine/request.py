@@ -72,6 +72,7 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks registered in the prefix cache
     status: Status = Status.WAITING
+    draft: tuple[int, ...] = ()  # proposed next tokens for the coming step (engine sets, scheduler takes)
     first_scheduled: float | None = None
     first_token: float | None = None
     out: RequestOutput | None = None

@@ -12,6 +12,12 @@ tokens in flight is never preempted and gets no grant, except the next chunk of 
 flow down the stages back to back, chunk k + 1 on stage 0 while chunk k is on stage 1. That is exact
 for causal attention: every stage runs steps in order, so chunk k + 1 finds chunk k's KV; only the last
 chunk samples.
+
+Speculative decoding (engine/speculative.py): a decoding request may carry proposed tokens (req.draft);
+its grant is then its last known token plus up to budget - 1 of them, all counted under the budget (vLLM
+v1's rule). Speculation never preempts: when the blocks for the proposals aren't free the request decodes
+one token. After verification `computed(item, accepted)` keeps the KV of the accepted proposals only and
+frees whole blocks past it (BlockManager.truncate); prefix hashes cover accepted tokens only.
 """
 
 from __future__ import annotations
@@ -48,11 +54,17 @@ class SchedulerConfig:
 
 @dataclass
 class Scheduled:
-    """One request's grant in a step: compute tokens[start : start + num_new]."""
+    """One request's grant in a step: compute tokens[start : start + num_new], then the proposed draft."""
 
     req: Request
     start: int
     num_new: int
+    draft: tuple[int, ...] = ()  # proposals after the last known token (only when samples)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this grant computes: known ones plus proposals."""
+        return self.num_new + len(self.draft)
 
     @property
     def samples(self) -> bool:
@@ -121,6 +133,7 @@ class Scheduler:
         self.blocks.release(req.block_table)
         req.num_computed = req.num_scheduled = 0
         req.chunk_ends = ()
+        req.draft = ()
         req.num_hashed_blocks = 0
         req.status = Status.WAITING
         req.out.num_preemptions += 1
@@ -155,11 +168,14 @@ class Scheduler:
             if req.status is not Status.RUNNING or req.remaining_prefill == 0:
                 continue
             n = req.next_grant(budget)
+            draft, req.draft = (req.draft[:budget - n] if n == req.remaining_prefill == 1 else ()), ()
+            if draft and not self.blocks.grow(req.block_table, req.num_scheduled + n + len(draft)):
+                draft = ()  # speculation never preempts: decode one token
             if not self._grow(req, n, out):
                 continue
-            out.items.append(Scheduled(req, req.num_scheduled, n))
+            out.items.append(Scheduled(req, req.num_scheduled, n, draft))
             req.num_scheduled += n
-            budget -= n
+            budget -= n + len(draft)
         while (self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs
                and len(out.items) < seats and not out.preempted):
             req = self.waiting[0]
@@ -182,10 +198,14 @@ class Scheduler:
             budget -= n
         return out
 
-    def computed(self, item: Scheduled) -> None:
-        """Mark a grant's tokens computed and publish newly full blocks to the prefix cache."""
+    def computed(self, item: Scheduled, accepted: int = 0) -> None:
+        """Mark a grant's tokens computed (and `accepted` of its proposals, already appended to req.tokens),
+        drop the KV of rejected proposals, and publish newly full blocks to the prefix cache."""
         req = item.req
-        req.num_computed = item.start + item.num_new
+        req.num_computed = item.start + item.num_new + accepted
+        if item.draft:  # nothing else of req was in flight: a request with a step in flight gets no grant
+            req.num_scheduled = req.num_computed
+            self.blocks.truncate(req.block_table, req.num_computed)
         full = req.num_computed // self.blocks.block_size
         if full > req.num_hashed_blocks:
             self.blocks.register_full(req.block_table, req.tokens, req.num_hashed_blocks, full)

@@ -173,6 +173,12 @@ class Worker:
                 "kv_mb": self.kv_pool_bytes / 1e6, "peak_rss_mb": memory_mb()["VmHWM"],
                 "timeline": self.stages.timeline.to_dict()}
 
+    def take_position_ledger(self) -> list:
+        """Debug: (request id, first position, tokens) of every sequence of every step this rank ran since
+        the last call; starts a new ledger."""
+        ledger, self.runner.ledger = self.runner.ledger, []
+        return ledger
+
     def comm_stats(self) -> dict:
         """This rank's collective totals."""
         return STATS.snapshot()

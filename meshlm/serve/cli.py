@@ -138,6 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
     from meshlm.checkpoint import open_checkpoint
+    from meshlm.cli import speculative_config
     from meshlm.engine.engine import EngineConfig
     from meshlm.engine.executor import launched_by_torchrun
     from meshlm.engine.scheduler import SchedulerConfig
@@ -156,7 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # With --pp the engine keeps one step in flight per stage (engine/pipeline_stage.py).
     llm_kwargs = dict(model=args.model, dtype=args.dtype, quantize=args.quantize, threads=threads,
                       max_context=args.max_context, tp=args.tp, pp=args.pp, comm_timeout_s=args.comm_timeout,
-                      backend=args.backend, engine=ecfg, progress=args.dp == 1, **extra)
+                      backend=args.backend, engine=ecfg, progress=args.dp == 1,
+                      speculative=speculative_config(args), **extra)
     torchrun, rank = launched_by_torchrun()
     if torchrun:
         if args.dp > 1 and not join:

@@ -16,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.parser import text_string_to_metric_families
 
+from meshlm.engine.spec_policy import SpecCounters
 from meshlm.serve.engine_loop import Snapshot
 from meshlm.serve.protocol import FinalStats
 
@@ -59,6 +60,30 @@ class EngineCollector:
         yield GaugeMetricFamily(f"{p}_pipeline_bubble_fraction",
                                 "Fraction of pipelined time stage 0 waits for the later stages (0 without "
                                 "pipelining).", s.bubble_fraction)
+        if s.speculative is not None:
+            yield from spec_families(s.speculative)
+
+
+def spec_families(c: SpecCounters) -> Iterator[Metric]:
+    """Speculative decoding: drafts, proposed and accepted tokens, acceptance rate, mean accepted length, and
+    acceptance per proposal position (label `position`, 0 = the first proposed token)."""
+    p = f"{PREFIX}_spec_decode"
+    yield CounterMetricFamily(f"{p}_num_drafts_total", "Proposals verified (requests x steps that proposed).",
+                              c.drafts)
+    yield CounterMetricFamily(f"{p}_num_draft_tokens_total", "Tokens proposed and verified.", c.proposed)
+    yield CounterMetricFamily(f"{p}_num_accepted_tokens_total", "Proposed tokens the target accepted.", c.accepted)
+    yield GaugeMetricFamily(f"{p}_acceptance_rate", "Accepted over proposed tokens since start.", c.acceptance_rate)
+    yield GaugeMetricFamily(f"{p}_mean_accepted_length", "Tokens a verification emits on average (accepted + "
+                            "the target's own).", c.mean_accepted_length)
+    per = CounterMetricFamily(f"{p}_num_accepted_tokens_per_pos_total", "Accepted tokens by proposal position.",
+                              labels=("position",))
+    rate = GaugeMetricFamily(f"{p}_acceptance_rate_per_pos", "Acceptance rate by proposal position.",
+                             labels=("position",))
+    for i, (n, r) in enumerate(zip(c.accepted_at, c.per_position())):
+        per.add_metric((str(i),), n)
+        rate.add_metric((str(i),), r)
+    yield per
+    yield rate
 
 
 class ReplicaCollector:

@@ -26,6 +26,7 @@ from typing import Any
 from meshlm.config import SamplingParams
 from meshlm.engine.engine import EngineStats, Resume
 from meshlm.engine.scheduler import QueueFull
+from meshlm.engine.spec_policy import SpecCounters
 from meshlm.errors import RequestError
 from meshlm.serve.engine_loop import Abort, EngineUnavailable, Snapshot
 from meshlm.serve.fleet import Fleet, Replica, ReplicaLost, RouterConfig
@@ -289,7 +290,21 @@ class Router(Fleet):
                             sum(r.info.max_waiting for r in self.replicas if r.routable),
                             sum(s.kv_usage for s in stats) / len(stats), sum(s.num_preemptions for s in stats),
                             sum(s.prompt_tokens for s in stats), sum(s.generation_tokens for s in stats), comm,
-                            max(s.bubble_fraction for s in stats))
+                            max(s.bubble_fraction for s in stats),
+                            _sum_spec([s.speculative for s in stats if s.speculative is not None]))
         return Snapshot(total, sum(s.step_seconds for s in snaps))
+
+
+def _sum_spec(counters: list[SpecCounters]) -> SpecCounters | None:
+    """The replicas' speculation counters added up (None when none speculates)."""
+    if not counters:
+        return None
+    width = max(len(c.proposed_at) for c in counters)
+
+    def col(name: str) -> list[int]:
+        return [sum(getattr(c, name)[i] for c in counters if i < len(getattr(c, name))) for i in range(width)]
+
+    return SpecCounters(sum(c.drafts for c in counters), sum(c.proposed for c in counters),
+                        sum(c.accepted for c in counters), col("proposed_at"), col("accepted_at"))
 
 
