@@ -50,7 +50,8 @@ class BenchResult:
     @property
     def name(self) -> str:
         """'pp=2 tp=2 (shm)'."""
-        text = " ".join(f"{k}={getattr(self.layout, k)}" for k in ("dp", "pp", "tp") if getattr(self.layout, k) > 1)
+        text = " ".join(f"{k}={getattr(self.layout, k)}" for k in ("dp", "pp", "tp", "ep")
+                        if getattr(self.layout, k) > 1)
         return (text or "tp=1") + (f" ({self.transport})" if self.transport else "")
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,11 +105,11 @@ def run_layout(model: str | None, layout: Layout, cluster: Cluster, work: Worklo
         res.skipped = "dp > 1: replicas do not talk to each other; bench one replica (dp=1)."
         return res
     try:
-        llm = LLM(model, tp=layout.tp, pp=layout.pp, threads=threads, dtype=dtype, quantize=quantize, progress=False,
-                  engine=EngineConfig(kv_cache_mb=KV_MB), transport=transport, comm_timeout_s=300.0,
+        llm = LLM(model, tp=layout.tp, pp=layout.pp, ep=layout.ep, threads=threads, dtype=dtype, quantize=quantize,
+                  progress=False, engine=EngineConfig(kv_cache_mb=KV_MB), transport=transport, comm_timeout_s=300.0,
                   speculative=speculative)
     except MeshlmError as e:
-        res.skipped = f"LLM(tp={layout.tp}, pp={layout.pp}) failed to start: {e}"
+        res.skipped = f"LLM(tp={layout.tp}, pp={layout.pp}, ep={layout.ep}) failed to start: {e}"
         return res
     with llm:
         res.runs = measure(llm, work, runs)
@@ -153,7 +154,7 @@ def add_parser(sub: Any) -> None:
                                    "any pp) on a fixed workload and print the planner's predicted TTFT, TPOT "
                                    "and decode tokens/s beside the measured ones.")
     b.add_argument("--layout", action="append", required=True, metavar="pp=2,tp=1",
-                   help="layout to run (repeatable)")
+                   help="layout to run (repeatable); ep=2 runs an MoE model's experts whole on the 2 tp ranks")
     b.add_argument("--model", default=None, help="HF folder or .gguf (default: the bundled SmolLM2-135M)")
     b.add_argument("--cluster", default=None, help="profile to predict with (default: local)")
     b.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],

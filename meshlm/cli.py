@@ -45,6 +45,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline stages: contiguous layers each, the embedding on the first, the norm and "
                         "head on the last; meshlm starts pp x tp ranks, tp ranks adjacent (default 1)")
+    p.add_argument("--ep", type=int, default=1,
+                   help="expert parallelism for MoE models: the stage's tp ranks hold whole experts (ep must equal "
+                        "tp; --ep N alone implies --tp N), tokens move to them by all-to-all (default 1: each "
+                        "expert split over the tp ranks)")
+    p.add_argument("--expert-capacity", type=float, default=None, metavar="FACTOR",
+                   help="with --ep: an expert takes at most ceil(FACTOR x routed tokens / experts) per step, the "
+                        "rest are dropped and counted (default: dropless)")
     p.add_argument("--pp-layers", type=_layer_counts, default=None, metavar="N,N,...",
                    help="layers per pipeline stage, e.g. 16,14 (default: balanced by an estimated cost)")
     p.add_argument("--comm-timeout", type=float, default=60.0,
@@ -141,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop),
                             ignore_eos=args.ignore_eos)
     with LLM(args.model, dtype=args.dtype, quantize=args.quantize, threads=args.threads,
-             max_context=args.max_context, tp=args.tp,
+             max_context=args.max_context, tp=args.tp, ep=args.ep, expert_capacity=args.expert_capacity,
              comm_timeout_s=args.comm_timeout, backend=args.backend, transport=args.transport, pp=args.pp,
              device=args.device,
              pp_layers=args.pp_layers, pipeline=PipelineSpec(prefill_chunks=args.prefill_chunks),
@@ -159,10 +166,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         assert out is not None
         print(f"[prompt {len(out.prompt_token_ids)} tokens | generated {len(out.token_ids)} tokens | "
               f"TTFT {out.ttft_s * 1000:.1f} ms | decode {out.decode_tokens_per_s:.1f} tok/s | "
-              f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {args.tp} "
-              f"| pp {args.pp}{spec_figures(llm.engine.stats())}]",
+              f"finish {out.finish_reason} | threads {llm.threads} | {args.dtype} | tp {llm.dims.tp} "
+              + (f"| ep {llm.dims.ep} " if llm.dims.ep > 1 else "")
+              + f"| pp {args.pp}{spec_figures(llm.engine.stats())}]",
               file=sys.stderr)
-        if args.tp > 1 or args.pp == 1:  # with pp > 1 the stage lines below give each rank's memory
+        if llm.dims.tp > 1 or args.pp == 1:  # with pp > 1 the stage lines below give each rank's memory
             _print_ranks(llm, out.ttft_s + out.decode_s)
         if args.pp > 1:
             _print_stages(llm, args.trace)
@@ -207,7 +215,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     """--dry-run of generate or serve: the planner's check against the KV pool the engine would size."""
     from meshlm.engine.engine import EngineConfig, host_kv_budget_bytes
 
-    world = args.tp * (getattr(args, "pp", 1) or 1)
+    world = max(args.tp, getattr(args, "ep", 1) or 1) * (getattr(args, "pp", 1) or 1)
     return cmd_dry_run(args, host_kv_budget_bytes(EngineConfig().kv_cache_fraction, world))
 
 

@@ -13,6 +13,8 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "MixtralForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "OlmoeForCausalLM",
 )
 
 
@@ -76,6 +78,11 @@ class ModelConfig:
     sliding_window: int | None = None  # a query at p sees keys j with p - window < j <= p; None = all
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each routed expert's intermediate size (0: intermediate_size, as Mixtral)
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert, gated by sigmoid(x @ g); 0: none
+    norm_topk_prob: bool = True  # renormalize the top-k routing weights to sum to 1 (Mixtral); Qwen2-MoE/OLMoE: no
+    dense_layers: tuple[int, ...] = ()  # layers of an MoE model with a dense MLP (intermediate_size) instead
+    qk_norm: bool = False  # RMSNorm over the whole q and k projections before RoPE (OLMoE)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""
@@ -110,6 +117,15 @@ class ModelConfig:
         return self.num_experts > 0
 
     @property
+    def expert_inter(self) -> int:
+        """Intermediate size of one routed expert."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def is_sparse(self, layer: int) -> bool:
+        """True when layer `layer` has a routed MoE MLP."""
+        return self.is_moe and layer not in self.dense_layers
+
+    @property
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads
@@ -123,10 +139,13 @@ class ModelConfig:
         bias = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attention_bias else 0
         bias += h if self.attention_out_bias else 0
         bias += 2 * i + h if self.mlp_bias else 0
-        mlp = 3 * h * i * max(1, self.num_experts) + (h * self.num_experts if self.is_moe else 0)
-        layer = q + kv + o + bias + mlp + 2 * h
+        dense = 3 * h * i
+        sparse = (3 * h * self.expert_inter * self.num_experts + h * self.num_experts
+                  + (3 * h * self.shared_expert_intermediate_size + h if self.shared_expert_intermediate_size else 0))
+        norms = 2 * h + ((self.num_heads + self.num_kv_heads) * self.head_dim if self.qk_norm else 0)
+        mlps = sum(sparse if self.is_sparse(layer) else dense for layer in range(self.num_layers))
         emb = v * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + emb + h
+        return self.num_layers * (q + kv + o + bias + norms) + mlps + emb + h
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
@@ -157,8 +176,7 @@ class ModelConfig:
                 attention_out_bias=out_bias,
                 mlp_bias=mlp_bias,
                 sliding_window=_sliding_window(arch, d),
-                num_experts=int(d.get("num_local_experts", 0) or 0),
-                num_experts_per_tok=int(d.get("num_experts_per_tok", 0) or 0),
+                **_moe_fields(arch, d),
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
                 name=str(d.get("_name_or_path", "")),
@@ -170,10 +188,36 @@ class ModelConfig:
             ) from None
 
 
+def _moe_fields(arch: str, d: dict[str, Any]) -> dict[str, Any]:
+    """Routed and shared expert sizes, routing normalization and dense layers, as transformers reads them."""
+    experts = int(d.get("num_local_experts") or d.get("num_experts") or 0)
+    if experts == 0 or arch not in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "OlmoeForCausalLM"):
+        return {}
+    out: dict[str, Any] = {"num_experts": experts, "num_experts_per_tok": int(d.get("num_experts_per_tok") or 0)}
+    if arch == "Qwen2MoeForCausalLM":
+        step, only = int(d.get("decoder_sparse_step") or 1), set(d.get("mlp_only_layers") or [])
+        out.update(moe_intermediate_size=int(d["moe_intermediate_size"]),
+                   shared_expert_intermediate_size=int(d.get("shared_expert_intermediate_size") or 0),
+                   norm_topk_prob=bool(d.get("norm_topk_prob", False)),
+                   dense_layers=tuple(i for i in range(int(d["num_hidden_layers"]))
+                                      if i in only or (i + 1) % step))
+    if arch == "OlmoeForCausalLM":
+        if d.get("clip_qkv") is not None:
+            raise ConfigError("This OLMoE checkpoint clips q/k/v (clip_qkv), which meshlm does not do; use a "
+                              "checkpoint with clip_qkv: null.")
+        out.update(norm_topk_prob=bool(d.get("norm_topk_prob", False)), qk_norm=True)
+    return out
+
+
 def _biases(arch: str, d: dict[str, Any]) -> tuple[bool, bool, bool]:
     """(q/k/v, o_proj, MLP) biases exactly as transformers builds each architecture."""
     if arch == "Qwen2ForCausalLM":
         return True, False, False  # Qwen2Attention hard-codes bias=True on q/k/v only
+    if arch == "Qwen2MoeForCausalLM":
+        return bool(d.get("qkv_bias", True)), False, False
+    if arch == "OlmoeForCausalLM":
+        attn = bool(d.get("attention_bias", False))
+        return attn, attn, False
     if arch == "LlamaForCausalLM":
         attn = bool(d.get("attention_bias", False))  # LlamaAttention: q, k, v and o alike
         return attn, attn, bool(d.get("mlp_bias", False))
@@ -184,7 +228,7 @@ def _sliding_window(arch: str, d: dict[str, Any]) -> int | None:
     """The attention window of Mistral/Mixtral (every layer); None when attention is global."""
     if arch in ("MistralForCausalLM", "MixtralForCausalLM"):
         return int(d["sliding_window"]) if d.get("sliding_window") else None
-    if arch == "Qwen2ForCausalLM":
+    if arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"):
         per_layer = d.get("layer_types") or []
         window_layers = d.get("use_sliding_window") and d.get("sliding_window") and (
             int(d.get("max_window_layers", 0)) < int(d["num_hidden_layers"]))
@@ -202,6 +246,8 @@ def _arch_from_model_type(model_type: str) -> str:
         "mistral": "MistralForCausalLM",
         "qwen2": "Qwen2ForCausalLM",
         "mixtral": "MixtralForCausalLM",
+        "qwen2_moe": "Qwen2MoeForCausalLM",
+        "olmoe": "OlmoeForCausalLM",
     }.get(model_type, model_type or "<missing>")
 
 

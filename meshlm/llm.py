@@ -35,6 +35,8 @@ class LLM:
     dtype: "auto" (a GGUF's Q8_0/Q4_0/Q4_1 weights run as stored, other quantized types convert to those,
     everything else float32), or "float32" / "bfloat16" / "float16" (every weight dequantized to it).
     quantize: "int8" / "int4" / "int4-min" quantizes a float model's linear and embedding weights at load.
+    ep: expert parallelism for MoE models, whole experts on each of the tp ranks (ep=N implies tp=N);
+    expert_capacity: with ep > 1, the capacity factor (None: dropless). See docs/expert_parallelism.md.
     speculative: "ngram" | "draft:PATH" | "self-int4" (or a SpeculativeConfig) turns on speculative decoding
     with up to num_speculative_tokens proposals per step (docs/speculative.md); outputs stay exact.
     """
@@ -45,13 +47,13 @@ class LLM:
                  engine: EngineConfig | None = None, pp_layers: Sequence[int] | None = None,
                  pipeline: PipelineSpec | None = None, transport: str | None = None,
                  device: str | None = None, speculative: str | SpeculativeConfig | None = None,
-                 num_speculative_tokens: int = 4) -> None:
+                 num_speculative_tokens: int = 4, ep: int = 1, expert_capacity: float | None = None) -> None:
         prec = precision(dtype, quantize, DTYPES)  # a bad name fails before any process starts
         if isinstance(speculative, str):
             speculative = SpeculativeConfig(speculative, num_speculative_tokens)
         if speculative is not None:
             engine = replace(engine or EngineConfig(), speculative=speculative)
-        dims = ParallelDims(tp=tp, pp=pp)
+        dims = ParallelDims(tp=tp, pp=pp, ep=ep)  # ep=N alone implies tp=N (mesh.py)
         choice = resolve_device(device, backend, dims.world_size)
         transport = resolve_transport(transport)  # auto | shm | gloo; a typo fails before any process starts
         pipeline = pipeline or PipelineSpec()
@@ -67,7 +69,7 @@ class LLM:
             check_proposer(speculative, model)
         spec = WorkerSpec(model=model, dtype=dtype, threads=threads, max_context=max_context, dims=dims,
                           quantize=quantize, progress=progress, pipeline=pipeline,
-                          transport=transport, device=choice)
+                          transport=transport, device=choice, expert_capacity=expert_capacity)
         self.executor = Executor(spec, timeout_s=comm_timeout_s)
         # Closes the ranks once: on close(), when this object is collected, or at interpreter exit. It holds
         # the executor, never self, so an LLM that is dropped can be collected.
@@ -166,6 +168,10 @@ class LLM:
     def comm_stats(self) -> list[dict]:
         """Per-rank collective totals."""
         return self.executor.call_all("comm_stats")
+
+    def expert_stats(self) -> list[dict]:
+        """Per-rank experts held and tokens routed (before dispatch) / dropped per MoE layer (ep > 1)."""
+        return self.executor.call_all("expert_stats")
 
     def start_timeline(self, spans: bool = True) -> None:
         """pp > 1: restart every rank's pipeline timeline together; spans=True records a trace, else totals only."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 KINDS = ("llama_gqa", "llama_odd_heads", "llama3_rope", "llama_bias", "qwen2", "mistral", "mistral_window",
-         "mixtral")
+         "mixtral", "qwen2_moe", "olmoe")
 
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 BOS_ID, EOS_ID, UNK_ID = 0, 1, 2
@@ -28,7 +28,7 @@ def token_text(i: int) -> str:
 
 
 def _hf_config(kind: str, num_layers: int | None):
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, OlmoeConfig, Qwen2Config, Qwen2MoeConfig
 
     common = dict(vocab_size=512, num_hidden_layers=num_layers or 2, max_position_embeddings=256,
                   bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=None, tie_word_embeddings=False)
@@ -61,6 +61,15 @@ def _hf_config(kind: str, num_layers: int | None):
     if kind == "mixtral":  # 4 experts, top-2
         return MixtralConfig(**common, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                              num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    if kind == "qwen2_moe":  # 8 experts top-2, unnormalized; a gated shared expert; layer 1 dense
+        common["num_hidden_layers"] = num_layers or 3
+        return Qwen2MoeConfig(**common, hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                              shared_expert_intermediate_size=80, num_attention_heads=4, num_key_value_heads=2,
+                              num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                              mlp_only_layers=[1] if (num_layers or 3) > 1 else [])
+    if kind == "olmoe":  # 8 experts top-2, unnormalized; RMSNorm over the whole q and k projections
+        return OlmoeConfig(**common, hidden_size=128, intermediate_size=64, num_attention_heads=4,
+                           num_key_value_heads=4, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False)
     raise ValueError(f"unknown checkpoint kind {kind!r}; pick one of {KINDS}")
 
 

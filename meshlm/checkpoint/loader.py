@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from meshlm.checkpoint.names import hf_names
 from meshlm.checkpoint.quantized import Conversions, Precision, load_quantized
-from meshlm.checkpoint.source import Slice, TensorSource
+from meshlm.checkpoint.source import ExpertPick, Slice, TensorSource
 from meshlm.config import ModelConfig
 from meshlm.errors import CheckpointError
 from meshlm.kernels.gemv import Embedding, Linear
@@ -20,8 +20,10 @@ from meshlm.models.registry import model_class
 
 log = logging.getLogger(__name__)
 
+
+
 # (meshlm parameter name, full checkpoint shape) -> the slice this process owns, or None for all of it.
-PartFn = Callable[[str, tuple[int, ...]], "Slice | None"]
+PartFn = Callable[[str, tuple[int, ...]], "Slice | ExpertPick | None"]
 
 
 def build_meta(cfg: ModelConfig) -> nn.Module:
@@ -44,7 +46,8 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
     bar = tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False)
     for name, _ in bar:
         # A tied head without the embedding beside it (the last pipeline stage) reads the embedding matrix.
-        sources = hf_names("embed_tokens.weight" if _tied(cfg, name) else name, cfg.num_experts)
+        sources = hf_names("embed_tokens.weight" if _tied(cfg, name) else name, cfg.architecture,
+                           range(cfg.num_experts))
         missing = [s for s in sources if s not in available]
         if missing:
             raise CheckpointError(
@@ -53,6 +56,8 @@ def load_weights(model: nn.Module, cfg: ModelConfig, source: TensorSource, dtype
             )
         full = source.shape(sources[0])
         part = part_for(name, full) if part_for else None
+        if isinstance(part, ExpertPick):  # expert parallelism: only this rank's experts, in its slot order
+            sources, part = [sources[e] for e in part.ids], part.part
         if len(sources) == 1 and _quantizable(model, name):
             packed = load_quantized(source, sources[0], part, prec, device, conversions)
             if packed is not None:

@@ -22,6 +22,14 @@ class Slice:
     stop: int
 
 
+@dataclass(frozen=True)
+class ExpertPick:
+    """The experts of a stacked expert tensor one rank reads (ids in its local slot order), each sliced by part."""
+
+    ids: tuple[int, ...]
+    part: Slice | None = None
+
+
 class TensorSource(Protocol):
     """Read-only access to named checkpoint tensors (names as in Hugging Face checkpoints)."""
 

@@ -71,6 +71,7 @@ class EngineStats:
     collective_seconds: Mapping[str, float] = field(default_factory=dict)  # "group/op" -> seconds (rank 0)
     bubble_fraction: float = 0.0  # pp > 1: stage 0's share of pipelined time waiting for the later stages
     speculative: SpecCounters | None = None  # proposed / accepted tokens (a copy), None without speculation
+    expert_tokens_dropped: int = 0  # ep > 1 with --expert-capacity: routed rows past an expert's capacity
 
 
 def available_memory_bytes() -> int:
@@ -212,7 +213,8 @@ class LLMEngine:
                                                    list(c.accepted_at))
         return EngineStats(len(s.running), len(s.waiting), s.cfg.max_waiting, self.blocks.usage(), s.num_preemptions,
                            self.total_prompt_tokens, self.total_generated_tokens,
-                           self.executor.collective_seconds(), self.executor.bubble_fraction(), spec)
+                           self.executor.collective_seconds(), self.executor.bubble_fraction(), spec,
+                           self.executor.experts_dropped())
 
     def failure(self) -> RankFailure | None:
         """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""

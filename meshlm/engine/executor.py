@@ -156,6 +156,11 @@ class Executor:
         """Rank 0's seconds inside collectives, by "group/op" (none once closed)."""
         return {} if self.worker is None else {k: v["seconds"] for k, v in self.worker.comm_stats().items()}
 
+    def experts_dropped(self) -> int:
+        """Rows the expert capacity factor dropped, over the group (rank 0 holds the group's count; ep > 1)."""
+        load = getattr(self.worker, "expert_load", None)
+        return load.total_dropped() if load is not None else 0
+
     def bubble_fraction(self) -> float:
         """Rank 0's share of pipelined time spent waiting for the later stages (0 when pp == 1)."""
         stages = getattr(self.worker, "stages", None)

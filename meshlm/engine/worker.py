@@ -16,10 +16,12 @@ from meshlm.engine.engine import host_kv_budget_bytes
 from meshlm.engine.model_runner import ModelRunner, StepOutput, kv_bytes_per_block
 from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.pipeline_stage import StageDriver
+from meshlm.errors import ConfigError
 from meshlm.kernels import pack_linears
 from meshlm.models.registry import sharding_plan
 from meshlm.parallel.comm import STATS, Groups
 from meshlm.parallel.device import DeviceChoice, rank_device
+from meshlm.parallel.expert import ExpertLoad, ExpertParallelExperts
 from meshlm.parallel.mesh import ParallelDims
 from meshlm.parallel.pipeline import PipelineSpec, plan_stages, split_model
 from meshlm.parallel.styles import ShardLayout, apply_plan
@@ -44,9 +46,13 @@ class WorkerSpec:
     pipeline: PipelineSpec = field(default_factory=PipelineSpec)  # stage split and prompt chunks when pp > 1
     transport: str | None = None  # collectives: auto | shm | gloo (None: $MESHLM_TRANSPORT, else auto)
     device: DeviceChoice = field(default_factory=DeviceChoice)  # cpu (gloo) or cuda:<local rank> (nccl)
+    expert_capacity: float | None = None  # ep > 1: rows per expert <= ceil(factor x routed / experts); None: dropless
 
     def __post_init__(self) -> None:
         self.dims.check_runnable()  # a layout the engine cannot run fails before any rank starts
+        if self.expert_capacity is not None and (self.dims.ep == 1 or not self.expert_capacity > 0):
+            raise ConfigError(f"--expert-capacity {self.expert_capacity} needs --ep > 1 and a factor > 0 (1.0: "
+                              "each expert takes its even share of the routed tokens); omit it to drop nothing.")
 
 
 def memory_mb() -> dict[str, float]:
@@ -81,7 +87,9 @@ class Worker:
         model = build_meta(self.cfg)
         self.stage = plan_stages(self.cfg, spec.dims.pp, spec.pipeline)[groups.pp.index]
         split_model(model, self.stage)  # a pipeline stage keeps (and loads) only its own modules
-        part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp)
+        self.expert_load = ExpertLoad()  # ep > 1: tokens routed to each expert (counted before dispatch), dropped
+        part_for = apply_plan(model, sharding_plan(self.cfg), self.cfg, groups.tp, spec.dims.ep, spec.expert_capacity,
+                              self.expert_load)
         conversions = Conversions()
         self.model = load_weights(model, self.cfg, ckpt.source, self.precision, part_for=part_for,
                                   progress=spec.progress and rank == 0, device=self.device, conversions=conversions)
@@ -184,5 +192,13 @@ class Worker:
         return STATS.snapshot()
 
     def reset_stats(self) -> None:
-        """Zero the collective totals."""
+        """Zero the collective and expert-load totals."""
         STATS.reset()
+        self.expert_load.reset()
+
+    def expert_stats(self) -> dict:
+        """This rank's experts (per MoE layer's placement), the group's routed / dropped rows (expert.py), and the
+        all-to-all bytes this rank sent each other rank ("links": {"tp/0->1": bytes})."""
+        held = {name.split(".")[1]: list(m.placement.slots[m.comm.index]) for name, m in self.model.named_modules()
+                if isinstance(m, ExpertParallelExperts)}
+        return {"rank": self.rank, "experts": held, **self.expert_load.snapshot(), "links": STATS.link_snapshot()}

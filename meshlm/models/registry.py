@@ -12,6 +12,8 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, str]]] = {
     "MistralForCausalLM": (llama.Transformer, llama.PLAN),
     "Qwen2ForCausalLM": (llama.Transformer, llama.PLAN),
     "MixtralForCausalLM": (mixtral.MixtralTransformer, mixtral.PLAN),
+    "Qwen2MoeForCausalLM": (mixtral.MixtralTransformer, mixtral.PLAN),
+    "OlmoeForCausalLM": (mixtral.MixtralTransformer, mixtral.PLAN),
 }
 
 

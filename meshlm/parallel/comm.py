@@ -47,6 +47,7 @@ class CommStats:
     """Per-(group, op) totals for this process."""
 
     ops: dict[tuple[str, str], OpStats] = field(default_factory=lambda: defaultdict(OpStats))
+    links: dict[tuple[str, int, int], int] = field(default_factory=lambda: defaultdict(int))  # bytes src -> dst
 
     def record(self, group: str, op: str, nbytes: int, seconds: float, transport: str = "gloo") -> None:
         """Add one call."""
@@ -55,6 +56,14 @@ class CommStats:
         s.bytes += nbytes
         s.seconds += seconds
         s.transports.add(transport)
+
+    def record_link(self, group: str, src: int, dst: int, nbytes: int) -> None:
+        """Add nbytes this process sent from global rank src to dst (all-to-all-v, per link)."""
+        self.links[(group, src, dst)] += nbytes
+
+    def link_snapshot(self) -> dict[str, int]:
+        """{"group/src->dst": bytes} (a copy)."""
+        return {f"{g}/{s}->{d}": b for (g, s, d), b in sorted(self.links.items())}
 
     def total_seconds(self) -> float:
         """Seconds spent in all collectives."""
@@ -69,6 +78,7 @@ class CommStats:
     def reset(self) -> None:
         """Forget all totals."""
         self.ops.clear()
+        self.links.clear()
 
 
 STATS = CommStats()
@@ -161,6 +171,28 @@ class Comm:
         nbytes = sum(c.numel() * c.element_size() for c in chunks)
         self._timed("all_to_all", nbytes, dist.all_to_all, out, [c.contiguous() for c in chunks],
                     group=self.group)
+        return out
+
+    def all_to_all_v(self, t: torch.Tensor, matrix: list[list[int]]) -> torch.Tensor:
+        """Rows t [M, ...] grouped by destination member -> the rows sent here [R, ...] grouped by source.
+
+        matrix[i][j] = rows member i sends member j; every member passes the same matrix (all-gather the
+        counts first), so bytes moved follow the rows actually sent. Counted per link too (stats.links: bytes
+        this rank sent each other member, by global rank)."""
+        if self.size == 1:
+            return t
+        me, row_bytes = self.index, t.element_size() * math.prod(t.shape[1:])
+        sent = [n * row_bytes for n in matrix[me]]
+        nbytes = sum(sent) - sent[me]
+        if self._use_shm(max(sum(r) for r in matrix) * row_bytes):
+            out = self._timed_shm("all_to_all_v", nbytes, self.shm.all_to_all_v, t, matrix)
+        else:
+            out = t.new_empty((sum(r[me] for r in matrix), *t.shape[1:]))
+            self._timed("all_to_all_v", nbytes, dist.all_to_all_single, out, t.contiguous(),
+                        [r[me] for r in matrix], list(matrix[me]), group=self.group)
+        for j, b in enumerate(sent):
+            if b and j != me:
+                self.stats.record_link(self.name, self.ranks[me], self.ranks[j], b)
         return out
 
     def broadcast(self, t: torch.Tensor, src_index: int = 0) -> torch.Tensor:

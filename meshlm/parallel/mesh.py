@@ -7,9 +7,11 @@ Rank layout (row-major over (dp, pp, tp), tp fastest):
 so the ranks of one tensor-parallel group are adjacent (same host, fastest links), pipeline stages of
 one replica are tp apart, and data-parallel replicas are pp * tp apart.
 
-Built: tp and pp. Expert (ep) and context (cp) parallelism are declared for what comes next and refused
-above 1 at construction. dp > 1 lays out independent replicas, which the planner reasons about but one
-engine does not run: `check_runnable` refuses it before any rank starts.
+Built: tp, pp and ep. Expert parallelism spans the tensor-parallel ranks of a stage (ep = tp: attention
+stays tensor-parallel, each rank holds whole experts; parallel/expert.py), so ep adds no ranks: `ep=N`
+alone implies tp=N, and ep with another tp > 1 is refused naming the fix. Context parallelism (cp) is
+declared for what comes next and refused above 1 at construction. dp > 1 lays out independent replicas,
+which the planner reasons about but one engine does not run: `check_runnable` refuses it before any rank starts.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ if TYPE_CHECKING:
     from meshlm.config import ModelConfig
 
 
-BUILT = "Built: tensor parallelism (--tp, which also splits every MoE expert) and pipeline parallelism (--pp)."
+BUILT = ("Built: tensor parallelism (--tp, which also splits every MoE expert), expert parallelism (--ep, whole "
+         "experts per tp rank) and pipeline parallelism (--pp).")
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """Degrees of each kind of parallelism; their product (ep excluded) is the world size."""
+    """Degrees of each kind of parallelism; their product (ep excluded: it spans the tp ranks) is the world size."""
 
     dp: int = 1
     pp: int = 1
@@ -42,9 +45,16 @@ class ParallelDims:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"--{name} must be a positive integer, got {v!r}.")
-        for name, what in (("ep", "expert parallelism"), ("cp", "context parallelism")):
-            if getattr(self, name) != 1:
-                raise ConfigError(f"{what} ({name}) is not built yet; use {name}=1. {BUILT}")
+        if self.cp != 1:
+            raise ConfigError(f"context parallelism (cp) is not built yet; use cp=1. {BUILT}")
+        if self.ep > 1 and self.tp == 1:
+            object.__setattr__(self, "tp", self.ep)  # --ep N alone: the stage's N tp ranks hold the experts
+        if self.ep > 1 and self.tp != self.ep:
+            raise ConfigError(
+                f"ep={self.ep} with tp={self.tp}: expert parallelism spreads the experts over the tensor-parallel "
+                f"ranks of each stage, so ep must equal tp. Use --ep {self.ep} alone (it implies --tp {self.ep}), "
+                f"or --tp {self.tp} --ep {self.tp}, or --ep 1 to split every expert over the {self.tp} tp ranks."
+            )
         product = self.dp * self.pp * self.tp * self.cp
         if self.world_size == 0:
             object.__setattr__(self, "world_size", product)
@@ -71,6 +81,12 @@ class ParallelDims:
                 f"rank needs at least one head. Use tp <= {cfg.num_heads} (uneven splits are fine), and "
                 "pipeline parallelism (--pp) for more devices."
             )
+        if self.ep > 1 and not cfg.is_moe:
+            raise ConfigError(f"ep={self.ep} needs a mixture-of-experts model; {cfg.architecture} is dense. Use "
+                              f"--tp {self.ep} instead of --ep.")
+        if self.ep > cfg.num_experts > 0:
+            raise ConfigError(f"ep={self.ep} exceeds the model's {cfg.num_experts} experts: every expert-parallel "
+                              f"rank needs at least one. Use --ep <= {cfg.num_experts}.")
         if self.pp > cfg.num_layers:
             raise ConfigError(
                 f"pp={self.pp} exceeds the model's {cfg.num_layers} layers; use pp <= {cfg.num_layers}."

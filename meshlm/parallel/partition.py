@@ -91,8 +91,10 @@ def unit_costs(cfg: ModelConfig, prompt: int = 512, new: int = 128, ridge: float
     """
     h, d = cfg.hidden_size, cfg.head_dim
     attn = h * d * 2 * (cfg.num_heads + cfg.num_kv_heads)  # q, k, v, o weights
-    active = 3 * h * cfg.intermediate_size * (cfg.num_experts_per_tok if cfg.is_moe else 1)
-    stored = 3 * h * cfg.intermediate_size * max(1, cfg.num_experts) + h * cfg.num_experts  # + router
+    shared = 3 * h * cfg.shared_expert_intermediate_size
+    active = (3 * h * cfg.expert_inter * cfg.num_experts_per_tok + shared) if cfg.is_moe \
+        else 3 * h * cfg.intermediate_size
+    stored = 3 * h * cfg.expert_inter * max(1, cfg.num_experts) + h * cfg.num_experts + shared  # + router
     w = min(cfg.sliding_window or prompt + new, prompt)
     prompt_keys = w * (w + 1) / 2 + (prompt - w) * w  # sum over prompt positions p of min(p + 1, window)
     window = cfg.sliding_window or prompt + new

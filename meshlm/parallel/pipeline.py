@@ -74,7 +74,7 @@ def attention_ratio(cfg: ModelConfig, speed: float = 1.0) -> float:
     divided by `speed`, the attention kernels' FLOP rate over the matmuls' (CPU SDPA runs at about a third)."""
     h, d = cfg.hidden_size, cfg.head_dim
     linear = 2 * (h * d * 2 * (cfg.num_heads + cfg.num_kv_heads)
-                  + 3 * h * cfg.intermediate_size * (cfg.num_experts_per_tok if cfg.is_moe else 1))
+                  + 3 * h * cfg.expert_inter * (cfg.num_experts_per_tok if cfg.is_moe else 1))
     return 4 * cfg.num_heads * d / linear / speed
 
 

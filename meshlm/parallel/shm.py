@@ -261,6 +261,31 @@ class ShmGroup:
                     outs[r][a: a + m].copy_(self._slot(r, k, m, t.dtype))
         return torch.cat([o.view(s) for o, s in zip(outs, shapes)], dim=dim)
 
+    def all_to_all_v(self, t: torch.Tensor, matrix: list[list[int]]) -> torch.Tensor:
+        """Rows t [M, ...] grouped by destination -> rows received [R, ...] grouped by source; matrix[i][j] is
+        the rows member i sends member j (the same matrix on every member). Each member writes its whole buffer
+        into its slot (in rounds of a slot when larger) and every member copies out the part addressed to it."""
+        me, row = self.index, math.prod(t.shape[1:])
+        flat = _flat(t)
+        sends = [sum(r) * row for r in matrix]  # elements each member writes
+        starts = [sum(matrix[m][:me]) * row for m in range(self.size)]  # where my part begins in m's buffer
+        lens = [matrix[m][me] * row for m in range(self.size)]
+        out = torch.empty((sum(matrix[m][me] for m in range(self.size)), *t.shape[1:]), dtype=t.dtype)
+        out_flat, at = out.view(-1), [sum(lens[:m]) for m in range(self.size)]
+        per = self.slot_bytes // t.element_size()
+        for a in range(0, max(1, max(sends)), per):
+            k = self._ready("all_to_all_v")
+            mine = flat[a: a + per]
+            if mine.numel():
+                self._slot(me, k, mine.numel(), t.dtype).copy_(mine)
+            self._sync("all_to_all_v", k)
+            for m in range(self.size):
+                lo, hi = max(starts[m], a), min(starts[m] + lens[m], a + per)
+                if hi > lo:
+                    src = self._slot(m, k, hi - a, t.dtype)[lo - a:]
+                    out_flat[at[m] + lo - starts[m]: at[m] + hi - starts[m]].copy_(src)
+        return out
+
     def broadcast_bytes(self, data: bytes, src: int) -> bytes:
         """Bytes from member src to every member (the others pass b""): an 8-byte length, then the data."""
         parts, n, pos = [], -1, 0

@@ -133,7 +133,7 @@ def cmd_dry_run(args: argparse.Namespace, kv_default: float) -> int:
 
     cfg, _ = model_config(args.model)
     c = clusters.resolve("local")
-    layout = Layout(1, getattr(args, "pp", 1) or 1, args.tp)
+    layout = Layout(1, getattr(args, "pp", 1) or 1, args.tp, ep=getattr(args, "ep", 1) or 1)
     context = min(args.max_context or cfg.max_position, cfg.max_position)
     if args.command == "generate":
         prompt = max(1, len(args.prompt) // 3)  # ~3 characters a token; the tokenizer is not loaded

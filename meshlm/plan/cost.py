@@ -11,8 +11,11 @@ device's streaming rate for the compute dtype; matmul FLOPs run at the compute d
 A tensor-parallel stage adds, per forward, an all-reduce of the [T, H] embedding output on the first
 stage, two per layer (after o_proj and down_proj), and the all-gather of the sampled rows' fp32 logits on
 the last stage: ring all-reduce 2(p-1)a + 2(p-1)/p n/b, all-gather (p-1)a + (p-1)/p n/b on the link the
-group crosses. Every engine step first sends its input (StepInput) to the ranks: at pp = 1 a broadcast to
-every rank (control), at pp > 1 a tp broadcast on stage 0, then each hop carries a header, the pickled
+group crosses. At ep = tp the MoE layer's all-reduce becomes: an all-gather of the row counts, two
+all-to-all-v (dispatch, combine: each rank sends its T/ep tokens x K rows, (p-1)a + (p-1)/p n/b) and the
+all-gather of the [T, H] token shares (parallel/expert.py).
+Every engine step first sends its input (StepInput) to the ranks: at pp = 1 a broadcast to every rank
+(control), at pp > 1 a tp broadcast on stage 0, then each hop carries a header, the pickled
 step and the hidden rows [T, H] (3 messages over the pipeline's torch.distributed link, never shm), and
 the last stage answers rank 0 (header and sampled tokens: 2 messages).
 
@@ -107,6 +110,11 @@ def all_reduce(link: Link, p: int, nbytes: float) -> float:
 
 def all_gather(link: Link, p: int, nbytes: float) -> float:
     """Ring all-gather whose output is nbytes."""
+    return 0.0 if p == 1 else (p - 1) * link.latency + (p - 1) / p * nbytes / link.bandwidth
+
+
+def all_to_all(link: Link, p: int, nbytes: float) -> float:
+    """All-to-all-v in which each rank sends nbytes spread evenly over the p ranks (its own share stays)."""
     return 0.0 if p == 1 else (p - 1) * link.latency + (p - 1) / p * nbytes / link.bandwidth
 
 
@@ -237,6 +245,11 @@ class Model:
         layers = next(r.layers for r in self.shares if r.stage == s)
         row = work.tokens * cfg.hidden_size * self.elem
         coll = 2 * layers * all_reduce(self.tp_link, tp, row)
+        if self.layout.ep > 1:  # the MLP's all-reduce becomes expert.py's counts, dispatch, combine, gather
+            moe = (all_gather(self.tp_link, tp, 8 * tp * cfg.num_experts)
+                   + 2 * all_to_all(self.tp_link, tp, row * cfg.num_experts_per_tok / tp)
+                   + all_gather(self.tp_link, tp, row))
+            coll += layers * (moe - all_reduce(self.tp_link, tp, row))
         if s == 0:
             coll += all_reduce(self.tp_link, tp, row)
             if self.layout.pp > 1:  # rank 0 hands the step to its tp peers

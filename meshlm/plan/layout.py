@@ -1,9 +1,10 @@
-"""A layout (dp x pp x tp), a workload, and what each rank of a layout holds (uneven shards included).
+"""A layout (dp x pp x tp, ep over the tp ranks), a workload, and what each rank holds (uneven shards included).
 
 Shares come from the same functions the loader uses (parallel/partition.py: head_partition,
 even_partition, plan_stages), so the planner sizes exactly what a rank will load: query heads travel with
 their KV group, KV heads are replicated when tp exceeds their count, the MLP and the vocabulary split
-evenly, the embedding sits on stage 0 and the norm and head on the last stage.
+evenly (MoE experts: a slice of each, or at ep = tp whole experts per rank), the embedding sits on stage 0
+and the norm and head on the last stage.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ class Layout:
     dp: int = 1
     pp: int = 1
     tp: int = 1
+    ep: int = 1  # expert parallelism over the tp ranks of a stage (mesh.py): ep > 1 means ep == tp
+
+    def __post_init__(self) -> None:
+        from meshlm.parallel.mesh import ParallelDims
+
+        object.__setattr__(self, "tp", ParallelDims(tp=self.tp, ep=self.ep).tp)  # ep=N alone implies tp=N
 
     @property
     def model_ranks(self) -> int:
@@ -41,18 +48,18 @@ class Layout:
         return self.dp * self.pp * self.tp
 
     def __str__(self) -> str:
-        return f"dp={self.dp} pp={self.pp} tp={self.tp}"
+        return f"dp={self.dp} pp={self.pp} tp={self.tp}" + (f" ep={self.ep}" if self.ep > 1 else "")
 
     @classmethod
     def parse(cls, text: str) -> Layout:
-        """'tp=2,pp=1' (any order, dp/pp/tp; missing degrees are 1) -> Layout."""
+        """'tp=2,pp=1' (any order, dp/pp/tp/ep; missing degrees are 1; ep=N implies tp=N) -> Layout."""
         degrees: dict[str, int] = {}
         for part in text.replace(" ", ",").split(","):
             if not part:
                 continue
             key, _, value = part.partition("=")
-            if key not in ("dp", "pp", "tp") or not value.isdigit() or int(value) < 1:
-                raise ConfigError(f"--layout {text!r}: expected degrees like tp=2,pp=1 (dp, pp, tp >= 1).")
+            if key not in ("dp", "pp", "tp", "ep") or not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--layout {text!r}: expected degrees like tp=2,pp=1 (dp, pp, tp, ep >= 1).")
             degrees[key] = int(value)
         return cls(**degrees)
 
@@ -123,7 +130,7 @@ class RankShare:
     layers: int
     q_heads: int
     kv_heads: int
-    inter: int  # this rank's slice of the MLP's intermediate size
+    inter: int  # this rank's slice of the MLP's intermediate size (at ep > 1: expert_inter / ep, the average)
     params: int  # parameters stored on this rank
     layer_params: int  # of which in one decoder layer (the matmul weights a token streams)
     head_params: int  # the vocab-parallel head on the last stage (0 elsewhere)
@@ -148,6 +155,8 @@ def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str,
     heads = head_partition(cfg.num_heads, cfg.num_kv_heads, tp)
     inter = even_partition(cfg.intermediate_size, tp)
     vocab = even_partition(cfg.vocab_size, tp)
+    experts = even_partition(cfg.num_experts, tp)  # Placement.contiguous at ep = tp
+    expert_inter = even_partition(cfg.expert_inter, tp)
     sizes = stage_sizes(cfg, layout.pp)
     out = []
     for s, n_layers in enumerate(sizes):
@@ -159,7 +168,17 @@ def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str,
             bias = (q + 2 * kv) * d if cfg.attention_bias else 0
             bias += h if cfg.attention_out_bias else 0
             bias += 2 * i_local + h if cfg.mlp_bias else 0
-            matmul = attn + 3 * h * i_local * max(1, cfg.num_experts)
+            if cfg.is_moe and layout.ep > 1:  # whole experts per rank; a routed row costs a whole expert
+                i_local = cfg.expert_inter // tp  # per routed token, on average over the ranks
+                routed = 3 * h * cfg.expert_inter * (experts[i][1] - experts[i][0])
+            elif cfg.is_moe:  # a slice of every expert
+                i_local = expert_inter[i][1] - expert_inter[i][0]
+                routed = 3 * h * i_local * cfg.num_experts
+            if cfg.is_moe:
+                shared = even_partition(cfg.shared_expert_intermediate_size, tp)[i]
+                matmul = attn + routed + 3 * h * (shared[1] - shared[0])
+            else:
+                matmul = attn + 3 * h * i_local
             small = bias + h * cfg.num_experts + 2 * h  # biases, MoE router, two norms
             layer = matmul + small
             head = v_local * h if last else 0

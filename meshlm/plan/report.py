@@ -97,7 +97,8 @@ def format_plan(plan: Plan, cfg: ModelConfig, cluster: Cluster) -> str:
 
 def candidate_json(c: Candidate) -> dict[str, Any]:
     """A candidate as plain data (bytes and seconds)."""
-    out: dict[str, Any] = {"layout": asdict(c.layout), "rejected": c.rejected, "reason": c.reason}
+    layout = {k: v for k, v in asdict(c.layout).items() if k != "ep" or v > 1}  # ep only where experts move
+    out: dict[str, Any] = {"layout": layout, "rejected": c.rejected, "reason": c.reason}
     if c.memory is not None:
         out["memory"] = {**asdict(c.memory), "max_batch": c.memory.max_batch}
     if c.estimate is not None:
@@ -130,9 +131,9 @@ def dry_run(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, 
                         f"{cluster.devices} times as long)" if cluster.node.shared_memory and cluster.nodes == 1
                         else ", and the predicted timings assume a device each"))
     try:
-        ParallelDims(dp=layout.dp, pp=layout.pp, tp=layout.tp).check_model(cfg)
+        ParallelDims(dp=layout.dp, pp=layout.pp, tp=layout.tp, ep=layout.ep).check_model(cfg)
     except ConfigError as e:
-        return False, "\n".join(lines + [f"FAIL heads/layers: {e}"])
+        return False, "\n".join(lines + [f"FAIL heads/layers/experts: {e}"])
     first = [s for s in rank_shares(cfg, layout, dtype) if s.stage == 0]
     lines.append(f"heads per tp rank: q {'+'.join(str(s.q_heads) for s in first)} of {cfg.num_heads}, "
                  f"kv {'+'.join(str(s.kv_heads) for s in first)} of {cfg.num_kv_heads}"

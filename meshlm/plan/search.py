@@ -48,11 +48,13 @@ class Plan:
     fix: str = ""  # when nothing fits: what to change
 
 
-def layouts(cluster: Cluster) -> list[Layout]:
-    """Every (dp, pp, tp) whose product is the cluster's device count."""
+def layouts(cluster: Cluster, moe: bool = False) -> list[Layout]:
+    """Every (dp, pp, tp) whose product is the cluster's device count; for an MoE model each tp > 1 also with
+    ep = tp (whole experts per rank)."""
     n = cluster.devices
-    return [Layout(n // (tp * pp), pp, tp) for tp in range(1, n + 1) for pp in range(1, n // tp + 1)
+    base = [Layout(n // (tp * pp), pp, tp) for tp in range(1, n + 1) for pp in range(1, n // tp + 1)
             if n % (tp * pp) == 0]
+    return base + ([Layout(x.dp, x.pp, x.tp, ep=x.tp) for x in base if x.tp > 1] if moe else [])
 
 
 def spans_nodes(layout: Layout, cluster: Cluster) -> bool:
@@ -79,9 +81,9 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload,
              weights: WeightFormat | None = None) -> Candidate:
     """One layout's fate: rejected with a reason, or its memory report and estimate."""
     try:
-        ParallelDims(dp=layout.dp, pp=layout.pp, tp=layout.tp).check_model(cfg)
+        ParallelDims(dp=layout.dp, pp=layout.pp, tp=layout.tp, ep=layout.ep).check_model(cfg)
     except ConfigError as e:
-        kind = "heads" if layout.tp > cfg.num_heads else "layers"
+        kind = "heads" if layout.tp > cfg.num_heads else "experts" if layout.ep > cfg.num_experts else "layers"
         return Candidate(layout, rejected=kind, reason=f"{kind}: {e}")
     if spans_nodes(layout, cluster):
         return Candidate(layout, rejected="link", reason=_link_reason(cfg, layout, cluster, work, dtype))
@@ -101,7 +103,7 @@ def search(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: str, name:
            weights: WeightFormat | None = None) -> Plan:
     """Evaluate every layout of the cluster and choose by the workload's objective (weights: their storage)."""
     weights = weights or WeightFormat()
-    cands = [evaluate(cfg, lay, cluster, work, dtype, weights) for lay in layouts(cluster)]
+    cands = [evaluate(cfg, lay, cluster, work, dtype, weights) for lay in layouts(cluster, cfg.is_moe)]
     ok = sorted((c for c in cands if not c.rejected),
                 key=lambda c: (round(c.estimate.metric(work.objective), 12), c.layout.model_ranks, c.layout))
     bad = sorted((c for c in cands if c.rejected), key=lambda c: c.layout.model_ranks)

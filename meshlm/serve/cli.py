@@ -150,10 +150,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # The default KV pool is a share of this host's memory: the replicas split it.
     ecfg = EngineConfig(kv_cache_mb=args.kv_cache_mb, kv_cache_fraction=0.25 / args.dp,
                         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_waiting))
-    extra = {k: getattr(args, k) for k in ("transport", "pp_layers", "device") if getattr(args, k, None) is not None}
+    extra = {k: getattr(args, k) for k in ("transport", "pp_layers", "device", "ep", "expert_capacity")
+             if getattr(args, k, None) is not None}
     threads = args.threads
     if threads is None and args.dp > 1 and "MESHLM_THREADS" not in os.environ:
-        threads = max(1, (os.cpu_count() or 1) // (args.dp * args.tp * args.pp))  # replicas share the cores
+        ranks = max(args.tp, getattr(args, "ep", None) or 1) * args.pp  # ep=N alone implies tp=N
+        threads = max(1, (os.cpu_count() or 1) // (args.dp * ranks))  # replicas share the cores
     # With --pp the engine keeps one step in flight per stage (engine/pipeline_stage.py).
     llm_kwargs = dict(model=args.model, dtype=args.dtype, quantize=args.quantize, threads=threads,
                       max_context=args.max_context, tp=args.tp, pp=args.pp, comm_timeout_s=args.comm_timeout,

@@ -57,6 +57,8 @@ class EngineCollector:
         ratio = sum(s.collective_seconds.values()) / snap.step_seconds if snap.step_seconds > 0 else 0.0
         yield GaugeMetricFamily(f"{p}_communication_overhead_ratio",
                                 "Collective seconds over engine step seconds (rank 0).", ratio)
+        yield CounterMetricFamily(f"{p}_expert_tokens_dropped_total", "Routed (token, expert) rows an expert's "
+                                  "capacity dropped (--expert-capacity; 0 when dropless).", s.expert_tokens_dropped)
         yield GaugeMetricFamily(f"{p}_pipeline_bubble_fraction",
                                 "Fraction of pipelined time stage 0 waits for the later stages (0 without "
                                 "pipelining).", s.bubble_fraction)

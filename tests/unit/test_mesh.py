@@ -13,12 +13,34 @@ SMALL = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_si
          "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
-@pytest.mark.parametrize("degree,what", [("ep", "expert parallelism"), ("cp", "context parallelism")])
-def test_unbuilt_degrees_are_refused_at_construction(degree, what):
-    with pytest.raises(ConfigError, match=rf"{what} \({degree}\) is not built yet; use {degree}=1\. Built: "
-                                          r"tensor parallelism \(--tp.*pipeline parallelism \(--pp\)"):
-        ParallelDims(tp=2, **{degree: 2})
-    assert getattr(ParallelDims(tp=2, **{degree: 1}), degree) == 1
+def test_unbuilt_degrees_are_refused_at_construction():
+    with pytest.raises(ConfigError, match=r"context parallelism \(cp\) is not built yet; use cp=1\. Built: "
+                                          r"tensor parallelism \(--tp.*expert parallelism \(--ep.*pipeline "
+                                          r"parallelism \(--pp\)"):
+        ParallelDims(tp=2, cp=2)
+    assert ParallelDims(tp=2, cp=1).cp == 1
+
+
+def test_ep_spans_the_tp_ranks():
+    """--ep N alone implies tp = N and adds no ranks; another tp is refused naming the fix."""
+    dims = ParallelDims(ep=4)
+    assert (dims.tp, dims.ep, dims.world_size) == (4, 4, 4)
+    assert ParallelDims(tp=2, ep=2, pp=2).world_size == 4
+    with pytest.raises(ConfigError, match=r"ep=2 with tp=4: .* ep must equal tp\. Use --ep 2 alone \(it implies "
+                                          r"--tp 2\), or --tp 4 --ep 4, or --ep 1"):
+        ParallelDims(tp=4, ep=2)
+
+
+def test_ep_needs_an_moe_model_with_enough_experts():
+    dense = ModelConfig.from_hf(SMALL)
+    with pytest.raises(ConfigError, match=r"ep=2 needs a mixture-of-experts model; LlamaForCausalLM is dense\. "
+                                          r"Use --tp 2 instead of --ep"):
+        ParallelDims(ep=2).check_model(dense)
+    moe = ModelConfig.from_hf({**SMALL, "architectures": ["MixtralForCausalLM"], "num_local_experts": 2,
+                               "num_experts_per_tok": 1})
+    ParallelDims(ep=2).check_model(moe)
+    with pytest.raises(ConfigError, match=r"ep=4 exceeds the model's 2 experts.*--ep <= 2"):
+        ParallelDims(ep=4).check_model(moe)
 
 
 def test_dp_is_a_plannable_layout_but_not_a_runnable_one():

@@ -1,0 +1,167 @@
+"""All-to-all-v (expert parallelism's dispatch and combine): equal to a reference over shared memory and over
+gloo for random row counts (zeros included), 2-4 ranks, fp32 and bf16; a rank killed mid-exchange fails the
+others within the timeout, naming it."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from meshlm.parallel import shm
+from meshlm.parallel.comm import Comm, attach_shm
+from meshlm.parallel.launch import free_port
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+POOL = 4
+SLOT = 16 << 10  # small slots: large exchanges go through in several rounds
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def rows_for(case: dict, src: int, dst: int) -> torch.Tensor:
+    """The rows member src sends member dst (every member can rebuild them)."""
+    g = torch.Generator().manual_seed(case["seed"] * 64 + src * 8 + dst)
+    n = case["matrix"][src][dst]
+    return (torch.randn((n, *case["row"]), generator=g) * 10).to(DTYPES[case["dtype"]])
+
+
+def run_case(comm: Comm, case: dict) -> str | None:
+    """One exchange on this member; a description of the mismatch, or None."""
+    me, n = comm.index, comm.size
+    t = torch.cat([rows_for(case, me, j) for j in range(n)])
+    got = comm.all_to_all_v(t, case["matrix"])
+    want = torch.cat([rows_for(case, i, me) for i in range(n)])
+    if got.shape != want.shape or got.dtype != want.dtype or not torch.equal(got, want):
+        return f"rank {me} over {comm.transport}: {case}: got {tuple(got.shape)}, want {tuple(want.shape)}"
+    return None
+
+
+def pool_rank(rank: int, port: int, conn) -> None:
+    """A pool member: for groups of the first 2, 3, 4 ranks, one communicator over shm and one over gloo."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=POOL)
+    comms = {}
+    for n in range(2, POOL + 1):
+        ranks = list(range(n))
+        g = dist.new_group(ranks)
+        if rank < n:
+            seg, why = attach_shm(g, ranks, rank, f"a2a{n}", 30.0, slot_bytes=SLOT)
+            assert seg is not None, why
+            comms[(n, "shm")] = Comm(f"s{n}", ranks, g, rank, shm_group=seg)
+            comms[(n, "gloo")] = Comm(f"g{n}", ranks, g, rank)
+    conn.send("ready")
+    while (case := conn.recv()) is not None:
+        try:
+            key = (len(case["matrix"]), case["transport"])
+            conn.send(run_case(comms[key], case) if key in comms else None)
+        except Exception as e:  # report, keep serving
+            conn.send(f"rank {rank}: {case}: {e!r}")
+    os._exit(0)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """POOL spawned ranks (one spawn for every example); pool(case) -> the mismatches its members report."""
+    ctx = mp.get_context("spawn")
+    port, conns, procs = free_port(), [], []
+    for r in range(POOL):
+        a, b = ctx.Pipe()
+        p = ctx.Process(target=pool_rank, args=(r, port, b), daemon=True)
+        p.start()
+        conns.append(a)
+        procs.append(p)
+    for c in conns:
+        assert c.poll(120), "a pool rank did not start"
+        assert c.recv() == "ready"
+
+    def run(case: dict) -> list[str]:
+        for c in conns:
+            c.send(case)
+        return [m for c in conns if (m := c.recv())]
+
+    yield run
+    for c in conns:
+        c.send(None)
+    for p in procs:
+        p.join(10)
+
+
+@st.composite
+def cases(draw) -> dict:
+    """A random exchange: group size, counts matrix (zeros likely), row shape (up to ~10 rounds), dtype."""
+    size = draw(st.integers(2, POOL))
+    counts = st.one_of(st.just(0), st.integers(0, 5), st.integers(0, 40))
+    matrix = [[draw(counts) for _ in range(size)] for _ in range(size)]
+    row = draw(st.sampled_from([(1,), (7,), (64,), (3, 33)]))
+    return {"matrix": matrix, "row": row, "dtype": draw(st.sampled_from(list(DTYPES))),
+            "transport": draw(st.sampled_from(["shm", "gloo"])), "seed": draw(st.integers(0, 2**31))}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(case=cases())
+def test_all_to_all_v_equals_reference(pool, case):
+    """Random counts (zeros included), 2-4 ranks, fp32 and bf16, shm and gloo: every rank gets exactly the
+    rows addressed to it, grouped by source."""
+    assert pool(case) == []
+
+
+def test_all_to_all_v_edges(pool):
+    """Nothing sent at all; everything to one rank; exchanges larger than a slot (several rounds)."""
+    for n in range(2, POOL + 1):
+        for transport in ("shm", "gloo"):
+            for matrix in ([[0] * n for _ in range(n)], [[0] * (n - 1) + [50] for _ in range(n)],
+                           [[200 * (i + j) for j in range(n)] for i in range(n)]):
+                case = {"matrix": matrix, "row": (48,), "dtype": "bfloat16", "transport": transport, "seed": n}
+                assert pool(case) == []
+
+
+def _fault_rank(rank: int, port: int, conn) -> None:
+    """Three ranks loop all-to-all-v exchanges over shared memory until a peer disappears."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
+    seg, why = attach_shm(dist.group.WORLD, [0, 1, 2], rank, "tp", 30.0)
+    assert seg is not None, why
+    comm = Comm("tp", [0, 1, 2], dist.group.WORLD, rank, shm_group=seg)
+    conn.send(("ready", os.getpid()))
+    matrix = [[3, 0, 5], [1, 2, 0], [4, 4, 4]]
+    x = torch.ones(sum(matrix[rank]), 256)
+    try:
+        while True:
+            comm.all_to_all_v(x, matrix)
+    except shm.PeerLostError as e:
+        conn.send(("error", str(e), time.monotonic()))
+    os._exit(0)
+
+
+def test_rank_killed_mid_all_to_all_is_named():
+    """SIGKILL one of three ranks looping all-to-all-v: the others raise within 2 s, naming it."""
+    ctx = mp.get_context("spawn")
+    port, conns, procs, pids = free_port(), [], [], []
+    for r in range(3):
+        a, b = ctx.Pipe()
+        procs.append(ctx.Process(target=_fault_rank, args=(r, port, b), daemon=True))
+        procs[-1].start()
+        conns.append(a)
+    for c in conns:
+        assert c.poll(120), "a rank did not start"
+        pids.append(c.recv()[1])
+    time.sleep(0.5)
+    killed = time.monotonic()
+    os.kill(pids[1], signal.SIGKILL)
+    for r in (0, 2):
+        assert conns[r].poll(10), "a waiter did not notice the dead rank"
+        kind, msg, at = conns[r].recv()
+        assert kind == "error" and "rank 1" in msg and "exited" in msg and "all_to_all_v" in msg, msg
+        assert at - killed < 2.0
+    for p in procs:
+        p.join(10)
