@@ -186,9 +186,9 @@ def test_remote_replica_joins_and_fails_over(serve_model, monkeypatch):
     try:
         join()
         deadline = time.monotonic() + 120
-        while health(srv, 1).status_code != 200 and time.monotonic() < deadline:
+        while health(srv, 1, 1.0).status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert health(srv, 1).json()["host"], srv.output()[-3000:]
+        assert health(srv, 1, 1.0).json()["host"], srv.output()[-3000:]
         want = reference(srv)
         killed = hit(srv, 1, 0, signal.SIGKILL, want, dp=2, restart=join)
         assert joined[0].wait(10) == -signal.SIGKILL
