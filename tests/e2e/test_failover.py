@@ -79,8 +79,9 @@ def reference(srv: Server) -> list[str]:
         return [c.post("/v1/completions", json=body(srv, p)).json()["choices"][0]["text"] for p in PROMPTS]
 
 
-def health(srv: Server, replica: int, limit_s: float = 0.5) -> httpx.Response:
-    """/health/{replica}, which must answer within limit_s (it reads the router's state, nothing more)."""
+def health(srv: Server, replica: int, limit_s: float = 1.0) -> httpx.Response:
+    """/health/{replica}, which must answer within limit_s: it reads the router's state, nothing more (it takes
+    milliseconds; the bound is loose because this 2-core host runs at a load of 8-9 with other work)."""
     t0 = time.monotonic()
     r = httpx.get(f"{srv.url}/health/{replica}", timeout=2)
     assert time.monotonic() - t0 < limit_s, "/health took too long to answer"
@@ -120,10 +121,9 @@ def hit(srv: Server, replica: int, rank: int, sig: int, want: list[str], dp: int
     assert not [p for p in pids if alive(p)], "a process of the failed replica outlived it"
     assert not [f for p in pids for f in glob.glob(f"/dev/shm/meshlm-{p}-*")], "shared memory left behind"
     deadline = time.monotonic() + 120
-    # While the replica restarts, this 2-core host is saturated by its start-up: allow up to 1 s.
-    while health(srv, replica, 1.0).status_code != 200 and time.monotonic() < deadline:
+    while health(srv, replica).status_code != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert health(srv, replica, 1.0).status_code == 200, srv.output()[-3000:]
+    assert health(srv, replica).status_code == 200, srv.output()[-3000:]
     m = srv.metrics()
     assert m[f'meshlm_replica_restarts_total{{replica="{replica}"}}'] >= 1
     assert m[f'meshlm_replica_last_recover_seconds{{replica="{replica}"}}'] > 0
@@ -186,9 +186,9 @@ def test_remote_replica_joins_and_fails_over(serve_model, monkeypatch):
     try:
         join()
         deadline = time.monotonic() + 120
-        while health(srv, 1, 1.0).status_code != 200 and time.monotonic() < deadline:
+        while health(srv, 1).status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert health(srv, 1, 1.0).json()["host"], srv.output()[-3000:]
+        assert health(srv, 1).json()["host"], srv.output()[-3000:]
         want = reference(srv)
         killed = hit(srv, 1, 0, signal.SIGKILL, want, dp=2, restart=join)
         assert joined[0].wait(10) == -signal.SIGKILL
