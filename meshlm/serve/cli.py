@@ -61,9 +61,9 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--dp", type=int, default=1,
                    help="data-parallel replicas, each with its own tp x pp ranks and engine, behind a router "
                         "(least outstanding tokens, prefix affinity); a failed one is restarted (default 1)")
-    p.add_argument("--stall-timeout", type=float, default=1.5,
+    p.add_argument("--stall-timeout", type=float, default=1.25,
                    help="seconds a replica may send no heartbeat, or spend in one engine call, before it counts "
-                        "as failed (default 1.5; raise it for models whose longest step takes longer)")
+                        "as failed (default 1.25; raise it for a model one of whose layers can take longer)")
     p.add_argument("--max-retries", type=int, default=3,
                    help="replicas a request may be moved off (after a failure) before it fails (default 3)")
     p.add_argument("--remote-replicas", type=int, default=0, metavar="K",

@@ -38,7 +38,7 @@ class RouterConfig:
     remote: int = 0  # of the dp replicas, how many connect from other hosts (`serve --join`)
     listen: tuple[str, int] | None = None  # where remote replicas connect
     key: bytes = field(default=b"", repr=False)  # their shared secret
-    stall_s: float = 1.5  # a replica silent or stuck in one engine call this long has failed
+    stall_s: float = 1.25  # a replica silent or stuck in one engine call this long has failed
     affinity_slack_tokens: int = 2048  # prefix affinity yields to the least busy replica beyond this
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     failover_wait_s: float = 120.0  # a moved request waits this long at most for a routable replica
