@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from meshlm.checkpoint.tokenizer import IncrementalDecoder, Tokenizer
 from meshlm.engine.request import Request, TokenLogprob
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a request moved from another engine stands: its generated tokens and its text so far."""
+
+    token_ids: tuple[int, ...] = ()
+    text: str = ""  # the detokenizer's text of token_ids (an unfinished request's text is never cut)
 
 
 class LiveRequest:

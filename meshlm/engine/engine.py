@@ -14,7 +14,7 @@ import torch
 from meshlm.checkpoint.tokenizer import Tokenizer
 from meshlm.config import ModelConfig, SamplingParams
 from meshlm.engine import positions
-from meshlm.engine.emit import LiveRequest, emit
+from meshlm.engine.emit import LiveRequest, Resume, emit
 from meshlm.engine.engine_config import EngineConfig, EngineStats
 from meshlm.engine.kv_cache import BlockManager
 from meshlm.engine.paged_attention import SeqInput, StepInput
@@ -97,8 +97,11 @@ class LLMEngine:
         self.ledger = PositionLedger() if positions.enabled() else None  # debug: engine/positions.py
 
     def add_request(self, prompt: list[int], params: SamplingParams, request_id: str | None = None,
-                    timeout_s: float | None = None) -> Request:
-        """Queue a request; raises RequestError (never waits) when it can't be served."""
+                    timeout_s: float | None = None, resume: Resume | None = None) -> Request:
+        """Queue a request; raises RequestError (never waits) when it can't be served.
+
+        resume: tokens (and their text) already generated elsewhere; they count against max_tokens, are
+        recomputed as prompt, and are not reported again (a request moved from a failed replica)."""
         if not prompt:
             raise RequestError("The prompt is empty; pass at least one token.")
         if len(prompt) >= self.max_context:
@@ -113,12 +116,19 @@ class LLMEngine:
         if rid in self.live:
             raise RequestError(f"request id {rid!r} is already in use.")
         req = Request(rid, list(prompt), params, max_new=min(params.max_tokens, self.max_context - len(prompt)))
+        live = LiveRequest(req, self.tokenizer, set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos))
+        if resume is not None and resume.token_ids:
+            if len(resume.token_ids) >= req.max_new or len(prompt) + len(resume.token_ids) >= self.max_context:
+                raise RequestError("The resumed request has no tokens left to generate.")
+            req.tokens.extend(resume.token_ids)
+            req.out.token_ids.extend(resume.token_ids)
+            live.decoder.ids, live.decoder.text = list(resume.token_ids), resume.text
+            req.out.text = resume.text
         if timeout_s is not None:
             req.deadline = req.arrival + timeout_s
         self.scheduler.add(req)
         self.total_prompt_tokens += len(prompt)
-        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos)
-        self.live[rid] = LiveRequest(req, self.tokenizer, stop)
+        self.live[rid] = live
         return req
 
     def abort(self, request_id: str) -> bool:
@@ -153,6 +163,10 @@ class LLMEngine:
     def failure(self) -> RankFailure | None:
         """Why the ranks are gone, or None while every rank lives (a step then raises this failure)."""
         return self.executor.failure
+
+    def progress(self) -> int:
+        """A count the running step advances (rank 0's decoder layers), readable from any thread."""
+        return self.executor.progress()
 
     def ping(self) -> None:
         """Make one cheap call on every rank while idle; raises RankFailure when a rank is gone."""

@@ -23,7 +23,9 @@ from meshlm.parallel.launch import (
     RankFailure,
     RendezvousInfo,
     claim_default_group,
+    die_with_parent,
     init_distributed,
+    kill_processes,
     other_hosts,
     shutdown_distributed,
     under_torchrun,
@@ -59,6 +61,21 @@ def serve_rank(rv: RendezvousInfo, spec: WorkerSpec) -> None:
     except RuntimeError as e:  # a collective failed: a peer died, stopped or cannot be reached
         raise RankFailure(f"rank {rv.rank}: a collective failed: {e}{other_hosts(hosts, rv.rank)}") from None
     shutdown_distributed()
+
+
+def process_guard() -> None:
+    """In a process that owns ranks (a serving replica): die with the parent that started it."""
+    die_with_parent()
+
+
+def kill_ranks(pids: list[int]) -> None:
+    """Kill a replica's processes (its rank 0 and the ranks it spawned) and remove their shm segments."""
+    kill_processes(pids)
+
+
+def launched_by_torchrun() -> tuple[bool, int]:
+    """(True, this process's rank) under torchrun, else (False, 0)."""
+    return (True, int(os.environ["RANK"])) if under_torchrun() else (False, 0)
 
 
 class Executor:
@@ -116,9 +133,19 @@ class Executor:
         return self.spec.dims.world_size
 
     @property
+    def rank_pids(self) -> tuple[int, ...]:
+        """Process ids of the ranks this process spawned (none under torchrun or with one rank)."""
+        return tuple(p.pid for p in self.local.procs.values()) if self.local is not None else ()
+
+    @property
     def failure(self) -> RankFailure | None:
         """Why the spawned ranks are gone (a rank died or raised), or None while every one lives."""
         return self.local.failed() if self.local is not None else None
+
+    def progress(self) -> int:
+        """Decoder layers rank 0 has run (a plain read, safe from any thread; it stops while a peer hangs)."""
+        worker = self.worker
+        return worker.layers_done if worker is not None else 0
 
     def ping(self) -> None:
         """One cheap call on every rank: an idle rank's wait restarts, and a dead one raises RankFailure."""

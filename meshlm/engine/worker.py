@@ -127,11 +127,17 @@ class Worker:
         self.max_context = min(spec.max_context or self.cfg.max_position, self.cfg.max_position)
         self.load_s = time.perf_counter() - t0
         keep_freed_memory()  # after loading: the load's temporaries go back to the OS as usual
+        self.layers_done = 0  # decoder layers this rank has run: a progress count finer than a step
+        for layer in getattr(self.model, "layers", {}).values():
+            layer.register_forward_hook(self._layer_done)
         self.layout = ShardLayout.for_model(self.cfg, groups.tp.index, groups.tp.size)
         self.format_bytes = describe_bytes(self.model)  # {"Q4_1": bytes, "float32": bytes}: packed as stored
         self.weight_bytes = sum(self.format_bytes.values())
         log.info("rank %d: loaded %s (%.1f MB of weights, heads %s) in %.2fs", rank, self.path,
                  self.weight_bytes / 1e6, self.layout.mine, self.load_s)
+
+    def _layer_done(self, *_: object) -> None:
+        self.layers_done += 1
 
     def describe(self) -> dict:
         """Facts about this rank: heads owned, weight MB, peak RSS MB, private memory the load added."""

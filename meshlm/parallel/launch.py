@@ -65,6 +65,21 @@ def die_with_parent() -> None:
         pass
 
 
+def kill_processes(pids: list[int], timeout: float = 5.0) -> None:
+    """SIGKILL pids (a stopped process dies too), wait until none is alive, then unlink their shm segments."""
+    from meshlm.parallel import shm
+
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(shm.pid_alive(p) for p in pids):
+        time.sleep(0.02)  # children are reaped by their parent; others by init once their parent is gone
+    shm.sweep_stale()
+
+
 def claim_default_group() -> None:
     """Refuse to start ranks while this process's default process group is taken (by a live LLM)."""
     if dist.is_initialized():

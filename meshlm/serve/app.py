@@ -16,13 +16,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from meshlm.config import SamplingParams
 from meshlm.serve.config import ServerConfig
-from meshlm.serve.engine_loop import EngineLoop
 from meshlm.serve.errors import APIError, error_body, invalid
 from meshlm.serve.intake import TIMEOUT_HEADER, bearer_token, read_body, request_deadline
 from meshlm.serve.metrics import CONTENT_TYPE, ServerMetrics
-from meshlm.serve.protocol import Update
+from meshlm.serve.router import Router
 from meshlm.serve.streaming import Generation
 from meshlm.serve.validation import ModelContext, parse_generation, read_json
 
@@ -31,51 +29,21 @@ ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/
 
 
 class ServerState:
-    """What the routes share: config, model facts, the engine loop, metrics, and the drain flag."""
+    """What the routes share: config, model facts, the router over the replicas, metrics, the drain flag."""
 
-    def __init__(self, cfg: ServerConfig, ctx: ModelContext, engine: EngineLoop, metrics: ServerMetrics,
-                 token_str: Any, probe_token: int) -> None:
-        self.cfg, self.ctx, self.engine, self.metrics = cfg, ctx, engine, metrics
-        self.token_str, self.probe_token = token_str, probe_token
+    def __init__(self, cfg: ServerConfig, ctx: ModelContext | None, engine: Router, metrics: ServerMetrics,
+                 token_str: Any) -> None:
+        self.cfg, self.ctx, self.engine, self.metrics = cfg, ctx, engine, metrics  # ctx: set once replicas load
+        self.token_str = token_str
         self.draining = False
         self.inflight = 0  # generation requests not yet answered
         self.started = int(time.time())
-        self._probe: asyncio.Task | None = None
 
     def unavailable(self) -> str | None:
         """Why the server cannot take work now, or None."""
         if self.draining:
             return "The server is shutting down and admits no new requests; retry on another server."
-        if self.engine.dead is not None:
-            return f"The engine failed: {self.engine.dead}"
-        failure = self.engine.engine.failure()  # set by the ranks' watchdog: safe to read here
-        return f"The engine failed: {failure}" if failure is not None else None
-
-    async def probe(self) -> bool:
-        """Run (or join) a 1-token request; True when it finishes within the health deadline."""
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.ensure_future(self._run_probe())
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._probe), self.cfg.health_deadline_s)
-        except TimeoutError:
-            return False
-
-    async def _run_probe(self) -> bool:
-        out: asyncio.Queue[Update] = asyncio.Queue()
-        rid = f"probe-{self.engine.next_id()}"
-        try:
-            await self.engine.submit([rid], [[self.probe_token]],
-                                     [SamplingParams(max_tokens=1, ignore_eos=True)], out,
-                                     self.cfg.health_deadline_s, internal=True)
-            while True:
-                u = await out.get()
-                if u.finish_reason is not None:
-                    return u.finish_reason in ("stop", "length")
-        except Exception as e:
-            log.warning("health probe failed: %s", e)
-            return False
-        finally:
-            self.engine.abort([rid])
+        return self.engine.unavailable()
 
 
 def _json_error(err: APIError) -> JSONResponse:
@@ -103,7 +71,7 @@ class Guard:
             await send(msg)
 
         try:
-            if self.expected is not None and path != "/health":
+            if self.expected is not None and not path.startswith("/health"):
                 if not hmac.compare_digest(bearer_token(scope.get("headers") or []), self.expected):
                     self.state.metrics.rejected.labels(reason="auth").inc()
                     err = APIError(401, "Missing or wrong API key; send 'Authorization: Bearer <key>'.",
@@ -178,10 +146,10 @@ async def _generate(state: ServerState, request: Request, chat: bool) -> Respons
     req = replace(parse_generation(read_json(body, request.headers.get("content-type")), chat, state.ctx),
                   deadline=deadline)
     stats = state.engine.snapshot.stats
-    cap = stats.max_waiting
-    if req.num_choices > cap:
+    cap, each = stats.max_waiting, state.engine.max_waiting_each  # a request's choices go to one replica
+    if req.num_choices > each:
         raise invalid(f"This request needs {req.num_choices} queue places ({len(req.prompts)} prompt(s) x "
-                      f"n={req.n}) but the server queues at most {cap} (--max-waiting); lower n or send fewer "
+                      f"n={req.n}) but the server queues at most {each} (--max-waiting); lower n or send fewer "
                       "prompts per request.", "n" if req.n > 1 else "prompt", "exceeds_queue_cap")
     if stats.waiting + state.engine.pending + req.num_choices > cap:  # fast path; the engine checks exactly
         raise APIError(429, f"{stats.waiting} requests are waiting (the cap is {cap}); retry shortly.",
@@ -269,13 +237,24 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        why = state.unavailable()
-        if why is None and time.monotonic() - state.engine.last_progress > state.cfg.health_deadline_s:
-            if not await state.probe():
-                why = f"The engine made no progress in {state.cfg.health_deadline_s:g} s."
+        """200 while some replica is routable; the replicas' states (and reasons) either way."""
+        why, replicas = state.unavailable(), state.engine.health()
         if why is not None:
-            return JSONResponse(error_body(503, why, None, "unhealthy"), 503)
-        return JSONResponse({"status": "ok"})
+            return JSONResponse({**error_body(503, why, None, "unhealthy"), "replicas": replicas}, 503)
+        return JSONResponse({"status": "ok", "replicas": replicas})
+
+    @app.get("/health/{replica}")
+    async def replica_health(replica: int) -> JSONResponse:
+        """One replica: 200 while it is routable, else 503 with why."""
+        replicas = state.engine.health()
+        if not 0 <= replica < len(replicas):
+            raise APIError(404, f"There is no replica {replica}; this server has {len(replicas)} (0.."
+                           f"{len(replicas) - 1}).", code="not_found", reason="unknown_replica")
+        entry = replicas[replica]
+        if entry["state"] != "healthy" or entry["circuit"] != "closed":
+            why = entry.get("reason") or f"replica {replica} is {entry['state']}"
+            return JSONResponse({**error_body(503, why, None, "unhealthy"), **entry}, 503)
+        return JSONResponse({"status": "ok", **entry})
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -4,7 +4,12 @@ The engine is not thread-safe, so nothing else touches it. The event loop puts c
 Stop) on a thread-safe queue; the thread applies them between steps, runs steps while work remains, and
 hands each changed request back as an immutable Update through `loop.call_soon_threadsafe` (one call per
 step). A failing step (a dead rank) is fatal: every in-flight request gets an error update and
-`on_fatal` is told, so the server can answer 503 and exit non-zero.
+`on_fatal` is told (the replica process reports it to the router, serve/replica.py).
+
+Liveness: `progress` counts finished engine calls (steps and idle pings) and `busy_since` is when the
+current one began (None while idle), both written only by this thread, so a reader can tell an engine
+that steps from one stuck in a call (a hung rank) without trusting any thread but this one; within a
+call, `engine.progress()` (rank 0's decoder layers run) shows that a long step still moves.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshlm.config import SamplingParams
-from meshlm.engine.engine import EngineStats, LLMEngine
+from meshlm.engine.engine import EngineStats, LLMEngine, Resume
 from meshlm.engine.request import RequestOutput
 from meshlm.errors import MeshlmError
 from meshlm.serve.protocol import FinalStats, Update
@@ -51,6 +56,7 @@ class Submit:
     out: asyncio.Queue
     done: asyncio.Future
     internal: bool = False  # health probes: kept out of the request metrics
+    resume: list[Resume] | None = None  # per request: tokens already generated elsewhere
 
 
 @dataclass
@@ -99,6 +105,8 @@ class EngineLoop:
         self.snapshot = Snapshot(engine.stats())
         self.dead: str | None = None
         self.last_progress = time.monotonic()
+        self.progress = 0  # engine calls finished (steps and pings)
+        self.busy_since: float | None = None  # monotonic start of the engine call now running
         self.pending = 0  # submits not yet applied (event-loop side only)
         self._step_s = 0.0
         self._ids = itertools.count()
@@ -117,7 +125,8 @@ class EngineLoop:
         return next(self._ids)
 
     async def submit(self, request_ids: list[str], prompts: list[list[int]], params: list[SamplingParams],
-                     out: asyncio.Queue, timeout_s: float | None, internal: bool = False) -> None:
+                     out: asyncio.Queue, timeout_s: float | None, internal: bool = False,
+                     resume: list[Resume] | None = None) -> None:
         """Queue engine requests; raises QueueFull, RequestError or EngineUnavailable (nothing added then)."""
         if self.dead is not None:
             raise EngineUnavailable(self.dead)
@@ -125,7 +134,7 @@ class EngineLoop:
         done = loop.create_future()
         self.pending += 1
         try:
-            self.commands.put(Submit(request_ids, prompts, params, timeout_s, loop, out, done, internal))
+            self.commands.put(Submit(request_ids, prompts, params, timeout_s, loop, out, done, internal, resume))
             await done
         finally:
             self.pending -= 1
@@ -187,8 +196,10 @@ class EngineLoop:
         if exc is None:
             try:
                 for i, (rid, ids, sp) in enumerate(zip(cmd.request_ids, cmd.prompts, cmd.params)):
-                    self.engine.add_request(ids, sp, rid, cmd.timeout_s)
-                    self.tracks[rid] = _Track(cmd.loop, cmd.out, i, time.perf_counter(), cmd.internal)
+                    resume = cmd.resume[i] if cmd.resume else None
+                    self.engine.add_request(ids, sp, rid, cmd.timeout_s, resume)
+                    done = len(resume.token_ids) if resume else 0
+                    self.tracks[rid] = _Track(cmd.loop, cmd.out, i, time.perf_counter(), cmd.internal, done)
                     added.append(rid)
             except Exception as e:  # QueueFull, RequestError: undo the partial add
                 exc = e
@@ -198,15 +209,17 @@ class EngineLoop:
         cmd.loop.call_soon_threadsafe(_resolve, cmd.done, exc)
 
     def _ping(self) -> None:
-        self._last_call = time.monotonic()
+        self._last_call = self.busy_since = time.monotonic()
         try:
             self.engine.ping()
         except Exception as e:
             log.error("rank keep-alive failed: %s", e)
             self._fatal(str(e) or type(e).__name__)
+        self.progress += 1
+        self.busy_since = None
 
     def _step(self) -> None:
-        self._last_call = time.monotonic()
+        self._last_call = self.busy_since = time.monotonic()
         t0 = time.perf_counter()
         try:
             changed = self.engine.step()
@@ -214,9 +227,14 @@ class EngineLoop:
             log.error("engine step failed: %s", e)
             self._fatal(str(e) or type(e).__name__)
             return
+        finally:
+            self.busy_since = None
         self._step_s += time.perf_counter() - t0
+        self.progress += 1
         self.last_progress = time.monotonic()
-        self._send([u for u in (self._update(out) for out in changed) if u is not None])
+        batch = [u for u in (self._update(out) for out in changed) if u is not None]
+        self._publish()  # first: a reader that sees these updates sees figures that include them
+        self._send(batch)
 
     def _update(self, out: RequestOutput) -> tuple[_Track, Update] | None:
         tr = self.tracks.get(out.request_id)

@@ -8,6 +8,7 @@ at scrape time by a collector, so /metrics never waits on the engine thread.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -122,6 +123,45 @@ def spec_families(c: SpecCounters) -> Iterator[Metric]:
     yield rate
 
 
+class ReplicaCollector:
+    """Per replica (label `replica`): routable or not, its load and engine figures, failures and restarts."""
+
+    def __init__(self, router: Any) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[Metric]:
+        """One family per figure, one sample per replica."""
+        p, reps = PREFIX, self.router.replicas
+
+        def family(kind: type, name: str, doc: str, value: Callable[[Any], float]) -> Metric:
+            fam = kind(f"{p}_replica_{name}", doc, labels=("replica",))
+            for r in reps:
+                fam.add_metric((str(r.index),), value(r))
+            return fam
+
+        yield family(GaugeMetricFamily, "up", "1 while the replica is healthy with a closed circuit (routable).",
+                     lambda r: float(r.routable))
+        yield family(GaugeMetricFamily, "outstanding_tokens", "Tokens the router expects the replica still "
+                     "to compute (its requests' uncomputed prompts and remaining budgets).",
+                     lambda r: r.view().outstanding)
+        yield family(GaugeMetricFamily, "num_requests_running", "Engine requests being computed.",
+                     lambda r: r.snapshot.stats.running)
+        yield family(GaugeMetricFamily, "num_requests_waiting", "Engine requests queued for admission.",
+                     lambda r: r.snapshot.stats.waiting)
+        yield family(GaugeMetricFamily, "kv_cache_usage_ratio", "Fraction of KV blocks held by live requests.",
+                     lambda r: r.snapshot.stats.kv_usage)
+        yield family(CounterMetricFamily, "failures", "Times the replica was found failed.", lambda r: r.failures)
+        yield family(CounterMetricFamily, "restarts", "Times the replica was restarted.", lambda r: r.restarts)
+        yield family(GaugeMetricFamily, "last_detect_seconds", "Last failure: seconds from the replica's last "
+                     "proof of progress to its detection.", lambda r: r.detect_s)
+        yield family(GaugeMetricFamily, "last_recover_seconds", "Last failure: seconds from detection to "
+                     "readmission.", lambda r: r.recover_s)
+        yield CounterMetricFamily(f"{p}_requests_migrated_total", "Engine requests moved off a failed replica.",
+                                  self.router.migrated)
+        yield CounterMetricFamily(f"{p}_requests_lost_total", "Engine requests that failed because no replica "
+                                  "could take them over (retries or deadline exhausted).", self.router.lost)
+
+
 class ServerMetrics:
     """Every metric /metrics shows, in this server's own registry."""
 
@@ -143,12 +183,22 @@ class ServerMetrics:
                                 registry=r)
         self.http = Counter(f"{p}_http_requests_total", "HTTP responses, by route and status.",
                             ("route", "status"), registry=r)
+        self.detect = Histogram(f"{p}_failure_detect_seconds", "Seconds from a replica's last proof of "
+                                "progress to its failure being detected.", ("replica",), buckets=LATENCY_BUCKETS,
+                                registry=r)
+        self.recover = Histogram(f"{p}_failure_recover_seconds", "Seconds from a replica's failure being "
+                                 "detected to its readmission.", ("replica",), buckets=LATENCY_BUCKETS,
+                                 registry=r)
         self.disconnects = Counter(f"{p}_client_disconnects_total", "Clients that left before their answer, by "
                                    "stage: body (mid-upload), response (waiting), stream (mid-stream).",
                                    ("stage",), registry=r)
         self.deadline = Counter(f"{p}_deadline_exceeded_total", "HTTP requests that missed their deadline, by "
                                 "stage: queue (before the first token) or run.", ("stage",), registry=r)
         r.register(EngineCollector(snapshot))
+
+    def observe_failure(self, kind: str, replica: int, seconds: float) -> None:
+        """Record a detection ("detect") or a recovery ("recover") of a replica."""
+        (self.detect if kind == "detect" else self.recover).labels(replica=str(replica)).observe(seconds)
 
     def observe_finish(self, stats: FinalStats | None, reason: str) -> None:
         """Record a finished engine request (called from the engine thread); no stats for aborts."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from meshlm.engine.scheduler import QueueFull
 from meshlm.errors import RequestError
-from meshlm.serve.engine_loop import EngineLoop, EngineUnavailable
+from meshlm.serve.engine_loop import EngineUnavailable
 from meshlm.serve.errors import APIError, error_body, invalid
 from meshlm.serve.protocol import (
     ChoiceState,
@@ -50,9 +50,11 @@ def sse(data: dict[str, Any] | str) -> str:
 
 
 class Generation:
-    """The engine requests behind one HTTP request (n choices per prompt) and their accumulated state."""
+    """The engine requests behind one HTTP request (n choices per prompt) and their accumulated state.
 
-    def __init__(self, engine: EngineLoop, req: GenerationRequest, token_str: Callable[[int], str],
+    `engine` is the router (serve/router.py): submit(), abort() and next_id()."""
+
+    def __init__(self, engine: Any, req: GenerationRequest, token_str: Callable[[int], str],
                  retry_after_s: int, on_close: Callable[[Generation], None] = lambda g: None) -> None:
         self.engine, self.req, self.token_str = engine, req, token_str
         self.retry_after_s, self.on_close = retry_after_s, on_close
@@ -78,7 +80,8 @@ class Generation:
         try:
             await self.engine.submit(self.request_ids, [list(self.req.prompt_of(i)) for i in
                                                         range(self.req.num_choices)],
-                                     list(self.req.params), self.queue, timeout_s)
+                                     list(self.req.params), self.queue, timeout_s,
+                                     deadline=None if self.req.deadline is None else self.req.deadline.at)
         except QueueFull as e:
             raise APIError(429, str(e), None, "queue_full", {"Retry-After": str(self.retry_after_s)},
                            reason="queue_full") from None
@@ -86,7 +89,7 @@ class Generation:
             raise invalid(str(e)) from None
         except EngineUnavailable as e:
             raise APIError(503, f"The engine is unavailable: {e}", code="engine_unavailable",
-                           reason="unavailable") from None
+                           headers={"Retry-After": str(self.retry_after_s)}, reason="unavailable") from None
 
     def close(self) -> None:
         """Abort unfinished engine requests (client gone, server draining), release the slot; idempotent."""

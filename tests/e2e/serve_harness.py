@@ -111,10 +111,13 @@ class Server:
         r.raise_for_status()
         return parse_samples(r.text)
 
-    def rank_pids(self) -> list[int]:
-        """Spawned rank processes (not multiprocessing's resource tracker)."""
-        return [p for p in descendants(self.proc.pid)
-                if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="ignore")]
+    def rank_pids(self, replica: int = 0) -> list[int]:
+        """A replica's ranks by rank: its rank 0 (the replica process) first, then the ranks it spawned."""
+        entry = httpx.get(self.url + "/health", timeout=5).json()["replicas"][replica]
+        pid = entry["pid"]
+        return [pid] + sorted(p for p in descendants(pid)
+                              if "resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes().decode(
+                                  errors="ignore"))
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait for the exit code; kill on timeout."""

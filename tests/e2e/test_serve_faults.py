@@ -77,8 +77,9 @@ def test_sigterm_drains_then_exits_zero(long_model):
 
 
 def test_rank_killed_while_serving(long_model):
-    """kill -9 of rank 1: /health 503 in seconds, in-flight requests get errors, exit non-zero, no orphans."""
-    srv = Server(long_model, "--health-deadline", "3").wait_healthy()
+    """--exit-on-failure, kill -9 of rank 1: /health 503 in seconds, in-flight requests get errors, exit
+    non-zero, no orphans."""
+    srv = Server(long_model, "--exit-on-failure").wait_healthy()
     try:
         streams = [Stream(srv, max_tokens=15000) for _ in range(3)]
         results: list[httpx.Response | BaseException] = []
@@ -93,9 +94,9 @@ def test_rank_killed_while_serving(long_model):
         waiter.start()
         assert all(s.started.wait(60) for s in streams)
         ranks = srv.rank_pids()
-        assert len(ranks) == 1, ranks
+        assert len(ranks) == 2, ranks
         t0 = time.time()
-        os.kill(ranks[0], signal.SIGKILL)
+        os.kill(ranks[1], signal.SIGKILL)
         unhealthy = None
         while time.time() - t0 < 10 and unhealthy is None:
             try:
