@@ -145,7 +145,7 @@ class Executor:
     def progress(self) -> int:
         """Decoder layers rank 0 has run (a plain read, safe from any thread; it stops while a peer hangs)."""
         worker = self.worker
-        return worker.layers_done if worker is not None else 0
+        return worker.layers_run() if worker is not None else 0
 
     def ping(self) -> None:
         """One cheap call on every rank: an idle rank's wait restarts, and a dead one raises RankFailure."""

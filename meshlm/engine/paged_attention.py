@@ -12,8 +12,9 @@ on it is first written. Invariant: every slot attention reads was written, in th
 one; padding of the gathered batch repeats a sequence's own slot, so garbage in unwritten slots never
 reaches a sum (a masked NaN would still poison it: 0 * NaN = NaN).
 
-A short run of new tokens after cached context (at most DECODE_ROWS: a speculative step's last token and its
-proposals) goes row by row through the decode path, each row over the context up to its own position (the
+A short run of new tokens after cached context that samples every row (at most DECODE_ROWS: a speculative
+step's last token and its proposals; a prompt chunk after a prefix hit samples only its last row and stays a
+prefill) goes row by row through the decode path, each row over the context up to its own position (the
 step's K/V is written before attention). Row i then sees exactly what a decode at that position sees, summed
 by the same kernel, so verifying k proposals gives the logits of k + 1 plain decode steps: greedy speculation
 matches greedy decoding bit for bit, not only up to rounding (which quantized activations would amplify).
@@ -85,6 +86,7 @@ class PagedKVCache:
         use_kernel = self.k.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
         self.kernel = paged_decode.kernel() if use_kernel else None
         self.stack: DecodeStack | None = None  # the whole-stack decode op (set by the runner where it applies)
+        self.stack_layers_run = 0  # decoder layers run through the whole-stack op (the heartbeat's progress)
         self.layers_op = None  # the model's hook for this step: run_stack on an all-decode step with a stack
 
     def _slots(self, table: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
@@ -106,11 +108,12 @@ class PagedKVCache:
         writes: list[int] = []  # pool slot of each new token
         self.prefills: list[_Prefill] = []
         dec_idx, dec_tables, dec_first, dec_len = [], [], [], []
+        sampled = set(step.sample_offsets)  # a verification run samples every row; a prompt chunk only its last
         for s in step.seqs:
             positions.extend(range(s.start, s.start + s.n))
             writes.extend(s.block_table[p // bs] * bs + p % bs for p in range(s.start, s.start + s.n))
             ctx = s.start + s.n
-            if s.n == 1 or (s.start and s.n <= DECODE_ROWS):
+            if s.n == 1 or (s.start and s.n <= DECODE_ROWS and all(s.offset + i in sampled for i in range(s.n))):
                 for i in range(s.n):  # row i attends to positions < s.start + i + 1, as a decode there would
                     dec_idx.append(s.offset + i)
                     dec_tables.append(s.block_table)
@@ -155,7 +158,9 @@ class PagedKVCache:
 
     def run_stack(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Every layer over an all-decode step: h [1, T, H], cos/sin [1, T, 1, D] -> [1, T, H]."""
-        return self.stack(h, cos, sin, self.write_slots, self.dec_tables, self.dec_first, self.dec_len)
+        out = self.stack(h, cos, sin, self.write_slots, self.dec_tables, self.dec_first, self.dec_len)
+        self.stack_layers_run += len(self.k)  # layers run in the op (no module hook sees them): a progress count
+        return out
 
     def _decode(self, q: torch.Tensor, kp: torch.Tensor, vp: torch.Tensor) -> torch.Tensor:
         """q [Bd, Hq, D] -> [Bd, Hq, D] over each decode's cached context."""

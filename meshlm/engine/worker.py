@@ -139,6 +139,11 @@ class Worker:
     def _layer_done(self, *_: object) -> None:
         self.layers_done += 1
 
+    def layers_run(self) -> int:
+        """Decoder layers this rank has run, module by module or inside the whole-stack decode op."""
+        cache = getattr(getattr(self, "runner", None), "cache", None)
+        return self.layers_done + getattr(cache, "stack_layers_run", 0)
+
     def describe(self) -> dict:
         """Facts about this rank: heads owned, weight MB, peak RSS MB, private memory the load added."""
         mem = memory_mb()
