@@ -15,11 +15,13 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -32,7 +34,7 @@ DETECT_S = 2.0  # the issue's bound from the fault to /health naming the failed 
 PROMPTS = [f"w{5 + i}. w{40 + 3 * i}. w{100 + i}." for i in range(8)]
 MAX_TOKENS = 200  # the fixture's context is 256; the streams must still run when the link is cut
 LAYERS = 48  # a deeper tiny model: slow enough that streams are mid-way at the cut
-HTTP_PORT, LINK_PORT = 8441, 29611
+HTTP_PORT, LINK_PORT, RDZV_PORT = 8441, 29611, 29621
 KEY = "netns-replica-secret-3c9"
 CLONE_NEWNET = 0x40000000
 
@@ -224,3 +226,59 @@ def _creator(name: str) -> int:
         return int(name[len(shm.PREFIX):].split("-", 1)[0])
     except ValueError:
         return -1
+
+
+def test_tp2_replica_spanning_two_hosts_serves(checkpoint, llm, tmp_path):
+    """`serve --join` under torchrun, one rank per emulated host (tp=2 over the links), joins a router on host 0
+    that has no local replica; its greedy completions equal one process's; SIGTERM to the router ends every
+    rank and launcher with nothing left."""
+    from meshlm import SamplingParams
+
+    model = checkpoint("llama_gqa")
+    want = [o.text for o in llm("llama_gqa").generate(PROMPTS[:4], SamplingParams(temperature=0, max_tokens=32,
+                                                                                  ignore_eos=True))]
+    env = {"MESHLM_REPLICA_KEY": KEY, "MESHLM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "serve.log", "w+")
+    with EmulatedHosts(2) as hosts:
+        link = f"{hosts.hosts[0].addr}:{LINK_PORT}"
+        server = hosts.popen(0, [sys.executable, "-m", "meshlm.cli", "serve", "--model", str(model), "--tp", "2",
+                                 "--remote-replicas", "1", "--replica-listen", link, "--port", str(HTTP_PORT)],
+                             env=env, stdout=log, stderr=subprocess.STDOUT)
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        nodes: list[subprocess.Popen] = []
+
+        def launch() -> None:
+            """One torchrun node per host (a new rendezvous each time: the joiner gives up if the router is not
+            listening yet, and its launcher relaunches it)."""
+            run_id, port = f"{hosts.run_id}-{len(nodes)}", RDZV_PORT + len(nodes)
+            for h in hosts.hosts:
+                nodes.append(hosts.popen(h.index, [
+                    torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+                    f"{hosts.hosts[0].addr}:{port}", "--rdzv-id", run_id, "--max-restarts", "0",
+                    "--local-addr", h.addr, "-m", "meshlm.launch", "serve", "--join", link, "--model", str(model),
+                    "--tp", "2", "--kv-cache-mb", "16"], env=env, stdout=log, stderr=subprocess.STDOUT))
+
+        def admitted() -> bool:
+            if any(n.poll() is not None for n in nodes[-2:]):
+                for n in nodes[-2:]:
+                    os.killpg(n.pid, signal.SIGKILL)  # the launcher and its rank (popen gave it its own group)
+                    n.wait()
+                launch()
+            return _up(client, 0)
+
+        client = Client(hosts)
+        client.model = model.name
+        try:
+            launch()
+            assert _wait(admitted, 240), (tmp_path / "serve.log").read_text()[-4000:]
+            got = [client.complete(p, max_tokens=32).json()["choices"][0]["text"] for p in PROMPTS[:4]]
+            assert got == want
+            server.terminate()
+            assert server.wait(timeout=60) == 0
+            assert all(n.wait(timeout=60) is not None for n in nodes[-2:])
+            assert [n.returncode for n in nodes[-2:]] == [0, 0], (tmp_path / "serve.log").read_text()[-4000:]
+            left = hosts.pids()
+            assert _wait(lambda: not hosts.pids(), 20), f"processes left in the emulated hosts: {left}"
+        finally:
+            client.pool.shutdown(wait=False, cancel_futures=True)
+            log.close()
