@@ -174,9 +174,10 @@ def test_dp2_across_hosts_link_cut_is_contained(checkpoint, tmp_path):
             load = [r["requests"] for r in client.get("/health").json()["replicas"]]
             assert all(n > 0 for n in load), f"requests per replica {load}: both replicas must serve"
 
-            cut_off = joined[-1]
+            cut_off, exited_at = joined[-1], []
             hosts.cut(1)
             cut_at = time.monotonic()
+            threading.Thread(target=lambda: exited_at.append((cut_off.wait(), time.monotonic())), daemon=True).start()
             detected, reason = None, ""
             while detected is None and time.monotonic() - cut_at < 10:
                 r = client.get("/health/1")
@@ -196,9 +197,9 @@ def test_dp2_across_hosts_link_cut_is_contained(checkpoint, tmp_path):
             assert client.metric("meshlm_requests_lost_total") == 0
 
             # Host 1's replica, cut off, ends itself (TCP_USER_TIMEOUT); its launcher (here: the test) relaunches it.
-            t0 = time.monotonic()
-            first_rc = cut_off.wait(timeout=60)
-            exit_s = time.monotonic() - t0 + detected
+            assert _wait(lambda: exited_at, 60), "the cut-off replica did not end itself"
+            first_rc, exit_s = exited_at[0][0], exited_at[0][1] - cut_at
+            assert first_rc != 0
             hosts.restore(1)
             join()
             readmit_t0 = time.monotonic()
