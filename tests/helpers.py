@@ -7,6 +7,7 @@ checkpoint from a subprocess: `python tests/helpers.py KIND PATH [NUM_LAYERS]`.
 from __future__ import annotations
 
 import json
+import random
 import sys
 import zlib
 from pathlib import Path
@@ -257,3 +258,13 @@ def assert_greedy_agrees(got: list[list[int]], ref: list[list[int]], prompts: li
         gap = (logits[r[i]] - logits[g[i]]).item()
         assert gap < 2 * rel * logits.square().mean().sqrt().item(), \
             f"token {i} differs ({g[i]} vs {r[i]}) and is no near-tie: the reference prefers its own by {gap:.3f}"
+
+
+def repeat_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of 3..58 tokens, each with a repeated stretch (so the n-gram lookup finds matches)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = [rng.randrange(3, 512) for _ in range(rng.randrange(3, 30))]
+        out.append(p + p[: rng.randrange(1, len(p) + 1)])
+    return out

@@ -3,11 +3,11 @@ and at pp=2 every rank ran every step at the positions the driver planned (the p
 
 from __future__ import annotations
 
-import random
 from dataclasses import replace
 
 import pytest
 from helpers import Oracle
+from helpers import repeat_prompts as prompts
 
 from meshlm import LLM, SamplingParams
 from meshlm.engine.engine import EngineConfig
@@ -17,16 +17,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 GREEDY = SamplingParams(max_tokens=64, ignore_eos=True)
 ALWAYS = SpeculativeConfig("ngram", num_tokens=4, adaptive=False)
-
-
-def prompts(n: int, seed: int = 0) -> list[list[int]]:
-    """n prompts of 3..30 tokens with a repeated stretch."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        p = [rng.randrange(3, 512) for _ in range(rng.randrange(3, 30))]
-        out.append(p + p[: rng.randrange(1, len(p) + 1)])
-    return out
 
 
 def checked_steps(engine) -> list[int]:

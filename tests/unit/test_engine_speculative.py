@@ -3,13 +3,13 @@ batches, with prefix-cache hits, preemption, aborts, stops and logprobs; every p
 
 from __future__ import annotations
 
-import random
 from collections import Counter
 from dataclasses import replace
 
 import pytest
 import torch
 from helpers import Oracle
+from helpers import repeat_prompts as prompts
 
 from meshlm import LLM, SamplingParams
 from meshlm.engine.engine import EngineConfig
@@ -19,16 +19,6 @@ from meshlm.engine.speculative import Proposal, SpeculativeConfig
 KIND = "llama_gqa"
 GREEDY = SamplingParams(max_tokens=64, ignore_eos=True)
 ALWAYS = SpeculativeConfig("ngram", num_tokens=4, adaptive=False)  # propose every step: test every path
-
-
-def prompts(n: int, seed: int = 0) -> list[list[int]]:
-    """n prompts of 3..40 tokens, each with a repeated stretch (so the n-gram lookup finds matches)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        p = [rng.randrange(3, 512) for _ in range(rng.randrange(3, 30))]
-        out.append(p + p[: rng.randrange(1, len(p) + 1)])
-    return out
 
 
 @pytest.fixture(scope="module")
