@@ -188,7 +188,8 @@ def wait_quiet(limit: float = 0.2, timeout_s: float = 120.0, respect_lock: bool 
 @contextmanager
 def quiet_run(wait_s: float = 60.0) -> Iterator[float]:
     """Hold the run lock (one timed run at a time among benchmarks using this module), then wait for
-    quiet; yields the other load seen last."""
+    quiet (at most MESHLM_BENCH_WAIT_S seconds when set); yields the other load seen last."""
+    wait_s = float(os.environ.get("MESHLM_BENCH_WAIT_S", wait_s))
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(LOCK, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
