@@ -5,14 +5,16 @@ stage 0 (a tp broadcast, then each cp index 0 rank's cp broadcast), runs stage 0
 (header, pickled StepInput, hidden states [1, T, H]) to the next stage. Every other rank loops: take a step
 (the broadcast on stage 0, else the previous stage's message), run its layers, pass it on; on the last stage,
 tp index 0 of cp index 0 posts the StepOutput (argmax tokens and the logits rows asked for) back to rank 0.
+Sends are posted (Comm.isend), so a stage never waits for its consumer: rank 0 can submit the next step
+while the later stages still work on the previous ones, up to one step per stage in flight. Every stage runs
+the steps in submission order, so a prompt chunk always finds the KV of the chunks before it. The END header,
+passed down the pipe, returns every rank to the executor's control loop (an idle server waits there, not on
+a timed pipeline receive).
 
-At cp > 1 each pipeline group is one (cp index, tp index) column of stages, so a rank's hidden states [1, T, H]
-(T: its share of the step's rows, parallel/context.py) go to the same cp and tp index of the next stage,
-which derives the same share from the same StepInput. Each stage's cp group rings over its own layers' KV. Sends are posted (Comm.isend), so a stage never waits for its
-consumer: rank 0 can submit the next step while the later stages still work on the previous ones, up to
-one step per stage in flight. Every stage runs the steps in submission order, so a prompt chunk always
-finds the KV of the chunks before it. The END header, passed down the pipe, returns every rank to the
-executor's control loop (an idle server waits there, not on a timed pipeline receive).
+At cp > 1 each pipeline group is one (cp index, tp index) column of stages, so a rank's hidden states
+[1, T, H] (T: its share of the step's rows, parallel/context.py) go to the same cp and tp index of the next
+stage, which derives the same share from the same StepInput. Each stage's cp group rings over its own
+layers' KV.
 
 Each rank keeps a Timeline (telemetry/trace.py) of its pipelined time: totals always (the bubble metric),
 every span only while a trace is recorded.
