@@ -113,7 +113,7 @@ class ParallelDims:
         return [list(range(s, s + self.tp)) for s in range(0, self.world_size, self.tp)]
 
     def pp_groups(self) -> list[list[int]]:
-        """Ranks of each pipeline (one per dp replica and tp index), in stage order."""
+        """Ranks of each pipeline (one per dp replica, cp index and tp index), in stage order."""
         return [[self.rank_of(d, p, t, c) for p in range(self.pp)]
                 for d in range(self.dp) for c in range(self.cp) for t in range(self.tp)]
 
