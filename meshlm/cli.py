@@ -55,7 +55,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cp", type=int, default=1,
                    help="context-parallel ranks: a prompt's tokens split across them (ring attention) and the KV "
                         "cache sharded round-robin by token, so a context cp times longer fits; combines with "
-                        "--tp (cp x tp ranks), not yet with --pp (default 1)")
+                        "--tp (cp x tp ranks) and --pp (each stage its own cp ranks; default 1)")
     p.add_argument("--cp-ring", default="auto", choices=["auto", "pass-kv", "pass-q"],
                    help="the prefill ring at --cp > 1: auto (default) chooses per prefill from the new and cached "
                         "tokens, the head counts and the measured link (docs/context_parallel.md)")

@@ -1,14 +1,20 @@
 """Engine steps over pipeline stages (pp > 1): a step flows down the stages; the last one answers rank 0.
 
-Rank 0 (stage 0, tp index 0) submits a step: it hands the StepInput to its tp peers (a tp broadcast),
-runs stage 0's layers and posts (header, pickled StepInput, hidden states [1, T, H]) to the next stage.
-Every other rank loops: take a step (rank 0's broadcast on stage 0, else the previous stage's message),
-run its layers, pass it on; on the last stage, tp index 0 posts the StepOutput (argmax tokens and the
-logits rows asked for) back to rank 0. Sends are posted (Comm.isend), so a stage never waits for its
-consumer: rank 0 can submit the next step while the later stages still work on the previous ones, up to
-one step per stage in flight. Every stage runs the steps in submission order, so a prompt chunk always
-finds the KV of the chunks before it. The END header, passed down the pipe, returns every rank to the
-executor's control loop (an idle server waits there, not on a timed pipeline receive).
+Rank 0 (stage 0, tp index 0, cp index 0) submits a step: it hands the StepInput to the other ranks of
+stage 0 (a tp broadcast, then each cp index 0 rank's cp broadcast), runs stage 0's layers and posts
+(header, pickled StepInput, hidden states [1, T, H]) to the next stage. Every other rank loops: take a step
+(the broadcast on stage 0, else the previous stage's message), run its layers, pass it on; on the last stage,
+tp index 0 of cp index 0 posts the StepOutput (argmax tokens and the logits rows asked for) back to rank 0.
+Sends are posted (Comm.isend), so a stage never waits for its consumer: rank 0 can submit the next step
+while the later stages still work on the previous ones, up to one step per stage in flight. Every stage runs
+the steps in submission order, so a prompt chunk always finds the KV of the chunks before it. The END header,
+passed down the pipe, returns every rank to the executor's control loop (an idle server waits there, not on
+a timed pipeline receive).
+
+At cp > 1 each pipeline group is one (cp index, tp index) column of stages, so a rank's hidden states
+[1, T, H] (T: its share of the step's rows, parallel/context.py) go to the same cp and tp index of the next
+stage, which derives the same share from the same StepInput. Each stage's cp group rings over its own
+layers' KV.
 
 Each rank keeps a Timeline (telemetry/trace.py) of its pipelined time: totals always (the bubble metric),
 every span only while a trace is recorded.
@@ -41,6 +47,7 @@ class StageDriver:
         self.prev, self.next, self.last = stage.index - 1, stage.index + 1, stage.count - 1
         self.timeline = Timeline()
         self.submitted = self.collected = 0  # steps this rank has run (rank 0: submitted and collected)
+        self.cp_index = groups.cp.index if groups.cp is not None else 0
 
     def start_timeline(self, spans: bool) -> None:
         """Every rank: restart the timeline right after a barrier, so all rows start together."""
@@ -57,7 +64,7 @@ class StageDriver:
         tl = self.timeline
         tl.resume()
         with tl.span("compute", chained=True, step=self.submitted, tokens=len(step.token_ids)):
-            self.groups.tp.broadcast_object(step, 0)
+            self._share(step)
             hidden = self.runner.forward(step)
         self._pass_on(step, hidden, self.submitted)
         self.submitted += 1
@@ -74,7 +81,7 @@ class StageDriver:
 
     def end(self) -> None:
         """Send every other rank back to the control loop (nothing may be in flight)."""
-        self.groups.tp.broadcast_object(None, 0)
+        self._share(None)
         self._pass_on(None, None, self.submitted)
         self._wait_posted()
 
@@ -84,9 +91,9 @@ class StageDriver:
         tl = self.timeline
         tl.resume()
         while True:
-            if self.stage.first:  # a tp peer of rank 0
+            if self.stage.first:  # a tp or cp peer of rank 0
                 start = time.perf_counter()
-                step, hidden = self.groups.tp.broadcast_object(None, 0), None
+                step, hidden = self._share(None), None
                 tl.record("idle", start, time.perf_counter(), step=self.submitted)
             else:
                 step, hidden = self._receive()
@@ -98,10 +105,16 @@ class StageDriver:
                 out = self.runner.forward(step, hidden)
             if not self.stage.last:
                 self._pass_on(step, out, self.submitted)
-            elif self.groups.tp.index == 0:
+            elif self.groups.tp.index == 0 and self.cp_index == 0:  # the rank holding the sampled rows
                 self._reply(finish(out, step))
             self.submitted += 1
         self._wait_posted()
+
+    def _share(self, step: StepInput | None) -> StepInput | None:
+        """Stage 0: rank 0's step (None: END) to every rank of the stage: its tp peers, then their cp peers."""
+        if self.cp_index == 0:
+            step = self.groups.tp.broadcast_object(step, 0)
+        return self.groups.cp.broadcast_object(step, 0) if self.groups.cp is not None else step
 
     # -- messages --------------------------------------------------------------------------------------------
     def _send(self, t: torch.Tensor, dst: int, **args) -> None:

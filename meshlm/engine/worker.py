@@ -237,7 +237,8 @@ class Worker:
         return {"rank": self.rank, "stage": self.stage.index, "tp_index": self.groups.tp.index,
                 "layers": (self.stage.start, self.stage.stop), "weight_mb": self.weight_bytes / 1e6,
                 "kv_mb": self.kv_pool_bytes / 1e6, "peak_rss_mb": memory_mb()["VmHWM"],
-                "timeline": self.stages.timeline.to_dict()}
+                "timeline": self.stages.timeline.to_dict(),
+                **({"cp_index": self.groups.cp.index} if self.spec.dims.cp > 1 else {})}
 
     def take_position_ledger(self) -> list:
         """Debug: (request id, first position, tokens) of every sequence of every step this rank ran since

@@ -10,8 +10,9 @@ replicas are pp * cp * tp apart.
 
 Built: tp, pp, ep and cp. Expert parallelism spans the tensor-parallel ranks of a stage (ep = tp: attention
 stays tensor-parallel, each rank holds whole experts; parallel/expert.py), so ep adds no ranks: `ep=N`
-alone implies tp=N, and ep with another tp > 1 is refused naming the fix. Context parallelism (cp; not yet
-with pp) splits a prompt's tokens and the KV cache over cp ranks (parallel/context.py). dp > 1 lays out
+alone implies tp=N, and ep with another tp > 1 is refused naming the fix. Context parallelism (cp) splits a
+prompt's tokens and the KV cache over cp ranks (parallel/context.py); with pp each stage has its own cp groups
+and a cp rank's hidden states go to the same cp index of the next stage (engine/pipeline_stage.py). dp > 1 lays out
 independent replicas, which the planner reasons about but one engine does not run: `check_runnable`
 refuses it before any rank starts.
 """
@@ -66,10 +67,7 @@ class ParallelDims:
             )
 
     def check_runnable(self) -> None:
-        """Refuse a layout the engine cannot run (dp > 1: one engine drives one replica; cp with pp)."""
-        if self.cp > 1 and self.pp > 1:
-            raise ConfigError(f"context parallelism (cp={self.cp}) does not combine with pipeline parallelism "
-                              f"(pp={self.pp}) yet; use --cp with --tp, or --pp without --cp.")
+        """Refuse a layout the engine cannot run (dp > 1: one engine drives one replica)."""
         if self.dp != 1:
             raise ConfigError(
                 f"data parallelism (dp={self.dp}) is not built into the engine yet; use dp=1 and start one "
@@ -115,7 +113,7 @@ class ParallelDims:
         return [list(range(s, s + self.tp)) for s in range(0, self.world_size, self.tp)]
 
     def pp_groups(self) -> list[list[int]]:
-        """Ranks of each pipeline (one per dp replica and tp index), in stage order."""
+        """Ranks of each pipeline (one per dp replica, cp index and tp index), in stage order."""
         return [[self.rank_of(d, p, t, c) for p in range(self.pp)]
                 for d in range(self.dp) for c in range(self.cp) for t in range(self.tp)]
 

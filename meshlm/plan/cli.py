@@ -92,7 +92,7 @@ def add_parser(sub: Any) -> None:
     _workload_args(p)
     p.add_argument("--cp", type=int, default=1,
                    help="context-parallel degree of every layout (KV per rank / cp, the ring in the prefill "
-                        "cost); the search then spans dp x tp over the devices / cp (default 1)")
+                        "cost); the search then spans dp x pp x tp over the devices / cp (default 1)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine (matmul rate and memory bandwidth per dtype, collective latency "

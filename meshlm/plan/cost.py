@@ -29,6 +29,11 @@ r = ceil(b / pp) rows:
             TTFT = sum of stages + (n - 1) x slowest stage + hops
   pp = 1:   TTFT = ceil(b x prompt / max_batched_tokens) steps; TPOT = one step of b rows.
   throughput = dp x b / TPOT  (tokens/s; per device: / devices used)
+Context parallelism (cp) works inside each stage: a prefill step's tokens and attention pairs split over the
+stage's cp ranks, and each stage adds its own pass-KV ring (per layer cp - 1 hops of a KV block of context /
+cp tokens, none hidden); a decode's rows are replicated, each cp rank attends to 1/cp of the keys and the
+stage adds a per-layer all-gather of the partials. At pp > 1 stage 0's tp ranks also broadcast each step to
+their cp peers, and each cp rank hands its own rows to the next stage's same cp index (hops in parallel).
 
 A CPU host (node.shared_memory): a device is one core and each rank runs cores // ranks threads (at least
 one), meshlm's default; a rank's matmul rate and bandwidth are its threads' (bandwidth scaled by the
@@ -200,16 +205,18 @@ class Model:
         self.elem = BYTES[dtype]
         self.threads = threads_per_rank(cluster, layout)
         self.shares = rank_shares(cfg, layout, dtype, weights)
-        node, tp, pp, world = cluster.node, layout.tp, layout.pp, layout.world
+        node, tp, pp, cp, world = cluster.node, layout.tp, layout.pp, layout.cp, layout.world
         # Stage hops go through torch.distributed (gloo, NCCL), never shared memory; the per-step control
         # message takes the transport the tensor-parallel group takes.
         base = next((ln.transport for ln in node.links if ln.transport != "shm"), None)
         slowest = lambda links: max(links, key=lambda ln: ln.time(1 << 20))
         self.tp_link = slowest(cluster.link_between(list(range(g, g + tp))) for g in range(0, world, tp))
-        rank = lambda d, s, i: (d * pp + s) * tp + i  # mesh.py's rank layout, tp fastest
-        self.hops = [slowest(cluster.link_between([rank(d, s, i), rank(d, (s + 1) % pp, i)], base)
-                             for d in range(layout.dp) for i in range(tp))
-                     for s in range(pp)]  # hop s: stage s -> s + 1 (the last: back to rank 0)
+        rank = lambda d, s, c, i: ((d * pp + s) * cp + c) * tp + i  # mesh.py's rank layout, tp fastest
+        self.hops = [slowest(cluster.link_between([rank(d, s, c, i), rank(d, (s + 1) % pp, c, i)], base)
+                             for d in range(layout.dp) for c in range(cp) for i in range(tp))
+                     for s in range(pp)]  # hop s: stage s -> s + 1, cp index to the same cp index (last: rank 0)
+        # the ring between a stage's cp ranks (tp apart), the slowest stage's
+        self.cp_link = slowest(cluster.link_between([rank(0, s, c, 0) for c in range(cp)]) for s in range(pp))
         self.control_link = cluster.link_between(list(range(layout.model_ranks)))
 
     def rates(self, busy: float) -> Rates:
@@ -236,15 +243,16 @@ class Model:
         layers = next(r.layers for r in self.shares if r.stage == s)
         return 2 * layers + (s == 0) + (s == self.layout.pp - 1)
 
-    def stage(self, s: int, work: Pass, busy: float) -> StageCost:
-        """Seconds of stage s for one step of `work` while `busy` ranks of the node compute at once."""
+    def stage(self, s: int, work: Pass, busy: float, extra: float = 0.0) -> StageCost:
+        """Seconds of stage s for one step of `work` while `busy` ranks of the node compute at once; `extra`:
+        its cp ring or merge seconds, counted among the collectives."""
         dev, cfg, tp = self.cluster.node.device, self.cfg, self.layout.tp
         rates = self.rates(busy)
         best = max((forward_seconds(cfg, r, work, rates) for r in self.shares if r.stage == s),
                    key=lambda x: x[0])
         layers = next(r.layers for r in self.shares if r.stage == s)
         row = work.tokens * cfg.hidden_size * self.elem
-        coll = 2 * layers * all_reduce(self.tp_link, tp, row)
+        coll = 2 * layers * all_reduce(self.tp_link, tp, row) + extra
         if self.layout.ep > 1:  # the MLP's all-reduce becomes expert.py's counts, dispatch, combine, gather
             moe = (all_gather(self.tp_link, tp, 8 * tp * cfg.num_experts)
                    + 2 * all_to_all(self.tp_link, tp, row * cfg.num_experts_per_tok / tp)
@@ -252,8 +260,9 @@ class Model:
             coll += layers * (moe - all_reduce(self.tp_link, tp, row))
         if s == 0:
             coll += all_reduce(self.tp_link, tp, row)
-            if self.layout.pp > 1:  # rank 0 hands the step to its tp peers
+            if self.layout.pp > 1:  # rank 0 hands the step to its tp peers, each of them to its cp peers
                 coll += broadcast(self.tp_link, tp, CONTROL_BYTES + 8 * work.tokens)
+                coll += broadcast(self.cp_link, self.layout.cp, CONTROL_BYTES + 8 * work.tokens)
         if s == self.layout.pp - 1:
             coll += all_gather(self.tp_link, tp, work.rows * cfg.vocab_size * 4)
         slow = self.slowdown(busy)
@@ -280,23 +289,30 @@ class Model:
         rows = -(-batch // self.layout.pp)
         return -(-batch // rows), rows
 
-    def _pipeline(self, piece: Pass, busy_stages: int) -> tuple[list[StageCost], float]:
-        """Every stage's cost for one step of `piece` while `busy_stages` stages compute at once; the hops."""
-        busy = busy_stages * self.layout.tp * self.layout.dp
-        stages = [self.stage(s, piece, busy) for s in range(self.layout.pp)]
+    def _pipeline(self, piece: Pass, busy_stages: int, extra=lambda s: 0.0) -> tuple[list[StageCost], float]:
+        """Every stage's cost for one step of `piece` while `busy_stages` stages compute at once (extra(s): stage
+        s's cp seconds); the hops (at cp > 1 each cp rank sends its own rows to the next stage's, in parallel)."""
+        busy = busy_stages * self.layout.tp * self.layout.dp * self.layout.cp
+        stages = [self.stage(s, piece, busy, extra(s)) for s in range(self.layout.pp)]
         hops = sum(self.hop(s, piece.tokens, piece.rows) for s in range(self.layout.pp))
         return stages, hops
 
-    def ring(self, tokens: float, context: float) -> float:
-        """cp > 1: seconds of one forward's pass-KV ring, all of it counted (no overlap assumed): per layer
-        cp - 1 hops, each a KV block of context / cp tokens."""
+    def ring(self, context: float, s: int = 0) -> float:
+        """cp > 1: seconds of stage s's pass-KV ring in one forward, all of it counted (no overlap assumed): per
+        layer of the stage cp - 1 hops, each a KV block of context / cp tokens."""
         cp = self.layout.cp
         if cp == 1:
             return 0.0
-        share = max(self.shares, key=lambda r: r.kv_bytes_per_token)
+        share = max((r for r in self.shares if r.stage == s), key=lambda r: r.kv_bytes_per_token)
         block = context / cp * share.kv_bytes_per_token * cp / share.layers  # one layer's K/V of context / cp
-        ln = self.cluster.link_between([0, self.layout.tp])
-        return share.layers * (cp - 1) * ln.time(block)
+        return share.layers * (cp - 1) * self.cp_link.time(block)
+
+    def merge(self, rows: float, s: int = 0) -> float:
+        """cp > 1: seconds of stage s's decode merges in one forward: per layer an all-gather of every cp rank's
+        fp32 (out, lse) partials of `rows` replicated rows."""
+        share = next(r for r in self.shares if r.stage == s)
+        cp = self.layout.cp
+        return share.layers * all_gather(self.cp_link, cp, cp * rows * share.q_heads * (self.cfg.head_dim + 1) * 4)
 
     def prefill(self, work: Workload) -> Terms:
         """TTFT of the workload's batch of prompts, arriving together (at cp > 1 each rank computes 1/cp of
@@ -308,15 +324,15 @@ class Model:
             piece = Pass(b * p / n / cp, b * pairs / n / cp, b * p / n, b / n)
             st = self.stage(0, piece, self.layout.tp * self.layout.dp * cp)
             ctl = self.control(b * p / n)
-            ring = n * self.ring(b * p / n, b * p)
+            ring = n * self.ring(b * p)
             return Terms(n * st.compute, n * st.collectives + ring, n * ctl, 0.0, 0.0, st.total, n, st.bound)
         m, rows = self.groups(b)
         # The engine cuts each prompt into auto_chunks pieces (equal cost; parallel/pipeline.prompt_chunks),
         # and a step holds at most max_batched_tokens tokens.
         c = work.prefill_chunks or max(auto_chunks(p, pp, 1, MIN_CHUNK), math.ceil(rows * p / work.max_batched_tokens))
         n = m * c
-        piece = Pass(rows * p / c, rows * pairs / c, rows * p / c, rows / c)
-        stages, hops = self._pipeline(piece, min(n, pp))
+        piece = Pass(rows * p / c / cp, rows * pairs / c / cp, rows * p / c, rows / c)
+        stages, hops = self._pipeline(piece, min(n, pp), lambda s: self.ring(rows * p, s))
         crit = max(stages, key=lambda x: x.total)
         total = sum(x.total for x in stages) + (n - 1) * crit.total + hops
         busy = n * crit.total
@@ -325,18 +341,16 @@ class Model:
 
     def decode(self, work: Workload) -> Terms:
         """TPOT: the time in which every sequence of the batch gets its next token."""
-        b, pp = work.batch, self.layout.pp
+        b, pp, cp = work.batch, self.layout.pp, self.layout.cp
         ctx = work.prompt_tokens + work.output_tokens / 2  # keys per sequence, on average
+        # every cp rank attends to its 1/cp of the keys; partials all-gathered per layer (merge)
         if pp == 1:
-            cp = self.layout.cp  # every cp rank attends to its 1/cp of the keys; partials all-gathered per layer
             st = self.stage(0, Pass(b, b * ctx / cp, b * ctx / cp, b), self.layout.tp * self.layout.dp * cp)
             ctl = self.control(b)
-            share = self.shares[0]
-            merge = share.layers * all_gather(self.cluster.link_between([0, self.layout.tp]), cp,
-                                              cp * b * share.q_heads * (self.cfg.head_dim + 1) * 4)
-            return Terms(st.compute, st.collectives + merge, ctl, 0.0, 0.0, st.total, 1.0, st.bound)
+            return Terms(st.compute, st.collectives + self.merge(b), ctl, 0.0, 0.0, st.total, 1.0, st.bound)
         m, rows = self.groups(b)
-        stages, hops = self._pipeline(Pass(rows, rows * ctx, rows * ctx, rows), m)
+        stages, hops = self._pipeline(Pass(rows, rows * ctx / cp, rows * ctx / cp, rows), m,
+                                      lambda s: self.merge(rows, s))
         crit = max(stages, key=lambda x: x.total)
         trip = sum(x.total for x in stages) + hops
         busy = m * crit.total

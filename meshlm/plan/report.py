@@ -163,7 +163,7 @@ def fitting_layout(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: st
     fit; cp before pp, since a context whose KV does not fit one rank also prefills faster split by cp."""
     n = cluster.devices
     candidates = [Layout(1, pp, tp, cp=cp) for tp in range(1, n + 1) for pp in range(1, n // tp + 1)
-                  for cp in range(1, n // (tp * pp) + 1) if cp == 1 or pp == 1]
+                  for cp in range(1, n // (tp * pp) + 1)]
     for lay in sorted(candidates, key=lambda x: (x.model_ranks, x.pp, x.cp)):
         try:
             ParallelDims(pp=lay.pp, tp=lay.tp).check_model(cfg)

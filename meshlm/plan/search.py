@@ -49,13 +49,13 @@ class Plan:
 
 
 def layouts(cluster: Cluster, moe: bool = False, cp: int = 1) -> list[Layout]:
-    """Every (dp, pp, tp) whose product with cp is the cluster's device count (pp = 1 when cp > 1); for an MoE
+    """Every (dp, pp, tp) whose product with cp is the cluster's device count; for an MoE
     model each tp > 1 also with ep = tp (whole experts per rank)."""
     if cp < 1 or cluster.devices % cp:
         raise ConfigError(f"--cp {cp} does not divide the cluster's {cluster.devices} devices; choose a divisor.")
     n = cluster.devices // cp
     base = [Layout(n // (tp * pp), pp, tp, cp=cp) for tp in range(1, n + 1) for pp in range(1, n // tp + 1)
-            if n % (tp * pp) == 0 and (cp == 1 or pp == 1)]
+            if n % (tp * pp) == 0]
     return base + ([Layout(x.dp, x.pp, x.tp, ep=x.tp, cp=cp) for x in base if x.tp > 1] if moe else [])
 
 

@@ -19,6 +19,7 @@ import itertools
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -291,7 +292,8 @@ class Router(Fleet):
                             sum(s.kv_usage for s in stats) / len(stats), sum(s.num_preemptions for s in stats),
                             sum(s.prompt_tokens for s in stats), sum(s.generation_tokens for s in stats), comm,
                             max(s.bubble_fraction for s in stats),
-                            _sum_spec([s.speculative for s in stats if s.speculative is not None]))
+                            _sum_spec([s.speculative for s in stats if s.speculative is not None]),
+                            cp_ring_choices=dict(sum((Counter(s.cp_ring_choices) for s in stats), Counter())))
         return Snapshot(total, sum(s.step_seconds for s in snaps))
 
 

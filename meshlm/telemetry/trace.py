@@ -80,7 +80,7 @@ def chrome_trace(reports: list[dict[str, Any]]) -> dict[str, Any]:
     events: list[dict[str, Any]] = []
     for rep in reports:
         pid = rep["rank"]
-        label = f"rank {pid}: stage {rep.get('stage', 0)}, tp {rep.get('tp_index', 0)}"
+        label = f"rank {pid}: stage {rep.get('stage', 0)}, tp {rep.get('tp_index', 0)}" + _cp(rep)
         if "layers" in rep:
             label += f", layers {rep['layers'][0]}..{rep['layers'][1] - 1}"
         events.append({"name": "process_name", "ph": "M", "pid": pid, "tid": 0, "args": {"name": label}})
@@ -103,12 +103,17 @@ def write_chrome_trace(path: str | Path, reports: list[dict[str, Any]]) -> Path:
     return path
 
 
+def _cp(rep: dict[str, Any]) -> str:
+    """", cp i" for a context-parallel rank's report (cp > 1), else ""."""
+    return f", cp {rep['cp_index']}" if "cp_index" in rep else ""
+
+
 def summary_line(rep: dict[str, Any]) -> str:
     """One line per rank: stage, layers, seconds per category, busy and bubble fractions, memory."""
     t = rep["timeline"]["totals"]
     a, b = rep.get("layers", (0, 0))
     ms = {k: round(t[k] * 1000) for k in ("wall", *CATEGORIES)}
-    return (f"rank {rep['rank']} (stage {rep.get('stage', 0)}, tp {rep.get('tp_index', 0)}, "
+    return (f"rank {rep['rank']} (stage {rep.get('stage', 0)}, tp {rep.get('tp_index', 0)}{_cp(rep)}, "
             f"layers {a}..{b - 1}): wall {ms['wall']} ms = compute {ms['compute']} + send {ms['send']} "
             f"+ recv {ms['recv']} + idle {ms['idle']} ms | busy {t['busy']:.0%} bubble {t['bubble']:.0%} | "
             f"weights {rep.get('weight_mb', 0):.0f} MB, KV {rep.get('kv_mb', 0):.1f} MB, "

@@ -186,3 +186,30 @@ def test_cp2_with_speculative_decoding(checkpoint, llm):
         spec = two.engine.stats().speculative
     assert spec is not None and spec.proposed > 0
     assert got == [o.token_ids for o in llm(kind).generate(ps, sp)]
+
+
+def test_cp2_pp2_rings_prefix_cache_and_transformers(checkpoint, llm, reference):
+    """cp=2 x pp=2 (4 ranks): each stage's cp ranks ring over its layer's KV and hand their shard's hidden states to
+    the next stage's matching cp rank; pass-KV and pass-Q, chunked prefill, then a prefix hit; equal to cp=1 and
+    to transformers."""
+    kind = "llama_gqa"
+    sets = {ring: prompts(60 + i, (2, 5, 40, 61)) for i, ring in enumerate(("pass-kv", "pass-q"))}
+    engine = EngineConfig(scheduler=SchedulerConfig(max_num_batched_tokens=48))
+    base = {ring: llm(kind).generate(ps, GREEDY) for ring, ps in sets.items()}
+    again = {}
+    with LLM(str(checkpoint(kind)), cp=2, pp=2, progress=False, engine=engine) as both:
+        assert [i["stage"] for i in both.rank_info()] == [0, 0, 1, 1]
+        for ring, ps in sets.items():
+            both.executor.call("set_cp_ring", ring)
+            assert_same(both.generate(ps, GREEDY), base[ring])
+        for ring, other in (("pass-q", "pass-kv"), ("pass-kv", "pass-q")):  # each ring over the other's cached blocks
+            both.executor.call("set_cp_ring", ring)
+            again[other] = both.generate(sets[other], GREEDY)
+            assert [o.num_cached_tokens for o in again[other]] == [0, 0, 32, 32]
+            assert_same(again[other], base[other])
+        choices = both.executor.call_all("cp_ring_choices")
+    assert choices[0] == choices[2] and set(choices[0]) == {"pass-kv", "pass-q"}  # stage 1 rang as stage 0 did
+    model = reference(kind)
+    for ring, outs in again.items():
+        for p, o in zip(sets[ring], outs):
+            torch.testing.assert_close(logprobs(o), hf_logprobs(model, p, o.token_ids), atol=2e-4, rtol=0)

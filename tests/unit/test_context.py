@@ -157,7 +157,7 @@ def test_planner_divides_kv_by_cp_and_plans_a_long_prompt_at_cp2():
     ok, text = dry_run(cfg, Layout(), h100, work, "bfloat16", budget)
     assert not ok and "--cp 2" in text
     m1, m2 = Model(cfg, Layout(), h100, "bfloat16"), Model(cfg, Layout(cp=2), h100, "bfloat16")
-    assert m1.ring(2048, work.prompt_tokens) == 0 < m2.ring(2048, work.prompt_tokens)
+    assert m1.ring(work.prompt_tokens) == 0 < m2.ring(work.prompt_tokens)
     assert m2.prefill(work).compute < m1.prefill(work).compute  # half the tokens per rank
 
 
@@ -174,8 +174,8 @@ def test_ring_choices_are_exported_to_prometheus():
 
 
 def test_plan_search_at_a_cp_degree():
-    """`meshlm plan --cp 2`: every candidate splits the context in 2 (no pp with cp); a cp that does not divide
-    the devices is refused naming the fix."""
+    """`meshlm plan --cp 2`: every candidate splits the context in 2 (pp included: each stage its own cp ranks); a
+    cp that does not divide the devices is refused naming the fix."""
     from meshlm.config import ModelConfig
     from meshlm.errors import ConfigError
     from meshlm.plan import cluster as clusters
@@ -183,7 +183,7 @@ def test_plan_search_at_a_cp_degree():
     from meshlm.plan.search import layouts, search
 
     h100 = clusters.resolve("8xH100")
-    assert {(x.dp * x.tp, x.pp, x.cp) for x in layouts(h100, cp=2)} == {(4, 1, 2)}
+    assert {(x.dp * x.tp, x.pp, x.cp) for x in layouts(h100, cp=2)} == {(4, 1, 2), (2, 2, 2), (1, 4, 2)}
     cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 512, "intermediate_size": 1024,
                                "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
                                "vocab_size": 1000, "max_position_embeddings": 65536})
@@ -191,3 +191,37 @@ def test_plan_search_at_a_cp_degree():
     assert plan.chosen is not None and all(c.layout.cp == 2 for c in plan.ranked + plan.rejected)
     with pytest.raises(ConfigError, match="--cp 3 does not divide the cluster's 8 devices"):
         layouts(h100, cp=3)
+
+
+def test_planner_cp_with_pp():
+    """cp x pp: a rank holds its stage's layers' KV / cp; each stage splits its prefill over its cp ranks and adds
+    its own ring (the stages' rings sum to the unstaged ring) and its decode merge; the layouts are candidates."""
+    from meshlm.config import ModelConfig
+    from meshlm.plan import cluster as clusters
+    from meshlm.plan.cost import Model
+    from meshlm.plan.layout import Layout, Workload, rank_shares
+    from meshlm.plan.memory import check
+    from meshlm.plan.search import search
+
+    cfg = ModelConfig.from_hf({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+                               "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                               "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 131072})
+    h100 = clusters.resolve("8xH100")
+    both = Layout(pp=2, cp=2)
+    shares = rank_shares(cfg, both, "bfloat16")
+    assert [r.stage for r in shares] == [0, 1]
+    for r in shares:
+        assert r.kv_bytes_per_token == 2 * r.layers * 8 * 128 * 2 // 2  # K+V x stage layers x heads x dim x bf16 / cp
+    work = Workload(prompt_tokens=100_000, output_tokens=100, batch=1)
+    budget = 60_000 * max(r.kv_bytes_per_token for r in rank_shares(cfg, Layout(pp=2), "bfloat16"))
+    assert not check(cfg, Layout(pp=2), h100, work, "bfloat16", budget).ok
+    assert check(cfg, both, h100, work, "bfloat16", budget).ok
+    flat, staged, pipe = (Model(cfg, lay, h100, "bfloat16") for lay in (Layout(cp=2), both, Layout(pp=2)))
+    ctx = work.prompt_tokens
+    assert staged.ring(ctx, 0) > 0 and staged.ring(ctx, 1) > 0
+    assert staged.ring(ctx, 0) + staged.ring(ctx, 1) == pytest.approx(flat.ring(ctx))
+    pre, pre_pp = staged.prefill(work), pipe.prefill(work)
+    assert pre.compute < pre_pp.compute and pre.collectives > pre_pp.collectives  # half the tokens, plus the ring
+    assert staged.decode(work).collectives > pipe.decode(work).collectives  # the per-layer merge of partials
+    plan = search(cfg, h100, work, "bfloat16", cp=2)
+    assert any(c.layout.pp > 1 for c in plan.ranked)

@@ -71,15 +71,17 @@ def test_rank_layout_is_tp_fastest_then_pp_then_dp():
 
 
 def test_cp_layout_sits_between_pp_and_tp():
-    """cp ranks of one stage are tp apart; tp stays adjacent; every kind partitions the ranks."""
+    """cp ranks of one stage are tp apart; tp stays adjacent; every kind partitions the ranks; a pipeline group
+    joins the same (cp, tp) index of every stage, so a cp rank's hidden states reach the next stage's cp peer."""
     dims = ParallelDims(pp=2, cp=2, tp=2)
     assert dims.tp_groups() == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert dims.cp_groups() == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert dims.pp_groups() == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert [dims.cp_index(r) for r in range(8)] == [0, 0, 1, 1, 0, 0, 1, 1]
     assert all(dims.rank_of(*dims.coords(r), dims.cp_index(r)) == r for r in range(8))
-    with pytest.raises(ConfigError, match=r"context parallelism \(cp=2\) does not combine with pipeline"):
-        dims.check_runnable()
+    assert all(dims.cp_index(g[0]) == dims.cp_index(g[1]) and dims.coords(g[0])[2] == dims.coords(g[1])[2]
+               for g in dims.pp_groups())
+    dims.check_runnable()
     ParallelDims(cp=2, tp=2).check_runnable()
 
 

@@ -196,3 +196,14 @@ def test_moved_request_resumes_where_it_was():
     assert work.resume[0].token_ids == (9, 10) and work.resume[0].text == "w9."
     assert work.prompts == ((5, 6, 7),) and 0 < work.timeout_s <= 5.0
     assert rec.replica == 1 and rec.accepted
+
+
+def test_router_snapshot_sums_cp_ring_choices():
+    """/metrics reads the router's summed snapshot: the replicas' context-parallel ring choices add up there."""
+    from meshlm.engine.engine import EngineStats
+    from meshlm.serve.engine_loop import Snapshot
+
+    router = _router(2)
+    for r, choices in zip(router.replicas, ({"pass-kv": 3, "pass-q": 1}, {"pass-q": 2})):
+        r.snapshot = Snapshot(EngineStats(cp_ring_choices=choices))
+    assert router.snapshot.stats.cp_ring_choices == {"pass-kv": 3, "pass-q": 3}
