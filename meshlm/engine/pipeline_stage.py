@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import pickle
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -40,8 +41,9 @@ class StageDriver:
     """This rank's part of pipelined engine steps."""
 
     def __init__(self, runner: ModelRunner, groups: Groups, stage: StagePlan, hidden_size: int,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, after_step: Callable[[], None] = lambda: None) -> None:
         self.runner, self.groups, self.stage = runner, groups, stage
+        self.after_step = after_step  # run after each of this stage's forwards (expert rebalancing)
         self.comm = groups.pp
         self.hidden_size, self.dtype = hidden_size, dtype
         self.prev, self.next, self.last = stage.index - 1, stage.index + 1, stage.count - 1
@@ -67,6 +69,7 @@ class StageDriver:
             self._share(step)
             hidden = self.runner.forward(step)
         self._pass_on(step, hidden, self.submitted)
+        self.after_step()
         self.submitted += 1
 
     def collect(self) -> StepOutput:
@@ -107,6 +110,7 @@ class StageDriver:
                 self._pass_on(step, out, self.submitted)
             elif self.groups.tp.index == 0 and self.cp_index == 0:  # the rank holding the sampled rows
                 self._reply(finish(out, step))
+            self.after_step()
             self.submitted += 1
         self._wait_posted()
 

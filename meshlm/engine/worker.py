@@ -69,9 +69,6 @@ class WorkerSpec:
         if (b.interval or b.redundant or b.slots) and self.dims.ep == 1:
             raise ConfigError("--eplb-interval, --redundant-experts and --expert-slots place whole experts: they need "
                               "--ep > 1.")
-        if b.interval and self.dims.pp > 1:
-            raise ConfigError(f"--eplb-interval {b.interval} rebalances between steps of one stage: it needs --pp 1; "
-                              "with stages, call LLM.rebalance_experts() between steps.")
 
 
 def memory_mb() -> dict[str, float]:
@@ -189,16 +186,23 @@ class Worker:
         self.runner = ModelRunner(self.model, self.cfg, self.dtype, self.device, self.groups.cp, self.spec.cp_ring)
         self.runner.allocate(num_blocks, block_size, announce=self.rank == 0)
         self.kv_pool_bytes = num_blocks * self.kv_block_bytes(block_size)
-        self.stages = StageDriver(self.runner, self.groups, self.stage, self.cfg.hidden_size, self.dtype) \
-            if self.spec.dims.pp > 1 else None
+        self.stages = StageDriver(self.runner, self.groups, self.stage, self.cfg.hidden_size, self.dtype,
+                                  self._after_step) if self.spec.dims.pp > 1 else None
 
     def execute(self, step: StepInput) -> StepOutput:
-        """One engine step on this rank (pp == 1): the sampled rows' argmax and the logits asked for; every
-        --eplb-interval steps the experts are then rebalanced (between steps, on every rank of the group)."""
+        """One engine step on this rank (pp == 1): the sampled rows' argmax and the logits asked for."""
         out = self.runner.execute(step)
+        self._after_step()
+        return out
+
+    def _after_step(self) -> None:
+        """After this stage ran an engine step: every --eplb-interval steps, rebalance this stage's MoE layers.
+
+        Every rank of a stage runs the same steps in the same order (pp > 1: in submission order, one at a time),
+        so its ep group agrees on step n without a message, and between two of its steps no row is in flight for
+        its layers; other stages' layers are theirs alone. Placement never changes the outputs (dropless)."""
         if self.balancer.layers:
             self.balancer.after_step(self._fetch_experts)
-        return out
 
     def rebalance_experts(self) -> dict:
         """Rebalance this stage's MoE layers now, from the load window (see parallel/eplb.py)."""

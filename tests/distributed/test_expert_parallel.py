@@ -107,33 +107,46 @@ def test_capacity_factor_drops_and_counts(checkpoint, single):
     assert engine.expert_tokens_dropped == dropped == metrics["meshlm_expert_tokens_dropped_total"]
 
 
-def test_rebalance_mid_stream_keeps_outputs_and_exports(checkpoint, single):
-    """A manual rebalance between steps of running requests, then one every 5 steps: replicas of the hottest
-    experts land on the other rank, each rank within its slots, the max / mean rank load never rises, and the
-    greedy tokens equal one device's. Balance, per-expert load and per-link bytes reach /metrics."""
-    with LLM(str(checkpoint("qwen2_moe")), ep=2, redundant_experts=2, eplb_interval=5, progress=False) as llm:
+@pytest.mark.parametrize("pp", [1, 2])
+def test_rebalance_mid_stream_keeps_outputs_and_exports(pp, checkpoint, single):
+    """A manual rebalance between steps of running requests, then one every 5 steps (at pp = 2 each stage
+    rebalances its own layers after its step 5, 10, ..): replicas of the hottest experts land on the other rank
+    of the stage, each rank within its slots, the max / mean rank load never rises, and the greedy tokens equal
+    one device's. Balance, per-expert load and per-link bytes reach /metrics."""
+    ep = 2
+    with LLM(str(checkpoint("qwen2_moe")), ep=ep, pp=pp, redundant_experts=2, eplb_interval=5,
+             progress=False) as llm:
         llm.reset_comm_stats()  # rank 0 lives in this process: earlier LLMs' collective totals
         ids, plist = llm._prepare(PROMPTS, GREEDY, False)
         reqs = [llm.engine.add_request(p, sp) for p, sp in zip(ids, plist)]
         for _ in range(7):
             llm.engine.step()
+        llm.engine.drain()  # pp > 1: the steps in flight finish first (the ranks take calls between steps)
         reports = llm.rebalance_experts()
         held = llm.expert_stats()
         while llm.engine.has_unfinished():
             llm.engine.step()
         stats, comm, experts = llm.engine.stats(), llm.comm_stats(), llm.expert_stats()
+        every = llm.executor.call_all("expert_figures")
     assert [r.out.token_ids for r in reqs] == single("qwen2_moe")
-    assert reports[0]["balance"] == reports[1]["balance"]  # each rank decided alone, alike (the group's window)
-    bal = reports[0]["balance"]
-    assert bal and all(after <= before + 1e-9 for before, after in bal.values())
-    assert any(after < before for before, after in bal.values()) and sum(r["moved"] for r in reports) > 0
-    for layer in bal:
-        ranks = [set(st["experts"][str(layer)]) for st in held]
-        assert all(len(r) <= 8 // 2 + 1 for r in ranks) and ranks[0] | ranks[1] == set(range(8))
-    assert any(ranks[0] & ranks[1] for layer in bal for ranks in [[set(st["experts"][str(layer)]) for st in held]])
-    f = stats.experts
+    assert all(f.rebalances > 1 for f in every)  # the manual one and the periodic ones, on every stage
+    layers = set()
+    for stage in range(pp):
+        group = slice(stage * ep, (stage + 1) * ep)
+        rep, hold = reports[group], held[group]
+        assert rep[0]["balance"] == rep[1]["balance"]  # each rank decided alone, alike (the group's window)
+        bal = rep[0]["balance"]
+        assert bal and all(after <= before + 1e-9 for before, after in bal.values())
+        assert any(after < before for before, after in bal.values()) and sum(r["moved"] for r in rep) > 0
+        for layer in bal:
+            ranks = [set(st["experts"][str(layer)]) for st in hold]
+            assert all(len(r) <= 8 // 2 + 1 for r in ranks) and ranks[0] | ranks[1] == set(range(8))
+        assert any(set(hold[0]["experts"][str(layer)]) & set(hold[1]["experts"][str(layer)]) for layer in bal)
+        layers |= set(bal)
+    assert layers == {i for i in range(llm.cfg.num_layers) if llm.cfg.is_sparse(i)}  # every stage's MoE layers
+    f = stats.experts  # rank 0's: stage 0's group
     assert f.rebalances > 1 and set(f.balance) == {int(k) for k in experts[0]["routed"]}
-    assert sum(f.link_bytes.values()) == sum(c["tp/all_to_all_v"]["bytes"] for c in comm)
+    assert sum(f.link_bytes.values()) == sum(c["tp/all_to_all_v"]["bytes"] for c in comm[:ep])
     metrics = parse_samples(ServerMetrics(lambda: Snapshot(stats)).render().decode())
     layer = min(f.balance)
     assert metrics[f'meshlm_expert_balance_ratio{{layer="{layer}"}}'] == pytest.approx(f.balance[layer])
