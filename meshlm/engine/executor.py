@@ -30,6 +30,7 @@ from meshlm.parallel.launch import (
     shutdown_distributed,
     under_torchrun,
 )
+from meshlm.parallel.shm import PeerLostError
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,13 @@ def serve_rank(rv: RendezvousInfo, spec: WorkerSpec) -> None:
             if call.gather:
                 groups.world.gather_object(result, 0)
     except RuntimeError as e:  # a collective failed: a peer died, stopped or cannot be reached
-        raise RankFailure(f"rank {rv.rank}: a collective failed: {e}{other_hosts(hosts, rv.rank)}") from None
+        raise RankFailure(f"rank {rv.rank}: a collective failed: {e}{_suspects(e, hosts, rv.rank)}") from None
     shutdown_distributed()
+
+
+def _suspects(exc: BaseException, hosts: list[str], rank: int) -> str:
+    """other_hosts() unless the error names the lost member already (Comm.lost, shm waiters)."""
+    return "" if isinstance(exc, PeerLostError) else other_hosts(hosts, rank)
 
 
 def process_guard() -> None:
@@ -175,7 +181,7 @@ class Executor:
 
     def _failure(self, exc: BaseException) -> RankFailure:
         err = (self.local.error(exc) if self.local
-               else RankFailure(f"a collective failed: {exc}{other_hosts(self.hosts, 0)}"))
+               else RankFailure(f"a collective failed: {exc}{_suspects(exc, self.hosts, 0)}"))
         self.broken, self.in_flight, self.pipelining = True, 0, False
         self.close(graceful=False)
         return err

@@ -3,9 +3,12 @@
 Process groups are made once (build_groups) and passed in. Transport per group: shared memory (shm.py)
 for CPU groups whose members share a host, NCCL on CUDA, gloo otherwise; `transport` (or env
 MESHLM_TRANSPORT: auto | shm | gloo) overrides. Every group keeps its gloo/NCCL group too, for control
-messages (broadcast_object, barrier) and for tensors above Comm.shm_max_bytes. Statistics (calls, bytes,
-seconds, transport per op) feed telemetry: `stats()` returns a snapshot. Bytes count the local payload
-each rank hands to the op (the input tensor's size).
+messages (broadcast_object, barrier) and for tensors above Comm.shm_max_bytes. A member that dies or goes
+quiet fails the others' collective within the timeout, named, on either transport: shm.py's waiters check the
+awaited pid; a failed gloo/NCCL op (its peer's sockets closed, or the group timeout) becomes the same
+PeerLostError naming the members that exited (pids on this host) or else the members on other hosts.
+Statistics (calls, bytes, seconds, transport per op) feed telemetry: `stats()` returns a snapshot. Bytes count
+the local payload each rank hands to the op (the input tensor's size).
 """
 
 from __future__ import annotations
@@ -29,7 +32,22 @@ from meshlm.errors import ConfigError
 from meshlm.parallel import shm
 
 TRANSPORTS = ("auto", "shm", "gloo")
+LOST_POLL_S = 0.5  # after a failed op, how long to look for the member that exited (its sockets close first)
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Member:
+    """Where a group member runs (to name it when it is lost): host name, pid namespace, process id."""
+
+    host: str
+    pidns: str
+    pid: int
+
+
+def whoami() -> Member:
+    """This process as a group Member."""
+    return Member(socket.gethostname(), _pid_namespace(), os.getpid())
 
 
 @dataclass
@@ -93,8 +111,9 @@ class Comm:
 
     def __init__(self, name: str, ranks: list[int], group: Any, global_rank: int,
                  stats: CommStats = STATS, transport: str = "gloo",
-                 shm_group: shm.ShmGroup | None = None) -> None:
+                 shm_group: shm.ShmGroup | None = None, members: list[Member] | None = None) -> None:
         self.name = name
+        self.members = members  # by group index; None: unknown (a lost peer is then named by the op's error alone)
         self.ranks = list(ranks)
         self.group = group
         self.size = len(ranks)
@@ -111,9 +130,36 @@ class Comm:
 
     def _timed(self, op: str, nbytes: int, fn, *args, **kw):
         t0 = time.perf_counter()
-        out = fn(*args, **kw)
+        try:
+            out = fn(*args, **kw)
+        except shm.PeerLostError:
+            raise
+        except RuntimeError as e:
+            raise self.lost(op, e) from None
         self.stats.record(self.name, op, nbytes, time.perf_counter() - t0, self.base)
         return out
+
+    def lost(self, op: str, err: BaseException) -> shm.PeerLostError:
+        """The error for a failed gloo/NCCL op: names the members on this host that exited (polled up to
+        LOST_POLL_S: a killed peer's sockets close before it is gone), else the members on other hosts."""
+        from meshlm.parallel.launch import other_hosts
+
+        me, who = self.ranks[self.index], self.members or []
+        mine = who[self.index] if who else None
+        here = [i for i, m in enumerate(who) if i != self.index and (m.host, m.pidns) == (mine.host, mine.pidns)]
+        deadline = time.monotonic() + (LOST_POLL_S if here else 0.0)
+        while True:
+            dead = [i for i in here if not shm.pid_alive(who[i].pid)]
+            if dead or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        if dead:
+            names = ", ".join(f"rank {self.ranks[i]} (pid {who[i].pid})" for i in dead)
+            return shm.PeerLostError(f"{names} exited while rank {me} waited for it in {self.name}/{op} over "
+                                     f"{self.base}")
+        cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        far = other_hosts([m.host for m in who], self.index, self.ranks) if who else ""
+        return shm.PeerLostError(f"{self.name}/{op} over {self.base} failed on rank {me}: {cause}{far}")
 
     def _timed_shm(self, op: str, nbytes: int, fn, *args):
         """_timed for a ShmGroup method (the decode path: kept short)."""
@@ -329,8 +375,11 @@ class Exchange:
     def wait(self) -> None:
         """Finish the posted send and receive."""
         t0 = time.perf_counter()
-        for w in self.works:
-            w.wait()
+        try:
+            for w in self.works:
+                w.wait()
+        except RuntimeError as e:
+            raise self.comm.lost(self.op, e) from None
         self.comm.stats.record(self.comm.name, self.op, self.nbytes, time.perf_counter() - t0, self.comm.base)
 
 
@@ -439,14 +488,16 @@ def build_groups(dims, rank: int, backend: str, timeout_s: float, transport: str
         raise ConfigError(f"the shm transport needs CPU tensors (gloo) on x86-64 Linux with /dev/shm; this "
                           f"is {backend} on {os.uname().machine}. Use --transport auto or gloo.")
     label = "nccl" if "nccl" in backend else backend  # "cpu:gloo,cuda:nccl": tensors on NCCL, objects on gloo
-    world = Comm("world", list(range(dims.world_size)), dist.group.WORLD, rank, transport=label)
+    every: list[Any] = [None] * dims.world_size
+    dist.all_gather_object(every, whoami())  # each rank's host and pid: a lost one is named by any group
+    world = Comm("world", list(range(dims.world_size)), dist.group.WORLD, rank, transport=label, members=every)
 
     def make(name: str, all_groups: list[list[int]]) -> Comm:
         mine = None
         for ranks in all_groups:
             g = dist.new_group(ranks, backend=backend, timeout=timeout) if len(ranks) > 1 else None
             if rank in ranks:
-                mine = Comm(name, ranks, g, rank, transport=label)
+                mine = Comm(name, ranks, g, rank, transport=label, members=[every[r] for r in ranks])
         assert mine is not None
         return use_transport(mine, transport, timeout_s)
 

@@ -103,13 +103,15 @@ def init_distributed(rv: RendezvousInfo) -> list[str]:
     return hosts
 
 
-def other_hosts(hosts: list[str], rank: int) -> str:
-    """'; ranks on other hosts: rank 1 on h1, ...' as seen from `rank` ('' when every rank shares its host).
+def other_hosts(hosts: list[str], rank: int, ranks: list[int] | None = None) -> str:
+    """'; ranks on other hosts: rank 1 on h1, ...' as seen from member `rank` of `ranks` (default: the world;
+    hosts by member) ('' when every member shares its host).
 
     A collective that times out does not say which peer went quiet; across hosts a lost link is the usual
     cause, so the error names the ranks behind one.
     """
-    far = [f"rank {r} on {h}" for r, h in enumerate(hosts) if h != hosts[rank]]
+    ranks = ranks if ranks is not None else list(range(len(hosts)))
+    far = [f"rank {ranks[i]} on {h}" for i, h in enumerate(hosts) if h != hosts[rank]]
     return f"; ranks on other hosts (one of them failed or is unreachable): {', '.join(far)}" if far else ""
 
 

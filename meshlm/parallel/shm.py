@@ -49,7 +49,8 @@ Shape = int | torch.Size  # an int n means (n,)
 
 
 class PeerLostError(MeshlmError, RuntimeError):
-    """A member of a shared-memory group died or missed the collective timeout; the message names it."""
+    """A group member died or missed the collective timeout (either transport, comm.Comm.lost); the message
+    names it."""
 
 
 def supported() -> bool:

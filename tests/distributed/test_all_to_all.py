@@ -124,14 +124,16 @@ def test_all_to_all_v_edges(pool):
                 assert pool(case) == []
 
 
-def _fault_rank(rank: int, port: int, conn) -> None:
-    """Three ranks loop all-to-all-v exchanges over shared memory until a peer disappears."""
+def _fault_rank(rank: int, port: int, transport: str, conn) -> None:
+    """Three ranks (one group, built as the engine builds its groups) loop all-to-all-v until a peer disappears."""
     import torch.distributed as dist
 
+    from meshlm.parallel.comm import build_groups
+    from meshlm.parallel.mesh import ParallelDims
+
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3)
-    seg, why = attach_shm(dist.group.WORLD, [0, 1, 2], rank, "tp", 30.0)
-    assert seg is not None, why
-    comm = Comm("tp", [0, 1, 2], dist.group.WORLD, rank, shm_group=seg)
+    comm = build_groups(ParallelDims(tp=3, world_size=3), rank, "gloo", 30.0, transport).tp
+    assert comm.transport == transport
     conn.send(("ready", os.getpid()))
     matrix = [[3, 0, 5], [1, 2, 0], [4, 4, 4]]
     x = torch.ones(sum(matrix[rank]), 256)
@@ -143,13 +145,15 @@ def _fault_rank(rank: int, port: int, conn) -> None:
     os._exit(0)
 
 
-def test_rank_killed_mid_all_to_all_is_named():
-    """SIGKILL one of three ranks looping all-to-all-v: the others raise within 2 s, naming it."""
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_rank_killed_mid_all_to_all_is_named(transport):
+    """SIGKILL one of three ranks looping all-to-all-v, over shared memory or gloo (other hosts' path): the
+    others raise within 2 s, naming it."""
     ctx = mp.get_context("spawn")
     port, conns, procs, pids = free_port(), [], [], []
     for r in range(3):
         a, b = ctx.Pipe()
-        procs.append(ctx.Process(target=_fault_rank, args=(r, port, b), daemon=True))
+        procs.append(ctx.Process(target=_fault_rank, args=(r, port, transport, b), daemon=True))
         procs[-1].start()
         conns.append(a)
     for c in conns:
@@ -161,7 +165,8 @@ def test_rank_killed_mid_all_to_all_is_named():
     for r in (0, 2):
         assert conns[r].poll(10), "a waiter did not notice the dead rank"
         kind, msg, at = conns[r].recv()
-        assert kind == "error" and "rank 1" in msg and "exited" in msg and "all_to_all_v" in msg, msg
+        assert kind == "error" and f"rank 1 (pid {pids[1]}) exited" in msg and "all_to_all_v" in msg, msg
+        assert {"shm": "over shared memory", "gloo": "over gloo"}[transport] in msg, msg
         assert at - killed < 2.0
     for p in procs:
         p.join(10)

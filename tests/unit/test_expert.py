@@ -162,3 +162,25 @@ def test_loader_reads_only_the_experts_a_rank_owns(kind, checkpoint):
     assert experts and {int(n.split(".experts.")[1].split(".")[0]) for n in experts} == mine
     w1 = model.get_submodule(f"layers.{next(i for i in range(cfg.num_layers) if cfg.is_sparse(i))}.mlp.experts").w1
     assert w1.shape == (len(mine), cfg.expert_inter, cfg.hidden_size)
+
+
+def test_failed_gloo_op_names_the_lost_member():
+    """A failed gloo op (Comm.lost): a member on this host whose process is gone is named as exited; with none
+    gone, the members on other hosts are named as the suspects, with the op's own error."""
+    import subprocess
+    import sys
+
+    from meshlm.parallel.comm import Comm, Member
+    from meshlm.parallel.shm import PeerLostError
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # reaped: its pid names no process
+    members = [Member("h0", "ns", 1), Member("h0", "ns", 99), Member("h0", "ns", gone.pid), Member("h1", "ns", 7)]
+    comm = Comm("tp", [4, 5, 6, 7], None, 5, members=members)
+    err = comm.lost("all_to_all_v", RuntimeError("[pair.cc:553] Connection closed by peer [10.0.0.2]:4711"))
+    assert isinstance(err, PeerLostError)
+    assert str(err) == f"rank 6 (pid {gone.pid}) exited while rank 5 waited for it in tp/all_to_all_v over gloo"
+    members[2] = Member("h0", "ns", 1)  # everyone on this host alive: the far member is the suspect
+    err = Comm("tp", [4, 5, 6, 7], None, 5, members=members).lost("all_gather", RuntimeError("Timed out\nmore"))
+    assert str(err) == ("tp/all_gather over gloo failed on rank 5: Timed out; ranks on other hosts (one of them "
+                        "failed or is unreachable): rank 7 on h1")
