@@ -68,6 +68,9 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
                    help="reject layouts slower than this to the first token")
     p.add_argument("--slo-tpot-ms", type=float, default=None,
                    help="reject layouts slower than this per output token")
+    p.add_argument("--expert-hit-rate", type=float, default=None, metavar="P",
+                   help="MoE with an expert budget: share of expert uses found resident (default: the resident "
+                        "share of the experts, as under uniform routing)")
 
 
 def add_parser(sub: Any) -> None:
@@ -90,6 +93,12 @@ def add_parser(sub: Any) -> None:
                         "int4 (Q4_0, 18/32), int4-min (Q4_1, 20/32). Default: a .gguf model's own formats "
                         "(the bundled SmolLM2: Q4_1 layers, Q8_0 embedding), else the dtype")
     _workload_args(p)
+    p.add_argument("--redundant-experts", type=int, default=0, metavar="N",
+                   help="MoE at ep > 1: size each rank for its balancer slots with N extra expert copies per group")
+    p.add_argument("--expert-budget", type=int, default=0, metavar="BYTES",
+                   help="MoE at tp = 1: plan with this many bytes of resident experts per rank (the rest read "
+                        "from host memory per miss). Without it, a tp = 1 layout that fits only with a budget "
+                        "is planned with the largest that fits")
     p.add_argument("--cp", type=int, default=1,
                    help="context-parallel degree of every layout (KV per rank / cp, the ring in the prefill "
                         "cost); the search then spans dp x pp x tp over the devices / cp (default 1)")
@@ -111,7 +120,8 @@ def workload_from(args: argparse.Namespace) -> Workload:
     over = {"objective": args.objective, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
             "output_tokens": args.output_tokens,
             "slo_ttft_s": args.slo_ttft_ms / 1e3 if args.slo_ttft_ms else None,
-            "slo_tpot_s": args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None}
+            "slo_tpot_s": args.slo_tpot_ms / 1e3 if args.slo_tpot_ms else None,
+            "expert_hit_rate": getattr(args, "expert_hit_rate", None)}
     return replace(w, **{k: v for k, v in over.items() if v is not None})
 
 
@@ -124,7 +134,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     c = clusters.resolve(args.cluster)
     dtype = args.dtype or ("float32" if c.node.shared_memory else "bfloat16")
     weights = weight_format(args.model, args.dtype is not None, args.quantize)
-    plan = search(cfg, c, workload_from(args), dtype, name, weights, cp=args.cp)
+    plan = search(cfg, c, workload_from(args), dtype, name, weights, cp=args.cp,
+                  redundant=args.redundant_experts, expert_budget=args.expert_budget)
     print(json.dumps(plan_json(plan), indent=1) if args.json else format_plan(plan, cfg, c))
     return 0 if plan.chosen is not None else 1
 
@@ -137,7 +148,8 @@ def cmd_dry_run(args: argparse.Namespace, kv_default: float) -> int:
     cfg, _ = model_config(args.model)
     c = clusters.resolve("local")
     layout = Layout(1, getattr(args, "pp", 1) or 1, args.tp, ep=getattr(args, "ep", 1) or 1,
-                    cp=getattr(args, "cp", 1) or 1)
+                    cp=getattr(args, "cp", 1) or 1, redundant=getattr(args, "redundant_experts", 0) or 0,
+                    expert_budget=getattr(args, "expert_budget", None) or 0)
     context = min(args.max_context or cfg.max_position, cfg.max_position)
     if args.command == "generate":
         prompt = max(1, len(args.prompt) // 3)  # ~3 characters a token; the tokenizer is not loaded

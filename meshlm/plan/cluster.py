@@ -18,7 +18,9 @@ On a CPU host (`shared_memory: true`) a "device" is one core: its matmul rate an
 thread's, the ranks of a layout share the node's memory and its cores (each rank gets cores // ranks
 threads, as meshlm's default), `memory_bandwidth_gbs` caps the node's total streaming rate (one process
 per core reading at once), and `thread_scaling` is the share of linear bandwidth scaling one process reaches
-with every core as a thread (decode GEMVs; 1.0 when threads scale as processes do).
+with every core as a thread (decode GEMVs; 1.0 when threads scale as processes do). `host_read_gbs` (optional)
+is the rate one rank reads cold experts from host memory (--expert-budget misses; measured: the expert
+buffer's fetch seconds, docs/expert_parallelism.md).
 `meshlm plan --calibrate` writes this host's file (the "local" cluster) in this same format.
 """
 
@@ -34,6 +36,7 @@ import yaml
 
 from meshlm.errors import ConfigError
 
+PCIE_BYTES_S = 25e9  # host -> GPU copies, PCIe 4.0 x16 as achieved (the host_read default of a GPU node)
 GIB = 2**30
 PROFILE_ENV = "MESHLM_CLUSTER_PROFILE"
 DTYPES = ("float32", "bfloat16", "float16")
@@ -93,6 +96,9 @@ class Node:
     # One process's streaming rate with all `devices` cores as threads, over `devices` x one thread's (CPU
     # hosts; 1.0: linear). Threads of one rank share its GEMVs' fork and join; processes do not.
     thread_scaling: float = 1.0
+    # bytes/s one rank reads cold experts from host memory (--expert-budget misses); None: a CPU host reads the
+    # memory-mapped checkpoint at its streaming rate, a GPU node over PCIe at PCIE_BYTES_S
+    host_read: float | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.thread_scaling <= 1:
@@ -189,10 +195,10 @@ def from_dict(d: dict[str, Any]) -> Cluster:
             reserved=float(dev.get("reserved_gib", 0.0)) * GIB,
             layer_overhead=float(dev.get("layer_overhead_us", 0)) * 1e-6,
             step_overhead=float(dev.get("step_overhead_us", 0)) * 1e-6)
-        cap = n.get("memory_bandwidth_gbs")
+        cap, host = n.get("memory_bandwidth_gbs"), n.get("host_read_gbs")
         node = Node(int(n["devices"]), device, tuple(_link_from(x) for x in n["links"]),
                     bool(n.get("shared_memory", False)), float(cap) * 1e9 if cap else None,
-                    float(n.get("thread_scaling", 1.0)))
+                    float(n.get("thread_scaling", 1.0)), float(host) * 1e9 if host else None)
         inter = _link_from(d["inter"]) if d.get("inter") else None
         return Cluster(str(d.get("name", "cluster")), int(d.get("nodes", 1)), node, inter,
                        dict(d.get("notes", {})))
@@ -218,6 +224,8 @@ def to_dict(c: Cluster) -> dict[str, Any]:
         "links": [_link_dict(ln) for ln in c.node.links]}}
     if c.node.memory_bandwidth:
         out["node"]["memory_bandwidth_gbs"] = _sig(c.node.memory_bandwidth / 1e9)
+    if c.node.host_read:
+        out["node"]["host_read_gbs"] = _sig(c.node.host_read / 1e9)
     if c.node.thread_scaling != 1.0:
         out["node"]["thread_scaling"] = _sig(c.node.thread_scaling)
     if c.inter is not None:

@@ -14,6 +14,10 @@ the last stage: ring all-reduce 2(p-1)a + 2(p-1)/p n/b, all-gather (p-1)a + (p-1
 group crosses. At ep = tp the MoE layer's all-reduce becomes: an all-gather of the row counts, two
 all-to-all-v (dispatch, combine: each rank sends its T/ep tokens x K rows, (p-1)a + (p-1)/p n/b) and the
 all-gather of the [T, H] token shares (parallel/expert.py).
+With an expert budget (layout.expert_budget, tp = 1) each forward reads its misses from host memory:
+  fetch = layers x min(E, tokens x K) experts touched x (1 - hit rate) x bytes of one stored expert / host_read
+(hit rate: the workload's measured one, else resident / held experts; host_read: the node's, else a CPU host's
+streaming rate or PCIe on a GPU node); no overlap with compute is assumed (the read-ahead hides some).
 Every engine step first sends its input (StepInput) to the ranks: at pp = 1 a broadcast to every rank
 (control), at pp > 1 a tp broadcast on stage 0, then each hop carries a header, the pickled
 step and the hidden rows [T, H] (3 messages over the pipeline's torch.distributed link, never shm), and
@@ -49,7 +53,7 @@ from dataclasses import dataclass
 
 from meshlm.config import ModelConfig
 from meshlm.parallel.partition import MIN_CHUNK, auto_chunks
-from meshlm.plan.cluster import Cluster, Link
+from meshlm.plan.cluster import PCIE_BYTES_S, Cluster, Link
 from meshlm.plan.layout import BYTES, Layout, RankShare, Workload, rank_shares
 from meshlm.plan.weights import WeightFormat
 
@@ -74,11 +78,12 @@ class Terms:
     stage_max: float  # slowest stage's time per piece (compute + collectives)
     pieces: float  # steps the slowest stage works through
     bound: str  # "compute" or "bandwidth": the roofline side of the compute term
+    fetch: float = 0.0  # expert buffer misses read from host memory (--expert-budget)
 
     @property
     def total(self) -> float:
         """The phase's latency in seconds."""
-        return self.compute + self.collectives + self.control + self.p2p + self.bubble
+        return self.compute + self.collectives + self.control + self.p2p + self.bubble + self.fetch
 
     @property
     def factor(self) -> float:
@@ -89,7 +94,7 @@ class Terms:
         """Plain numbers, with the total."""
         return {"compute": self.compute, "collectives": self.collectives, "control": self.control,
                 "p2p": self.p2p, "bubble": self.bubble, "total": self.total, "stage_max": self.stage_max,
-                "pieces": self.pieces, "factor": self.factor, "bound": self.bound}
+                "pieces": self.pieces, "factor": self.factor, "bound": self.bound, "fetch": self.fetch}
 
 
 @dataclass(frozen=True)
@@ -181,11 +186,12 @@ class StageCost:
     compute: float
     collectives: float
     bound: str
+    fetch: float = 0.0  # expert buffer misses
 
     @property
     def total(self) -> float:
-        """Compute plus collectives (nothing overlaps on the critical path)."""
-        return self.compute + self.collectives
+        """Compute plus collectives plus expert fetches (nothing overlaps on the critical path)."""
+        return self.compute + self.collectives + self.fetch
 
 
 def threads_per_rank(cluster: Cluster, layout: Layout) -> int:
@@ -200,8 +206,9 @@ class Model:
     """Costs of a (model, layout, cluster, dtype): stage times, hops and the two phases."""
 
     def __init__(self, cfg: ModelConfig, layout: Layout, cluster: Cluster, dtype: str,
-                 weights: WeightFormat | None = None) -> None:
+                 weights: WeightFormat | None = None, hit_rate: float | None = None) -> None:
         self.cfg, self.layout, self.cluster, self.dtype = cfg, layout, cluster, dtype
+        self.hit_rate = hit_rate
         self.elem = BYTES[dtype]
         self.threads = threads_per_rank(cluster, layout)
         self.shares = rank_shares(cfg, layout, dtype, weights)
@@ -243,6 +250,17 @@ class Model:
         layers = next(r.layers for r in self.shares if r.stage == s)
         return 2 * layers + (s == 0) + (s == self.layout.pp - 1)
 
+    def fetch(self, s: int, tokens: float, busy: float) -> float:
+        """Seconds stage s spends per forward of `tokens` reading expert buffer misses from host memory."""
+        share = max((r for r in self.shares if r.stage == s), key=lambda r: r.experts - r.resident)
+        if share.resident >= share.experts:
+            return 0.0
+        hit = self.hit_rate if self.hit_rate is not None else share.resident / share.experts
+        touched = min(self.cfg.num_experts, max(1.0, tokens * self.cfg.num_experts_per_tok))
+        node = self.cluster.node
+        rate = node.host_read or (self.rates(busy).bandwidth if node.shared_memory else PCIE_BYTES_S)
+        return share.layers * touched * (1 - hit) * share.expert_bytes / rate
+
     def stage(self, s: int, work: Pass, busy: float, extra: float = 0.0) -> StageCost:
         """Seconds of stage s for one step of `work` while `busy` ranks of the node compute at once; `extra`:
         its cp ring or merge seconds, counted among the collectives."""
@@ -266,7 +284,7 @@ class Model:
         if s == self.layout.pp - 1:
             coll += all_gather(self.tp_link, tp, work.rows * cfg.vocab_size * 4)
         slow = self.slowdown(busy)
-        return StageCost((best[0] + dev.step_overhead) * slow, coll * slow, best[1])
+        return StageCost((best[0] + dev.step_overhead) * slow, coll * slow, best[1], self.fetch(s, work.tokens, busy))
 
     def hop(self, s: int, tokens: float, rows: float) -> float:
         """Seconds for stage s to hand a step of `tokens` hidden rows to the next stage; the last stage's
@@ -325,7 +343,8 @@ class Model:
             st = self.stage(0, piece, self.layout.tp * self.layout.dp * cp)
             ctl = self.control(b * p / n)
             ring = n * self.ring(b * p)
-            return Terms(n * st.compute, n * st.collectives + ring, n * ctl, 0.0, 0.0, st.total, n, st.bound)
+            return Terms(n * st.compute, n * st.collectives + ring, n * ctl, 0.0, 0.0, st.total, n, st.bound,
+                         n * st.fetch)
         m, rows = self.groups(b)
         # The engine cuts each prompt into auto_chunks pieces (equal cost; parallel/pipeline.prompt_chunks),
         # and a step holds at most max_batched_tokens tokens.
@@ -337,7 +356,7 @@ class Model:
         total = sum(x.total for x in stages) + (n - 1) * crit.total + hops
         busy = n * crit.total
         return Terms(n * crit.compute, n * crit.collectives, 0.0, hops, total - busy - hops, crit.total, n,
-                     crit.bound)
+                     crit.bound, n * crit.fetch)
 
     def decode(self, work: Workload) -> Terms:
         """TPOT: the time in which every sequence of the batch gets its next token."""
@@ -347,7 +366,8 @@ class Model:
         if pp == 1:
             st = self.stage(0, Pass(b, b * ctx / cp, b * ctx / cp, b), self.layout.tp * self.layout.dp * cp)
             ctl = self.control(b)
-            return Terms(st.compute, st.collectives + self.merge(b), ctl, 0.0, 0.0, st.total, 1.0, st.bound)
+            return Terms(st.compute, st.collectives + self.merge(b), ctl, 0.0, 0.0, st.total, 1.0, st.bound,
+                         st.fetch)
         m, rows = self.groups(b)
         stages, hops = self._pipeline(Pass(rows, rows * ctx / cp, rows * ctx / cp, rows), m,
                                       lambda s: self.merge(rows, s))
@@ -357,13 +377,13 @@ class Model:
         exposed = hops if trip > busy else 0.0
         total = max(busy, trip)
         return Terms(m * crit.compute, m * crit.collectives, 0.0, exposed, total - busy - exposed, crit.total,
-                     m, crit.bound)
+                     m, crit.bound, m * crit.fetch)
 
 
 def estimate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dtype: str,
              weights: WeightFormat | None = None) -> Estimate:
     """Predicted TTFT and TPOT terms and throughput of `layout` serving `work` (weights: their storage)."""
-    model = Model(cfg, layout, cluster, dtype, weights)
+    model = Model(cfg, layout, cluster, dtype, weights, work.expert_hit_rate)
     pre, dec = model.prefill(work), model.decode(work)
     tput = layout.dp * work.batch / dec.total
     return Estimate(layout, pre, dec, tput, tput / (layout.world * model.threads))

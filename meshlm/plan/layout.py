@@ -5,6 +5,12 @@ even_partition, plan_stages), so the planner sizes exactly what a rank will load
 their KV group, KV heads are replicated when tp exceeds their count, the MLP and the vocabulary split
 evenly (MoE experts: a slice of each, or at ep = tp whole experts per rank), the embedding sits on stage 0
 and the norm and head on the last stage.
+
+Experts beyond one copy each: with --redundant-experts R at ep > 1 a rank holds up to its balancer slots,
+min(E, ceil(E / ep) + ceil(R / ep)) experts per MoE layer (eplb.py's default budget), and is sized for them
+all. With --expert-budget B (tp = 1) the experts leave the weights for one pool of resident experts per rank,
+min(all of its experts, max(1, B // bytes of one expert)) of them in the compute dtype (engine/expert_buffer.py);
+the rest stay in host memory and cost a read per miss (plan/cost.py).
 """
 
 from __future__ import annotations
@@ -32,11 +38,21 @@ class Layout:
     tp: int = 1
     ep: int = 1  # expert parallelism over the tp ranks of a stage (mesh.py): ep > 1 means ep == tp
     cp: int = 1  # context parallelism: each rank holds 1/cp of every sequence's KV
+    redundant: int = 0  # ep > 1: extra expert copies per ep group (--redundant-experts)
+    expert_budget: int = 0  # bytes of resident experts per rank (--expert-budget, tp = 1); 0: every expert resident
 
     def __post_init__(self) -> None:
         from meshlm.parallel.mesh import ParallelDims
 
         object.__setattr__(self, "tp", ParallelDims(tp=self.tp, ep=self.ep).tp)  # ep=N alone implies tp=N
+        if self.redundant < 0 or self.expert_budget < 0:
+            raise ConfigError(f"redundant experts {self.redundant} and expert budget {self.expert_budget} must "
+                              "be >= 0.")
+        if self.redundant and self.ep == 1:
+            raise ConfigError("--redundant-experts places whole experts: it needs --ep > 1.")
+        if self.expert_budget and self.tp > 1:
+            raise ConfigError(f"--expert-budget {self.expert_budget} buffers whole experts on one rank per stage: "
+                              "it needs --tp 1 and --ep 1.")
 
     @property
     def model_ranks(self) -> int:
@@ -50,7 +66,9 @@ class Layout:
 
     def __str__(self) -> str:
         return (f"dp={self.dp} pp={self.pp} tp={self.tp}" + (f" ep={self.ep}" if self.ep > 1 else "")
-                + (f" cp={self.cp}" if self.cp > 1 else ""))
+                + (f" cp={self.cp}" if self.cp > 1 else "")
+                + (f" redundant={self.redundant}" if self.redundant else "")
+                + (f" expert-budget={self.expert_budget / 1e6:,.1f}MB" if self.expert_budget else ""))
 
     @classmethod
     def parse(cls, text: str) -> Layout:
@@ -78,12 +96,16 @@ class Workload:
     slo_tpot_s: float | None = None
     max_batched_tokens: int = 2048  # tokens per engine step (prefill chunk), SchedulerConfig's default
     prefill_chunks: int | None = None  # steps a group's prompts take at pp > 1; None = by max_batched_tokens
+    expert_hit_rate: float | None = None  # --expert-budget: share of expert uses found resident (measured:
+    # meshlm_expert_buffer_hits / uses); None: the resident share (uniform routing; a skewed one does better)
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective {self.objective!r} is unknown; use one of {', '.join(OBJECTIVES)}.")
         if min(self.prompt_tokens, self.output_tokens, self.batch, self.max_batched_tokens) < 1:
             raise ConfigError("prompt_tokens, output_tokens, batch and max_batched_tokens must be >= 1.")
+        if self.expert_hit_rate is not None and not 0 <= self.expert_hit_rate <= 1:
+            raise ConfigError(f"expert_hit_rate {self.expert_hit_rate} is a share of expert uses: give 0 to 1.")
 
     @property
     def context(self) -> int:
@@ -118,6 +140,8 @@ class Workload:
                 out[name] = str(value)
             elif name.startswith("slo_"):
                 out[name] = float(value) / (1000.0 if key.endswith("_ms") else 1.0)
+            elif name == "expert_hit_rate":
+                out[name] = float(value)
             else:
                 out[name] = int(value)
         return cls(**out)
@@ -140,6 +164,9 @@ class RankShare:
     weight_bytes: float  # bytes of every weight stored on this rank, each in its format
     matmul_bytes: float  # bytes per weight of the decoder layers' matmuls (what a decode step streams)
     head_bytes: float  # bytes per weight of the embedding / output head
+    experts: int = 0  # routed expert copies this rank serves, over its layers (replicas included)
+    resident: int = 0  # of which in memory (< experts only with an expert budget; the rest read per miss)
+    expert_bytes: float = 0.0  # one expert (w1, w3, w2) as stored in host memory: what a miss reads
 
 
 def stage_sizes(cfg: ModelConfig, pp: int) -> list[int]:
@@ -158,7 +185,9 @@ def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str,
     inter = even_partition(cfg.intermediate_size, tp)
     vocab = even_partition(cfg.vocab_size, tp)
     experts = even_partition(cfg.num_experts, tp)  # Placement.contiguous at ep = tp
+    slots = min(cfg.num_experts, -(-cfg.num_experts // tp) + -(-layout.redundant // tp))  # balancer's budget
     expert_inter = even_partition(cfg.expert_inter, tp)
+    one_expert = 3 * h * cfg.expert_inter if cfg.is_moe else 0
     sizes = stage_sizes(cfg, layout.pp)
     out = []
     for s, n_layers in enumerate(sizes):
@@ -170,9 +199,12 @@ def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str,
             bias = (q + 2 * kv) * d if cfg.attention_bias else 0
             bias += h if cfg.attention_out_bias else 0
             bias += 2 * i_local + h if cfg.mlp_bias else 0
+            held = cfg.num_experts
             if cfg.is_moe and layout.ep > 1:  # whole experts per rank; a routed row costs a whole expert
                 i_local = cfg.expert_inter // tp  # per routed token, on average over the ranks
-                routed = 3 * h * cfg.expert_inter * (experts[i][1] - experts[i][0])
+                held = experts[i][1] - experts[i][0]
+                held = max(held, slots) if layout.redundant else held
+                routed = one_expert * held
             elif cfg.is_moe:  # a slice of every expert
                 i_local = expert_inter[i][1] - expert_inter[i][0]
                 routed = 3 * h * i_local * cfg.num_experts
@@ -187,8 +219,14 @@ def rank_shares(cfg: ModelConfig, layout: Layout, dtype: str,
             embed = v_local * h if first and not (last and cfg.tie_word_embeddings) else 0
             params = n_layers * layer + embed + head + (h if last else 0)
             nbytes = n_layers * (matmul * wb + small * elem) + (embed + head) * eb + (h * elem if last else 0)
+            copies = n_layers * held if cfg.is_moe else 0
+            resident = copies
+            if copies and layout.expert_budget:  # one pool of whole experts in the compute dtype (expert_buffer)
+                resident = min(copies, max(1, layout.expert_budget // (one_expert * elem)))
+                nbytes += resident * one_expert * elem - n_layers * routed * wb
             out.append(RankShare(s, i, n_layers, q, kv, i_local, params, layer, head,
-                                 -(-2 * n_layers * kv * d * elem // layout.cp), nbytes, wb, eb))
+                                 -(-2 * n_layers * kv * d * elem // layout.cp), nbytes, wb, eb, copies, resident,
+                                 one_expert * wb))
     return out
 
 

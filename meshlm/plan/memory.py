@@ -8,6 +8,8 @@ A layout passes when the neediest rank holds every sequence of the workload at f
 Activations are one prefill step of T = min(batch x prompt, max_batched_tokens) tokens: the residual
 stream and its norms, q/k/v, the MLP's gate/up/product, one layer's attention scores (fp32), and the
 gathered fp32 logits of the sampled rows on the last stage.
+Weights count what a rank keeps in memory (plan/layout.py): replicas of --redundant-experts included, and with
+an expert budget only the resident experts; budget_that_fits() sizes the budget with which a layout fits.
 """
 
 from __future__ import annotations
@@ -89,6 +91,22 @@ def check(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dt
     assert worst is not None
     rep = worst[1]
     return rep if rep.ok else replace(rep, reason=_why(rep, work, cluster, layout, kv_budget is not None))
+
+
+def budget_that_fits(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload, dtype: str,
+                     weights: WeightFormat | None = None) -> int:
+    """The largest --expert-budget (whole experts in dtype) with which every rank of `layout` holds its other
+    weights, activations and the workload's KV; 0 when none does (no MoE, tp > 1, or not even one expert fits)."""
+    if not cfg.is_moe or layout.tp > 1:
+        return 0
+    one = 3 * cfg.hidden_size * cfg.expert_inter * BYTES[dtype]
+    shares = rank_shares(cfg, replace(layout, expert_budget=one), dtype, weights)  # one resident expert each
+    usable, reserved = usable_bytes(cluster, layout), cluster.node.device.reserved
+    need = work.batch * min(work.context, cfg.max_position)
+    room = min(usable - (s.weight_bytes - one) - reserved - need * s.kv_bytes_per_token
+               - activation_bytes(cfg, s, work, dtype, s.stage == layout.pp - 1) for s in shares)
+    n = min(int(room // one), max(s.experts for s in shares))
+    return n * one if n >= 1 else 0
 
 
 def _why(rep: MemoryReport, work: Workload, cluster: Cluster, layout: Layout, fixed_pool: bool) -> str:

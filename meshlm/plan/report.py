@@ -16,7 +16,7 @@ from meshlm.plan.search import Candidate, Plan, spans_nodes
 from meshlm.plan.weights import WeightFormat
 
 TERMS = (("compute", "compute"), ("collectives", "tp collectives"), ("control", "control messages"),
-         ("p2p", "pipeline transfers"), ("bubble", "pipeline bubble"))
+         ("p2p", "pipeline transfers"), ("bubble", "pipeline bubble"), ("fetch", "expert fetches"))
 
 
 def ms(x: float) -> str:
@@ -97,7 +97,8 @@ def format_plan(plan: Plan, cfg: ModelConfig, cluster: Cluster) -> str:
 
 def candidate_json(c: Candidate) -> dict[str, Any]:
     """A candidate as plain data (bytes and seconds)."""
-    layout = {k: v for k, v in asdict(c.layout).items() if k not in ("ep", "cp") or v > 1}  # ep, cp only when used
+    used = {"ep": 1, "cp": 1, "redundant": 0, "expert_budget": 0}  # these only when used
+    layout = {k: v for k, v in asdict(c.layout).items() if k not in used or v > used[k]}
     out: dict[str, Any] = {"layout": layout, "rejected": c.rejected, "reason": c.reason}
     if c.memory is not None:
         out["memory"] = {**asdict(c.memory), "max_batch": c.memory.max_batch}

@@ -3,13 +3,15 @@
 Rejections, checked in order: heads (tp > attention heads; uneven splits are fine), layers (pp > layers),
 link (a tensor-parallel group that spans nodes: its per-layer all-reduces would cross the inter-node
 link; keep TP inside a node and PP across nodes), memory (memory.check), slo (TTFT or TPOT over the
-workload's target). The survivors are ranked by the objective (throughput per device, TTFT or TPOT),
+workload's target). An MoE layout at tp = 1 that fails memory with every expert resident is planned with the
+largest expert budget that fits (memory.budget_that_fits), its misses priced in the cost.
+The survivors are ranked by the objective (throughput per device, TTFT or TPOT),
 ties going to the fewest model-parallel ranks.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from meshlm.config import ModelConfig
 from meshlm.errors import ConfigError
@@ -17,7 +19,7 @@ from meshlm.parallel.mesh import ParallelDims
 from meshlm.plan.cluster import Cluster
 from meshlm.plan.cost import Estimate, all_reduce, estimate
 from meshlm.plan.layout import BYTES, Layout, Workload, rank_shares
-from meshlm.plan.memory import GB, MemoryReport, check
+from meshlm.plan.memory import GB, MemoryReport, budget_that_fits, check
 from meshlm.plan.weights import WeightFormat
 
 
@@ -48,15 +50,20 @@ class Plan:
     fix: str = ""  # when nothing fits: what to change
 
 
-def layouts(cluster: Cluster, moe: bool = False, cp: int = 1) -> list[Layout]:
-    """Every (dp, pp, tp) whose product with cp is the cluster's device count; for an MoE
-    model each tp > 1 also with ep = tp (whole experts per rank)."""
+def layouts(cluster: Cluster, moe: bool = False, cp: int = 1, redundant: int = 0,
+            expert_budget: int = 0) -> list[Layout]:
+    """Every (dp, pp, tp) whose product with cp is the cluster's device count; for an MoE model each tp > 1
+    also with ep = tp (whole experts per rank, `redundant` extra copies), and tp = 1 with `expert_budget` bytes
+    of resident experts when given."""
     if cp < 1 or cluster.devices % cp:
         raise ConfigError(f"--cp {cp} does not divide the cluster's {cluster.devices} devices; choose a divisor.")
     n = cluster.devices // cp
     base = [Layout(n // (tp * pp), pp, tp, cp=cp) for tp in range(1, n + 1) for pp in range(1, n // tp + 1)
             if n % (tp * pp) == 0]
-    return base + ([Layout(x.dp, x.pp, x.tp, ep=x.tp, cp=cp) for x in base if x.tp > 1] if moe else [])
+    if not moe:
+        return base
+    base = [replace(x, expert_budget=expert_budget) if x.tp == 1 else x for x in base]
+    return base + [Layout(x.dp, x.pp, x.tp, ep=x.tp, cp=cp, redundant=redundant) for x in base if x.tp > 1]
 
 
 def spans_nodes(layout: Layout, cluster: Cluster) -> bool:
@@ -90,6 +97,10 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload,
     if spans_nodes(layout, cluster):
         return Candidate(layout, rejected="link", reason=_link_reason(cfg, layout, cluster, work, dtype))
     mem = check(cfg, layout, cluster, work, dtype, weights=weights)
+    if not mem.ok and not layout.expert_budget and (budget := budget_that_fits(cfg, layout, cluster, work, dtype,
+                                                                                weights)):
+        layout = replace(layout, expert_budget=budget)  # fits only with cold experts in host memory
+        mem = check(cfg, layout, cluster, work, dtype, weights=weights)
     if not mem.ok:
         return Candidate(layout, mem, rejected="memory", reason=mem.reason)
     est = estimate(cfg, layout, cluster, work, dtype, weights)
@@ -102,11 +113,12 @@ def evaluate(cfg: ModelConfig, layout: Layout, cluster: Cluster, work: Workload,
 
 
 def search(cfg: ModelConfig, cluster: Cluster, work: Workload, dtype: str, name: str = "",
-           weights: WeightFormat | None = None, cp: int = 1) -> Plan:
+           weights: WeightFormat | None = None, cp: int = 1, redundant: int = 0, expert_budget: int = 0) -> Plan:
     """Evaluate every layout of the cluster (at context-parallel degree cp) and choose by the workload's
-    objective (weights: their storage)."""
+    objective (weights: their storage; redundant, expert_budget: --redundant-experts, --expert-budget)."""
     weights = weights or WeightFormat()
-    cands = [evaluate(cfg, lay, cluster, work, dtype, weights) for lay in layouts(cluster, cfg.is_moe, cp)]
+    cands = [evaluate(cfg, lay, cluster, work, dtype, weights)
+             for lay in layouts(cluster, cfg.is_moe, cp, redundant, expert_budget)]
     ok = sorted((c for c in cands if not c.rejected),
                 key=lambda c: (round(c.estimate.metric(work.objective), 12), c.layout.model_ranks, c.layout))
     bad = sorted((c for c in cands if c.rejected), key=lambda c: c.layout.model_ranks)
@@ -128,14 +140,15 @@ def binding(plan: Plan) -> str:
         return f"{c.rejected} (the next smaller layout, {c.layout}, fails: {c.reason})"
     phase = chosen.estimate.prefill if plan.workload.objective == "ttft" else chosen.estimate.decode
     terms = {"compute": phase.compute, "collectives": phase.collectives, "control": phase.control,
-             "p2p": phase.p2p, "bubble": phase.bubble}
+             "p2p": phase.p2p, "bubble": phase.bubble, "fetch": phase.fetch}
     top = max(terms, key=lambda k: terms[k])
     name = "TTFT" if phase is chosen.estimate.prefill else "TPOT"
     streams = phase.bound == "bandwidth"
     what = {"compute": ("memory bandwidth: every step streams the stage's weights" if streams
                         else "matmul rate: the slowest stage's FLOPs"),
             "collectives": "link: tensor-parallel all-reduces", "control": "link: per-step control messages",
-            "p2p": "link: pipeline transfers", "bubble": "pipeline bubbles: stages wait for each other"}[top]
+            "p2p": "link: pipeline transfers", "bubble": "pipeline bubbles: stages wait for each other",
+            "fetch": "host reads: expert buffer misses"}[top]
     return f"{what} ({terms[top] / phase.total:.0%} of {name})"
 
 

@@ -1,5 +1,6 @@
 """Expert parallelism without ranks: placement as data, the expert-parallel layer against the one-device one
-(bitwise, and with a capacity factor against a hand-made reference), MoE configs and the planner's ep terms."""
+(bitwise, and with a capacity factor against a hand-made reference), MoE configs, the planner's ep terms
+(redundant replicas, the expert budget and its misses) and a failed gloo op naming the lost member."""
 
 from __future__ import annotations
 
@@ -131,6 +132,81 @@ def test_planner_prices_the_all_to_all_and_searches_ep():
     assert ep.decode.collectives != tp.decode.collectives and ep.decode.collectives > 0
     assert any(lay.ep > 1 for lay in layouts(h100, moe=True))
     assert not any(lay.ep > 1 for lay in layouts(h100, moe=False))
+
+
+TINY_MOE = {"architectures": ["MixtralForCausalLM"], "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+            "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 256}
+ONE = 3 * 64 * 96 * 4  # one expert (w1, w3, w2) in float32: 73,728 bytes
+
+
+def test_planner_counts_redundant_replicas_and_resident_experts():
+    """Hand arithmetic on 4 experts x 2 layers: at ep=2 with 2 redundant copies a rank is sized for its
+    balancer slots (2 + ceil(2 / 2) = 3 experts a layer, one more than without); with an expert budget of
+    2.5 experts a tp=1 rank keeps 2 resident of its 8 (one pool over the layers), at least one under any
+    budget, and every other expert's bytes leave its weights."""
+    cfg = ModelConfig.from_hf(TINY_MOE)
+    plain, extra = (rank_shares(cfg, Layout(ep=2, redundant=r), "float32") for r in (0, 2))
+    assert [s.experts for s in plain] == [2 * 2, 2 * 2] and [s.experts for s in extra] == [2 * 3, 2 * 3]
+    assert [b.weight_bytes - a.weight_bytes for a, b in zip(plain, extra)] == [2 * ONE, 2 * ONE]
+    full = rank_shares(cfg, Layout(), "float32")[0]
+    assert (full.experts, full.resident) == (8, 8)
+    budget = rank_shares(cfg, Layout(expert_budget=int(2.5 * ONE)), "float32")[0]
+    assert (budget.experts, budget.resident, budget.expert_bytes) == (8, 2, ONE)
+    assert full.weight_bytes - budget.weight_bytes == (8 - 2) * ONE
+    assert rank_shares(cfg, Layout(expert_budget=10), "float32")[0].resident == 1
+    assert str(Layout(expert_budget=int(2.5 * ONE))) == "dp=1 pp=1 tp=1 expert-budget=0.2MB"
+    with pytest.raises(ConfigError, match="--expert-budget .* needs --tp 1"):
+        Layout(ep=2, expert_budget=ONE)
+    with pytest.raises(ConfigError, match="--redundant-experts .* needs --ep > 1"):
+        Layout(redundant=2)
+
+
+def test_planner_prices_expert_buffer_misses():
+    """Misses read at the node's host-read rate: decode of one token touches 2 experts in each of 2 layers;
+    with 2 of 8 resident the assumed hit rate is 1/4, so 3 of 4 are read (1 GB/s: 3 x ONE / 1e9 s); a measured
+    hit rate of 1/2 reads 2. A prefill of 8 tokens touches all 4 experts a layer: 6 of 8 read. Everything
+    else equals the all-resident estimate."""
+    from dataclasses import replace
+
+    cfg = ModelConfig.from_hf(TINY_MOE)
+    h100 = clusters.resolve("8xH100")
+    cluster = replace(h100, node=replace(h100.node, host_read=1e9))
+    work = Workload(prompt_tokens=8, output_tokens=8, batch=1)
+    full = estimate(cfg, Layout(dp=8), cluster, work, "float32")
+    buf = estimate(cfg, Layout(dp=8, expert_budget=2 * ONE), cluster, work, "float32")
+    assert full.decode.fetch == 0 and buf.decode.fetch == pytest.approx(3 * ONE / 1e9)
+    assert buf.prefill.fetch == pytest.approx(6 * ONE / 1e9)
+    assert buf.decode.total - buf.decode.fetch == pytest.approx(full.decode.total)
+    measured = estimate(cfg, Layout(dp=8, expert_budget=2 * ONE), cluster, replace(work, expert_hit_rate=0.5),
+                        "float32")
+    assert measured.decode.fetch == pytest.approx(2 * ONE / 1e9)
+    gpu = estimate(cfg, Layout(dp=8, expert_budget=2 * ONE), h100, work, "float32")  # no host_read: PCIe
+    assert gpu.decode.fetch == pytest.approx(3 * ONE / clusters.PCIE_BYTES_S)
+
+
+def test_planner_plans_a_layout_that_fits_only_with_an_expert_budget():
+    """Mixtral 8x7B in bf16 (~93 GB) on one 80 GiB H100: every expert resident does not fit; the largest budget
+    that does (whole experts) is chosen, one expert more would not fit, and its misses are priced."""
+    from dataclasses import replace
+
+    from meshlm.plan.memory import budget_that_fits, check
+    from meshlm.plan.search import search
+
+    cfg = ModelConfig.from_hf(MIXTRAL_8X7B)
+    h100 = clusters.resolve("8xH100")
+    one = replace(h100, name="1xH100", node=replace(h100.node, devices=1))
+    work = Workload(prompt_tokens=512, output_tokens=64, batch=4)
+    assert not check(cfg, Layout(), one, work, "bfloat16").ok
+    budget = budget_that_fits(cfg, Layout(), one, work, "bfloat16")
+    expert = 3 * cfg.hidden_size * cfg.expert_inter * 2
+    assert budget % expert == 0 and 0 < budget < 32 * 8 * expert
+    assert check(cfg, Layout(expert_budget=budget), one, work, "bfloat16").ok
+    assert not check(cfg, Layout(expert_budget=budget + expert), one, work, "bfloat16").ok
+    plan = search(cfg, one, work, "bfloat16")
+    assert plan.chosen is not None and plan.chosen.layout == Layout(expert_budget=budget)
+    assert plan.chosen.estimate.decode.fetch > 0 and "expert-budget=" in str(plan.chosen.layout)
+    assert budget_that_fits(cfg, Layout(ep=2), h100, work, "bfloat16") == 0  # a budget needs tp = 1
 
 
 @pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
