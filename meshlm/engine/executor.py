@@ -49,7 +49,7 @@ def serve_rank(rv: RendezvousInfo, spec: WorkerSpec) -> None:
     hosts = init_distributed(rv)
     try:
         groups = build_groups(spec.dims, rv.rank, rv.backend, rv.timeout_s, spec.transport)
-        control = build_control_group(rv.world_size, rv.rank, rv.timeout_s, spec.transport)
+        control = build_control_group(rv.world_size, rv.rank, rv.timeout_s, spec.transport, groups.world.members)
         worker = Worker(spec, groups, rv.rank)
         groups.world.barrier()  # ready
         while True:
@@ -124,7 +124,7 @@ class Executor:
         try:
             self.hosts = init_distributed(rv)
             self.groups = build_groups(spec.dims, 0, backend, timeout_s, spec.transport)
-            self.control = build_control_group(world, 0, timeout_s, spec.transport)
+            self.control = build_control_group(world, 0, timeout_s, spec.transport, self.groups.world.members)
             self.worker = Worker(spec, self.groups, 0)
             self.groups.world.barrier()
         except RuntimeError as e:

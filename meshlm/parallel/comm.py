@@ -139,13 +139,16 @@ class Comm:
         self.stats.record(self.name, op, nbytes, time.perf_counter() - t0, self.base)
         return out
 
-    def lost(self, op: str, err: BaseException) -> shm.PeerLostError:
-        """The error for a failed gloo/NCCL op: names the members on this host that exited (polled up to
-        LOST_POLL_S: a killed peer's sockets close before it is gone), else the members on other hosts."""
+    def lost(self, op: str, err: BaseException) -> BaseException:
+        """The error for a failed gloo/NCCL op: a PeerLostError naming the members on this host that exited
+        (polled up to LOST_POLL_S: a killed peer's sockets close before it is gone), else the members on other
+        hosts; `err` itself when the members are unknown."""
         from meshlm.parallel.launch import other_hosts
 
-        me, who = self.ranks[self.index], self.members or []
-        mine = who[self.index] if who else None
+        if not self.members:
+            return err
+        me, who = self.ranks[self.index], self.members
+        mine = who[self.index]
         here = [i for i, m in enumerate(who) if i != self.index and (m.host, m.pidns) == (mine.host, mine.pidns)]
         deadline = time.monotonic() + (LOST_POLL_S if here else 0.0)
         while True:
@@ -158,7 +161,7 @@ class Comm:
             return shm.PeerLostError(f"{names} exited while rank {me} waited for it in {self.name}/{op} over "
                                      f"{self.base}")
         cause = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        far = other_hosts([m.host for m in who], self.index, self.ranks) if who else ""
+        far = other_hosts([m.host for m in who], self.index, self.ranks)
         return shm.PeerLostError(f"{self.name}/{op} over {self.base} failed on rank {me}: {cause}{far}")
 
     def _timed_shm(self, op: str, nbytes: int, fn, *args):
@@ -511,16 +514,18 @@ def build_groups(dims, rank: int, backend: str, timeout_s: float, transport: str
 CONTROL_TIMEOUT_S = 7 * 24 * 3600.0
 
 
-def build_control_group(world_size: int, rank: int, timeout_s: float, transport: str | None = None) -> Comm:
+def build_control_group(world_size: int, rank: int, timeout_s: float, transport: str | None = None,
+                        members: list[Member] | None = None) -> Comm:
     """The group that carries the executor's calls from rank 0 (every rank builds it, after build_groups).
 
     Receivers wait for a call up to CONTROL_TIMEOUT_S; the sender of a call waits up to timeout_s (the comm
-    timeout), so a keep-alive ping to a peer behind a cut link fails in bounded time.
+    timeout), so a keep-alive ping to a peer behind a cut link fails in bounded time. members: every rank's
+    Member (build_groups' world.members), so a failed call names the lost rank.
     """
     ranks = list(range(world_size))
     group = dist.new_group(ranks, backend="gloo", timeout=timedelta(seconds=CONTROL_TIMEOUT_S))
     # Over shared memory when every rank shares this host (a call then costs ~20 us, not ~1 ms of gloo).
     auto = "gloo" if resolve_transport(transport) == "gloo" else "auto"
-    comm = Comm("control", ranks, group, rank)
+    comm = Comm("control", ranks, group, rank, members=members)
     comm.send_timeout_s = timeout_s
     return use_transport(comm, auto, CONTROL_TIMEOUT_S)

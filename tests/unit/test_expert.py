@@ -260,3 +260,5 @@ def test_failed_gloo_op_names_the_lost_member():
     err = Comm("tp", [4, 5, 6, 7], None, 5, members=members).lost("all_gather", RuntimeError("Timed out\nmore"))
     assert str(err) == ("tp/all_gather over gloo failed on rank 5: Timed out; ranks on other hosts (one of them "
                         "failed or is unreachable): rank 7 on h1")
+    raw = RuntimeError("Timed out")  # members unknown: the op's own error, for the caller to add what it knows
+    assert Comm("tp", [4, 5], None, 5).lost("all_gather", raw) is raw
