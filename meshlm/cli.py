@@ -71,7 +71,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp-layers", type=_layer_counts, default=None, metavar="N,N,...",
                    help="layers per pipeline stage, e.g. 16,14 (default: balanced by an estimated cost)")
     p.add_argument("--comm-timeout", type=float, default=60.0,
-                   help="seconds a collective may wait for a peer before the launch fails (default 60)")
+                   help="seconds a collective may wait for a peer before the launch fails (default 60); ranks "
+                        "may start up to max(this, 60 s) apart")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"],
                    help="where the ranks compute: cuda puts rank r on GPU r of its host (default auto: cuda when "
                         "a GPU is visible, else cpu; env MESHLM_DEVICE)")

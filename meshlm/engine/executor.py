@@ -28,6 +28,7 @@ from meshlm.parallel.launch import (
     kill_processes,
     other_hosts,
     shutdown_distributed,
+    startup_done,
     under_torchrun,
 )
 from meshlm.parallel.shm import PeerLostError
@@ -52,6 +53,7 @@ def serve_rank(rv: RendezvousInfo, spec: WorkerSpec) -> None:
         control = build_control_group(rv.world_size, rv.rank, rv.timeout_s, spec.transport, groups.world.members)
         worker = Worker(spec, groups, rv.rank)
         groups.world.barrier()  # ready
+        startup_done(rv)
         while True:
             call: Call | None = control.broadcast_object(None, 0)
             if call is None:
@@ -127,6 +129,7 @@ class Executor:
             self.control = build_control_group(world, 0, timeout_s, spec.transport, self.groups.world.members)
             self.worker = Worker(spec, self.groups, 0)
             self.groups.world.barrier()
+            startup_done(rv)
         except RuntimeError as e:
             raise self._failure(e) from None
         except BaseException:

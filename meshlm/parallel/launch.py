@@ -42,7 +42,13 @@ class RendezvousInfo:
     world_size: int
     init_method: str  # "tcp://127.0.0.1:PORT" or "env://"
     backend: str = "gloo"
-    timeout_s: float = 60.0
+    timeout_s: float = 60.0  # the collective timeout (--comm-timeout): how long a started rank may go quiet
+    startup_timeout_s: float = 60.0  # ranks may join up to max(this, timeout_s) apart (slow imports, loads)
+
+    @property
+    def startup_s(self) -> float:
+        """How long the rendezvous and the steps up to the ready barrier wait for the slowest rank."""
+        return max(self.timeout_s, self.startup_timeout_s)
 
 
 def under_torchrun() -> bool:
@@ -93,14 +99,46 @@ def claim_default_group() -> None:
 
 
 def init_distributed(rv: RendezvousInfo) -> list[str]:
-    """init_process_group with the configured timeout; returns every rank's hostname, by rank."""
+    """Join every rank (waiting up to rv.startup_s for the last), then init_process_group; returns every rank's
+    hostname, by rank. The default group keeps the startup timeout until startup_done() lowers it.
+
+    A rank that has not joined by then fails every other rank with RankFailure naming it.
+    """
     from datetime import timedelta
 
-    dist.init_process_group(rv.backend, init_method=rv.init_method, rank=rv.rank,
-                            world_size=rv.world_size, timeout=timedelta(seconds=rv.timeout_s))
-    hosts: list[Any] = [None] * rv.world_size
-    dist.all_gather_object(hosts, socket.gethostname())
-    return hosts
+    startup = timedelta(seconds=rv.startup_s)
+    try:
+        if rv.init_method.startswith("tcp://"):  # rank 0 serves the store; it waits for the others below
+            host, port = rv.init_method[len("tcp://"):].rsplit(":", 1)
+            store = dist.TCPStore(host, int(port), rv.world_size, rv.rank == 0, startup, wait_for_workers=False)
+        else:  # env:// (torchrun: its agent's store)
+            store, _, _ = next(dist.rendezvous(rv.init_method, rv.rank, rv.world_size, timeout=startup))
+    except (RuntimeError, ValueError) as e:
+        raise RankFailure(f"rank {rv.rank}: the rendezvous store ({rv.init_method}) did not answer within "
+                          f"{rv.startup_s:g} s: {e}. Start every node (rank 0's too) and check that this host can "
+                          "reach rank 0's (address, port, firewall).") from None
+    keys = [f"meshlm/joined/{r}" for r in range(rv.world_size)]
+    store.set(keys[rv.rank], socket.gethostname())
+    try:
+        store.wait(keys, startup)
+    except RuntimeError:  # DistStoreError: the wait timed out
+        missing = [r for r, k in enumerate(keys) if not store.check([k])]
+        raise RankFailure(
+            f"rank {rv.rank}: rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
+            f"{rv.world_size} did not join within {rv.startup_s:g} s (the startup timeout, max(--comm-timeout, "
+            f"{rv.startup_timeout_s:g} s)). Start every node (torchrun on each host, same --rdzv-endpoint and "
+            "--nnodes) and check that the hosts can reach each other (GLOO_SOCKET_IFNAME).") from None
+    dist.init_process_group(rv.backend, store=store, rank=rv.rank, world_size=rv.world_size, timeout=startup)
+    return [store.get(k).decode() for k in keys]
+
+
+def startup_done(rv: RendezvousInfo) -> None:
+    """Every rank, after the ready barrier: the default group's collectives now time out after rv.timeout_s."""
+    from datetime import timedelta
+
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=rv.timeout_s))
 
 
 def other_hosts(hosts: list[str], rank: int, ranks: list[int] | None = None) -> str:

@@ -4,7 +4,6 @@ others within the timeout, naming it."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import signal
 import time
@@ -13,10 +12,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spawned_ranks import rank_pool, spawn_ranks
 
 from meshlm.parallel import shm
-from meshlm.parallel.comm import Comm, attach_shm
-from meshlm.parallel.launch import free_port
+from meshlm.parallel.comm import Comm
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -43,56 +42,11 @@ def run_case(comm: Comm, case: dict) -> str | None:
     return None
 
 
-def pool_rank(rank: int, port: int, conn) -> None:
-    """A pool member: for groups of the first 2, 3, 4 ranks, one communicator over shm and one over gloo."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=POOL)
-    comms = {}
-    for n in range(2, POOL + 1):
-        ranks = list(range(n))
-        g = dist.new_group(ranks)
-        if rank < n:
-            seg, why = attach_shm(g, ranks, rank, f"a2a{n}", 30.0, slot_bytes=SLOT)
-            assert seg is not None, why
-            comms[(n, "shm")] = Comm(f"s{n}", ranks, g, rank, shm_group=seg)
-            comms[(n, "gloo")] = Comm(f"g{n}", ranks, g, rank)
-    conn.send("ready")
-    while (case := conn.recv()) is not None:
-        try:
-            key = (len(case["matrix"]), case["transport"])
-            conn.send(run_case(comms[key], case) if key in comms else None)
-        except Exception as e:  # report, keep serving
-            conn.send(f"rank {rank}: {case}: {e!r}")
-    os._exit(0)
-
-
 @pytest.fixture(scope="module")
 def pool():
     """POOL spawned ranks (one spawn for every example); pool(case) -> the mismatches its members report."""
-    ctx = mp.get_context("spawn")
-    port, conns, procs = free_port(), [], []
-    for r in range(POOL):
-        a, b = ctx.Pipe()
-        p = ctx.Process(target=pool_rank, args=(r, port, b), daemon=True)
-        p.start()
-        conns.append(a)
-        procs.append(p)
-    for c in conns:
-        assert c.poll(120), "a pool rank did not start"
-        assert c.recv() == "ready"
-
-    def run(case: dict) -> list[str]:
-        for c in conns:
-            c.send(case)
-        return [m for c in conns if (m := c.recv())]
-
-    yield run
-    for c in conns:
-        c.send(None)
-    for p in procs:
-        p.join(10)
+    with rank_pool(POOL, run_case, SLOT) as run:
+        yield run
 
 
 @st.composite
@@ -102,7 +56,7 @@ def cases(draw) -> dict:
     counts = st.one_of(st.just(0), st.integers(0, 5), st.integers(0, 40))
     matrix = [[draw(counts) for _ in range(size)] for _ in range(size)]
     row = draw(st.sampled_from([(1,), (7,), (64,), (3, 33)]))
-    return {"matrix": matrix, "row": row, "dtype": draw(st.sampled_from(list(DTYPES))),
+    return {"size": size, "matrix": matrix, "row": row, "dtype": draw(st.sampled_from(list(DTYPES))),
             "transport": draw(st.sampled_from(["shm", "gloo"])), "seed": draw(st.integers(0, 2**31))}
 
 
@@ -120,11 +74,12 @@ def test_all_to_all_v_edges(pool):
         for transport in ("shm", "gloo"):
             for matrix in ([[0] * n for _ in range(n)], [[0] * (n - 1) + [50] for _ in range(n)],
                            [[200 * (i + j) for j in range(n)] for i in range(n)]):
-                case = {"matrix": matrix, "row": (48,), "dtype": "bfloat16", "transport": transport, "seed": n}
+                case = {"size": n, "matrix": matrix, "row": (48,), "dtype": "bfloat16", "transport": transport,
+                        "seed": n}
                 assert pool(case) == []
 
 
-def _fault_rank(rank: int, port: int, transport: str, conn) -> None:
+def _fault_rank(rank: int, port: int, conn, transport: str) -> None:
     """Three ranks (one group, built as the engine builds its groups) loop all-to-all-v until a peer disappears."""
     import torch.distributed as dist
 
@@ -149,13 +104,8 @@ def _fault_rank(rank: int, port: int, transport: str, conn) -> None:
 def test_rank_killed_mid_all_to_all_is_named(transport):
     """SIGKILL one of three ranks looping all-to-all-v, over shared memory or gloo (other hosts' path): the
     others raise within 2 s, naming it."""
-    ctx = mp.get_context("spawn")
-    port, conns, procs, pids = free_port(), [], [], []
-    for r in range(3):
-        a, b = ctx.Pipe()
-        procs.append(ctx.Process(target=_fault_rank, args=(r, port, transport, b), daemon=True))
-        procs[-1].start()
-        conns.append(a)
+    procs, conns = spawn_ranks(3, _fault_rank, transport)
+    pids = []
     for c in conns:
         assert c.poll(120), "a rank did not start"
         pids.append(c.recv()[1])

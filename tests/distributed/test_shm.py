@@ -4,7 +4,6 @@ dead or missing rank fails its peers within the timeout, naming it, with nothing
 from __future__ import annotations
 
 import glob
-import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -15,12 +14,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from spawned_ranks import rank_pool, spawn_ranks
 
 from meshlm import LLM, SamplingParams
 from meshlm.errors import ConfigError
 from meshlm.parallel import shm
 from meshlm.parallel.comm import Comm, attach_shm, resolve_transport
-from meshlm.parallel.launch import free_port
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -91,54 +90,11 @@ def run_case(comm: Comm, case: dict) -> str | None:
     return None
 
 
-def pool_rank(rank: int, port: int, conn) -> None:
-    """A pool member: gloo world of POOL, shm groups of its first 2, 3, 4 ranks; runs cases from conn."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=POOL)
-    comms = {}
-    for n in range(2, POOL + 1):
-        ranks = list(range(n))
-        g = dist.new_group(ranks)
-        if rank < n:
-            seg, why = attach_shm(g, ranks, rank, f"test{n}", 30.0, slot_bytes=SLOT)
-            assert seg is not None, why
-            comms[n] = Comm(f"g{n}", ranks, g, rank, shm_group=seg)
-    conn.send("ready")
-    while (case := conn.recv()) is not None:
-        try:
-            conn.send(run_case(comms[case["size"]], case) if case["size"] in comms else None)
-        except Exception as e:  # report, keep serving
-            conn.send(f"rank {rank}: {case}: {e!r}")
-    os._exit(0)
-
-
 @pytest.fixture(scope="module")
 def pool():
     """POOL spawned ranks; call pool(case) -> the mismatches reported by the case's members."""
-    ctx = mp.get_context("spawn")
-    port, conns, procs = free_port(), [], []
-    for r in range(POOL):
-        a, b = ctx.Pipe()
-        p = ctx.Process(target=pool_rank, args=(r, port, b), daemon=True)
-        p.start()
-        conns.append(a)
-        procs.append(p)
-    for c in conns:
-        assert c.poll(120), "a pool rank did not start"
-        assert c.recv() == "ready"
-
-    def run(case: dict) -> list[str]:
-        for c in conns:
-            c.send(case)
-        return [m for c in conns if (m := c.recv())]
-
-    yield run
-    for c in conns:
-        c.send(None)
-    for p in procs:
-        p.join(10)
+    with rank_pool(POOL, run_case, SLOT) as run:
+        yield run
 
 
 @st.composite
@@ -203,13 +159,7 @@ def _fault_rank(rank: int, port: int, conn, timeout_s: float, mode: str) -> None
 
 
 def _fault_launch(timeout_s: float, mode: str):
-    ctx = mp.get_context("spawn")
-    port, conns, procs = free_port(), [], []
-    for r in range(3):
-        a, b = ctx.Pipe()
-        procs.append(ctx.Process(target=_fault_rank, args=(r, port, b, timeout_s, mode), daemon=True))
-        procs[-1].start()
-        conns.append(a)
+    procs, conns = spawn_ranks(3, _fault_rank, timeout_s, mode)
     pids = []
     for c in conns:
         assert c.poll(120), "a rank did not start"
