@@ -29,15 +29,20 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
 
 PREFIX = "meshlm-"
 ETC_NETNS = "/etc/netns"  # `ip netns exec NS` bind-mounts /etc/netns/NS/hosts over /etc/hosts
 SUBNET = "10.77.0"
 IFNAME = "eth0"  # the host's interface, the same name in every host (GLOO_SOCKET_IFNAME=eth0)
 _RUN = re.compile(rf"^{PREFIX}(\d+)x[0-9a-f]+-(h\d+|sw)$")
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
 class NetnsUnavailable(RuntimeError):
@@ -222,6 +227,23 @@ class EmulatedHosts:
                 p.wait()
         return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
+    def torchrun(self, args: Sequence[str], port: int, run_id: str | None = None,
+                 **kwargs) -> list[subprocess.Popen]:
+        """One single-process torchrun node per host running `python -m meshlm.launch *args`, meeting (c10d) at
+        host 0's address:port under run_id (default: this run's id); popen(**kwargs) starts each."""
+        return [self.popen(h.index, [
+            TORCHRUN, "--nnodes", str(len(self.hosts)), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", f"{self.hosts[0].addr}:{port}", "--rdzv-id", run_id or self.run_id,
+            "--max-restarts", "0", "--local-addr", h.addr, "-m", "meshlm.launch", *args], **kwargs)
+            for h in self.hosts]
+
+    def wait_empty(self, within_s: float) -> list[int]:
+        """Wait up to within_s for every process inside the hosts to end; the pids still there."""
+        deadline = time.monotonic() + within_s
+        while (left := self.pids()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return left
+
     def pids(self) -> list[int]:
         """Pids of every process inside any host of this run."""
         found = []
@@ -245,6 +267,32 @@ class EmulatedHosts:
             p.wait()
         for ns in [h.netns for h in self.hosts] + [self.switch]:
             _delete(ns)
+
+
+def segments_of(pids: set[int]) -> list[str]:
+    """meshlm's shared-memory segments in /dev/shm made by any of pids (a run must leave none)."""
+    from meshlm.parallel import shm
+
+    def creator(name: str) -> int:
+        head = name[len(shm.PREFIX):].split("-", 1)[0]
+        return int(head) if head.isdigit() else -1
+
+    return [p for p in os.listdir(shm.SHM_DIR) if p.startswith(shm.PREFIX) and creator(p) in pids]
+
+
+@pytest.fixture(scope="module", name="netns")
+def netns_fixture() -> None:
+    """Skip the module, saying why, where network namespaces cannot be made (`usefixtures("netns")`)."""
+    why = unavailable_reason()
+    if why:
+        pytest.skip(f"cannot emulate hosts with network namespaces: {why}")
+
+
+@pytest.fixture(name="hosts")
+def hosts_fixture(request, netns) -> Iterator[EmulatedHosts]:
+    """Two emulated hosts (own hostnames unless parametrized indirectly with False), removed after the test."""
+    with EmulatedHosts(2, own_hostname=getattr(request, "param", True)) as h:
+        yield h
 
 
 def _signal_group(pid: int, sig: int) -> None:

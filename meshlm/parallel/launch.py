@@ -121,13 +121,17 @@ def init_distributed(rv: RendezvousInfo) -> list[str]:
     store.set(keys[rv.rank], socket.gethostname())
     try:
         store.wait(keys, startup)
-    except RuntimeError:  # DistStoreError: the wait timed out
-        missing = [r for r, k in enumerate(keys) if not store.check([k])]
+    except RuntimeError:  # the wait timed out, or rank 0 gave up first and its store is gone
+        try:
+            missing = [r for r, k in enumerate(keys) if not store.check([k])]
+            who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {rv.world_size}"
+        except RuntimeError:
+            who = f"not all {rv.world_size} ranks"
         raise RankFailure(
-            f"rank {rv.rank}: rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of "
-            f"{rv.world_size} did not join within {rv.startup_s:g} s (the startup timeout, max(--comm-timeout, "
-            f"{rv.startup_timeout_s:g} s)). Start every node (torchrun on each host, same --rdzv-endpoint and "
-            "--nnodes) and check that the hosts can reach each other (GLOO_SOCKET_IFNAME).") from None
+            f"rank {rv.rank}: {who} did not join within {rv.startup_s:g} s (the startup timeout, "
+            f"max(--comm-timeout, {rv.startup_timeout_s:g} s)). Start every node (torchrun on each host, same "
+            "--rdzv-endpoint and --nnodes) and check that the hosts can reach each other (GLOO_SOCKET_IFNAME)."
+        ) from None
     dist.init_process_group(rv.backend, store=store, rank=rv.rank, world_size=rv.world_size, timeout=startup)
     return [store.get(k).decode() for k in keys]
 

@@ -97,6 +97,7 @@ def _fault_rank(rank: int, port: int, conn, transport: str) -> None:
             comm.all_to_all_v(x, matrix)
     except shm.PeerLostError as e:
         conn.send(("error", str(e), time.monotonic()))
+    conn.poll(30)  # stay alive until the test has every report (an exited waiter would be named as lost too)
     os._exit(0)
 
 
@@ -118,5 +119,7 @@ def test_rank_killed_mid_all_to_all_is_named(transport):
         assert kind == "error" and f"rank 1 (pid {pids[1]}) exited" in msg and "all_to_all_v" in msg, msg
         assert {"shm": "over shared memory", "gloo": "over gloo"}[transport] in msg, msg
         assert at - killed < 2.0
+    for c in conns:
+        c.close()
     for p in procs:
         p.join(10)

@@ -13,33 +13,14 @@ import sys
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import emulated_hosts
 import pytest
-from emulated_hosts import EmulatedHosts, unavailable_reason
+from emulated_hosts import EmulatedHosts, hosts_fixture, netns_fixture, segments_of  # noqa: F401 (fixtures)
 
-from meshlm.parallel import shm
-
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.usefixtures("netns")]
 PROMPT = "w5. w6. w7."
 RDZV_PORT = 29511
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _namespaces() -> None:
-    """Skip the module, saying why, where network namespaces cannot be made."""
-    why = unavailable_reason()
-    if why:
-        pytest.skip(f"cannot emulate hosts with network namespaces: {why}")
-
-
-@pytest.fixture
-def hosts(request):
-    """Two emulated hosts (own hostnames unless the test is parametrized with own_hostname=False)."""
-    with EmulatedHosts(2, own_hostname=getattr(request, "param", True)) as h:
-        yield h
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +38,9 @@ def generate_args(checkpoint, max_tokens: int) -> list[str]:
             "--ignore-eos"]
 
 
-def _torchrun_argv(hosts: EmulatedHosts, args: list[str]) -> list[list[str]]:
-    """Each host's torchrun command: one single-process node per host, meeting at host 0's address."""
-    return [[TORCHRUN, "--nnodes", str(len(hosts.hosts)), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"{hosts.hosts[0].addr}:{RDZV_PORT}", "--rdzv-id", hosts.run_id,
-             "--max-restarts", "0", "--local-addr", h.addr, "-m", "meshlm.launch", *args] for h in hosts.hosts]
-
-
 def torchrun_nodes(hosts: EmulatedHosts, args: list[str]) -> list[subprocess.Popen]:
     """Start every host's torchrun node, output piped as text."""
-    return [hosts.popen(h.index, argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for h, argv in zip(hosts.hosts, _torchrun_argv(hosts, args))]
+    return hosts.torchrun(args, RDZV_PORT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize(("layout", "hosts", "transport"), [
@@ -134,10 +107,9 @@ def test_link_cut_fails_the_run_within_the_comm_timeout(hosts, checkpoint):
     # finds it waiting for rank 0's next call, its torchrun agent ends it on reconnecting to a store that is gone.
     named = f"rank 0 on {hosts.hosts[rank0_host].hostname}" in far_said
     assert named or "RendezvousConnectionError" in far_said, far_said[-3000:]
-    left = _wait_empty(hosts, 20)
+    left = hosts.wait_empty(20)
     assert not left, f"processes left in the emulated hosts: {left}"
-    stale = [p for p in os.listdir(shm.SHM_DIR) if p.startswith(shm.PREFIX) and _creator(p) in pids]
-    assert not stale, stale
+    assert not segments_of(pids), segments_of(pids)
 
 
 def test_cleanup_after_a_failure_and_of_stale_runs():
@@ -216,10 +188,9 @@ def test_idle_server_notices_a_link_cut(hosts, checkpoint):
     fails within keep-alive + comm timeout, /health stops answering 200, the server exits with an error
     naming the lost rank and host, and once the link is back nothing is left."""
     timeout_s, port = 4.0, 8431
-    argv = _torchrun_argv(hosts, ["serve", "--model", str(checkpoint("llama_gqa")), "--tp", "2",
-                                  "--comm-timeout", str(timeout_s), "--port", str(port)])
-    nodes = [hosts.popen(h.index, cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for h, cmd in zip(hosts.hosts, argv)]
+    nodes = hosts.torchrun(["serve", "--model", str(checkpoint("llama_gqa")), "--tp", "2", "--comm-timeout",
+                            str(timeout_s), "--port", str(port)], RDZV_PORT, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
     errors = _timestamped_stderr(nodes)
     deadline, rank0_host = time.monotonic() + 180, None
     while rank0_host is None and time.monotonic() < deadline and all(n.poll() is None for n in nodes):
@@ -244,7 +215,7 @@ def test_idle_server_notices_a_link_cut(hosts, checkpoint):
           f"timeout {timeout_s:g} s), /health answered {health}: {message.strip()}")
     hosts.restore(far)  # the far rank waits for its next call, and its launcher on the rendezvous store
     nodes[far].wait(timeout=90)
-    left = _wait_empty(hosts, 20)
+    left = hosts.wait_empty(20)
     assert not left, f"processes left in the emulated hosts: {left}"
 
 
@@ -259,17 +230,3 @@ def _timestamped_stderr(nodes: list[subprocess.Popen]) -> list[list[tuple[float,
     for i in range(len(nodes)):
         threading.Thread(target=read, args=(i,), daemon=True).start()
     return lines
-
-
-def _wait_empty(hosts: EmulatedHosts, within_s: float) -> list[int]:
-    deadline = time.monotonic() + within_s
-    while (left := hosts.pids()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
-def _creator(name: str) -> int:
-    try:
-        return int(name[len(shm.PREFIX):].split("-", 1)[0])
-    except ValueError:
-        return -1

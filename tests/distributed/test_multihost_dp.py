@@ -21,15 +21,12 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
-from emulated_hosts import EmulatedHosts, unavailable_reason
+from emulated_hosts import EmulatedHosts, netns_fixture, segments_of  # noqa: F401 (a fixture)
 
-from meshlm.parallel import shm
-
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.usefixtures("netns")]
 DETECT_S = 2.0  # the issue's bound from the fault to /health naming the failed replica
 PROMPTS = [f"w{5 + i}. w{40 + 3 * i}. w{100 + i}." for i in range(8)]
 MAX_TOKENS = 200  # the fixture's context is 256; the streams must still run when the link is cut
@@ -37,14 +34,6 @@ LAYERS = 48  # a deeper tiny model: slow enough that streams are mid-way at the 
 HTTP_PORT, LINK_PORT, RDZV_PORT = 8441, 29611, 29621
 KEY = "netns-replica-secret-3c9"
 CLONE_NEWNET = 0x40000000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _namespaces() -> None:
-    """Skip the module, saying why, where network namespaces cannot be made."""
-    why = unavailable_reason()
-    if why:
-        pytest.skip(f"cannot emulate hosts with network namespaces: {why}")
 
 
 def _enter(netns: str) -> None:
@@ -213,20 +202,12 @@ def test_dp2_across_hosts_link_cut_is_contained(checkpoint, tmp_path):
             server.terminate()  # SIGTERM to the router: it stops its replicas, the remote one included
             assert server.wait(timeout=60) == 0, output()
             assert joined[-1].wait(timeout=30) == 0, "the remote replica should exit 0 when the router stops it"
-            left = hosts.pids()
-            assert _wait(lambda: not hosts.pids(), 20), f"processes left in the emulated hosts: {left}"
-            stale = [p for p in os.listdir(shm.SHM_DIR) if p.startswith(shm.PREFIX) and _creator(p) in pids]
-            assert not stale, stale
+            left = hosts.wait_empty(20)
+            assert not left, f"processes left in the emulated hosts: {left}"
+            assert not segments_of(pids), segments_of(pids)
         finally:
             client.pool.shutdown(wait=False, cancel_futures=True)
             log.close()
-
-
-def _creator(name: str) -> int:
-    try:
-        return int(name[len(shm.PREFIX):].split("-", 1)[0])
-    except ValueError:
-        return -1
 
 
 def test_tp2_replica_spanning_two_hosts_serves(checkpoint, llm, tmp_path):
@@ -245,19 +226,14 @@ def test_tp2_replica_spanning_two_hosts_serves(checkpoint, llm, tmp_path):
         server = hosts.popen(0, [sys.executable, "-m", "meshlm.cli", "serve", "--model", str(model), "--tp", "2",
                                  "--remote-replicas", "1", "--replica-listen", link, "--port", str(HTTP_PORT)],
                              env=env, stdout=log, stderr=subprocess.STDOUT)
-        torchrun = str(Path(sys.executable).parent / "torchrun")
         nodes: list[subprocess.Popen] = []
 
         def launch() -> None:
             """One torchrun node per host (a new rendezvous each time: the joiner gives up if the router is not
             listening yet, and its launcher relaunches it)."""
-            run_id, port = f"{hosts.run_id}-{len(nodes)}", RDZV_PORT + len(nodes)
-            for h in hosts.hosts:
-                nodes.append(hosts.popen(h.index, [
-                    torchrun, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
-                    f"{hosts.hosts[0].addr}:{port}", "--rdzv-id", run_id, "--max-restarts", "0",
-                    "--local-addr", h.addr, "-m", "meshlm.launch", "serve", "--join", link, "--model", str(model),
-                    "--tp", "2", "--kv-cache-mb", "16"], env=env, stdout=log, stderr=subprocess.STDOUT))
+            nodes.extend(hosts.torchrun(["serve", "--join", link, "--model", str(model), "--tp", "2",
+                                         "--kv-cache-mb", "16"], RDZV_PORT + len(nodes),
+                                        f"{hosts.run_id}-{len(nodes)}", env=env, stdout=log, stderr=subprocess.STDOUT))
 
         def admitted() -> bool:
             if any(n.poll() is not None for n in nodes[-2:]):
@@ -278,8 +254,8 @@ def test_tp2_replica_spanning_two_hosts_serves(checkpoint, llm, tmp_path):
             assert server.wait(timeout=60) == 0
             assert all(n.wait(timeout=60) is not None for n in nodes[-2:])
             assert [n.returncode for n in nodes[-2:]] == [0, 0], (tmp_path / "serve.log").read_text()[-4000:]
-            left = hosts.pids()
-            assert _wait(lambda: not hosts.pids(), 20), f"processes left in the emulated hosts: {left}"
+            left = hosts.wait_empty(20)
+            assert not left, f"processes left in the emulated hosts: {left}"
         finally:
             client.pool.shutdown(wait=False, cancel_futures=True)
             log.close()
