@@ -142,31 +142,27 @@ def finish(srv: Server) -> None:
     assert not srv.leftovers(), "a process outlived the server"
 
 
-def test_dp2_kill_and_stop_a_rank(serve_model):
-    """dp=2, tp=2: kill -9 rank 1 of replica 0, then SIGSTOP rank 0 of replica 1; 16 streams each time."""
-    srv = Server(serve_model, "--dp", "2", "--kv-cache-mb", "16").wait_healthy(180)
+def hit_in_turn(serve_model, dp: int, hits: list[tuple[int, int, signal.Signals]]) -> None:
+    """A tp=2 server with dp replicas: the reference, then hit() for each (replica, rank, signal), then finish()."""
+    srv = Server(serve_model, *(["--dp", str(dp)] if dp > 1 else []), "--kv-cache-mb", "16").wait_healthy(180)
     try:
         want = reference(srv)
-        killed = hit(srv, 0, 1, signal.SIGKILL, want, dp=2)
-        stopped = hit(srv, 1, 0, signal.SIGSTOP, want, dp=2)
-        print(f"detected: SIGKILL {killed:.2f} s, SIGSTOP {stopped:.2f} s")
+        detected = [hit(srv, replica, rank, sig, want, dp=dp) for replica, rank, sig in hits]
+        print("detected: " + ", ".join(f"{sig.name} {s:.2f} s" for (_, _, sig), s in zip(hits, detected)))
         finish(srv)
     finally:
         srv.stop(10)
+
+
+def test_dp2_kill_and_stop_a_rank(serve_model):
+    """dp=2, tp=2: kill -9 rank 1 of replica 0, then SIGSTOP rank 0 of replica 1; 16 streams each time."""
+    hit_in_turn(serve_model, 2, [(0, 1, signal.SIGKILL), (1, 0, signal.SIGSTOP)])
 
 
 def test_dp1_restarts_its_ranks(serve_model):
     """dp=1, tp=2: SIGSTOP rank 1, then kill -9 rank 0; 503 + Retry-After while it restarts, then the streams
     continue from where they were and service resumes."""
-    srv = Server(serve_model, "--kv-cache-mb", "16").wait_healthy(180)
-    try:
-        want = reference(srv)
-        stopped = hit(srv, 0, 1, signal.SIGSTOP, want, dp=1)
-        killed = hit(srv, 0, 0, signal.SIGKILL, want, dp=1)
-        print(f"detected: SIGSTOP {stopped:.2f} s, SIGKILL {killed:.2f} s")
-        finish(srv)
-    finally:
-        srv.stop(10)
+    hit_in_turn(serve_model, 1, [(0, 1, signal.SIGSTOP), (0, 0, signal.SIGKILL)])
 
 
 def test_remote_replica_joins_and_fails_over(serve_model, monkeypatch):
