@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 
 import pytest
 from spawned_ranks import spawn_ranks
@@ -12,15 +13,21 @@ from spawned_ranks import spawn_ranks
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def _rank(rank: int, port: int, conn, delays: list[float], timeout_s: float, startup_s: float) -> None:
-    """Sleep delays[rank], start as the executor's ranks do; rank 0 then runs an all-reduce that rank 1 skips."""
+def _rank(rank: int, port: int, conn, delays: list[float], timeout_s: float, startup_s: float,
+          agent_port: int | None = None) -> None:
+    """Sleep delays[rank], start as the executor's ranks do (agent_port: as under torchrun, env:// and the
+    agent's store on that port); rank 0 then runs an all-reduce that rank 1 skips."""
     import torch
     import torch.distributed as dist
 
     from meshlm.parallel.launch import RankFailure, RendezvousInfo, init_distributed, startup_done
 
     time.sleep(delays[rank])
-    rv = RendezvousInfo(rank, len(delays), f"tcp://127.0.0.1:{port}", "gloo", timeout_s, startup_s)
+    init = f"tcp://127.0.0.1:{port}"
+    if agent_port is not None:
+        os.environ.update(TORCHELASTIC_USE_AGENT_STORE="True", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(agent_port))
+        init = "env://"
+    rv = RendezvousInfo(rank, len(delays), init, "gloo", timeout_s, startup_s)
     t0 = time.monotonic()
     try:
         hosts = init_distributed(rv)
@@ -42,14 +49,25 @@ def _rank(rank: int, port: int, conn, delays: list[float], timeout_s: float, sta
     os._exit(0)
 
 
-def test_late_rank_joins_under_a_short_comm_timeout():
-    """--comm-timeout 1 and a rank that starts 4 s after the other: both join (the startup timeout is 60 s);
-    afterwards a collective that a peer skips fails after the 1 s collective timeout, not the startup one."""
-    procs, conns = spawn_ranks(2, _rank, [0.0, 4.0], 1.0, 60.0)
+@pytest.mark.parametrize(("init", "late"), [("tcp", 1), ("torchrun", 0), ("torchrun", 1)])
+def test_late_rank_joins_under_a_short_comm_timeout(init, late):
+    """--comm-timeout 1 and a rank that starts 4 s after the other, locally spawned (tcp://, rank 0 serves the
+    store) or as under torchrun (env://, the agent's store): both join (the startup timeout is 60 s); afterwards
+    a collective that a peer skips fails after the 1 s collective timeout, not the startup one."""
+    import torch.distributed as dist
+
+    from meshlm.parallel.launch import free_port
+
+    agent_port, agent = None, None
+    if init == "torchrun":  # the agent's store, which torchrun's ranks reach as clients
+        agent_port = free_port()
+        agent = dist.TCPStore("127.0.0.1", agent_port, 1, True, timedelta(seconds=60), wait_for_workers=False)
+    delays = [4.0 if r == late else 0.0 for r in range(2)]
+    procs, conns = spawn_ranks(2, _rank, delays, 1.0, 60.0, agent_port)
     try:
         joined = [c.recv() if c.poll(120) else ("no answer",) for c in conns]
         assert [j[0] for j in joined] == ["joined", "joined"], joined
-        assert joined[0][2] > 3.0, "rank 0 should have waited for the late rank"
+        assert joined[1 - late][2] > 3.0, "the first rank should have waited for the late one"
         assert conns[0].poll(30), "the all-reduce rank 1 skipped did not time out"
         kind, _, waited = conns[0].recv()
         assert kind == "timed out" and 0.9 < waited < 5.0, (kind, waited)
@@ -58,6 +76,7 @@ def test_late_rank_joins_under_a_short_comm_timeout():
             c.send(None)
         for p in procs:
             p.join(10)
+        del agent
 
 
 def test_rank_that_never_starts_is_named_within_the_startup_timeout():
