@@ -17,9 +17,10 @@ proposals is the n largest gains; the policy takes the n with the most tokens pe
 when that beats n = 0 (no speculation, which also saves c) by MARGIN. At batch 1 with a flat step (weight-bound)
 it proposes k_max wherever acceptance pays for its proposer; once a batch's rows cost (b*B outweighs a) a
 proposal pays only at an acceptance near b / (b + a/B) and speculation is off.
-Learning b: with every measured decode step the same size the slope is unknown, so the policy sizes the next
-step differently: no proposals (a new engine's first steps), or, when the steps so far had none, one request
-proposing its cap. Once fitted, a step's proposals are kept under double the largest step measured (the fit
+Learning the costs: with every measured decode step the same size the slope b is unknown, so the policy sizes
+the next step differently: no proposals (a new engine's first step), or, when the steps so far had none, one
+request proposing its cap; until a proposer call without catch-up is measured (a draft's first call for a
+request is one), one request proposes its cap each step. Once fitted, a step's proposals are kept under double the largest step measured (the fit
 is not trusted far past its samples). After PROBE_EVERY decode steps without proposals, one request (the
 longest without) proposes its cap once to measure its acceptance, if proposals all accepted would pay: one
 request per PROBE_EVERY steps, so probing costs at most k_max rows in PROBE_EVERY * B.
@@ -211,11 +212,13 @@ class SpecPolicy:
         ks = [cap if fx else 0 for cap, fx in zip(caps, fixed)]
         free = [i for i, (cap, fx) in enumerate(zip(caps, fixed)) if cap > 0 and not fx]
         base = len(request_ids) + other_tokens + sum(ks)  # the step's tokens without (free) proposals
-        if not self.step.spread():  # one step size measured (or none): the cost of a row is unknown
-            if free and self.step.measured and abs(self.step.mean() - base) < 0.5:  # size this step differently
+        if not self.step.spread() or not self.proposer.measured:  # the cost of a row or a proposal is unknown
+            differs = not self.step.spread() and abs(self.step.mean() - base) >= 0.5  # k = 0 gives a new size
+            if free and self.step.measured and not differs:  # one request proposes: a new size, a proposer call
                 i = max(free, key=lambda i: self.expected_tokens(caps[i], request_ids[i]))
                 ks[i] = caps[i]
-            log.debug("spec policy: B=%d step cost not yet fitted (one size measured): ks=%s", len(ks), ks)
+            log.debug("spec policy: B=%d costs not yet fitted (step sizes: %s, proposer measured: %s): ks=%s",
+                      len(ks), "several" if self.step.spread() else "one", self.proposer.measured, ks)
             return self._done(request_ids, ks, fixed)
         a, b = self.cost()
         c, d = self.proposer_cost()

@@ -290,12 +290,15 @@ def test_policy_learns_the_row_cost_before_speculating():
     assert sorted(ks) == [0] * 15 + [4]  # a probe: one request at its cap
     pol.observe_step(20, 0.010 + 0.003 * 20)
     assert pol.cost() == pytest.approx((0.010, 0.003))
+    assert sorted(pol.choose(ids, [4] * 16, [False] * 16)) == [0] * 15 + [4]  # no proposer call measured yet
+    pol.observe_propose(4, 0.0004)
     assert pol.choose(ids, [4] * 16, [False] * 16) == [0] * 16  # alpha 0.5 < b / (b + a / B) = 0.83
     one = SpecPolicy(4)
     assert one.choose(["r"], [4], [False]) == [0]
     one.observe_step(1, 0.010)
     assert one.choose(["r"], [4], [False]) == [4]
     one.observe_step(5, 0.011)
+    one.observe_propose(4, 0.0004)
     assert one.choose(["r"], [4], [False]) == [4]  # weight-bound at batch 1: speculation pays
 
 
@@ -304,6 +307,7 @@ def test_policy_keeps_proposals_under_double_the_largest_measured_step():
     pol = SpecPolicy(4)
     for t in (1, 5, 1, 5):
         pol.observe_step(t, 0.010)
+    pol.observe_propose(4, 0.0)
     ids = [f"b{i}" for i in range(4)]
     assert sum(pol.choose(ids, [4] * 4, [False] * 4)) == 2 * 5 - 4
 
@@ -327,6 +331,8 @@ def simulate(pol: SpecPolicy | None, batch: int, a: float, b: float, alpha: floa
         seconds += a + b * (batch + sum(ks))
         if pol is not None:
             pol.observe_step(batch + sum(ks), a + b * (batch + sum(ks)))
+            if sum(ks):
+                pol.observe_propose(sum(ks), 0.0)  # a free proposer (n-gram)
     return tokens / seconds
 
 
@@ -472,6 +478,7 @@ def test_seeded_sampled_requests_propose_the_configured_k():
     sp = Speculator(_SlowProposer(_Clock(), 0.0, 0.0), SpeculativeConfig("ngram", 3))
     for t in (1, 5, 1, 5, 9, 1):
         sp.policy.observe_step(t, 0.001 * t)  # tokens cost: speculation loses throughput
+    sp.policy.observe_propose(3, 0.0)
     seeded = decoding("s", 10, SamplingParams(temperature=0.8, seed=1))
     unseeded, greedy = decoding("u", 10), decoding("g", 10, SamplingParams())
     others = [decoding(f"o{i}", 10) for i in range(30)]
