@@ -17,13 +17,13 @@ proposals is the n largest gains; the policy takes the n with the most tokens pe
 when that beats n = 0 (no speculation, which also saves c) by MARGIN. At batch 1 with a flat step (weight-bound)
 it proposes k_max wherever acceptance pays for its proposer; once a batch's rows cost (b*B outweighs a) a
 proposal pays only at an acceptance near b / (b + a/B) and speculation is off.
-Learning the costs: with every measured decode step the same size the slope b is unknown, so the policy sizes
-the next step differently: no proposals (a new engine's first step), or, when the steps so far had none, one
-request proposing its cap; until a proposer call without catch-up is measured (a draft's first call for a
-request is one), one request proposes its cap each step. Once fitted, a step's proposals are kept under double the largest step measured (the fit
-is not trusted far past its samples). After PROBE_EVERY decode steps without proposals, one request (the
-longest without) proposes its cap once to measure its acceptance, if proposals all accepted would pay: one
-request per PROBE_EVERY steps, so probing costs at most k_max rows in PROBE_EVERY * B.
+Learning the costs: with every measured decode step the same size the slope b is unknown, so the policy sizes the
+next step differently: no proposals (a new engine's first step), or, when the steps so far had none, one request
+proposing its cap; until a proposer call without catch-up is measured (a draft's first call for a request is one),
+one request proposes its cap each step. Once fitted, a step's proposals are kept under double the largest step
+measured (the fit is not trusted far past its samples). After PROBE_EVERY decode steps without proposals, one
+request (the longest without) proposes its cap once to measure its acceptance, if proposals all accepted would pay:
+one request per PROBE_EVERY steps, so probing costs at most k_max rows in PROBE_EVERY * B.
 Requests with a fixed k (seeded sampled ones, engine/spec_engine.py) count in the costs as they are.
 """
 
