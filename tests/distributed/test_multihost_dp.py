@@ -149,8 +149,8 @@ def test_dp2_across_hosts_link_cut_is_contained(checkpoint, tmp_path):
             return (tmp_path / "serve.log").read_text()[-4000:]
 
         def admitted(i: int) -> bool:
-            """Replica i routable; a joiner that exited (the router was not listening yet) is relaunched, as a
-            launcher would: `serve --join` does not retry its first connection."""
+            """Replica i routable; a joiner that exited (cut off, or past its --join-timeout) is relaunched, as a
+            launcher would."""
             if joined[-1].poll() is not None:
                 join()
             return _up(client, i)
@@ -249,8 +249,8 @@ def test_tp2_replica_spanning_two_hosts_serves(checkpoint, llm, tmp_path):
         nodes: list[subprocess.Popen] = []
 
         def launch() -> None:
-            """One torchrun node per host (a new rendezvous each time: the joiner gives up if the router is not
-            listening yet, and its launcher relaunches it)."""
+            """One torchrun node per host (a new rendezvous each time: a joiner that gave up, past its
+            --join-timeout, is relaunched as its launcher would)."""
             run_id, port = f"{hosts.run_id}-{len(nodes)}", RDZV_PORT + len(nodes)
             for h in hosts.hosts:
                 nodes.append(hosts.popen(h.index, [
