@@ -6,29 +6,40 @@ Costs: least-squares fits over recent samples (decay DECAY per sample, a window 
                                         k_max + 1 tokens of a request (a draft's first pass over a prompt, or
                                         its return after a pause) is left out: a one-off, not a per-token cost
 Acceptance: alpha_r,i = P(position i of request r accepted | earlier ones accepted), counted per request and
-started from PRIOR pseudo-verifications at the engine-wide estimate (itself 0.5 before any verification), so
-one request's low acceptance does not keep another from speculating.
+over PRIOR pseudo-verifications at the current engine-wide estimate (itself 0.5 before any verification), so
+one request's low acceptance does not keep another from speculating, and what probes learn reaches requests
+that have not proposed yet.
 
-Choice: B requests decoding, k_r proposals each, K = sum_r k_r. A step emits sum_r E_r(k_r) tokens,
-E_r(k) = 1 + sum_{j=1..k} prod_{i<=j} alpha_r,i, in a + b*(B + other + K) + [K > 0]*(c + d*K) seconds. The
-policy takes the k_r maximising tokens per second: each proposal costs b + d and gains prod_{i<=j} alpha_r,i,
-non-increasing in j, so the best set of n proposals is the n largest gains and the policy keeps the best such
-prefix (n = 0: no speculation, which also saves c). At batch 1 with a flat step cost (weight-bound) it proposes
-k_max wherever acceptance is worth its proposer; once b*B outweighs a it turns speculation off. Until a step is
-measured it proposes k_max. A request left without proposals for PROBE_EVERY of its decode steps (and a new
-one, at its first) proposes k_max once to measure its acceptance, when a proposal sure to be accepted would pay.
+Choice, for the whole batch: B requests decoding, k_r proposals each, K = sum_r k_r. A step emits
+sum_r E_r(k_r) tokens, E_r(k) = 1 + sum_{j=1..k} prod_{i<=j} alpha_r,i, in a + b*(B + K) + [K > 0]*(c + d*K)
+seconds. Each proposal costs b + d and gains prod_{i<=j} alpha_r,i, non-increasing in j, so the best set of n
+proposals is the n largest gains; the policy takes the n with the most tokens per second and speculates only
+when that beats n = 0 (no speculation, which also saves c) by MARGIN. At batch 1 with a flat step (weight-bound)
+it proposes k_max wherever acceptance pays for its proposer; once a batch's rows cost (b*B outweighs a) a
+proposal pays only at an acceptance near b / (b + a/B) and speculation is off.
+Learning the costs: with every measured decode step the same size the slope b is unknown, so the policy sizes the
+next step differently: no proposals (a new engine's first step), or, when the steps so far had none, one request
+proposing its cap; until a proposer call without catch-up is measured (a draft's first call for a request is one),
+one request proposes its cap each step. Once fitted, a step's proposals are kept under double the largest step
+measured (the fit is not trusted far past its samples). After PROBE_EVERY decode steps without proposals, one
+request (the longest without) proposes its cap once to measure its acceptance, if proposals all accepted would pay:
+one request per PROBE_EVERY steps, so probing costs at most k_max rows in PROBE_EVERY * B.
 Requests with a fixed k (seeded sampled ones, engine/spec_engine.py) count in the costs as they are.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 DECAY = 0.98  # weight of a sample after each later one: a window of about 50
 PRIOR = 2.0  # pseudo-verifications at the engine-wide acceptance that start each request's count
 PRIOR_ACCEPT = 0.5  # engine-wide alpha before any verification
-PROBE_EVERY = 16  # a request's decode steps without proposals after which it proposes once again
+PROBE_EVERY = 16  # decode steps without proposals after which one request proposes once again
+MARGIN = 0.05  # speculation must beat no speculation's predicted tokens/s by this share (timing noise)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,11 +85,22 @@ class _Fit:
     def __init__(self, flat: bool) -> None:
         self.flat = flat  # no spread: b = 0 (flat) or a = 0 (y proportional to x)
         self.sums = [0.0] * 5  # decayed sum of w, w*x, w*x^2, w*y, w*x*y
+        self.largest = 0.0  # the largest x seen
 
     def observe(self, x: float, y: float) -> None:
         """One sample."""
         s = [v * DECAY for v in self.sums]
         self.sums = [s[0] + 1, s[1] + x, s[2] + x * x, s[3] + y, s[4] + x * y]
+        self.largest = max(self.largest, x)
+
+    def mean(self) -> float:
+        """Weighted mean of x (0 before any sample)."""
+        return self.sums[1] / self.sums[0] if self.sums[0] > 0 else 0.0
+
+    def spread(self) -> bool:
+        """True once samples at two different x came in: a slope can be fitted."""
+        w, x, x2 = self.sums[:3]
+        return w > 0 and x2 / w - (x / w) ** 2 > 1e-9 * max(1.0, (x / w) ** 2)
 
     @property
     def measured(self) -> bool:
@@ -91,7 +113,7 @@ class _Fit:
         if w <= 0:
             return 0.0, 0.0
         var = x2 / w - (x / w) ** 2
-        if var > 1e-9 * max(1.0, (x / w) ** 2):
+        if self.spread():
             b = max(0.0, (xy / w - (x / w) * (y / w)) / var)
             return max(y / w - b * x / w, 0.0), b
         if self.flat or x <= 0:
@@ -116,10 +138,9 @@ class _Accept:
 class _Req:
     """One request's acceptance counts and its decode steps since it last proposed."""
 
-    def __init__(self, k_max: int, prior: Sequence[float]) -> None:
+    def __init__(self, k_max: int) -> None:
         self.accept = _Accept(k_max)
-        self.prior = list(prior)  # the engine-wide alphas when the request started
-        self.idle = PROBE_EVERY  # a new request probes at its first decode step
+        self.idle = PROBE_EVERY  # a new request counts as long without proposals: first in line to probe
 
 
 class SpecPolicy:
@@ -131,6 +152,7 @@ class SpecPolicy:
         self.proposer = _Fit(flat=False)  # proposer seconds over proposed tokens: per token until calls differ
         self.accept = _Accept(k_max, [PRIOR_ACCEPT] * k_max, 2.0)  # engine-wide
         self.reqs: dict[str, _Req] = {}
+        self.quiet = 0  # decode steps since any free request last proposed
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         """A finished decode step: its token count and the target's seconds (the proposer's taken out)."""
@@ -160,14 +182,14 @@ class SpecPolicy:
         return self.proposer.fit()
 
     def alphas(self, request_id: str | None = None) -> list[float]:
-        """alpha_i per position: engine-wide, or a request's own counts over its prior."""
+        """alpha_i per position: engine-wide, or a request's own counts over PRIOR verifications at the engine-wide."""
         g = self.accept
         glob = [k / r if r > 0 else PRIOR_ACCEPT for k, r in zip(g.kept, g.reached)]
         req = self.reqs.get(request_id) if request_id is not None else None
         if req is None:
             return glob
         a = req.accept
-        return [(k + PRIOR * p) / (r + PRIOR) for k, r, p in zip(a.kept, a.reached, req.prior)]
+        return [(k + PRIOR * p) / (r + PRIOR) for k, r, p in zip(a.kept, a.reached, glob)]
 
     def expected_tokens(self, k: int, request_id: str | None = None) -> float:
         """E(k): tokens a verification of k proposals emits on average."""
@@ -179,43 +201,62 @@ class SpecPolicy:
 
     def _req(self, request_id: str) -> _Req:
         if request_id not in self.reqs:
-            self.reqs[request_id] = _Req(self.k_max, self.alphas())
+            self.reqs[request_id] = _Req(self.k_max)
         return self.reqs[request_id]
 
     def choose(self, request_ids: Sequence[str], caps: Sequence[int], fixed: Sequence[bool],
                other_tokens: int = 0) -> list[int]:
         """Proposal length per decoding request, at most caps[i]; fixed[i]: exactly caps[i] (0: don't speculate)."""
-        if not self.adaptive or not self.step.measured:  # no step measured yet: speculate
+        if not self.adaptive:
             return list(caps)
+        ks = [cap if fx else 0 for cap, fx in zip(caps, fixed)]
+        free = [i for i, (cap, fx) in enumerate(zip(caps, fixed)) if cap > 0 and not fx]
+        base = len(request_ids) + other_tokens + sum(ks)  # the step's tokens without (free) proposals
+        if not self.step.spread() or not self.proposer.measured:  # the cost of a row or a proposal is unknown
+            differs = not self.step.spread() and abs(self.step.mean() - base) >= 0.5  # k = 0 gives a new size
+            if free and self.step.measured and not differs:  # one request proposes: a new size, a proposer call
+                i = max(free, key=lambda i: self.expected_tokens(caps[i], request_ids[i]))
+                ks[i] = caps[i]
+            log.debug("spec policy: B=%d costs not yet fitted (step sizes: %s, proposer measured: %s): ks=%s",
+                      len(ks), "several" if self.step.spread() else "one", self.proposer.measured, ks)
+            return self._done(request_ids, ks, fixed)
         a, b = self.cost()
         c, d = self.proposer_cost()
-        ks = [cap if fx else 0 for cap, fx in zip(caps, fixed)]
         num = sum(self.expected_tokens(k, rid) if k else 1.0 for k, rid in zip(ks, request_ids))
-        base = len(request_ids) + other_tokens
+        fixed_proposed = sum(ks)
+        limit = 2 * self.step.largest - base  # free proposals: at most double the largest step measured
 
         def rate(tokens: float, proposed: int) -> float:
-            return tokens / (a + b * (base + proposed) + (c + d * proposed if proposed else 0.0))
+            return tokens / (a + b * (base + proposed) + (c + d * (fixed_proposed + proposed)
+                                                           if fixed_proposed + proposed else 0.0))
 
         gains = []  # (gain, i): proposal j of request i gains prod_{<=j} alpha, non-increasing in j
-        for i, (rid, cap, fx) in enumerate(zip(request_ids, caps, fixed)):
+        for i in free:
             run = 1.0
-            for alpha in ([] if fx else self.alphas(rid)[:cap]):
+            for alpha in self.alphas(request_ids[i])[:caps[i]]:
                 run *= alpha
                 gains.append((run, i))
         gains.sort(key=lambda g: -g[0])  # stable: a request's proposals stay in order
-        proposed = sum(ks)
-        best, take = rate(num, proposed), 0
-        for n, (gain, _) in enumerate(gains, 1):
+        none = best = rate(num, 0)
+        take, num0 = 0, num
+        for n, (gain, _) in enumerate(gains[:max(limit, 0)], 1):
             num += gain
-            if (r := rate(num, proposed + n)) > best:
+            if (r := rate(num, n)) > best and r > none * (1 + MARGIN):
                 best, take = r, n
         for _, i in gains[:take]:
             ks[i] += 1
-        # would one more proposal, sure to be accepted, pay? (gain 1 against its cost at the chosen rate)
-        sure_pays = 1.0 > best * (b + d + (0.0 if sum(ks) else c))
-        for i, (rid, cap, fx) in enumerate(zip(request_ids, caps, fixed)):
+        if not take and free and self.quiet >= PROBE_EVERY:  # nobody speculated for a while: one request probes
+            i = max(free, key=lambda i: self._req(request_ids[i]).idle)  # the longest without proposals
+            if rate(num0 + caps[i], caps[i]) > none:  # (were they all accepted, its proposals would pay)
+                ks[i] = caps[i]
+        log.debug("spec policy: B=%d a=%.4f b=%.6f c=%.4f d=%.6f: no speculation %.1f tok/s, speculation "
+                  "(%d proposals) %.1f tok/s predicted; ks=%s", len(ks), a, b, c, d, none, take, best, ks)
+        return self._done(request_ids, ks, fixed)
+
+    def _done(self, request_ids: Sequence[str], ks: list[int], fixed: Sequence[bool]) -> list[int]:
+        """Count each request's decode steps without proposals, and the engine's (fixed ones aside); return ks."""
+        self.quiet = 0 if any(k and not fx for k, fx in zip(ks, fixed)) else self.quiet + 1
+        for rid, k in zip(request_ids, ks):
             req = self._req(rid)
-            req.idle = 0 if ks[i] else req.idle + 1
-            if not fx and req.idle > PROBE_EVERY and sure_pays:  # acceptance moves with the text: look again
-                ks[i], req.idle = cap, 0
+            req.idle = 0 if k else req.idle + 1
         return ks

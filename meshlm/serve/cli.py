@@ -75,6 +75,9 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--join", default=None, metavar="HOST:PORT",
                    help="instead of serving HTTP, load the model and serve as a remote replica of the router "
                         "listening there (its --replica-listen)")
+    p.add_argument("--join-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="with --join: keep trying to reach the router (backoff up to 5 s) for this long before "
+                        "giving up, so replicas may start before the router (default 60)")
     p.add_argument("--exit-on-failure", action="store_true",
                    help="a failed replica ends the server (exit 1) instead of being restarted, for supervisors "
                         "that restart whole servers")
@@ -128,6 +131,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError("--remote-replicas needs --replica-listen HOST:PORT, where those replicas connect.")
     listen = parse_address(args.replica_listen, "--replica-listen") if args.remote_replicas else None
     join = parse_address(args.join, "--join") if args.join else None
+    if join and not args.join_timeout > 0:
+        raise ConfigError(f"--join-timeout must be positive seconds, got {args.join_timeout}.")
     secret = replica_key() if listen or join else b""
     name = args.served_model_name or _model_name(args.model)
     cfg = ServerConfig(host=args.host, port=args.port, model_name=name,
@@ -180,7 +185,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from meshlm.serve.links import connect
         from meshlm.serve.replica import replica_main
 
-        replica_main(connect(join, secret), spec, remote=True)  # exits
+        replica_main(connect(join, secret, args.join_timeout), spec, remote=True)  # exits
     # Under torchrun the other ranks cannot be restarted from here: a failure ends the server (torchrun restarts).
     rcfg = RouterConfig(dp=args.dp, remote=args.remote_replicas, listen=listen, key=secret, stall_s=args.stall_timeout,
                         retry=RetryPolicy(max_attempts=args.max_retries),

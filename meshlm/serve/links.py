@@ -13,15 +13,18 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import random
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Connection, Listener, answer_challenge, deliver_challenge
 from typing import Any
 
 from meshlm.engine.executor import kill_ranks
+from meshlm.errors import MeshlmError
+from meshlm.serve.cli import KEY_ENV
 from meshlm.serve.replica import Exited, Ready, ReplicaSpec, replica_main
 
 log = logging.getLogger(__name__)
@@ -192,6 +195,48 @@ class ReplicaListener:
         self.listener.close()
 
 
-def connect(address: tuple[str, int], key: bytes) -> Connection:
-    """A remote replica's connection to the router."""
-    return _bounded(Client(address, authkey=key))
+class RouterUnreachable(MeshlmError):
+    """`serve --join`: the router could not be reached before the deadline, or it refused this replica's key."""
+
+
+def connect(address: tuple[str, int], key: bytes, timeout_s: float = 60.0) -> Connection:
+    """A remote replica's connection to the router, tried again with jittered backoff (0.5 s doubling to 5 s)
+    while the router is not up yet, for up to timeout_s seconds; then RouterUnreachable naming the address."""
+    host, port = address
+    deadline, pause, attempt = time.monotonic() + timeout_s, 0.5, 0
+    while True:
+        attempt += 1
+        try:
+            return _bounded(_client(address, key, max(0.1, min(10.0, deadline - time.monotonic()))))
+        except mp.AuthenticationError as e:
+            raise RouterUnreachable(f"The router at {host}:{port} refused this replica ({e}): export the same "
+                                    f"{KEY_ENV} value on the router and on this host.") from None
+        except (OSError, EOFError) as e:  # refused, unreachable, unresolved, timed out, or closed mid-handshake
+            why = str(e) or type(e).__name__
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RouterUnreachable(
+                    f"Could not reach the router at {host}:{port} in {timeout_s:g} s ({attempt} attempts; last: "
+                    f"{why}). Start the router first (`meshlm serve --dp N --remote-replicas K --replica-listen "
+                    f"{host}:{port}`), check that this host can reach that address (firewall, --replica-listen "
+                    "bound to a public interface), or wait longer with --join-timeout SECONDS.") from None
+            wait = min(left, pause * random.uniform(0.8, 1.2))
+            log.warning("router at %s:%d not reachable (attempt %d: %s); retrying in %.1f s (%.0f s left)",
+                        host, port, attempt, why, wait, left)
+            time.sleep(wait)
+            pause = min(5.0, 2 * pause)
+
+
+def _client(address: tuple[str, int], key: bytes, connect_s: float) -> Connection:
+    """multiprocessing.connection.Client over TCP, with the TCP connect bounded by connect_s (a dropped SYN
+    otherwise blocks for minutes); the connection itself blocks, as Client's does."""
+    sock = socket.create_connection(address, timeout=connect_s)
+    sock.setblocking(True)
+    conn = Connection(sock.detach())
+    try:
+        answer_challenge(conn, key)
+        deliver_challenge(conn, key)
+    except BaseException:
+        conn.close()
+        raise
+    return conn

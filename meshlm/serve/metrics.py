@@ -156,10 +156,30 @@ class ReplicaCollector:
                      "proof of progress to its detection.", lambda r: r.detect_s)
         yield family(GaugeMetricFamily, "last_recover_seconds", "Last failure: seconds from detection to "
                      "readmission.", lambda r: r.recover_s)
+        yield from replica_expert_families(reps)
         yield CounterMetricFamily(f"{p}_requests_migrated_total", "Engine requests moved off a failed replica.",
                                   self.router.migrated)
         yield CounterMetricFamily(f"{p}_requests_lost_total", "Engine requests that failed because no replica "
                                   "could take them over (retries or deadline exhausted).", self.router.lost)
+
+
+def replica_expert_families(replicas: list[Any]) -> Iterator[Metric]:
+    """Each replica's own expert balance per layer and all-to-all bytes per link (the unlabelled meshlm_expert_*
+    series take the worst balance and the sum over replicas); nothing while no replica reports experts."""
+    figs = [(str(r.index), r.snapshot.stats.experts) for r in replicas if r.snapshot.stats.experts is not None]
+    if not figs:
+        return
+    p = f"{PREFIX}_replica_expert"
+    bal = GaugeMetricFamily(f"{p}_balance_ratio", "Max over mean rank load of a MoE layer's routed rows in the "
+                            "replica (1: even).", labels=("replica", "layer"))
+    links = CounterMetricFamily(f"{p}_link_bytes_total", "All-to-all bytes (dispatch + combine) per link of the "
+                                "replica's expert-parallel group.", labels=("replica", "src", "dst"))
+    for i, f in figs:
+        for layer in sorted(f.balance):
+            bal.add_metric((i, str(layer)), f.balance[layer])
+        for (a, b), n in sorted(f.link_bytes.items()):
+            links.add_metric((i, str(a), str(b)), n)
+    yield from (bal, links)
 
 
 class ServerMetrics:

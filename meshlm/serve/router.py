@@ -19,21 +19,20 @@ import itertools
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from meshlm.config import SamplingParams
-from meshlm.engine.engine import EngineStats, Resume
+from meshlm.engine.engine import Resume
 from meshlm.engine.scheduler import QueueFull
-from meshlm.engine.spec_policy import SpecCounters
 from meshlm.errors import RequestError
 from meshlm.serve.engine_loop import Abort, EngineUnavailable, Snapshot
 from meshlm.serve.fleet import Fleet, Replica, ReplicaLost, RouterConfig
 from meshlm.serve.protocol import Update
 from meshlm.serve.replica import Outs, ReplicaSpec, Work
 from meshlm.serve.routing import affinity_key, pick, retry_delay
+from meshlm.serve.totals import sum_snapshots
 
 log = logging.getLogger(__name__)
 
@@ -280,33 +279,6 @@ class Router(Fleet):
 
     @property
     def snapshot(self) -> Snapshot:
-        """The replicas' latest figures, summed (queue caps of routable replicas only)."""
-        snaps = [r.snapshot for r in self.replicas]
-        stats = [s.stats for s in snaps]
-        comm: dict[str, float] = {}
-        for s in stats:
-            for k, v in s.collective_seconds.items():
-                comm[k] = comm.get(k, 0.0) + v
-        total = EngineStats(sum(s.running for s in stats), sum(s.waiting for s in stats),
-                            sum(r.info.max_waiting for r in self.replicas if r.routable),
-                            sum(s.kv_usage for s in stats) / len(stats), sum(s.num_preemptions for s in stats),
-                            sum(s.prompt_tokens for s in stats), sum(s.generation_tokens for s in stats), comm,
-                            max(s.bubble_fraction for s in stats),
-                            _sum_spec([s.speculative for s in stats if s.speculative is not None]),
-                            cp_ring_choices=dict(sum((Counter(s.cp_ring_choices) for s in stats), Counter())))
-        return Snapshot(total, sum(s.step_seconds for s in snaps))
-
-
-def _sum_spec(counters: list[SpecCounters]) -> SpecCounters | None:
-    """The replicas' speculation counters added up (None when none speculates)."""
-    if not counters:
-        return None
-    width = max(len(c.proposed_at) for c in counters)
-
-    def col(name: str) -> list[int]:
-        return [sum(getattr(c, name)[i] for c in counters if i < len(getattr(c, name))) for i in range(width)]
-
-    return SpecCounters(sum(c.drafts for c in counters), sum(c.proposed for c in counters),
-                        sum(c.accepted for c in counters), col("proposed_at"), col("accepted_at"))
-
-
+        """The replicas' latest figures, summed (queue caps of routable replicas only; serve/totals.py)."""
+        return sum_snapshots([r.snapshot for r in self.replicas],
+                             sum(r.info.max_waiting for r in self.replicas if r.routable))

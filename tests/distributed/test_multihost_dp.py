@@ -138,8 +138,8 @@ def test_dp2_across_hosts_link_cut_is_contained(checkpoint, tmp_path):
             return (tmp_path / "serve.log").read_text()[-4000:]
 
         def admitted(i: int) -> bool:
-            """Replica i routable; a joiner that exited (the router was not listening yet) is relaunched, as a
-            launcher would: `serve --join` does not retry its first connection."""
+            """Replica i routable; a joiner that exited (cut off, or past its --join-timeout) is relaunched, as a
+            launcher would."""
             if joined[-1].poll() is not None:
                 join()
             return _up(client, i)
@@ -229,8 +229,8 @@ def test_tp2_replica_spanning_two_hosts_serves(checkpoint, llm, tmp_path):
         nodes: list[subprocess.Popen] = []
 
         def launch() -> None:
-            """One torchrun node per host (a new rendezvous each time: the joiner gives up if the router is not
-            listening yet, and its launcher relaunches it)."""
+            """One torchrun node per host (a new rendezvous each time: a joiner that gave up, past its
+            --join-timeout, is relaunched as its launcher would)."""
             nodes.extend(hosts.torchrun(["serve", "--join", link, "--model", str(model), "--tp", "2",
                                          "--kv-cache-mb", "16"], RDZV_PORT + len(nodes),
                                         f"{hosts.run_id}-{len(nodes)}", env=env, stdout=log, stderr=subprocess.STDOUT))

@@ -204,7 +204,9 @@ def test_seeded_sampling_reproduces_whatever_k_the_policy_would_pick(checkpoint,
     runs, proposed = [], []
     with LLM(str(checkpoint(KIND)), progress=False, speculative=SpeculativeConfig("ngram", 4)) as llm:
         pol = llm.engine.spec.policy
-        pol.observe_step(1, 0.01)  # measured: the policy decides from here on
+        pol.observe_step(1, 0.01)  # two step sizes measured: the policy decides from here on
+        pol.observe_step(5, 0.01)
+        pol.observe_propose(4, 0.0)  # and a proposer call
         pol.proposer_cost = lambda: (0.0, 0.0)
         for costs in [(0.01, 0.0), (0.0, 1.0), (0.01, 0.0)]:  # (a, b) of step seconds = a + b * tokens
             pol.cost = lambda costs=costs: costs

@@ -207,3 +207,42 @@ def test_router_snapshot_sums_cp_ring_choices():
     for r, choices in zip(router.replicas, ({"pass-kv": 3, "pass-q": 1}, {"pass-q": 2})):
         r.snapshot = Snapshot(EngineStats(cp_ring_choices=choices))
     assert router.snapshot.stats.cp_ring_choices == {"pass-kv": 3, "pass-q": 3}
+
+
+def test_router_snapshot_carries_expert_figures():
+    """/metrics reads the router's summed snapshot: every replica's dropped rows, expert loads, link bytes and
+    buffer counters add up there, the balance is the worst replica's, each replica's own balance and link bytes
+    are exported with a `replica` label, and one replica's figures pass through unchanged."""
+    from meshlm.engine.engine import EngineStats
+    from meshlm.engine.engine_config import ExpertFigures
+    from meshlm.serve.engine_loop import Snapshot
+    from meshlm.serve.metrics import ReplicaCollector, ServerMetrics, parse_samples
+
+    figs = [ExpertFigures({1: 1.5, 3: 1.0}, {1: [4, 0, 2, 2], 3: [2, 2, 2, 2]}, {(0, 1): 640, (1, 0): 320},
+                          rebalances=2, moved=3, buffer_hits=7, buffer_misses=1, buffer_fetch_seconds=0.25),
+            ExpertFigures({1: 1.2, 3: 1.4}, {1: [1, 1, 1, 5], 3: [0, 0, 4, 4]}, {(0, 1): 64},
+                          rebalances=1, moved=0, buffer_hits=3, buffer_misses=4, buffer_fetch_seconds=0.5)]
+    router = _router(2)
+    for r, f, dropped in zip(router.replicas, figs, (5, 6)):
+        r.snapshot = Snapshot(EngineStats(expert_tokens_dropped=dropped, experts=f))
+    s = router.snapshot.stats
+    assert s.expert_tokens_dropped == 11
+    assert s.experts == ExpertFigures({1: 1.5, 3: 1.4}, {1: [5, 1, 3, 7], 3: [2, 2, 6, 6]},
+                                      {(0, 1): 704, (1, 0): 320}, 3, 3, 10, 5, 0.75)
+    metrics = ServerMetrics(lambda: router.snapshot)
+    metrics.registry.register(ReplicaCollector(router))
+    m = parse_samples(metrics.render().decode())  # prometheus_client's text parser; labels sorted
+    assert m["meshlm_expert_tokens_dropped_total"] == 11
+    assert m['meshlm_expert_balance_ratio{layer="3"}'] == 1.4
+    assert m['meshlm_expert_load_rows{expert="3",layer="1"}'] == 7
+    assert m['meshlm_expert_link_bytes_total{dst="1",src="0"}'] == 704
+    assert m["meshlm_expert_buffer_hit_ratio"] == 10 / 15 and m["meshlm_expert_buffer_fetch_seconds_total"] == 0.75
+    for i, f in enumerate(figs):
+        assert m[f'meshlm_replica_expert_balance_ratio{{layer="1",replica="{i}"}}'] == f.balance[1]
+        assert m[f'meshlm_replica_expert_link_bytes_total{{dst="1",replica="{i}",src="0"}}'] == f.link_bytes[(0, 1)]
+    assert 'meshlm_replica_expert_link_bytes_total{dst="0",replica="1",src="1"}' not in m
+
+    single = _router(1)
+    single.replicas[0].snapshot = Snapshot(EngineStats(expert_tokens_dropped=5, experts=figs[0]))
+    assert single.snapshot.stats.experts == figs[0] and single.snapshot.stats.expert_tokens_dropped == 5
+    assert "meshlm_replica_expert" not in ServerMetrics(lambda: _router(2).snapshot).render().decode()

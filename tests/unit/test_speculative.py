@@ -16,7 +16,7 @@ from meshlm.engine.request import Request, Status
 from meshlm.engine.sampler import ACCEPT, DRAFT, RESIDUAL, SAMPLE, mix_seed, position_generator, sample, uniform
 from meshlm.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from meshlm.engine.spec_engine import Speculator
-from meshlm.engine.spec_policy import PROBE_EVERY, SpecCounters, SpecPolicy
+from meshlm.engine.spec_policy import MARGIN, PROBE_EVERY, SpecCounters, SpecPolicy
 from meshlm.engine.speculative import NgramProposer, Proposal, SpeculativeConfig
 from meshlm.engine.verify import accept_or_resample, verify, verify_greedy, verify_sampled
 from meshlm.errors import ConfigError
@@ -210,14 +210,15 @@ def test_policy_charges_the_proposers_cost():
 
 
 def test_policy_tracks_acceptance_per_request():
-    """A chat request with low acceptance does not keep a grounded one from speculating in the same batch, and a
-    new request probes at its first decode step even after the engine-wide estimate fell."""
+    """A chat request with low acceptance does not keep a grounded one from speculating in the same batch; a new
+    request starts from the engine-wide estimate, and once no request proposed for PROBE_EVERY steps one probes."""
     pol = policy((0.010, 0.0), (0.0, 0.001))
     accept(pol, "chat", 0.0)
     accept(pol, "grounded", 1.0, n=10)
     assert pol.choose(["chat", "grounded"], [4, 4], [False, False]) == [0, 4]
     accept(pol, "chat", 0.0, n=200)  # the engine-wide estimate is now low
-    assert pol.choose(["new"], [4], [False]) == [4]  # a probe
+    ks = [pol.choose(["new"], [4], [False]) for _ in range(PROBE_EVERY + 1)]
+    assert ks == [[0]] * PROBE_EVERY + [[4]]  # a probe after PROBE_EVERY steps without proposals
     accept(pol, "new", 1.0, n=10)
     assert pol.choose(["new", "chat"], [4, 4], [False, False]) == [4, 0]
     pol.release("new")
@@ -228,9 +229,121 @@ def test_policy_fixed_requests_keep_their_k_and_count_in_the_cost():
     """A fixed request (seeded sampled) proposes its cap even where the policy would not speculate."""
     linear = policy((0.0, 0.001))
     ids = [f"b{i}" for i in range(8)]
-    linear.choose(ids, [3] * 8, [True] + [False] * 7)  # new requests may probe at their first step
-    for _ in range(PROBE_EVERY):  # (then the others probe again: a sure acceptance would pay at this rate)
-        assert linear.choose(ids, [3] * 8, [True] + [False] * 7) == [3] + [0] * 7
+    chosen = [linear.choose(ids, [3] * 8, [True] + [False] * 7) for _ in range(3 * PROBE_EVERY)]
+    assert all(ks[0] == 3 for ks in chosen)
+    probes = [ks[1:] for ks in chosen if any(ks[1:])]  # the others: a probe of one request per PROBE_EVERY steps
+    assert len(probes) <= 3 and all(sorted(ks) == [0] * 6 + [3] for ks in probes)
+
+
+def predicted_rate(pol: SpecPolicy, ids: list[str], ks: list[int]) -> float:
+    """Tokens per second the cost model predicts for a decode step with proposals ks (the policy's formula)."""
+    (a, b), (c, d) = pol.cost(), pol.proposer_cost()
+    k = sum(ks)
+    return sum(pol.expected_tokens(n, r) for n, r in zip(ks, ids)) / (a + b * (len(ids) + k) + (c + d * k if k else 0))
+
+
+@pytest.mark.parametrize("step,prop,rates", [((0.010, 0.0025), (0.0, 0.0), (0.6, 0.9)),  # CPU-like rows
+                                             ((0.020, 0.0005), (0.0005, 0.002), (0.3, 0.8)),  # a dear proposer
+                                             ((0.010, 0.0), (0.0, 0.0), (0.5, 0.1))])  # flat: always pays
+def test_policy_picks_the_batchs_best_predicted_goodput(step, prop, rates):
+    """For a small batch, the chosen k's give the most tokens per second the cost model predicts among every
+    combination (within MARGIN of no speculation: then none), checked by enumeration."""
+    import itertools
+
+    pol = policy(step, prop, k_max=3)
+    ids = ["r0", "r1"]
+    for rid, rate in zip(ids, rates):
+        accept(pol, rid, rate)
+    ks = pol.choose(ids, [3, 3], [False, False])
+    rates_all = {combo: predicted_rate(pol, ids, list(combo)) for combo in itertools.product(range(4), repeat=2)}
+    best = max(rates_all, key=rates_all.__getitem__)
+    if rates_all[best] > rates_all[(0, 0)] * (1 + MARGIN):
+        assert predicted_rate(pol, ids, ks) == pytest.approx(rates_all[best], rel=1e-9), (ks, best)
+    else:
+        assert ks == [0, 0]
+
+
+def test_policy_batch_where_speculation_predicts_less_gets_none_and_batch_one_speculates():
+    """Compute-bound CPU step (a = 10 ms, b = 2 ms a row): at 16 requests with 60% acceptance a proposal costs
+    more than it gains (predicted goodput lower), so k = 0 for all, past any probe's cost; the same policy at
+    batch 1 proposes."""
+    pol = policy((0.010, 0.002))
+    ids = [f"b{i}" for i in range(16)]
+    for rid in ids + ["one"]:
+        accept(pol, rid, 0.6)
+    assert predicted_rate(pol, ids, [4] * 16) < predicted_rate(pol, ids, [0] * 16)
+    chosen = [pol.choose(ids, [4] * 16, [False] * 16) for _ in range(4 * PROBE_EVERY)]
+    probes = [ks for ks in chosen if any(ks)]
+    assert len(probes) <= 4 and all(sorted(ks) == [0] * 15 + [4] for ks in probes)  # one request per 16 steps
+    assert predicted_rate(pol, ["one"], [4]) > predicted_rate(pol, ["one"], [0])
+    assert pol.choose(["one"], [4], [False])[0] > 0
+
+
+def test_policy_learns_the_row_cost_before_speculating():
+    """A new engine's first decode step proposes nothing, the next one request's cap (a second step size), and
+    only then does the fit decide; a batch where the rows cost gets none from there on."""
+    pol = SpecPolicy(4)
+    ids = [f"b{i}" for i in range(16)]
+    assert pol.choose(ids, [4] * 16, [False] * 16) == [0] * 16
+    pol.observe_step(16, 0.010 + 0.003 * 16)
+    ks = pol.choose(ids, [4] * 16, [False] * 16)
+    assert sorted(ks) == [0] * 15 + [4]  # a probe: one request at its cap
+    pol.observe_step(20, 0.010 + 0.003 * 20)
+    assert pol.cost() == pytest.approx((0.010, 0.003))
+    assert sorted(pol.choose(ids, [4] * 16, [False] * 16)) == [0] * 15 + [4]  # no proposer call measured yet
+    pol.observe_propose(4, 0.0004)
+    assert pol.choose(ids, [4] * 16, [False] * 16) == [0] * 16  # alpha 0.5 < b / (b + a / B) = 0.83
+    one = SpecPolicy(4)
+    assert one.choose(["r"], [4], [False]) == [0]
+    one.observe_step(1, 0.010)
+    assert one.choose(["r"], [4], [False]) == [4]
+    one.observe_step(5, 0.011)
+    one.observe_propose(4, 0.0004)
+    assert one.choose(["r"], [4], [False]) == [4]  # weight-bound at batch 1: speculation pays
+
+
+def test_policy_keeps_proposals_under_double_the_largest_measured_step():
+    """The fit is not trusted far past its samples: a flat fit measured up to 5 tokens allows 10 at most."""
+    pol = SpecPolicy(4)
+    for t in (1, 5, 1, 5):
+        pol.observe_step(t, 0.010)
+    pol.observe_propose(4, 0.0)
+    ids = [f"b{i}" for i in range(4)]
+    assert sum(pol.choose(ids, [4] * 4, [False] * 4)) == 2 * 5 - 4
+
+
+def simulate(pol: SpecPolicy | None, batch: int, a: float, b: float, alpha: float, steps: int = 200) -> float:
+    """Tokens per second of `steps` decode steps of `batch` requests whose step costs a + b*T seconds and whose
+    proposals are each accepted with probability alpha given the earlier ones (pol None: no speculation)."""
+    import random
+
+    rng, tokens, seconds = random.Random(0), 0, 0.0
+    ids = [f"r{i}" for i in range(batch)]
+    for _ in range(steps):
+        ks = pol.choose(ids, [4] * batch, [False] * batch) if pol is not None else [0] * batch
+        for rid, k in zip(ids, ks):
+            kept = 0
+            while kept < k and rng.random() < alpha:
+                kept += 1
+            tokens += 1 + kept
+            if k and pol is not None:
+                pol.observe_verify(rid, k, kept)
+        seconds += a + b * (batch + sum(ks))
+        if pol is not None:
+            pol.observe_step(batch + sum(ks), a + b * (batch + sum(ks)))
+            if sum(ks):
+                pol.observe_propose(sum(ks), 0.0)  # a free proposer (n-gram)
+    return tokens / seconds
+
+
+@pytest.mark.parametrize("batch,a,b,alpha,gain", [(1, 0.020, 0.002, 0.45, 1.25),  # batch 1: 1.31x
+                                                  (16, 0.025, 0.0027, 0.45, 1.0),  # 16 rows on 2 CPU cores
+                                                  (64, 0.025, 0.0027, 0.9, 1.0)])  # high acceptance, 64 rows
+def test_policy_never_loses_to_no_speculation_on_its_cost_model(batch, a, b, alpha, gain):
+    """Driven by a simulated engine with the given step cost and acceptance, the policy's tokens per second,
+    learning steps and probes included, are at least `gain` x those without speculation (within 2%)."""
+    with_policy, without = simulate(SpecPolicy(4), batch, a, b, alpha), simulate(None, batch, a, b, alpha)
+    assert with_policy >= gain * without * 0.98, (with_policy, without)
 
 
 def test_counters_per_position():
@@ -346,14 +459,15 @@ def test_speculator_times_the_proposer_apart_and_leaves_catch_up_out(monkeypatch
     sched = SimpleNamespace(running=[req], waiting=[])
     for step in range(30):
         sp.propose(sched, 1)
-        assert len(req.draft) == 4, step  # never turned off by the catch-up
-        clock.now += 0.010  # the target step: flat 10 ms
+        assert len(req.draft) == (0 if step < 2 else 4), step  # first steps without (the policy learns b)
+        clock.now += 0.010  # the target step: flat 10 ms   # ... then never turned off by the catch-up
         sp.step_done(StepInput(tuple(range(1 + len(req.draft))), (), ()), decode=True, busy=True)
-        sp.record(Scheduled(req, len(req.tokens) - 1, 1, req.draft), 4)
-        req.tokens += [1, 1, 1, 1, 5]
+        if req.draft:
+            sp.record(Scheduled(req, len(req.tokens) - 1, 1, req.draft), 4)
+        req.tokens += [1, 1, 1, 1, 5] if req.draft else [5]
         req.num_computed = req.num_scheduled = len(req.tokens) - 1
         req.draft = ()
-    assert sp.catch_up_seconds == pytest.approx(0.501 + 0.002)  # the first call only
+    assert sp.catch_up_seconds == pytest.approx(0.503 + 0.002)  # the first call only (at step 2: 503 fed)
     assert sp.policy.cost() == pytest.approx((0.010, 0.0), abs=1e-9)  # the target's step without the proposer
     # one call size (4 proposed, 5 caught up on): all of it per proposed token, the steady catch-up included
     assert sp.policy.proposer_cost() == pytest.approx((0.0, 0.0005 + 0.001 * 5 / 4), rel=1e-6)
@@ -364,6 +478,7 @@ def test_seeded_sampled_requests_propose_the_configured_k():
     sp = Speculator(_SlowProposer(_Clock(), 0.0, 0.0), SpeculativeConfig("ngram", 3))
     for t in (1, 5, 1, 5, 9, 1):
         sp.policy.observe_step(t, 0.001 * t)  # tokens cost: speculation loses throughput
+    sp.policy.observe_propose(3, 0.0)
     seeded = decoding("s", 10, SamplingParams(temperature=0.8, seed=1))
     unseeded, greedy = decoding("u", 10), decoding("g", 10, SamplingParams())
     others = [decoding(f"o{i}", 10) for i in range(30)]
