@@ -12,14 +12,14 @@ oneDNN's matmul over weights reordered once into its blocked layout
 (`torch.ops.mkldnn._reorder_linear_weight` + `_linear_pointwise`), in both dtypes: what a step costs when
 the weights are not repacked on every call.
 
---ceiling runs meshlm's kernel (meshlm/kernels/quant.cpp) at M=1, K=576 per format over (a) one weight
-of ~384 KB that stays in each core's L2, passed many times in one call, and (b) distinct copies of a
-[1536, 576] weight totalling 4x the last-level cache, streamed once per call. Each rate is weight bytes
-over the time difference between the same call at two row counts (N and N/2), so per-call and per-weight
-costs cancel (one thread: CPU time, so a shared host's preemption drops out). In-cache GB/s is the
-kernel's compute ceiling; if the streamed rate matches it and both sit below torch.sum's read rate, the
-format is compute-bound. Also prints the core clock (a chain of dependent
-integer adds, one per cycle) and the in-cache cycles per 16-row x 32-column block.
+--ceiling runs meshlm's kernel (meshlm/kernels/quant.cpp) at M=1, K=576 per format over (a) one weight of ~384
+KB that stays in each core's L2, passed many times in one call, and (b) distinct copies of a [1536, 576]
+weight totalling 4x the last-level cache on 2 MB pages (as meshlm keeps them), streamed once per call. Each
+rate is weight bytes over the time difference between the same call at two row counts (N and N/2), so per-call
+and per-weight costs cancel (one thread: CPU time, so a shared host's preemption drops out). In-cache GB/s is
+the kernel's compute ceiling; if the streamed rate matches it and both sit below torch.sum's read rate, the
+format is compute-bound. Also prints the core clock (a chain of dependent integer adds, one per cycle) and the
+in-cache cycles per 16-row x 32-column block.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import time
 import common
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 N, K, POOL = 1536, 576, 40
 
@@ -87,13 +88,16 @@ def clock_ghz() -> float:
 def packed(fmt: str, n: int, k: int, copies: int) -> list[torch.Tensor]:
     """`copies` distinct packed [n, k] weights of format fmt (one random weight, cloned)."""
     from meshlm.kernels import qformat as qf
+    from meshlm.kernels.pages import to_huge_pages
 
     w = torch.randn(n, k) * 0.02
     if fmt in ("F32", "BF16"):
         p = qf.float_weight(w.to(torch.bfloat16 if fmt == "BF16" else torch.float32))
     else:
         p = qf.quant_weight(qf.quantize_rows(w, qf.FORMATS[fmt]), qf.FORMATS[fmt], k)
-    return [p.data] + [p.data.clone() for _ in range(copies - 1)]
+    ws = [p] + [nn.Parameter(p.data.clone(), requires_grad=False) for _ in range(copies - 1)]
+    to_huge_pages(ws)  # as meshlm keeps a model's packed weights
+    return [w.data for w in ws]
 
 
 def kernel_seconds(fmt: str, ws: list[torch.Tensor], n: int, k: int, reps: int, tries: int) -> float:

@@ -34,19 +34,24 @@ def _advise(t: torch.Tensor) -> bool:
         return False
 
 
-def to_huge_pages(params: list[nn.Parameter]) -> int:
-    """Move these CPU parameters' data, in this order, into one 2 MB-aligned buffer advised MADV_HUGEPAGE
-    (each keeps its object, dtype and shape: .data becomes a view into the buffer, 64-byte aligned); returns
-    the buffer's bytes, 0 where nothing moved."""
-    params = [p for p in params if p.device.type == "cpu" and p.is_contiguous()]
-    sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]
-    total = -(-sum(sizes) // HUGE_PAGE) * HUGE_PAGE
-    if not total:
-        return 0
-    buf = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)  # untouched until the copies below
+def huge_buffer(nbytes: int) -> torch.Tensor | None:
+    """An untouched uint8 buffer of nbytes (rounded up to 2 MB), 2 MB-aligned and advised MADV_HUGEPAGE, so
+    its first touch maps 2 MB pages; None where the advice fails."""
+    total = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
+    buf = torch.empty(total + HUGE_PAGE, dtype=torch.uint8)  # untouched until the caller writes it
     start = (-buf.data_ptr()) % HUGE_PAGE
     arena = buf[start:start + total]
-    if not _advise(arena):
+    return arena if total and _advise(arena) else None
+
+
+def to_huge_pages(params: list[nn.Parameter]) -> int:
+    """Move these CPU parameters' data, in this order, into one huge_buffer (each keeps its object, dtype
+    and shape: .data becomes a view into the buffer, 64-byte aligned); returns the buffer's bytes, 0 where
+    nothing moved."""
+    params = [p for p in params if p.device.type == "cpu" and p.is_contiguous()]
+    sizes = [-(-p.numel() * p.element_size() // 64) * 64 for p in params]
+    arena = huge_buffer(sum(sizes))
+    if arena is None:
         return 0
     offset = 0
     for p, size in zip(params, sizes):
@@ -54,5 +59,5 @@ def to_huge_pages(params: list[nn.Parameter]) -> int:
         view.copy_(p.data)
         p.data = view  # the old storage is freed here (the parameter object, and its attributes, stay)
         offset += size
-    log.info("meshlm.kernels: %d packed weights (%.0f MB) moved onto 2 MB pages", len(params), total / 1e6)
-    return total
+    log.info("meshlm.kernels: %d packed weights (%.0f MB) moved onto 2 MB pages", len(params), arena.numel() / 1e6)
+    return arena.numel()
