@@ -14,12 +14,13 @@ the weights are not repacked on every call.
 
 --ceiling runs meshlm's kernel (meshlm/kernels/quant.cpp) at M=1, K=576 per format over (a) one weight of ~384
 KB that stays in each core's L2, passed many times in one call, and (b) distinct copies of a [1536, 576]
-weight totalling 4x the last-level cache on 2 MB pages (as meshlm keeps them), streamed once per call. Each
-rate is weight bytes over the time difference between the same call at two row counts (N and N/2), so per-call
-and per-weight costs cancel (one thread: CPU time, so a shared host's preemption drops out). In-cache GB/s is
-the kernel's compute ceiling; if the streamed rate matches it and both sit below torch.sum's read rate, the
-format is compute-bound. Also prints the core clock (a chain of dependent integer adds, one per cycle) and the
-in-cache cycles per 16-row x 32-column block.
+weight totalling 4x the last-level cache on 2 MB pages (as meshlm keeps them), streamed once per call. The
+in-cache rate is weight bytes over the time difference between the same call at two row counts (N and N/2), so
+per-call and per-weight costs cancel; the streamed one bytes over time (those costs are ~2% there); one thread
+is timed in CPU time, so a shared host's preemption drops out. In-cache GB/s is the kernel's compute ceiling;
+if the streamed rate matches it and both sit below torch.sum's read rate, the format is compute-bound. Also
+prints the core clock (a chain of dependent integer adds, one per cycle) and the in-cache cycles per 16-row x
+32-column block.
 """
 
 from __future__ import annotations
@@ -119,14 +120,16 @@ def kernel_seconds(fmt: str, ws: list[torch.Tensor], n: int, k: int, reps: int, 
     return best
 
 
-def kernel_rate(fmt: str, n: int, k: int, copies: int, reps: int, tries: int) -> float:
-    """Weight GB/s of the kernel: bytes over the time difference between n rows and n/2 rows."""
-    t, nbytes = {}, {}
-    for rows in (n, n // 2):
+def kernel_rate(fmt: str, n: int, k: int, copies: int, reps: int, tries: int, slope: bool = True) -> float:
+    """Weight GB/s of the kernel: bytes over the time difference between n rows and n/2 rows (slope), or
+    over the time of n rows."""
+    t, nbytes = {0: 0.0}, {0: 0}
+    for rows in (n, n // 2) if slope else (n,):
         ws = packed(fmt, rows, k, copies)
         nbytes[rows] = sum(w.numel() * w.element_size() for w in ws) * reps
         t[rows] = kernel_seconds(fmt, ws, rows, k, reps, tries)
-    return (nbytes[n] - nbytes[n // 2]) / max(1e-9, t[n] - t[n // 2]) / 1e9
+    lo = n // 2 if slope else 0
+    return (nbytes[n] - nbytes[lo]) / max(1e-9, t[n] - t[lo]) / 1e9
 
 
 def ceiling(threads: list[int], formats: list[str], tries: int) -> None:
@@ -150,7 +153,7 @@ def ceiling(threads: list[int], formats: list[str], tries: int) -> None:
             copies = round(STREAM_BYTES / (1536 * k * bpw))
             with common.quiet_run(), common.other_load() as other:
                 hot = kernel_rate(fmt, n_cache, k, 1, max(8, round(32e6 / (n_cache * k * bpw))), tries)
-                cold = kernel_rate(fmt, 1536, k, copies, 1, tries)
+                cold = kernel_rate(fmt, 1536, k, copies, 1, tries, slope=False)
                 read = read_bandwidth(STREAM_BYTES)
             cyc = block / (hot / th * 1e9) * ghz * 1e9  # per core
             print(f"| {fmt} | {th} | {block:.0f} | {hot:.1f} | {cyc:.1f} | {cold:.1f} | {read:.1f} | "
