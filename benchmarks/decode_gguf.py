@@ -12,10 +12,10 @@ meshlm: a fresh process per (format, threads, round): one warm-up, then RUNS gre
 after a 1-token prompt; decode tokens/s excludes the first token (RequestOutput.decode_tokens_per_s).
 Each round runs both engines back to back, the order alternating between rounds; tables give medians.
 Roofline: every weight byte is read once per token (the input embedding only a row; a tied head reads the
-whole table), so tokens/s <= read bandwidth / weight bytes; the bandwidth is torch.sum over a buffer of
-that size with the same threads, best of 10. Each timed run holds the benchmarks' lock and waits for the
-machine to quieten (common.quiet_run); "other load" is the largest share of the CPUs other processes used
-during one of meshlm's kept runs.
+whole table), so tokens/s <= read bandwidth / weight bytes; the bandwidth is torch.sum over a buffer of that
+size on 2 MB pages (as meshlm keeps its weights) with the same threads, best of 10. Each timed run holds the
+benchmarks' lock and waits for the machine to quieten (common.quiet_run); "other load" is the largest share of
+the CPUs other processes used during one of meshlm's kept runs.
 """
 
 from __future__ import annotations

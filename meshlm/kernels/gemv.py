@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meshlm.kernels.build import load_extension
+from meshlm.kernels.pages import to_huge_pages
 from meshlm.kernels.quant import call_args, embedding, qlinear, qlinear_many
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,8 @@ class Embedding(nn.Embedding):
 
 def pack_linears(model: nn.Module) -> int:
     """Pack every float32/bfloat16 kernels.Linear weight of a CPU model for the kernel, in place; a tied embedding
-    gets the head's packed table. No-op (0) where the kernel is unavailable; returns the count packed."""
+    gets the head's packed table. Then every packed weight (these and quantized ones) moves onto 2 MB pages
+    in module order (pages.py). No-op (0) where the kernel is unavailable; returns the count packed."""
     from meshlm.kernels.qformat import FLOATS, float_weight
 
     if kernel() is None:
@@ -133,4 +135,7 @@ def pack_linears(model: nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)) and id(mod.weight) in packed:
             mod.weight = packed[id(mod.weight)]
+    kept = {id(m.weight): m.weight for m in model.modules()  # every packed weight, quantized ones too
+            if isinstance(m, (nn.Linear, nn.Embedding)) and hasattr(m.weight, "quant")}
+    to_huge_pages(list(kept.values()))
     return len(packed)

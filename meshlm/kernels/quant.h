@@ -68,15 +68,20 @@ inline int32_t load32(const int8_t* p) {
   return v;
 }
 
+// acc + the 16 rows' 4 unsigned bytes in w dotted with the 4 int8 of x at p, broadcast to every lane.
+QTARGET inline __m512i dot4(__m512i acc, __m512i w, const int8_t* p) {
+  return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(load32(p)));
+}
+
 // One group of 16 weight rows against rows m0 .. m0+MT of x: the 16 dot products of each x row in res[m].
 // Each x row keeps P int32 partial sums per block (P * MT independent vpdpbusd chains hide its latency).
 template <int FMT, int MT>
 QTARGET void group_dot(const uint8_t* g, const QX& qx, int64_t m0, __m512* res) {
   constexpr int SB = FMT == kQ4_1 ? 64 : 32;     // scale bytes per packed block
   constexpr int QB = FMT == kQ8_0 ? 512 : 256;   // quant bytes per packed block
-  constexpr int P = MT == 1 ? 4 : 2;
+  constexpr int P = MT == 1 ? 4 : 2, H = P / 2;
   const int64_t nb = qx.nb, K = qx.K;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), high4 = _mm512_set1_epi8(static_cast<char>(0xF0));
   const int8_t* xrow[MT];
   __m512 acc[MT];
   for (int m = 0; m < MT; ++m) {
@@ -92,19 +97,19 @@ QTARGET void group_dot(const uint8_t* g, const QX& qx, int64_t m0, __m512* res) 
     if constexpr (FMT == kQ8_0) {
       for (int c = 0; c < 8; ++c) {
         const __m512i w = _mm512_loadu_si512(q + 64 * c);
-        for (int m = 0; m < MT; ++m)
-          isum[m][c % P] = _mm512_dpbusd_epi32(isum[m][c % P], w, _mm512_set1_epi32(load32(xrow[m] + b * kBlock + 4 * c)));
+        for (int m = 0; m < MT; ++m) isum[m][c % P] = dot4(isum[m][c % P], w, xrow[m] + b * kBlock + 4 * c);
       }
     } else {
+      // Chains [0, H) take the low nibbles, [H, P) the high ones left in place (16 x their value, so those
+      // sums are exact multiples of 16, shifted back once per block): no shift per load.
       for (int c = 0; c < 4; ++c) {
         const __m512i w = _mm512_loadu_si512(q + 64 * c);
-        const __m512i lo = _mm512_and_si512(w, low4);                         // elements 4c .. 4c+3
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low4);  // elements 16+4c ..
+        const __m512i lo = _mm512_and_si512(w, low4);   // elements 4c .. 4c+3
+        const __m512i hi = _mm512_and_si512(w, high4);  // 16 x elements 16+4c ..
         for (int m = 0; m < MT; ++m) {
           const int8_t* xq = xrow[m] + b * kBlock;
-          isum[m][(2 * c) % P] = _mm512_dpbusd_epi32(isum[m][(2 * c) % P], lo, _mm512_set1_epi32(load32(xq + 4 * c)));
-          isum[m][(2 * c + 1) % P] =
-              _mm512_dpbusd_epi32(isum[m][(2 * c + 1) % P], hi, _mm512_set1_epi32(load32(xq + 16 + 4 * c)));
+          isum[m][c % H] = dot4(isum[m][c % H], lo, xq + 4 * c);
+          isum[m][H + c % H] = dot4(isum[m][H + c % H], hi, xq + 16 + 4 * c);
         }
       }
     }
@@ -114,7 +119,16 @@ QTARGET void group_dot(const uint8_t* g, const QX& qx, int64_t m0, __m512* res) 
       const float dx = qx.d[i];
       const int32_t sx = qx.s[i];
       __m512i v = isum[m][0];
-      for (int p = 1; p < P; ++p) v = _mm512_add_epi32(v, isum[m][p]);
+      if constexpr (FMT == kQ8_0) {
+        for (int p = 1; p < P; ++p) v = _mm512_add_epi32(v, isum[m][p]);
+      } else {
+        __m512i h = isum[m][H];
+        for (int p = 1; p < H; ++p) {
+          v = _mm512_add_epi32(v, isum[m][p]);
+          h = _mm512_add_epi32(h, isum[m][H + p]);
+        }
+        v = _mm512_add_epi32(v, _mm512_srai_epi32(h, 4));
+      }
       if constexpr (FMT == kQ4_0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(8 * sx));
       if constexpr (FMT == kQ8_0) v = _mm512_sub_epi32(v, _mm512_set1_epi32(128 * sx));
       acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), _mm512_mul_ps(dw, _mm512_set1_ps(dx)), acc[m]);

@@ -139,3 +139,23 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatc
     lock.touch()  # a build in progress
     build.load_extension("t_", [src], [], "test kernel")
     assert seen == [False, True]
+
+
+def test_packed_weights_move_onto_huge_pages():
+    """to_huge_pages copies parameters, in order, into one 2 MB-aligned buffer advised MADV_HUGEPAGE: same
+    objects, values, shapes, dtypes and attributes, each 64-byte aligned."""
+    from meshlm.kernels import qformat as qf
+    from meshlm.kernels.pages import HUGE_PAGE, to_huge_pages
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 64, generator=g)
+    q4 = qf.quant_weight(qf.quantize_rows(w, qf.Q4_1), qf.Q4_1, 64)
+    ps = [qf.float_weight(w), qf.float_weight(w[:17].bfloat16()), q4]
+    before, objs = [p.detach().clone() for p in ps], [id(p) for p in ps]
+    if not to_huge_pages(ps):
+        pytest.skip("madvise(MADV_HUGEPAGE) is not available here (not Linux, or THP disabled)")
+    ptrs = [p.data_ptr() for p in ps]
+    assert ptrs[0] % HUGE_PAGE == 0 and ptrs == sorted(ptrs) and all(q % 64 == 0 for q in ptrs)
+    assert [id(p) for p in ps] == objs and ps[2].quant.fmt is qf.Q4_1
+    for p, b in zip(ps, before):
+        assert p.dtype == b.dtype and torch.equal(p, b)
