@@ -175,8 +175,8 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: A
     if not plan.segments:
         return out, lse
     qf = q.float().view(tq, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, g, Tq, D]
-    kf = k.float().transpose(0, 1).contiguous().unsqueeze(1)  # [Hkv, 1, M, D]
-    vf = v.float().transpose(0, 1).contiguous().unsqueeze(1)
+    kf = k.float().transpose(0, 1).unsqueeze(1)  # [Hkv, 1, M, D], strided views (the kernel takes strides)
+    vf = v.float().transpose(0, 1).unsqueeze(1)
     done = -1  # rows [a, b) of the last segment written: a later segment of the same rows merges into them
     for seg in plan.segments:
         o, l_ = _attend(qf[:, :, seg.a:seg.b], kf[:, :, seg.lo:seg.hi], vf[:, :, seg.lo:seg.hi], seg, scale, fused)
