@@ -32,6 +32,7 @@ from meshlm.parallel.context import (
     choose_ring,
     kv_slot,
     owned_slots,
+    plan_attention,
     shard_offsets,
     visible_mask,
 )
@@ -64,7 +65,7 @@ class ContextParallelKVCache(PagedKVCache):
         return owned_slots(table, stop, self.block_size, self.comm.size, rank)
 
     def prepare(self, step: StepInput) -> torch.Tensor:
-        """Plan this rank's rows, writes, ring blocks and masks for a step; returns positions [1, T_local]."""
+        """Plan this rank's rows, writes, ring blocks and attention plans for a step; returns positions [1, T_local]."""
         n, r, bs, dev = self.comm.size, self.comm.index, self.block_size, self.device
         tokens, pos, local_of = [], [], {}
         rep = {"rows": [], "pos": [], "seq": [], "wrows": [], "wslots": []}
@@ -120,7 +121,8 @@ class ContextParallelKVCache(PagedKVCache):
             self.rep = {k: _long(v, dev) for k, v in rep.items()}
             kslots, kpos, kseq = (torch.cat(x).to(dev) for x in zip(*rep_keys))
             self.rep["kslots"] = kslots
-            self.rep_mask = visible_mask(self.rep["pos"], self.rep["seq"], kpos, kseq.to(dev), self.window)
+            self.rep_plan = plan_attention(visible_mask(self.rep["pos"], self.rep["seq"], kpos, kseq.to(dev),
+                                                         self.window))
         self.mode = None
         if new_total:
             cat = [tuple(torch.cat(x).to(dev) for x in zip(*c)) for c in cached]  # per rank: (pos, seq)
@@ -152,16 +154,16 @@ class ContextParallelKVCache(PagedKVCache):
             self.cached_slots = cached_slots
             self.sizes = [len(cached[j][0]) + len(new_pos[j]) for j in range(n)]
             self.store = [(i + len(cached[j][0]), s) for j, (i, s) in enumerate(self.store)]  # index in block j
-            self.masks = [visible_mask(qpos, qseq, torch.cat([cached[j][0], _long(new_pos[j], dev)]),
-                                       torch.cat([cached[j][1], _long(new_seq[j], dev)]), self.window)
+            self.plans = [plan_attention(visible_mask(qpos, qseq, torch.cat([cached[j][0], _long(new_pos[j], dev)]),
+                                                      torch.cat([cached[j][1], _long(new_seq[j], dev)]), self.window))
                           for j in range(n)]
         else:
             self.send_idx = [_long([i for i, p in enumerate(new_pos[r]) if p % n == o], dev) for o in range(n)]
             self.recv_rows = [len(i) for i, _ in self.store]
             self.q_rows = [len(new_pos[j]) for j in range(n)]
             self.shard_slots, kp, ks = shard
-            self.masks = [visible_mask(_long(new_pos[j], dev), _long(new_seq[j], dev), kp, ks, self.window)
-                          for j in range(n)]
+            self.plans = [plan_attention(visible_mask(_long(new_pos[j], dev), _long(new_seq[j], dev), kp, ks,
+                                                      self.window)) for j in range(n)]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> torch.Tensor:
@@ -187,7 +189,7 @@ class ContextParallelKVCache(PagedKVCache):
                     kp.index_copy_(0, slots, block[0].index_select(0, idx))
                     vp.index_copy_(0, slots, block[1].index_select(0, idx))
 
-                o, _ = ring_pass_kv(self.comm, qs, own, self.sizes, self.masks.__getitem__, self.scale, keep)
+                o, _ = ring_pass_kv(self.comm, qs, own, self.sizes, self.plans.__getitem__, self.scale, keep)
             else:
                 sends = [torch.stack([ks.index_select(0, i), vs.index_select(0, i)], dim=1) for i in self.send_idx]
                 got = all_to_all_v(self.comm, sends, self.recv_rows, op="kv_to_owner")  # [rows, 2, Hkv, D] each
@@ -195,10 +197,10 @@ class ContextParallelKVCache(PagedKVCache):
                     kp.index_copy_(0, slots, kv[:, 0])
                     vp.index_copy_(0, slots, kv[:, 1])
                 kk, vv = kp.index_select(0, self.shard_slots), vp.index_select(0, self.shard_slots)
-                o, _ = ring_pass_q(self.comm, qs, self.q_rows, kk, vv, self.masks.__getitem__, self.scale)
+                o, _ = ring_pass_q(self.comm, qs, self.q_rows, kk, vv, self.plans.__getitem__, self.scale)
             out.index_copy_(0, self.sh_rows, o.to(out.dtype))
         if rep is not None:
             kk, vv = kp.index_select(0, rep["kslots"]), vp.index_select(0, rep["kslots"])
-            o = merge_replicated(self.comm, q0.index_select(0, rep["rows"]), kk, vv, self.rep_mask, self.scale)
+            o = merge_replicated(self.comm, q0.index_select(0, rep["rows"]), kk, vv, self.rep_plan, self.scale)
             out.index_copy_(0, rep["rows"], o.to(out.dtype))
         return out.view(1, t, -1)

@@ -61,33 +61,134 @@ def owned_slots(table: tuple[int, ...] | list[int], stop: int, block_size: int, 
     return p, torch.tensor(table, dtype=torch.long)[p // (block_size * cp)] * block_size + (p // cp) % block_size
 
 
-def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
-                      tile_bytes: int = 64 << 20) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [Tq, Hq, D], k/v [M, Hkv, D], visible [Tq, M] -> out [Tq, Hq, D] fp32, lse [Tq, Hq] fp32.
+@dataclass(frozen=True)
+class Segment:
+    """Queries [a, b) attend keys [lo, hi): all of them (mask None, causal False), top-left causal, or the
+    additive fp32 mask [b - a, hi - lo] (0 visible, -inf not); blind [b - a] marks rows that see none of them."""
 
-    Softmax attention over the visible keys only; a query with no visible key gets out 0 and lse -inf.
-    Queries go in tiles so the fp32 scores [Hq, tile, M] stay under tile_bytes.
+    a: int
+    b: int
+    lo: int
+    hi: int
+    causal: bool = False
+    mask: torch.Tensor | None = None
+    blind: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class AttnPlan:
+    """A visibility mask [rows, keys] cut once per step into segments: invisible (query, key) pairs are skipped,
+    fully visible and diagonal ones need no mask; only the rest keep one."""
+
+    rows: int
+    keys: int
+    segments: tuple[Segment, ...]
+
+
+def _runs(flags: torch.Tensor) -> list[tuple[int, int, bool]]:
+    """Maximal runs [a, b) of equal values in a 1-D bool tensor, with the value."""
+    if len(flags) == 0:
+        return []
+    cut = (torch.nonzero(flags[1:] != flags[:-1]).flatten() + 1).tolist()
+    edges = [0, *cut, len(flags)]
+    vals = flags[edges[:-1]].tolist()
+    return [(edges[i], edges[i + 1], vals[i]) for i in range(len(vals))]
+
+
+def _segment(visible: torch.Tensor, a: int, b: int, lo: int, hi: int) -> Segment:
+    block = visible[a:b, lo:hi]
+    if bool(block.all()):
+        return Segment(a, b, lo, hi)
+    if b - a == hi - lo and torch.equal(block, torch.ones_like(block).tril()):
+        return Segment(a, b, lo, hi, causal=True)
+    blind = ~block.any(1)
+    mask = torch.zeros(block.shape, dtype=torch.float32, device=block.device).masked_fill(~block, -math.inf)
+    return Segment(a, b, lo, hi, mask=mask, blind=blind if bool(blind.any()) else None)
+
+
+def plan_attention(visible: torch.Tensor, tile: int = 256, min_full: int = 64) -> AttnPlan:
+    """Cut visible [Tq, M] into segments: queries in tiles of at most `tile` rows with similar key spans, each
+    tile's span of keys split into its fully visible columns (when at least min_full wide) and the rest."""
+    tq, m = visible.shape
+    if tq == 0 or m == 0:
+        return AttnPlan(tq, m, ())
+    any_ = visible.any(1)
+    first = torch.where(any_, visible.int().argmax(1), m).tolist()
+    last = torch.where(any_, m - visible.flip(1).int().argmax(1), 0).tolist()  # one past the last visible key
+    segs: list[Segment] = []
+    a = 0
+    while a < tq:
+        lo, hi, work, b = first[a], last[a], max(0, last[a] - first[a]), a + 1
+        while b < tq and b - a < tile:  # grow while the tile's span stays within twice its rows' own spans
+            nlo, nhi = min(lo, first[b]), max(hi, last[b])
+            nwork = work + max(0, last[b] - first[b])
+            if (b + 1 - a) * max(0, nhi - nlo) > 2 * nwork + (b + 1 - a) * min_full:
+                break
+            lo, hi, work, b = nlo, nhi, nwork, b + 1
+        if hi > lo:
+            full = visible[a:b, lo:hi].all(0)
+            spans = [(x, y) for x, y, v in _runs(full) if v and y - x >= min_full]
+            cuts = [lo, *(c for x, y in spans for c in (lo + x, lo + y)), hi]
+            w = b - a  # a diagonal at the right end: give it its square (the full span before it yields a column)
+            if len(cuts) > 2 and cuts[-3] <= hi - w < cuts[-2] and torch.equal(
+                    visible[a:b, hi - w:hi], torch.ones(w, w, dtype=torch.bool, device=visible.device).tril()):
+                cuts[-2] = hi - w
+            for x, y in zip(cuts[:-1], cuts[1:]):
+                if y > x:
+                    segs.append(_segment(visible, a, b, x, y))
+        a = b
+    return AttnPlan(tq, m, tuple(segs))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seg: Segment, scale: float,
+            fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [Hkv, g, t, D], k/v [Hkv, 1, m, D] fp32 -> out [Hkv, g, t, D], lse [Hkv, g, t] (lse of blind rows wrong)."""
+    if fused:
+        hkv, g = q.shape[:2]
+        ke, ve = k.expand(hkv, g, *k.shape[2:]), v.expand(hkv, g, *v.shape[2:])
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, ke, ve, 0.0, seg.causal, attn_mask=seg.mask, scale=scale)
+    s = (q @ k.transpose(-1, -2)) * scale  # [Hkv, g, t, m]
+    if seg.causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), -math.inf)
+    elif seg.mask is not None:
+        s = s + seg.mask
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse).unsqueeze(-1)) @ v, lse
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttnPlan, scale: float,
+                      fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [Tq, Hq, D], k/v [M, Hkv, D], plan of visible [Tq, M] -> out [Tq, Hq, D] fp32, lse [Tq, Hq] fp32.
+
+    Softmax attention over the visible keys only; a query with no visible key gets out 0 and lse -inf. Each
+    segment goes through the fused CPU flash kernel (fused, the default on CPU) or a dense fp32 path (other
+    devices); segments of the same queries merge by LSE.
     """
     tq, hq, d = q.shape
     m, hkv = k.shape[0], k.shape[1]
+    assert (tq, m) == (plan.rows, plan.keys), f"plan for {plan.rows}x{plan.keys}, attention {tq}x{m}"
     g = hq // hkv
+    fused = q.device.type == "cpu" if fused is None else fused
     out = torch.zeros(tq, hq, d, dtype=torch.float32, device=q.device)
     lse = torch.full((tq, hq), -math.inf, dtype=torch.float32, device=q.device)
-    if tq == 0 or m == 0:
+    if not plan.segments:
         return out, lse
-    kf = k.float().transpose(0, 1).unsqueeze(1)  # [Hkv, 1, M, D]
+    qf = q.float().view(tq, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, g, Tq, D]
+    kf = k.float().transpose(0, 1).unsqueeze(1)  # [Hkv, 1, M, D], strided views (the kernel takes strides)
     vf = v.float().transpose(0, 1).unsqueeze(1)
-    tile = max(1, tile_bytes // (4 * hq * m))
-    for a in range(0, tq, tile):
-        b = min(tq, a + tile)
-        qf = q[a:b].float().view(b - a, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, g, t, D]
-        s = (qf @ kf.transpose(-1, -2)) * scale  # [Hkv, g, t, M]
-        s = s.masked_fill(~visible[a:b], -math.inf)
-        l_ = torch.logsumexp(s, dim=-1)  # [Hkv, g, t]
-        p = torch.exp(s - torch.where(torch.isinf(l_), 0.0, l_).unsqueeze(-1))  # masked entries: exp(-inf) = 0
-        o = p @ vf  # [Hkv, g, t, D]
-        out[a:b] = o.permute(2, 0, 1, 3).reshape(b - a, hq, d)
-        lse[a:b] = l_.permute(2, 0, 1).reshape(b - a, hq)
+    done = -1  # rows [a, b) of the last segment written: a later segment of the same rows merges into them
+    for seg in plan.segments:
+        o, l_ = _attend(qf[:, :, seg.a:seg.b], kf[:, :, seg.lo:seg.hi], vf[:, :, seg.lo:seg.hi], seg, scale, fused)
+        o, l_ = o.permute(2, 0, 1, 3).reshape(-1, hq, d), l_.permute(2, 0, 1).reshape(-1, hq)
+        if seg.blind is not None:  # rows that see no key here: the kernel's out/lse there are not 0/-inf
+            o = o.masked_fill(seg.blind[:, None, None], 0.0)
+            l_ = l_.masked_fill(seg.blind[:, None], -math.inf)
+        if done == seg.a:
+            merge_into((out[seg.a:seg.b], lse[seg.a:seg.b]), (o, l_))
+        else:
+            out[seg.a:seg.b], lse[seg.a:seg.b] = o, l_
+        done = seg.a
     return out, lse
 
 

@@ -13,12 +13,12 @@ from collections.abc import Callable
 import torch
 
 from meshlm.parallel.comm import Comm
-from meshlm.parallel.context import LinkFigures, merge_partials, partial_attention
+from meshlm.parallel.context import AttnPlan, LinkFigures, merge_partials, partial_attention, plan_attention
 
-Mask = Callable[[int], torch.Tensor]  # block (source rank) -> visible [Tq, M]
+Plans = Callable[[int], AttnPlan]  # block (source rank) -> its plan of visible [Tq, M]
 
 
-def ring_pass_kv(comm: Comm, q: torch.Tensor, kv: torch.Tensor, sizes: list[int], mask: Mask, scale: float,
+def ring_pass_kv(comm: Comm, q: torch.Tensor, kv: torch.Tensor, sizes: list[int], plans: Plans, scale: float,
                  on_block: Callable[[int, torch.Tensor], None]) -> tuple[torch.Tensor, torch.Tensor]:
     """q [Tq, Hq, D] stays; kv [2, M_r, Hkv, D] (this rank's block) visits every rank. sizes[j] = M_j.
 
@@ -35,7 +35,7 @@ def ring_pass_kv(comm: Comm, q: torch.Tensor, kv: torch.Tensor, sizes: list[int]
         if s < n - 1:
             nxt = kv.new_empty((2, sizes[(j - 1) % n], *kv.shape[2:]))
             ex = comm.exchange(cur, (r + 1) % n, nxt, (r - 1) % n, op="ring_kv")
-        o, lse = partial_attention(q, cur[0], cur[1], mask(j), scale)
+        o, lse = partial_attention(q, cur[0], cur[1], plans(j), scale)
         outs.append(o)
         lses.append(lse)
         on_block(j, cur)
@@ -62,12 +62,12 @@ def all_to_all_v(comm: Comm, sends: list[torch.Tensor], recv_rows: list[int], op
     return out
 
 
-def ring_pass_q(comm: Comm, q: torch.Tensor, q_rows: list[int], k: torch.Tensor, v: torch.Tensor, mask: Mask,
+def ring_pass_q(comm: Comm, q: torch.Tensor, q_rows: list[int], k: torch.Tensor, v: torch.Tensor, plans: Plans,
                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """q [T_r, Hq, D] visits every rank; k/v [S_r, Hkv, D] (this rank's shard of the context) stay.
 
     Step s attends rank (r - s) % N's queries to the local shard while the next queries travel; the partial
-    outputs go home by all-to-all and merge there. q_rows[j] = T_j; mask(j) -> visible [T_j, S_r].
+    outputs go home by all-to-all and merge there. q_rows[j] = T_j; plans(j) -> visible [T_j, S_r].
     Returns out [T_r, Hq, D] fp32 and lse [T_r, Hq] fp32.
     """
     n, r = comm.size, comm.index
@@ -80,7 +80,7 @@ def ring_pass_q(comm: Comm, q: torch.Tensor, q_rows: list[int], k: torch.Tensor,
         if s < n - 1:
             nxt = q.new_empty((q_rows[(j - 1) % n], hq, d))
             ex = comm.exchange(cur, (r + 1) % n, nxt, (r - 1) % n, op="ring_q")
-        o, lse = partial_attention(cur, k, v, mask(j), scale)
+        o, lse = partial_attention(cur, k, v, plans(j), scale)
         parts[j] = torch.cat([o, lse.unsqueeze(-1)], dim=-1)
         if ex is not None:
             ex.wait()
@@ -90,10 +90,10 @@ def ring_pass_q(comm: Comm, q: torch.Tensor, q_rows: list[int], k: torch.Tensor,
     return merge_partials(both[..., :d], both[..., d])
 
 
-def merge_replicated(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
+def merge_replicated(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttnPlan,
                      scale: float) -> torch.Tensor:
     """Queries every rank holds (decodes) attend to each rank's shard; partials all-gathered and merged -> fp32."""
-    o, lse = partial_attention(q, k, v, visible, scale)
+    o, lse = partial_attention(q, k, v, plan, scale)
     if comm.size == 1:
         return o
     mine = torch.cat([o, lse.unsqueeze(-1)], dim=-1).unsqueeze(0)  # [1, T, Hq, D + 1]
@@ -131,11 +131,11 @@ def measure_link(comm: Comm, q_heads: int, kv_heads: int, head_dim: int, dtype: 
     q = torch.randn(tq, q_heads, head_dim, dtype=dtype, device=device)
     k = torch.randn(m, kv_heads, head_dim, dtype=dtype, device=device)
     v = torch.randn(m, kv_heads, head_dim, dtype=dtype, device=device)
-    visible = torch.ones(tq, m, dtype=torch.bool, device=device)
-    partial_attention(q, k, v, visible, 1.0)
+    plan = plan_attention(torch.ones(tq, m, dtype=torch.bool, device=device))
+    partial_attention(q, k, v, plan, 1.0)
     sync()
     t0 = time.perf_counter()
-    partial_attention(q, k, v, visible, 1.0)
+    partial_attention(q, k, v, plan, 1.0)
     sync()
     flops = 4 * tq * m * q_heads * head_dim / max(time.perf_counter() - t0, 1e-9)
     # bandwidth from the large hop less the latency, unless noise left too little of it to trust (then the whole

@@ -19,6 +19,7 @@ from meshlm.parallel.context import (
     merge_partials,
     owned_slots,
     partial_attention,
+    plan_attention,
     shard_offsets,
     visible_mask,
 )
@@ -71,10 +72,11 @@ def reference(q, k, v, visible, scale):
 
 @settings(max_examples=60, deadline=None)
 @given(tq=st.integers(1, 12), m=st.integers(1, 24), hkv=st.integers(1, 3), g=st.integers(1, 3),
-       parts=st.integers(1, 5), seed=st.integers(0, 2**31 - 1), density=st.floats(0.0, 1.0))
-def test_merge_matches_single_device(tq, m, hkv, g, parts, seed, density):
+       parts=st.integers(1, 5), seed=st.integers(0, 2**31 - 1), density=st.floats(0.0, 1.0),
+       fused=st.booleans())
+def test_merge_matches_single_device(tq, m, hkv, g, parts, seed, density, fused):
     """Keys split at random into disjoint blocks; partials merged by LSE equal attention over all keys,
-    including queries that see no key in some blocks (or none at all)."""
+    including queries that see no key in some blocks (or none at all); fused kernel and dense path alike."""
     gen = torch.Generator().manual_seed(seed)
     d = 8
     q = torch.randn(tq, hkv * g, d, generator=gen)
@@ -85,8 +87,8 @@ def test_merge_matches_single_device(tq, m, hkv, g, parts, seed, density):
     outs, lses = [], []
     for j in range(parts):
         sel = (owner == j).nonzero().flatten()
-        tile = 4 * hkv * g * max(1, len(sel)) * 3  # 3 queries a tile: the tiling is exercised too
-        o, lse = partial_attention(q, k[sel], v[sel], visible[:, sel], scale, tile_bytes=tile)
+        plan = plan_attention(visible[:, sel], tile=3, min_full=2)  # small tiles and segments: all kinds occur
+        o, lse = partial_attention(q, k[sel], v[sel], plan, scale, fused=fused)
         assert torch.isfinite(o).all()
         outs.append(o)
         lses.append(lse)
@@ -94,6 +96,32 @@ def test_merge_matches_single_device(tq, m, hkv, g, parts, seed, density):
     torch.testing.assert_close(out, reference(q, k, v, visible, scale), atol=1e-5, rtol=1e-5)
     none = ~visible.any(-1)
     assert torch.isinf(lse[none]).all() and torch.isfinite(lse[~none]).all()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_plan_of_the_chunk_layout_skips_invisible_pairs(fused):
+    """Rank 0 of cp=2 (chunks 0 and 3) against both ring blocks: the plan skips the invisible chunk pairs, needs
+    no mask for full or diagonal ones, and the merged partials equal single-device attention."""
+    n, cp, d, hkv, g = 64, 2, 8, 2, 3
+    gen = torch.Generator().manual_seed(0)
+    qpos = torch.tensor(shard_offsets(n, cp, 0))
+    blocks = [torch.tensor(shard_offsets(n, cp, j)) for j in range(cp)]
+    q = torch.randn(len(qpos), hkv * g, d, generator=gen)
+    kv = torch.randn(2, n, hkv, d, generator=gen)
+    zeros = torch.zeros(n, dtype=torch.long)
+    outs, lses, area = [], [], 0
+    for kpos in blocks:
+        visible = visible_mask(qpos, zeros[: len(qpos)], kpos, zeros[: len(kpos)])
+        plan = plan_attention(visible, tile=8, min_full=4)
+        assert all(s.mask is None for s in plan.segments)  # only full and diagonal segments in this layout
+        area += sum((s.b - s.a) * (s.hi - s.lo) for s in plan.segments)
+        o, lse = partial_attention(q, kv[0, kpos], kv[1, kpos], plan, 0.3, fused=fused)
+        outs.append(o)
+        lses.append(lse)
+    assert area < 0.75 * len(qpos) * n  # the invisible quarter and the upper diagonal triangles are skipped
+    out, _ = merge_partials(torch.stack(outs), torch.stack(lses))
+    full = visible_mask(qpos, zeros[: len(qpos)], torch.arange(n), zeros)
+    torch.testing.assert_close(out, reference(q, kv[0], kv[1], full, 0.3), atol=1e-5, rtol=1e-5)
 
 
 def test_visible_mask_sequences_and_window():
