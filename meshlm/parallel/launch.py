@@ -200,6 +200,8 @@ class LocalRanks:
         self.failure: tuple[int, str] | None = None
         self.stopping = False
         self.grace_s = grace_s
+        self._closing = threading.Lock()  # the watchdog and rank 0 may both terminate at once
+        self._closed = False
         for r in range(1, world_size):
             rv = RendezvousInfo(r, world_size, self.init_method, backend, timeout_s)
             reader, writer = ctx.Pipe(duplex=False)
@@ -225,11 +227,12 @@ class LocalRanks:
 
     def _fail(self, rank: int, code: int) -> None:
         msg = f"exited with code {code}"
-        try:
-            if self.pipes[rank].poll(1.0):
-                rank, msg = self.pipes[rank].recv()
-        except (EOFError, OSError):
-            pass
+        with self._closing:  # rank 0's shutdown must not close the pipe while it is read
+            try:
+                if not self._closed and self.pipes[rank].poll(1.0):
+                    rank, msg = self.pipes[rank].recv()
+            except (EOFError, OSError):
+                pass
         if code < 0:
             msg = f"killed by signal {-code}" + ("" if msg.startswith("exited") else f": {msg}")
         self.failure = (rank, msg)
@@ -260,14 +263,18 @@ class LocalRanks:
         return RankFailure(f"rank {rank} failed: {msg}")
 
     def terminate(self) -> None:
-        """Kill every spawned rank, reap it and close its error pipe."""
-        for p in self.procs.values():
-            if p.is_alive():
-                p.kill()
-        for p in self.procs.values():
-            p.join(timeout=5)
-        for pipe in self.pipes.values():
-            pipe.close()
+        """Kill every spawned rank, reap it and close its error pipe (once, from either thread)."""
+        with self._closing:
+            if self._closed:
+                return
+            for p in self.procs.values():
+                if p.is_alive():
+                    p.kill()
+            for p in self.procs.values():
+                p.join(timeout=5)
+            for pipe in self.pipes.values():
+                pipe.close()
+            self._closed = True
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Wait for ranks told to stop; kill stragglers."""
