@@ -227,13 +227,19 @@ class EmulatedHosts:
                 p.wait()
         return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
-    def torchrun(self, args: Sequence[str], port: int, run_id: str | None = None,
+    def torchrun(self, args: Sequence[str], port: int, run_id: str | None = None, static: bool = False,
                  **kwargs) -> list[subprocess.Popen]:
         """One single-process torchrun node per host running `python -m meshlm.launch *args`, meeting (c10d) at
-        host 0's address:port under run_id (default: this run's id); popen(**kwargs) starts each."""
+        host 0's address:port under run_id (default: this run's id); popen(**kwargs) starts each. c10d numbers
+        the nodes in the order they join; static=True pins host i to node rank i, so rank 0 runs on host 0,
+        beside the rendezvous store (cutting any other host then leaves rank 0's launcher its store)."""
+        def rdzv(i: int) -> list[str]:
+            if static:
+                return ["--node-rank", str(i), "--master-addr", self.hosts[0].addr, "--master-port", str(port)]
+            return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{self.hosts[0].addr}:{port}",
+                    "--rdzv-id", run_id or self.run_id]
         return [self.popen(h.index, [
-            TORCHRUN, "--nnodes", str(len(self.hosts)), "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"{self.hosts[0].addr}:{port}", "--rdzv-id", run_id or self.run_id,
+            TORCHRUN, "--nnodes", str(len(self.hosts)), "--nproc-per-node", "1", *rdzv(h.index),
             "--max-restarts", "0", "--local-addr", h.addr, "-m", "meshlm.launch", *args], **kwargs)
             for h in self.hosts]
 

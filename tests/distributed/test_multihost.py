@@ -38,9 +38,10 @@ def generate_args(checkpoint, max_tokens: int) -> list[str]:
             "--ignore-eos"]
 
 
-def torchrun_nodes(hosts: EmulatedHosts, args: list[str]) -> list[subprocess.Popen]:
-    """Start every host's torchrun node, output piped as text."""
-    return hosts.torchrun(args, RDZV_PORT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def torchrun_nodes(hosts: EmulatedHosts, args: list[str], static: bool = False) -> list[subprocess.Popen]:
+    """Start every host's torchrun node, output piped as text (static: rank 0 on host 0)."""
+    return hosts.torchrun(args, RDZV_PORT, static=static, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
 
 
 @pytest.mark.parametrize(("layout", "hosts", "transport"), [
@@ -66,7 +67,11 @@ def test_link_cut_fails_the_run_within_the_comm_timeout(hosts, checkpoint):
     collective timeout, every rank and launcher exits (the far launcher once the link is back), no segment
     stays in /dev/shm."""
     timeout_s = 5.0
-    nodes = torchrun_nodes(hosts, generate_args(checkpoint, 240) + ["--tp", "2", "--comm-timeout", str(timeout_s)])
+    # Rank 0 on host 0, beside torchrun's rendezvous store: cut from a store on the far host, rank 0's launcher
+    # would wait out torchrun's own store timeouts after meshlm had exited (a flaky failure when c10d numbered
+    # host 1 first).
+    nodes = torchrun_nodes(hosts, generate_args(checkpoint, 240) + ["--tp", "2", "--comm-timeout", str(timeout_s)],
+                           static=True)
     first_out: list[tuple[int, float]] = []  # (host, time) of the first generated text
     errors = _timestamped_stderr(nodes)
 
@@ -83,6 +88,7 @@ def test_link_cut_fails_the_run_within_the_comm_timeout(hosts, checkpoint):
         time.sleep(0.02)
     assert first_out, [e[-5:] for e in errors]
     rank0_host = first_out[0][0]
+    assert rank0_host == 0, "static rendezvous puts rank 0 on host 0"
     far = 1 - rank0_host
     pids = set(hosts.pids())
     hosts.cut(far)
@@ -189,8 +195,8 @@ def test_idle_server_notices_a_link_cut(hosts, checkpoint):
     naming the lost rank and host, and once the link is back nothing is left."""
     timeout_s, port = 4.0, 8431
     nodes = hosts.torchrun(["serve", "--model", str(checkpoint("llama_gqa")), "--tp", "2", "--comm-timeout",
-                            str(timeout_s), "--port", str(port)], RDZV_PORT, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+                            str(timeout_s), "--port", str(port)], RDZV_PORT, static=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     errors = _timestamped_stderr(nodes)
     deadline, rank0_host = time.monotonic() + 180, None
     while rank0_host is None and time.monotonic() < deadline and all(n.poll() is None for n in nodes):
