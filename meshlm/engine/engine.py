@@ -85,6 +85,7 @@ class LLMEngine:
         self.live: dict[str, LiveRequest] = {}
         self.inflight: deque[tuple[SchedulerOutput, StepInput]] = deque()  # submitted, oldest first
         self.steps_done = 0  # steps collected
+        self.last_decode_tokens: int | None = None  # tokens of the last step collected, None unless a decode step
         self._trace: tuple[str, int] | None = None  # (path, steps_done at which to write it)
         self._ids = itertools.count()
         self.total_prompt_tokens = 0
@@ -251,6 +252,7 @@ class LLMEngine:
         row = 0
         self.steps_done += 1
         decode = all(it.num_new == 1 and it.samples for it in plan.items)  # no prompt (chunk) in this step
+        self.last_decode_tokens = len(step.token_ids) if decode else None
         for item in plan.items:
             req = item.req
             live = req.status is not Status.FINISHED  # not aborted or timed out while in flight

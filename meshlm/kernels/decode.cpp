@@ -199,6 +199,10 @@ class DecodeStack : public torch::CustomClassHolder {
     const int nt = std::max(1, at::get_num_threads());
     // A few rows: every thread does the elementwise work of every row (no barrier); many: each its rows.
     const bool shared = nt > 1 && M >= kSharedRows;
+    // Attention tasks: a row's KV heads in as few ranges as keep every thread busy (a range reads each
+    // position's rows of all its heads together, contiguous in the pool; a head's sums do not depend on it).
+    const int64_t hper = (Hkv + std::min(Hkv, (nt + M - 1) / M) - 1) / std::min(Hkv, (nt + M - 1) / M);
+    const int64_t hchunks = (Hkv + hper - 1) / hper;  // ranges of hper heads (the last may be shorter)
     Rows<T> common;
     if (shared) common.reserve(x, M, H, QD, I);
 #pragma omp parallel num_threads(nt)
@@ -223,7 +227,8 @@ class DecodeStack : public torch::CustomClassHolder {
         prepare(p, p.qx[0], H, r0, r1, {lay.q, lay.k, lay.v}, shared);
         products(p, p.qx[0], M, {lay.q, lay.k, lay.v}, tid, n);
 #pragma omp barrier
-        // (row, KV head) tasks: RoPE of k and the group's q heads and the K/V write; a barrier; then attention.
+        // (row, KV head) tasks: RoPE of k and the group's q heads and the K/V write; a barrier; then attention
+        // by (row, range of KV heads).
         // Two passes: rows of one sequence (a speculative verification step) attend to each other's new K/V.
         for (int64_t task = tid; task < M * Hkv; task += n) {
           const int64_t m = task / Hkv, h = task % Hkv;
@@ -237,15 +242,15 @@ class DecodeStack : public torch::CustomClassHolder {
           for (int64_t g = h * G; g < (h + 1) * G; ++g) meshlm_fused::rope_one(q.data() + m * QD + g * D, c, s, D);
         }
 #pragma omp barrier
-        for (int64_t task = tid; task < M * Hkv; task += n) {
-          const int64_t m = task / Hkv, h = task % Hkv;
-          for (int64_t g = h * G; g < (h + 1) * G; ++g) {
+        for (int64_t task = tid; task < M * hchunks; task += n) {
+          const int64_t m = task / hchunks, h0 = task % hchunks * hper, h1 = std::min(Hkv, h0 + hper);
+          for (int64_t g = h0 * G; g < h1 * G; ++g) {
             const T* qh = q.data() + m * QD + g * D;
             for (int64_t d = 0; d < D; ++d) qf[g * D + d] = f(qh[d]);
           }
           meshlm_attend::attend_any(qf.data(), static_cast<const T*>(lay.kp), static_cast<const T*>(lay.vp),
-                                    tb + m * W, st[m], ln[m], bs_, Hkv, h, h + 1, G, D, scale_, of.data());
-          for (int64_t i = h * G * D; i < (h + 1) * G * D; ++i) att[m * QD + i] = static_cast<T>(of[i]);
+                                    tb + m * W, st[m], ln[m], bs_, Hkv, h0, h1, G, D, scale_, of.data());
+          for (int64_t i = h0 * G * D; i < h1 * G * D; ++i) att[m * QD + i] = static_cast<T>(of[i]);
         }
 #pragma omp barrier
         std::copy(att.begin() + r0 * QD, att.begin() + r1 * QD, p.xin.begin() + r0 * QD);

@@ -32,6 +32,9 @@ def add_parser(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], Non
     p.add_argument("--served-model-name", default=None,
                    help="the model id clients send (default: from --model)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests computed at once (default 64)")
+    p.add_argument("--fixed-threads", action="store_true",
+                   help="run every step on --threads (default: a one-process replica times its decode steps on "
+                        "--threads and one fewer, leaving a core to the server, and keeps the faster)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default 2048)")
     p.add_argument("--max-waiting", type=int, default=128,
                    help="queued requests before new ones get 429 (default 128)")
@@ -180,7 +183,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             LLM(**llm_kwargs)  # serves rank 0's calls, then exits
             return 0
     spec = ReplicaSpec(llm_kwargs, trace=(args.trace, args.trace_steps) if args.trace else None,
-                       log_level=logging.INFO if args.verbose else logging.WARNING)
+                       log_level=logging.INFO if args.verbose else logging.WARNING,
+                       tune_threads=not args.fixed_threads)
     if join:
         from meshlm.serve.links import connect
         from meshlm.serve.replica import replica_main

@@ -23,11 +23,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from meshlm.config import SamplingParams
 from meshlm.engine.engine import EngineStats, LLMEngine, Resume
 from meshlm.engine.request import RequestOutput
 from meshlm.errors import MeshlmError
 from meshlm.serve.protocol import FinalStats, Update
+from meshlm.serve.thread_tuner import ThreadTuner
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +97,12 @@ class EngineLoop:
     """Runs `engine.step()` in a background thread while requests wait or run."""
 
     def __init__(self, engine: LLMEngine, on_finish: Callable[[FinalStats | None, str], None] = lambda s, r: None,
-                 on_fatal: Callable[[str], None] = lambda msg: None, keepalive_s: float = 10.0) -> None:
+                 on_fatal: Callable[[str], None] = lambda msg: None, keepalive_s: float = 10.0,
+                 tune_threads: bool = True) -> None:
         self.engine = engine
+        # One process: its decode steps may run on a thread fewer where that measures faster (thread_tuner.py).
+        self.tune_threads = tune_threads and not engine.executor.distributed
+        self.tuner: ThreadTuner | None = None  # made on the engine thread (intra-op threads are per thread)
         # Idle ranks wait for the next call: ping them now and then, which also notices a dead one.
         self.keepalive_s = keepalive_s
         self._last_call = time.monotonic()
@@ -151,6 +158,8 @@ class EngineLoop:
     # ---- engine thread ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.tune_threads:
+            self.tuner = ThreadTuner(torch.get_num_threads())
         while True:
             idle = self.dead is not None or not self.engine.has_unfinished()
             try:
@@ -220,6 +229,9 @@ class EngineLoop:
 
     def _step(self) -> None:
         self._last_call = self.busy_since = time.monotonic()
+        if self.tuner is not None:
+            self.tuner.before_step(self.engine.last_decode_tokens)
+        done = self.engine.steps_done
         t0 = time.perf_counter()
         try:
             changed = self.engine.step()
@@ -229,7 +241,10 @@ class EngineLoop:
             return
         finally:
             self.busy_since = None
-        self._step_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        self._step_s += seconds
+        if self.tuner is not None and self.engine.steps_done == done + 1:
+            self.tuner.after_step(self.engine.last_decode_tokens, seconds)
         self.progress += 1
         self.last_progress = time.monotonic()
         batch = [u for u in (self._update(out) for out in changed) if u is not None]

@@ -45,6 +45,7 @@ class ReplicaSpec:
     keepalive_s: float = 0.5  # an idle engine pings its ranks this often (a hung idle rank is noticed too)
     trace: tuple[str, int] | None = None  # (path, steps): record a pipeline trace
     log_level: int = logging.WARNING
+    tune_threads: bool = True  # decode steps may run on a thread fewer where faster (serve/thread_tuner.py)
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,8 @@ async def _serve(conn: Any, send: Callable[[Any], None], llm: Any, spec: Replica
     aloop = asyncio.get_running_loop()
     stopped = asyncio.Event()
     lost = [False]
-    eng = EngineLoop(llm.engine, on_fatal=lambda msg: send(Failed(msg)), keepalive_s=spec.keepalive_s).start()
+    eng = EngineLoop(llm.engine, on_fatal=lambda msg: send(Failed(msg)), keepalive_s=spec.keepalive_s,
+                     tune_threads=spec.tune_threads).start()
     send(Ready(llm.cfg.vocab_size, llm.max_context, llm.engine.capacity_tokens, llm.engine.ecfg.block_size,
                llm.executor.rank_pids, os.getpid(), socket.gethostname(), llm.engine.stats().max_waiting))
     tasks: set[asyncio.Task] = set()
