@@ -10,6 +10,9 @@ One rank of meshlm.LLM (the bundled SmolLM2-135M unless --model). Measured per d
               called back to back through the same kernels.linear / linear_many on one row: the weight
               stream, with the wrappers' own Python cost and one parallel region per call
   overhead    step - linears: norms, RoPE, the KV write, attention, the engine, sampling, Python
+  parts       the same step timed inside: the whole-stack op (every decoder layer), the head, and the rest
+              (embedding lookup, final norm, sampling, the engine's Python), each against its weight bytes:
+              the stack's and the head's read rate, beside --read-gbs when given (the roofline's rate)
   ops         torch calls made from Python per decode step (profiler; views included), and per layer, both
               paths (the stack op's own call, a TorchScript class method, is not a profiler event)
 The machine must be otherwise idle for the times to mean anything (holds the benchmarks' lock).
@@ -86,6 +89,37 @@ def ops_per_step(llm, new: int) -> collections.Counter:
     return collections.Counter({k: (b[k] - a.get(k, 0)) / (new - 1) for k in b})
 
 
+def parts_seconds(llm, new: int, runs: int) -> dict[str, float]:
+    """Seconds per decode step inside the whole-stack op and the head (wrapped calls), and the step."""
+    from meshlm import SamplingParams
+
+    runner = llm.executor.worker.runner
+    cache, head = runner.cache, runner.model.lm_head
+    took = {"stack": 0.0, "head": 0.0}
+
+    def timed(name: str, fn):
+        def call(*a):
+            t0 = time.perf_counter()
+            out = fn(*a)
+            took[name] += time.perf_counter() - t0
+            return out
+        return call
+
+    stack, forward = cache.stack, head.forward
+    cache.stack, head.forward = timed("stack", stack), timed("head", forward)
+    per_step = []
+    try:
+        for _ in range(runs):
+            took.update(stack=0.0, head=0.0)
+            out = llm.generate([[1]], SamplingParams(max_tokens=new + 1, ignore_eos=True))[0]
+            steps = new + 1  # the prompt's pass runs both too (one row)
+            per_step.append({"step": out.decode_s / new, "stack": took["stack"] / steps,
+                             "head": took["head"] / steps})
+    finally:
+        cache.stack, head.forward = stack, forward
+    return {k: statistics.median(p[k] for p in per_step) for k in per_step[0]}
+
+
 def main() -> int:
     """Measure and print a decode step against its weight stream."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -106,6 +140,10 @@ def main() -> int:
         step = steps(llm, args.new, args.runs)
         lin = linears_seconds(model, llm.executor.worker.dtype, 2 * args.runs)  # the compute dtype
         stacked = llm.executor.worker.runner.cache.stack is not None
+        parts = parts_seconds(llm, args.new, args.runs) if stacked and model.lm_head is not None else None
+        bytes_layers = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." in n)
+        bytes_head = model.lm_head.weight.numel() * model.lm_head.weight.element_size() \
+            if model.lm_head is not None else 0
         ops = ops_per_step(llm, min(args.new, 9))
         with per_op(llm):
             op_step = steps(llm, args.new, args.runs)
@@ -114,7 +152,8 @@ def main() -> int:
     out = {"model": args.model or "smollm2", "dtype": args.dtype, "threads": args.threads, "stack_op": stacked,
            "step_s": step, "per_op_step_s": op_step, "linears_s": lin, "overhead_s": step - lin,
            "ops_per_step": sum(ops.values()), "ops_per_layer": sum(ops.values()) / layers,
-           "per_op_ops_per_step": sum(op_ops.values()), "ops": dict(ops.most_common())}
+           "per_op_ops_per_step": sum(op_ops.values()), "ops": dict(ops.most_common()), "parts": parts,
+           "layer_bytes": bytes_layers, "head_bytes": bytes_head}
     print(f"{common.machine()}")
     print(f"{out['model']} {args.dtype}, {args.threads} thread(s), {layers} layers, per decode step:")
     print(f"  step      {step * 1e3:8.3f} ms  ({1 / step:.1f} tok/s; whole-stack op: {'yes' if stacked else 'no'})")
@@ -123,6 +162,12 @@ def main() -> int:
     print(f"  overhead  {(step - lin) * 1e3:8.3f} ms  ({100 * (step - lin) / step:.0f}% of the step)")
     print(f"  ops       {out['ops_per_step']:8.0f}     torch calls from Python "
           f"({out['ops_per_layer']:.1f} per layer on average; op by op: {out['per_op_ops_per_step']:.0f})")
+    if parts:
+        rest = parts["step"] - parts["stack"] - parts["head"]
+        print(f"  parts (one more run, the calls timed): step {parts['step'] * 1e3:.3f} ms =")
+        for name, sec, nbytes in (("stack op", parts["stack"], bytes_layers), ("head", parts["head"], bytes_head)):
+            print(f"    {name:9s} {sec * 1e3:7.3f} ms  {nbytes / 1e6:6.1f} MB  {nbytes / sec / 1e9:5.1f} GB/s")
+        print(f"    rest      {rest * 1e3:7.3f} ms  (embedding, final norm, sampling, the engine's Python)")
     for name, n in ops.most_common(12):
         print(f"    {name:40s} {n:7.1f}")
     if args.json:
