@@ -141,7 +141,8 @@ def main() -> int:
         lin = linears_seconds(model, llm.executor.worker.dtype, 2 * args.runs)  # the compute dtype
         stacked = llm.executor.worker.runner.cache.stack is not None
         parts = parts_seconds(llm, args.new, args.runs) if stacked and model.lm_head is not None else None
-        bytes_layers = sum(t.numel() * t.element_size() for n, t in model.named_parameters() if ".layers." in n)
+        bytes_layers = sum(t.numel() * t.element_size() for n, t in [*model.named_parameters(), *model.named_buffers()]
+                           if n.startswith("layers.") or ".layers." in n)
         bytes_head = model.lm_head.weight.numel() * model.lm_head.weight.element_size() \
             if model.lm_head is not None else 0
         ops = ops_per_step(llm, min(args.new, 9))
