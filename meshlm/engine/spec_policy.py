@@ -1,10 +1,13 @@
 """How much to speculate, per request and step: measured costs against measured acceptance.
 
 Costs: least-squares fits over recent samples (decay DECAY per sample, a window of about 50):
-  target step     seconds = a + b * T   T tokens in a decode step, the proposer's time taken out
+  target step     seconds = a + b * T   T tokens in a decode step, the proposer's time taken out (pp > 1: the
+                                        interval between step ends over the mean T of the steps in flight, sampled
+                                        only while every step in flight decodes; engine/spec_engine.py)
   proposer call   seconds = c + d * n   n tokens proposed in the call; a call that caught up on more than
                                         k_max + 1 tokens of a request (a draft's first pass over a prompt, or
-                                        its return after a pause) is left out: a one-off, not a per-token cost
+                                        its return after a pause) is left out of this fit and feeds the next
+  catch-up        seconds = f * m       m tokens a proposer takes in before proposing (d until measured)
 Acceptance: alpha_r,i = P(position i of request r accepted | earlier ones accepted), counted per request and
 over PRIOR pseudo-verifications at the current engine-wide estimate (itself 0.5 before any verification), so
 one request's low acceptance does not keep another from speculating, and what probes learn reaches requests
@@ -12,18 +15,22 @@ that have not proposed yet.
 
 Choice, for the whole batch: B requests decoding, k_r proposals each, K = sum_r k_r. A step emits
 sum_r E_r(k_r) tokens, E_r(k) = 1 + sum_{j=1..k} prod_{i<=j} alpha_r,i, in a + b*(B + K) + [K > 0]*(c + d*K)
-seconds. Each proposal costs b + d and gains prod_{i<=j} alpha_r,i, non-increasing in j, so the best set of n
-proposals is the n largest gains; the policy takes the n with the most tokens per second and speculates only
-when that beats n = 0 (no speculation, which also saves c) by MARGIN. At batch 1 with a flat step (weight-bound)
-it proposes k_max wherever acceptance pays for its proposer; once a batch's rows cost (b*B outweighs a) a
-proposal pays only at an acceptance near b / (b + a/B) and speculation is off.
+seconds, plus f * m_r * min(1, (cap_r + 1) / left_r) for each proposing request r the proposer must first catch
+up on m_r > k_max + 1 tokens (its catch-up spread over the left_r tokens it may still generate: a draft's prompt
+pass pays back over a long answer, not in a request's last steps). Each proposal costs b + d and gains
+prod_{i<=j} alpha_r,i, non-increasing in j, so the policy takes the n largest gains with the most tokens per
+second and speculates only when that beats n = 0 (no speculation, which also saves c) by MARGIN. At batch 1 with
+a flat step (weight-bound) it proposes k_max wherever acceptance pays for its proposer; once a batch's rows cost
+(b*B outweighs a) a proposal pays only at an acceptance near b / (b + a/B) and speculation is off.
 Learning the costs: with every measured decode step the same size the slope b is unknown, so the policy sizes the
 next step differently: no proposals (a new engine's first step), or, when the steps so far had none, one request
 proposing its cap; until a proposer call without catch-up is measured (a draft's first call for a request is one),
-one request proposes its cap each step. Once fitted, a step's proposals are kept under double the largest step
-measured (the fit is not trusted far past its samples). After PROBE_EVERY decode steps without proposals, one
-request (the longest without) proposes its cap once to measure its acceptance, if proposals all accepted would pay:
-one request per PROBE_EVERY steps, so probing costs at most k_max rows in PROBE_EVERY * B.
+one request proposes its cap each step (the one the proposer is furthest along with: the shortest catch-up).
+Once fitted, a step's proposals are kept under double the largest step measured (the fit is not trusted far past
+its samples). Probes: after probe_every decode steps without proposals, one request (the shortest catch-up, then
+the longest without proposals) proposes its cap once to measure its acceptance, if proposals all accepted would
+pay, catch-up included; each probe doubles probe_every (PROBE_EVERY up to PROBE_MAX) and a step that speculates
+on its own merit resets it, so a batch where speculation keeps losing probes O(log steps) times.
 Requests with a fixed k (seeded sampled ones, engine/spec_engine.py) count in the costs as they are.
 """
 
