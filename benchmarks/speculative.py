@@ -25,12 +25,16 @@ baseline's; the script checks it). Throughput: 16 and 64 requests at once (groun
 turn), generated tokens / wall seconds of generate(), policy on (the default: speculate while the measured
 step cost says it pays) and off (always k). Each timed run holds the benchmarks' run lock and starts on a
 quiet machine (common.quiet_run). Progress goes to stderr, the markdown tables to stdout.
+$MESHLM_SPEC_LOG=PREFIX: each child writes the policy's decision log (meshlm.engine.spec_policy at DEBUG: the
+fitted costs and predicted tokens/s with and without speculation, every step) to PREFIX.<job name>.log.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import subprocess
 import sys
 import time
@@ -390,7 +394,13 @@ def main() -> None:
         from meshlm.parallel.launch import die_with_parent
 
         die_with_parent()
-        print(json.dumps(measure(json.loads(args.child))))
+        job = json.loads(args.child)
+        if os.environ.get("MESHLM_SPEC_LOG"):
+            handler = logging.FileHandler(f"{os.environ['MESHLM_SPEC_LOG']}.{job['name'].replace(' ', '_')}.log", "a")
+            logger = logging.getLogger("meshlm.engine.spec_policy")
+            logger.setLevel(logging.DEBUG)
+            logger.addHandler(handler)
+        print(json.dumps(measure(job)))
         return
     if args.report:
         render(json.loads(args.report.read_text()), args.plot)
@@ -407,8 +417,11 @@ def main() -> None:
             "wait": args.wait, "concurrency": args.concurrency}
     jobs = []
     for lay in args.layouts:
+        # batch 1 and throughput in separate processes, as for the proposers: the throughput runs' first prompts are
+        # the batch-1 prompts, which a process that ran batch 1 would find in its prefix cache
         jobs.append({**base, "name": f"{lay} none", "layout": lay, "proposer": "none", "adaptive": True,
-                     "tasks": list(TASKS)})
+                     "tasks": list(TASKS), "concurrency": []})
+        jobs.append({**base, "name": f"{lay} none", "layout": lay, "proposer": "none", "adaptive": True, "tasks": []})
         for p in args.proposers:
             for t in TASKS:
                 jobs.append({**base, "name": f"{lay} {p} policy-on", "layout": lay, "proposer": p, "adaptive": True,

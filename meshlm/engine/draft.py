@@ -131,6 +131,11 @@ class DraftProposer:
         log.info("%s proposer: %s, KV pool %d blocks x %d tokens", self.name, self.worker.path, num_blocks,
                  BLOCK_SIZE)
 
+    def backlog(self, req: Request) -> int:
+        """Tokens of req the draft lacks (its prompt on a first call): their KV is computed before it proposes."""
+        s = self.seqs.get(req.id)
+        return len(req.tokens) - min(len(s.tokens) if s is not None else 0, len(req.tokens) - 1)
+
     def release(self, request_id: str) -> None:
         """Free the request's draft KV blocks and state (finished, aborted or preempted)."""
         s = self.seqs.pop(request_id, None)

@@ -279,8 +279,10 @@ class LLMEngine:
             changed.append(req.out)
         if self.ledger is not None:
             self.ledger.collected(plan)
-        if self.spec is not None:
-            self.spec.step_done(step, decode, busy=bool(self.inflight) or self.scheduler.has_work())
+        if self.spec is not None:  # the cost fit's sample: this step and those in flight, if all decode
+            decode = decode and all(it.num_new == 1 and it.samples for p, _ in self.inflight for it in p.items)
+            self.spec.step_done([len(s.token_ids) for _, s in [(plan, step), *self.inflight]] if decode else None,
+                                busy=bool(self.inflight) or self.scheduler.has_work())
         return changed
 
     def _submit(self, plan: SchedulerOutput) -> None:

@@ -15,10 +15,10 @@ at any k and unseeded ones have nothing to reproduce: the policy chooses for the
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
-from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.request import Status
 from meshlm.engine.scheduler import Scheduled, Scheduler
 from meshlm.engine.spec_policy import SpecCounters, SpecPolicy
@@ -50,7 +50,8 @@ class Speculator:
             return
         caps = [min(self.cfg.num_tokens, r.max_new - r.num_generated - 1) for r in reqs]
         fixed = [not r.params.greedy and r.params.seed is not None for r in reqs]
-        ks = self.policy.choose([r.id for r in reqs], caps, fixed)
+        ks = self.policy.choose([r.id for r in reqs], caps, fixed, backlog=[self.proposer.backlog(r) for r in reqs],
+                                left=[r.max_new - r.num_generated for r in reqs])
         asked = [(r, k) for r, k in zip(reqs, ks) if k > 0]
         if not asked:
             return
@@ -59,8 +60,11 @@ class Speculator:
         seconds = time.perf_counter() - t0
         self.propose_seconds += seconds
         self.pending += seconds
-        if max(p.fed for p in proposals) > self.cfg.num_tokens + 1:  # a prompt's first pass: not per-token cost
+        fed = sum(p.fed for p in proposals if p.fed > self.cfg.num_tokens + 1)  # prompts' first passes
+        if fed:  # not per-token cost: the proposals' own share (as fitted) aside, the catch-up's
             self.catch_up_seconds += seconds
+            c, d = self.policy.proposer_cost()
+            self.policy.observe_catch_up(fed, max(seconds - c - d * sum(k for _, k in asked), 0.0))
         else:
             self.policy.observe_propose(sum(k for _, k in asked), seconds)
         for (r, n), p in zip(asked, proposals):
@@ -80,15 +84,18 @@ class Speculator:
         self.counters.record(len(item.draft), accepted)
         self.policy.observe_verify(item.req.id, len(item.draft), accepted)
 
-    def step_done(self, step: StepInput, decode: bool, busy: bool) -> None:
+    def step_done(self, tokens: Sequence[int] | None, busy: bool) -> None:
         """A step finished; busy=False when the engine goes idle (the interval until the next is no step).
 
-        Only decode steps (every grant one known token, with or without proposals) feed the cost fit: the
-        policy weighs decode steps with and without proposals, and prefills cost otherwise per token. The
-        proposer's seconds in the interval are its own cost term, not the target's."""
+        tokens: the token counts of the finished step and of the steps still in flight (pp > 1), None unless
+        all are decode steps (every grant one known token, with or without proposals): only those feed the cost
+        fit, since prefills cost otherwise per token. At pp > 1 the interval between step ends holds the first
+        stage's work on a step submitted in it and the wait for the last stage's on the finished one, so the
+        sample's size is the mean over the steps in flight. The proposer's seconds in the interval are its own
+        cost term, not the target's."""
         now = time.perf_counter()
-        if self.last_done is not None and decode:
-            self.policy.observe_step(len(step.token_ids), max(now - self.last_done - self.pending, 0.0))
+        if self.last_done is not None and tokens:
+            self.policy.observe_step(sum(tokens) / len(tokens), max(now - self.last_done - self.pending, 0.0))
         self.pending = 0.0
         self.last_done = now if busy else None
 

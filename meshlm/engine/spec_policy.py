@@ -1,10 +1,13 @@
 """How much to speculate, per request and step: measured costs against measured acceptance.
 
 Costs: least-squares fits over recent samples (decay DECAY per sample, a window of about 50):
-  target step     seconds = a + b * T   T tokens in a decode step, the proposer's time taken out
+  target step     seconds = a + b * T   T tokens in a decode step, the proposer's time taken out (pp > 1: the
+                                        interval between step ends over the mean T of the steps in flight, sampled
+                                        only while every step in flight decodes; engine/spec_engine.py)
   proposer call   seconds = c + d * n   n tokens proposed in the call; a call that caught up on more than
                                         k_max + 1 tokens of a request (a draft's first pass over a prompt, or
-                                        its return after a pause) is left out: a one-off, not a per-token cost
+                                        its return after a pause) is left out of this fit and feeds the next
+  catch-up        seconds = f * m       m tokens a proposer takes in before proposing (d until measured)
 Acceptance: alpha_r,i = P(position i of request r accepted | earlier ones accepted), counted per request and
 over PRIOR pseudo-verifications at the current engine-wide estimate (itself 0.5 before any verification), so
 one request's low acceptance does not keep another from speculating, and what probes learn reaches requests
@@ -12,18 +15,22 @@ that have not proposed yet.
 
 Choice, for the whole batch: B requests decoding, k_r proposals each, K = sum_r k_r. A step emits
 sum_r E_r(k_r) tokens, E_r(k) = 1 + sum_{j=1..k} prod_{i<=j} alpha_r,i, in a + b*(B + K) + [K > 0]*(c + d*K)
-seconds. Each proposal costs b + d and gains prod_{i<=j} alpha_r,i, non-increasing in j, so the best set of n
-proposals is the n largest gains; the policy takes the n with the most tokens per second and speculates only
-when that beats n = 0 (no speculation, which also saves c) by MARGIN. At batch 1 with a flat step (weight-bound)
-it proposes k_max wherever acceptance pays for its proposer; once a batch's rows cost (b*B outweighs a) a
-proposal pays only at an acceptance near b / (b + a/B) and speculation is off.
+seconds, plus f * m_r * min(1, (cap_r + 1) / left_r) for each proposing request r the proposer must first catch
+up on m_r > k_max + 1 tokens (its catch-up spread over the left_r tokens it may still generate: a draft's prompt
+pass pays back over a long answer, not in a request's last steps). Each proposal costs b + d and gains
+prod_{i<=j} alpha_r,i, non-increasing in j, so the policy takes the n largest gains with the most tokens per
+second and speculates only when that beats n = 0 (no speculation, which also saves c) by MARGIN. At batch 1 with
+a flat step (weight-bound) it proposes k_max wherever acceptance pays for its proposer; once a batch's rows cost
+(b*B outweighs a) a proposal pays only at an acceptance near b / (b + a/B) and speculation is off.
 Learning the costs: with every measured decode step the same size the slope b is unknown, so the policy sizes the
 next step differently: no proposals (a new engine's first step), or, when the steps so far had none, one request
 proposing its cap; until a proposer call without catch-up is measured (a draft's first call for a request is one),
-one request proposes its cap each step. Once fitted, a step's proposals are kept under double the largest step
-measured (the fit is not trusted far past its samples). After PROBE_EVERY decode steps without proposals, one
-request (the longest without) proposes its cap once to measure its acceptance, if proposals all accepted would pay:
-one request per PROBE_EVERY steps, so probing costs at most k_max rows in PROBE_EVERY * B.
+one request proposes its cap each step (the one the proposer is furthest along with: the shortest catch-up).
+Once fitted, a step's proposals are kept under double the largest step measured (the fit is not trusted far past
+its samples). Probes: after probe_every decode steps without proposals, one request (the shortest catch-up, then
+the longest without proposals) proposes its cap once to measure its acceptance, if proposals all accepted would
+pay, catch-up included; each probe doubles probe_every (PROBE_EVERY up to PROBE_MAX) and a step that speculates
+on its own merit resets it, so a batch where speculation keeps losing probes O(log steps) times.
 Requests with a fixed k (seeded sampled ones, engine/spec_engine.py) count in the costs as they are.
 """
 
@@ -37,6 +44,7 @@ DECAY = 0.98  # weight of a sample after each later one: a window of about 50
 PRIOR = 2.0  # pseudo-verifications at the engine-wide acceptance that start each request's count
 PRIOR_ACCEPT = 0.5  # engine-wide alpha before any verification
 PROBE_EVERY = 16  # decode steps without proposals after which one request proposes once again
+PROBE_MAX = 1024  # the probe interval doubles after each probe, up to this, until speculation pays again
 MARGIN = 0.05  # speculation must beat no speculation's predicted tokens/s by this share (timing noise)
 
 log = logging.getLogger(__name__)
@@ -150,6 +158,8 @@ class SpecPolicy:
         self.k_max, self.adaptive = k_max, adaptive
         self.step = _Fit(flat=True)  # target step seconds over tokens: flat until steps differ in size
         self.proposer = _Fit(flat=False)  # proposer seconds over proposed tokens: per token until calls differ
+        self.catch_up = _Fit(flat=False)  # a draft's seconds over the tokens it caught up on (y proportional to x)
+        self.probe_every = PROBE_EVERY  # decode steps without proposals before the next probe
         self.accept = _Accept(k_max, [PRIOR_ACCEPT] * k_max, 2.0)  # engine-wide
         self.reqs: dict[str, _Req] = {}
         self.quiet = 0  # decode steps since any free request last proposed
@@ -161,6 +171,10 @@ class SpecPolicy:
     def observe_propose(self, tokens: int, seconds: float) -> None:
         """A proposer call without a long catch-up: tokens proposed, seconds it took."""
         self.proposer.observe(tokens, seconds)
+
+    def observe_catch_up(self, tokens: int, seconds: float) -> None:
+        """A proposer call's seconds spent catching up on `tokens` tokens (the proposals' own cost taken out)."""
+        self.catch_up.observe(tokens, seconds)
 
     def observe_verify(self, request_id: str, num_proposed: int, num_accepted: int) -> None:
         """One verification of a request's proposal: num_accepted of num_proposed kept."""
@@ -180,6 +194,11 @@ class SpecPolicy:
     def proposer_cost(self) -> tuple[float, float]:
         """Fitted (c, d) of proposer call seconds = c + d * proposed tokens."""
         return self.proposer.fit()
+
+    def catch_up_cost(self) -> float:
+        """Seconds per token a proposer takes to catch up (a draft's prompt pass): the proposal's per-token cost
+        until a catch-up is measured (a sequential draft step per token: an upper bound)."""
+        return self.catch_up.fit()[1] if self.catch_up.measured else self.proposer.fit()[1]
 
     def alphas(self, request_id: str | None = None) -> list[float]:
         """alpha_i per position: engine-wide, or a request's own counts over PRIOR verifications at the engine-wide."""
@@ -205,30 +224,37 @@ class SpecPolicy:
         return self.reqs[request_id]
 
     def choose(self, request_ids: Sequence[str], caps: Sequence[int], fixed: Sequence[bool],
-               other_tokens: int = 0) -> list[int]:
-        """Proposal length per decoding request, at most caps[i]; fixed[i]: exactly caps[i] (0: don't speculate)."""
+               other_tokens: int = 0, backlog: Sequence[int] = (), left: Sequence[int] = ()) -> list[int]:
+        """Proposal length per decoding request, at most caps[i]; fixed[i]: exactly caps[i] (0: don't speculate).
+        backlog[i]: tokens the proposer must catch up on before proposing for request i; left[i]: tokens the
+        request may still generate (its catch-up is charged over them)."""
         if not self.adaptive:
             return list(caps)
         ks = [cap if fx else 0 for cap, fx in zip(caps, fixed)]
         free = [i for i, (cap, fx) in enumerate(zip(caps, fixed)) if cap > 0 and not fx]
         base = len(request_ids) + other_tokens + sum(ks)  # the step's tokens without (free) proposals
+        behind = [n if n > self.k_max + 1 else 0 for n in backlog] or [0] * len(caps)  # a steady catch-up: in d
         if not self.step.spread() or not self.proposer.measured:  # the cost of a row or a proposal is unknown
             differs = not self.step.spread() and abs(self.step.mean() - base) >= 0.5  # k = 0 gives a new size
             if free and self.step.measured and not differs:  # one request proposes: a new size, a proposer call
-                i = max(free, key=lambda i: self.expected_tokens(caps[i], request_ids[i]))
+                i = min(free, key=lambda i: (behind[i], -self.expected_tokens(caps[i], request_ids[i])))
                 ks[i] = caps[i]
             log.debug("spec policy: B=%d costs not yet fitted (step sizes: %s, proposer measured: %s): ks=%s",
                       len(ks), "several" if self.step.spread() else "one", self.proposer.measured, ks)
             return self._done(request_ids, ks, fixed)
         a, b = self.cost()
         c, d = self.proposer_cost()
+        f = self.catch_up_cost()
+        # seconds charged to a step in which request i proposes: its catch-up, spread over the tokens it has left
+        catch = [f * n * min(1.0, (cap + 1) / max(rest, 1)) for n, cap, rest in
+                 zip(behind, caps, left or [1] * len(caps))]
         num = sum(self.expected_tokens(k, rid) if k else 1.0 for k, rid in zip(ks, request_ids))
         fixed_proposed = sum(ks)
-        limit = 2 * self.step.largest - base  # free proposals: at most double the largest step measured
+        limit = int(2 * self.step.largest) - base  # free proposals: at most double the largest step measured
 
-        def rate(tokens: float, proposed: int) -> float:
-            return tokens / (a + b * (base + proposed) + (c + d * (fixed_proposed + proposed)
-                                                           if fixed_proposed + proposed else 0.0))
+        def rate(tokens: float, proposed: int, extra: float) -> float:
+            return tokens / (a + b * (base + proposed) + extra + (c + d * (fixed_proposed + proposed)
+                                                                   if fixed_proposed + proposed else 0.0))
 
         gains = []  # (gain, i): proposal j of request i gains prod_{<=j} alpha, non-increasing in j
         for i in free:
@@ -237,20 +263,27 @@ class SpecPolicy:
                 run *= alpha
                 gains.append((run, i))
         gains.sort(key=lambda g: -g[0])  # stable: a request's proposals stay in order
-        none = best = rate(num, 0)
-        take, num0 = 0, num
-        for n, (gain, _) in enumerate(gains[:max(limit, 0)], 1):
+        none = best = rate(num, 0, 0.0)
+        take, num0, extra, started = 0, num, 0.0, set()
+        for n, (gain, i) in enumerate(gains[:max(limit, 0)], 1):
             num += gain
-            if (r := rate(num, n)) > best and r > none * (1 + MARGIN):
+            if i not in started:  # a request's first proposal brings its catch-up
+                started.add(i)
+                extra += catch[i]
+            if (r := rate(num, n, extra)) > best and r > none * (1 + MARGIN):
                 best, take = r, n
         for _, i in gains[:take]:
             ks[i] += 1
-        if not take and free and self.quiet >= PROBE_EVERY:  # nobody speculated for a while: one request probes
-            i = max(free, key=lambda i: self._req(request_ids[i]).idle)  # the longest without proposals
-            if rate(num0 + caps[i], caps[i]) > none:  # (were they all accepted, its proposals would pay)
+        if take:
+            self.probe_every = PROBE_EVERY
+        elif free and self.quiet >= self.probe_every:  # nobody speculated for a while: one request probes
+            # the cheapest to catch up on, then the longest without proposals
+            i = min(free, key=lambda i: (behind[i], -self._req(request_ids[i]).idle))
+            if rate(num0 + caps[i], caps[i], catch[i]) > none:  # (were they all accepted, its proposals would pay)
                 ks[i] = caps[i]
-        log.debug("spec policy: B=%d a=%.4f b=%.6f c=%.4f d=%.6f: no speculation %.1f tok/s, speculation "
-                  "(%d proposals) %.1f tok/s predicted; ks=%s", len(ks), a, b, c, d, none, take, best, ks)
+                self.probe_every = min(2 * self.probe_every, PROBE_MAX)  # back off while probes find no gain
+        log.debug("spec policy: B=%d a=%.4f b=%.6f c=%.4f d=%.6f f=%.6f: no speculation %.1f tok/s, speculation "
+                  "(%d proposals) %.1f tok/s predicted; ks=%s", len(ks), a, b, c, d, f, none, take, best, ks)
         return self._done(request_ids, ks, fixed)
 
     def _done(self, request_ids: Sequence[str], ks: list[int], fixed: Sequence[bool]) -> list[int]:

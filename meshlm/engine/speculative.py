@@ -8,7 +8,9 @@ process): they never touch the target's ranks.
 When the engine calls a proposer: at the start of a step, for each running request whose every known token
 but the last is computed and that has nothing in flight (so req.tokens is exactly prompt + every emitted
 token, the last one not yet in the KV cache); ks[i] >= 1 is already capped so the step can't pass
-max_tokens. release(id) follows a request's end (finished, aborted, timed out) and its preemption.
+max_tokens. release(id) follows a request's end (finished, aborted, timed out) and its preemption. backlog(req)
+is asked for every decoding request each step (cheap: no model work): the policy charges a catch-up it has not
+paid yet, and a proposer does no work for a request while the policy gives it no proposals.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ class Proposer(Protocol):
 
     def propose(self, reqs: Sequence[Request], ks: Sequence[int]) -> list[Proposal]:
         """For each request, up to ks[i] tokens that would follow req.tokens (may propose fewer, or none)."""
+        ...
+
+    def backlog(self, req: Request) -> int:
+        """Tokens of req it would take in before proposing (a draft's catch-up; 0 for a stateless proposer)."""
         ...
 
     def release(self, request_id: str) -> None:
@@ -117,6 +123,10 @@ class NgramProposer:
     def propose(self, reqs: Sequence[Request], ks: Sequence[int]) -> list[Proposal]:
         """One lookup per request in its own tokens (no state kept)."""
         return [Proposal(self.lookup(r.tokens, k)) for r, k in zip(reqs, ks)]
+
+    def backlog(self, req: Request) -> int:
+        """Nothing to take in: the lookup reads req.tokens."""
+        return 0
 
     def release(self, request_id: str) -> None:
         """Nothing to forget: the lookup keeps no state."""

@@ -169,6 +169,10 @@ class Sampler:
             out.append(Proposal(tuple(x.tolist()), q.expand(k, -1).clone()))
         return out
 
+    def backlog(self, req):
+        """Nothing to catch up on."""
+        return 0
+
     def release(self, request_id):
         """Nothing kept."""
 

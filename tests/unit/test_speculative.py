@@ -11,7 +11,6 @@ import torch
 from meshlm.config import SamplingParams
 from meshlm.engine import sampler
 from meshlm.engine.kv_cache import BlockManager
-from meshlm.engine.paged_attention import StepInput
 from meshlm.engine.request import Request, Status
 from meshlm.engine.sampler import ACCEPT, DRAFT, RESIDUAL, SAMPLE, mix_seed, position_generator, sample, uniform
 from meshlm.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
@@ -431,6 +430,9 @@ class _SlowProposer:
             out.append(Proposal((1,) * k, None, fed))
         return out
 
+    def backlog(self, req):
+        return len(req.tokens) - self.seen.get(req.id, 0)
+
     def release(self, request_id):
         self.seen.pop(request_id, None)
 
@@ -461,7 +463,7 @@ def test_speculator_times_the_proposer_apart_and_leaves_catch_up_out(monkeypatch
         sp.propose(sched, 1)
         assert len(req.draft) == (0 if step < 2 else 4), step  # first steps without (the policy learns b)
         clock.now += 0.010  # the target step: flat 10 ms   # ... then never turned off by the catch-up
-        sp.step_done(StepInput(tuple(range(1 + len(req.draft))), (), ()), decode=True, busy=True)
+        sp.step_done([1 + len(req.draft)], busy=True)
         if req.draft:
             sp.record(Scheduled(req, len(req.tokens) - 1, 1, req.draft), 4)
         req.tokens += [1, 1, 1, 1, 5] if req.draft else [5]
