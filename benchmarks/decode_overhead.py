@@ -32,7 +32,7 @@ from pathlib import Path
 
 import common
 import torch
-from decode_parts import step_seconds
+from decode_parts import Clock, step_seconds
 
 
 def steps(llm, new: int, runs: int) -> float:
@@ -94,29 +94,19 @@ def parts_seconds(llm, new: int, runs: int) -> dict[str, float]:
     from meshlm import SamplingParams
 
     runner = llm.executor.worker.runner
-    cache, head = runner.cache, runner.model.lm_head
-    took = {"stack": 0.0, "head": 0.0}
-
-    def timed(name: str, fn):
-        def call(*a):
-            t0 = time.perf_counter()
-            out = fn(*a)
-            took[name] += time.perf_counter() - t0
-            return out
-        return call
-
-    stack, forward = cache.stack, head.forward
-    cache.stack, head.forward = timed("stack", stack), timed("head", forward)
+    clock = Clock()
+    clock.watch(runner.cache, "stack", attr="stack")
+    clock.watch(runner.model.lm_head, "head")
     per_step = []
     try:
         for _ in range(runs):
-            took.update(stack=0.0, head=0.0)
+            clock.total.clear()
             out = llm.generate([[1]], SamplingParams(max_tokens=new + 1, ignore_eos=True))[0]
             steps = new + 1  # the prompt's pass runs both too (one row)
-            per_step.append({"step": out.decode_s / new, "stack": took["stack"] / steps,
-                             "head": took["head"] / steps})
+            per_step.append({"step": out.decode_s / new, "stack": clock.total["stack"] / steps,
+                             "head": clock.total["head"] / steps})
     finally:
-        cache.stack, head.forward = stack, forward
+        clock.restore()
     return {k: statistics.median(p[k] for p in per_step) for k in per_step[0]}
 
 

@@ -48,23 +48,31 @@ def step_seconds(llm, vocab: int, new: int, runs: int, rng: random.Random) -> fl
 
 
 class Clock:
-    """Wraps modules' forward methods to add their wall seconds to a named bucket (a decoder layer calls its
-    parts' .forward directly, so module hooks would not fire)."""
+    """Wraps callables (modules' forward methods by default) to add their wall seconds to a named bucket (a
+    decoder layer calls its parts' .forward directly, so module hooks would not fire)."""
 
     def __init__(self) -> None:
         self.total: dict[str, float] = defaultdict(float)
+        self.wrapped: list[tuple[object, str, object]] = []  # (owner, attribute, original)
 
-    def watch(self, module: torch.nn.Module, name: str) -> None:
-        """Time `module`'s forward into bucket `name`."""
-        forward = module.forward
+    def watch(self, owner: object, name: str, attr: str = "forward") -> None:
+        """Time calls of `owner.attr` (a module's forward unless told) into bucket `name`."""
+        fn = getattr(owner, attr)
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
-            out = forward(*args, **kwargs)
+            out = fn(*args, **kwargs)
             self.total[name] += time.perf_counter() - t0
             return out
 
-        module.forward = timed
+        self.wrapped.append((owner, attr, fn))
+        setattr(owner, attr, timed)
+
+    def restore(self) -> None:
+        """Put every wrapped callable back."""
+        for owner, attr, fn in reversed(self.wrapped):
+            setattr(owner, attr, fn)
+        self.wrapped.clear()
 
 
 def parts(llm, vocab: int, new: int, runs: int, rng: random.Random) -> dict[str, float]:

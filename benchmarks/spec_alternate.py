@@ -16,18 +16,9 @@ import argparse
 import itertools
 import statistics
 import sys
-import time
 
 import common
 import speculative as sb
-
-
-def prompts(llm, n: int, tag: str) -> list[list[int]]:
-    """n fresh prompts, grounded and chat in turn, each starting with `tag` (no prefix-cache hits)."""
-    grounded = [f"({tag}) {ex}\n\n{sb.EDIT if i % 2 == 0 else sb.SUMMARY}" for i, ex in enumerate(sb.excerpts(n))]
-    chat = [f"({tag}) {sb.CHAT[i % len(sb.CHAT)]}" for i in range(n)]
-    texts = [(grounded if i % 2 == 0 else chat)[i // 2] for i in range(n)]
-    return [llm.encode_prompt([{"role": "user", "content": t}]) for t in texts]
 
 
 def main() -> None:
@@ -50,18 +41,15 @@ def main() -> None:
     with sb.open_llm(job, True) as llm:
         eng = llm.engine
         proposer, cfg = eng.spec.proposer, eng.spec.cfg
-        llm.generate(prompts(llm, 2, "warm"), SamplingParams(max_tokens=8, ignore_eos=True))
+        llm.generate(sb.mixed_prompts(llm, 2, "warm"), SamplingParams(max_tokens=8, ignore_eos=True))
         for n in args.requests:
             tps: dict[str, list[float]] = {"none": [], "on": []}
             for _ in range(args.rounds):
                 for mode in tps:
-                    batch = prompts(llm, n, f"r{next(tags)}")
+                    batch = sb.mixed_prompts(llm, n, f"r{next(tags)}")
                     eng.spec = None if mode == "none" else Speculator(proposer, cfg)  # a new policy each run
                     with common.quiet_run(args.wait) as other:
-                        t0 = time.perf_counter()
-                        outs = llm.generate(batch, SamplingParams(max_tokens=args.new, ignore_eos=True))
-                        seconds = time.perf_counter() - t0
-                    tps[mode].append(sum(len(o.token_ids) for o in outs) / seconds)
+                        tps[mode].append(sb.throughput(llm, batch, args.new)["tps"])
                     print(f"  n={n} {mode:4s} {tps[mode][-1]:6.1f} tok/s (other load {other:.0%})", flush=True)
             on, none = statistics.median(tps["on"]), statistics.median(tps["none"])
             print(f"n={n}: policy on {on:.1f} tok/s, none {none:.1f} tok/s: {on / none:.2f}x")

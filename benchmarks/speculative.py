@@ -67,13 +67,20 @@ def excerpts(n: int, chars: int = 1200) -> list[str]:
     return out
 
 
-def task_prompts(llm, task: str, n: int) -> list[list[int]]:
-    """n distinct chat prompts (token ids) of a task."""
+def task_prompts(llm, task: str, n: int, tag: str = "") -> list[list[int]]:
+    """n distinct chat prompts (token ids) of a task, each starting with `(tag) ` when a tag is given (so a
+    run's prompts share no prefix with another run's)."""
     if task == "chat":
         texts = [CHAT[i] if i < len(CHAT) else f"Question {i}: {CHAT[i % len(CHAT)]}" for i in range(n)]
     else:
         texts = [f"{ex}\n\n{EDIT if i % 2 == 0 else SUMMARY}" for i, ex in enumerate(excerpts(n))]
-    return [llm.encode_prompt([{"role": "user", "content": t}]) for t in texts]
+    return [llm.encode_prompt([{"role": "user", "content": f"({tag}) {t}" if tag else t}]) for t in texts]
+
+
+def mixed_prompts(llm, n: int, tag: str = "") -> list[list[int]]:
+    """n distinct prompts, grounded and chat in turn (the throughput runs' load)."""
+    many = {t: task_prompts(llm, t, -(-n // 2), tag) for t in TASKS}
+    return [many[TASKS[i % 2]][i // 2] for i in range(n)]
 
 
 def draft_checkpoint(target: Path, layers: int) -> Path:
@@ -224,8 +231,7 @@ def measure(job: dict) -> dict:
                                              lambda t=t: batch1(llm, prompts[t], job["new"], clock))
                 common.log(f"  {job['name']} {t}: {out['batch1'][t]['tps']:.1f} tok/s")
         for n in job["concurrency"]:
-            many = {t: task_prompts(llm, t, -(-n // 2)) for t in TASKS}
-            mixed = [many[TASKS[i % 2]][i // 2] for i in range(n)]  # grounded and chat in turn, all distinct
+            mixed = mixed_prompts(llm, n)
             out["throughput"][n] = median_of(job["runs"], job["wait"],
                                              lambda m=mixed: throughput(llm, m, job["tp_new"]))
             common.log(f"  {job['name']} n={n}: {out['throughput'][n]['tps']:.1f} tok/s")

@@ -160,6 +160,58 @@ class Oracle:
         self.released.append(request_id)
 
 
+class FakeClock:
+    """A perf_counter the test advances: injected timings."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class CatchUpProposer:
+    """Proposes token 1 k times; each call costs `per_token` seconds a proposed token plus `per_fed` a token it
+    catches up on (a draft's first pass over a prompt), on the injected clock."""
+
+    name = "draft"
+
+    def __init__(self, clock: FakeClock, per_token: float, per_fed: float) -> None:
+        self.clock, self.per_token, self.per_fed = clock, per_token, per_fed
+        self.seen: dict[str, int] = {}
+
+    def backlog(self, req) -> int:
+        """The tokens of req not yet taken in."""
+        return len(req.tokens) - self.seen.get(req.id, 0)
+
+    def propose(self, reqs, ks):
+        """Take in each request's backlog, then propose token 1 k times (advancing the clock)."""
+        from meshlm.engine.speculative import Proposal
+
+        out = []
+        for r, k in zip(reqs, ks):
+            fed = self.backlog(r)
+            self.seen[r.id] = len(r.tokens)
+            self.clock.now += self.per_token * k + self.per_fed * fed
+            out.append(Proposal((1,) * k, None, fed))
+        return out
+
+    def release(self, request_id):
+        """Forget the request."""
+        self.seen.pop(request_id, None)
+
+
+def decoding_request(rid: str, prompt_len: int, params, max_new: int):
+    """A running request that is decoding: every token but the last computed, nothing in flight."""
+    from meshlm.engine.request import Request, Status
+
+    req = Request(rid, list(range(3, 3 + prompt_len)), params, max_new=max_new)
+    req.tokens.append(7)
+    req.num_computed = req.num_scheduled = len(req.tokens) - 1
+    req.status = Status.RUNNING
+    return req
+
+
 if __name__ == "__main__":
     make_checkpoint(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else None)
 

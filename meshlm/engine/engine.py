@@ -49,6 +49,11 @@ def host_kv_budget_bytes(fraction: float, ranks_here: int) -> int:
     return int(fraction * available_memory_bytes() / max(1, ranks_here))
 
 
+def _all_decode(plan: SchedulerOutput) -> bool:
+    """True when every grant of the step is one known token that samples: no prompt (chunk) in it."""
+    return all(it.num_new == 1 and it.samples for it in plan.items)
+
+
 class LLMEngine:
     """Continuous batching over every rank of an Executor."""
 
@@ -251,7 +256,7 @@ class LLMEngine:
         now = time.perf_counter()
         row = 0
         self.steps_done += 1
-        decode = all(it.num_new == 1 and it.samples for it in plan.items)  # no prompt (chunk) in this step
+        decode = _all_decode(plan)
         self.last_decode_tokens = len(step.token_ids) if decode else None
         for item in plan.items:
             req = item.req
@@ -280,7 +285,7 @@ class LLMEngine:
         if self.ledger is not None:
             self.ledger.collected(plan)
         if self.spec is not None:  # the cost fit's sample: this step and those in flight, if all decode
-            decode = decode and all(it.num_new == 1 and it.samples for p, _ in self.inflight for it in p.items)
+            decode = decode and all(_all_decode(p) for p, _ in self.inflight)
             self.spec.step_done([len(s.token_ids) for _, s in [(plan, step), *self.inflight]] if decode else None,
                                 busy=bool(self.inflight) or self.scheduler.has_work())
         return changed

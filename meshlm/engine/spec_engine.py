@@ -60,7 +60,7 @@ class Speculator:
         seconds = time.perf_counter() - t0
         self.propose_seconds += seconds
         self.pending += seconds
-        fed = sum(p.fed for p in proposals if p.fed > self.cfg.num_tokens + 1)  # prompts' first passes
+        fed = sum(p.fed for p in proposals if self.policy.is_catch_up(p.fed))  # prompts' first passes
         if fed:  # not per-token cost: the proposals' own share (as fitted) aside, the catch-up's
             self.catch_up_seconds += seconds
             c, d = self.policy.proposer_cost()

@@ -195,6 +195,11 @@ class SpecPolicy:
         """Fitted (c, d) of proposer call seconds = c + d * proposed tokens."""
         return self.proposer.fit()
 
+    def is_catch_up(self, tokens: int) -> bool:
+        """True when taking in `tokens` tokens of a request is a catch-up (a draft's prompt pass, or its return
+        after a pause), not the steady feed of a proposing request (its last step's tokens): more than k_max + 1."""
+        return tokens > self.k_max + 1
+
     def catch_up_cost(self) -> float:
         """Seconds per token a proposer takes to catch up (a draft's prompt pass): the proposal's per-token cost
         until a catch-up is measured (a sequential draft step per token: an upper bound)."""
@@ -233,7 +238,7 @@ class SpecPolicy:
         ks = [cap if fx else 0 for cap, fx in zip(caps, fixed)]
         free = [i for i, (cap, fx) in enumerate(zip(caps, fixed)) if cap > 0 and not fx]
         base = len(request_ids) + other_tokens + sum(ks)  # the step's tokens without (free) proposals
-        behind = [n if n > self.k_max + 1 else 0 for n in backlog] or [0] * len(caps)  # a steady catch-up: in d
+        behind = [n if self.is_catch_up(n) else 0 for n in backlog] or [0] * len(caps)  # a steady feed: in d
         if not self.step.spread() or not self.proposer.measured:  # the cost of a row or a proposal is unknown
             differs = not self.step.spread() and abs(self.step.mean() - base) >= 0.5  # k = 0 gives a new size
             if free and self.step.measured and not differs:  # one request proposes: a new size, a proposer call

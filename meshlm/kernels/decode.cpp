@@ -201,8 +201,8 @@ class DecodeStack : public torch::CustomClassHolder {
     const bool shared = nt > 1 && M >= kSharedRows;
     // Attention tasks: a row's KV heads in as few ranges as keep every thread busy (a range reads each
     // position's rows of all its heads together, contiguous in the pool; a head's sums do not depend on it).
-    const int64_t hper = (Hkv + std::min(Hkv, (nt + M - 1) / M) - 1) / std::min(Hkv, (nt + M - 1) / M);
-    const int64_t hchunks = (Hkv + hper - 1) / hper;  // ranges of hper heads (the last may be shorter)
+    const int64_t want = std::min(Hkv, (nt + M - 1) / M);  // ranges per row
+    const int64_t hper = (Hkv + want - 1) / want, hchunks = (Hkv + hper - 1) / hper;  // the last may be shorter
     Rows<T> common;
     if (shared) common.reserve(x, M, H, QD, I);
 #pragma omp parallel num_threads(nt)

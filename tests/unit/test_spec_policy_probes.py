@@ -5,12 +5,12 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from helpers import CatchUpProposer, FakeClock, decoding_request
 
 from meshlm.config import SamplingParams
-from meshlm.engine.request import Request, Status
 from meshlm.engine.spec_engine import Speculator
 from meshlm.engine.spec_policy import PROBE_EVERY, PROBE_MAX, SpecPolicy
-from meshlm.engine.speculative import Proposal, SpeculativeConfig
+from meshlm.engine.speculative import SpeculativeConfig
 
 
 def fitted(a: float, b: float, d: float = 0.0, k_max: int = 4) -> SpecPolicy:
@@ -94,47 +94,9 @@ def test_catch_up_cost_before_one_is_measured_is_the_proposers_per_token_cost():
     assert pol.catch_up_cost() == pytest.approx(0.0001)
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class _Draft:
-    """Takes in every token of a request it lacks at `per_fed` seconds each, then proposes token 1 k times at
-    `per_token` seconds each, on the injected clock."""
-
-    name = "draft"
-
-    def __init__(self, clock: _Clock, per_token: float, per_fed: float) -> None:
-        self.clock, self.per_token, self.per_fed = clock, per_token, per_fed
-        self.seen: dict[str, int] = {}
-
-    def backlog(self, req) -> int:
-        return len(req.tokens) - self.seen.get(req.id, 0)
-
-    def propose(self, reqs, ks):
-        out = []
-        for r, k in zip(reqs, ks):
-            fed = self.backlog(r)
-            self.seen[r.id] = len(r.tokens)
-            self.clock.now += self.per_token * k + self.per_fed * fed
-            out.append(Proposal((1,) * k, None, fed))
-        return out
-
-    def release(self, request_id):
-        self.seen.pop(request_id, None)
-
-
-def decoding(rid: str, prompt_len: int) -> Request:
+def decoding(rid: str, prompt_len: int):
     """A running greedy request that is decoding."""
-    req = Request(rid, list(range(3, 3 + prompt_len)), SamplingParams(), max_new=32)
-    req.tokens.append(7)
-    req.num_computed = req.num_scheduled = len(req.tokens) - 1
-    req.status = Status.RUNNING
-    return req
+    return decoding_request(rid, prompt_len, SamplingParams(), max_new=32)
 
 
 def test_speculator_measures_the_catch_up_apart(monkeypatch):
@@ -142,9 +104,9 @@ def test_speculator_measures_the_catch_up_apart(monkeypatch):
     per-token proposer cost."""
     import meshlm.engine.spec_engine as spec_engine
 
-    clock = _Clock()
+    clock = FakeClock()
     monkeypatch.setattr(spec_engine.time, "perf_counter", clock)
-    sp = Speculator(_Draft(clock, per_token=0.0, per_fed=0.002), SpeculativeConfig("draft:x", 4))
+    sp = Speculator(CatchUpProposer(clock, per_token=0.0, per_fed=0.002), SpeculativeConfig("draft:x", 4))
     req = decoding("r", prompt_len=99)
     sp.policy.observe_step(1, 0.01)
     sp.policy.observe_step(5, 0.01)
@@ -160,9 +122,9 @@ def test_pipelined_step_samples_take_the_mean_size_in_flight_and_skip_prefills(m
     ones still in flight; an interval with a prompt chunk in flight (tokens None) is no sample."""
     import meshlm.engine.spec_engine as spec_engine
 
-    clock = _Clock()
+    clock = FakeClock()
     monkeypatch.setattr(spec_engine.time, "perf_counter", clock)
-    sp = Speculator(_Draft(clock, 0.0, 0.0), SpeculativeConfig("ngram", 4))
+    sp = Speculator(CatchUpProposer(clock, 0.0, 0.0), SpeculativeConfig("ngram", 4))
     sp.step_done(None, busy=True)  # a prefill: starts the clock, no sample
     clock.now += 0.5
     sp.step_done(None, busy=True)  # a decode step with a prompt chunk in flight behind it: no sample

@@ -7,16 +7,17 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import CatchUpProposer, FakeClock, decoding_request
 
 from meshlm.config import SamplingParams
 from meshlm.engine import sampler
 from meshlm.engine.kv_cache import BlockManager
-from meshlm.engine.request import Request, Status
+from meshlm.engine.request import Request
 from meshlm.engine.sampler import ACCEPT, DRAFT, RESIDUAL, SAMPLE, mix_seed, position_generator, sample, uniform
 from meshlm.engine.scheduler import Scheduled, Scheduler, SchedulerConfig
 from meshlm.engine.spec_engine import Speculator
 from meshlm.engine.spec_policy import MARGIN, PROBE_EVERY, SpecCounters, SpecPolicy
-from meshlm.engine.speculative import NgramProposer, Proposal, SpeculativeConfig
+from meshlm.engine.speculative import NgramProposer, SpeculativeConfig
 from meshlm.engine.verify import accept_or_resample, verify, verify_greedy, verify_sampled
 from meshlm.errors import ConfigError
 
@@ -401,52 +402,12 @@ def test_cli_flags_build_the_config():
                                               "--num-speculative-tokens", "0"]))
 
 
-class _Clock:
-    """A perf_counter the test advances: injected timings."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class _SlowProposer:
-    """Proposes token 1 k times; each call costs `per_token` seconds a proposed token plus `per_fed` a token it
-    catches up on (its first pass over a prompt), on the injected clock."""
-
-    name = "slow"
-
-    def __init__(self, clock: _Clock, per_token: float, per_fed: float) -> None:
-        self.clock, self.per_token, self.per_fed = clock, per_token, per_fed
-        self.seen: dict[str, int] = {}
-
-    def propose(self, reqs, ks):
-        out = []
-        for r, k in zip(reqs, ks):
-            fed = len(r.tokens) - self.seen.get(r.id, 0)
-            self.seen[r.id] = len(r.tokens)
-            self.clock.now += self.per_token * k + self.per_fed * fed
-            out.append(Proposal((1,) * k, None, fed))
-        return out
-
-    def backlog(self, req):
-        return len(req.tokens) - self.seen.get(req.id, 0)
-
-    def release(self, request_id):
-        self.seen.pop(request_id, None)
-
-
 HOT = SamplingParams(temperature=0.8)
 
 
 def decoding(rid: str, prompt_len: int, params: SamplingParams = HOT) -> Request:
     """A running request that is decoding: every token but the last computed, nothing in flight."""
-    req = Request(rid, list(range(3, 3 + prompt_len)), params, max_new=1000)
-    req.tokens.append(7)
-    req.num_computed = req.num_scheduled = len(req.tokens) - 1
-    req.status = Status.RUNNING
-    return req
+    return decoding_request(rid, prompt_len, params, max_new=1000)
 
 
 def test_speculator_times_the_proposer_apart_and_leaves_catch_up_out(monkeypatch):
@@ -454,9 +415,9 @@ def test_speculator_times_the_proposer_apart_and_leaves_catch_up_out(monkeypatch
     long prompt is not charged as per-token cost: speculation stays on after it."""
     import meshlm.engine.spec_engine as spec_engine
 
-    clock = _Clock()
+    clock = FakeClock()
     monkeypatch.setattr(spec_engine.time, "perf_counter", clock)
-    sp = Speculator(_SlowProposer(clock, per_token=0.0005, per_fed=0.001), SpeculativeConfig("ngram", 4))
+    sp = Speculator(CatchUpProposer(clock, per_token=0.0005, per_fed=0.001), SpeculativeConfig("ngram", 4))
     req = decoding("r", prompt_len=500)  # catching up on 501 tokens costs 0.5 s: 50 target steps
     sched = SimpleNamespace(running=[req], waiting=[])
     for step in range(30):
@@ -477,7 +438,7 @@ def test_speculator_times_the_proposer_apart_and_leaves_catch_up_out(monkeypatch
 
 def test_seeded_sampled_requests_propose_the_configured_k():
     """A seeded sampled request gets the configured k where the policy gives an unseeded one none."""
-    sp = Speculator(_SlowProposer(_Clock(), 0.0, 0.0), SpeculativeConfig("ngram", 3))
+    sp = Speculator(CatchUpProposer(FakeClock(), 0.0, 0.0), SpeculativeConfig("ngram", 3))
     for t in (1, 5, 1, 5, 9, 1):
         sp.policy.observe_step(t, 0.001 * t)  # tokens cost: speculation loses throughput
     sp.policy.observe_propose(3, 0.0)
