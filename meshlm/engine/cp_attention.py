@@ -7,7 +7,11 @@ verification), is replicated, every rank computing all of it. K/V are stored rou
 (p on rank p % N, kv_slot), whichever rank computed them. Per layer:
 
   replicated rows  the owner writes the new token; every rank attends to its shard; partials all-gathered
-                   and merged by LSE.
+                   and merged by LSE. On the CPU the shard is read in place by the paged decode kernel:
+                   position p sits at local index p // N of the sequence's own block table (kv_slot), so
+                   a row at position q attends local indices [first, len) of that table, those of the
+                   visible positions p = i * N + r (an empty range gives lse -inf). Elsewhere the shard's
+                   slots are gathered and attended under a visibility plan.
   sharded rows     pass-KV: each rank's block (its cached shard and its new K/V) travels the ring, every
                    rank storing the tokens it owns as blocks pass; or pass-Q: new K/V go to their owners
                    (all-to-all), queries travel the ring, partial outputs come home (all-to-all) and merge.
@@ -24,6 +28,7 @@ from collections import Counter
 
 import torch
 
+from meshlm.engine import paged_decode
 from meshlm.engine.paged_attention import PagedKVCache, StepInput
 from meshlm.kernels import apply_rope
 from meshlm.parallel.comm import Comm
@@ -32,11 +37,12 @@ from meshlm.parallel.context import (
     choose_ring,
     kv_slot,
     owned_slots,
+    partial_attention,
     plan_attention,
     shard_offsets,
     visible_mask,
 )
-from meshlm.parallel.ring import all_to_all_v, merge_replicated, ring_pass_kv, ring_pass_q
+from meshlm.parallel.ring import all_to_all_v, merge_ranks, ring_pass_kv, ring_pass_q
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,7 @@ class ContextParallelKVCache(PagedKVCache):
         self.head_dim, self.elem = head_dim, self.k.element_size()
         self.announce = announce  # log each choice (one rank of the group)
         self.choices: Counter[str] = Counter()  # ring choices of the prefills so far
+        self.partial = paged_decode.kernel_lse() if self.kernel is not None else None  # the in-place shard walk
 
     def rows(self, step: StepInput) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """This rank's token ids and the local rows to sample (rank 0 holds them all; the others none)."""
@@ -70,6 +77,7 @@ class ContextParallelKVCache(PagedKVCache):
         tokens, pos, local_of = [], [], {}
         rep = {"rows": [], "pos": [], "seq": [], "wrows": [], "wslots": []}
         rep_keys: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (slots, positions, seq) per sequence
+        rep_tables, rep_first, rep_len = [], [], []  # per replicated row: its local range of its block table
         new_pos, new_seq = [[] for _ in range(n)], [[] for _ in range(n)]  # rank j's sharded tokens, its order
         cached: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(n)]  # rank j's cached (pos, seq)
         cached_slots, shard, sh_rows = [], [], []
@@ -89,8 +97,15 @@ class ContextParallelKVCache(PagedKVCache):
                     if (s.start + i) % n == r:
                         rep["wrows"].append(rep["rows"][-1])
                         rep["wslots"].append(kv_slot(s.start + i, s.block_table, bs, n))
-                p, slots = self._owned(s.block_table, ctx, r)
-                rep_keys.append((slots, p, torch.full_like(p, si)))
+                    # local indices i' of visible positions i' * n + r in [lo, q]: from ceil((lo - r) / n), >= 0
+                    # as r < n, to the count of those <= q
+                    q_pos, lo = s.start + i, self._first_visible(s.start + i + 1)
+                    rep_tables.append(s.block_table)
+                    rep_first.append(-((r - lo) // n))
+                    rep_len.append((q_pos - r + n) // n)
+                if self.partial is None:
+                    p, slots = self._owned(s.block_table, ctx, r)
+                    rep_keys.append((slots, p, torch.full_like(p, si)))
                 continue
             new_total += s.n
             cached_total += s.start
@@ -117,7 +132,12 @@ class ContextParallelKVCache(PagedKVCache):
         else:
             self.sample_rows = ()
         self.rep = None
-        if rep["rows"]:
+        if rep["rows"] and self.partial is not None:  # the kernel reads [first, len) of each row's table
+            width = max(len(t) for t in rep_tables)
+            rep["tables"] = [t + (0,) * (width - len(t)) for t in rep_tables]  # padding never read
+            rep["first"], rep["len"] = rep_first, rep_len
+            self.rep = {k: _long(v, dev) for k, v in rep.items()}
+        elif rep["rows"]:
             self.rep = {k: _long(v, dev) for k, v in rep.items()}
             kslots, kpos, kseq = (torch.cat(x).to(dev) for x in zip(*rep_keys))
             self.rep["kslots"] = kslots
@@ -200,7 +220,12 @@ class ContextParallelKVCache(PagedKVCache):
                 o, _ = ring_pass_q(self.comm, qs, self.q_rows, kk, vv, self.plans.__getitem__, self.scale)
             out.index_copy_(0, self.sh_rows, o.to(out.dtype))
         if rep is not None:
-            kk, vv = kp.index_select(0, rep["kslots"]), vp.index_select(0, rep["kslots"])
-            o = merge_replicated(self.comm, q0.index_select(0, rep["rows"]), kk, vv, self.rep_plan, self.scale)
-            out.index_copy_(0, rep["rows"], o.to(out.dtype))
+            qr = q0.index_select(0, rep["rows"])  # [R, Hq, D]
+            if self.partial is not None:  # this rank's shard read in place: o [R, Hq, D], lse [R, Hq] fp32
+                o, lse = self.partial(qr, kp, vp, rep["tables"], rep["first"], rep["len"], self.block_size,
+                                      self.scale)
+            else:
+                kk, vv = kp.index_select(0, rep["kslots"]), vp.index_select(0, rep["kslots"])
+                o, lse = partial_attention(qr, kk, vv, self.rep_plan, self.scale)
+            out.index_copy_(0, rep["rows"], merge_ranks(self.comm, o, lse).to(out.dtype))
         return out.view(1, t, -1)

@@ -1,9 +1,12 @@
-// Paged decode attention on the CPU: the op over a batch of decodes (the arithmetic is in
-// meshlm/kernels/attend.h, shared with the whole-stack decode op of meshlm/kernels/decode.cpp).
+// Paged decode attention on the CPU: the ops over a batch of decodes, whole (paged_decode) or a partial with
+// its log-sum-exp (paged_decode_lse, a context-parallel rank's shard). The arithmetic is in
+// meshlm/kernels/attend.h, shared with the whole-stack decode op of meshlm/kernels/decode.cpp.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <tuple>
 
 #include "../kernels/attend.h"
 
@@ -12,10 +15,11 @@ namespace {
 using namespace meshlm_attend;
 
 // q [B, Hq, D]; k_pool, v_pool [slots, Hkv, D] (contiguous); tables [B, max_blocks] int64;
-// starts, lens [B] int64 (attend to tokens [starts[b], lens[b])) -> [B, Hq, D] in q's dtype.
-at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+// starts, lens [B] int64 (attend to tokens [starts[b], lens[b]) of table b; an empty range gives out 0)
+// -> out [B, Hq, D] fp32, and, when lse is defined ([B, Hq] fp32), each query head's log-sum-exp.
+at::Tensor attend_batch(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
                         const at::Tensor& tables, const at::Tensor& starts, const at::Tensor& lens,
-                        int64_t block_size, double scale) {
+                        int64_t block_size, double scale, float* lse) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes(), "bad shapes");
   TORCH_CHECK(k_pool.is_contiguous() && v_pool.is_contiguous() && k_pool.scalar_type() == v_pool.scalar_type());
   TORCH_CHECK(tables.scalar_type() == at::kLong && starts.scalar_type() == at::kLong &&
@@ -36,7 +40,7 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
       for (int64_t task = lo; task < hi; ++task) {
         const int64_t b = task / split, h0 = split == 1 ? 0 : task % split, h1 = split == 1 ? Hkv : h0 + 1;
         attend_any(qp + b * Hq * D, kbase, vbase, tp + b * max_blocks, sp[b], lp[b], block_size, Hkv, h0, h1, G,
-               D, static_cast<float>(scale), op + b * Hq * D);
+                   D, static_cast<float>(scale), op + b * Hq * D, lse ? lse + b * Hq : nullptr);
       }
     });
   };
@@ -47,7 +51,26 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
   } else {
     TORCH_CHECK(false, "paged_decode takes float32 or bfloat16 pools");
   }
+  return out;
+}
+
+// The decode op: attend_batch's output in q's dtype.
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                        const at::Tensor& tables, const at::Tensor& starts, const at::Tensor& lens,
+                        int64_t block_size, double scale) {
+  const at::Tensor out = attend_batch(q, k_pool, v_pool, tables, starts, lens, block_size, scale, nullptr);
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
+// The partial op (a context-parallel rank's shard): out [B, Hq, D] fp32 and lse [B, Hq] fp32, for an exact
+// log-sum-exp merge with the other ranks' partials.
+std::tuple<at::Tensor, at::Tensor> paged_decode_lse(const at::Tensor& q, const at::Tensor& k_pool,
+                                                    const at::Tensor& v_pool, const at::Tensor& tables,
+                                                    const at::Tensor& starts, const at::Tensor& lens,
+                                                    int64_t block_size, double scale) {
+  at::Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  at::Tensor out = attend_batch(q, k_pool, v_pool, tables, starts, lens, block_size, scale, lse.data_ptr<float>());
+  return {out, lse};
 }
 
 }  // namespace
@@ -55,5 +78,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at:
 TORCH_LIBRARY(meshlm_paged, m) {
   m.def("paged_decode(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor starts, Tensor lens, "
         "int block_size, float scale) -> Tensor");
+  m.def("paged_decode_lse(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor starts, Tensor lens, "
+        "int block_size, float scale) -> (Tensor, Tensor)");
   m.impl("paged_decode", c10::DispatchKey::CPU, TORCH_FN(paged_decode));
+  m.impl("paged_decode_lse", c10::DispatchKey::CPU, TORCH_FN(paged_decode_lse));
 }

@@ -1,8 +1,9 @@
 """Paged decode attention: a C++ extension built from source at first use (paged_decode.cpp), else None.
 
 The decode half of a step reads every running sequence's cached K/V once, in place in the block pool;
-the PyTorch fallback (paged_attention.py) gathers them into a padded batch first. $MESHLM_KERNELS=0 turns
-the extension off.
+the PyTorch fallback (paged_attention.py) gathers them into a padded batch first. kernel_lse() is the same
+walk returning each query head's log-sum-exp beside the fp32 output: a context-parallel rank's partial over
+its shard (engine/cp_attention.py). $MESHLM_KERNELS=0 turns the extension off.
 """
 
 from __future__ import annotations
@@ -44,3 +45,8 @@ def kernel():
                 log.warning("meshlm: paged decode kernel unavailable (%s); using the PyTorch path",
                             msg.splitlines()[-1] if msg else type(e).__name__)
     return _op
+
+
+def kernel_lse():
+    """The partial op (out [B, Hq, D] fp32, lse [B, Hq] fp32) of the same extension; None where kernel() is."""
+    return None if kernel() is None else torch.ops.meshlm_paged.paged_decode_lse

@@ -71,12 +71,25 @@ inline void prefetch_rows(const void* p, int64_t rows, int64_t stride_bytes, int
 #endif
 }
 
+// Divides query heads [q0, q0 + nq)'s sums by their softmax totals l and, when lse is given, writes
+// lse[h] = m + log(l) (the log-sum-exp of the head's scaled scores). An empty range (l = 0) leaves out 0 and
+// gives lse -inf, so partials over disjoint keys merge exactly.
+inline void finish(const float* m, const float* l, int64_t q0, int64_t nq, int64_t D, float* out, float* lse) {
+  for (int64_t i = 0; i < nq; ++i) {
+    if (l[i] > 0.f)
+      for (int64_t j = 0; j < D; ++j) out[(q0 + i) * D + j] /= l[i];
+    if (lse) lse[q0 + i] = l[i] > 0.f ? m[i] + std::log(l[i]) : -std::numeric_limits<float>::infinity();
+  }
+}
+
 // One sequence, KV heads [h0, h1): q [Hq, D] fp32 -> out [Hq, D] fp32 over tokens [first, ctx). Block by
 // block, every head of the range reads the block's rows (contiguous in the pool) while they sit in L1;
 // the next block's rows are prefetched first. Each head's arithmetic is the same whatever h0 and h1 are.
+// lse, when given: [Hq] fp32, the log-sum-exp of each query head's scaled scores (see finish).
 template <typename T>
 void attend(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t first, int64_t ctx,
-            int64_t bs, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, float* out) {
+            int64_t bs, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, float* out,
+            float* lse = nullptr) {
   const int64_t stride = Hkv * D, q0 = h0 * G, nq = (h1 - h0) * G;
   std::vector<float> s(G * bs), m(nq, -std::numeric_limits<float>::infinity()), l(nq, 0.f);
   for (int64_t i = 0; i < nq * D; ++i) out[q0 * D + i] = 0.f;
@@ -119,8 +132,7 @@ void attend(const float* q, const T* kp, const T* vp, const int64_t* table, int6
     }
     t0 += n;
   }
-  for (int64_t i = 0; i < nq; ++i)
-    for (int64_t j = 0; j < D; ++j) out[(q0 + i) * D + j] /= l[i];
+  finish(m.data(), l.data(), q0, nq, D, out, lse);
 }
 
 #ifdef __AVX512F__
@@ -175,7 +187,8 @@ inline __m512 transpose_sum(const __m512* v) {
 
 template <int ND, typename T>
 void attend16(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t first, int64_t ctx,
-              int64_t bs, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, float scale, float* out) {
+              int64_t bs, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, float scale, float* out,
+              float* lse = nullptr) {
   constexpr int64_t D = 16 * ND;
   const int64_t stride = Hkv * D, nq = (h1 - h0) * G, q0 = h0 * G;
   std::vector<float> m(nq, -std::numeric_limits<float>::infinity()), l(nq, 0.f);
@@ -227,24 +240,24 @@ void attend16(const float* q, const T* kp, const T* vp, const int64_t* table, in
     }
     t0 += n;
   }
-  for (int64_t i = 0; i < nq; ++i)
-    for (int64_t j = 0; j < D; ++j) out[(q0 + i) * D + j] /= l[i];
+  finish(m.data(), l.data(), q0, nq, D, out, lse);
 }
 #endif
 
 // The vector path for head_dim 16 * ND where it is built, else the portable one above.
 template <typename T>
 void attend_any(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t first, int64_t ctx,
-                int64_t bs, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, float* out) {
+                int64_t bs, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, int64_t D, float scale, float* out,
+                float* lse = nullptr) {
 #ifdef __AVX512F__
   switch (D) {
-    case 32: return attend16<2>(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, scale, out);
-    case 64: return attend16<4>(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, scale, out);
-    case 128: return attend16<8>(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, scale, out);
+    case 32: return attend16<2>(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, scale, out, lse);
+    case 64: return attend16<4>(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, scale, out, lse);
+    case 128: return attend16<8>(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, scale, out, lse);
     default: break;
   }
 #endif
-  attend(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, D, scale, out);
+  attend(q, kp, vp, table, first, ctx, bs, Hkv, h0, h1, G, D, scale, out, lse);
 }
 
 }  // namespace meshlm_attend

@@ -1,4 +1,4 @@
-"""Ring attention over the context-parallel group: pass-KV, pass-Q, and the merge of replicated queries.
+"""Ring attention over the context-parallel group: pass-KV, pass-Q, and the merge of replicated queries' partials.
 
 Every rank knows every block's size, positions and sequence ids from the step plan (parallel/context.py), so
 only K/V, Q and partial outputs travel. Each ring step posts the next block's transfer (Comm.exchange) and
@@ -90,15 +90,14 @@ def ring_pass_q(comm: Comm, q: torch.Tensor, q_rows: list[int], k: torch.Tensor,
     return merge_partials(both[..., :d], both[..., d])
 
 
-def merge_replicated(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttnPlan,
-                     scale: float) -> torch.Tensor:
-    """Queries every rank holds (decodes) attend to each rank's shard; partials all-gathered and merged -> fp32."""
-    o, lse = partial_attention(q, k, v, plan, scale)
+def merge_ranks(comm: Comm, o: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Queries every rank holds (decodes): this rank's partial (o [T, Hq, D], lse [T, Hq] fp32, over its shard)
+    all-gathered and merged by LSE -> out [T, Hq, D] fp32."""
     if comm.size == 1:
         return o
     mine = torch.cat([o, lse.unsqueeze(-1)], dim=-1).unsqueeze(0)  # [1, T, Hq, D + 1]
     every = comm.all_gather(mine, dim=0)  # [N, T, Hq, D + 1]
-    d = q.shape[-1]
+    d = o.shape[-1]
     return merge_partials(every[..., :d], every[..., d])[0]
 
 
