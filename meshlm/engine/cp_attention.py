@@ -132,13 +132,12 @@ class ContextParallelKVCache(PagedKVCache):
         else:
             self.sample_rows = ()
         self.rep = None
-        if rep["rows"] and self.partial is not None:  # the kernel reads [first, len) of each row's table
-            width = max(len(t) for t in rep_tables)
-            rep["tables"] = [t + (0,) * (width - len(t)) for t in rep_tables]  # padding never read
-            rep["first"], rep["len"] = rep_first, rep_len
+        if rep["rows"]:
+            if self.partial is not None:  # the kernel reads [first, len) of each row's table: padding never read
+                width = max(len(t) for t in rep_tables)
+                rep.update(tables=[t + (0,) * (width - len(t)) for t in rep_tables], first=rep_first, len=rep_len)
             self.rep = {k: _long(v, dev) for k, v in rep.items()}
-        elif rep["rows"]:
-            self.rep = {k: _long(v, dev) for k, v in rep.items()}
+        if rep["rows"] and self.partial is None:  # gathered: this rank's slots of the rows' sequences, a plan
             kslots, kpos, kseq = (torch.cat(x).to(dev) for x in zip(*rep_keys))
             self.rep["kslots"] = kslots
             self.rep_plan = plan_attention(visible_mask(self.rep["pos"], self.rep["seq"], kpos, kseq.to(dev),
