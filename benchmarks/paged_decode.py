@@ -46,7 +46,7 @@ def batch(hq: int, hkv: int, d: int, b: int, ctx: int, dtype: torch.dtype, seed:
 def fallback(tables, lens, scale) -> PagedKVCache:
     """PagedKVCache planned for the PyTorch path (gather each context's slots, SDPA over the padded batch)."""
     cache = PagedKVCache.__new__(PagedKVCache)
-    cache.block_size, cache.kernel, cache.scale, cache.window = BS, None, scale, None
+    cache.block_size, cache.kernel, cache.scale, cache.window, cache.device = BS, None, scale, None, torch.device("cpu")
     cache._plan_decode([tuple(t.tolist()) for t in tables], [0] * len(lens), lens.tolist())
     return cache
 
