@@ -15,7 +15,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
+
+#include <cstring>
 
 #include "quant.h"
 
@@ -81,9 +84,73 @@ std::vector<at::Tensor> quant_linear_many(const at::Tensor& x_in, at::TensorList
   return outs;
 }
 
+// Rows ids [T] of a packed weight w (format fmt, qformat.py's layouts above) dequantized to fp32 [T, K]: an
+// embedding lookup. Each value is what qformat.dequantize_rows computes (d * q; Q4_1 d * q + m: a multiply,
+// then an add), so the bits are the same.
+at::Tensor packed_rows(const at::Tensor& w, int64_t fmt, const at::Tensor& ids_in) {
+  TORCH_CHECK(w.is_contiguous() && fmt >= kQ4_0 && fmt <= kBF16, "packed_rows: a packed weight and its format");
+  const at::Tensor ids = ids_in.to(at::kLong).contiguous();
+  const int64_t T = ids.numel(), G = w.size(0);
+  const bool quant = fmt < kF32;
+  const int64_t SB = fmt == kQ4_1 ? 64 : 32, BB = quant ? SB + (fmt == kQ8_0 ? 512 : 256) : 0;
+  const int64_t nb = quant ? w.size(1) : 0, K = quant ? nb * kBlock : fmt == kF32 ? w.size(1) : 2 * w.size(1);
+  if (quant) TORCH_CHECK(w.dim() == 3 && w.size(2) == BB, "packed_rows: not a packed quantized weight");
+  at::Tensor out = at::empty({T, K}, w.options().dtype(at::kFloat));
+  const int64_t* id = ids.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(id[t] >= 0 && id[t] < G * kGroup, "packed_rows: row ", id[t], " outside the weight");
+    const int64_t g = id[t] / kGroup, r = id[t] % kGroup;
+    float* row = o + t * K;
+    if (fmt == kF32) {
+      const float* gw = w.data_ptr<float>() + g * K * kGroup;
+      for (int64_t k = 0; k < K; ++k) row[k] = gw[k * kGroup + r];
+    } else if (fmt == kBF16) {
+      const c10::BFloat16* gw = w.data_ptr<c10::BFloat16>() + g * K * kGroup;
+      for (int64_t k = 0; k < K; k += 2) {
+        row[k] = static_cast<float>(gw[(k / 2 * kGroup + r) * 2]);
+        row[k + 1] = static_cast<float>(gw[(k / 2 * kGroup + r) * 2 + 1]);
+      }
+    } else {
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = w.data_ptr<uint8_t>() + (g * nb + b) * BB;
+        uint16_t h;
+        std::memcpy(&h, blk + 2 * r, 2);
+        const float d = static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+        float mn = 0.f;
+        if (fmt == kQ4_1) {
+          std::memcpy(&h, blk + 32 + 2 * r, 2);
+          mn = static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+        }
+        const uint8_t* q = blk + SB;  // row r's 4-byte chunk c at 64 * c + 4 * r
+        float* dst = row + b * kBlock;
+        if (fmt == kQ8_0) {
+          for (int64_t e = 0; e < kBlock; ++e)
+            dst[e] = d * static_cast<float>(static_cast<int8_t>(q[64 * (e / 4) + 4 * r + e % 4] ^ 0x80));
+        } else {
+          for (int64_t e = 0; e < 16; ++e) {
+            const uint8_t byte = q[64 * (e / 4) + 4 * r + e % 4];
+            const float lo = static_cast<float>(byte & 0x0F), hi = static_cast<float>(byte >> 4);
+            if (fmt == kQ4_0) {
+              dst[e] = d * (lo - 8.f);
+              dst[e + 16] = d * (hi - 8.f);
+            } else {
+              dst[e] = d * lo + mn;
+              dst[e + 16] = d * hi + mn;
+            }
+          }
+        }
+      }
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(meshlm_kernels, m) {
   m.def("quant_linear_many(Tensor x, Tensor[] ws, int[] fmts, int[] ns, Tensor?[] bs) -> Tensor[]");
   m.impl("quant_linear_many", c10::DispatchKey::CPU, TORCH_FN(quant_linear_many));
+  m.def("packed_rows(Tensor w, int fmt, Tensor ids) -> Tensor");
+  m.impl("packed_rows", c10::DispatchKey::CPU, TORCH_FN(packed_rows));
 }

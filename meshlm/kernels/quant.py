@@ -75,5 +75,8 @@ def qlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
 
 
 def embedding(ids: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Rows `ids` [...] of a packed [V, H] table, dequantized: [..., H] in dtype."""
-    return qformat.rows_of(weight, ids.reshape(-1)).to(dtype).view(*ids.shape, -1)
+    """Rows `ids` [...] of a packed [V, H] table, dequantized: [..., H] in dtype (one kernel call on CPU)."""
+    k = _kernel() if weight.device.type == "cpu" else None
+    flat = ids.reshape(-1)
+    rows = qformat.rows_of(weight, flat) if k is None else k.packed_rows(weight, qformat.info(weight).fmt.code, flat)
+    return rows.to(dtype).view(*ids.shape, -1)

@@ -127,6 +127,20 @@ def test_embedding_rows(fmt):
     assert torch.equal(got, ref[ids])
 
 
+@pytest.mark.parametrize("fmt", [*FMTS, qf.F32, qf.BF16], ids=lambda f: f.name)
+def test_kernel_rows_equal_the_pytorch_rows(ops, fmt):
+    """The kernel's row lookup (embeddings on CPU) gives the PyTorch path's bits, every row of a table whose
+    row count is not a multiple of the 16-row group; a row outside the table is refused."""
+    if fmt in qf.FLOATS.values():
+        p = qf.float_weight(torch.randn(37, 96).to(next(d for d, f in qf.FLOATS.items() if f is fmt)))
+    else:
+        p = qf.quant_weight(_rows(37, 96, fmt, 3)[0], fmt, 96)
+    ids = torch.randperm(37)
+    assert torch.equal(ops.packed_rows(p, fmt.code, ids), qf.rows_of(p, ids))
+    with pytest.raises(RuntimeError, match="outside the weight"):
+        ops.packed_rows(p, fmt.code, torch.tensor([48]))
+
+
 @settings(max_examples=40, deadline=None)
 @given(wdtype=st.sampled_from([torch.float32, torch.bfloat16]), xdtype=st.sampled_from([torch.float32, torch.bfloat16]),
        m=st.sampled_from([1, 2, 3, 4, 5, 9]), n=st.integers(1, 70), k=st.integers(1, 200), bias=st.booleans(),
