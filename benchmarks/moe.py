@@ -11,7 +11,8 @@ Decode: batch 1, a 16-token prompt then 64 new tokens; tokens/s = decode_tokens_
 step, per rank: the ranks' tp/all_to_all_v bytes over ep (ep), or rank 0's tp/all_reduce bytes minus attention's
 (tp), over the steps; rows routed per step: the group's (token, expert) rows (expert_stats, counted before
 dispatch). The planner's predicted TPOT for each
-layout stands beside the measured one (meshlm.bench.predict on the local profile). Medians of --runs after a
+layout stands beside the measured one (meshlm.bench.predict on the local profile: run `meshlm plan --calibrate`
+first, else it prices the cpu-host defaults, whose threads scale linearly and favour tp=1). Medians of --runs after a
 warm-up, each under the benchmarks' lock (common.quiet_run). Markdown to stdout, progress to stderr.
 """
 
@@ -147,6 +148,9 @@ def main() -> int:
     a = p.parse_args()
     if a.smoke:
         a.models, a.runs, a.wait = ["smoke"], 1, 0.0
+    from meshlm.plan import cluster as clusters
+
+    common.log(f"planner's cluster: {clusters.resolve(None).notes.get('source')}")
     rows = []
     for name in a.models:
         base = upcycled() if name == "upcycled" else random_moe(name)

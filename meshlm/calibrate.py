@@ -9,6 +9,11 @@ A device is one core (one thread); the file is the one a user could write by han
                 on every core as threads of one process, over cores x one thread
   overhead      one tiny decoder layer's forward on one token (hidden 64: almost no arithmetic), the
                 per-layer cost of dispatch and Python; the per-step overhead stays the cpu-host preset's
+  MoE overhead  a tiny random Mixtral's sparse MoE layer (hidden 64, 8 experts) at top-1 and top-2 on 1 .. 16
+                tokens, less its weight bytes at the measured bandwidth: fixed + per expert run, a least-squares
+                line over the experts each routing runs; the fixed part less a dense MLP's (layer_overhead has it);
+                again with the experts behind parallel/expert.py's dispatch and combine on a group of one (ep > 1's
+                bookkeeping: counts, sorts, load statistics; its collectives are priced as links)
   links         two ranks all-reduce 3 KB .. 4 MB over each transport (shm, gloo), each call after a GEMV
                 over cold weights (as between two collectives of a decode step); the median per size, fitted by
                 relative least squares to the ring's 2(p-1) alpha + 2(p-1)/p n / beta.
@@ -142,6 +147,59 @@ def layer_overhead(seconds: float, keys: int = 16) -> float:
         return _timed(lambda: block(x, x, cos, sin, attn), seconds, min_reps=20)
 
 
+def fit_moe_overhead(samples: list[tuple[float, float]]) -> tuple[float, float]:
+    """(fixed, per expert) seconds: the least-squares line through (experts run, seconds) samples, both >= 0."""
+    if len({x for x, _ in samples}) < 2:
+        raise ValueError("fitting a per-expert cost needs samples that run at least two different expert counts.")
+    n = len(samples)
+    mx, my = sum(x for x, _ in samples) / n, sum(y for _, y in samples) / n
+    per = sum((x - mx) * (y - my) for x, y in samples) / sum((x - mx) ** 2 for x, _ in samples)
+    per = max(per, 0.0)
+    return max(my - per * mx, 0.0), per
+
+
+def moe_overhead(seconds: float, bandwidth: float, expert_parallel: bool = False) -> tuple[float, float]:
+    """(seconds per MoE layer, per expert run) of a tiny random Mixtral's sparse MoE layer beyond its weight bytes
+    at `bandwidth` and beyond a dense MLP's calls (layer_overhead has those): top-1 and top-2 at 1 .. 16 tokens,
+    the experts each run counted from its routing, fitted by fit_moe_overhead. expert_parallel: the layer's
+    experts behind parallel/expert.py's dispatch and combine on a group of one (its bookkeeping; no collective)."""
+    import torch
+
+    from meshlm.config import ModelConfig
+    from meshlm.models.llama import MLP
+    from meshlm.models.mixtral import SparseMoE, route
+    from meshlm.parallel.comm import Comm, CommStats
+    from meshlm.parallel.expert import ExpertLoad, Placement, make_expert_parallel
+
+    h, inter, experts = 64, 96, 8
+    torch.manual_seed(0)
+    samples: list[tuple[float, float]] = []
+    with torch.inference_mode():
+        for k in (1, 2):
+            cfg = ModelConfig.from_hf({"architectures": ["MixtralForCausalLM"], "hidden_size": h,
+                                       "intermediate_size": inter, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                       "vocab_size": 256, "num_hidden_layers": 1, "max_position_embeddings": 512,
+                                       "num_local_experts": experts, "num_experts_per_tok": k, "rms_norm_eps": 1e-5})
+            moe = SparseMoE(cfg).eval()
+            for p in moe.parameters():
+                p.normal_(0, 0.1)
+            if expert_parallel:
+                make_expert_parallel(moe.experts, Comm("ep", [0], None, 0, stats=CommStats()),
+                                     Placement.contiguous(experts, 1), 0, ExpertLoad())
+            for n in (1, 2, 4, 8, 16):
+                x = torch.randn(1, n, h)  # [B, S, H]
+                run = len(torch.unique(route(moe.router.forward(x.view(n, h)), k, True)[1]))
+                sec = _timed(lambda: moe(x), seconds, min_reps=20)  # noqa: B023 (timed before x changes)
+                samples.append((run, sec - (run * 3 * h * inter + h * experts) * 4 / bandwidth))
+        mlp = MLP(h, inter).eval()
+        for p in mlp.parameters():
+            p.normal_(0, 0.1)
+        x = torch.randn(1, 1, h)
+        dense = _timed(lambda: mlp(x), seconds, min_reps=20)
+    fixed, per = fit_moe_overhead(samples)
+    return max(fixed - dense, 0.0), per
+
+
 def fit_link(transport: str, times: dict[int, float], p: int = 2) -> Link:
     """Alpha and beta of the ring all-reduce model from {bytes: seconds} (relative least squares)."""
     xs = sorted(times.items())
@@ -245,6 +303,8 @@ def calibrate(quick: bool = False) -> Cluster:
         log.info("bandwidths measured at %.1f s", time.perf_counter() - t0)
         attn = attention_fraction(sec / 2)
         per_layer = layer_overhead(sec / 2)
+        moe = moe_overhead(sec / 10, streams["float32"])
+        ep_moe = moe_overhead(sec / 10, streams["float32"], expert_parallel=True)
         torch.set_num_threads(cores)
         threaded = stream_rate("float32", mb, sec) if cores > 1 else streams["float32"]
         log.info("attention, layer overhead and threaded bandwidth measured at %.1f s", time.perf_counter() - t0)
@@ -258,7 +318,9 @@ def calibrate(quick: bool = False) -> Cluster:
     preset = base.node.device
     dev = Device(name="cpu-core", memory=preset.memory, flops=flops, bandwidth=streams, compute_eff=1.0,
                  bandwidth_eff=1.0, attention_eff=attn, memory_utilization=preset.memory_utilization,
-                 reserved=_rss_bytes(), layer_overhead=per_layer, step_overhead=preset.step_overhead)
+                 reserved=_rss_bytes(), layer_overhead=per_layer, step_overhead=preset.step_overhead,
+                 moe_overhead=moe[0], expert_overhead=moe[1], ep_moe_overhead=ep_moe[0],
+                 ep_expert_overhead=ep_moe[1])
     notes = {"source": "measured by `meshlm plan --calibrate`" + (" --quick" if quick else ""),
              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": _cpu_name(), "cores": cores,
              "step_overhead": "the cpu-host preset's (not measured)",
@@ -290,6 +352,8 @@ def summary(c: Cluster, path: Path) -> str:
             f"  memory bandwidth per core: {per_dtype(d.bandwidth, 'GB/s', 1e9)}; node {cap} (a process per "
             f"core); one process's threads reach {c.node.thread_scaling:.2f} of linear\n"
             f"  attention: {d.attention_eff:.2f} x the matmul rate; {d.layer_overhead * 1e6:.0f} us per layer\n"
+            f"  MoE layer: {d.moe_overhead * 1e6:.0f} us + {d.expert_overhead * 1e6:.0f} us per expert run; at ep > 1 "
+            f"{d.ep_moe_overhead * 1e6:.0f} us + {d.ep_expert_overhead * 1e6:.0f} us\n"
             f"  links: {links}")
 
 

@@ -70,6 +70,12 @@ class Device:
     reserved: float = 0.0  # bytes the runtime takes per rank (CUDA context, allocator, Python + torch)
     layer_overhead: float = 0.0  # seconds per decoder layer per forward beyond its math (dispatch, Python)
     step_overhead: float = 0.0  # seconds per engine step beyond the forward (scheduling, sampling)
+    # A sparse MoE layer's calls beyond their bytes, on top of layer_overhead (which counts a dense MLP's):
+    moe_overhead: float = 0.0  # seconds per MoE layer per forward (router, softmax, top-k, the combine's setup)
+    expert_overhead: float = 0.0  # seconds per expert the layer runs (index, 3 matmul calls, SiLU, index_add)
+    # the same at ep > 1 (parallel/expert.py: counts, sorts, load statistics, the combine; collectives apart)
+    ep_moe_overhead: float = 0.0
+    ep_expert_overhead: float = 0.0  # per expert the rank runs
 
     def rate(self, dtype: str) -> float:
         """Achieved matmul FLOP/s in dtype."""
@@ -194,7 +200,11 @@ def from_dict(d: dict[str, Any]) -> Cluster:
             memory_utilization=float(dev.get("memory_utilization", 0.9)),
             reserved=float(dev.get("reserved_gib", 0.0)) * GIB,
             layer_overhead=float(dev.get("layer_overhead_us", 0)) * 1e-6,
-            step_overhead=float(dev.get("step_overhead_us", 0)) * 1e-6)
+            step_overhead=float(dev.get("step_overhead_us", 0)) * 1e-6,
+            moe_overhead=float(dev.get("moe_overhead_us", 0)) * 1e-6,
+            expert_overhead=float(dev.get("expert_overhead_us", 0)) * 1e-6,
+            ep_moe_overhead=float(dev.get("ep_moe_overhead_us", 0)) * 1e-6,
+            ep_expert_overhead=float(dev.get("ep_expert_overhead_us", 0)) * 1e-6)
         cap, host = n.get("memory_bandwidth_gbs"), n.get("host_read_gbs")
         node = Node(int(n["devices"]), device, tuple(_link_from(x) for x in n["links"]),
                     bool(n.get("shared_memory", False)), float(cap) * 1e9 if cap else None,
@@ -220,7 +230,11 @@ def to_dict(c: Cluster) -> dict[str, Any]:
                    "compute_eff": dev.compute_eff, "bandwidth_eff": dev.bandwidth_eff,
                    "attention_eff": _sig(dev.attention_eff), "memory_utilization": dev.memory_utilization,
                    "reserved_gib": _sig(dev.reserved / GIB), "layer_overhead_us": _sig(dev.layer_overhead * 1e6),
-                   "step_overhead_us": _sig(dev.step_overhead * 1e6)},
+                   "step_overhead_us": _sig(dev.step_overhead * 1e6),
+                   "moe_overhead_us": _sig(dev.moe_overhead * 1e6),
+                   "expert_overhead_us": _sig(dev.expert_overhead * 1e6),
+                   "ep_moe_overhead_us": _sig(dev.ep_moe_overhead * 1e6),
+                   "ep_expert_overhead_us": _sig(dev.ep_expert_overhead * 1e6)},
         "links": [_link_dict(ln) for ln in c.node.links]}}
     if c.node.memory_bandwidth:
         out["node"]["memory_bandwidth_gbs"] = _sig(c.node.memory_bandwidth / 1e9)
@@ -235,10 +249,16 @@ def to_dict(c: Cluster) -> dict[str, Any]:
     return out
 
 
+# MoE call overheads on a GPU (not measured: estimated from the MoE layer's eager ops at the dense layer's
+# ~1 us a launch, plus the device syncs its Python loop takes: unique().tolist() per layer, nonzero per expert)
+_GPU_MOE = {"moe_overhead_us": 30.0, "expert_overhead_us": 25.0, "ep_moe_overhead_us": 120.0,
+            "ep_expert_overhead_us": 30.0}
+
+
 def _gpu(name: str, gib: float, bf16: float, fp32: float, gbs: float) -> dict[str, Any]:
     return {"name": name, "memory_gib": gib, "tflops": {"bfloat16": bf16, "float16": bf16, "float32": fp32},
             "bandwidth_gbs": gbs, "reserved_gib": 2.0, "layer_overhead_us": 20.0,
-            "step_overhead_us": 1000.0}
+            "step_overhead_us": 1000.0, **_GPU_MOE}
 
 
 _NVLINK = {"transport": "nvlink", "bandwidth_gbs": 370.0, "latency_us": 1.0}  # NVLink 4: NCCL bus rate
@@ -246,7 +266,10 @@ _IB = {"transport": "infiniband", "bandwidth_gbs": 45.0, "latency_us": 10.0}  # 
 _H100 = _gpu("H100-SXM-80GB", 80, 989, 67, 3350)
 _CPU = {"name": "cpu-core", "memory_gib": 128, "tflops": {"float32": 0.1, "bfloat16": 0.05},
         "bandwidth_gbs": 14.0, "compute_eff": 1.0, "bandwidth_eff": 1.0, "attention_eff": 0.35,
-        "reserved_gib": 0.5, "layer_overhead_us": 350.0, "step_overhead_us": 1500.0}
+        "reserved_gib": 0.5, "layer_overhead_us": 350.0, "step_overhead_us": 1500.0,
+        # calibrate.moe_overhead on the development host (AMD EPYC, one thread, 2026-12-07), rounded
+        "moe_overhead_us": 20.0, "expert_overhead_us": 37.0, "ep_moe_overhead_us": 180.0,
+        "ep_expert_overhead_us": 45.0}
 PRESETS: dict[str, dict[str, Any]] = {
     "8xH100": {"name": "8xH100", "nodes": 1, "node": {"devices": 8, "device": _H100, "links": [_NVLINK]}},
     "2x8xH100": {"name": "2x8xH100", "nodes": 2, "node": {"devices": 8, "device": _H100, "links": [_NVLINK]},

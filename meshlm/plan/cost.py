@@ -14,6 +14,14 @@ the last stage: ring all-reduce 2(p-1)a + 2(p-1)/p n/b, all-gather (p-1)a + (p-1
 group crosses. At ep = tp the MoE layer's all-reduce becomes: an all-gather of the row counts, two
 all-to-all-v (dispatch, combine: each rank sends its T/ep tokens x K rows, (p-1)a + (p-1)/p n/b) and the
 all-gather of the [T, H] token shares (parallel/expert.py).
+A sparse MoE layer also costs its calls beyond their bytes (the router, top-k, one index / three matmuls /
+index_add per expert run, the combine; small against the bytes at large batch, not at batch 1): per MoE layer
+and forward, on the rank's MoE code path (node figures, measured by calibrate.moe_overhead),
+  ep = 1 (tp or not):  moe_overhead + expert_overhead x min(E, tokens x K)      (every rank runs every touched
+                       expert, or its slice of it)
+  ep > 1:              ep_moe_overhead + ep_expert_overhead x max(1, min(E, tokens x K) / ep)   (parallel/
+                       expert.py's bookkeeping; a rank runs its share of the touched experts, the average rank's)
+Dense layers pay nothing of it (a dense model's figures are unchanged by it).
 With an expert budget (layout.expert_budget, tp = 1) each forward reads its misses from host memory:
   fetch = layers x min(E, tokens x K) experts touched x (1 - hit rate) x bytes of one stored expert / host_read
 (hit rate: the workload's measured one, else resident / held experts; host_read: the node's, else a CPU host's
@@ -52,7 +60,7 @@ import math
 from dataclasses import dataclass
 
 from meshlm.config import ModelConfig
-from meshlm.parallel.partition import MIN_CHUNK, auto_chunks
+from meshlm.parallel.partition import MIN_CHUNK, auto_chunks, plan_stages
 from meshlm.plan.cluster import PCIE_BYTES_S, Cluster, Link
 from meshlm.plan.layout import BYTES, Layout, RankShare, Workload, rank_shares
 from meshlm.plan.weights import WeightFormat
@@ -225,6 +233,7 @@ class Model:
         # the ring between a stage's cp ranks (tp apart), the slowest stage's
         self.cp_link = slowest(cluster.link_between([rank(0, s, c, 0) for c in range(cp)]) for s in range(pp))
         self.control_link = cluster.link_between(list(range(layout.model_ranks)))
+        self.moe_layers = [sum(cfg.is_sparse(i) for i in range(p.start, p.stop)) for p in plan_stages(cfg, pp)]
 
     def rates(self, busy: float) -> Rates:
         """One rank's rates while `busy` ranks of the node compute at once (they share its bandwidth)."""
@@ -261,6 +270,18 @@ class Model:
         rate = node.host_read or (self.rates(busy).bandwidth if node.shared_memory else PCIE_BYTES_S)
         return share.layers * touched * (1 - hit) * share.expert_bytes / rate
 
+    def moe_calls(self, s: int, tokens: float) -> float:
+        """Seconds stage s's sparse MoE layers spend per forward of `tokens` on calls beyond their bytes: per
+        layer a fixed cost plus one per expert the rank runs (ep > 1: parallel/expert.py's path, the rank's
+        share of the experts touched, at least one)."""
+        cfg, ep, dev = self.cfg, self.layout.ep, self.cluster.node.device
+        if not self.moe_layers[s]:
+            return 0.0
+        touched = min(cfg.num_experts, max(1.0, tokens * cfg.num_experts_per_tok))
+        if ep > 1:
+            return self.moe_layers[s] * (dev.ep_moe_overhead + dev.ep_expert_overhead * max(1.0, touched / ep))
+        return self.moe_layers[s] * (dev.moe_overhead + dev.expert_overhead * touched)
+
     def stage(self, s: int, work: Pass, busy: float, extra: float = 0.0) -> StageCost:
         """Seconds of stage s for one step of `work` while `busy` ranks of the node compute at once; `extra`:
         its cp ring or merge seconds, counted among the collectives."""
@@ -284,7 +305,8 @@ class Model:
         if s == self.layout.pp - 1:
             coll += all_gather(self.tp_link, tp, work.rows * cfg.vocab_size * 4)
         slow = self.slowdown(busy)
-        return StageCost((best[0] + dev.step_overhead) * slow, coll * slow, best[1], self.fetch(s, work.tokens, busy))
+        compute = best[0] + self.moe_calls(s, work.tokens) + dev.step_overhead
+        return StageCost(compute * slow, coll * slow, best[1], self.fetch(s, work.tokens, busy))
 
     def hop(self, s: int, tokens: float, rows: float) -> float:
         """Seconds for stage s to hand a step of `tokens` hidden rows to the next stage; the last stage's

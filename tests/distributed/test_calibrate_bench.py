@@ -32,6 +32,8 @@ def test_calibration_writes_a_cluster_file_the_loader_reads(profile):
     assert set(dev.flops) == set(dev.bandwidth) == {"float32", "bfloat16"}
     assert all(v > 1e8 for v in (*dev.flops.values(), *dev.bandwidth.values()))
     assert 0 < dev.layer_overhead < 0.1 and 0 < dev.attention_eff
+    assert 0 < dev.expert_overhead < 0.01 and 0 < dev.ep_expert_overhead < 0.01  # the MoE layers' calls
+    assert 0 <= dev.moe_overhead < 0.01 and 0 <= dev.ep_moe_overhead < 0.01
     want = {"gloo", "shm"} if shm.supported() else {"gloo"}
     assert {ln.transport for ln in back.node.links} == want
     assert all(ln.bandwidth > 0 and ln.latency > 0 for ln in back.node.links)
