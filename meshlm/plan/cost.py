@@ -166,12 +166,16 @@ def _roof(flops: float, nbytes: float, rate: float, bw: float) -> tuple[float, b
     return max(flops / rate, nbytes / bw), flops / rate >= nbytes / bw
 
 
+def experts_touched(cfg: ModelConfig, tokens: float) -> float:
+    """Experts a MoE layer runs for a forward of `tokens` (each picks K; at most E, at least one); 1 if dense."""
+    return min(max(1, cfg.num_experts), max(1.0, tokens * cfg.num_experts_per_tok)) if cfg.is_moe else 1
+
+
 def forward_seconds(cfg: ModelConfig, share: RankShare, work: Pass, r: Rates) -> tuple[float, str]:
     """Seconds of one forward on one rank, and which roofline side bounds its largest part."""
     h, d, elem = cfg.hidden_size, cfg.head_dim, r.elem
     attn_w = 2 * h * share.q_heads * d + 2 * h * share.kv_heads * d
-    experts = max(1, cfg.num_experts)
-    touched = min(experts, max(1.0, work.tokens * cfg.num_experts_per_tok)) if cfg.is_moe else 1
+    touched = experts_touched(cfg, work.tokens)
     mlp_active = 3 * h * share.inter * (cfg.num_experts_per_tok if cfg.is_moe else 1)
     mlp_read = 3 * h * share.inter * touched + h * cfg.num_experts
     linear, lb = _roof(2 * work.tokens * (attn_w + mlp_active) * share.layers,
@@ -265,7 +269,7 @@ class Model:
         if share.resident >= share.experts:
             return 0.0
         hit = self.hit_rate if self.hit_rate is not None else share.resident / share.experts
-        touched = min(self.cfg.num_experts, max(1.0, tokens * self.cfg.num_experts_per_tok))
+        touched = experts_touched(self.cfg, tokens)
         node = self.cluster.node
         rate = node.host_read or (self.rates(busy).bandwidth if node.shared_memory else PCIE_BYTES_S)
         return share.layers * touched * (1 - hit) * share.expert_bytes / rate
@@ -277,7 +281,7 @@ class Model:
         cfg, ep, dev = self.cfg, self.layout.ep, self.cluster.node.device
         if not self.moe_layers[s]:
             return 0.0
-        touched = min(cfg.num_experts, max(1.0, tokens * cfg.num_experts_per_tok))
+        touched = experts_touched(cfg, tokens)
         if ep > 1:
             return self.moe_layers[s] * (dev.ep_moe_overhead + dev.ep_expert_overhead * max(1.0, touched / ep))
         return self.moe_layers[s] * (dev.moe_overhead + dev.expert_overhead * touched)
