@@ -198,6 +198,16 @@ inline __m512 transpose_sum(const __m512* v) {
 // into L1 alone gains nothing.
 constexpr int64_t kAhead = 3;
 
+// Into L2: the K and V rows of heads [h0, h1) of the tile of up to 16 tokens from token t (none past ctx).
+template <typename T>
+inline void prefetch_tile(const T* kp, const T* vp, const int64_t* table, int64_t t, int64_t ctx, int64_t bs,
+                          int64_t stride, int64_t h0, int64_t h1, int64_t D) {
+  if (t >= ctx) return;
+  const int64_t rows = std::min({bs - t % bs, ctx - t, int64_t(16)}), at = table[t / bs] * bs + t % bs;
+  prefetch_rows<true>(kp + at * stride + h0 * D, rows, stride * sizeof(T), (h1 - h0) * D * sizeof(T));
+  prefetch_rows<true>(vp + at * stride + h0 * D, rows, stride * sizeof(T), (h1 - h0) * D * sizeof(T));
+}
+
 template <int ND, typename T>
 void attend16(const float* q, const T* kp, const T* vp, const int64_t* table, int64_t first, int64_t ctx,
               int64_t bs, int64_t Hkv, int64_t h0, int64_t h1, int64_t G, float scale, float* out,
@@ -208,20 +218,12 @@ void attend16(const float* q, const T* kp, const T* vp, const int64_t* table, in
   for (int64_t i = 0; i < nq * D; ++i) out[q0 * D + i] = 0.f;
   alignas(64) float p[16];
   __m512 part[16];
-  for (int64_t t1 = first; t1 < std::min(ctx, first + 16 * (kAhead + 1)); t1 += 16) {  // the first tiles, into L2
-    const int64_t rows = std::min({bs - t1 % bs, ctx - t1, int64_t(16)}), at = table[t1 / bs] * bs + t1 % bs;
-    prefetch_rows<true>(kp + at * stride + h0 * D, rows, stride * sizeof(T), (h1 - h0) * D * sizeof(T));
-    prefetch_rows<true>(vp + at * stride + h0 * D, rows, stride * sizeof(T), (h1 - h0) * D * sizeof(T));
-  }
+  for (int64_t k = 0; k <= kAhead; ++k)  // the first tiles
+    prefetch_tile(kp, vp, table, first + 16 * k, ctx, bs, stride, h0, h1, D);
   for (int64_t t0 = first; t0 < ctx;) {
     const int64_t off = t0 % bs, n = std::min({bs - off, ctx - t0, int64_t(16)});
     const int64_t base = table[t0 / bs] * bs + off;  // pool slot of token t0; the tile's rows follow it
-    if (t0 + n + 16 * kAhead < ctx) {  // the tile kAhead past the next one, into L2
-      const int64_t t1 = t0 + n + 16 * kAhead, next = table[t1 / bs] * bs + t1 % bs;
-      const int64_t rows = std::min({bs - t1 % bs, ctx - t1, int64_t(16)});
-      prefetch_rows<true>(kp + next * stride + h0 * D, rows, stride * sizeof(T), (h1 - h0) * D * sizeof(T));
-      prefetch_rows<true>(vp + next * stride + h0 * D, rows, stride * sizeof(T), (h1 - h0) * D * sizeof(T));
-    }
+    prefetch_tile(kp, vp, table, t0 + n + 16 * kAhead, ctx, bs, stride, h0, h1, D);  // kAhead past the next
     const __mmask16 valid = static_cast<__mmask16>((1u << n) - 1u);
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t g = 0; g < G; ++g) {
