@@ -10,6 +10,7 @@ from torch import nn
 from meshlm.config import ModelConfig
 from meshlm.engine.cp_attention import ContextParallelKVCache
 from meshlm.engine.paged_attention import PagedKVCache, StepInput
+from meshlm.kernels.fused import argmax
 from meshlm.parallel.comm import Comm
 from meshlm.parallel.ring import measure_link
 
@@ -94,4 +95,4 @@ def finish(logits: torch.Tensor, step: StepInput) -> StepOutput:
         rows = logits.index_select(0, torch.tensor(step.full_rows, dtype=torch.long, device=logits.device)).cpu()
     else:
         rows = torch.zeros(0, logits.shape[-1])
-    return StepOutput(logits.argmax(-1).tolist(), rows)
+    return StepOutput(argmax(logits), rows)

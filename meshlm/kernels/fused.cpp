@@ -4,10 +4,11 @@
 // (Hugging Face transformers' op-by-op PyTorch) rounds: bf16 results are rounded after every op that
 // returns a bf16 tensor there. Built with -ffp-contract=off so a * b + c is never fused into an FMA.
 // The ops: RMSNorm (alone, and after the residual add), SiLU(gate) * up, RoPE, and RoPE of q and k with
-// the KV-cache write of k and v. Each works on one token's row at a time, so a row's result never depends
+// the KV-cache write of k and v; and greedy sampling's argmax over a step's logits. Each works on one token's row at a time, so a row's result never depends
 // on the other rows of the batch.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -173,9 +174,59 @@ void rope_store_(at::Tensor& q, at::Tensor& k, const at::Tensor& v_, const at::T
     TORCH_CHECK(false, "rope_store_: fp32 or bf16 only");
 }
 
+// The first index of the largest value of a fp32 row, as torch.argmax gives it (-inf rows included), or -1
+// when the row holds a NaN (torch's rule for NaN is left to torch). 16 lanes keep each its first largest
+// (a strict >), then the lanes' largest value with the smallest index wins, then the tail.
+int64_t argmax_row(const float* x, int64_t V) {
+  int64_t i = 0, bi = 0;
+  float bv = x[0];
+  bool nan = false;
+  if (V >= 16) {
+    __m512 best = _mm512_loadu_ps(x);
+    __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), at = idx;
+    __mmask16 unord = _mm512_cmp_ps_mask(best, best, _CMP_UNORD_Q);
+    const __m512i step = _mm512_set1_epi32(16);
+    for (i = 16; i + 16 <= V; i += 16) {
+      const __m512 v = _mm512_loadu_ps(x + i);
+      at = _mm512_add_epi32(at, step);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+      best = _mm512_mask_blend_ps(gt, best, v);
+      idx = _mm512_mask_blend_epi32(gt, idx, at);
+      unord |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    nan = unord != 0;
+    alignas(64) float bvs[16];
+    alignas(64) int32_t bis[16];
+    _mm512_store_ps(bvs, best);
+    _mm512_store_si512(bis, idx);
+    bv = bvs[0], bi = bis[0];
+    for (int l = 1; l < 16; ++l)
+      if (bvs[l] > bv || (bvs[l] == bv && bis[l] < bi)) bv = bvs[l], bi = bis[l];
+  }
+  for (; i < V; ++i) {
+    nan |= std::isnan(x[i]);
+    if (x[i] > bv) bv = x[i], bi = i;
+  }
+  return nan ? -1 : bi;
+}
+
+// x [K, V] fp32 -> int64 [K]: argmax_row of each row.
+at::Tensor argmax_rows(const at::Tensor& x_) {
+  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat && x_.size(1) > 0 && x_.size(1) < (1LL << 31),
+              "argmax_rows: x [K, V] fp32 with 0 < V < 2^31");
+  const at::Tensor x = x_.contiguous();
+  const int64_t K = x.size(0), V = x.size(1);
+  at::Tensor out = at::empty({K}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t k = 0; k < K; ++k) o[k] = argmax_row(x.data_ptr<float>() + k * V, V);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(meshlm_kernels, m) {
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.impl("argmax_rows", c10::DispatchKey::CPU, TORCH_FN(argmax_rows));
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope_(Tensor(a!) x, Tensor cos, Tensor sin) -> ()");
   m.def("add_rms_norm(Tensor x, Tensor y, Tensor w, float eps) -> (Tensor, Tensor)");

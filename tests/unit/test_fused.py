@@ -53,6 +53,29 @@ def test_add_rms_norm_is_the_add_then_the_norm(dtype, rows, k, seed):
     assert torch.equal(alone[0], h[:, -1:]) and torch.equal(alone[1], out[:, -1:])
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 200), st.integers(0, 6), st.sampled_from(["none", "ties", "-inf", "nan"]),
+       st.integers(0, 2**31))
+def test_argmax_is_torch_argmax(rows, v, levels, special, seed):
+    """The greedy argmax of a step's logits [K, V] is torch.argmax's index (the first largest) for every row:
+    widths below, at and past the 16-lane vector, ties (values drawn from a few levels), rows of -inf, NaN."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, v, generator=g)
+    if levels:  # few distinct values: many ties for the largest
+        x = torch.randint(0, levels + 1, (rows, v), generator=g).float()
+    r = int(torch.randint(0, rows, (1,), generator=g))
+    c = torch.randint(0, v, (3,), generator=g)
+    if special == "-inf":
+        x[r] = float("-inf")
+    elif special == "nan":
+        x[r, c] = float("nan")
+    elif special == "ties":
+        x[r, c] = x[r].max() + 1
+    assert kernels.kernel().argmax_rows(x).tolist() == [
+        -1 if bool(row.isnan().any()) else i for row, i in zip(x, x.argmax(-1).tolist())]
+    assert fused.argmax(x) == x.argmax(-1).tolist()
+
+
 @settings(max_examples=40, deadline=None)
 @given(DTYPES, st.integers(1, 5), st.integers(1, 3000), st.integers(0, 2**31))
 def test_silu_mul_rounds_as_silu_then_mul(dtype, rows, n, seed):
