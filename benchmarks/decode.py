@@ -60,20 +60,31 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
                if tied or not n.startswith("embed_tokens."))
 
 
-def read_bandwidth(nbytes: int, tries: int = 10) -> float:
-    """Best read bandwidth (GB/s) of torch.sum over an fp32 buffer of nbytes with the current threads, on 2 MB
-    pages where Linux gives them (as meshlm's packed weights are: 1.6x faster on one core under KVM)."""
-    from meshlm.kernels.pages import huge_buffer
+class ReadBandwidth:
+    """Read bandwidth (GB/s) of torch.sum over an fp32 buffer of nbytes with the current threads, on 2 MB pages
+    where Linux gives them (as meshlm's packed weights are: 1.6x faster on one core under KVM). The buffer is
+    made once, so a reading can be taken beside every timed run (this host's bandwidth changes by minutes)."""
 
-    n = max(1, nbytes // 4)
-    huge = huge_buffer(4 * n)
-    buf = huge[:4 * n].view(torch.float32).fill_(1.0) if huge is not None else torch.ones(n)
-    best = 0.0
-    for _ in range(tries):
-        t0 = time.perf_counter()
-        buf.sum()
-        best = max(best, buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-    return best
+    def __init__(self, nbytes: int) -> None:
+        from meshlm.kernels.pages import huge_buffer
+
+        n = max(1, nbytes // 4)
+        huge = huge_buffer(4 * n)
+        self.buf = huge[:4 * n].view(torch.float32).fill_(1.0) if huge is not None else torch.ones(n)
+
+    def __call__(self, tries: int = 10) -> float:
+        """The best of `tries` passes."""
+        best = 0.0
+        for _ in range(tries):
+            t0 = time.perf_counter()
+            self.buf.sum()
+            best = max(best, self.buf.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+        return best
+
+
+def read_bandwidth(nbytes: int, tries: int = 10) -> float:
+    """Best read bandwidth (GB/s) of torch.sum over nbytes (ReadBandwidth, one reading)."""
+    return ReadBandwidth(nbytes)(tries)
 
 
 def _jiffies() -> tuple[int, int]:

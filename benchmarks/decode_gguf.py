@@ -13,9 +13,13 @@ after a 1-token prompt; decode tokens/s excludes the first token (RequestOutput.
 Each round runs both engines back to back, the order alternating between rounds; tables give medians.
 Roofline: every weight byte is read once per token (the input embedding only a row; a tied head reads the
 whole table), so tokens/s <= read bandwidth / weight bytes; the bandwidth is torch.sum over a buffer of that
-size on 2 MB pages (as meshlm keeps its weights) with the same threads, best of 10. Each timed run holds the
-benchmarks' lock and waits for the machine to quieten (common.quiet_run); "other load" is the largest share of
-the CPUs other processes used during one of meshlm's kept runs.
+size on 2 MB pages (as meshlm keeps its weights) with the same threads, best of READ_TRIES passes, read just
+before and just after every timed run (llama-bench's call of RUNS runs; meshlm's each run), because this
+host's bandwidth moves between two levels by the minute at two threads. A run's share of the roofline is
+its tokens/s x weight bytes over the mean of its two readings; the tables give the median share, the median
+reading and their range. Each timed run holds the benchmarks' lock and waits for the machine to quieten
+(common.quiet_run); "other load" is the largest share of the CPUs other processes used during one of
+meshlm's kept runs.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import common
 
 FORMATS = ["F32", "BF16", "Q8_0", "Q4_0", "Q4_1"]
+READ_TRIES = 5  # torch.sum passes per bandwidth reading (the best is kept), one reading before and after a run
 GGUF_DIR = common.CACHE / "gguf"
 
 
@@ -62,65 +67,89 @@ def meshlm_runs(path: str, threads: int, new: int, runs: int, wait_s: float) -> 
     bos = llm.cfg.bos_token_id if llm.cfg.bos_token_id is not None else 1
     params = SamplingParams(max_tokens=new + 1, temperature=0.0, ignore_eos=True)
     llm.generate([[bos]], params)  # warm-up (also builds or loads the kernels)
-    tps, loads = [], []
+    wbytes = decode.weight_bytes_per_token(llm.model)
+    read = decode.ReadBandwidth(wbytes)
+    tps, bws, loads = [], [], []
     for _ in range(runs):
         with common.quiet_run(wait_s):
+            before = read(READ_TRIES)
             out, load = decode.timed_with_load(llm.generate, [[bos]], params)
+            bws.append((before + read(READ_TRIES)) / 2)
         tps.append(out[0].decode_tokens_per_s)
         loads.append(load)
-    wbytes = decode.weight_bytes_per_token(llm.model)
-    with common.quiet_run(wait_s):
-        bw = decode.read_bandwidth(wbytes)
     llm.close()
-    return dict(tps=tps, load=max(loads), weight_bytes=wbytes, bw_gbs=bw)
+    return dict(tps=tps, bw=bws, load=max(loads), weight_bytes=wbytes)
 
 
-def llama_runs(bin_dir: Path, path: Path, threads: int, new: int, runs: int, wait_s: float) -> list[float]:
-    """llama-bench tg tokens/s of each run."""
+def llama_runs(bin_dir: Path, path: Path, threads: int, new: int, runs: int, wait_s: float,
+               read) -> tuple[list[float], list[float]]:
+    """llama-bench tg tokens/s of each run, and the read bandwidth beside each (read before and after the call)."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(path), "-p", "0", "-n", str(new), "-t", str(threads),
            "-r", str(runs), "-o", "json"]
     with common.quiet_run(wait_s):
+        before = read(READ_TRIES)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return [float(x) for x in json.loads(out)[0]["samples_ts"]]
+        bw = (before + read(READ_TRIES)) / 2
+    tps = [float(x) for x in json.loads(out)[0]["samples_ts"]]
+    return tps, [bw] * len(tps)
+
+
+def share(tps: list[float], bws: list[float], wbytes: int) -> float:
+    """Median share of the roofline over runs, each run against the bandwidth read beside it."""
+    return common.median([t * wbytes / (b * 1e9) for t, b in zip(tps, bws)])
 
 
 def measure(fmt: str, threads: int, args: argparse.Namespace) -> dict:
-    """Both engines on one (format, threads): rounds of back-to-back runs, order alternating."""
+    """Both engines on one (format, threads): rounds of back-to-back runs, order alternating (meshlm first in
+    the first round, whose process reports the weight bytes the bandwidth readings need)."""
+    import decode
+    import torch
+
     path = gguf_file(fmt, args.llama_bin)
-    ours, theirs, loads, facts = [], [], [], {}
+    ours, theirs, our_bw, their_bw, loads, wbytes, read = [], [], [], [], [], 0, None
+    torch.set_num_threads(threads)  # this process reads the bandwidth beside llama-bench with its threads
     for r in range(args.rounds):
         for engine in (("meshlm", "llama.cpp") if r % 2 == 0 else ("llama.cpp", "meshlm")):
             if engine == "llama.cpp":
-                got = llama_runs(args.llama_bin, path, threads, args.new, args.runs, args.wait)
+                read = read or decode.ReadBandwidth(wbytes)
+                got, bws = llama_runs(args.llama_bin, path, threads, args.new, args.runs, args.wait, read)
                 theirs += got
+                their_bw += bws
             else:
                 cmd = [sys.executable, __file__, "--one", str(path), str(threads), "--new", str(args.new),
                        "--runs", str(args.runs), "--wait", str(args.wait)]
                 env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
                 facts = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True,
                                                   env=env).stdout.strip().splitlines()[-1])
-                got = facts["tps"]
+                got, bws, wbytes = facts["tps"], facts["bw"], facts["weight_bytes"]
                 ours += got
+                our_bw += bws
                 loads.append(facts["load"])
-            common.log(f"  {fmt} t={threads} round {r + 1} {engine}: " + " ".join(f"{x:.1f}" for x in got))
-    wbytes, bw = facts["weight_bytes"], facts["bw_gbs"]
+            common.log(f"  {fmt} t={threads} round {r + 1} {engine}: " + " ".join(f"{x:.1f}" for x in got)
+                       + "  (read GB/s " + " ".join(f"{b:.1f}" for b in bws) + ")")
+    del read
+    bw_all = our_bw + their_bw
+    bw = common.median(bw_all)
     row = dict(format=fmt, threads=threads, file=path.name, weight_mb=wbytes / 1e6, bw_gbs=bw,
-               roofline=bw * 1e9 / wbytes, meshlm=common.median(ours), llama=common.median(theirs),
-               meshlm_runs=ours, llama_runs=theirs, max_other_load=max(loads), new=args.new)
+               bw_min=min(bw_all), bw_max=max(bw_all), roofline=bw * 1e9 / wbytes,
+               meshlm=common.median(ours), llama=common.median(theirs),
+               meshlm_share=share(ours, our_bw, wbytes), llama_share=share(theirs, their_bw, wbytes),
+               meshlm_runs=ours, llama_runs=theirs, meshlm_bw=our_bw, llama_bw=their_bw,
+               max_other_load=max(loads), new=args.new)
     common.log(f"  -> {fmt} t={threads}: meshlm {row['meshlm']:.1f}  llama.cpp {row['llama']:.1f}  "
-               f"roofline {row['roofline']:.1f} tok/s")
+               f"roofline {row['roofline']:.1f} tok/s; shares {row['meshlm_share']:.0%} / {row['llama_share']:.0%}")
     return row
 
 
 def table(rows: list[dict]) -> str:
     """Markdown table of result rows."""
-    head = ("| format | threads | weights MB/token | read GB/s | roofline tok/s | llama.cpp tok/s | meshlm tok/s | "
+    head = ("| format | threads | weights MB/token | read GB/s (range) | roofline tok/s | llama.cpp tok/s | meshlm tok/s | "
             "meshlm / llama.cpp | llama.cpp % roofline | meshlm % roofline | other load |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     return head + "\n".join(
-        f"| {r['format']} | {r['threads']} | {r['weight_mb']:.0f} | {r['bw_gbs']:.1f} | {r['roofline']:.0f} | "
-        f"{r['llama']:.1f} | {r['meshlm']:.1f} | {r['meshlm'] / r['llama']:.2f}x | {r['llama'] / r['roofline']:.0%} | "
-        f"{r['meshlm'] / r['roofline']:.0%} | {r['max_other_load']:.0%} |" for r in rows)
+        f"| {r['format']} | {r['threads']} | {r['weight_mb']:.0f} | {r['bw_gbs']:.1f} ({r['bw_min']:.0f}-{r['bw_max']:.0f}) | "
+        f"{r['roofline']:.0f} | {r['llama']:.1f} | {r['meshlm']:.1f} | {r['meshlm'] / r['llama']:.2f}x | "
+        f"{r['llama_share']:.0%} | {r['meshlm_share']:.0%} | {r['max_other_load']:.0%} |" for r in rows)
 
 
 def plot(rows: list[dict], path: str) -> None:
