@@ -8,13 +8,13 @@
 // tensor, so a row gets the same bits through either path (and the engine's batch invariance holds
 // across a step taken here and a mixed step taken op by op).
 //
-// Threads: ONE OpenMP parallel region for the whole step. Inside it the threads claim the products' 16-row
-// groups in shrinking chunks and attention by (row, KV head); a barrier separates dependent phases (6 per
-// layer). The elementwise work between products (norms, x quantized for the next product, SiLU * up) is
-// small: below kSharedRows rows each thread does it for every row into its own buffers (the residual stream
-// too), which saves a barrier per phase; from kSharedRows rows on the rows are shared out, with a barrier
-// after each such phase. A row's result never depends on the other rows or the thread count (attention keeps
-// a sequence in one task, in the per-op kernel's order; splitting its context would change its sums).
+// Threads: ONE OpenMP parallel region for the whole step. Inside it the products' 16-row groups are split
+// across threads, attention by (row, KV head); a barrier separates dependent phases (6 per layer). The
+// elementwise work between products (norms, x quantized for the next product, SiLU * up) is small: below
+// kSharedRows rows each thread does it for every row into its own buffers (the residual stream too), which
+// saves a barrier per phase; from kSharedRows rows on the rows are shared out, with a barrier after each
+// such phase. A row's result never depends on the other rows or the thread count (attention keeps a
+// sequence in one task, in the per-op kernel's order; splitting its context would change its sums).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -22,9 +22,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cstring>
-#include <memory>
 #include <initializer_list>
 #include <type_traits>
 #include <vector>
@@ -177,29 +175,18 @@ class DecodeStack : public torch::CustomClassHolder {
     }
   }
 
-  // The jobs' 16-row groups, claimed from a shared counter in shrinking chunks (guided: a chunk is the
-  // remaining groups / (2 nt), at least one). A thread the OS preempts mid-product (on a host whose cores
-  // also run the server and its clients) holds back only the chunk it has, not a fixed half of the work.
-  // Which thread runs a group does not change its bits.
+  // This thread's share of the jobs' 16-row groups (one run over all of them, split evenly).
   template <typename T>
-  static void products(const Rows<T>& p, const QX& qx, int64_t M, std::initializer_list<Job> jobs, int nt,
-                       std::atomic<int64_t>& next) {
+  static void products(const Rows<T>& p, const QX& qx, int64_t M, std::initializer_list<Job> jobs, int tid, int nt) {
     int64_t total = 0;
     for (const Job& j : jobs) total += (j.N + kGroup - 1) / kGroup;
-    for (;;) {
-      int64_t g0 = next.load(std::memory_order_relaxed), size;
-      do {
-        if (g0 >= total) return;
-        size = std::max<int64_t>(1, (total - g0) / (2 * nt));
-      } while (!next.compare_exchange_weak(g0, g0 + size, std::memory_order_relaxed));
-      const int64_t g1 = std::min(total, g0 + size);
-      int64_t base = 0;
-      for (const Job& j : jobs) {
-        const int64_t G = (j.N + kGroup - 1) / kGroup;
-        for (int64_t g = std::max(g0, base); g < std::min(g1, base + G); ++g)
-          run_group_any(j, g - base, qx, p.widened(), M, std::is_same<T, c10::BFloat16>::value);
-        base += G;
-      }
+    const int64_t g0 = total * tid / nt, g1 = total * (tid + 1) / nt;
+    int64_t base = 0;
+    for (const Job& j : jobs) {
+      const int64_t G = (j.N + kGroup - 1) / kGroup;
+      for (int64_t g = std::max(g0, base); g < std::min(g1, base + G); ++g)
+        run_group_any(j, g - base, qx, p.widened(), M, std::is_same<T, c10::BFloat16>::value);
+      base += G;
     }
   }
 
@@ -218,10 +205,6 @@ class DecodeStack : public torch::CustomClassHolder {
     const int64_t hper = (Hkv + want - 1) / want, hchunks = (Hkv + hper - 1) / hper;  // the last may be shorter
     Rows<T> common;
     if (shared) common.reserve(x, M, H, QD, I);
-    // one claim counter per product phase of every layer (4 a layer), reset here: the step's only writes
-    // to them are the claims
-    std::unique_ptr<std::atomic<int64_t>[]> claims(new std::atomic<int64_t>[4 * L_]);
-    for (int64_t i = 0; i < 4 * L_; ++i) claims[i].store(0, std::memory_order_relaxed);
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num(), n = omp_get_num_threads();
@@ -242,7 +225,7 @@ class DecodeStack : public torch::CustomClassHolder {
         }
         lay.q.out = q.data(), lay.k.out = k.data(), lay.v.out = v.data();
         prepare(p, p.qx[0], H, r0, r1, {lay.q, lay.k, lay.v}, shared);
-        products(p, p.qx[0], M, {lay.q, lay.k, lay.v}, n, claims[4 * l]);
+        products(p, p.qx[0], M, {lay.q, lay.k, lay.v}, tid, n);
 #pragma omp barrier
         // (row, KV head) tasks: RoPE of k and the group's q heads and the K/V write; a barrier; then attention
         // by (row, range of KV heads).
@@ -273,7 +256,7 @@ class DecodeStack : public torch::CustomClassHolder {
         std::copy(att.begin() + r0 * QD, att.begin() + r1 * QD, p.xin.begin() + r0 * QD);
         lay.o.out = o.data();
         prepare(p, p.qx[1], QD, r0, r1, {lay.o}, shared);
-        products(p, p.qx[1], M, {lay.o}, n, claims[4 * l + 1]);
+        products(p, p.qx[1], M, {lay.o}, tid, n);
 #pragma omp barrier
         const T* ln2 = static_cast<const T*>(lay.ln2);
         for (int64_t m = r0; m < r1; ++m) {
@@ -283,7 +266,7 @@ class DecodeStack : public torch::CustomClassHolder {
         }
         lay.gate.out = gate.data(), lay.up.out = up.data();
         prepare(p, p.qx[0], H, r0, r1, {lay.gate, lay.up}, shared);
-        products(p, p.qx[0], M, {lay.gate, lay.up}, n, claims[4 * l + 2]);
+        products(p, p.qx[0], M, {lay.gate, lay.up}, tid, n);
 #pragma omp barrier
         for (int64_t m = r0; m < r1; ++m)
           for (int64_t i0 = 0; i0 < I; i0 += 16)
@@ -291,7 +274,7 @@ class DecodeStack : public torch::CustomClassHolder {
                                          std::min<int64_t>(16, I - i0));
         lay.down.out = down.data();
         prepare(p, p.qx[2], I, r0, r1, {lay.down}, shared);
-        products(p, p.qx[2], M, {lay.down}, n, claims[4 * l + 3]);
+        products(p, p.qx[2], M, {lay.down}, tid, n);
 #pragma omp barrier
       }
       for (int64_t i = r0 * H; i < r1 * H; ++i)
