@@ -143,12 +143,13 @@ def measure(fmt: str, threads: int, args: argparse.Namespace) -> dict:
 
 def table(rows: list[dict]) -> str:
     """Markdown table of result rows."""
-    head = ("| format | threads | weights MB/token | read GB/s (range) | roofline tok/s | llama.cpp tok/s | meshlm tok/s | "
-            "meshlm / llama.cpp | llama.cpp % roofline | meshlm % roofline | other load |\n"
+    head = ("| format | threads | weights MB/token | read GB/s (range) | roofline tok/s | llama.cpp tok/s | "
+            "meshlm tok/s | meshlm / llama.cpp | llama.cpp % roofline | meshlm % roofline | other load |\n"
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     return head + "\n".join(
-        f"| {r['format']} | {r['threads']} | {r['weight_mb']:.0f} | {r['bw_gbs']:.1f} ({r['bw_min']:.0f}-{r['bw_max']:.0f}) | "
-        f"{r['roofline']:.0f} | {r['llama']:.1f} | {r['meshlm']:.1f} | {r['meshlm'] / r['llama']:.2f}x | "
+        f"| {r['format']} | {r['threads']} | {r['weight_mb']:.0f} | "
+        f"{r['bw_gbs']:.1f} ({r['bw_min']:.0f}-{r['bw_max']:.0f}) | {r['roofline']:.0f} | {r['llama']:.1f} | "
+        f"{r['meshlm']:.1f} | {r['meshlm'] / r['llama']:.2f}x | "
         f"{r['llama_share']:.0%} | {r['meshlm_share']:.0%} | {r['max_other_load']:.0%} |" for r in rows)
 
 
