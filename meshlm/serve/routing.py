@@ -121,13 +121,16 @@ def retry_delay(policy: RetryPolicy, attempt: int, now: float, deadline: float |
                 rng: random.Random) -> float | None:
     """Seconds to wait before attempt `attempt` (1 = the first move), or None when it must not be made.
 
-    Full jitter in [delay / 2, delay] with delay = base * 2^(attempt - 1) capped at max_s; None past
-    max_attempts or when the pause would end at or after the deadline.
+    Full jitter in [delay / 2, delay] with delay = base * 2^(attempt - 1) capped at max_s; a draw that would
+    end at or after the deadline is cut to delay / 2 (a move that can still be made in time is made); None
+    past max_attempts or when even delay / 2 would end at or after the deadline.
     """
     if attempt > policy.max_attempts:
         return None
-    delay = min(policy.max_s, policy.base_s * 2 ** (attempt - 1))
-    delay *= rng.uniform(0.5, 1.0)
+    full = min(policy.max_s, policy.base_s * 2 ** (attempt - 1))
+    delay = full * rng.uniform(0.5, 1.0)
     if deadline is not None and now + delay >= deadline:
-        return None
+        delay = full / 2
+        if now + delay >= deadline:
+            return None
     return delay

@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshlm.config import SamplingParams
@@ -88,8 +88,10 @@ def test_breaker_opens_and_backs_off(gaps):
 
 
 @given(st.integers(1, 10), st.floats(0, 100), st.one_of(st.none(), st.floats(0, 100)), st.integers(0, 2**32))
+@example(2, 0.0, 0.0625, 0)  # the draw (0.07 s) ends past the deadline; d/2 (0.05 s) still fits
 def test_retry_delay_bounded_and_before_deadline(attempt, now, until, seed):
-    """No attempt past max_attempts; a pause is jittered within [d/2, d] and ends before the deadline."""
+    """No attempt past max_attempts; a pause is jittered within [d/2, d] and ends before the deadline; a move
+    is given up only when even d/2 would end at the deadline."""
     policy = RetryPolicy(max_attempts=3, base_s=0.05, max_s=1.0)
     deadline = None if until is None else now + until
     d = retry_delay(policy, attempt, now, deadline, random.Random(seed))
