@@ -8,7 +8,7 @@ import collections
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from meshlm import SamplingParams, kernels
@@ -38,6 +38,7 @@ def _ref_rope(x, cos, sin):
 
 @settings(max_examples=40, deadline=None)
 @given(DTYPES, st.integers(1, 9), st.integers(1, 700), st.integers(0, 2**31))
+@example(torch.float32, 6, 441, 3652)  # 3.1 ULP: over the 2 ULP this test once allowed
 def test_add_rms_norm_is_the_add_then_the_norm(dtype, rows, k, seed):
     """h is residual + x bit for bit; the norm of h rounds as the reference (only its fp32 sum's order differs);
     each row is the same computed alone (batch invariance)."""
@@ -48,8 +49,11 @@ def test_add_rms_norm_is_the_add_then_the_norm(dtype, rows, k, seed):
         h, out = kernels.add_rms_norm(x, res, w, 1e-5)
         alone = kernels.add_rms_norm(x[:, -1:], res[:, -1:], w, 1e-5)
     assert torch.equal(h, res + x)
-    torch.testing.assert_close(out.float(), _ref_norm(res + x, w, 1e-5).float(), rtol=2 * ULP[dtype],
-                               atol=2 * ULP[dtype])
+    # fp32: the kernel sums the squares in 16 lanes, the reference in ATen's order; over up to 700 terms the
+    # sums differ in their last bits, and rsqrt passes half of that on: 4,000 random cases measured at most
+    # 2.4 ULP x (1 + |out|), so 4 ULP (2 ULP flaked once in CI: 3.1 ULP at rows 6, k 441). bf16: its own rounding.
+    tol = (4 if dtype == torch.float32 else 2) * ULP[dtype]
+    torch.testing.assert_close(out.float(), _ref_norm(res + x, w, 1e-5).float(), rtol=tol, atol=tol)
     assert torch.equal(alone[0], h[:, -1:]) and torch.equal(alone[1], out[:, -1:])
 
 
