@@ -87,6 +87,28 @@ def read_bandwidth(nbytes: int, tries: int = 10) -> float:
     return ReadBandwidth(nbytes)(tries)
 
 
+READ_TRIES = 5  # torch.sum passes per reading beside a timed run (the best is kept)
+
+
+def runs_beside_bandwidth(llm, prompts, params, runs: int, wait_s: float, timed=None) -> tuple[list, list[float]]:
+    """`runs` timed llm.generate calls, each with the read bandwidth taken just before and just after it (a
+    ReadBandwidth of the model's weight bytes per token): (each call's result, each call's mean reading).
+    timed(fn, *args) wraps the call (e.g. timed_with_load); plain generate when None."""
+    read = ReadBandwidth(weight_bytes_per_token(llm.model))
+    outs, bws = [], []
+    for _ in range(runs):
+        with common.quiet_run(wait_s):
+            before = read(READ_TRIES)
+            outs.append(timed(llm.generate, prompts, params) if timed else llm.generate(prompts, params))
+            bws.append((before + read(READ_TRIES)) / 2)
+    return outs, bws
+
+
+def roofline_share(tps: list[float], bws: list[float], wbytes: int) -> float:
+    """Median share of the roofline over runs, each run's tokens/s against the bandwidth read beside it."""
+    return common.median([t * wbytes / (b * 1e9) for t, b in zip(tps, bws)])
+
+
 def _jiffies() -> tuple[int, int]:
     """System-wide (busy, total) CPU jiffies from /proc/stat."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]

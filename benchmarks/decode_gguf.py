@@ -13,7 +13,7 @@ after a 1-token prompt; decode tokens/s excludes the first token (RequestOutput.
 Each round runs both engines back to back, the order alternating between rounds; tables give medians.
 Roofline: every weight byte is read once per token (the input embedding only a row; a tied head reads the
 whole table), so tokens/s <= read bandwidth / weight bytes; the bandwidth is torch.sum over a buffer of that
-size on 2 MB pages (as meshlm keeps its weights) with the same threads, best of READ_TRIES passes, read just
+size on 2 MB pages (as meshlm keeps its weights) with the same threads, best of decode.READ_TRIES passes, read just
 before and just after every timed run (llama-bench's call of RUNS runs; meshlm's each run), because this
 host's bandwidth moves between two levels by the minute at two threads. A run's share of the roofline is
 its tokens/s x weight bytes over the mean of its two readings; the tables give the median share, the median
@@ -34,7 +34,6 @@ from pathlib import Path
 import common
 
 FORMATS = ["F32", "BF16", "Q8_0", "Q4_0", "Q4_1"]
-READ_TRIES = 5  # torch.sum passes per bandwidth reading (the best is kept), one reading before and after a run
 GGUF_DIR = common.CACHE / "gguf"
 
 
@@ -67,18 +66,11 @@ def meshlm_runs(path: str, threads: int, new: int, runs: int, wait_s: float) -> 
     bos = llm.cfg.bos_token_id if llm.cfg.bos_token_id is not None else 1
     params = SamplingParams(max_tokens=new + 1, temperature=0.0, ignore_eos=True)
     llm.generate([[bos]], params)  # warm-up (also builds or loads the kernels)
+    timed, bws = decode.runs_beside_bandwidth(llm, [[bos]], params, runs, wait_s, decode.timed_with_load)
     wbytes = decode.weight_bytes_per_token(llm.model)
-    read = decode.ReadBandwidth(wbytes)
-    tps, bws, loads = [], [], []
-    for _ in range(runs):
-        with common.quiet_run(wait_s):
-            before = read(READ_TRIES)
-            out, load = decode.timed_with_load(llm.generate, [[bos]], params)
-            bws.append((before + read(READ_TRIES)) / 2)
-        tps.append(out[0].decode_tokens_per_s)
-        loads.append(load)
     llm.close()
-    return dict(tps=tps, bw=bws, load=max(loads), weight_bytes=wbytes)
+    return dict(tps=[out[0].decode_tokens_per_s for out, _ in timed], bw=bws, load=max(ld for _, ld in timed),
+                weight_bytes=wbytes)
 
 
 def llama_runs(bin_dir: Path, path: Path, threads: int, new: int, runs: int, wait_s: float,
@@ -86,17 +78,14 @@ def llama_runs(bin_dir: Path, path: Path, threads: int, new: int, runs: int, wai
     """llama-bench tg tokens/s of each run, and the read bandwidth beside each (read before and after the call)."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(path), "-p", "0", "-n", str(new), "-t", str(threads),
            "-r", str(runs), "-o", "json"]
+    import decode
+
     with common.quiet_run(wait_s):
-        before = read(READ_TRIES)
+        before = read(decode.READ_TRIES)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        bw = (before + read(READ_TRIES)) / 2
+        bw = (before + read(decode.READ_TRIES)) / 2
     tps = [float(x) for x in json.loads(out)[0]["samples_ts"]]
     return tps, [bw] * len(tps)
-
-
-def share(tps: list[float], bws: list[float], wbytes: int) -> float:
-    """Median share of the roofline over runs, each run against the bandwidth read beside it."""
-    return common.median([t * wbytes / (b * 1e9) for t, b in zip(tps, bws)])
 
 
 def measure(fmt: str, threads: int, args: argparse.Namespace) -> dict:
@@ -133,7 +122,8 @@ def measure(fmt: str, threads: int, args: argparse.Namespace) -> dict:
     row = dict(format=fmt, threads=threads, file=path.name, weight_mb=wbytes / 1e6, bw_gbs=bw,
                bw_min=min(bw_all), bw_max=max(bw_all), roofline=bw * 1e9 / wbytes,
                meshlm=common.median(ours), llama=common.median(theirs),
-               meshlm_share=share(ours, our_bw, wbytes), llama_share=share(theirs, their_bw, wbytes),
+               meshlm_share=decode.roofline_share(ours, our_bw, wbytes),
+               llama_share=decode.roofline_share(theirs, their_bw, wbytes),
                meshlm_runs=ours, llama_runs=theirs, meshlm_bw=our_bw, llama_bw=their_bw,
                max_other_load=max(loads), new=args.new)
     common.log(f"  -> {fmt} t={threads}: meshlm {row['meshlm']:.1f}  llama.cpp {row['llama']:.1f}  "

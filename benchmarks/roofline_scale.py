@@ -5,7 +5,7 @@
 
 Random Llama checkpoints of benchmarks/common.py (built on first use), each loaded float32 and quantized at
 load (`LLM(quantize=...)`: int8 and int4 are the Q8_0 and Q4_0 block formats, int4 with its vocabulary
-matrices at Q8_0 as llama-quantize keeps them). Per run: the read bandwidth
+matrices at Q8_0 as llama-quantize keeps them). Per run (decode.runs_beside_bandwidth): the read bandwidth
 (torch.sum over a buffer of the weights' size on 2 MB pages, best of 5) just before and just after a greedy
 run of --new tokens after a 1-token prompt; the run's share of the roofline is its decode tokens/s x weight
 bytes per token over the mean of its two readings (as benchmarks/decode_gguf.py measures it). A step's costs
@@ -30,17 +30,11 @@ def measure(name: str, quantize: str | None, threads: int, new: int, runs: int) 
     llm = LLM(str(common.random_llama(name)), threads=threads, progress=False, quantize=quantize)
     params = SamplingParams(max_tokens=new + 1, temperature=0.0, ignore_eos=True)
     llm.generate([[0]], params)  # warm-up
+    outs, bws = decode.runs_beside_bandwidth(llm, [[0]], params, runs, 60.0)
     wbytes = decode.weight_bytes_per_token(llm.model)
-    read = decode.ReadBandwidth(wbytes)
-    tps, bws = [], []
-    for _ in range(runs):
-        with common.quiet_run():
-            before = read(5)
-            out = llm.generate([[0]], params)[0]
-            bws.append((before + read(5)) / 2)
-        tps.append(out.decode_tokens_per_s)
     llm.close()
-    share = common.median([t * wbytes / (b * 1e9) for t, b in zip(tps, bws)])
+    tps = [out[0].decode_tokens_per_s for out in outs]
+    share = decode.roofline_share(tps, bws, wbytes)
     return dict(model=name, quantize=quantize or "none", threads=threads, weight_mb=wbytes / 1e6, tps=tps,
                 bw=bws, share=share)
 

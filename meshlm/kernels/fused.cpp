@@ -4,8 +4,8 @@
 // (Hugging Face transformers' op-by-op PyTorch) rounds: bf16 results are rounded after every op that
 // returns a bf16 tensor there. Built with -ffp-contract=off so a * b + c is never fused into an FMA.
 // The ops: RMSNorm (alone, and after the residual add), SiLU(gate) * up, RoPE, and RoPE of q and k with
-// the KV-cache write of k and v; and greedy sampling's argmax over a step's logits. Each works on one token's row at a time, so a row's result never depends
-// on the other rows of the batch.
+// the KV-cache write of k and v; and greedy sampling's argmax over a step's logits. Each works on one
+// token's row at a time, so a row's result never depends on the other rows of the batch.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
